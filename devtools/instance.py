@@ -1,0 +1,242 @@
+"""A throwaway ejabberd in a folder of its own, with mod_push_py installed by module_install.
+
+Used by the end-to-end tests and by ``make run``. Everything lives in the
+instance folder (config, spool with Mnesia and the SQLite database, logs, module
+sources); its own node name and free ports on 127.0.0.1 keep instances apart.
+
+    python -m devtools.instance start DIR     # make run
+    python -m devtools.instance stop DIR      # make stop
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pwd
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+EJABBERD_USER = "ejabberd"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def default_python() -> str:
+    """The project's virtual environment (made with /usr/bin/python3, so uid ejabberd can run it)."""
+    return str(ROOT / ".venv" / "bin" / "python")
+
+
+@dataclass
+class Instance:
+    folder: Path
+    options: dict[str, Any] = field(default_factory=dict)  # mod_push_py's, besides python
+    host: str = "localhost"
+    name: str = ""
+    c2s_port: int = 0
+    dist_port: int = 0
+    modules: dict[str, Any] = field(default_factory=dict)
+    python: str = field(default_factory=default_python)
+
+    def __post_init__(self) -> None:
+        self.folder = self.folder.resolve()
+        self.name = self.name or f"pymodpush{os.getpid()}x{free_port()}"
+        self.c2s_port = self.c2s_port or free_port()
+        self.dist_port = self.dist_port or free_port()
+
+    # ------------------------------------------------------------------ layout
+    @property
+    def log_file(self) -> Path:
+        return self.folder / "logs" / "ejabberd.log"
+
+    @property
+    def spool(self) -> Path:
+        return self.folder / "spool"
+
+    def write_config(self) -> None:
+        for sub in ("spool", "logs", "modules/sources"):
+            (self.folder / sub).mkdir(parents=True, exist_ok=True)
+        (self.folder / "ejabberdctl.cfg").write_text(
+            f"ERLANG_NODE={self.name}@localhost\n"
+            f"SPOOL_DIR={self.spool}\n"
+            f"LOGS_DIR={self.folder / 'logs'}\n"
+            f"EJABBERD_CONFIG_PATH={self.folder / 'ejabberd.yml'}\n"
+            f"CONTRIB_MODULES_PATH={self.folder / 'modules'}\n"
+            f"ERL_DIST_PORT={self.dist_port}\n"
+            "INET_DIST_INTERFACE=127.0.0.1\n"
+            "EJABBERD_BYPASS_WARNINGS=true\n")
+        shutil.copy("/etc/ejabberd/inetrc", self.folder / "inetrc")
+        modules: dict[str, Any] = {
+            "mod_adhoc": {}, "mod_disco": {}, "mod_roster": {}, "mod_offline": {},
+            "mod_caps": {}, "mod_client_state": {}, "mod_mam": {},
+            "mod_stream_mgmt": {"resume_timeout": 300, "resend_on_timeout": "if_offline"},
+        }
+        modules.update(self.modules)
+        config = {
+            "hosts": [self.host],
+            "loglevel": "info",
+            "log_rotate_count": 0,
+            "certfiles": [],
+            "listen": [{"port": self.c2s_port, "ip": "127.0.0.1", "module": "ejabberd_c2s",
+                        "max_stanza_size": 262144}],
+            "auth_method": "internal",
+            "acl": {"local": {"user_regexp": ""}},
+            "modules": modules,
+        }
+        (self.folder / "ejabberd.yml").write_text(yaml.safe_dump(config, sort_keys=False))
+        self._stage_module_sources()
+        subprocess.run(["chown", "-R", f"{EJABBERD_USER}:{EJABBERD_USER}", str(self.folder)],
+                       check=True)
+
+    def _stage_module_sources(self) -> None:
+        """erl_shim from the working tree, with this instance's options in its conf file."""
+        target = self.folder / "modules" / "sources" / "mod_push_py"
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(ROOT / "erl_shim", target)
+        conf = {"modules": {"mod_push_py": {"python": self.python, **self.options}}}
+        (target / "conf" / "mod_push_py.yml").write_text(yaml.safe_dump(conf, sort_keys=False))
+
+    # ---------------------------------------------------------------- control
+    def ctl(self, *args: str, check: bool = True, timeout: float = 120) -> str:
+        result = subprocess.run(["ejabberdctl", "--config-dir", str(self.folder), *args],
+                                capture_output=True, text=True, timeout=timeout)
+        if check and result.returncode != 0:
+            raise RuntimeError(f"ejabberdctl {' '.join(args)} failed ({result.returncode}):\n"
+                               f"{result.stdout}{result.stderr}\n--- log tail:\n"
+                               f"{self.log_tail()}")
+        return result.stdout
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def check_python(self) -> None:
+        """The port program runs as uid ejabberd: make sure it can import the package."""
+        result = subprocess.run(["runuser", "-u", EJABBERD_USER, "--", self.python, "-c",
+                                 "import pymod_push"], capture_output=True, text=True, cwd="/")
+        if result.returncode != 0:
+            raise RuntimeError(f"user {EJABBERD_USER} cannot run {self.python} -c 'import "
+                               f"pymod_push': {result.stderr.strip()}")
+
+    def start(self, install: bool = True) -> None:
+        self.check_python()
+        self.ctl("start")
+        self.ctl("started", timeout=120)
+        if install:
+            if "mod_push_py" in self.ctl("modules_installed"):
+                self.wait_ready()
+            else:
+                self.install()
+
+    def install(self) -> None:
+        mark = self.log_mark()
+        self.ctl("module_install", "mod_push_py")
+        self.wait_ready(mark)
+
+    def wait_ready(self, mark: int = 0) -> None:
+        self.wait_for_log(rf"Python process ready on {re.escape(self.host)}\b", mark)
+
+    def log_mark(self) -> int:
+        try:
+            return self.log_file.stat().st_size
+        except OSError:
+            return 0
+
+    def wait_for_log(self, pattern: str, mark: int = 0, timeout: float = 60) -> str:
+        """Wait until the log, from byte offset ``mark``, has a line matching ``pattern``."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with open(self.log_file, "rb") as handle:
+                    handle.seek(mark)
+                    text = handle.read().decode(errors="replace")
+            except OSError:
+                text = ""
+            for line in text.splitlines():
+                if regex.search(line):
+                    return line
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no log line matching {pattern!r} within {timeout} s\n"
+                                   f"{self.log_tail()}")
+            time.sleep(0.05)
+
+    def register(self, user: str, host: str, password: str) -> None:
+        self.ctl("register", user, host, password)
+
+    def stop(self) -> None:
+        if self.ctl("status", check=False, timeout=30).strip().startswith("The node"):
+            self.ctl("stop", check=False)
+            self.ctl("stopped", check=False, timeout=120)
+
+
+def _owner_ok() -> bool:
+    try:
+        pwd.getpwnam(EJABBERD_USER)
+    except KeyError:
+        return False
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=["start", "stop"])
+    parser.add_argument("folder", type=Path)
+    args = parser.parse_args(argv)
+    if not _owner_ok():
+        print("ejabberd is not installed (no user 'ejabberd'): run 'make deps'", file=sys.stderr)
+        return 1
+    state_file = args.folder / "instance.yml"
+    if args.command == "stop":
+        if not state_file.exists():
+            print(f"no instance in {args.folder}")
+            return 0
+        saved = yaml.safe_load(state_file.read_text())
+        Instance(args.folder, name=saved["name"], c2s_port=saved["c2s_port"],
+                 dist_port=saved["dist_port"]).stop()
+        print(f"stopped the ejabberd in {args.folder}")
+        return 0
+    if state_file.exists():
+        saved = yaml.safe_load(state_file.read_text())
+        instance = Instance(args.folder, name=saved["name"], c2s_port=saved["c2s_port"],
+                            dist_port=saved["dist_port"])
+        instance.stop()
+    else:
+        instance = Instance(args.folder)
+    instance.write_config()
+    state_file.write_text(yaml.safe_dump({"name": instance.name,
+                                          "c2s_port": instance.c2s_port,
+                                          "dist_port": instance.dist_port}))
+    instance.start()
+    for user in ("alice", "bob"):
+        instance.ctl("register", user, "localhost", user, check=False)  # may exist already
+    print(f"""
+ejabberd is running with mod_push_py (node {instance.name}@localhost).
+  XMPP (plain c2s, no TLS): 127.0.0.1:{instance.c2s_port}, domain localhost
+  users: alice@localhost (password alice), bob@localhost (password bob)
+  log:   {instance.log_file}
+  state: {instance.spool} (SQLite: pymod_push_localhost.sqlite3)
+  ctl:   ejabberdctl --config-dir {instance.folder} <command>
+  stop:  make stop
+""")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,558 @@
+%%%----------------------------------------------------------------------
+%%% mod_push_py: XEP-0357 push notifications, decided by a Python process.
+%%%
+%%% This module makes no push decisions. It forwards session, stanza and
+%%% IQ events to `python -m pymod_push' over an Erlang port ({packet,4},
+%%% External Term Format) and executes the actions Python sends back.
+%%% The port protocol is documented in docs/protocol.md of pymod_push.
+%%%
+%%% Copyright (C) 2026 the pymod_push authors. GPL-2.0-or-later.
+%%%----------------------------------------------------------------------
+-module(mod_push_py).
+-behaviour(gen_mod).
+-behaviour(gen_server).
+
+-protocol({xep, 357, '0.4.1'}).
+
+%% gen_mod
+-export([start/2, stop/1, reload/3, depends/2,
+         mod_options/1, mod_opt_type/1, mod_doc/0]).
+%% hooks and the IQ handler
+-export([process_iq/1, disco_sm_features/5,
+         c2s_session_pending/1, c2s_session_resumed/1, c2s_copy_session/2,
+         c2s_handle_cast/2, c2s_handle_send/3,
+         sm_register_connection_hook/3, offline_message/1, mam_message/7,
+         remove_user/2]).
+%% gen_server (the port owner)
+-export([start_link/2, init/1, handle_call/3, handle_cast/2, handle_info/2,
+         terminate/2, code_change/3]).
+
+-include("xmpp.hrl").
+-include("logger.hrl").
+-include("translate.hrl").
+
+-define(PROTOCOL_VERSION, 1).
+-define(MAX_BATCH, 64).
+-define(MIN_BACKOFF, 1000).
+-define(MAX_BACKOFF, 60000).
+
+-record(state, {host              :: binary(),
+                port              :: port() | undefined,
+                status = starting :: starting | up | down | disabled,
+                batch = []        :: [term()],  % events not yet written, newest first
+                held = []         :: [term()],  % events kept while Python is down, newest first
+                held_len = 0      :: non_neg_integer(),
+                dropped = 0       :: non_neg_integer(),
+                backoff = ?MIN_BACKOFF :: pos_integer(),
+                iqs = #{}         :: #{reference() => {iq(), reference()}}}).
+
+%%%===================================================================
+%%% gen_mod
+%%%===================================================================
+start(Host, Opts) ->
+    case mod_push_configured(Host) of
+        true ->
+            ?ERROR_MSG("mod_push_py is not started on ~ts: ejabberd's own mod_push "
+                       "is enabled there, and both would serve urn:xmpp:push:0 "
+                       "(one IQ handler per host). Remove mod_push (and "
+                       "mod_push_keepalive) from that host's modules to use "
+                       "mod_push_py.", [Host]),
+            case ejabberd_running() of
+                true -> {error, conflict_with_mod_push};
+                %% At boot an error would halt the whole server: stay inert.
+                false -> ok
+            end;
+        false ->
+            case gen_mod:start_child(?MODULE, Host, Opts) of
+                {ok, _} -> register_handlers(Host), ok;
+                Err -> Err
+            end
+    end.
+
+stop(Host) ->
+    case whereis(gen_mod:get_module_proc(Host, ?MODULE)) of
+        undefined -> ok;  % inert: nothing of ours is registered
+        _ ->
+            unregister_handlers(Host),
+            gen_mod:stop_child(?MODULE, Host)
+    end.
+
+reload(Host, NewOpts, _OldOpts) ->
+    gen_server:cast(proc(Host), {reload, NewOpts}).
+
+depends(_Host, _Opts) ->
+    [{mod_stream_mgmt, soft}, {mod_offline, soft}].
+
+register_handlers(Host) ->
+    gen_iq_handler:add_iq_handler(ejabberd_sm, Host, ?NS_PUSH_0, ?MODULE, process_iq),
+    ejabberd_hooks:add(disco_sm_features, Host, ?MODULE, disco_sm_features, 50),
+    ejabberd_hooks:add(c2s_session_pending, Host, ?MODULE, c2s_session_pending, 50),
+    ejabberd_hooks:add(c2s_session_resumed, Host, ?MODULE, c2s_session_resumed, 50),
+    ejabberd_hooks:add(c2s_copy_session, Host, ?MODULE, c2s_copy_session, 50),
+    ejabberd_hooks:add(c2s_handle_cast, Host, ?MODULE, c2s_handle_cast, 50),
+    ejabberd_hooks:add(c2s_handle_send, Host, ?MODULE, c2s_handle_send, 50),
+    ejabberd_hooks:add(sm_register_connection_hook, Host, ?MODULE,
+                       sm_register_connection_hook, 50),
+    %% After mod_mam (49) and mod_offline (50) have tagged the message.
+    ejabberd_hooks:add(offline_message_hook, Host, ?MODULE, offline_message, 55),
+    ejabberd_hooks:add(store_mam_message, Host, ?MODULE, mam_message, 50),
+    ejabberd_hooks:add(remove_user, Host, ?MODULE, remove_user, 50).
+
+unregister_handlers(Host) ->
+    gen_iq_handler:remove_iq_handler(ejabberd_sm, Host, ?NS_PUSH_0),
+    ejabberd_hooks:delete(disco_sm_features, Host, ?MODULE, disco_sm_features, 50),
+    ejabberd_hooks:delete(c2s_session_pending, Host, ?MODULE, c2s_session_pending, 50),
+    ejabberd_hooks:delete(c2s_session_resumed, Host, ?MODULE, c2s_session_resumed, 50),
+    ejabberd_hooks:delete(c2s_copy_session, Host, ?MODULE, c2s_copy_session, 50),
+    ejabberd_hooks:delete(c2s_handle_cast, Host, ?MODULE, c2s_handle_cast, 50),
+    ejabberd_hooks:delete(c2s_handle_send, Host, ?MODULE, c2s_handle_send, 50),
+    ejabberd_hooks:delete(sm_register_connection_hook, Host, ?MODULE,
+                          sm_register_connection_hook, 50),
+    ejabberd_hooks:delete(offline_message_hook, Host, ?MODULE, offline_message, 55),
+    ejabberd_hooks:delete(store_mam_message, Host, ?MODULE, mam_message, 50),
+    ejabberd_hooks:delete(remove_user, Host, ?MODULE, remove_user, 50).
+
+mod_push_configured(Host) ->
+    gen_mod:is_loaded(Host, mod_push)
+        orelse lists:keymember(mod_push, 1, ejabberd_option:modules(Host)).
+
+ejabberd_running() ->
+    lists:keymember(ejabberd, 1, application:which_applications()).
+
+%%%===================================================================
+%%% Options
+%%%===================================================================
+mod_opt_type(python) -> econf:and_then(econf:binary("^/"), econf:file(read));
+mod_opt_type(resume_timeout) -> econf:timeout(second);
+mod_opt_type(reply_timeout) -> econf:timeout(second);
+mod_opt_type(publish_timeout) -> econf:timeout(second);
+mod_opt_type(include_senders) -> econf:bool();
+mod_opt_type(include_message_count) -> econf:bool();
+mod_opt_type(include_subscription_count) -> econf:bool();
+mod_opt_type(include_message_bodies) -> econf:bool();
+mod_opt_type(notify_on) -> econf:enum([messages, all]);
+mod_opt_type(max_publish_errors) -> econf:pos_int();
+mod_opt_type(retry_delays) -> econf:list(econf:timeout(second));
+mod_opt_type(db_file) -> econf:either(auto, econf:binary());
+mod_opt_type(queue_size) -> econf:pos_int().
+
+mod_options(_Host) ->
+    [{python, <<"/usr/bin/python3">>},
+     {resume_timeout, timer:hours(72)},
+     {reply_timeout, timer:seconds(5)},
+     {publish_timeout, timer:seconds(30)},
+     {include_senders, false},
+     {include_message_count, true},
+     {include_subscription_count, true},
+     {include_message_bodies, false},
+     {notify_on, messages},
+     {max_publish_errors, 3},
+     {retry_delays, [timer:seconds(5), timer:seconds(30), timer:minutes(5)]},
+     {db_file, auto},
+     {queue_size, 10000}].
+
+mod_doc() ->
+    #{desc =>
+          [?T("XEP-0357 push notifications decided by a Python process "
+              "('python -m pymod_push'), which this module starts as an "
+              "Erlang port and restarts when it dies. It replaces "
+              "_`mod_push`_ and _`mod_push_keepalive`_, which must not be "
+              "enabled on the same host."), "",
+           ?T("Push users whose stream management session is pending are "
+              "kept resumable for 'resume_timeout', and get one push per "
+              "message, including messages that go to offline storage.")],
+      opts =>
+          [{python,
+            #{value => ?T("Path"),
+              desc => ?T("Absolute path of the Python interpreter that has "
+                         "the pymod_push package installed, readable and "
+                         "executable by the ejabberd user. The default is "
+                         "'/usr/bin/python3'.")}},
+           {resume_timeout,
+            #{value => "timeout()",
+              desc => ?T("How long the session of a disconnected push client "
+                         "stays resumable. The resumption timeout configured "
+                         "for _`mod_stream_mgmt`_ is restored on resume. The "
+                         "default is '72' hours.")}},
+           {reply_timeout,
+            #{value => "timeout()",
+              desc => ?T("How long a push IQ (enable/disable) waits for the "
+                         "Python process before it is answered with "
+                         "'internal-server-error'. The default is '5' seconds.")}},
+           {publish_timeout,
+            #{value => "timeout()",
+              desc => ?T("How long to wait for the app server's reply to a "
+                         "publish before it counts as a transient failure. "
+                         "The default is '30' seconds.")}},
+           {include_senders,
+            #{value => "true | false",
+              desc => ?T("Include the sender of the last message in "
+                         "notifications. The default is 'false'.")}},
+           {include_message_count,
+            #{value => "true | false",
+              desc => ?T("Include the number of messages queued since the "
+                         "client went away. The default is 'true'.")}},
+           {include_subscription_count,
+            #{value => "true | false",
+              desc => ?T("Include the number of pending subscription "
+                         "requests. The default is 'true'.")}},
+           {include_message_bodies,
+            #{value => "true | false",
+              desc => ?T("Include the body of the last message. The default "
+                         "is 'false'.")}},
+           {notify_on,
+            #{value => "messages | all",
+              desc => ?T("'messages': push for messages with a body and "
+                         "subscription requests; 'all': push for every "
+                         "message (chat states, receipts...). The default is "
+                         "'messages'.")}},
+           {max_publish_errors,
+            #{value => ?T("Number"),
+              desc => ?T("Consecutive non-transient error replies from an "
+                         "app server after which that registration is "
+                         "disabled. The default is '3'.")}},
+           {retry_delays,
+            #{value => "[timeout()]",
+              desc => ?T("Delays between attempts when the app server answers "
+                         "with a transient ('wait') error or does not answer. "
+                         "The default is '[5 s, 30 s, 5 min]'.")}},
+           {db_file,
+            #{value => ?T("auto | Path"),
+              desc => ?T("SQLite database of push state. 'auto' (the default) "
+                         "puts 'pymod_push_HOST.sqlite3' in ejabberd's spool "
+                         "directory.")}},
+           {queue_size,
+            #{value => ?T("Number"),
+              desc => ?T("How many events are kept while the Python process "
+                         "is restarting; more are dropped and logged. The "
+                         "default is '10000'.")}}]}.
+
+%%%===================================================================
+%%% The IQ handler and hooks (run in c2s and router processes)
+%%%===================================================================
+-spec process_iq(iq()) -> ignore.
+process_iq(#iq{from = From, to = To, type = Type, lang = Lang} = IQ) ->
+    Ref = make_ref(),
+    Xml = case xmpp:get_els(IQ) of
+              [El | _] -> fxml:element_to_binary(xmpp:encode(El));
+              [] -> <<>>
+          end,
+    gen_server:cast(proc(To#jid.lserver),
+                    {iq, IQ, Ref, {iq, Ref, jid:tolower(From),
+                                   jid:tolower(jid:remove_resource(To)), Type, Lang, Xml}}),
+    ignore.
+
+disco_sm_features(empty, From, To, Node, Lang) ->
+    disco_sm_features({result, []}, From, To, Node, Lang);
+disco_sm_features({result, Features}, _From, _To, <<"">>, _Lang) ->
+    {result, [?NS_PUSH_0 | Features]};
+disco_sm_features(Acc, _From, _To, _Node, _Lang) ->
+    Acc.
+
+%% Session state keys: push_py (resume timeout to apply while pending) and
+%% push_py_saved_timeout (the ordinary one, restored on resume).
+c2s_session_pending(#{push_py := Timeout, mgmt_queue := Queue} = State) ->
+    Queued = [describe(Pkt) || {_, _, Pkt} <- p1_queue:to_list(Queue), forwarded(Pkt)],
+    notify(State, {session_pending, session_key(State), Queued}),
+    Saved = mod_stream_mgmt:get_resume_timeout(State),
+    mod_stream_mgmt:set_resume_timeout(State#{push_py_saved_timeout => Saved}, Timeout);
+c2s_session_pending(State) ->
+    State.
+
+c2s_session_resumed(#{push_py := _, push_py_saved_timeout := Saved} = State) ->
+    notify(State, {session_resumed, session_key(State)}),
+    mod_stream_mgmt:set_resume_timeout(maps:remove(push_py_saved_timeout, State), Saved);
+c2s_session_resumed(#{push_py := _} = State) ->
+    notify(State, {session_resumed, session_key(State)}),
+    State;
+c2s_session_resumed(State) ->
+    State.
+
+c2s_copy_session(State, OldState) ->
+    maps:merge(State, maps:with([push_py, push_py_saved_timeout], OldState)).
+
+c2s_handle_cast(State, {?MODULE, set_push, false}) ->
+    {stop, maps:remove(push_py, State)};
+c2s_handle_cast(State, {?MODULE, set_push, Timeout}) ->
+    {stop, State#{push_py => Timeout}};
+c2s_handle_cast(State, _Msg) ->
+    State.
+
+%% The hot path: every stanza sent to every session.
+c2s_handle_send(#{push_py := _, mgmt_state := pending} = State, Pkt, _Result) ->
+    case forwarded(Pkt) of
+        true -> notify(State, {stanza, session_key(State), describe(Pkt)});
+        false -> ok
+    end,
+    State;
+c2s_handle_send(State, _Pkt, _Result) ->
+    State.
+
+sm_register_connection_hook(_SID, #jid{lserver = LServer} = JID, _Info) ->
+    send_event(LServer, {session_opened, jid:tolower(JID)}).
+
+offline_message({Tag, #message{to = #jid{luser = U, lserver = S}} = Msg} = Acc)
+  when Tag == offlined; Tag == archived ->
+    send_event(S, {offline, {U, S}, describe(Msg)}),
+    Acc;
+offline_message(Acc) ->
+    Acc.
+
+mam_message(#message{} = Pkt, LUser, LServer, _Peer, _Nick, chat, recv) ->
+    case ejabberd_sm:get_user_resources(LUser, LServer) of
+        [] -> send_event(LServer, {archived, {LUser, LServer}, describe(Pkt)});
+        _ -> ok  % online or pending sessions are handled by c2s_handle_send
+    end,
+    Pkt;
+mam_message(Pkt, _LUser, _LServer, _Peer, _Nick, _Type, _Dir) ->
+    Pkt.
+
+remove_user(LUser, LServer) ->
+    send_event(LServer, {user_removed, {LUser, LServer}}).
+
+forwarded(#message{type = error}) -> false;
+forwarded(#message{}) -> true;
+forwarded(#presence{type = subscribe}) -> true;
+forwarded(_) -> false.
+
+describe(Pkt) ->
+    Body = case Pkt of
+               #message{body = B} -> xmpp:get_text(B);
+               _ -> <<>>
+           end,
+    {element(1, Pkt), jid:encode(xmpp:get_from(Pkt)), xmpp:get_id(Pkt),
+     xmpp:get_type(Pkt), Body, fxml:element_to_binary(xmpp:encode(Pkt))}.
+
+session_key(#{user := U, server := S, resource := R}) ->
+    jid:tolower({U, S, R}).
+
+notify(#{lserver := LServer}, Event) ->
+    send_event(LServer, Event).
+
+send_event(Host, Event) ->
+    gen_server:cast(proc(Host), {event, Event}).
+
+proc(Host) ->
+    gen_mod:get_module_proc(Host, ?MODULE).
+
+%%%===================================================================
+%%% The port owner
+%%%===================================================================
+start_link(Host, Opts) ->
+    gen_server:start_link({local, proc(Host)}, ?MODULE, [Host, Opts], []).
+
+init([Host, _Opts]) ->
+    process_flag(trap_exit, true),
+    {ok, open(#state{host = Host})}.
+
+handle_call(_Request, _From, State) ->
+    {reply, {error, badarg}, State}.
+
+handle_cast({event, Event}, State) ->
+    {noreply, push_event(Event, State)};
+handle_cast({iq, IQ, Ref, Event}, #state{host = Host, iqs = IQs} = State) ->
+    TRef = erlang:start_timer(opt(Host, reply_timeout), self(), {iq, Ref}),
+    {noreply, push_event(Event, State#state{iqs = IQs#{Ref => {IQ, TRef}}})};
+handle_cast({reload, _NewOpts}, #state{port = Port} = State) ->
+    %% The new options reach Python with the next handshake.
+    ?INFO_MSG("mod_push_py: options changed, restarting the Python process", []),
+    catch port_close(Port),
+    {noreply, open(State#state{port = undefined, backoff = ?MIN_BACKOFF})};
+handle_cast(Msg, State) ->
+    ?WARNING_MSG("Unexpected cast: ~p", [Msg]),
+    {noreply, State}.
+
+handle_info({Port, {data, Bin}}, #state{port = Port} = State) ->
+    case decode(Bin) of
+        {ok, Term} -> {noreply, handle_python(Term, State)};
+        error ->
+            ?ERROR_MSG("mod_push_py: malformed frame from Python (~B bytes), "
+                       "ignored", [byte_size(Bin)]),
+            {noreply, State}
+    end;
+handle_info({Port, {exit_status, Status}}, #state{port = Port, status = disabled} = State) ->
+    ?INFO_MSG("mod_push_py: Python process exited with status ~B", [Status]),
+    {noreply, State#state{port = undefined}};
+handle_info({Port, {exit_status, Status}}, #state{port = Port, backoff = Backoff} = State) ->
+    ?ERROR_MSG("mod_push_py: Python process exited with status ~B; "
+               "restarting it in ~B ms", [Status, Backoff]),
+    erlang:send_after(Backoff, self(), restart),
+    {noreply, State#state{port = undefined, status = down,
+                          held = State#state.batch ++ State#state.held,
+                          held_len = State#state.held_len + length(State#state.batch),
+                          batch = [],
+                          backoff = min(Backoff * 2, ?MAX_BACKOFF)}};
+handle_info(restart, #state{port = undefined, status = down} = State) ->
+    {noreply, open(State)};
+handle_info(flush, State) ->
+    {noreply, flush(State)};
+handle_info({iq_reply, Reply, Ref}, State) ->
+    {noreply, push_event({iq_reply, Ref, publish_outcome(Reply)}, State)};
+handle_info({timeout, _TRef, {iq, Ref}}, #state{iqs = IQs} = State) ->
+    case maps:take(Ref, IQs) of
+        {{IQ, _}, IQs1} ->
+            ?WARNING_MSG("mod_push_py: no answer from Python within the reply "
+                         "timeout, answering a push IQ with an error", []),
+            Txt = ?T("The push service did not answer in time"),
+            ejabberd_router:route_error(IQ, xmpp:err_internal_server_error(Txt, IQ#iq.lang)),
+            {noreply, State#state{iqs = IQs1}};
+        error ->
+            {noreply, State}
+    end;
+handle_info({'EXIT', _, _}, State) ->
+    {noreply, State};
+handle_info(Info, State) ->
+    ?WARNING_MSG("Unexpected info: ~p", [Info]),
+    {noreply, State}.
+
+terminate(_Reason, #state{port = Port}) ->
+    catch port_close(Port),
+    ok.
+
+code_change(_OldVsn, State, _Extra) ->
+    {ok, State}.
+
+open(#state{host = Host} = State) ->
+    Python = opt(Host, python),
+    try open_port({spawn_executable, Python},
+                  [{args, ["-m", "pymod_push"]}, {packet, 4}, binary,
+                   exit_status, use_stdio, hide, {cd, spool_dir()}]) of
+        Port ->
+            port_command(Port, term_to_binary(hello(Host))),
+            State#state{port = Port, status = starting}
+    catch error:Why ->
+            ?ERROR_MSG("mod_push_py: cannot start ~ts -m pymod_push: ~p; "
+                       "retrying in ~B ms", [Python, Why, State#state.backoff]),
+            erlang:send_after(State#state.backoff, self(), restart),
+            State#state{port = undefined, status = down,
+                        backoff = min(State#state.backoff * 2, ?MAX_BACKOFF)}
+    end.
+
+hello(Host) ->
+    Opts = maps:from_list(
+             [{Opt, opt(Host, Opt)} || {Opt, _} <- mod_options(Host)]),
+    {hello, ?PROTOCOL_VERSION, Host,
+     Opts#{spool_dir => unicode:characters_to_binary(spool_dir())}}.
+
+opt(Host, Opt) ->
+    gen_mod:get_module_opt(Host, ?MODULE, Opt).
+
+spool_dir() ->
+    mnesia:system_info(directory).
+
+decode(Bin) ->
+    try {ok, binary_to_term(Bin, [safe])}
+    catch error:badarg -> error
+    end.
+
+publish_outcome(timeout) -> timeout;
+publish_outcome(#iq{type = result}) -> result;
+publish_outcome(#iq{type = error} = IQ) ->
+    case xmpp:get_error(IQ) of
+        #stanza_error{type = Type, reason = Reason} when is_atom(Reason) ->
+            {error, Type, Reason};
+        #stanza_error{type = Type, reason = Reason} when is_tuple(Reason) ->
+            {error, Type, element(1, Reason)};
+        _ ->
+            {error, cancel, 'undefined-condition'}
+    end.
+
+%% Events are batched: a frame carries every event that arrived while the
+%% owner was busy, so a burst costs one port write instead of one per event.
+push_event(Event, #state{status = up, batch = Batch} = State) ->
+    State1 = State#state{batch = [Event | Batch]},
+    case length(Batch) + 1 >= ?MAX_BATCH orelse mailbox_empty() of
+        true -> flush(State1);
+        false -> State1
+    end;
+push_event(Event, #state{held_len = Len, host = Host} = State) ->
+    case Len < opt(Host, queue_size) of
+        true ->
+            State#state{held = [Event | State#state.held], held_len = Len + 1};
+        false ->
+            Dropped = State#state.dropped + 1,
+            ?ERROR_MSG("mod_push_py: Python process unavailable and event queue "
+                       "full (~B); dropped an event (~B dropped so far)",
+                       [Len, Dropped]),
+            State#state{dropped = Dropped}
+    end.
+
+mailbox_empty() ->
+    {message_queue_len, 0} == process_info(self(), message_queue_len).
+
+flush(#state{batch = []} = State) ->
+    State;
+flush(#state{port = Port, batch = Batch} = State) ->
+    port_command(Port, term_to_binary(lists:reverse(Batch))),
+    State#state{batch = []}.
+
+%% The handshake reply, then lists of actions.
+handle_python({hello, ?PROTOCOL_VERSION, Info}, #state{status = starting} = State) ->
+    ?INFO_MSG("mod_push_py: Python process ready on ~ts: ~p", [State#state.host, Info]),
+    Held = lists:reverse(State#state.held),
+    State1 = State#state{status = up, held = [], held_len = 0, backoff = ?MIN_BACKOFF},
+    lists:foldl(fun push_event/2, State1, Held);
+handle_python({hello, Version, _Info}, #state{status = starting, port = Port} = State) ->
+    ?ERROR_MSG("mod_push_py: protocol version mismatch on ~ts: this module speaks "
+               "version ~B, the Python package at ~ts speaks ~p. Install matching "
+               "versions of the Erlang module and the Python package, then "
+               "restart the module. Push notifications are disabled until then.",
+               [State#state.host, ?PROTOCOL_VERSION,
+                opt(State#state.host, python), Version]),
+    catch port_close(Port),
+    State#state{status = disabled, port = undefined};
+handle_python(Actions, #state{status = up} = State) when is_list(Actions) ->
+    lists:foldl(fun execute/2, State, Actions);
+handle_python({log, _, _} = Log, State) ->  % Python may log before its hello
+    execute(Log, State);
+handle_python(Other, State) ->
+    ?ERROR_MSG("mod_push_py: unexpected frame from Python: ~P", [Other, 10]),
+    State.
+
+execute({iq_result, Ref, Xml}, State) ->
+    answer_iq(Ref, fun(IQ) -> xmpp:make_iq_result(IQ, parse_xml(Xml)) end, State);
+execute({iq_error, Ref, Type, Reason, Text}, State) ->
+    answer_iq(Ref, fun(IQ) ->
+                           Err = #stanza_error{type = Type, reason = Reason,
+                                               text = xmpp:mk_text(Text, IQ#iq.lang)},
+                           xmpp:make_error(IQ, Err)
+                   end, State);
+execute({route_iq, Ref, Xml, Timeout}, State) ->
+    IQ = xmpp:decode(parse_xml(Xml), ?NS_CLIENT, [ignore_els]),
+    ejabberd_router:route_iq(IQ, Ref, self(), Timeout),
+    State;
+execute({route, Xml}, State) ->
+    ejabberd_router:route(xmpp:decode(parse_xml(Xml), ?NS_CLIENT, [ignore_els])),
+    State;
+execute({set_push, {U, S, R}, Value}, State) ->
+    case ejabberd_sm:get_session_pid(U, S, R) of
+        Pid when is_pid(Pid) -> ejabberd_c2s:cast(Pid, {?MODULE, set_push, Value});
+        none -> ok
+    end,
+    State;
+execute({log, Level, Text}, State) ->
+    log(Level, Text),
+    State;
+execute(Action, State) ->
+    ?WARNING_MSG("mod_push_py: unknown action from Python ignored: ~P", [Action, 10]),
+    State.
+
+answer_iq(Ref, MakeReply, #state{iqs = IQs} = State) ->
+    case maps:take(Ref, IQs) of
+        {{IQ, TRef}, IQs1} ->
+            erlang:cancel_timer(TRef),
+            ejabberd_router:route(MakeReply(IQ)),
+            State#state{iqs = IQs1};
+        error ->  % already answered with a timeout error
+            State
+    end.
+
+parse_xml(undefined) -> undefined;
+parse_xml(Xml) -> fxml_stream:parse_element(Xml).
+
+log(debug, Text) -> ?DEBUG("~ts", [Text]);
+log(info, Text) -> ?INFO_MSG("~ts", [Text]);
+log(notice, Text) -> ?INFO_MSG("~ts", [Text]);
+log(warning, Text) -> ?WARNING_MSG("~ts", [Text]);
+log(error, Text) -> ?ERROR_MSG("~ts", [Text]);
+log(_, Text) -> ?CRITICAL_MSG("~ts", [Text]).

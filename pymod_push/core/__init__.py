@@ -1,0 +1,1 @@
+"""Decisions without I/O: what an event means and what a notification contains."""

@@ -1,0 +1,50 @@
+"""Module options as ejabberd validated them, handed over in the handshake."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@dataclass(frozen=True)
+class Config:
+    host: str
+    resume_timeout_ms: int = 72 * 3600 * 1000
+    publish_timeout_ms: int = 30_000
+    include_senders: bool = False
+    include_message_count: bool = True
+    include_subscription_count: bool = True
+    include_message_bodies: bool = False
+    notify_on: str = "messages"  # "messages" | "all"
+    max_publish_errors: int = 3
+    retry_delays_ms: tuple[int, ...] = (5_000, 30_000, 300_000)
+    db_file: str = ":memory:"
+
+    @classmethod
+    def from_options(cls, host: str, options: dict[str, Any]) -> Config:
+        """Build from the hello's option map (keys as in mod_push_py's mod_options)."""
+        db_file = options.get("db_file", "auto")
+        if db_file == "auto":
+            spool = _text(options.get("spool_dir", "."))
+            db_file = os.path.join(spool, f"pymod_push_{host}.sqlite3")
+        return cls(
+            host=host,
+            resume_timeout_ms=int(options.get("resume_timeout", cls.resume_timeout_ms)),
+            publish_timeout_ms=int(options.get("publish_timeout", cls.publish_timeout_ms)),
+            include_senders=bool(options.get("include_senders", cls.include_senders)),
+            include_message_count=bool(
+                options.get("include_message_count", cls.include_message_count)),
+            include_subscription_count=bool(
+                options.get("include_subscription_count", cls.include_subscription_count)),
+            include_message_bodies=bool(
+                options.get("include_message_bodies", cls.include_message_bodies)),
+            notify_on=str(options.get("notify_on", cls.notify_on)),
+            max_publish_errors=int(options.get("max_publish_errors", cls.max_publish_errors)),
+            retry_delays_ms=tuple(int(d) for d in options.get("retry_delays", cls.retry_delays_ms)),
+            db_file=_text(db_file),
+        )

@@ -1,0 +1,143 @@
+"""XEP-0357 wire formats: parse enable/disable requests, build publish IQs.
+
+Pure functions over XML text; no I/O. Input comes from ejabberd's own XML
+parser (fxml), so it is well-formed and carries no DTD, but its content is the
+client's: every value is checked before it is trusted.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from xml.sax.saxutils import escape, quoteattr
+
+NS_PUSH = "urn:xmpp:push:0"
+NS_DATA = "jabber:x:data"
+NS_PUBSUB = "http://jabber.org/protocol/pubsub"
+FORM_PUBLISH_OPTIONS = "http://jabber.org/protocol/pubsub#publish-options"
+FORM_PUSH_OPTIONS = "urn:xmpp:push:options"
+FORM_SUMMARY = "urn:xmpp:push:summary"
+
+MAX_JID_BYTES = 3071
+MAX_NODE_BYTES = 1023
+MAX_FORM_FIELDS = 64
+MAX_VALUE_BYTES = 4096
+
+
+class RequestError(ValueError):
+    """A request the client must be told about: an XMPP error condition and a text."""
+
+    def __init__(self, condition: str, text: str, error_type: str = "modify") -> None:
+        super().__init__(text)
+        self.condition = condition
+        self.error_type = error_type
+        self.text = text
+
+
+@dataclass(frozen=True, slots=True)
+class Form:
+    """A XEP-0004 form reduced to what push needs: its type and fields."""
+
+    form_type: str
+    fields: tuple[tuple[str, tuple[str, ...]], ...]
+
+    def to_xml(self, form_kind: str = "submit") -> str:
+        parts = [f"<x xmlns='{NS_DATA}' type={quoteattr(form_kind)}>"]
+        if self.form_type:
+            parts.append(field_xml("FORM_TYPE", [self.form_type], "hidden"))
+        parts.extend(field_xml(var, values) for var, values in self.fields)
+        parts.append("</x>")
+        return "".join(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class Enable:
+    jid: str
+    node: str
+    publish_options: Form | None
+    push_options: Form | None
+
+
+@dataclass(frozen=True, slots=True)
+class Disable:
+    jid: str
+    node: str | None
+
+
+def field_xml(var: str, values: list[str] | tuple[str, ...], field_type: str | None = None) -> str:
+    type_attr = f" type={quoteattr(field_type)}" if field_type else ""
+    inner = "".join(f"<value>{escape(v)}</value>" for v in values)
+    return f"<field var={quoteattr(var)}{type_attr}>{inner}</field>"
+
+
+def check_jid(text: str | None, what: str) -> str:
+    """A loose but safe JID check: the app server's jid must be routable as given."""
+    if not text:
+        raise RequestError("bad-request", f"{what} needs a 'jid' attribute")
+    if len(text.encode()) > MAX_JID_BYTES or any(c.isspace() for c in text) \
+            or text.startswith(("@", "/")) or "@/" in text or text.endswith(("@", "/")):
+        raise RequestError("jid-malformed", f"the 'jid' of {what} is not a valid JID")
+    return text
+
+
+def parse_form(element: ET.Element) -> Form:
+    form_type = ""
+    fields: list[tuple[str, tuple[str, ...]]] = []
+    for field in element.findall(f"{{{NS_DATA}}}field"):
+        var = field.get("var")
+        if var is None:
+            continue
+        values = tuple(v.text or "" for v in field.findall(f"{{{NS_DATA}}}value"))
+        if any(len(v.encode()) > MAX_VALUE_BYTES for v in values) or len(var) > 256:
+            raise RequestError("not-acceptable", f"form field {var[:64]!r} is too long")
+        if var == "FORM_TYPE":
+            form_type = values[0] if values else ""
+        else:
+            fields.append((var, values))
+    if len(fields) > MAX_FORM_FIELDS:
+        raise RequestError("not-acceptable", "the form has too many fields")
+    return Form(form_type, tuple(fields))
+
+
+def parse_push_request(xml: bytes) -> Enable | Disable:
+    """Parse the payload of an IQ set in urn:xmpp:push:0, or raise RequestError."""
+    try:
+        element = ET.fromstring(xml)
+    except ET.ParseError:
+        raise RequestError("bad-request", "the request is not well-formed XML") from None
+    if element.tag == f"{{{NS_PUSH}}}enable":
+        jid = check_jid(element.get("jid"), "enable")
+        node = element.get("node")
+        if not node:
+            raise RequestError("bad-request", "enable needs a 'node' attribute")
+        if len(node.encode()) > MAX_NODE_BYTES:
+            raise RequestError("not-acceptable", "the 'node' attribute is too long")
+        publish_options = push_options = None
+        for x in element.findall(f"{{{NS_DATA}}}x"):
+            form = parse_form(x)
+            if form.form_type == FORM_PUSH_OPTIONS:
+                push_options = push_options or form
+            elif publish_options is None:
+                # XEP-0357 says publish-options; clients that leave out FORM_TYPE
+                # still mean them, so any other form is passed on verbatim.
+                publish_options = form
+        return Enable(jid, node, publish_options, push_options)
+    if element.tag == f"{{{NS_PUSH}}}disable":
+        jid = check_jid(element.get("jid"), "disable")
+        node = element.get("node") or None
+        return Disable(jid, node)
+    raise RequestError("bad-request", "expected <enable/> or <disable/> in urn:xmpp:push:0")
+
+
+def publish_iq(iq_id: str, server: str, push_jid: str, node: str,
+               summary: list[tuple[str, str]], publish_options: str | None) -> str:
+    """The publish IQ of one notification, from the server's domain to the app server."""
+    fields = [field_xml("FORM_TYPE", [FORM_SUMMARY])]
+    fields.extend(field_xml(var, [value]) for var, value in summary)
+    options = f"<publish-options>{publish_options}</publish-options>" if publish_options else ""
+    return (
+        f"<iq type='set' id={quoteattr(iq_id)} from={quoteattr(server)} to={quoteattr(push_jid)}>"
+        f"<pubsub xmlns='{NS_PUBSUB}'><publish node={quoteattr(node)}><item>"
+        f"<notification xmlns='{NS_PUSH}'><x xmlns='{NS_DATA}' type='submit'>"
+        f"{''.join(fields)}</x></notification></item></publish>{options}</pubsub></iq>"
+    )

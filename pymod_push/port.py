@@ -1,0 +1,231 @@
+"""The port edge: {packet,4} frames on stdin/stdout, an asyncio loop, logging to ejabberd.
+
+Frames are read in large chunks and split here (one read call for many
+frames); the actions of one chunk go out as one frame, after the store has
+committed what they announce.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import platform
+import struct
+import sys
+import time
+from typing import Any, BinaryIO
+
+from . import __version__, etf
+from .core.config import Config
+from .protocol import (
+    PROTOCOL_VERSION,
+    Action,
+    Log,
+    ProtocolError,
+    action_term,
+    hello_reply,
+    parse_event,
+    parse_hello,
+)
+from .service import PushService
+from .store import Store
+
+log = logging.getLogger("pymod_push")
+MAX_FRAME = 64 * 1024 * 1024
+_LEVELS = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warning",
+           logging.ERROR: "error", logging.CRITICAL: "critical"}
+
+
+def frame(term: Any) -> bytes:
+    payload = etf.encode(term)
+    return struct.pack(">I", len(payload)) + payload
+
+
+class FrameSplitter:
+    """Turns a byte stream into {packet,4} payloads."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[bytes]:
+        self._buffer += data
+        frames = []
+        buffer = self._buffer
+        pos = 0
+        while len(buffer) - pos >= 4:
+            (size,) = struct.unpack_from(">I", buffer, pos)
+            if size > MAX_FRAME:
+                raise ProtocolError(f"frame of {size} bytes is larger than {MAX_FRAME}")
+            if len(buffer) - pos - 4 < size:
+                break
+            frames.append(bytes(buffer[pos + 4:pos + 4 + size]))
+            pos += 4 + size
+        del buffer[:pos]
+        return frames
+
+
+class PortLogHandler(logging.Handler):
+    """Sends log records to ejabberd's log as {log, Level, Text} frames."""
+
+    def __init__(self, write: Any) -> None:
+        super().__init__()
+        self._write = write
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = "pymod_push: " + self.format(record)
+            level = _LEVELS.get(record.levelno, "info")
+            self._write(frame(action_term(Log(level, text))))
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
+
+class PortApp:
+    """Everything between the frames and the push service."""
+
+    def __init__(self, write: Any) -> None:
+        self._write = write
+        self.service: PushService | None = None
+        self._store: Store | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self.events_handled = 0
+
+    def on_frames(self, frames: list[bytes]) -> None:
+        actions: list[Action] = []
+        for payload in frames:
+            try:
+                term = etf.decode(payload)
+            except etf.DecodeError as exc:
+                log.error("malformed frame from ejabberd ignored (%d bytes): %s", len(payload), exc)
+                continue
+            if self.service is None:
+                self._hello(term)
+                continue
+            for item in term if isinstance(term, list) else [term]:
+                actions += self._handle(item)
+        self._flush(actions)
+
+    def _hello(self, term: Any) -> None:
+        hello = parse_hello(term)
+        info = {"version": __version__, "python": platform.python_version(),
+                "pid": str(os.getpid())}
+        if hello.version != PROTOCOL_VERSION:
+            log.error("protocol version mismatch: ejabberd's mod_push_py speaks %d, this "
+                      "pymod_push %s speaks %d", hello.version, __version__, PROTOCOL_VERSION)
+            self._write(frame(hello_reply(info)))
+            raise SystemExit(3)
+        config = Config.from_options(hello.host, hello.options)
+        self._store = Store(config.db_file)
+        self.service = PushService(config, self._store)
+        self._write(frame(hello_reply(info)))
+        log.info("ready for %s (pymod_push %s, database %s)", hello.host, __version__,
+                 config.db_file)
+
+    def _handle(self, term: Any) -> list[Action]:
+        assert self.service is not None
+        try:
+            event = parse_event(term)
+        except ProtocolError as exc:
+            log.error("event ignored: %s", exc)
+            return []
+        self.events_handled += 1
+        try:
+            return self.service.handle(event, time.monotonic())
+        except Exception:
+            log.exception("failed to handle a %s event", type(event).__name__)
+            return []
+
+    def _flush(self, actions: list[Action]) -> None:
+        if self._store is not None:
+            self._store.commit()
+        if actions:
+            self._write(frame([action_term(a) for a in actions]))
+        self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        if self.service is None:
+            return
+        deadline = self.service.next_deadline()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if deadline is not None:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        assert self.service is not None
+        self._flush(self.service.tick(time.monotonic()))
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+
+
+class _StdinProtocol(asyncio.Protocol):
+    def __init__(self, app: PortApp, done: asyncio.Future[None]) -> None:
+        self._app = app
+        self._done = done
+        self._splitter = FrameSplitter()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._app.on_frames(self._splitter.feed(data))
+        except BaseException as exc:  # noqa: BLE001 - ends the process via run()
+            if not self._done.done():
+                self._done.set_exception(exc)
+
+    def eof_received(self) -> bool:
+        if not self._done.done():
+            self._done.set_result(None)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._done.done():
+            self._done.set_result(None)
+
+
+async def serve(stdin: BinaryIO, out_fd: int) -> None:
+    loop = asyncio.get_running_loop()
+
+    def write(data: bytes) -> None:
+        # Blocking writes keep frames whole and in order; ejabberd reads its
+        # port continuously, so this only blocks if the VM itself is stuck.
+        view = memoryview(data)
+        while view:
+            written = os.write(out_fd, view)
+            view = view[written:]
+
+    handler = PortLogHandler(write)
+    logging.getLogger().addHandler(handler)
+    logging.getLogger().setLevel(logging.INFO)
+    app = PortApp(write)
+    done: asyncio.Future[None] = loop.create_future()
+    transport, _ = await loop.connect_read_pipe(lambda: _StdinProtocol(app, done), stdin)
+    try:
+        await done
+    finally:
+        transport.close()
+        app.close()
+        logging.getLogger().removeHandler(handler)
+
+
+def main() -> int:
+    # Frames own the real stdout; anything else printed goes to stderr instead.
+    out_fd = os.dup(sys.stdout.fileno())
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    os.set_blocking(out_fd, True)
+    try:
+        asyncio.run(serve(sys.stdin.buffer, out_fd))
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    except Exception as exc:  # noqa: BLE001 - last words go to ejabberd's log
+        try:
+            os.write(out_fd, frame(action_term(Log("critical", f"pymod_push "
+                                                                 f"crashed: {exc!r}"))))
+        except OSError:
+            pass
+        raise
+    return 0

@@ -1,0 +1,234 @@
+"""The port protocol: Erlang terms <-> typed events and actions.
+
+docs/protocol.md describes every message with an example; this module is the
+only place that knows their shapes. Unknown events are reported, not fatal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .etf import Atom
+
+PROTOCOL_VERSION = 1
+
+SessionKey = tuple[str, str, str]  # (user, server, resource), stringprep'ed
+UserKey = tuple[str, str]  # (user, server)
+
+
+class ProtocolError(ValueError):
+    """A term that is not a known event of this protocol version."""
+
+
+@dataclass(frozen=True, slots=True)
+class Stanza:
+    """What the shim tells about a stanza: the fields every decision needs, plus its XML."""
+
+    kind: str  # "message" | "presence"
+    sender: str
+    id: str
+    type: str
+    body: str
+    xml: bytes
+
+
+# ----------------------------------------------------------------------------- events
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    version: int
+    host: str
+    options: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class SessionPending:
+    session: SessionKey
+    queued: tuple[Stanza, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SessionResumed:
+    session: SessionKey
+
+
+@dataclass(frozen=True, slots=True)
+class SessionOpened:
+    session: SessionKey
+
+
+@dataclass(frozen=True, slots=True)
+class StanzaToPending:
+    session: SessionKey
+    stanza: Stanza
+
+
+@dataclass(frozen=True, slots=True)
+class Offline:
+    """A message stored for a user with no session (offline storage or archive)."""
+
+    user: UserKey
+    stanza: Stanza
+    source: str  # "offline" | "archived"
+
+
+@dataclass(frozen=True, slots=True)
+class UserRemoved:
+    user: UserKey
+
+
+@dataclass(frozen=True, slots=True)
+class PushIq:
+    ref: Any  # opaque: echoed back in the answer
+    sender: SessionKey
+    to: tuple[str, str, str]  # the addressed account, resource ""
+    type: str
+    lang: str
+    xml: bytes  # the IQ's payload element, b"" if none
+
+
+@dataclass(frozen=True, slots=True)
+class PublishReply:
+    ref: int
+    outcome: str  # "result" | "timeout" | "error"
+    error_type: str = ""
+    condition: str = ""
+
+
+Event = (
+    SessionPending | SessionResumed | SessionOpened | StanzaToPending | Offline | UserRemoved
+    | PushIq | PublishReply
+)
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, str):
+        return str(value)
+    raise ProtocolError(f"expected a binary, got {type(value).__name__}")
+
+
+def _session(value: Any) -> SessionKey:
+    user, server, resource = value
+    return _text(user), _text(server), _text(resource)
+
+
+def _user(value: Any) -> UserKey:
+    user, server = value
+    return _text(user), _text(server)
+
+
+def _stanza(value: Any) -> Stanza:
+    kind, sender, stanza_id, stanza_type, body, xml = value
+    return Stanza(str(kind), _text(sender), _text(stanza_id), str(stanza_type), _text(body),
+                  bytes(xml))
+
+
+def parse_hello(term: Any) -> Hello:
+    try:
+        tag, version, host, options = term
+    except (TypeError, ValueError):
+        raise ProtocolError("the first frame is not a hello") from None
+    if tag != "hello" or not isinstance(version, int) or not isinstance(options, dict):
+        raise ProtocolError("the first frame is not a hello")
+    return Hello(version, _text(host), {str(k): v for k, v in options.items()})
+
+
+def parse_event(term: Any) -> Event:
+    """Turn one decoded term into an event, or raise :class:`ProtocolError`."""
+    if not isinstance(term, tuple) or not term or not isinstance(term[0], Atom):
+        raise ProtocolError("an event is a tuple tagged with an atom")
+    tag, args = term[0], term[1:]
+    try:
+        if tag == "stanza":
+            return StanzaToPending(_session(args[0]), _stanza(args[1]))
+        if tag == "session_pending":
+            return SessionPending(_session(args[0]), tuple(_stanza(s) for s in args[1]))
+        if tag == "session_resumed":
+            return SessionResumed(_session(args[0]))
+        if tag == "session_opened":
+            return SessionOpened(_session(args[0]))
+        if tag in ("offline", "archived"):
+            return Offline(_user(args[0]), _stanza(args[1]), str(tag))
+        if tag == "user_removed":
+            return UserRemoved(_user(args[0]))
+        if tag == "iq":
+            ref, sender, to, iq_type, lang, xml = args
+            return PushIq(ref, _session(sender), _session(to), str(iq_type), _text(lang),
+                          bytes(xml))
+        if tag == "iq_reply":
+            ref, outcome = args
+            if isinstance(outcome, tuple):
+                _, error_type, condition = outcome
+                return PublishReply(ref, "error", str(error_type), str(condition))
+            return PublishReply(ref, str(outcome))
+    except (ValueError, TypeError, IndexError) as exc:
+        raise ProtocolError(f"malformed {tag} event: {exc}") from None
+    raise ProtocolError(f"unknown event {tag!r}")
+
+
+# ---------------------------------------------------------------------------- actions
+
+_A = Atom
+
+
+@dataclass(frozen=True, slots=True)
+class IqResult:
+    ref: Any
+    xml: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class IqError:
+    ref: Any
+    error_type: str  # cancel | modify | wait | auth | continue
+    condition: str  # RFC 6120 condition, e.g. "bad-request"
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class RouteIq:
+    ref: int
+    xml: str
+    timeout_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class SetPush:
+    """Mark a live session push-enabled (keep it resumable this long) or not."""
+
+    session: SessionKey
+    resume_timeout_ms: int | None  # None: push disabled for the session
+
+
+@dataclass(frozen=True, slots=True)
+class Log:
+    level: str  # debug | info | notice | warning | error | critical
+    text: str
+
+
+Action = IqResult | IqError | RouteIq | SetPush | Log
+
+
+def action_term(action: Action) -> tuple[Any, ...]:
+    """The Erlang term for an action (see docs/protocol.md)."""
+    match action:
+        case IqResult(ref, xml):
+            return (_A("iq_result"), ref, xml.encode() if xml is not None else _A("undefined"))
+        case IqError(ref, error_type, condition, text):
+            return (_A("iq_error"), ref, _A(error_type), _A(condition), text.encode())
+        case RouteIq(ref, xml, timeout_ms):
+            return (_A("route_iq"), ref, xml.encode(), timeout_ms)
+        case SetPush(session, timeout):
+            return (_A("set_push"), tuple(p.encode() for p in session),
+                    False if timeout is None else timeout)
+        case Log(level, text):
+            return (_A("log"), _A(level), text.encode())
+    raise TypeError(f"not an action: {action!r}")
+
+
+def hello_reply(info: dict[str, str]) -> tuple[Any, ...]:
+    return (_A("hello"), PROTOCOL_VERSION, {_A(k): v.encode() for k, v in info.items()})

@@ -1,0 +1,148 @@
+"""Persistent push state in SQLite (WAL, versioned schema).
+
+The service changes state through these methods and the port loop commits once
+per batch of events, before any action of that batch reaches ejabberd: what a
+client was told (an enable's result) is on disk first.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import closing
+from dataclasses import dataclass
+
+from .protocol import SessionKey, UserKey
+
+MIGRATIONS: tuple[str, ...] = (
+    # version 1
+    """
+    CREATE TABLE registrations (
+        user TEXT NOT NULL,
+        server TEXT NOT NULL,
+        resource TEXT NOT NULL,
+        push_jid TEXT NOT NULL,
+        node TEXT NOT NULL,
+        publish_options TEXT,
+        enabled_at REAL NOT NULL,
+        errors INTEGER NOT NULL DEFAULT 0,
+        message_count INTEGER NOT NULL DEFAULT 0,
+        subscription_count INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (user, server, push_jid, node)
+    );
+    CREATE INDEX registrations_by_session ON registrations (user, server, resource);
+    """,
+)
+
+
+@dataclass(slots=True)
+class Registration:
+    user: str
+    server: str
+    resource: str
+    push_jid: str
+    node: str
+    publish_options: str | None
+    errors: int = 0
+    message_count: int = 0
+    subscription_count: int = 0
+
+    @property
+    def key(self) -> tuple[str, str, str, str]:
+        return (self.user, self.server, self.push_jid, self.node)
+
+    @property
+    def session(self) -> SessionKey:
+        return (self.user, self.server, self.resource)
+
+
+_COLUMNS = ("user, server, resource, push_jid, node, publish_options, errors, "
+            "message_count, subscription_count")
+
+
+class Store:
+    def __init__(self, path: str) -> None:
+        self.db = sqlite3.connect(path, isolation_level="DEFERRED", check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("PRAGMA busy_timeout=5000")
+        self._migrate()
+
+    def _migrate(self) -> None:
+        (version,) = self.db.execute("PRAGMA user_version").fetchone()
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            with self.db:
+                self.db.executescript(f"BEGIN; {script}; PRAGMA user_version={number}; COMMIT;")
+
+    def schema_version(self) -> int:
+        return int(self.db.execute("PRAGMA user_version").fetchone()[0])
+
+    def commit(self) -> None:
+        self.db.commit()
+
+    def rollback(self) -> None:
+        self.db.rollback()
+
+    def close(self) -> None:
+        self.db.commit()
+        self.db.close()
+
+    def _select(self, where: str, args: tuple[str, ...]) -> Iterator[Registration]:
+        with closing(self.db.execute(f"SELECT {_COLUMNS} FROM registrations WHERE {where}",
+                                     args)) as cursor:
+            for row in cursor:
+                yield Registration(*row)
+
+    def for_session(self, session: SessionKey) -> list[Registration]:
+        return list(self._select("user=? AND server=? AND resource=?", session))
+
+    def for_user(self, user: UserKey) -> list[Registration]:
+        return list(self._select("user=? AND server=?", user))
+
+    def get(self, key: tuple[str, str, str, str]) -> Registration | None:
+        found = list(self._select("user=? AND server=? AND push_jid=? AND node=?", key))
+        return found[0] if found else None
+
+    def enable(self, registration: Registration) -> None:
+        """Add or replace (same user, app server and node) with fresh counters."""
+        self.db.execute(
+            "INSERT OR REPLACE INTO registrations (user, server, resource, push_jid, node, "
+            "publish_options, enabled_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (registration.user, registration.server, registration.resource,
+             registration.push_jid, registration.node, registration.publish_options,
+             time.time()))
+
+    def disable(self, user: UserKey, push_jid: str, node: str | None) -> list[Registration]:
+        """Remove the user's registrations at that app server (one node or all)."""
+        if node is None:
+            removed = list(self._select("user=? AND server=? AND push_jid=?", (*user, push_jid)))
+        else:
+            removed = list(self._select("user=? AND server=? AND push_jid=? AND node=?",
+                                        (*user, push_jid, node)))
+        for registration in removed:
+            self.delete(registration.key)
+        return removed
+
+    def delete(self, key: tuple[str, str, str, str]) -> None:
+        self.db.execute("DELETE FROM registrations WHERE user=? AND server=? AND push_jid=? "
+                        "AND node=?", key)
+
+    def delete_user(self, user: UserKey) -> int:
+        return self.db.execute("DELETE FROM registrations WHERE user=? AND server=?",
+                               user).rowcount
+
+    def save_counts(self, registration: Registration) -> None:
+        self.db.execute(
+            "UPDATE registrations SET message_count=?, subscription_count=? WHERE user=? "
+            "AND server=? AND push_jid=? AND node=?",
+            (registration.message_count, registration.subscription_count, *registration.key))
+
+    def reset_counts(self, session: SessionKey) -> None:
+        self.db.execute(
+            "UPDATE registrations SET message_count=0, subscription_count=0 WHERE user=? "
+            "AND server=? AND resource=? AND (message_count>0 OR subscription_count>0)", session)
+
+    def set_errors(self, key: tuple[str, str, str, str], errors: int) -> None:
+        self.db.execute("UPDATE registrations SET errors=? WHERE user=? AND server=? "
+                        "AND push_jid=? AND node=?", (errors, *key))

@@ -80,6 +80,8 @@ class PushService:
             case SessionPending(session, queued):
                 actions: list[Action] = []
                 registrations = self.store.for_session(session)
+                if registrations:
+                    log.info("push session %s@%s/%s is pending", *session)
                 for stanza in queued:
                     actions += self._notify(registrations, stanza)
                 return actions

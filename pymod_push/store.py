@@ -89,8 +89,8 @@ class Store:
         self.db.close()
 
     def _select(self, where: str, args: tuple[str, ...]) -> Iterator[Registration]:
-        with closing(self.db.execute(f"SELECT {_COLUMNS} FROM registrations WHERE {where}",
-                                     args)) as cursor:
+        query = f"SELECT {_COLUMNS} FROM registrations WHERE {where} ORDER BY rowid"
+        with closing(self.db.execute(query, args)) as cursor:
             for row in cursor:
                 yield Registration(*row)
 

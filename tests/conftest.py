@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+import asyncio
+import itertools
+import shutil
+import sys
+import tempfile
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from devtools.instance import Instance  # noqa: E402
+from tests.xmpp_peers import Peers  # noqa: E402
+
+_names = itertools.count(1)
+
+
+def _instance(options: dict[str, Any]) -> Iterator[Instance]:
+    if shutil.which("ejabberdctl") is None:
+        pytest.fail("ejabberd is not installed: run the tests with 'make test'")
+    folder = Path(tempfile.mkdtemp(prefix="pymod_push-e2e-"))
+    folder.chmod(0o755)
+    instance = Instance(folder, options=options, modules={"mod_mam": {"default": "always"}})
+    instance.write_config()
+    try:
+        instance.start()
+        yield instance
+    finally:
+        instance.stop()
+        if not (folder / "keep").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ejabberd() -> Iterator[Instance]:
+    """An ejabberd with mod_push_py at its default options."""
+    yield from _instance({})
+
+
+@pytest.fixture(scope="session")
+def ejabberd_short_timeout() -> Iterator[Instance]:
+    """Push sessions time out after 2 s; bodies and senders included in pushes."""
+    yield from _instance({"resume_timeout": 2, "include_message_bodies": True,
+                          "include_senders": True})
+
+
+class Scenario:
+    """Accounts and XMPP peers for one test on one instance."""
+
+    def __init__(self, instance: Instance) -> None:
+        self.instance = instance
+        self.host = instance.host
+
+    def account(self, prefix: str) -> tuple[str, str]:
+        name = f"{prefix}{next(_names)}"
+        self.instance.register(name, self.host, "secret-" + name)
+        return f"{name}@{self.host}", "secret-" + name
+
+    def run(self, scenario: Callable[[Peers], Awaitable[None]]) -> None:
+        async def main() -> None:
+            peers = Peers(self.instance.c2s_port)
+            try:
+                await scenario(peers)
+            finally:
+                await peers.close()
+
+        asyncio.run(main())
+
+    async def wait_pending(self, jid: str, mark: int) -> None:
+        """Wait until the server has the push session of ``jid`` (full JID) pending."""
+        await asyncio.to_thread(self.instance.wait_for_log,
+                                rf"push session {jid} is pending", mark)
+
+
+@pytest.fixture
+def scenario(ejabberd: Instance) -> Scenario:
+    return Scenario(ejabberd)
+
+
+@pytest.fixture
+def short_timeout(ejabberd_short_timeout: Instance) -> Scenario:
+    return Scenario(ejabberd_short_timeout)

@@ -1,0 +1,184 @@
+"""slixmpp peers for end-to-end tests: push users, a sender, and an external app server."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from typing import Any
+
+from slixmpp import ClientXMPP
+from slixmpp.exceptions import IqError
+from slixmpp.xmlstream.handler import Callback
+from slixmpp.xmlstream.matcher import MatchXPath
+
+NS_PUSH = "urn:xmpp:push:0"
+NS_DATA = "jabber:x:data"
+NS_PUBSUB = "http://jabber.org/protocol/pubsub"
+PUBLISH_OPTIONS = "http://jabber.org/protocol/pubsub#publish-options"
+TIMEOUT = 20.0
+
+
+class Client(ClientXMPP):
+    """A plain-c2s client on 127.0.0.1 with stream management."""
+
+    def __init__(self, jid: str, password: str, port: int) -> None:
+        super().__init__(jid, password,
+                         plugin_config={"feature_mechanisms": {"unencrypted_scram": True,
+                                                               "unencrypted_plain": True}})
+        self.enable_plaintext = True
+        self.enable_direct_tls = False
+        self.enable_starttls = False
+        self.port = port
+        self.register_plugin("xep_0030")
+        self.register_plugin("xep_0198")
+        self.messages: asyncio.Queue[Any] = asyncio.Queue()
+        self.add_event_handler("message", self.messages.put_nowait)
+
+    async def online(self) -> Client:
+        started = asyncio.get_running_loop().create_future()
+        sm_ready = asyncio.get_running_loop().create_future()
+        self.add_event_handler("session_start", lambda _: started.done() or started.set_result(1),
+                               disposable=True)
+        self.add_event_handler("sm_enabled", lambda _: sm_ready.done() or sm_ready.set_result(1),
+                               disposable=True)
+        self.connect("127.0.0.1", self.port)
+        await asyncio.wait_for(started, TIMEOUT)
+        await asyncio.wait_for(sm_ready, TIMEOUT)
+        self.send_presence()
+        # A round trip makes sure the server has processed the presence.
+        await self.plugin["xep_0030"].get_info(jid=self.boundjid.bare, timeout=TIMEOUT)
+        return self
+
+    async def push_iq(self, xml: str, iq_type: str = "set", to: str | None = None) -> Any:
+        iq = self.make_iq(ito=to, itype=iq_type)
+        iq.append(ET.fromstring(xml))
+        return await iq.send(timeout=TIMEOUT)
+
+    async def enable_push(self, push_jid: str, node: str, secret: str | None = None) -> Any:
+        form = ""
+        if secret is not None:
+            form = (f"<x xmlns='{NS_DATA}' type='submit'>"
+                    f"<field var='FORM_TYPE'><value>{PUBLISH_OPTIONS}</value></field>"
+                    f"<field var='secret'><value>{secret}</value></field></x>")
+        return await self.push_iq(f"<enable xmlns='{NS_PUSH}' jid='{push_jid}' node='{node}'>"
+                                  f"{form}</enable>")
+
+    async def disable_push(self, push_jid: str, node: str | None = None) -> Any:
+        node_attr = f" node='{node}'" if node else ""
+        return await self.push_iq(f"<disable xmlns='{NS_PUSH}' jid='{push_jid}'{node_attr}/>")
+
+    async def push_iq_error(self, xml: str, **kwargs: Any) -> tuple[str, str]:
+        """Send a push IQ that must fail; returns (error type, condition)."""
+        try:
+            await self.push_iq(xml, **kwargs)
+        except IqError as exc:
+            return exc.iq["error"]["type"], exc.iq["error"]["condition"]
+        raise AssertionError("the server accepted an IQ it should have refused")
+
+    def drop(self) -> None:
+        """Lose the TCP connection without </stream>: the session becomes pending."""
+        assert self.transport is not None
+        sock = self.transport.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.transport.abort()
+
+    async def go_offline(self) -> None:
+        """A clean logout: the session ends, it does not become pending."""
+        self.disconnect()
+        await asyncio.wait_for(self.disconnected, TIMEOUT)
+
+
+@dataclass
+class Publish:
+    """One publish IQ as the app server saw it."""
+
+    sender: str
+    node: str
+    summary: dict[str, str]
+    publish_options: dict[str, str]
+
+    @classmethod
+    def parse(cls, iq: ET.Element) -> Publish:
+        pubsub = iq.find(f"{{{NS_PUBSUB}}}pubsub")
+        assert pubsub is not None
+        publish = pubsub.find(f"{{{NS_PUBSUB}}}publish")
+        assert publish is not None
+        form = publish.find(f"{{{NS_PUBSUB}}}item/{{{NS_PUSH}}}notification/{{{NS_DATA}}}x")
+        options = pubsub.find(f"{{{NS_PUBSUB}}}publish-options/{{{NS_DATA}}}x")
+        return cls(iq.get("from", ""), publish.get("node", ""), _fields(form), _fields(options))
+
+
+def _fields(form: ET.Element | None) -> dict[str, str]:
+    if form is None:
+        return {}
+    return {f.get("var", ""): (f.findtext(f"{{{NS_DATA}}}value") or "")
+            for f in form.findall(f"{{{NS_DATA}}}field")}
+
+
+class AppServer(Client):
+    """An external app server: records every publish and answers it (result or an error)."""
+
+    def __init__(self, jid: str, password: str, port: int) -> None:
+        super().__init__(jid, password, port)
+        self.received: dict[str, list[Publish]] = {}
+        self.errors: dict[str, tuple[str, str]] = {}  # node -> (type, condition) to answer
+        self._arrived = asyncio.Condition()
+        self.register_handler(Callback("push publish", MatchXPath(
+            f"{{jabber:client}}iq/{{{NS_PUBSUB}}}pubsub"), self._on_publish))
+
+    def _on_publish(self, iq: Any) -> None:
+        if iq["type"] != "set":
+            return
+        record = Publish.parse(iq.xml)
+        self.received.setdefault(record.node, []).append(record)
+        reply = iq.reply(clear=True)
+        if record.node in self.errors:
+            error_type, condition = self.errors[record.node]
+            reply["type"] = "error"
+            reply["error"]["type"] = error_type
+            reply["error"]["condition"] = condition
+        reply.send()
+        asyncio.ensure_future(self._notify())
+
+    async def _notify(self) -> None:
+        async with self._arrived:
+            self._arrived.notify_all()
+
+    async def wait_for(self, node: str, count: int, timeout: float = TIMEOUT) -> list[Publish]:
+        """Wait until ``count`` publishes for ``node`` have arrived; return them all."""
+        async with self._arrived:
+            await asyncio.wait_for(
+                self._arrived.wait_for(lambda: len(self.received.get(node, [])) >= count),
+                timeout)
+        return self.received[node]
+
+
+@dataclass
+class Peers:
+    """The clients of one test, disconnected at the end."""
+
+    port: int
+    clients: list[Client] = field(default_factory=list)
+
+    async def user(self, jid: str, password: str) -> Client:
+        client = Client(jid, password, self.port)
+        self.clients.append(client)
+        return await client.online()
+
+    async def app_server(self, jid: str, password: str) -> AppServer:
+        client = AppServer(jid, password, self.port)
+        self.clients.append(client)
+        await client.online()
+        return client
+
+    async def close(self) -> None:
+        for client in self.clients:
+            if client.transport is not None:
+                client.disconnect()
+                try:
+                    await asyncio.wait_for(client.disconnected, 5)
+                except asyncio.TimeoutError:
+                    client.abort()

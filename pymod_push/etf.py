@@ -21,7 +21,9 @@ fun / external fun         :class:`Fun` / :class:`Export`  as received
 
 Python ``str`` that is not an :class:`Atom` encodes as a UTF-8 binary (what
 ejabberd uses for text). A list used as a map key decodes as :class:`HashableList`
-(a tuple subclass that encodes back as a list). Compressed terms are inflated.
+(a tuple subclass that encodes back as a list); a map whose keys Python would
+merge (``1``, ``1.0`` and ``true`` are equal in Python) decodes as
+:class:`HashableMap`, its ``(key, value)`` pairs. Compressed terms are inflated.
 ``ATOM_CACHE_REF`` and ``DIST_HEADER`` only occur on distribution links, never
 in ``term_to_binary`` output, and are rejected.
 """
@@ -91,6 +93,12 @@ class BitBinary:
 
     data: bytes
     bits: int
+
+    def __post_init__(self) -> None:
+        # Erlang keeps the unused low bits of the last byte at zero; so do we.
+        if self.data and 1 <= self.bits < 8:
+            mask = (0xFF << (8 - self.bits)) & 0xFF
+            object.__setattr__(self, "data", self.data[:-1] + bytes((self.data[-1] & mask,)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,11 +263,15 @@ def _decode(data: bytes, pos: int) -> tuple[Any, int]:  # noqa: C901 - one branc
     if tag == MAP_EXT:
         (arity,) = _unpack_u32(data, pos)
         pos += 4
-        result: dict[Any, Any] = {}
+        pairs = []
         for _ in range(arity):
             key, pos = _decode(data, pos)
             value, pos = _decode(data, pos)
-            result[_hashable(key)] = value
+            pairs.append((_hashable(key), value))
+        result = dict(pairs)
+        if len(result) != arity:
+            # Keys distinct in Erlang but equal in Python (1, 1.0 and true): keep them all.
+            return HashableMap(pairs), pos
         return result, pos
     if tag == ATOM_UTF8_EXT or tag == ATOM_EXT:
         (size,) = _unpack_u16(data, pos)
@@ -284,7 +296,8 @@ def _decode(data: bytes, pos: int) -> tuple[Any, int]:  # noqa: C901 - one branc
         bits = data[pos + 4]
         if not 1 <= bits <= 8 or size == 0:
             raise DecodeError("bad bit count in a bitstring")
-        return BitBinary(_take(data, pos + 5, size), bits), pos + 5 + size
+        raw = _take(data, pos + 5, size)
+        return (raw if bits == 8 else BitBinary(raw, bits)), pos + 5 + size
     if tag in (NEW_PID_EXT, PID_EXT):
         node, pos = _decode_node(data, pos)
         (pid_id,) = _unpack_u32(data, pos)
@@ -463,7 +476,10 @@ def _encode_other(term: Any, out: list[bytes]) -> None:
     elif isinstance(term, HashableList):
         _encode_list(term, out)
     elif isinstance(term, HashableMap):
-        _encode(dict(term), out)
+        out.append(b"t" + _pack_u32(len(term)))
+        for key, value in term:
+            _encode(key, out)
+            _encode(value, out)
     elif isinstance(term, tuple):
         _encode(tuple(term), out)
     elif isinstance(term, int):

@@ -1,0 +1,55 @@
+# pymod_push — see README.md. Everything a fresh Debian machine needs is installed here.
+SHELL := /bin/bash
+PYTHON3 := /usr/bin/python3
+VENV := $(CURDIR)/.venv
+PY := $(VENV)/bin/python
+RUN_DIR := $(CURDIR)/run
+APT_PACKAGES := ejabberd erlang-dev python3-venv
+
+.PHONY: all deps venv test lint unit e2e run stop bench clean
+
+all: test
+
+# Debian's ejabberd 23.01 and the Erlang headers, when missing.
+deps:
+	@if ! command -v ejabberdctl >/dev/null || ! command -v erlc >/dev/null \
+	    || ! $(PYTHON3) -c 'import venv, ensurepip' 2>/dev/null; then \
+	  echo "installing $(APT_PACKAGES) with apt-get"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \
+	fi
+
+# The virtual environment is made with Debian's python3 so that the ejabberd
+# user, which runs the port program, can execute it.
+$(VENV)/.installed: pyproject.toml | deps
+	$(PYTHON3) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	chmod -R a+rX $(CURDIR)
+	touch $@
+
+venv: deps $(VENV)/.installed
+
+lint: venv
+	$(VENV)/bin/ruff check pymod_push devtools tests bench
+	$(VENV)/bin/mypy
+
+unit: venv
+	$(VENV)/bin/pytest -q -m 'not e2e'
+
+e2e: venv
+	$(VENV)/bin/pytest -q -m e2e
+
+test: venv lint
+	$(VENV)/bin/pytest -q
+
+run: venv
+	$(PY) -m devtools.instance start $(RUN_DIR)
+
+stop:
+	@if [ -x $(PY) ]; then $(PY) -m devtools.instance stop $(RUN_DIR); fi
+
+bench: venv
+	$(PY) -m bench.port_events
+
+clean: stop
+	rm -rf $(VENV) $(RUN_DIR) .pytest_cache .mypy_cache .ruff_cache .hypothesis

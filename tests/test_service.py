@@ -1,0 +1,267 @@
+"""The push decisions, driven directly: events in, actions out, no ejabberd needed."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from dataclasses import replace
+
+import pytest
+
+from pymod_push.core.config import Config
+from pymod_push.protocol import (IqError, IqResult, Offline, PublishReply, PushIq, RouteIq,
+                                 SessionOpened, SessionPending, SessionResumed, SetPush, Stanza,
+                                 StanzaToPending, UserRemoved)
+from pymod_push.service import PushService
+from pymod_push.store import Store
+
+PHONE = ("alice", "example.org", "phone")
+APP = "push.example.net"
+PUBLISH_OPTIONS = ("<x xmlns='jabber:x:data' type='submit'><field var='FORM_TYPE'><value>"
+                   "http://jabber.org/protocol/pubsub#publish-options</value></field>"
+                   "<field var='secret'><value>s3cr3t</value></field></x>")
+
+
+def make_service(**options: object) -> PushService:
+    return PushService(replace(Config("example.org"), **options), Store(":memory:"))
+
+
+def iq(xml: str, iq_type: str = "set", sender: tuple[str, str, str] = PHONE,
+       to: tuple[str, str, str] = ("alice", "example.org", "")) -> PushIq:
+    return PushIq("ref", sender, to, iq_type, "en", xml.encode())
+
+
+def enable(node: str = "node1", jid: str = APP, form: str = PUBLISH_OPTIONS) -> PushIq:
+    return iq(f"<enable xmlns='urn:xmpp:push:0' jid='{jid}' node='{node}'>{form}</enable>")
+
+
+def message(body: str = "hi", stanza_id: str = "m1", sender: str = "bob@example.org/pc",
+            stanza_type: str = "chat", extra: str = "") -> Stanza:
+    xml = (f"<message xmlns='jabber:client' from='{sender}' id='{stanza_id}' type='{stanza_type}'>"
+           f"<body>{body}</body>{extra}</message>")
+    return Stanza("message", sender, stanza_id, stanza_type, body, xml.encode())
+
+
+def fields(action: object) -> dict[str, str]:
+    """The summary form of a publish, parsed as an app server would."""
+    assert isinstance(action, RouteIq)
+    form = ET.fromstring(action.xml).find(
+        "{http://jabber.org/protocol/pubsub}pubsub/{http://jabber.org/protocol/pubsub}publish/"
+        "{http://jabber.org/protocol/pubsub}item/{urn:xmpp:push:0}notification/{jabber:x:data}x")
+    assert form is not None
+    return {f.get("var", ""): f.findtext("{jabber:x:data}value") or ""
+            for f in form.findall("{jabber:x:data}field")}
+
+
+def attribute(action: object, path: str, name: str) -> str | None:
+    assert isinstance(action, RouteIq)
+    element = ET.fromstring(action.xml)
+    found = element if path == "." else element.find(path)
+    return None if found is None else found.get(name)
+
+
+def test_enable_stores_and_marks_the_session() -> None:
+    service = make_service(resume_timeout_ms=1234)
+    assert service.handle(enable(), 0) == [SetPush(PHONE, 1234), IqResult("ref")]
+    (registration,) = service.store.for_session(PHONE)
+    assert (registration.push_jid, registration.node) == (APP, "node1")
+    assert "s3cr3t" in (registration.publish_options or "")
+
+
+@pytest.mark.parametrize(("request_iq", "condition"), [
+    (iq("<enable xmlns='urn:xmpp:push:0' jid='a' node='n'/>", iq_type="get"), "not-allowed"),
+    (iq("<enable xmlns='urn:xmpp:push:0' jid='a'/>"), "bad-request"),
+    (iq("<enable xmlns='urn:xmpp:push:0' node='n'/>"), "bad-request"),
+    (iq("<enable xmlns='urn:xmpp:push:0' jid='a b' node='n'/>"), "jid-malformed"),
+    (iq("<disable xmlns='urn:xmpp:push:0'/>"), "bad-request"),
+    (iq("<other xmlns='urn:xmpp:push:0'/>"), "bad-request"),
+    (iq("<enable xmlns='urn:xmpp:push:0' jid='a' node='n'"), "bad-request"),
+    (iq("<enable xmlns='urn:xmpp:push:0' jid='a' node='n'/>", to=("bob", "example.org", "")),
+     "forbidden"),
+    (iq("<enable xmlns='urn:xmpp:push:0' jid='a' node='" + "n" * 2000 + "'/>"), "not-acceptable"),
+])
+def test_bad_requests_get_errors(request_iq: PushIq, condition: str) -> None:
+    service = make_service()
+    (answer,) = service.handle(request_iq, 0)
+    assert isinstance(answer, IqError) and answer.condition == condition and answer.text
+    assert service.store.for_user(("alice", "example.org")) == []
+
+
+def test_pending_messages_push_with_counts_and_publish_options() -> None:
+    service = make_service()
+    service.handle(enable(), 0)
+    first = service.handle(StanzaToPending(PHONE, message(stanza_id="1")), 0)
+    second = service.handle(StanzaToPending(PHONE, message(stanza_id="2")), 0)
+    assert fields(first[0]) == {"FORM_TYPE": "urn:xmpp:push:summary", "message-count": "1",
+                                "pending-subscription-count": "0"}
+    assert fields(second[0])["message-count"] == "2"
+    route = second[0]
+    assert isinstance(route, RouteIq)
+    assert attribute(route, ".", "to") == APP and attribute(route, ".", "from") == "example.org"
+    assert attribute(route, "{http://jabber.org/protocol/pubsub}pubsub/"
+                            "{http://jabber.org/protocol/pubsub}publish", "node") == "node1"
+    assert "<publish-options>" in route.xml and "s3cr3t" in route.xml
+
+
+def test_what_does_not_push() -> None:
+    service = make_service()
+    service.handle(enable(), 0)
+    chat_state = Stanza("message", "bob@example.org", "c", "chat", "",
+                        b"<message><composing xmlns='http://jabber.org/protocol/chatstates'/>"
+                        b"</message>")
+    assert service.handle(StanzaToPending(PHONE, chat_state), 0) == []
+    assert service.handle(StanzaToPending(PHONE, message(stanza_type="error")), 0) == []
+    assert service.handle(StanzaToPending(PHONE, message(body="   ")), 0) == []
+    unsubscribe = Stanza("presence", "bob@example.org", "", "unsubscribe", "", b"<presence/>")
+    assert service.handle(StanzaToPending(PHONE, unsubscribe), 0) == []
+    # A session that never enabled push.
+    other = ("alice", "example.org", "laptop")
+    assert service.handle(StanzaToPending(other, message()), 0) == []
+
+
+def test_notify_on_all_pushes_bodiless_messages() -> None:
+    service = make_service(notify_on="all")
+    service.handle(enable(), 0)
+    receipt = Stanza("message", "bob@example.org", "r", "chat", "", b"<message/>")
+    assert len(service.handle(StanzaToPending(PHONE, receipt), 0)) == 1
+
+
+def test_subscription_requests_are_counted_apart() -> None:
+    service = make_service(include_senders=True)
+    service.handle(enable(), 0)
+    subscribe = Stanza("presence", "carol@example.org", "", "subscribe", "", b"<presence/>")
+    (push,) = service.handle(StanzaToPending(PHONE, subscribe), 0)
+    assert fields(push) == {"FORM_TYPE": "urn:xmpp:push:summary", "message-count": "0",
+                            "pending-subscription-count": "1",
+                            "last-subscription-sender": "carol@example.org"}
+
+
+def test_senders_and_bodies_only_when_configured() -> None:
+    service = make_service(include_senders=True, include_message_bodies=True,
+                           include_message_count=False, include_subscription_count=False)
+    service.handle(enable(), 0)
+    (push,) = service.handle(StanzaToPending(PHONE, message(body="a & <b>")), 0)
+    assert fields(push) == {"FORM_TYPE": "urn:xmpp:push:summary",
+                            "last-message-sender": "bob@example.org/pc",
+                            "last-message-body": "a & <b>"}
+
+
+def test_resume_and_reconnect_reset_counts() -> None:
+    service = make_service()
+    service.handle(enable(), 0)
+    service.handle(StanzaToPending(PHONE, message(stanza_id="1")), 0)
+    assert service.handle(SessionResumed(PHONE), 0) == []
+    (push,) = service.handle(StanzaToPending(PHONE, message(stanza_id="2")), 0)
+    assert fields(push)["message-count"] == "1"
+    # A new session of the same device is push-enabled again, counts from zero.
+    assert service.handle(SessionOpened(PHONE), 0) == [SetPush(PHONE, Config.resume_timeout_ms)]
+    (push,) = service.handle(StanzaToPending(PHONE, message(stanza_id="3")), 0)
+    assert fields(push)["message-count"] == "1"
+    assert service.handle(SessionOpened(("alice", "example.org", "other")), 0) == []
+
+
+def test_queued_messages_push_when_the_session_goes_pending() -> None:
+    service = make_service()
+    service.handle(enable(), 0)
+    pushes = service.handle(SessionPending(PHONE, (message(stanza_id="1"),
+                                                   message(stanza_id="2"))), 0)
+    assert [fields(p)["message-count"] for p in pushes] == ["1", "2"]
+
+
+def test_a_message_rerouted_to_offline_storage_does_not_push_again() -> None:
+    service = make_service()
+    service.handle(enable(), 0)
+    original = message(stanza_id="m1")
+    assert len(service.handle(StanzaToPending(PHONE, original), 0)) == 1
+    # On timeout ejabberd re-routes it with a <delay/>: new XML, same message.
+    rerouted = replace(original, xml=original.xml.replace(b"</message>", b"<delay/></message>"))
+    assert service.handle(Offline(PHONE[:2], rerouted, "archived"), 0) == []
+    assert service.handle(Offline(PHONE[:2], rerouted, "offline"), 0) == []
+    (push,) = service.handle(Offline(PHONE[:2], message(stanza_id="m2"), "offline"), 0)
+    assert fields(push)["message-count"] == "2"
+
+
+def test_offline_pushes_every_registration_of_the_user() -> None:
+    service = make_service()
+    service.handle(enable("n1"), 0)
+    service.handle(iq("<enable xmlns='urn:xmpp:push:0' jid='other.app' node='n2'/>",
+                      sender=("alice", "example.org", "tablet")), 0)
+    pushes = service.handle(Offline(PHONE[:2], message(), "offline"), 0)
+    assert [attribute(p, ".", "to") for p in pushes] == [APP, "other.app"]
+
+
+def test_disable_one_node_or_all_nodes_of_an_app_server() -> None:
+    service = make_service()
+    service.handle(enable("n1"), 0)
+    service.handle(enable("n2"), 0)
+    disable_one = iq(f"<disable xmlns='urn:xmpp:push:0' jid='{APP}' node='n1'/>")
+    assert service.handle(disable_one, 0) == [IqResult("ref")]  # n2 still enabled
+    assert [r.node for r in service.store.for_session(PHONE)] == ["n2"]
+    disable_all = iq(f"<disable xmlns='urn:xmpp:push:0' jid='{APP}'/>")
+    assert service.handle(disable_all, 0) == [SetPush(PHONE, None), IqResult("ref")]
+    assert service.handle(StanzaToPending(PHONE, message()), 0) == []
+
+
+def test_re_enable_replaces_the_registration() -> None:
+    service = make_service()
+    service.handle(enable("n1"), 0)
+    service.handle(iq(f"<enable xmlns='urn:xmpp:push:0' jid='{APP}' node='n1'/>",
+                      sender=("alice", "example.org", "phone2")), 0)
+    (registration,) = service.store.for_user(("alice", "example.org"))
+    assert registration.resource == "phone2" and registration.publish_options is None
+
+
+def _reply(service: PushService, push: object, outcome: str, error_type: str = "",
+           now: float = 0) -> list[object]:
+    assert isinstance(push, RouteIq)
+    return list(service.handle(PublishReply(push.ref, outcome, error_type, "x"), now))
+
+
+def test_transient_errors_are_retried_with_backoff() -> None:
+    service = make_service(retry_delays_ms=(1000, 5000))
+    service.handle(enable(), 0)
+    (push,) = service.handle(StanzaToPending(PHONE, message()), 0)
+    assert _reply(service, push, "error", "wait", now=10) == []
+    assert service.next_deadline() == 11
+    assert service.tick(10.5) == []
+    (retry,) = service.tick(11)
+    assert isinstance(retry, RouteIq) and fields(retry) == fields(push)
+    assert retry.ref != push.ref
+    assert _reply(service, retry, "timeout", now=20) == []
+    assert service.next_deadline() == 25
+    (last,) = service.tick(25)
+    assert _reply(service, last, "timeout", now=30) == []  # retries used up: given up
+    assert service.next_deadline() is None
+    assert service.store.for_session(PHONE)  # transient failures never disable
+
+
+def test_rejections_disable_after_max_errors_and_success_resets() -> None:
+    service = make_service(max_publish_errors=2)
+    service.handle(enable(), 0)
+    (push,) = service.handle(StanzaToPending(PHONE, message(stanza_id="1")), 0)
+    assert _reply(service, push, "error", "cancel") == []
+    (push,) = service.handle(StanzaToPending(PHONE, message(stanza_id="2")), 0)
+    assert _reply(service, push, "result") == []
+    assert service.store.for_session(PHONE)[0].errors == 0
+    for stanza_id in ("3", "4"):
+        (push,) = service.handle(StanzaToPending(PHONE, message(stanza_id=stanza_id)), 0)
+        answer = _reply(service, push, "error", "cancel")
+    assert answer == [SetPush(PHONE, None)]
+    assert service.store.for_session(PHONE) == []
+
+
+def test_user_removal_deletes_registrations() -> None:
+    service = make_service()
+    service.handle(enable(), 0)
+    service.handle(UserRemoved(PHONE[:2]), 0)
+    assert service.store.for_user(PHONE[:2]) == []
+
+
+def test_registrations_survive_a_restart(tmp_path: object) -> None:
+    path = f"{tmp_path}/push.sqlite3"
+    first = PushService(Config("example.org"), Store(path))
+    first.handle(enable(), 0)
+    first.store.close()
+    second = PushService(Config("example.org"), Store(path))
+    assert second.store.schema_version() == 1
+    (push,) = second.handle(Offline(PHONE[:2], message(), "offline"), 0)
+    assert "s3cr3t" in push.xml if isinstance(push, RouteIq) else False

@@ -36,7 +36,7 @@ def free_port() -> int:
 
 
 def default_python() -> str:
-    """The project's virtual environment (made with /usr/bin/python3, so uid ejabberd can run it)."""
+    """The project's virtual environment (from /usr/bin/python3: uid ejabberd can run it)."""
     return str(ROOT / ".venv" / "bin" / "python")
 
 

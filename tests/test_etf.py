@@ -1,4 +1,4 @@
-"""The ETF codec, checked against Erlang itself (an escript speaking {packet,4}) and by properties."""
+"""The ETF codec, checked against Erlang itself (an escript on {packet,4}) and by properties."""
 
 from __future__ import annotations
 
@@ -14,8 +14,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pymod_push import etf
-from pymod_push.etf import (Atom, BitBinary, Export, Fun, HashableList, HashableMap, ImproperList,
-                            Pid, Port, Reference)
+from pymod_push.etf import (
+    Atom,
+    BitBinary,
+    Export,
+    Fun,
+    HashableList,
+    HashableMap,
+    ImproperList,
+    Pid,
+    Port,
+    Reference,
+)
 
 ORACLE = Path(__file__).with_name("etf_oracle.escript")
 

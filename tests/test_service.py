@@ -8,9 +8,21 @@ from dataclasses import replace
 import pytest
 
 from pymod_push.core.config import Config
-from pymod_push.protocol import (IqError, IqResult, Offline, PublishReply, PushIq, RouteIq,
-                                 SessionOpened, SessionPending, SessionResumed, SetPush, Stanza,
-                                 StanzaToPending, UserRemoved)
+from pymod_push.protocol import (
+    IqError,
+    IqResult,
+    Offline,
+    PublishReply,
+    PushIq,
+    RouteIq,
+    SessionOpened,
+    SessionPending,
+    SessionResumed,
+    SetPush,
+    Stanza,
+    StanzaToPending,
+    UserRemoved,
+)
 from pymod_push.service import PushService
 from pymod_push.store import Store
 

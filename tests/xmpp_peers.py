@@ -180,5 +180,5 @@ class Peers:
                 client.disconnect()
                 try:
                     await asyncio.wait_for(client.disconnected, 5)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     client.abort()

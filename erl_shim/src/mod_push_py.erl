@@ -374,8 +374,14 @@ handle_info({Port, {exit_status, Status}}, #state{port = Port, status = disabled
     ?INFO_MSG("mod_push_py: Python process exited with status ~B", [Status]),
     {noreply, State#state{port = undefined}};
 handle_info({Port, {exit_status, Status}}, #state{port = Port, backoff = Backoff} = State) ->
-    ?ERROR_MSG("mod_push_py: Python process exited with status ~B; "
-               "restarting it in ~B ms", [Status, Backoff]),
+    Hint = case State#state.status of
+               starting -> io_lib:format(" before its handshake: check that '~ts -m pymod_push' "
+                                         "runs as the ejabberd user",
+                                         [opt(State#state.host, python)]);
+               _ -> ""
+           end,
+    ?ERROR_MSG("mod_push_py: Python process exited with status ~B~ts; "
+               "restarting it in ~B ms", [Status, Hint, Backoff]),
     erlang:send_after(Backoff, self(), restart),
     {noreply, State#state{port = undefined, status = down,
                           held = State#state.batch ++ State#state.held,
@@ -465,6 +471,8 @@ push_event(Event, #state{status = up, batch = Batch} = State) ->
         true -> flush(State1);
         false -> State1
     end;
+push_event(_Event, #state{status = disabled} = State) ->
+    State;  % the version mismatch was logged; IQs get their timeout error
 push_event(Event, #state{held_len = Len, host = Host} = State) ->
     case Len < opt(Host, queue_size) of
         true ->
@@ -492,15 +500,15 @@ handle_python({hello, ?PROTOCOL_VERSION, Info}, #state{status = starting} = Stat
     Held = lists:reverse(State#state.held),
     State1 = State#state{status = up, held = [], held_len = 0, backoff = ?MIN_BACKOFF},
     lists:foldl(fun push_event/2, State1, Held);
-handle_python({hello, Version, _Info}, #state{status = starting, port = Port} = State) ->
+handle_python({hello, Version, _Info}, #state{status = starting} = State) ->
     ?ERROR_MSG("mod_push_py: protocol version mismatch on ~ts: this module speaks "
                "version ~B, the Python package at ~ts speaks ~p. Install matching "
                "versions of the Erlang module and the Python package, then "
                "restart the module. Push notifications are disabled until then.",
                [State#state.host, ?PROTOCOL_VERSION,
                 opt(State#state.host, python), Version]),
-    catch port_close(Port),
-    State#state{status = disabled, port = undefined};
+    %% Python exits by itself after its reply; that exit is not restarted.
+    State#state{status = disabled, held = [], held_len = 0};
 handle_python(Actions, #state{status = up} = State) when is_list(Actions) ->
     lists:foldl(fun execute/2, State, Actions);
 handle_python({log, _, _} = Log, State) ->  % Python may log before its hello

@@ -5,23 +5,46 @@ from __future__ import annotations
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from devtools.instance import EJABBERD_USER, Instance, default_python
+from tests.conftest import Scenario
+from tests.xmpp_peers import NS_PUSH, Peers
 
 pytestmark = pytest.mark.e2e
 
+WRONG_VERSION = b"\x83h\x03w\x05hellob\x00\x00\x03\xe7t\x00\x00\x00\x00"  # {hello, 999, #{}}
+RIGHT_VERSION = b"\x83h\x03w\x05helloa\x01t\x00\x00\x00\x00"  # {hello, 1, #{}}
 FAKE_PORT_PROGRAM = '''
 import os, struct, sys
 size, = struct.unpack(">I", os.read(0, 4))
 os.read(0, size)
-reply = b"\\x83h\\x03w\\x05hellob\\x00\\x00\\x03\\xe7t\\x00\\x00\\x00\\x00"  # {hello, 999, #{}}
+reply = {reply}
 os.write(1, struct.pack(">I", len(reply)) + reply)
-sys.exit(3)
+if {exit_after_hello}:
+    sys.exit(3)
+while os.read(0, 65536):  # read and never answer
+    pass
 '''
+
+
+def fake_python(folder: Path, reply: bytes, exit_after_hello: bool) -> str:
+    """An interpreter path whose 'python -m pymod_push' is a stand-in of ours."""
+    fake = folder / "fake" / "pymod_push"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    (fake / "__main__.py").write_text(
+        FAKE_PORT_PROGRAM.format(reply=reply, exit_after_hello=exit_after_hello))
+    wrapper = folder / "python"
+    wrapper.write_text(f"#!/bin/sh\nPYTHONPATH={folder / 'fake'} exec {default_python()} \"$@\"\n")
+    wrapper.chmod(0o755)
+    subprocess.run(["chown", "-R", EJABBERD_USER, str(folder)], check=True)
+    return str(wrapper)
 
 
 @pytest.fixture
@@ -32,6 +55,7 @@ def folder() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
+@contextmanager
 def _started(instance: Instance) -> Iterator[Instance]:
     instance.write_config()
     try:
@@ -48,7 +72,7 @@ def test_module_check_passes(ejabberd: Instance) -> None:
 
 def test_refuses_to_start_where_mod_push_is_enabled(folder: Path) -> None:
     instance = Instance(folder, modules={"mod_push": {}, "mod_push_keepalive": {}})
-    for running in _started(instance):
+    with _started(instance) as running:
         mark = running.log_mark()
         running.ctl("module_install", "mod_push_py")
         line = running.wait_for_log(r"mod_push_py is not started on localhost", mark)
@@ -63,16 +87,8 @@ def test_refuses_to_start_where_mod_push_is_enabled(folder: Path) -> None:
 
 
 def test_version_mismatch_is_logged_once_not_a_crash_loop(folder: Path) -> None:
-    fake = folder / "fake" / "pymod_push"
-    fake.mkdir(parents=True)
-    (fake / "__init__.py").write_text("")
-    (fake / "__main__.py").write_text(FAKE_PORT_PROGRAM)
-    wrapper = folder / "python"
-    wrapper.write_text(f"#!/bin/sh\nPYTHONPATH={folder / 'fake'} exec {default_python()} \"$@\"\n")
-    wrapper.chmod(0o755)
-    subprocess.run(["chown", "-R", EJABBERD_USER, str(folder)], check=True)
-    instance = Instance(folder, python=str(wrapper))
-    for running in _started(instance):
+    instance = Instance(folder, python=fake_python(folder, WRONG_VERSION, exit_after_hello=True))
+    with _started(instance) as running:
         mark = running.log_mark()
         running.ctl("module_install", "mod_push_py")
         line = running.wait_for_log(r"protocol version mismatch", mark)
@@ -81,3 +97,24 @@ def test_version_mismatch_is_logged_once_not_a_crash_loop(folder: Path) -> None:
         running.wait_for_log(r"Python process exited with status 3$", mark)
         log = running.log_file.read_text()
         assert "restarting it in" not in log
+
+
+def test_push_iq_gets_an_error_when_python_does_not_answer(folder: Path) -> None:
+    instance = Instance(folder, python=fake_python(folder, RIGHT_VERSION, exit_after_hello=False),
+                        options={"reply_timeout": 1})
+    with _started(instance) as running:
+        running.install()
+        scenario = Scenario(running)
+        alice = scenario.account("alice")
+
+        async def run(peers: Peers) -> None:
+            client = await peers.user(*alice)
+            started = time.monotonic()
+            enable = f"<enable xmlns='{NS_PUSH}' jid='push.example' node='n'/>"
+            _, condition = await client.push_iq_error(enable)
+            assert condition == "internal-server-error"
+            assert time.monotonic() - started < 10  # reply_timeout (1 s), not the client's
+            # The session was not held up meanwhile.
+            await client.plugin["xep_0030"].get_info(jid=client.boundjid.bare)
+
+        scenario.run(run)

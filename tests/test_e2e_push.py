@@ -221,3 +221,60 @@ def _wait_offline_count(scenario: Scenario, user: str, host: str, count: int) ->
 def _element(xml: str):  # type: ignore[no-untyped-def]
     import xml.etree.ElementTree as ET
     return ET.fromstring(xml)
+
+
+def test_resume_resets_the_count(scenario: Scenario) -> None:
+    alice, bob, app = scenario.account("alice"), scenario.account("bob"), scenario.account("app")
+
+    async def run(peers: Peers) -> None:
+        server = await peers.app_server(*app)
+        phone = await peers.user(*alice)
+        sender = await peers.user(*bob)
+        await phone.enable_push(server.boundjid.full, "r")
+        mark = scenario.instance.log_mark()
+        phone.drop()
+        await scenario.wait_pending(phone.boundjid.full, mark)
+        sender.send_message(mto=phone.boundjid.full, mbody="one", mtype="chat")
+        await server.wait_for("r", 1)
+
+        resumed = asyncio.get_running_loop().create_future()
+        phone.add_event_handler("session_resumed", lambda _: resumed.set_result(True),
+                                disposable=True)
+        phone.connect("127.0.0.1", phone.port)  # xep_0198 resumes the stream
+        await asyncio.wait_for(resumed, 20)
+        await asyncio.wait_for(phone.messages.get(), 10)  # "one", redelivered
+
+        mark = scenario.instance.log_mark()
+        phone.drop()
+        await scenario.wait_pending(phone.boundjid.full, mark)
+        sender.send_message(mto=phone.boundjid.full, mbody="two", mtype="chat")
+        pushes = await server.wait_for("r", 2)
+        assert [p.summary["message-count"] for p in pushes] == ["1", "1"]
+
+    scenario.run(run)
+
+
+def test_app_server_errors_disable_the_registration(scenario: Scenario) -> None:
+    alice, bob, app = scenario.account("alice"), scenario.account("bob"), scenario.account("app")
+
+    async def run(peers: Peers) -> None:
+        server = await peers.app_server(*app)
+        server.errors["bad"] = ("cancel", "item-not-found")
+        phone = await peers.user(*alice)
+        sender = await peers.user(*bob)
+        await phone.enable_push(server.boundjid.full, "bad")
+        await phone.enable_push(server.boundjid.full, "witness")
+        mark = scenario.instance.log_mark()
+        phone.drop()
+        await scenario.wait_pending(phone.boundjid.full, mark)
+        for n in range(3):  # max_publish_errors defaults to 3
+            sender.send_message(mto=phone.boundjid.full, mbody=f"m{n}", mtype="chat")
+        await server.wait_for("witness", 3)
+        await asyncio.to_thread(scenario.instance.wait_for_log,
+                                rf"push disabled for {phone.boundjid.user}/.* after 3 errors", mark)
+        sender.send_message(mto=phone.boundjid.full, mbody="after", mtype="chat")
+        await server.wait_for("witness", 4)
+        # "bad" was enabled first, so a push to it would have been routed before the witness's.
+        assert len(server.received["bad"]) == 3
+
+    scenario.run(run)

@@ -14,7 +14,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from devtools.instance import Instance  # noqa: E402
-from tests.xmpp_peers import Peers  # noqa: E402
+from tests.xmpp_peers import AppServer, Client, Peers  # noqa: E402
 
 _names = itertools.count(1)
 
@@ -70,10 +70,18 @@ class Scenario:
 
         asyncio.run(main())
 
-    async def wait_pending(self, jid: str, mark: int) -> None:
-        """Wait until the server has the push session of ``jid`` (full JID) pending."""
+    async def cast(self, peers: Peers) -> tuple[AppServer, Client, Client]:
+        """An external app server, a push user and someone who writes to the user, online."""
+        app, alice, bob = await asyncio.to_thread(
+            lambda: [self.account(prefix) for prefix in ("app", "alice", "bob")])
+        return await peers.app_server(*app), await peers.user(*alice), await peers.user(*bob)
+
+    async def go_pending(self, client: Client) -> None:
+        """Drop the client's TCP connection and wait until the server has its session pending."""
+        mark = self.instance.log_mark()
+        client.drop()
         await asyncio.to_thread(self.instance.wait_for_log,
-                                rf"push session {jid} is pending", mark)
+                                rf"push session {client.boundjid.full} is pending", mark)
 
 
 @pytest.fixture

@@ -48,16 +48,11 @@ def test_bad_push_iqs_get_errors(scenario: Scenario) -> None:
 
 
 def test_pending_client_gets_counted_pushes_with_publish_options(scenario: Scenario) -> None:
-    alice, bob, app = scenario.account("alice"), scenario.account("bob"), scenario.account("app")
 
     async def run(peers: Peers) -> None:
-        server = await peers.app_server(*app)
-        phone = await peers.user(*alice)
-        sender = await peers.user(*bob)
+        server, phone, sender = await scenario.cast(peers)
         await phone.enable_push(server.boundjid.full, "node-1", secret="s3cr3t")
-        mark = scenario.instance.log_mark()
-        phone.drop()
-        await scenario.wait_pending(phone.boundjid.full, mark)
+        await scenario.go_pending(phone)
 
         sender.send_message(mto=phone.boundjid.bare, mbody="hello", mtype="chat")
         first, = await server.wait_for("node-1", 1)
@@ -76,18 +71,13 @@ def test_pending_client_gets_counted_pushes_with_publish_options(scenario: Scena
 
 
 def test_no_push_while_online_nor_for_chat_states(scenario: Scenario) -> None:
-    alice, bob, app = scenario.account("alice"), scenario.account("bob"), scenario.account("app")
 
     async def run(peers: Peers) -> None:
-        server = await peers.app_server(*app)
-        phone = await peers.user(*alice)
-        sender = await peers.user(*bob)
+        server, phone, sender = await scenario.cast(peers)
         await phone.enable_push(server.boundjid.full, "n")
         sender.send_message(mto=phone.boundjid.full, mbody="while online", mtype="chat")
         await asyncio.wait_for(phone.messages.get(), 10)  # delivered, so handled
-        mark = scenario.instance.log_mark()
-        phone.drop()
-        await scenario.wait_pending(phone.boundjid.full, mark)
+        await scenario.go_pending(phone)
 
         composing = sender.make_message(mto=phone.boundjid.full, mtype="chat")
         composing.append(_element("<composing xmlns='http://jabber.org/protocol/chatstates'/>"))
@@ -103,12 +93,9 @@ def test_no_push_while_online_nor_for_chat_states(scenario: Scenario) -> None:
 
 
 def test_offline_client_gets_a_push(scenario: Scenario) -> None:
-    alice, bob, app = scenario.account("alice"), scenario.account("bob"), scenario.account("app")
 
     async def run(peers: Peers) -> None:
-        server = await peers.app_server(*app)
-        phone = await peers.user(*alice)
-        sender = await peers.user(*bob)
+        server, phone, sender = await scenario.cast(peers)
         await phone.enable_push(server.boundjid.full, "offline-node")
         await phone.go_offline()
         sender.send_message(mto=phone.boundjid.bare, mbody="are you there?", mtype="chat")
@@ -121,16 +108,11 @@ def test_offline_client_gets_a_push(scenario: Scenario) -> None:
 
 
 def test_subscription_request_pushes(scenario: Scenario) -> None:
-    alice, bob, app = scenario.account("alice"), scenario.account("bob"), scenario.account("app")
 
     async def run(peers: Peers) -> None:
-        server = await peers.app_server(*app)
-        phone = await peers.user(*alice)
-        sender = await peers.user(*bob)
+        server, phone, sender = await scenario.cast(peers)
         await phone.enable_push(server.boundjid.full, "sub-node")
-        mark = scenario.instance.log_mark()
-        phone.drop()
-        await scenario.wait_pending(phone.boundjid.full, mark)
+        await scenario.go_pending(phone)
         sender.send_presence(pto=phone.boundjid.bare, ptype="subscribe")
         push, = await server.wait_for("sub-node", 1)
         assert push.summary["pending-subscription-count"] == "1"
@@ -140,18 +122,13 @@ def test_subscription_request_pushes(scenario: Scenario) -> None:
 
 
 def test_disable_stops_pushes(scenario: Scenario) -> None:
-    alice, bob, app = scenario.account("alice"), scenario.account("bob"), scenario.account("app")
 
     async def run(peers: Peers) -> None:
-        server = await peers.app_server(*app)
-        phone = await peers.user(*alice)
-        sender = await peers.user(*bob)
+        server, phone, sender = await scenario.cast(peers)
         await phone.enable_push(server.boundjid.full, "gone")
         await phone.enable_push(server.boundjid.full, "kept")
         await phone.disable_push(server.boundjid.full, "gone")
-        mark = scenario.instance.log_mark()
-        phone.drop()
-        await scenario.wait_pending(phone.boundjid.full, mark)
+        await scenario.go_pending(phone)
         sender.send_message(mto=phone.boundjid.full, mbody="one", mtype="chat")
         await server.wait_for("kept", 1)
         # "gone" was enabled first: its push would have been routed before "kept"'s.
@@ -161,21 +138,16 @@ def test_disable_stops_pushes(scenario: Scenario) -> None:
 
 
 def test_disable_everything_ends_push_for_the_session(scenario: Scenario) -> None:
-    alice, bob, app = scenario.account("alice"), scenario.account("bob"), scenario.account("app")
     other_app = scenario.account("app")
 
     async def run(peers: Peers) -> None:
-        server = await peers.app_server(*app)
+        server, phone, sender = await scenario.cast(peers)
         witness = await peers.app_server(*other_app)
-        phone = await peers.user(*alice)
-        sender = await peers.user(*bob)
         await phone.enable_push(server.boundjid.full, "a")
         await phone.enable_push(server.boundjid.full, "b")
         await phone.disable_push(server.boundjid.full)  # all nodes at that app server
         await phone.enable_push(witness.boundjid.full, "w")
-        mark = scenario.instance.log_mark()
-        phone.drop()
-        await scenario.wait_pending(phone.boundjid.full, mark)
+        await scenario.go_pending(phone)
         sender.send_message(mto=phone.boundjid.full, mbody="one", mtype="chat")
         await witness.wait_for("w", 1)
         assert server.received == {}
@@ -185,16 +157,11 @@ def test_disable_everything_ends_push_for_the_session(scenario: Scenario) -> Non
 
 def test_one_push_per_message_across_the_resume_timeout(short_timeout: Scenario) -> None:
     scenario = short_timeout
-    alice, bob, app = scenario.account("alice"), scenario.account("bob"), scenario.account("app")
 
     async def run(peers: Peers) -> None:
-        server = await peers.app_server(*app)
-        phone = await peers.user(*alice)
-        sender = await peers.user(*bob)
+        server, phone, sender = await scenario.cast(peers)
         await phone.enable_push(server.boundjid.full, "t")
-        mark = scenario.instance.log_mark()
-        phone.drop()
-        await scenario.wait_pending(phone.boundjid.full, mark)
+        await scenario.go_pending(phone)
         sender.send_message(mto=phone.boundjid.bare, mbody="before the timeout", mtype="chat")
         await server.wait_for("t", 1)
         # The session times out (2 s) and ejabberd moves the message to offline storage.
@@ -224,16 +191,11 @@ def _element(xml: str):  # type: ignore[no-untyped-def]
 
 
 def test_resume_resets_the_count(scenario: Scenario) -> None:
-    alice, bob, app = scenario.account("alice"), scenario.account("bob"), scenario.account("app")
 
     async def run(peers: Peers) -> None:
-        server = await peers.app_server(*app)
-        phone = await peers.user(*alice)
-        sender = await peers.user(*bob)
+        server, phone, sender = await scenario.cast(peers)
         await phone.enable_push(server.boundjid.full, "r")
-        mark = scenario.instance.log_mark()
-        phone.drop()
-        await scenario.wait_pending(phone.boundjid.full, mark)
+        await scenario.go_pending(phone)
         sender.send_message(mto=phone.boundjid.full, mbody="one", mtype="chat")
         await server.wait_for("r", 1)
 
@@ -244,9 +206,7 @@ def test_resume_resets_the_count(scenario: Scenario) -> None:
         await asyncio.wait_for(resumed, 20)
         await asyncio.wait_for(phone.messages.get(), 10)  # "one", redelivered
 
-        mark = scenario.instance.log_mark()
-        phone.drop()
-        await scenario.wait_pending(phone.boundjid.full, mark)
+        await scenario.go_pending(phone)
         sender.send_message(mto=phone.boundjid.full, mbody="two", mtype="chat")
         pushes = await server.wait_for("r", 2)
         assert [p.summary["message-count"] for p in pushes] == ["1", "1"]
@@ -255,18 +215,14 @@ def test_resume_resets_the_count(scenario: Scenario) -> None:
 
 
 def test_app_server_errors_disable_the_registration(scenario: Scenario) -> None:
-    alice, bob, app = scenario.account("alice"), scenario.account("bob"), scenario.account("app")
 
     async def run(peers: Peers) -> None:
-        server = await peers.app_server(*app)
+        server, phone, sender = await scenario.cast(peers)
         server.errors["bad"] = ("cancel", "item-not-found")
-        phone = await peers.user(*alice)
-        sender = await peers.user(*bob)
         await phone.enable_push(server.boundjid.full, "bad")
         await phone.enable_push(server.boundjid.full, "witness")
+        await scenario.go_pending(phone)
         mark = scenario.instance.log_mark()
-        phone.drop()
-        await scenario.wait_pending(phone.boundjid.full, mark)
         for n in range(3):  # max_publish_errors defaults to 3
             sender.send_message(mto=phone.boundjid.full, mbody=f"m{n}", mtype="chat")
         await server.wait_for("witness", 3)

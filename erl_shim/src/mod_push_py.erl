@@ -83,34 +83,27 @@ reload(Host, NewOpts, _OldOpts) ->
 depends(_Host, _Opts) ->
     [{mod_stream_mgmt, soft}, {mod_offline, soft}].
 
+%% {Hook, Function, Sequence}: offline_message runs after mod_mam (49) and
+%% mod_offline (50) have tagged the message.
+hooks() ->
+    [{disco_sm_features, disco_sm_features, 50},
+     {c2s_session_pending, c2s_session_pending, 50},
+     {c2s_session_resumed, c2s_session_resumed, 50},
+     {c2s_copy_session, c2s_copy_session, 50},
+     {c2s_handle_cast, c2s_handle_cast, 50},
+     {c2s_handle_send, c2s_handle_send, 50},
+     {sm_register_connection_hook, sm_register_connection_hook, 50},
+     {offline_message_hook, offline_message, 55},
+     {store_mam_message, mam_message, 50},
+     {remove_user, remove_user, 50}].
+
 register_handlers(Host) ->
     gen_iq_handler:add_iq_handler(ejabberd_sm, Host, ?NS_PUSH_0, ?MODULE, process_iq),
-    ejabberd_hooks:add(disco_sm_features, Host, ?MODULE, disco_sm_features, 50),
-    ejabberd_hooks:add(c2s_session_pending, Host, ?MODULE, c2s_session_pending, 50),
-    ejabberd_hooks:add(c2s_session_resumed, Host, ?MODULE, c2s_session_resumed, 50),
-    ejabberd_hooks:add(c2s_copy_session, Host, ?MODULE, c2s_copy_session, 50),
-    ejabberd_hooks:add(c2s_handle_cast, Host, ?MODULE, c2s_handle_cast, 50),
-    ejabberd_hooks:add(c2s_handle_send, Host, ?MODULE, c2s_handle_send, 50),
-    ejabberd_hooks:add(sm_register_connection_hook, Host, ?MODULE,
-                       sm_register_connection_hook, 50),
-    %% After mod_mam (49) and mod_offline (50) have tagged the message.
-    ejabberd_hooks:add(offline_message_hook, Host, ?MODULE, offline_message, 55),
-    ejabberd_hooks:add(store_mam_message, Host, ?MODULE, mam_message, 50),
-    ejabberd_hooks:add(remove_user, Host, ?MODULE, remove_user, 50).
+    [ejabberd_hooks:add(Hook, Host, ?MODULE, Fun, Seq) || {Hook, Fun, Seq} <- hooks()].
 
 unregister_handlers(Host) ->
     gen_iq_handler:remove_iq_handler(ejabberd_sm, Host, ?NS_PUSH_0),
-    ejabberd_hooks:delete(disco_sm_features, Host, ?MODULE, disco_sm_features, 50),
-    ejabberd_hooks:delete(c2s_session_pending, Host, ?MODULE, c2s_session_pending, 50),
-    ejabberd_hooks:delete(c2s_session_resumed, Host, ?MODULE, c2s_session_resumed, 50),
-    ejabberd_hooks:delete(c2s_copy_session, Host, ?MODULE, c2s_copy_session, 50),
-    ejabberd_hooks:delete(c2s_handle_cast, Host, ?MODULE, c2s_handle_cast, 50),
-    ejabberd_hooks:delete(c2s_handle_send, Host, ?MODULE, c2s_handle_send, 50),
-    ejabberd_hooks:delete(sm_register_connection_hook, Host, ?MODULE,
-                          sm_register_connection_hook, 50),
-    ejabberd_hooks:delete(offline_message_hook, Host, ?MODULE, offline_message, 55),
-    ejabberd_hooks:delete(store_mam_message, Host, ?MODULE, mam_message, 50),
-    ejabberd_hooks:delete(remove_user, Host, ?MODULE, remove_user, 50).
+    [ejabberd_hooks:delete(Hook, Host, ?MODULE, Fun, Seq) || {Hook, Fun, Seq} <- hooks()].
 
 mod_push_configured(Host) ->
     gen_mod:is_loaded(Host, mod_push)
@@ -320,8 +313,12 @@ describe(Pkt) ->
                #message{body = B} -> xmpp:get_text(B);
                _ -> <<>>
            end,
-    {element(1, Pkt), jid:encode(xmpp:get_from(Pkt)), xmpp:get_id(Pkt),
-     xmpp:get_type(Pkt), Body, fxml:element_to_binary(xmpp:encode(Pkt))}.
+    From = case xmpp:get_from(Pkt) of
+               #jid{} = JID -> jid:encode(JID);
+               undefined -> <<>>
+           end,
+    {element(1, Pkt), From, xmpp:get_id(Pkt), xmpp:get_type(Pkt), Body,
+     fxml:element_to_binary(xmpp:encode(Pkt))}.
 
 session_key(#{user := U, server := S, resource := R}) ->
     jid:tolower({U, S, R}).

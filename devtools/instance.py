@@ -139,14 +139,13 @@ class Instance:
         self.ctl("start")
         self.ctl("started", timeout=120)
         if install:
-            if "mod_push_py" in self.ctl("modules_installed"):
-                self.wait_ready()
-            else:
-                self.install()
+            self.install()
 
     def install(self) -> None:
+        """module_install, or module_upgrade (working-tree changes) when already installed."""
         mark = self.log_mark()
-        self.ctl("module_install", "mod_push_py")
+        installed = "mod_push_py" in self.ctl("modules_installed")
+        self.ctl("module_upgrade" if installed else "module_install", "mod_push_py")
         self.wait_ready(mark)
 
     def wait_ready(self, mark: int = 0) -> None:

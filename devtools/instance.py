@@ -49,6 +49,7 @@ class Instance:
     c2s_port: int = 0
     dist_port: int = 0
     modules: dict[str, Any] = field(default_factory=dict)
+    extra_config: dict[str, Any] = field(default_factory=dict)  # acl, access_rules, ...
     python: str = field(default_factory=default_python)
 
     def __post_init__(self) -> None:
@@ -95,6 +96,7 @@ class Instance:
             "auth_method": "internal",
             "acl": {"local": {"user_regexp": ""}},
             "modules": modules,
+            **self.extra_config,
         }
         (self.folder / "ejabberd.yml").write_text(yaml.safe_dump(config, sort_keys=False))
         self._stage_module_sources()

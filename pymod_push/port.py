@@ -14,9 +14,11 @@ import platform
 import struct
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any, BinaryIO
 
 from . import __version__, etf
+from .appservice import Delivery
 from .core.config import Config
 from .protocol import (
     PROTOCOL_VERSION,
@@ -28,6 +30,7 @@ from .protocol import (
     parse_event,
     parse_hello,
 )
+from .providers.dispatch import Dispatcher
 from .service import PushService
 from .store import Store
 
@@ -89,10 +92,12 @@ class PortApp:
         self.service: PushService | None = None
         self._store: Store | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._dispatcher: Dispatcher | None = None
         self.events_handled = 0
 
     def on_frames(self, frames: list[bytes]) -> None:
         actions: list[Action] = []
+        deliveries: list[Delivery] = []
         for payload in frames:
             try:
                 term = etf.decode(payload)
@@ -103,8 +108,15 @@ class PortApp:
                 self._hello(term)
                 continue
             for item in term if isinstance(term, list) else [term]:
-                actions += self._handle(item)
+                for result in self._handle(item):
+                    if isinstance(result, Delivery):
+                        deliveries.append(result)
+                    else:
+                        actions.append(result)
         self._flush(actions)
+        for delivery in deliveries:  # after the commit: the publish was answered first
+            assert self._dispatcher is not None
+            self._dispatcher.submit(delivery)
 
     def _hello(self, term: Any) -> None:
         hello = parse_hello(term)
@@ -118,11 +130,17 @@ class PortApp:
         config = Config.from_options(hello.host, hello.options)
         self._store = Store(config.db_file)
         self.service = PushService(config, self._store)
+        self._dispatcher = Dispatcher(config, self._device_gone)
         self._write(frame(hello_reply(info)))
         log.info("ready for %s (pymod_push %s, database %s)", hello.host, __version__,
                  config.db_file)
 
-    def _handle(self, term: Any) -> list[Action]:
+    def _device_gone(self, node: str) -> None:
+        if self._store is not None:
+            self._store.remove_device(node)
+            self._store.commit()
+
+    def _handle(self, term: Any) -> Sequence[Action | Delivery]:
         assert self.service is not None
         try:
             event = parse_event(term)
@@ -159,7 +177,9 @@ class PortApp:
         assert self.service is not None
         self._flush(self.service.tick(time.monotonic()))
 
-    def close(self) -> None:
+    async def aclose(self) -> None:
+        if self._dispatcher is not None:
+            await self._dispatcher.close()
         if self._store is not None:
             self._store.close()
 
@@ -208,7 +228,7 @@ async def serve(stdin: BinaryIO, out_fd: int) -> None:
         await done
     finally:
         transport.close()
-        app.close()
+        await app.aclose()
         logging.getLogger().removeHandler(handler)
 
 

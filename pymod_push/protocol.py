@@ -97,9 +97,17 @@ class PublishReply:
     condition: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class AppServerIq:
+    """An IQ for the built-in app server (its pubsub or registration host)."""
+
+    allowed: bool  # the sender passes the access_backends rule
+    xml: bytes
+
+
 Event = (
     SessionPending | SessionResumed | SessionOpened | StanzaToPending | Offline | UserRemoved
-    | PushIq | PublishReply
+    | PushIq | PublishReply | AppServerIq
 )
 
 
@@ -159,6 +167,9 @@ def parse_event(term: Any) -> Event:
             ref, sender, to, iq_type, lang, xml = args
             return PushIq(ref, _session(sender), _session(to), str(iq_type), _text(lang),
                           bytes(xml))
+        if tag == "app_server_iq":
+            allowed, xml = args
+            return AppServerIq(allowed is True, bytes(xml))
         if tag == "iq_reply":
             ref, outcome = args
             if isinstance(outcome, tuple):
@@ -205,12 +216,19 @@ class SetPush:
 
 
 @dataclass(frozen=True, slots=True)
+class Route:
+    """Route a stanza (an answer of the app server) as it is."""
+
+    xml: str
+
+
+@dataclass(frozen=True, slots=True)
 class Log:
     level: str  # debug | info | notice | warning | error | critical
     text: str
 
 
-Action = IqResult | IqError | RouteIq | SetPush | Log
+Action = IqResult | IqError | RouteIq | SetPush | Route | Log
 
 
 def action_term(action: Action) -> tuple[Any, ...]:
@@ -225,6 +243,8 @@ def action_term(action: Action) -> tuple[Any, ...]:
         case SetPush(session, timeout):
             return (_A("set_push"), tuple(p.encode() for p in session),
                     False if timeout is None else timeout)
+        case Route(xml):
+            return (_A("route"), xml.encode())
         case Log(level, text):
             return (_A("log"), _A(level), text.encode())
     raise TypeError(f"not an action: {action!r}")

@@ -11,8 +11,10 @@ import heapq
 import itertools
 import logging
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .appservice import AppServer, Delivery
 from .core.config import Config
 from .core.notify import (
     Counts,
@@ -26,6 +28,7 @@ from .core.notify import (
 from .core.xep0357 import Disable, Enable, RequestError, parse_push_request, publish_iq
 from .protocol import (
     Action,
+    AppServerIq,
     Event,
     IqError,
     IqResult,
@@ -69,10 +72,13 @@ class PushService:
         # Messages already pushed per registration, so that the same message
         # re-routed to offline storage or the archive does not push again.
         self._seen: dict[RegistrationKey, OrderedDict[bytes, None]] = {}
+        self.app_server = AppServer(config, store)
 
     # ------------------------------------------------------------------ dispatch
-    def handle(self, event: Event, now: float) -> list[Action]:
+    def handle(self, event: Event, now: float) -> Sequence[Action | Delivery]:
         match event:
+            case AppServerIq(allowed, xml):
+                return self.app_server.handle(allowed, xml)
             case StanzaToPending(session, stanza):
                 return self._notify(self.store.for_session(session), stanza)
             case Offline(user, stanza):

@@ -33,6 +33,25 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX registrations_by_session ON registrations (user, server, resource);
     """,
+    # version 2: the built-in app server's device registrations
+    """
+    CREATE TABLE devices (
+        node TEXT PRIMARY KEY,
+        secret TEXT NOT NULL,
+        user TEXT NOT NULL,
+        device_id TEXT NOT NULL,
+        device_name TEXT NOT NULL DEFAULT '',
+        provider TEXT NOT NULL,
+        app_name TEXT NOT NULL,
+        pubsub_host TEXT NOT NULL,
+        token TEXT NOT NULL,
+        application_id TEXT NOT NULL DEFAULT '',
+        p256dh TEXT NOT NULL DEFAULT '',
+        auth TEXT NOT NULL DEFAULT '',
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX devices_by_user ON devices (user, device_id);
+    """,
 )
 
 
@@ -57,6 +76,26 @@ class Registration:
         return (self.user, self.server, self.resource)
 
 
+@dataclass(slots=True)
+class Device:
+    """A device registered at the built-in app server."""
+
+    node: str
+    secret: str
+    user: str  # bare JID
+    device_id: str
+    device_name: str
+    provider: str  # apns | fcm | webpush | ubuntu | wns
+    app_name: str
+    pubsub_host: str
+    token: str
+    application_id: str = ""
+    p256dh: str = ""
+    auth: str = ""
+
+
+_DEVICE_COLUMNS = ("node, secret, user, device_id, device_name, provider, app_name, "
+                   "pubsub_host, token, application_id, p256dh, auth")
 _COLUMNS = ("user, server, resource, push_jid, node, publish_options, errors, "
             "message_count, subscription_count")
 
@@ -142,6 +181,42 @@ class Store:
         self.db.execute(
             "UPDATE registrations SET message_count=0, subscription_count=0 WHERE user=? "
             "AND server=? AND resource=? AND (message_count>0 OR subscription_count>0)", session)
+
+    # ------------------------------------------------------------- devices
+    def add_device(self, device: Device) -> list[str]:
+        """Store a device; an earlier registration of the same device and provider is
+        replaced. Returns the nodes it replaced."""
+        replaced = [row[0] for row in self.db.execute(
+            "SELECT node FROM devices WHERE user=? AND device_id=? AND provider=? AND app_name=?",
+            (device.user, device.device_id, device.provider, device.app_name))]
+        self.db.executemany("DELETE FROM devices WHERE node=?", [(n,) for n in replaced])
+        self.db.execute(f"INSERT INTO devices ({_DEVICE_COLUMNS}, created_at) VALUES "
+                        "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (device.node, device.secret, device.user, device.device_id,
+                         device.device_name, device.provider, device.app_name,
+                         device.pubsub_host, device.token, device.application_id,
+                         device.p256dh, device.auth, time.time()))
+        return replaced
+
+    def device(self, node: str) -> Device | None:
+        row = self.db.execute(f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE node=?",
+                              (node,)).fetchone()
+        return Device(*row) if row else None
+
+    def devices_of(self, user: str) -> list[Device]:
+        return [Device(*row) for row in self.db.execute(
+            f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE user=? ORDER BY rowid", (user,))]
+
+    def remove_devices(self, user: str, nodes: list[str] | None = None,
+                       device_id: str | None = None) -> list[str]:
+        """Remove a user's devices by node list, else by device id; the removed nodes."""
+        removed = [d.node for d in self.devices_of(user)
+                   if (d.node in nodes if nodes is not None else d.device_id == device_id)]
+        self.db.executemany("DELETE FROM devices WHERE node=?", [(n,) for n in removed])
+        return removed
+
+    def remove_device(self, node: str) -> None:
+        self.db.execute("DELETE FROM devices WHERE node=?", (node,))
 
     def set_errors(self, key: tuple[str, str, str, str], errors: int) -> None:
         self.db.execute("UPDATE registrations SET errors=? WHERE user=? AND server=? "

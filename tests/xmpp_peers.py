@@ -8,6 +8,7 @@ import struct
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from typing import Any
+from xml.sax.saxutils import escape, quoteattr
 
 from slixmpp import ClientXMPP
 from slixmpp.exceptions import IqError
@@ -18,6 +19,7 @@ NS_PUSH = "urn:xmpp:push:0"
 NS_DATA = "jabber:x:data"
 NS_PUBSUB = "http://jabber.org/protocol/pubsub"
 PUBLISH_OPTIONS = "http://jabber.org/protocol/pubsub#publish-options"
+NS_COMMANDS = "http://jabber.org/protocol/commands"
 TIMEOUT = 20.0
 
 
@@ -78,6 +80,22 @@ class Client(ClientXMPP):
             return exc.iq["error"]["type"], exc.iq["error"]["condition"]
         raise AssertionError("the server accepted an IQ it should have refused")
 
+    async def command(self, to: str, node: str,
+                      fields: dict[str, str | list[str]] | None = None) -> ET.Element:
+        """Execute an ad-hoc command in one stage; the <command/> of the result."""
+        form = ""
+        if fields is not None:
+            form = f"<x xmlns='{NS_DATA}' type='submit'>" + "".join(
+                f"<field var={quoteattr(var)}>"
+                + "".join(f"<value>{escape(v)}</value>"
+                          for v in ([value] if isinstance(value, str) else value))
+                + "</field>" for var, value in fields.items()) + "</x>"
+        result = await self.push_iq(f"<command xmlns='{NS_COMMANDS}' node={quoteattr(node)} "
+                                    f"action='execute'>{form}</command>", to=to)
+        command = result.xml.find(f"{{{NS_COMMANDS}}}command")
+        assert command is not None
+        return command
+
     def drop(self) -> None:
         """Lose the TCP connection without </stream>: the session becomes pending."""
         assert self.transport is not None
@@ -109,6 +127,14 @@ class Publish:
         form = publish.find(f"{{{NS_PUBSUB}}}item/{{{NS_PUSH}}}notification/{{{NS_DATA}}}x")
         options = pubsub.find(f"{{{NS_PUBSUB}}}publish-options/{{{NS_DATA}}}x")
         return cls(iq.get("from", ""), publish.get("node", ""), _fields(form), _fields(options))
+
+
+def form_fields(form: ET.Element | None) -> dict[str, list[str]]:
+    """Every field of a data form with all its values."""
+    if form is None:
+        return {}
+    return {f.get("var", ""): [v.text or "" for v in f.findall(f"{{{NS_DATA}}}value")]
+            for f in form.findall(f"{{{NS_DATA}}}field")}
 
 
 def _fields(form: ET.Element | None) -> dict[str, str]:

@@ -18,7 +18,7 @@
 -export([start/2, stop/1, reload/3, depends/2,
          mod_options/1, mod_opt_type/1, mod_doc/0]).
 %% hooks and the IQ handler
--export([process_iq/1, disco_sm_features/5,
+-export([process_iq/1, disco_sm_features/5, user_send_packet/1, adhoc_local_items/4,
          c2s_session_pending/1, c2s_session_resumed/1, c2s_copy_session/2,
          c2s_handle_cast/2, c2s_handle_send/3,
          sm_register_connection_hook/3, offline_message/1, mam_message/7,
@@ -95,7 +95,10 @@ hooks() ->
      {sm_register_connection_hook, sm_register_connection_hook, 50},
      {offline_message_hook, offline_message, 55},
      {store_mam_message, mam_message, 50},
-     {remove_user, remove_user, 50}].
+     {remove_user, remove_user, 50},
+     %% The app server's commands when its register_host is this host.
+     {user_send_packet, user_send_packet, 50},
+     {adhoc_local_items, adhoc_local_items, 50}].
 
 register_handlers(Host) ->
     gen_iq_handler:add_iq_handler(ejabberd_sm, Host, ?NS_PUSH_0, ?MODULE, process_iq),
@@ -127,7 +130,56 @@ mod_opt_type(notify_on) -> econf:enum([messages, all]);
 mod_opt_type(max_publish_errors) -> econf:pos_int();
 mod_opt_type(retry_delays) -> econf:list(econf:timeout(second));
 mod_opt_type(db_file) -> econf:either(auto, econf:binary());
-mod_opt_type(queue_size) -> econf:pos_int().
+mod_opt_type(queue_size) -> econf:pos_int();
+mod_opt_type(certfile) -> econf:either(undefined, econf:file(read));
+mod_opt_type(access_backends) -> econf:acl();
+mod_opt_type(backends) ->
+    econf:list(
+      econf:and_then(
+        econf:options(
+          #{type => econf:enum([apns, fcm, gcm, webpush, mozilla, ubuntu, wns]),
+            app_name => econf:binary(),
+            register_host => econf:domain(),
+            pubsub_host => econf:domain(),
+            certfile => econf:file(read),
+            auth_key => econf:binary(),
+            package_sid => econf:binary(),
+            topic => econf:binary(),
+            key_file => econf:file(read),
+            key_id => econf:binary(),
+            team_id => econf:binary(),
+            sandbox => econf:bool(),
+            service_account_file => econf:file(read),
+            project_id => econf:binary(),
+            vapid_private_key_file => econf:file(read),
+            vapid_subject => econf:binary(),
+            endpoint => econf:url(),
+            cafile => econf:file(read)},
+          [{required, [type, register_host, pubsub_host]}, {return, map}, unique]),
+        fun check_backend/1)).
+
+%% What each provider needs besides the common options; 'app_name: any' is only
+%% for types that need no developer credentials.
+check_backend(#{type := Type} = Backend) ->
+    Needed = case Type of
+                 apns -> case maps:is_key(key_file, Backend) of
+                             true -> [key_id, team_id];
+                             false -> []  % certificate auth: certfile here or global
+                         end;
+                 fcm -> [service_account_file];
+                 gcm -> [service_account_file];
+                 wns -> [auth_key, package_sid];
+                 _ -> []
+             end,
+    Credentials = lists:member(Type, [apns, fcm, gcm, wns]),
+    Needed1 = case Credentials andalso maps:get(app_name, Backend, <<"any">>) == <<"any">> of
+                  true -> [app_name | Needed];
+                  false -> Needed
+              end,
+    case [Opt || Opt <- Needed1, not maps:is_key(Opt, Backend)] of
+        [] -> maps:merge(#{app_name => <<"any">>}, Backend);
+        [Missing | _] -> yconf:fail(yconf, {missing_option, Missing})
+    end.
 
 mod_options(_Host) ->
     [{python, <<"/usr/bin/python3">>},
@@ -142,7 +194,10 @@ mod_options(_Host) ->
      {max_publish_errors, 3},
      {retry_delays, [timer:seconds(5), timer:seconds(30), timer:minutes(5)]},
      {db_file, auto},
-     {queue_size, 10000}].
+     {queue_size, 10000},
+     {certfile, undefined},
+     {access_backends, all},
+     {backends, []}].
 
 mod_doc() ->
     #{desc =>
@@ -300,6 +355,65 @@ mam_message(#message{} = Pkt, LUser, LServer, _Peer, _Nick, chat, recv) ->
 mam_message(Pkt, _LUser, _LServer, _Peer, _Nick, _Type, _Dir) ->
     Pkt.
 
+%% Ad-hoc commands of the app server on the server's own host: ejabberd has one
+%% handler per namespace (mod_adhoc's), so ours are taken out of the sender's
+%% stream here and answered by Python, without making the session wait.
+user_send_packet({#iq{type = set, lang = Lang,
+                      to = #jid{luser = <<>>, lresource = <<>>, lserver = LServer}} = IQ,
+                  #{lserver := LServer} = State} = Acc) ->
+    try xmpp:get_subtag(IQ, #adhoc_command{}) of
+        #adhoc_command{node = Node} ->
+            case lists:keymember(Node, 1, own_host_commands(LServer, Lang)) of
+                true -> gen_server:cast(proc(LServer), {route, IQ}), {drop, State};
+                false -> Acc
+            end;
+        false -> Acc
+    catch _:{xmpp_codec, _} -> Acc
+    end;
+user_send_packet(Acc) ->
+    Acc.
+
+adhoc_local_items(Acc, _From, #jid{lserver = LServer} = To, Lang) ->
+    case own_host_commands(LServer, Lang) of
+        [] -> Acc;
+        Commands ->
+            Items = [#disco_item{jid = To, node = Node, name = Name} || {Node, Name} <- Commands],
+            case Acc of
+                {result, Old} -> {result, Old ++ Items};
+                _ -> {result, Items}
+            end
+    end.
+
+%% {Node, Name} of the app server's commands served on Host itself.
+own_host_commands(Host, _Lang) ->
+    Backends = [B || #{register_host := R} = B <- opt(Host, backends), R == Host],
+    case Backends of
+        [] -> [];
+        _ ->
+            Types = lists:usort([command_type(T) || #{type := T} <- Backends]),
+            Apps = fun(Group) ->
+                           Names = [N || #{type := T, app_name := N} <- Backends,
+                                         command_type(T) == Group],
+                           lists:join(<<", ">>, lists:usort(Names))
+                   end,
+            [{<<"register-push-", Alias/binary>>,
+              iolist_to_binary([<<"Register at ">>, Label, <<" (">>, Apps(Group), <<")">>])}
+             || Group <- Types, {Alias, Label} <- command_aliases(Group)]
+                ++ [{<<"list-push-registrations">>, <<"List push registrations">>},
+                    {<<"unregister-push">>, <<"Unregister push devices">>}]
+    end.
+
+command_type(gcm) -> fcm;
+command_type(mozilla) -> webpush;
+command_type(Type) -> Type.
+
+command_aliases(apns) -> [{<<"apns">>, <<"APNs">>}];
+command_aliases(fcm) -> [{<<"fcm">>, <<"FCM">>}, {<<"gcm">>, <<"FCM (gcm)">>}];
+command_aliases(webpush) -> [{<<"webpush">>, <<"Web Push">>},
+                             {<<"mozilla">>, <<"Web Push (mozilla)">>}];
+command_aliases(ubuntu) -> [{<<"ubuntu">>, <<"Ubuntu Push">>}];
+command_aliases(wns) -> [{<<"wns">>, <<"WNS">>}].
+
 remove_user(LUser, LServer) ->
     send_event(LServer, {user_removed, {LUser, LServer}}).
 
@@ -340,7 +454,13 @@ start_link(Host, Opts) ->
 
 init([Host, _Opts]) ->
     process_flag(trap_exit, true),
+    [ejabberd_router:register_route(Domain, Host) || Domain <- app_server_domains(Host)],
     {ok, open(#state{host = Host})}.
+
+%% Subdomains served by the app server (its pubsub and registration hosts).
+app_server_domains(Host) ->
+    lists:usort([D || #{pubsub_host := P, register_host := R} <- opt(Host, backends),
+                      D <- [P, R], D /= Host]).
 
 handle_call(_Request, _From, State) ->
     {reply, {error, badarg}, State}.
@@ -350,6 +470,8 @@ handle_cast({event, Event}, State) ->
 handle_cast({iq, IQ, Ref, Event}, #state{host = Host, iqs = IQs} = State) ->
     TRef = erlang:start_timer(opt(Host, reply_timeout), self(), {iq, Ref}),
     {noreply, push_event(Event, State#state{iqs = IQs#{Ref => {IQ, TRef}}})};
+handle_cast({route, Pkt}, State) ->
+    {noreply, route_to_app_server(Pkt, State)};
 handle_cast({reload, _NewOpts}, #state{port = Port} = State) ->
     %% The new options reach Python with the next handshake.
     ?INFO_MSG("mod_push_py: options changed, restarting the Python process", []),
@@ -387,6 +509,8 @@ handle_info({Port, {exit_status, Status}}, #state{port = Port, backoff = Backoff
                           backoff = min(Backoff * 2, ?MAX_BACKOFF)}};
 handle_info(restart, #state{port = undefined, status = down} = State) ->
     {noreply, open(State)};
+handle_info({route, Pkt}, State) ->
+    {noreply, route_to_app_server(Pkt, State)};
 handle_info(flush, State) ->
     {noreply, flush(State)};
 handle_info({iq_reply, Reply, Ref}, State) ->
@@ -408,7 +532,8 @@ handle_info(Info, State) ->
     ?WARNING_MSG("Unexpected info: ~p", [Info]),
     {noreply, State}.
 
-terminate(_Reason, #state{port = Port}) ->
+terminate(_Reason, #state{host = Host, port = Port}) ->
+    [ejabberd_router:unregister_route(Domain) || Domain <- app_server_domains(Host)],
     catch port_close(Port),
     ok.
 
@@ -433,7 +558,7 @@ open(#state{host = Host} = State) ->
 
 hello(Host) ->
     Opts = maps:from_list(
-             [{Opt, opt(Host, Opt)} || {Opt, _} <- mod_options(Host)]),
+             [{Opt, opt(Host, Opt)} || {Opt, _} <- mod_options(Host), Opt /= access_backends]),
     {hello, ?PROTOCOL_VERSION, Host,
      Opts#{spool_dir => unicode:characters_to_binary(spool_dir())}}.
 
@@ -447,6 +572,14 @@ decode(Bin) ->
     try {ok, binary_to_term(Bin, [safe])}
     catch error:badarg -> error
     end.
+
+%% A stanza for the app server (commands, publishes, disco). Whether the sender
+%% may use the built-in app server is an ejabberd access rule, decided here.
+route_to_app_server(#iq{from = From} = IQ, #state{host = Host} = State) ->
+    Allowed = acl:match_rule(Host, opt(Host, access_backends), From) == allow,
+    push_event({app_server_iq, Allowed, fxml:element_to_binary(xmpp:encode(IQ))}, State);
+route_to_app_server(_Pkt, State) ->
+    State.  % messages and presences to the app server are not answered
 
 publish_outcome(timeout) -> timeout;
 publish_outcome(#iq{type = result}) -> result;

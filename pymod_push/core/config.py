@@ -11,6 +11,46 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _certfile(options: dict[str, Any]) -> str | None:
+    value = options.get("certfile")
+    return _text(value) if isinstance(value, (bytes, str)) and value != "undefined" else None
+
+
+COMMAND_GROUPS = {"apns": "apns", "fcm": "fcm", "gcm": "fcm", "webpush": "webpush",
+                  "mozilla": "webpush", "ubuntu": "ubuntu", "wns": "wns"}
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One app-server backend from the 'backends' option."""
+
+    index: int
+    type: str  # as configured: apns | fcm | gcm | webpush | mozilla | ubuntu | wns
+    app_name: str
+    register_host: str
+    pubsub_host: str
+    options: dict[str, Any]  # the rest (certfile, key_file, endpoint, cafile, ...), as text
+
+    @property
+    def group(self) -> str:
+        """The provider this backend talks to (gcm is FCM, mozilla is Web Push)."""
+        return COMMAND_GROUPS[self.type]
+
+    def option(self, name: str, default: str | None = None) -> str | None:
+        value = self.options.get(name)
+        return default if value is None else value
+
+
+def _backend(index: int, raw: dict[Any, Any], certfile: str | None) -> Backend:
+    values = {str(k): (_text(v) if isinstance(v, bytes) else v) for k, v in raw.items()}
+    options = {k: v for k, v in values.items()
+               if k not in ("type", "app_name", "register_host", "pubsub_host")}
+    if certfile and "certfile" not in options:
+        options["certfile"] = certfile
+    return Backend(index, str(values["type"]), str(values.get("app_name", "any")),
+                   str(values["register_host"]), str(values["pubsub_host"]), options)
+
+
 @dataclass(frozen=True)
 class Config:
     host: str
@@ -24,6 +64,7 @@ class Config:
     max_publish_errors: int = 3
     retry_delays_ms: tuple[int, ...] = (5_000, 30_000, 300_000)
     db_file: str = ":memory:"
+    backends: tuple[Backend, ...] = ()
 
     @classmethod
     def from_options(cls, host: str, options: dict[str, Any]) -> Config:
@@ -47,4 +88,6 @@ class Config:
             max_publish_errors=int(options.get("max_publish_errors", cls.max_publish_errors)),
             retry_delays_ms=tuple(int(d) for d in options.get("retry_delays", cls.retry_delays_ms)),
             db_file=_text(db_file),
+            backends=tuple(_backend(i, b, _certfile(options))
+                           for i, b in enumerate(options.get("backends", []))),
         )

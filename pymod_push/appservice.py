@@ -1,0 +1,122 @@
+"""The built-in app server: registrations by ad-hoc command, publishes to device pushes.
+
+Like service.py: events in, actions out, over the store; providers are reached
+through :class:`Delivery` items that the port loop hands to providers/.
+"""
+
+from __future__ import annotations
+
+import logging
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+
+from .core import appserver as app
+from .core.config import Backend, Config
+from .core.xep0357 import RequestError
+from .protocol import Route
+from .store import Device, Store
+
+log = logging.getLogger("pymod_push")
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """A notification for one device, to be sent by its backend's provider client."""
+
+    backend: Backend
+    device: Device
+    summary: dict[str, str]
+
+
+class AppServer:
+    def __init__(self, config: Config, store: Store) -> None:
+        self.config = config
+        self.store = store
+
+    def handle(self, allowed: bool, xml: bytes) -> list[Route | Delivery]:
+        try:
+            iq = app.parse_iq(xml)
+        except ET.ParseError:
+            log.warning("app server: an IQ that is not well-formed XML was ignored")
+            return []
+        if iq.type not in ("get", "set"):
+            return []  # results and errors need no answer
+        domain = iq.to.split("/", 1)[0]
+        pubsub = [b for b in self.config.backends if b.pubsub_host == domain]
+        register = [b for b in self.config.backends if b.register_host == domain]
+        try:
+            return self._dispatch(iq, allowed, domain, pubsub, register)
+        except RequestError as error:
+            return [Route(app.error_reply(iq, error.error_type, error.condition, error.text))]
+
+    def _dispatch(self, iq: app.Iq, allowed: bool, domain: str, pubsub: list[Backend],
+                  register: list[Backend]) -> list[Route | Delivery]:
+        payload = iq.payload.tag if iq.payload is not None else ""
+        if iq.type == "get" and payload == f"{{{app.NS_DISCO_INFO}}}query":
+            return [Route(app.disco_info(iq, register or pubsub, pubsub=bool(pubsub),
+                                         register=bool(register)))]
+        if iq.type == "get" and payload == f"{{{app.NS_DISCO_ITEMS}}}query":
+            return [Route(app.disco_items(iq, domain, register))]
+        if iq.type == "set" and payload == f"{{{app.NS_COMMANDS}}}command" and register:
+            if not allowed:
+                raise RequestError("forbidden", "you may not use this push app server", "auth")
+            return [Route(self._command(iq, app.parse_command(iq), register))]
+        if iq.type == "set" and payload == f"{{{app.NS_PUBSUB}}}pubsub" and pubsub:
+            return self._publish(iq, domain)
+        raise RequestError("service-unavailable", "", "cancel")
+
+    # ------------------------------------------------------------------ commands
+    def _command(self, iq: app.Iq, command: app.Command, backends: list[Backend]) -> str:
+        if command.action == "cancel":
+            return app.command_reply(iq, command, "canceled")
+        user = iq.sender_bare
+        if command.node == app.LIST_COMMAND:
+            rows = [(d.device_name, d.node) for d in self.store.devices_of(user)]
+            return app.command_reply(iq, command, "completed", app.registrations_form(rows))
+        if command.node == app.UNREGISTER_COMMAND:
+            fields = command.fields or {}
+            nodes = [n for n in fields.get("nodes", ()) if n]
+            if nodes:
+                removed = self.store.remove_devices(user, nodes=nodes)
+            else:
+                device_id = (fields.get("device-id") or ("",))[0] or iq.sender_resource
+                removed = self.store.remove_devices(user, device_id=device_id)
+            log.info("app server: %s unregistered %d device(s)", user, len(removed))
+            form = app.result_form([("nodes", removed, "list-multi")])
+            return app.command_reply(iq, command, "completed", form)
+        group = app.REGISTER_COMMANDS.get(command.node)
+        candidates = [b for b in backends if b.group == group]
+        if group is None or not candidates:
+            raise RequestError("item-not-found", f"no command {command.node!r} here", "cancel")
+        if command.fields is None:  # a generic client asks for the form first
+            return app.command_reply(iq, command, "executing", app.registration_form(group))
+        wanted = app.form_value(command.fields, "application-name")
+        backend = next((b for b in candidates if b.app_name == wanted), candidates[0])
+        request = app.parse_registration(command, iq, backend)
+        device = Device(app.new_node(), app.new_secret(), user, request.device_id,
+                        request.device_name, backend.group, backend.app_name,
+                        backend.pubsub_host, request.token, request.application_id,
+                        request.p256dh, request.auth)
+        self.store.add_device(device)
+        log.info("app server: %s registered device %r at %s (%s)", user, device.device_id,
+                 backend.group, backend.app_name)
+        form = app.result_form([("jid", [backend.pubsub_host], "jid-single"),
+                                ("node", [device.node], None), ("secret", [device.secret], None)])
+        return app.command_reply(iq, command, "completed", form)
+
+    # ------------------------------------------------------------------ publishes
+    def _publish(self, iq: app.Iq, domain: str) -> list[Route | Delivery]:
+        request = app.parse_publish(iq)
+        device = self.store.device(request.node)
+        if device is None or device.pubsub_host != domain:
+            raise RequestError("item-not-found", "no such node", "cancel")
+        if not app.secret_matches(device.secret, request.secret):
+            raise RequestError("forbidden", "wrong or missing secret in publish-options", "auth")
+        backend = next((b for b in self.config.backends
+                        if b.group == device.provider and b.app_name == device.app_name
+                        and b.pubsub_host == device.pubsub_host), None)
+        if backend is None:
+            log.warning("app server: no backend %s/%s any more for a registered device",
+                        device.provider, device.app_name)
+            raise RequestError("item-not-found", "this registration's backend is gone", "cancel")
+        return [Route(app.result_reply(iq)), Delivery(backend, device, request.summary)]

@@ -1,0 +1,277 @@
+"""The built-in app server's wire formats: XEP-0050 registration commands, the pubsub
+publish endpoint and disco. Pure functions over XML text; no I/O.
+
+Command names and fields follow the 2015 mod_push ("App server usage"), plus
+register-push-fcm and register-push-webpush as today's names.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import secrets
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from xml.sax.saxutils import escape, quoteattr
+
+from .config import Backend
+from .xep0357 import NS_DATA, NS_PUBSUB, RequestError, field_xml, parse_form
+
+__all__ = ["NS_PUBSUB", "RequestError"]
+
+NS_COMMANDS = "http://jabber.org/protocol/commands"
+NS_DISCO_INFO = "http://jabber.org/protocol/disco#info"
+NS_DISCO_ITEMS = "http://jabber.org/protocol/disco#items"
+NS_STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
+FORM_APPS = "urn:xmpp:push:appserver"  # our disco extension form: app names per provider
+
+REGISTER_COMMANDS = {"register-push-apns": "apns", "register-push-fcm": "fcm",
+                     "register-push-gcm": "fcm", "register-push-webpush": "webpush",
+                     "register-push-mozilla": "webpush", "register-push-ubuntu": "ubuntu",
+                     "register-push-wns": "wns"}
+LIST_COMMAND = "list-push-registrations"
+UNREGISTER_COMMAND = "unregister-push"
+MAX_FIELD = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Iq:
+    id: str
+    type: str
+    sender: str
+    to: str
+    payload: ET.Element | None
+
+    @property
+    def sender_bare(self) -> str:
+        return self.sender.split("/", 1)[0]
+
+    @property
+    def sender_resource(self) -> str:
+        return self.sender.partition("/")[2]
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRegistration:
+    """What a register command asks for (validated)."""
+
+    backend: Backend
+    device_id: str
+    device_name: str
+    token: str  # APNs: hex; WNS: channel URI; Web Push: endpoint URL
+    application_id: str = ""
+    p256dh: str = ""
+    auth: str = ""
+
+
+def parse_iq(xml: bytes) -> Iq:
+    element = ET.fromstring(xml)
+    payload = element[0] if len(element) else None
+    return Iq(element.get("id", ""), element.get("type", ""), element.get("from", ""),
+              element.get("to", ""), payload)
+
+
+def error_reply(iq: Iq, error_type: str, condition: str, text: str = "") -> str:
+    text_xml = (f"<text xmlns='{NS_STANZAS}'>{escape(text)}</text>" if text else "")
+    return (f"<iq type='error' id={quoteattr(iq.id)} from={quoteattr(iq.to)} "
+            f"to={quoteattr(iq.sender)}><error type={quoteattr(error_type)}>"
+            f"<{condition} xmlns='{NS_STANZAS}'/>{text_xml}</error></iq>")
+
+
+def result_reply(iq: Iq, payload: str = "") -> str:
+    return (f"<iq type='result' id={quoteattr(iq.id)} from={quoteattr(iq.to)} "
+            f"to={quoteattr(iq.sender)}>{payload}</iq>")
+
+
+def new_node() -> str:
+    return secrets.token_urlsafe(12)
+
+
+def new_secret() -> str:
+    return secrets.token_urlsafe(24)
+
+
+# ----------------------------------------------------------------------- commands
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    node: str
+    session_id: str
+    action: str
+    fields: dict[str, tuple[str, ...]] | None  # None: no form submitted yet
+
+
+def parse_command(iq: Iq) -> Command:
+    payload = iq.payload
+    if payload is None or payload.tag != f"{{{NS_COMMANDS}}}command":
+        raise RequestError("bad-request", "expected a command")
+    form = payload.find(f"{{{NS_DATA}}}x")
+    fields = dict(parse_form(form).fields) if form is not None else None
+    return Command(payload.get("node", ""), payload.get("sessionid", ""),
+                   payload.get("action", "execute"), fields)
+
+
+def command_reply(iq: Iq, command: Command, status: str, form: str = "",
+                  session_id: str = "") -> str:
+    session = session_id or command.session_id or secrets.token_hex(8)
+    return result_reply(iq, f"<command xmlns='{NS_COMMANDS}' node={quoteattr(command.node)} "
+                            f"sessionid={quoteattr(session)} status={quoteattr(status)}>"
+                            f"{form}</command>")
+
+
+def registration_form(group: str) -> str:
+    """The form a client fills for register-push-*, for clients that ask first."""
+    fields = {"webpush": ["endpoint", "p256dh", "auth"], "ubuntu": ["token", "application-id"]}
+    wanted = fields.get(group, ["token"]) + ["device-id", "device-name"]
+    inner = "".join(f"<field var={quoteattr(name)} type='text-single'/>" for name in wanted)
+    return (f"<x xmlns='{NS_DATA}' type='form'><title>Push registration</title>"
+            f"{inner}</x>")
+
+
+def form_value(fields: dict[str, tuple[str, ...]], name: str) -> str:
+    values = fields.get(name, ())
+    value = values[0].strip() if values else ""
+    if len(value) > MAX_FIELD:
+        raise RequestError("not-acceptable", f"field '{name}' is too long")
+    return value
+
+
+def _apns_token(token: str) -> str:
+    """APNs device tokens: hex as iOS gives them today, or base64 as the 2015 design had it."""
+    cleaned = token.replace(" ", "").strip("<>")
+    try:
+        if len(cleaned) % 2 == 0 and all(c in "0123456789abcdefABCDEF" for c in cleaned):
+            return cleaned.lower()
+        return base64.b64decode(cleaned, validate=True).hex()
+    except (binascii.Error, ValueError):
+        raise RequestError("bad-request", "field 'token' is not a hex or base64 APNs token") \
+            from None
+
+
+def _b64url(value: str, name: str) -> str:
+    try:
+        base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+    except (binascii.Error, ValueError):
+        raise RequestError("bad-request", f"field '{name}' is not base64url") from None
+    return value
+
+
+def parse_registration(command: Command, iq: Iq, backend: Backend) -> DeviceRegistration:
+    fields = command.fields or {}
+    device_id = form_value(fields, "device-id") or iq.sender_resource
+    device_name = form_value(fields, "device-name")
+    group = backend.group
+    if group == "webpush":
+        endpoint = form_value(fields, "endpoint") or form_value(fields, "token")
+        if not endpoint.startswith(("https://", "http://")):
+            raise RequestError("bad-request", "field 'endpoint' must be the subscription's URL")
+        return DeviceRegistration(backend, device_id, device_name, endpoint,
+                                  p256dh=_b64url(form_value(fields, "p256dh"), "p256dh"),
+                                  auth=_b64url(form_value(fields, "auth"), "auth"))
+    token = form_value(fields, "token")
+    if not token:
+        raise RequestError("bad-request", "field 'token' is required")
+    if group == "apns":
+        token = _apns_token(token)
+    application_id = form_value(fields, "application-id")
+    if group == "ubuntu" and not application_id:
+        raise RequestError("bad-request", "field 'application-id' is required")
+    return DeviceRegistration(backend, device_id, device_name, token, application_id)
+
+
+def result_form(fields: list[tuple[str, list[str], str | None]]) -> str:
+    inner = "".join(field_xml(var, values, field_type) for var, values, field_type in fields)
+    return f"<x xmlns='{NS_DATA}' type='result'>{inner}</x>"
+
+
+def registrations_form(rows: list[tuple[str, str]]) -> str:
+    """list-push-registrations: (device-name, node) per registration."""
+    items = "".join(f"<item>{field_xml('device-name', [name])}{field_xml('node', [node])}</item>"
+                    for name, node in rows)
+    return (f"<x xmlns='{NS_DATA}' type='result'><reported><field var='device-name'/>"
+            f"<field var='node'/></reported>{items}</x>")
+
+
+# ---------------------------------------------------------------------- publishes
+
+@dataclass(frozen=True, slots=True)
+class PublishRequest:
+    node: str
+    secret: str | None
+    summary: dict[str, str]
+
+
+def parse_publish(iq: Iq) -> PublishRequest:
+    pubsub = iq.payload
+    if pubsub is None or pubsub.tag != f"{{{NS_PUBSUB}}}pubsub":
+        raise RequestError("feature-not-implemented", "only pubsub publishes are served",
+                           "cancel")
+    publish = pubsub.find(f"{{{NS_PUBSUB}}}publish")
+    if publish is None or not publish.get("node"):
+        raise RequestError("bad-request", "publish needs a node")
+    summary: dict[str, str] = {}
+    for form in publish.iter(f"{{{NS_DATA}}}x"):
+        summary = {var: values[0] if values else "" for var, values in parse_form(form).fields}
+        break
+    secret = None
+    options = pubsub.find(f"{{{NS_PUBSUB}}}publish-options/{{{NS_DATA}}}x")
+    if options is not None:
+        values = dict(parse_form(options).fields).get("secret")
+        secret = values[0] if values else None
+    return PublishRequest(publish.get("node", ""), secret, summary)
+
+
+def secret_matches(expected: str, given: str | None) -> bool:
+    """Constant-time comparison: how long it takes says nothing about the secret."""
+    return given is not None and secrets.compare_digest(expected.encode(), given.encode())
+
+
+# -------------------------------------------------------------------------- disco
+
+def disco_info(iq: Iq, backends: list[Backend], *, pubsub: bool, register: bool) -> str:
+    identities = []
+    features = [NS_DISCO_INFO]
+    if pubsub:
+        identities.append("<identity category='pubsub' type='push'/>")
+        features += [NS_PUBSUB, "urn:xmpp:push:0"]
+    if register:
+        identities.append("<identity category='component' type='generic' name='Push app "
+                          "server'/>")
+        features.append(NS_COMMANDS)
+    apps: dict[str, list[str]] = {}
+    for backend in backends:
+        apps.setdefault(backend.group, []).append(backend.app_name)
+    form = ""
+    if register and apps:
+        form = (f"<x xmlns='{NS_DATA}' type='result'>"
+                f"{field_xml('FORM_TYPE', [FORM_APPS], 'hidden')}"
+                + "".join(field_xml(group, sorted(set(names)), "list-multi")
+                          for group, names in sorted(apps.items())) + "</x>")
+    inner = "".join(identities) + "".join(f"<feature var={quoteattr(f)}/>" for f in features)
+    return result_reply(iq, f"<query xmlns='{NS_DISCO_INFO}'>{inner}{form}</query>")
+
+
+def command_items(host: str, backends: list[Backend]) -> list[tuple[str, str]]:
+    """(node, name) of the commands on a registration host."""
+    groups: dict[str, list[str]] = {}
+    for backend in backends:
+        groups.setdefault(backend.group, []).append(backend.app_name)
+    items = []
+    for node, group in REGISTER_COMMANDS.items():
+        if group in groups:
+            apps = ", ".join(sorted(set(groups[group])))
+            items.append((node, f"Register at {node.removeprefix('register-push-')} ({apps})"))
+    if items:
+        items += [(LIST_COMMAND, "List push registrations"),
+                  (UNREGISTER_COMMAND, "Unregister push devices")]
+    return items
+
+
+def disco_items(iq: Iq, host: str, backends: list[Backend]) -> str:
+    node = iq.payload.get("node", "") if iq.payload is not None else ""
+    inner = ""
+    if node == NS_COMMANDS:
+        inner = "".join(f"<item jid={quoteattr(host)} node={quoteattr(n)} name={quoteattr(name)}/>"
+                        for n, name in command_items(host, backends))
+    node_attr = f" node={quoteattr(node)}" if node else ""
+    return result_reply(iq, f"<query xmlns='{NS_DISCO_ITEMS}'{node_attr}>{inner}</query>")

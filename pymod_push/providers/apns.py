@@ -1,0 +1,97 @@
+"""Apple Push Notification service (HTTP/2 provider API), token or certificate auth."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import jwt
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from cryptography.x509.oid import NameOID
+
+from ..core.config import Backend
+from . import HttpRequest, Outcome, Reply, notification_text
+
+PRODUCTION = "https://api.push.apple.com"
+SANDBOX = "https://api.sandbox.push.apple.com"
+TOKEN_LIFETIME = 40 * 60  # Apple wants a new JWT at most every 20 min, at least every 60
+EXPIRATION = 24 * 3600
+GONE = {"BadDeviceToken", "Unregistered", "DeviceTokenNotForTopic"}
+
+
+def topic_from_certificate(certfile: str) -> str | None:
+    """Apple's push certificates carry the bundle id as the subject's UID."""
+    with open(certfile, "rb") as handle:
+        certificate = x509.load_pem_x509_certificate(handle.read())
+    uids = certificate.subject.get_attributes_for_oid(NameOID.USER_ID)
+    return str(uids[0].value) if uids else None
+
+
+class Apns:
+    def __init__(self, backend: Backend) -> None:
+        sandbox = str(backend.option("sandbox", "false")).lower() == "true"
+        self.base = (backend.option("endpoint") or (SANDBOX if sandbox else PRODUCTION)).rstrip("/")
+        self.key_id = backend.option("key_id")
+        self.team_id = backend.option("team_id")
+        key_file = backend.option("key_file")
+        self._key: Any = None
+        if key_file:
+            with open(key_file, "rb") as handle:
+                self._key = load_pem_private_key(handle.read(), password=None)
+        certfile = backend.option("certfile")
+        self.client_certificate = None if key_file else certfile
+        topic = backend.option("topic")
+        if topic is None and certfile and not key_file:
+            topic = topic_from_certificate(certfile)
+        if topic is None:
+            raise ValueError(f"backend {backend.index} (apns): set 'topic' (the app's bundle id)")
+        self.topic = topic
+        self._token: str | None = None
+        self._token_at = 0.0
+
+    def bearer(self, now: float) -> str | None:
+        if self._key is None:
+            return None
+        if self._token is None or now - self._token_at > TOKEN_LIFETIME:
+            self._token = jwt.encode({"iss": self.team_id, "iat": int(now)}, self._key,
+                                     algorithm="ES256", headers={"kid": self.key_id})
+            self._token_at = now
+        return self._token
+
+    def request(self, token: str, node: str, summary: dict[str, str], now: float,
+                urgent: bool = False) -> HttpRequest:
+        title, body = notification_text(summary)
+        if title or body:
+            alert = {"title": title, "body": body} if title else {"body": body}
+            aps: dict[str, Any] = {"alert": alert, "mutable-content": 1, "sound": "default"}
+            push_type, priority = "alert", "10"
+        else:  # nothing to show: wake the app so that it fetches its messages
+            aps = {"content-available": 1}
+            push_type, priority = "background", "5"
+        headers = {"apns-topic": self.topic, "apns-push-type": push_type,
+                   "apns-priority": "10" if urgent else priority,
+                   "apns-expiration": str(int(now) + EXPIRATION),
+                   "apns-collapse-id": node[:64], "content-type": "application/json"}
+        bearer = self.bearer(now)
+        if bearer:
+            headers["authorization"] = f"bearer {bearer}"
+        payload = {"aps": aps, "message-count": summary.get("message-count", "")}
+        return HttpRequest("POST", f"{self.base}/3/device/{token}", headers,
+                           json.dumps(payload, separators=(",", ":")).encode())
+
+    def reply(self, status: int, headers: dict[str, str], body: bytes) -> Reply:
+        if status == 200:
+            return Reply(Outcome.DELIVERED)
+        try:
+            reason = str(json.loads(body or b"{}").get("reason", ""))
+        except ValueError:
+            reason = ""
+        if status == 410 or reason in GONE:
+            return Reply(Outcome.UNREGISTERED, reason or str(status))
+        if reason == "ExpiredProviderToken":
+            self._token = None
+            return Reply(Outcome.RETRY, reason, 0)
+        if status == 429 or status >= 500:
+            return Reply(Outcome.RETRY, reason or str(status))
+        return Reply(Outcome.FAILED, reason or str(status))

@@ -14,6 +14,7 @@ from .core import appserver as app
 from .core.config import Backend, Config
 from .core.xep0357 import RequestError
 from .protocol import Route
+from .providers import Outcome
 from .store import Device, Store
 
 log = logging.getLogger("pymod_push")
@@ -21,11 +22,29 @@ log = logging.getLogger("pymod_push")
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
-    """A notification for one device, to be sent by its backend's provider client."""
+    """A notification for one device, to be sent by its backend's provider client.
+
+    The publish IQ that caused it is answered once the provider has answered the
+    first attempt (see :func:`publish_answer`), so that a device the provider says
+    is gone is disabled by the publishing server too.
+    """
 
     backend: Backend
     device: Device
     summary: dict[str, str]
+    publish: app.Iq
+
+
+def publish_answer(delivery: Delivery, outcome: Outcome, reason: str = "") -> str:
+    """The answer to the publish IQ, from the provider's first answer."""
+    iq = delivery.publish
+    if outcome is Outcome.UNREGISTERED:
+        return app.error_reply(iq, "cancel", "item-not-found",
+                               "the push provider no longer knows this device")
+    if outcome is Outcome.FAILED:
+        return app.error_reply(iq, "wait", "internal-server-error",
+                               "the push provider refused the notification")
+    return app.result_reply(iq)  # delivered, or queued for another attempt
 
 
 class AppServer:
@@ -119,4 +138,4 @@ class AppServer:
             log.warning("app server: no backend %s/%s any more for a registered device",
                         device.provider, device.app_name)
             raise RequestError("item-not-found", "this registration's backend is gone", "cancel")
-        return [Route(app.result_reply(iq)), Delivery(backend, device, request.summary)]
+        return [Delivery(backend, device, request.summary, iq)]

@@ -25,6 +25,7 @@ from .protocol import (
     Action,
     Log,
     ProtocolError,
+    Route,
     action_term,
     hello_reply,
     parse_event,
@@ -130,10 +131,13 @@ class PortApp:
         config = Config.from_options(hello.host, hello.options)
         self._store = Store(config.db_file)
         self.service = PushService(config, self._store)
-        self._dispatcher = Dispatcher(config, self._device_gone)
+        self._dispatcher = Dispatcher(config, self._device_gone, self._route)
         self._write(frame(hello_reply(info)))
         log.info("ready for %s (pymod_push %s, database %s)", hello.host, __version__,
                  config.db_file)
+
+    def _route(self, xml: str) -> None:
+        self._write(frame([action_term(Route(xml))]))
 
     def _device_gone(self, node: str) -> None:
         if self._store is not None:

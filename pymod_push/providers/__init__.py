@@ -3,8 +3,14 @@ and the HTTP/2 clients that send it (dispatch.py)."""
 
 from __future__ import annotations
 
+import base64
 import enum
+import json
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from ..store import Device
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,3 +45,48 @@ def notification_text(summary: dict[str, str]) -> tuple[str, str]:
     if count and count != "0":
         return "", f"{count} new message{'s' if count != '1' else ''}"
     return "", ""
+
+
+def summary_payload(summary: dict[str, str]) -> dict[str, str]:
+    """What an app receives as data: the summary fields the XMPP server chose to include
+    (counts by default; sender and body only when the user's options allow them)."""
+    return {key: value for key, value in summary.items() if key != "FORM_TYPE"}
+
+
+def to_json(data: object) -> bytes:
+    return json.dumps(data, separators=(",", ":")).encode()
+
+
+def b64url_decode(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def b64url_encode(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+class Provider(Protocol):
+    """What dispatch.py needs of a provider; everything but HTTP itself."""
+
+    client_certificate: str | None
+
+    def auth_request(self, now: float) -> HttpRequest | None:
+        """A token request to make before sending, or None while the token is good."""
+
+    def auth_reply(self, status: int, body: bytes, now: float) -> None: ...
+
+    def request(self, device: Device, summary: dict[str, str], now: float,
+                urgent: bool = False) -> HttpRequest: ...
+
+    def reply(self, status: int, headers: dict[str, str], body: bytes) -> Reply: ...
+
+
+def common_reply(status: int, reason: str = "") -> Reply:
+    """What most providers' statuses mean."""
+    if 200 <= status < 300:
+        return Reply(Outcome.DELIVERED)
+    if status in (404, 410):
+        return Reply(Outcome.UNREGISTERED, reason or str(status))
+    if status in (408, 429) or status >= 500:
+        return Reply(Outcome.RETRY, reason or str(status))
+    return Reply(Outcome.FAILED, reason or str(status))

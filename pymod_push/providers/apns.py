@@ -11,7 +11,8 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from cryptography.x509.oid import NameOID
 
 from ..core.config import Backend
-from . import HttpRequest, Outcome, Reply, notification_text
+from ..store import Device
+from . import HttpRequest, Outcome, Reply, notification_text, summary_payload, to_json
 
 PRODUCTION = "https://api.push.apple.com"
 SANDBOX = "https://api.sandbox.push.apple.com"
@@ -40,7 +41,7 @@ class Apns:
             with open(key_file, "rb") as handle:
                 self._key = load_pem_private_key(handle.read(), password=None)
         certfile = backend.option("certfile")
-        self.client_certificate = None if key_file else certfile
+        self.client_certificate: str | None = None if key_file else certfile
         topic = backend.option("topic")
         if topic is None and certfile and not key_file:
             topic = topic_from_certificate(certfile)
@@ -59,8 +60,15 @@ class Apns:
             self._token_at = now
         return self._token
 
-    def request(self, token: str, node: str, summary: dict[str, str], now: float,
+    def auth_request(self, now: float) -> HttpRequest | None:
+        return None  # the JWT is made here, no round trip
+
+    def auth_reply(self, status: int, body: bytes, now: float) -> None:
+        pass
+
+    def request(self, device: Device, summary: dict[str, str], now: float,
                 urgent: bool = False) -> HttpRequest:
+        token, node = device.token, device.node
         title, body = notification_text(summary)
         if title or body:
             alert = {"title": title, "body": body} if title else {"body": body}
@@ -76,9 +84,8 @@ class Apns:
         bearer = self.bearer(now)
         if bearer:
             headers["authorization"] = f"bearer {bearer}"
-        payload = {"aps": aps, "message-count": summary.get("message-count", "")}
-        return HttpRequest("POST", f"{self.base}/3/device/{token}", headers,
-                           json.dumps(payload, separators=(",", ":")).encode())
+        payload = {"aps": aps, **summary_payload(summary)}
+        return HttpRequest("POST", f"{self.base}/3/device/{token}", headers, to_json(payload))
 
     def reply(self, status: int, headers: dict[str, str], body: bytes) -> Reply:
         if status == 200:

@@ -4,19 +4,37 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import ssl
 import time
 from collections.abc import Callable
 
 import httpx
 
-from ..appservice import Delivery
+from ..appservice import Delivery, publish_answer
 from ..core.config import Backend, Config
-from . import Outcome, Reply
+from . import HttpRequest, Outcome, Provider, Reply
 from .apns import Apns
+from .fcm import Fcm
+from .ubuntu import UbuntuPush
+from .webpush import WebPush
+from .wns import Wns
 
 log = logging.getLogger("pymod_push")
-RETRY_DELAYS = (1.0, 5.0, 30.0, 120.0)
+RETRY_DELAYS = (1.0, 5.0, 30.0, 120.0)  # then the push is given up (and logged)
+MAX_RETRY_AFTER = 600.0
+PROVIDERS: dict[str, Callable[[Backend], Provider]] = {
+    "apns": Apns, "fcm": Fcm, "webpush": WebPush, "wns": Wns, "ubuntu": UbuntuPush}
+
+
+def retry_delay(reply: Reply, headers: dict[str, str], attempt: int) -> float:
+    """Exponential backoff with jitter; a provider's Retry-After wins (bounded)."""
+    if reply.retry_after is not None:
+        return reply.retry_after
+    retry_after = headers.get("retry-after", "")
+    if retry_after.isdigit():
+        return min(float(retry_after), MAX_RETRY_AFTER)
+    return RETRY_DELAYS[attempt] * random.uniform(0.8, 1.2)
 
 
 def tls_context(backend: Backend, client_certificate: str | None) -> ssl.SSLContext:
@@ -27,19 +45,16 @@ def tls_context(backend: Backend, client_certificate: str | None) -> ssl.SSLCont
 
 
 class Dispatcher:
-    def __init__(self, config: Config, device_gone: Callable[[str], None]) -> None:
+    def __init__(self, config: Config, device_gone: Callable[[str], None],
+                 route: Callable[[str], None]) -> None:
         self._device_gone = device_gone
-        self._providers: dict[int, Apns] = {}
+        self._route = route
+        self._providers: dict[int, Provider] = {}
         self._clients: dict[int, httpx.AsyncClient] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         for backend in config.backends:
             try:
-                if backend.group == "apns":
-                    provider = Apns(backend)
-                else:
-                    log.warning("backend %d (%s): this provider is not available yet",
-                                backend.index, backend.type)
-                    continue
+                provider = PROVIDERS[backend.group](backend)
                 client = httpx.AsyncClient(http2=True, timeout=15,
                                            verify=tls_context(backend,
                                                               provider.client_certificate))
@@ -61,17 +76,20 @@ class Dispatcher:
         where = f"{device.user} device {device.device_id!r} via {delivery.backend.type}"
         if provider is None or client is None:
             log.warning("push for %s dropped: its backend is not available", where)
+            self._route(publish_answer(delivery, Outcome.FAILED))
             return
         for attempt in range(len(RETRY_DELAYS) + 1):
-            request = provider.request(delivery.device.token, delivery.device.node,
-                                       delivery.summary, time.time())
+            headers: dict[str, str] = {}
             try:
-                response = await client.request(request.method, request.url,
-                                                headers=request.headers, content=request.body)
-                reply = provider.reply(response.status_code, dict(response.headers),
-                                       response.content)
-            except httpx.HTTPError as exc:
+                await self._authorize(provider, client)
+                request = provider.request(device, delivery.summary, time.time())
+                response = await _send(client, request)
+                headers = dict(response.headers)
+                reply = provider.reply(response.status_code, headers, response.content)
+            except (httpx.HTTPError, ValueError, KeyError) as exc:
                 reply = Reply(Outcome.RETRY, type(exc).__name__)
+            if attempt == 0:
+                self._route(publish_answer(delivery, reply.outcome, reply.reason))
             if reply.outcome is Outcome.DELIVERED:
                 log.debug("push delivered to %s", where)
                 return
@@ -83,10 +101,23 @@ class Dispatcher:
             if reply.outcome is Outcome.FAILED or attempt == len(RETRY_DELAYS):
                 log.warning("push to %s failed: %s", where, reply.reason)
                 return
-            delay = reply.retry_after if reply.retry_after is not None else RETRY_DELAYS[attempt]
+            delay = retry_delay(reply, headers, attempt)
             log.info("push to %s deferred (%s), retrying in %.0f s", where, reply.reason, delay)
             await asyncio.sleep(delay)
+
+    @staticmethod
+    async def _authorize(provider: Provider, client: httpx.AsyncClient) -> None:
+        """Fetch an OAuth token first if the provider needs a (new) one."""
+        request = provider.auth_request(time.time())
+        if request is not None:
+            response = await _send(client, request)
+            provider.auth_reply(response.status_code, response.content, time.time())
 
     async def close(self) -> None:
         for client in self._clients.values():
             await client.aclose()
+
+
+async def _send(client: httpx.AsyncClient, request: HttpRequest) -> httpx.Response:
+    return await client.request(request.method, request.url, headers=request.headers,
+                                content=request.body)

@@ -1,0 +1,79 @@
+"""Firebase Cloud Messaging, HTTP v1 API, with a cached service-account OAuth token
+(the legacy 'gcm' API is shut down: backends of type gcm use this too)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+from urllib.parse import urlencode
+
+import jwt
+
+from ..core.config import Backend
+from ..store import Device
+from . import HttpRequest, Outcome, Reply, common_reply, summary_payload, to_json
+
+BASE = "https://fcm.googleapis.com"
+SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
+GONE = {"UNREGISTERED"}
+
+
+class Fcm:
+    client_certificate: str | None = None
+
+    def __init__(self, backend: Backend) -> None:
+        path = backend.option("service_account_file")
+        if not path:
+            raise ValueError(f"backend {backend.index} ({backend.type}): set "
+                             "'service_account_file'")
+        with open(path, encoding="utf-8") as handle:
+            account: dict[str, Any] = json.load(handle)
+        self.client_email = str(account["client_email"])
+        self.private_key = str(account["private_key"])
+        self.token_uri = str(account.get("token_uri", "https://oauth2.googleapis.com/token"))
+        self.project_id = backend.option("project_id") or str(account["project_id"])
+        self.base = (backend.option("endpoint") or BASE).rstrip("/")
+        self._token: str | None = None
+        self._expires = 0.0
+
+    def auth_request(self, now: float) -> HttpRequest | None:
+        if self._token is not None and now < self._expires - 60:
+            return None
+        assertion = jwt.encode({"iss": self.client_email, "scope": SCOPE, "aud": self.token_uri,
+                                "iat": int(now), "exp": int(now) + 3600},
+                               self.private_key, algorithm="RS256")
+        body = urlencode({"grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer",
+                          "assertion": assertion}).encode()
+        return HttpRequest("POST", self.token_uri,
+                           {"content-type": "application/x-www-form-urlencoded"}, body)
+
+    def auth_reply(self, status: int, body: bytes, now: float) -> None:
+        if status != 200:
+            raise ValueError(f"the OAuth token endpoint answered {status}")
+        answer = json.loads(body)
+        self._token = str(answer["access_token"])
+        self._expires = now + float(answer.get("expires_in", 3600))
+
+    def request(self, device: Device, summary: dict[str, str], now: float,
+                urgent: bool = False) -> HttpRequest:
+        message = {"token": device.token, "data": summary_payload(summary),
+                   "android": {"priority": "high" if urgent else "normal", "ttl": "86400s",
+                               "collapse_key": device.node[:64]}}
+        headers = {"content-type": "application/json",
+                   "authorization": f"Bearer {self._token}"}
+        return HttpRequest("POST", f"{self.base}/v1/projects/{self.project_id}/messages:send",
+                           headers, to_json({"message": message}))
+
+    def reply(self, status: int, headers: dict[str, str], body: bytes) -> Reply:
+        try:
+            error = json.loads(body or b"{}").get("error", {})
+            codes = {d.get("errorCode", "") for d in error.get("details", [])}
+            reason = next(iter(codes - {""}), "") or str(error.get("status", ""))
+        except (ValueError, AttributeError):
+            reason = ""
+        if codes & GONE or (status == 404 and not reason):
+            return Reply(Outcome.UNREGISTERED, reason or "404")
+        if status == 401:  # the token was refused: get a new one, then try again
+            self._token = None
+            return Reply(Outcome.RETRY, "401", 0)
+        return common_reply(status, reason)

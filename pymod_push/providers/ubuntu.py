@@ -1,0 +1,43 @@
+"""Ubuntu Push (UBports' push service) at a configurable endpoint."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+
+from ..core.config import Backend
+from ..store import Device
+from . import HttpRequest, Outcome, Reply, common_reply, summary_payload, to_json
+
+BASE = "https://push.ubports.com"
+
+
+class UbuntuPush:
+    client_certificate: str | None = None
+
+    def __init__(self, backend: Backend) -> None:
+        self.base = (backend.option("endpoint") or BASE).rstrip("/")
+
+    def auth_request(self, now: float) -> HttpRequest | None:
+        return None
+
+    def auth_reply(self, status: int, body: bytes, now: float) -> None:
+        pass
+
+    def request(self, device: Device, summary: dict[str, str], now: float,
+                urgent: bool = False) -> HttpRequest:
+        expires = datetime.fromtimestamp(now, UTC) + timedelta(days=1)
+        body = {"appid": device.application_id, "token": device.token,
+                "expire_on": expires.strftime("%Y-%m-%dT%H:%M:%S.000Z"),
+                "data": summary_payload(summary)}
+        return HttpRequest("POST", f"{self.base}/notify",
+                           {"content-type": "application/json"}, to_json(body))
+
+    def reply(self, status: int, headers: dict[str, str], body: bytes) -> Reply:
+        try:
+            error = str(json.loads(body or b"{}").get("error", ""))
+        except (ValueError, AttributeError):
+            error = ""
+        if error in ("unknown-token", "unauthorized"):
+            return Reply(Outcome.UNREGISTERED, error)
+        return common_reply(status, error)

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import re
+import ssl
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
+import http_ece  # type: ignore[import-untyped]
+import httpx
+import jwt
 import trustme
+from cryptography.hazmat.primitives.asymmetric import ec
 from hypercorn.asyncio import serve
 from hypercorn.config import Config as HypercornConfig
 
@@ -21,6 +30,8 @@ class Received:
     headers: dict[str, str]
     body: bytes
     http_version: str
+    refused: str = ""  # why the fake refused it, as the real service would
+    decrypted: bytes = b""
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -51,15 +62,19 @@ class FakeProvider:
     wait for requests with :meth:`wait_for` from theirs.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, check: Check | None = None) -> None:
         self.received: list[Received] = []
         self.answers: dict[str, tuple[int, dict[str, Any]]] = {}  # path -> (status, json)
+        # path -> answers to give once each, in order, before the usual one
+        self.next_answers: dict[str, list[tuple[int, dict[str, str]]]] = {}
+        self.check = check
         self._arrived = threading.Condition()
 
     def reset(self) -> None:
         with self._arrived:
             self.received.clear()
             self.answers.clear()
+            self.next_answers.clear()
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -77,14 +92,24 @@ class FakeProvider:
             if not message.get("more_body"):
                 break
         headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
-        status, answer = self.answers.get(scope["path"], (200, {}))
+        host, port = scope["server"]
+        headers.setdefault("host", f"{host}:{port}")
+        request = Received(scope["method"], scope["path"], headers, body, scope["http_version"])
+        refusal = self.check(request) if self.check else None  # or the fake's own answer
+        if refusal is not None and refusal[0] >= 400:
+            request.refused = json.dumps(refusal[1])
+        status, answer = refusal or self.answers.get(scope["path"], (200, {}))
+        extra: dict[str, str] = {}
+        if refusal is None and self.next_answers.get(scope["path"]):
+            status, extra = self.next_answers[scope["path"]].pop(0)
+            answer = {}
         payload = json.dumps(answer).encode() if answer else b""
         await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json")]})
+                    "headers": [(b"content-type", b"application/json"),
+                                *((k.encode(), v.encode()) for k, v in extra.items())]})
         await send({"type": "http.response.body", "body": payload})
         with self._arrived:
-            self.received.append(Received(scope["method"], scope["path"], headers, body,
-                                          scope["http_version"]))
+            self.received.append(request)
             self._arrived.notify_all()
 
     def _wait(self, count: int, timeout: float) -> list[Received]:
@@ -98,12 +123,33 @@ class FakeProvider:
         return await asyncio.to_thread(self._wait, count, timeout)
 
 
+def _import_everything_first() -> None:
+    """Import in this thread what the fake's thread would import lazily.
+
+    CPython 3.11.2 keeps AST recursion bookkeeping per interpreter, not per thread:
+    two threads compiling at once (an import, a dataclass being made) can leave it
+    broken ("AST constructor recursion depth mismatch"). So the fake's thread must
+    never be the first to import anything.
+    """
+    import h2.config  # noqa: F401
+    import h2.connection  # noqa: F401
+    import h2.events  # noqa: F401
+    import hypercorn.asyncio.run  # noqa: F401
+    import hypercorn.asyncio.task_group  # noqa: F401
+    import hypercorn.asyncio.tcp_server  # noqa: F401
+    import hypercorn.protocol  # noqa: F401
+    import hypercorn.protocol.h2  # noqa: F401
+    import hypercorn.protocol.h11  # noqa: F401
+    import hypercorn.protocol.http_stream  # noqa: F401
+
+
 def serve_in_thread(provider: FakeProvider, ca: LoopbackCA, port: int) -> None:
     """Serve ``provider`` on 127.0.0.1:port (TLS, HTTP/2) until the interpreter exits.
 
     The module keeps its HTTP/2 connection open for good, and asyncio would wait
     30 s for a TLS close_notify at shutdown: so the fake is never shut down.
     """
+    _import_everything_first()
     config = HypercornConfig()
     config.bind = [f"127.0.0.1:{port}"]
     config.certfile = str(ca.certfile)
@@ -130,3 +176,87 @@ def serve_in_thread(provider: FakeProvider, ca: LoopbackCA, port: int) -> None:
                      name=f"fake-provider-{port}").start()
     if not started.wait(20):
         raise RuntimeError(f"the fake provider did not listen on port {port}")
+    # One request through every code path of the fake, while this thread only waits.
+    with httpx.Client(http2=True, verify=ssl.create_default_context(cafile=str(ca.cafile))) \
+            as client:
+        client.post(f"https://127.0.0.1:{port}/warm-up", content=b"{}")
+    provider.reset()
+
+
+# ------------------------------------------------------------------ what real ones check
+# A check returns None to accept a request (the fake then answers as told), or the
+# answer a real service would give: an error, or a token endpoint's answer.
+Check = Callable[[Received], "tuple[int, dict[str, Any]] | None"]
+
+
+def apns_check(public_key: Any, team_id: str, key_id: str, topic: str) -> Check:
+    """APNs: a valid ES256 provider token of that team and key, the topic, a push type."""
+    def check(request: Received) -> tuple[int, dict[str, Any]] | None:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        try:
+            claims = jwt.decode(token, public_key, algorithms=["ES256"])
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            return 403, {"reason": "InvalidProviderToken"}
+        if scheme != "bearer" or claims.get("iss") != team_id or header.get("kid") != key_id:
+            return 403, {"reason": "InvalidProviderToken"}
+        if request.headers.get("apns-topic") != topic:
+            return 400, {"reason": "TopicDisallowed"}
+        if request.headers.get("apns-push-type") not in ("alert", "background", "voip"):
+            return 400, {"reason": "InvalidPushType"}
+        return None
+    return check
+
+
+def fcm_check(public_key: Any, client_email: str, project_id: str, port: int) -> Check:
+    """FCM: the token endpoint takes a service-account JWT and gives a bearer token; the send
+    endpoint wants that token and a message with a device token."""
+    issued = "fake-access-token"
+
+    def check(request: Received) -> tuple[int, dict[str, Any]] | None:
+        if request.path == "/token":
+            form = parse_qs(request.body.decode())
+            try:
+                claims = jwt.decode(form["assertion"][0], public_key, algorithms=["RS256"],
+                                    audience=f"https://127.0.0.1:{port}/token")
+            except (jwt.PyJWTError, KeyError):
+                return 400, {"error": "invalid_grant"}
+            if claims.get("iss") != client_email or "firebase.messaging" not in claims["scope"]:
+                return 400, {"error": "invalid_grant"}
+            return 200, {"access_token": issued, "expires_in": 3600}
+        if request.path != f"/v1/projects/{project_id}/messages:send":
+            return 404, {"error": {"status": "NOT_FOUND"}}
+        if request.headers.get("authorization") != f"Bearer {issued}":
+            return 401, {"error": {"status": "UNAUTHENTICATED"}}
+        if not request.json().get("message", {}).get("token"):
+            return 400, {"error": {"status": "INVALID_ARGUMENT"}}
+        return None
+    return check
+
+
+def webpush_check(receiver_keys: dict[str, tuple[Any, bytes]]) -> Check:
+    """Web Push: a VAPID JWT signed by the key it names, for this origin; a body that
+    decrypts (RFC 8291) with the subscription's keys. receiver_keys: path -> (key, auth)."""
+    def check(request: Received) -> tuple[int, dict[str, Any]] | None:
+        match = re.fullmatch(r"vapid t=([^,]+), k=(\S+)", request.headers.get("authorization", ""))
+        if match is None:
+            return 401, {"reason": "no VAPID"}
+        raw = base64.urlsafe_b64decode(match[2] + "=" * (-len(match[2]) % 4))
+        key = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), raw)
+        try:
+            jwt.decode(match[1], key, algorithms=["ES256"],
+                       audience=f"https://{request.headers.get('host', '')}")
+        except jwt.PyJWTError:
+            return 403, {"reason": "bad VAPID"}
+        if request.headers.get("content-encoding") != "aes128gcm" or "ttl" not in request.headers:
+            return 400, {"reason": "headers"}
+        if request.path not in receiver_keys:
+            return 410, {}
+        private, auth = receiver_keys[request.path]
+        try:
+            request.decrypted = http_ece.decrypt(request.body, private_key=private,
+                                                 auth_secret=auth, version="aes128gcm")
+        except Exception:  # noqa: BLE001 - any failure to decrypt is the sender's fault
+            return 400, {"reason": "does not decrypt"}
+        return None
+    return check

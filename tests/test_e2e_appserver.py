@@ -3,21 +3,32 @@ and a fake APNs (HTTP/2 over TLS, test CA) receiving what a pending user's messa
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import json
 import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from slixmpp.exceptions import IqError
 
 from devtools.instance import Instance, free_port
 from tests.conftest import Scenario
-from tests.fake_providers import FakeProvider, LoopbackCA, serve_in_thread
+from tests.fake_providers import (
+    FakeProvider,
+    LoopbackCA,
+    apns_check,
+    fcm_check,
+    serve_in_thread,
+    webpush_check,
+)
 from tests.xmpp_peers import NS_DATA, NS_PUSH, Peers, form_fields
 
 pytestmark = pytest.mark.e2e
@@ -30,7 +41,16 @@ TOPIC = "org.example.chatninja"
 class AppServerSetup:
     scenario: Scenario
     apns: FakeProvider
+    fcm: FakeProvider
+    webpush: FakeProvider
+    webpush_url: str
+    webpush_keys: dict[str, tuple[ec.EllipticCurvePrivateKey, bytes]]
     public_key: ec.EllipticCurvePublicKey
+
+
+def _pem(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
 
 
 @pytest.fixture(scope="module")
@@ -38,27 +58,46 @@ def setup() -> Iterator[AppServerSetup]:
     folder = Path(tempfile.mkdtemp(prefix="pymod_push-appserver-"))
     folder.chmod(0o755)
     ca = LoopbackCA(folder / "tls")
-    key = ec.generate_private_key(ec.SECP256R1())
-    (folder / "AuthKey_KEY123.p8").write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))
-    port = free_port()
-    apns = {"type": "apns", "app_name": "chatninja", "topic": TOPIC,
+    apns_key = ec.generate_private_key(ec.SECP256R1())
+    (folder / "AuthKey_KEY123.p8").write_bytes(_pem(apns_key))
+    fcm_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    vapid_key = ec.generate_private_key(ec.SECP256R1())
+    (folder / "vapid.pem").write_bytes(_pem(vapid_key))
+    apns_port, fcm_port, webpush_port = free_port(), free_port(), free_port()
+    (folder / "service-account.json").write_text(json.dumps({
+        "type": "service_account", "project_id": "fake-project",
+        "client_email": "push@fake-project.iam.gserviceaccount.com",
+        "private_key": _pem(fcm_key).decode(), "token_uri": f"https://127.0.0.1:{fcm_port}/token"}))
+    common = {"cafile": str(ca.cafile), "pubsub_host": "pubsub.localhost"}
+    apns = {**common, "type": "apns", "app_name": "chatninja", "topic": TOPIC,
             "key_file": str(folder / "AuthKey_KEY123.p8"), "key_id": "KEY123",
-            "team_id": "TEAM456", "endpoint": f"https://127.0.0.1:{port}",
-            "cafile": str(ca.cafile), "pubsub_host": "pubsub.localhost"}
-    options = {"access_backends": "push_users",
-               "backends": [{**apns, "register_host": "localhost"},
-                            {**apns, "app_name": "otherapp", "register_host": "push.localhost"}]}
+            "team_id": "TEAM456", "endpoint": f"https://127.0.0.1:{apns_port}"}
+    options = {"access_backends": "push_users", "backends": [
+        {**apns, "register_host": "localhost"},
+        {**apns, "app_name": "otherapp", "register_host": "push.localhost"},
+        {**common, "type": "fcm", "app_name": "chatninja", "register_host": "push.localhost",
+         "service_account_file": str(folder / "service-account.json"),
+         "endpoint": f"https://127.0.0.1:{fcm_port}"},
+        {**common, "type": "webpush", "register_host": "push.localhost",
+         "vapid_private_key_file": str(folder / "vapid.pem"),
+         "vapid_subject": "mailto:admin@localhost"}]}
     instance = Instance(folder, options=options, extra_config={
         "acl": {"local": {"user_regexp": ""}, "denied": {"user_regexp": "^mallory"}},
         "access_rules": {"push_users": [{"deny": "denied"}, {"allow": "local"}]}})
     instance.write_config()
-    apns_server = FakeProvider()
-    serve_in_thread(apns_server, ca, port)
+    fakes = {"apns": FakeProvider(apns_check(apns_key.public_key(), "TEAM456", "KEY123", TOPIC)),
+             "fcm": FakeProvider(fcm_check(fcm_key.public_key(),
+                                           "push@fake-project.iam.gserviceaccount.com",
+                                           "fake-project", fcm_port))}
+    webpush_keys: dict[str, tuple[ec.EllipticCurvePrivateKey, bytes]] = {}
+    fakes["webpush"] = FakeProvider(webpush_check(webpush_keys))
+    for name, port in (("apns", apns_port), ("fcm", fcm_port), ("webpush", webpush_port)):
+        serve_in_thread(fakes[name], ca, port)
     try:
         instance.start()
-        yield AppServerSetup(Scenario(instance), apns_server, key.public_key())
+        yield AppServerSetup(Scenario(instance), fakes["apns"], fakes["fcm"], fakes["webpush"],
+                             f"https://127.0.0.1:{webpush_port}", webpush_keys,
+                             apns_key.public_key())
     finally:
         instance.stop()
         shutil.rmtree(folder, ignore_errors=True)
@@ -106,6 +145,7 @@ def test_register_enable_and_push_through_apns(setup: AppServerSetup) -> None:
 
 def test_publish_needs_the_right_secret_and_a_known_node(setup: AppServerSetup) -> None:
     scenario = setup.scenario
+    setup.apns.reset()
 
     async def run(peers: Peers) -> None:
         server, phone, _ = await scenario.cast(peers)
@@ -129,6 +169,7 @@ def test_publish_needs_the_right_secret_and_a_known_node(setup: AppServerSetup) 
         with pytest.raises(IqError) as caught:
             await server.push_iq(unknown, to="pubsub.localhost")
         assert caught.value.iq["error"]["condition"] == "item-not-found"
+        assert setup.apns.received == []  # nothing reached the provider
         info = await server.plugin["xep_0030"].get_info(jid="pubsub.localhost")
         assert ("pubsub", "push", None, None) in info["disco_info"]["identities"]
 
@@ -184,5 +225,108 @@ def test_commands_listed_on_both_hosts_and_access_enforced(setup: AppServerSetup
             with pytest.raises(IqError) as caught:
                 await denied.command(host, "register-push-apns", {"token": TOKEN})
             assert caught.value.iq["error"]["condition"] == "forbidden"
+
+    scenario.run(run)
+
+
+async def _register_enable_pending(scenario: Scenario, peers: Peers, command: str,
+                                   fields: dict[str, str | list[str]]) -> tuple[Any, Any, str]:
+    """A user registered at the app server, push enabled with what it answered, pending."""
+    _, phone, sender = await scenario.cast(peers)
+    result = _result(await phone.command("push.localhost", command, fields))
+    node = result["node"][0]
+    await phone.enable_push(result["jid"][0], node, secret=result["secret"][0])
+    await scenario.go_pending(phone)
+    return phone, sender, node
+
+
+def test_fcm_gets_a_data_message_with_an_oauth_token(setup: AppServerSetup) -> None:
+    scenario = setup.scenario
+    setup.fcm.reset()
+
+    async def run(peers: Peers) -> None:
+        phone, sender, node = await _register_enable_pending(
+            scenario, peers, "register-push-fcm", {"token": "fcm-token-1"})
+        sender.send_message(mto=phone.boundjid.full, mbody="hello", mtype="chat")
+        token_request, send = await setup.fcm.wait_for(2)
+        assert token_request.path == "/token" and token_request.refused == ""
+        assert send.refused == "" and send.http_version == "2"
+        message = send.json()["message"]
+        assert message["token"] == "fcm-token-1"
+        assert message["data"] == {"message-count": "1", "pending-subscription-count": "0"}
+        assert message["android"]["collapse_key"] == node[:64]
+
+    scenario.run(run)
+
+
+def test_webpush_payload_is_encrypted_for_the_subscription(setup: AppServerSetup) -> None:
+    scenario = setup.scenario
+    setup.webpush.reset()
+    receiver = ec.generate_private_key(ec.SECP256R1())
+    auth = b"0123456789abcdef"
+    setup.webpush_keys["/sub/device-1"] = (receiver, auth)
+    p256dh = receiver.public_key().public_bytes(serialization.Encoding.X962,
+                                                serialization.PublicFormat.UncompressedPoint)
+
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    async def run(peers: Peers) -> None:
+        phone, sender, _ = await _register_enable_pending(
+            scenario, peers, "register-push-webpush",
+            {"endpoint": f"{setup.webpush_url}/sub/device-1", "p256dh": b64(p256dh),
+             "auth": b64(auth)})
+        sender.send_message(mto=phone.boundjid.full, mbody="secret words", mtype="chat")
+        (request,) = await setup.webpush.wait_for(1)
+        assert request.refused == ""
+        assert json.loads(request.decrypted) == {"message-count": "1",
+                                                 "pending-subscription-count": "0"}
+        assert b"secret words" not in request.body
+        assert request.headers["urgency"] == "normal" and int(request.headers["ttl"]) > 0
+
+    scenario.run(run)
+
+
+def test_a_gone_token_removes_the_registration(setup: AppServerSetup) -> None:
+    scenario = setup.scenario
+    setup.apns.reset()
+    setup.apns.answers[f"/3/device/{'ef' * 32}"] = (410, {"reason": "Unregistered"})
+
+    async def run(peers: Peers) -> None:
+        mark = scenario.instance.log_mark()
+        phone, sender, node = await _register_enable_pending(
+            scenario, peers, "register-push-apns", {"token": "ef" * 32, "device-id": "gone"})
+        sender.send_message(mto=phone.boundjid.full, mbody="hello", mtype="chat")
+        await setup.apns.wait_for(1)
+        # The publishing server (this one) was told, with an error reply.
+        await asyncio.to_thread(scenario.instance.wait_for_log,
+                                r"app server rejected a push .*\(cancel item-not-found\)", mark)
+        listed = await _owner_listing(scenario, peers, phone)
+        assert node not in listed
+
+    scenario.run(run)
+
+
+async def _owner_listing(scenario: Scenario, peers: Peers, phone: Any) -> list[str]:
+    """The nodes list-push-registrations gives the phone's account, from a new session."""
+    user = phone.boundjid.bare
+    again = await peers.user(user, "secret-" + phone.boundjid.user)
+    listed = await again.command("push.localhost", "list-push-registrations", {})
+    return [form_fields(item)["node"][0]
+            for item in listed.findall(f"{{{NS_DATA}}}x/{{{NS_DATA}}}item")]
+
+
+def test_busy_provider_is_retried_after_retry_after(setup: AppServerSetup) -> None:
+    scenario = setup.scenario
+    setup.apns.reset()
+    setup.apns.next_answers[f"/3/device/{'aa' * 32}"] = [(429, {"retry-after": "1"})]
+
+    async def run(peers: Peers) -> None:
+        phone, sender, _ = await _register_enable_pending(
+            scenario, peers, "register-push-apns", {"token": "aa" * 32})
+        sender.send_message(mto=phone.boundjid.full, mbody="hello", mtype="chat")
+        first, second = await setup.apns.wait_for(2)
+        assert first.path == second.path
+        assert first.body == second.body or json.loads(first.body) == json.loads(second.body)
 
     scenario.run(run)

@@ -10,6 +10,7 @@ import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
@@ -18,7 +19,10 @@ import http_ece  # type: ignore[import-untyped]
 import httpx
 import jwt
 import trustme
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from hypercorn.asyncio import serve
 from hypercorn.config import Config as HypercornConfig
 
@@ -123,6 +127,27 @@ class FakeProvider:
         return await asyncio.to_thread(self._wait, count, timeout)
 
 
+def client_certificate(ca: LoopbackCA, uid: str, path: Path) -> Path:
+    """A client certificate as Apple issues them: the app's bundle id as the subject's UID."""
+    ca_key = serialization.load_pem_private_key(ca.ca.private_key_pem.bytes(), None)
+    ca_cert = x509.load_pem_x509_certificate(ca.ca.cert_pem.bytes())
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.USER_ID, uid),
+                                 x509.NameAttribute(NameOID.COMMON_NAME, f"Apple Push: {uid}")]))
+        .issuer_name(ca_cert.subject).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=1)).not_valid_after(now + timedelta(days=30))
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256()))  # type: ignore[arg-type]
+    path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    return path
+
+
 def _import_everything_first() -> None:
     """Import in this thread what the fake's thread would import lazily.
 
@@ -143,7 +168,8 @@ def _import_everything_first() -> None:
     import hypercorn.protocol.http_stream  # noqa: F401
 
 
-def serve_in_thread(provider: FakeProvider, ca: LoopbackCA, port: int) -> None:
+def serve_in_thread(provider: FakeProvider, ca: LoopbackCA, port: int,
+                    require_client_certificate: bool = False) -> None:
     """Serve ``provider`` on 127.0.0.1:port (TLS, HTTP/2) until the interpreter exits.
 
     The module keeps its HTTP/2 connection open for good, and asyncio would wait
@@ -157,6 +183,9 @@ def serve_in_thread(provider: FakeProvider, ca: LoopbackCA, port: int) -> None:
     config.alpn_protocols = ["h2"]
     config.accesslog = None
     config.errorlog = None
+    if require_client_certificate:  # as APNs with certificate auth: no certificate, no TLS
+        config.ca_certs = str(ca.cafile)
+        config.verify_mode = ssl.CERT_REQUIRED
     started = threading.Event()
 
     async def main() -> None:
@@ -177,8 +206,10 @@ def serve_in_thread(provider: FakeProvider, ca: LoopbackCA, port: int) -> None:
     if not started.wait(20):
         raise RuntimeError(f"the fake provider did not listen on port {port}")
     # One request through every code path of the fake, while this thread only waits.
-    with httpx.Client(http2=True, verify=ssl.create_default_context(cafile=str(ca.cafile))) \
-            as client:
+    context = ssl.create_default_context(cafile=str(ca.cafile))
+    if require_client_certificate:
+        context.load_cert_chain(client_certificate(ca, "warm.up", ca.folder / "warm-up.pem"))
+    with httpx.Client(http2=True, verify=context) as client:
         client.post(f"https://127.0.0.1:{port}/warm-up", content=b"{}")
     provider.reset()
 

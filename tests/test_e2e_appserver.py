@@ -25,6 +25,7 @@ from tests.fake_providers import (
     FakeProvider,
     LoopbackCA,
     apns_check,
+    client_certificate,
     fcm_check,
     serve_in_thread,
     webpush_check,
@@ -41,6 +42,7 @@ TOPIC = "org.example.chatninja"
 class AppServerSetup:
     scenario: Scenario
     apns: FakeProvider
+    apns_certificate_auth: FakeProvider
     fcm: FakeProvider
     webpush: FakeProvider
     webpush_url: str
@@ -64,6 +66,8 @@ def setup() -> Iterator[AppServerSetup]:
     vapid_key = ec.generate_private_key(ec.SECP256R1())
     (folder / "vapid.pem").write_bytes(_pem(vapid_key))
     apns_port, fcm_port, webpush_port = free_port(), free_port(), free_port()
+    apns_cert_port = free_port()
+    apns_certificate = client_certificate(ca, "org.example.certapp", folder / "apns-cert.pem")
     (folder / "service-account.json").write_text(json.dumps({
         "type": "service_account", "project_id": "fake-project",
         "client_email": "push@fake-project.iam.gserviceaccount.com",
@@ -78,6 +82,8 @@ def setup() -> Iterator[AppServerSetup]:
         {**common, "type": "fcm", "app_name": "chatninja", "register_host": "push.localhost",
          "service_account_file": str(folder / "service-account.json"),
          "endpoint": f"https://127.0.0.1:{fcm_port}"},
+        {**common, "type": "apns", "app_name": "certapp", "register_host": "certs.localhost",
+         "certfile": str(apns_certificate), "endpoint": f"https://127.0.0.1:{apns_cert_port}"},
         {**common, "type": "webpush", "register_host": "push.localhost",
          "vapid_private_key_file": str(folder / "vapid.pem"),
          "vapid_subject": "mailto:admin@localhost"}]}
@@ -93,9 +99,12 @@ def setup() -> Iterator[AppServerSetup]:
     fakes["webpush"] = FakeProvider(webpush_check(webpush_keys))
     for name, port in (("apns", apns_port), ("fcm", fcm_port), ("webpush", webpush_port)):
         serve_in_thread(fakes[name], ca, port)
+    fakes["apns_cert"] = FakeProvider()
+    serve_in_thread(fakes["apns_cert"], ca, apns_cert_port, require_client_certificate=True)
     try:
         instance.start()
-        yield AppServerSetup(Scenario(instance), fakes["apns"], fakes["fcm"], fakes["webpush"],
+        yield AppServerSetup(Scenario(instance), fakes["apns"], fakes["apns_cert"], fakes["fcm"],
+                             fakes["webpush"],
                              f"https://127.0.0.1:{webpush_port}", webpush_keys,
                              apns_key.public_key())
     finally:
@@ -230,10 +239,11 @@ def test_commands_listed_on_both_hosts_and_access_enforced(setup: AppServerSetup
 
 
 async def _register_enable_pending(scenario: Scenario, peers: Peers, command: str,
-                                   fields: dict[str, str | list[str]]) -> tuple[Any, Any, str]:
+                                   fields: dict[str, str | list[str]],
+                                   host: str = "push.localhost") -> tuple[Any, Any, str]:
     """A user registered at the app server, push enabled with what it answered, pending."""
     _, phone, sender = await scenario.cast(peers)
-    result = _result(await phone.command("push.localhost", command, fields))
+    result = _result(await phone.command(host, command, fields))
     node = result["node"][0]
     await phone.enable_push(result["jid"][0], node, secret=result["secret"][0])
     await scenario.go_pending(phone)
@@ -328,5 +338,22 @@ def test_busy_provider_is_retried_after_retry_after(setup: AppServerSetup) -> No
         first, second = await setup.apns.wait_for(2)
         assert first.path == second.path
         assert first.body == second.body or json.loads(first.body) == json.loads(second.body)
+
+    scenario.run(run)
+
+
+def test_apns_certificate_auth_and_topic_from_the_certificate(setup: AppServerSetup) -> None:
+    scenario = setup.scenario
+    fake = setup.apns_certificate_auth
+    fake.reset()
+
+    async def run(peers: Peers) -> None:
+        phone, sender, _ = await _register_enable_pending(
+            scenario, peers, "register-push-apns", {"token": TOKEN}, host="certs.localhost")
+        sender.send_message(mto=phone.boundjid.full, mbody="hello", mtype="chat")
+        # The fake requires a client certificate from the test CA: no certificate, no request.
+        (request,) = await fake.wait_for(1)
+        assert request.headers["apns-topic"] == "org.example.certapp"
+        assert "authorization" not in request.headers
 
     scenario.run(run)

@@ -357,3 +357,50 @@ def test_apns_certificate_auth_and_topic_from_the_certificate(setup: AppServerSe
         assert "authorization" not in request.headers
 
     scenario.run(run)
+
+
+def test_bad_backend_options_are_refused_naming_the_option(setup: AppServerSetup) -> None:
+    instance = setup.scenario.instance
+    conf = instance.folder / "modules" / "mod_push_py" / "conf" / "mod_push_py.yml"
+    original = conf.read_text()
+    broken = original.replace("key_id: KEY123", "key_idd: KEY123", 1)
+    assert broken != original
+    try:
+        conf.write_text(broken)
+        mark = instance.log_mark()
+        instance.ctl("reload_config", check=False)
+        line = instance.wait_for_log(r"Configuration reload aborted|Invalid value", mark)
+        assert "key_id" in line
+    finally:
+        conf.write_text(original)
+
+
+def test_registrations_survive_a_restart(setup: AppServerSetup) -> None:
+    scenario = setup.scenario
+    setup.apns.reset()
+    accounts: dict[str, tuple[str, str]] = {}
+
+    async def register(peers: Peers) -> None:
+        _, phone, _ = await scenario.cast(peers)
+        fields = _result(await phone.command("localhost", "register-push-apns",
+                                             {"token": TOKEN}))
+        accounts["device"] = (fields["node"][0], fields["secret"][0])
+
+    scenario.run(register)
+    scenario.instance.stop()
+    scenario.instance.start()  # module_upgrade of the installed module, same database
+
+    async def publish(peers: Peers) -> None:
+        server, _, _ = await scenario.cast(peers)
+        node, secret = accounts["device"]
+        await server.push_iq(
+            f"<pubsub xmlns='http://jabber.org/protocol/pubsub'><publish node='{node}'><item>"
+            f"<notification xmlns='{NS_PUSH}'/></item></publish><publish-options>"
+            f"<x xmlns='{NS_DATA}' type='submit'><field var='FORM_TYPE'><value>"
+            "http://jabber.org/protocol/pubsub#publish-options</value></field>"
+            f"<field var='secret'><value>{secret}</value></field></x></publish-options>"
+            "</pubsub>", to="pubsub.localhost")
+        (request,) = await setup.apns.wait_for(1)
+        assert request.path == f"/3/device/{TOKEN}"
+
+    scenario.run(publish)

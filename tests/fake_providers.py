@@ -183,6 +183,7 @@ def serve_in_thread(provider: FakeProvider, ca: LoopbackCA, port: int,
     config.alpn_protocols = ["h2"]
     config.accesslog = None
     config.errorlog = None
+    config.keep_alive_max_requests = 10**9  # real providers keep connections for hours
     if require_client_certificate:  # as APNs with certificate auth: no certificate, no TLS
         config.ca_certs = str(ca.cafile)
         config.verify_mode = ssl.CERT_REQUIRED
@@ -291,3 +292,23 @@ def webpush_check(receiver_keys: dict[str, tuple[Any, bytes]]) -> Check:
             return 400, {"reason": "does not decrypt"}
         return None
     return check
+
+
+def main() -> None:
+    """``python -m tests.fake_providers PORT CA_FOLDER``: serve a fake provider that answers
+    200 until its stdin closes, then print how many requests it received (for benchmarks)."""
+    import sys
+    from types import SimpleNamespace
+
+    port, folder = int(sys.argv[1]), Path(sys.argv[2])
+    ca = SimpleNamespace(cafile=folder / "ca.pem", certfile=folder / "server.pem",
+                         keyfile=folder / "server.key")
+    provider = FakeProvider()
+    serve_in_thread(provider, ca, port)  # type: ignore[arg-type]
+    print("listening", flush=True)
+    sys.stdin.read()
+    print(len(provider.received), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -7,6 +7,7 @@ import logging
 import random
 import ssl
 import time
+from collections import Counter
 from collections.abc import Callable
 
 import httpx
@@ -23,6 +24,7 @@ from .wns import Wns
 log = logging.getLogger("pymod_push")
 RETRY_DELAYS = (1.0, 5.0, 30.0, 120.0)  # then the push is given up (and logged)
 MAX_RETRY_AFTER = 600.0
+MAX_IN_FLIGHT = 100  # per backend: what providers allow as concurrent HTTP/2 streams
 PROVIDERS: dict[str, Callable[[Backend], Provider]] = {
     "apns": Apns, "fcm": Fcm, "webpush": WebPush, "wns": Wns, "ubuntu": UbuntuPush}
 
@@ -51,11 +53,16 @@ class Dispatcher:
         self._route = route
         self._providers: dict[int, Provider] = {}
         self._clients: dict[int, httpx.AsyncClient] = {}
+        self._in_flight: dict[int, asyncio.Semaphore] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        # (provider, outcome) -> pushes; outcomes: delivered, unregistered, failed,
+        # given_up (retries used up), dropped (backend unusable), retried (attempts)
+        self.counters: Counter[tuple[str, str]] = Counter()
         for backend in config.backends:
             try:
                 provider = PROVIDERS[backend.group](backend)
                 client = httpx.AsyncClient(http2=True, timeout=15,
+                                           limits=httpx.Limits(max_connections=4),
                                            verify=tls_context(backend,
                                                               provider.client_certificate))
             except (OSError, ValueError, ssl.SSLError) as exc:
@@ -63,6 +70,7 @@ class Dispatcher:
                 continue
             self._providers[backend.index] = provider
             self._clients[backend.index] = client
+            self._in_flight[backend.index] = asyncio.Semaphore(MAX_IN_FLIGHT)
 
     def submit(self, delivery: Delivery) -> None:
         task = asyncio.get_running_loop().create_task(self._send(delivery))
@@ -75,32 +83,40 @@ class Dispatcher:
         device = delivery.device
         where = f"{device.user} device {device.device_id!r} via {delivery.backend.type}"
         if provider is None or client is None:
+            self.counters[(delivery.backend.group, "dropped")] += 1
             log.warning("push for %s dropped: its backend is not available", where)
             self._route(publish_answer(delivery, Outcome.FAILED))
             return
         for attempt in range(len(RETRY_DELAYS) + 1):
             headers: dict[str, str] = {}
             try:
-                await self._authorize(provider, client)
-                request = provider.request(device, delivery.summary, time.time())
-                response = await _send(client, request)
+                async with self._in_flight[index]:
+                    await self._authorize(provider, client)
+                    request = provider.request(device, delivery.summary, time.time())
+                    response = await _send(client, request)
                 headers = dict(response.headers)
                 reply = provider.reply(response.status_code, headers, response.content)
             except (httpx.HTTPError, ValueError, KeyError) as exc:
                 reply = Reply(Outcome.RETRY, type(exc).__name__)
             if attempt == 0:
                 self._route(publish_answer(delivery, reply.outcome, reply.reason))
+            group = delivery.backend.group
             if reply.outcome is Outcome.DELIVERED:
+                self.counters[(group, "delivered")] += 1
                 log.debug("push delivered to %s", where)
                 return
             if reply.outcome is Outcome.UNREGISTERED:
+                self.counters[(group, "unregistered")] += 1
                 log.info("push provider says %s is gone (%s): registration removed", where,
                          reply.reason)
                 self._device_gone(delivery.device.node)
                 return
             if reply.outcome is Outcome.FAILED or attempt == len(RETRY_DELAYS):
-                log.warning("push to %s failed: %s", where, reply.reason)
+                outcome = "failed" if reply.outcome is Outcome.FAILED else "given_up"
+                self.counters[(group, outcome)] += 1
+                log.warning("push to %s %s: %s", where, outcome.replace("_", " "), reply.reason)
                 return
+            self.counters[(group, "retried")] += 1
             delay = retry_delay(reply, headers, attempt)
             log.info("push to %s deferred (%s), retrying in %.0f s", where, reply.reason, delay)
             await asyncio.sleep(delay)

@@ -50,7 +50,7 @@ stop:
 
 bench: venv
 	$(PY) -m bench.port_events
-	$(PY) -m bench.provider_dispatch 2>/dev/null
+	$(PY) -m bench.provider_dispatch
 
 clean: stop
 	rm -rf $(VENV) $(RUN_DIR) .pytest_cache .mypy_cache .ruff_cache .hypothesis

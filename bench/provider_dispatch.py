@@ -72,7 +72,7 @@ def main() -> int:
         port = free_port()
         fake = subprocess.Popen([sys.executable, "-m", "tests.fake_providers", str(port),
                                  str(folder / "tls")], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, text=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         assert fake.stdout is not None and fake.stdin is not None
         if fake.stdout.readline().strip() != "listening":
             raise RuntimeError("the fake APNs did not start")

@@ -1,0 +1,203 @@
+"""Provider requests and replies, without a network: what is sent, what an answer means."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+from typing import Any
+
+import http_ece  # type: ignore[import-untyped]
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from pymod_push.core.config import Backend
+from pymod_push.providers import Outcome, Reply
+from pymod_push.providers.apns import Apns
+from pymod_push.providers.dispatch import RETRY_DELAYS, retry_delay
+from pymod_push.providers.fcm import Fcm
+from pymod_push.providers.ubuntu import UbuntuPush
+from pymod_push.providers.webpush import WebPush
+from pymod_push.providers.wns import Wns
+from pymod_push.store import Device
+
+COUNTS = {"FORM_TYPE": "urn:xmpp:push:summary", "message-count": "2",
+          "pending-subscription-count": "0"}
+
+
+def pem(key: Any) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def backend(kind: str, **options: str) -> Backend:
+    return Backend(0, kind, "app", "push.example.org", "pubsub.example.org", options)
+
+
+def device(token: str = "ab" * 32, **extra: str) -> Device:
+    return Device("node-1", "secret", "alice@example.org", "phone", "", "x", "app",
+                  "pubsub.example.org", token, **extra)
+
+
+@pytest.fixture
+def apns(tmp_path: Path) -> tuple[Apns, ec.EllipticCurvePrivateKey]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    (tmp_path / "key.p8").write_bytes(pem(key))
+    return Apns(backend("apns", key_file=str(tmp_path / "key.p8"), key_id="K1", team_id="T1",
+                        topic="org.example.app")), key
+
+
+def test_apns_alert_when_there_is_something_to_show(apns: tuple[Apns, Any]) -> None:
+    provider, key = apns
+    request = provider.request(device(), COUNTS, 1000.0)
+    assert request.url == f"https://api.push.apple.com/3/device/{'ab' * 32}"
+    assert request.headers["apns-push-type"] == "alert"
+    assert request.headers["apns-priority"] == "10"
+    assert request.headers["apns-expiration"] == str(1000 + 24 * 3600)
+    payload = json.loads(request.body)
+    assert payload["aps"]["alert"] == {"body": "2 new messages"}
+    assert payload["aps"]["mutable-content"] == 1
+    assert payload["message-count"] == "2" and "FORM_TYPE" not in payload
+    token = request.headers["authorization"].removeprefix("bearer ")
+    assert jwt.decode(token, key.public_key(), algorithms=["ES256"])["iss"] == "T1"
+
+
+def test_apns_background_push_when_nothing_to_show(apns: tuple[Apns, Any]) -> None:
+    provider, _ = apns
+    request = provider.request(device(), {"FORM_TYPE": "urn:xmpp:push:summary"}, 1000.0)
+    assert request.headers["apns-push-type"] == "background"
+    assert request.headers["apns-priority"] == "5"
+    assert json.loads(request.body)["aps"] == {"content-available": 1}
+
+
+def test_apns_sender_and_body_only_when_the_summary_has_them(apns: tuple[Apns, Any]) -> None:
+    provider, _ = apns
+    summary = {**COUNTS, "last-message-sender": "bob@example.org/pc",
+               "last-message-body": "Hi"}
+    request = provider.request(device(), summary, 1000.0)
+    assert json.loads(request.body)["aps"]["alert"] == {"title": "bob@example.org", "body": "Hi"}
+
+
+def test_apns_token_is_reused_for_40_minutes(apns: tuple[Apns, Any]) -> None:
+    provider, _ = apns
+    first = provider.bearer(0.0)
+    assert provider.bearer(39 * 60.0) == first
+    assert provider.bearer(41 * 60.0) != first
+
+
+@pytest.mark.parametrize(("status", "reason", "outcome"), [
+    (200, "", Outcome.DELIVERED), (410, "Unregistered", Outcome.UNREGISTERED),
+    (400, "BadDeviceToken", Outcome.UNREGISTERED), (429, "TooManyRequests", Outcome.RETRY),
+    (503, "ServiceUnavailable", Outcome.RETRY), (400, "PayloadTooLarge", Outcome.FAILED),
+    (403, "ExpiredProviderToken", Outcome.RETRY),
+])
+def test_apns_replies(apns: tuple[Apns, Any], status: int, reason: str, outcome: Outcome) -> None:
+    provider, _ = apns
+    body = json.dumps({"reason": reason}).encode() if reason else b""
+    assert provider.reply(status, {}, body).outcome is outcome
+
+
+@pytest.fixture
+def fcm(tmp_path: Path) -> tuple[Fcm, rsa.RSAPrivateKey]:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    (tmp_path / "sa.json").write_text(json.dumps({
+        "project_id": "proj", "client_email": "svc@proj.iam", "private_key": pem(key).decode(),
+        "token_uri": "https://oauth.example/token"}))
+    return Fcm(backend("fcm", service_account_file=str(tmp_path / "sa.json"))), key
+
+
+def test_fcm_oauth_token_then_data_message(fcm: tuple[Fcm, Any]) -> None:
+    provider, key = fcm
+    auth = provider.auth_request(1000.0)
+    assert auth is not None and auth.url == "https://oauth.example/token"
+    assertion = dict(pair.split("=", 1) for pair in auth.body.decode().split("&"))["assertion"]
+    claims = jwt.decode(assertion, key.public_key(), algorithms=["RS256"],
+                        audience="https://oauth.example/token", options={"verify_exp": False})
+    assert claims["iss"] == "svc@proj.iam"
+    provider.auth_reply(200, b'{"access_token": "tok", "expires_in": 3600}', 1000.0)
+    assert provider.auth_request(2000.0) is None  # cached
+    assert provider.auth_request(1000.0 + 3590) is not None  # about to expire
+    request = provider.request(device("fcm-token"), COUNTS, 1000.0, urgent=True)
+    assert request.url == "https://fcm.googleapis.com/v1/projects/proj/messages:send"
+    assert request.headers["authorization"] == "Bearer tok"
+    message = json.loads(request.body)["message"]
+    assert message["token"] == "fcm-token" and message["android"]["priority"] == "high"
+    assert message["data"] == {"message-count": "2", "pending-subscription-count": "0"}
+
+
+def test_fcm_replies(fcm: tuple[Fcm, Any]) -> None:
+    provider, _ = fcm
+    gone = json.dumps({"error": {"status": "NOT_FOUND", "details": [
+        {"errorCode": "UNREGISTERED"}]}}).encode()
+    assert provider.reply(404, {}, gone).outcome is Outcome.UNREGISTERED
+    provider.auth_reply(200, b'{"access_token": "tok"}', 0.0)
+    assert provider.reply(401, {}, b"{}") == Reply(Outcome.RETRY, "401", 0)
+    assert provider.auth_request(1.0) is not None  # a refused token is fetched again
+    assert provider.reply(503, {}, b"").outcome is Outcome.RETRY
+    assert provider.reply(200, {}, b"{}").outcome is Outcome.DELIVERED
+
+
+def test_webpush_encrypts_for_the_subscription_and_signs_vapid(tmp_path: Path) -> None:
+    vapid = ec.generate_private_key(ec.SECP256R1())
+    (tmp_path / "vapid.pem").write_bytes(pem(vapid))
+    provider = WebPush(backend("webpush", vapid_private_key_file=str(tmp_path / "vapid.pem"),
+                               vapid_subject="mailto:ops@example.org"))
+    receiver = ec.generate_private_key(ec.SECP256R1())
+    auth = b"sixteen byte key"
+
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    p256dh = receiver.public_key().public_bytes(serialization.Encoding.X962,
+                                                serialization.PublicFormat.UncompressedPoint)
+    subscription = device("https://push.example.net/wpush/abc", p256dh=b64(p256dh),
+                          auth=b64(auth))
+    request = provider.request(subscription, COUNTS, 1000.0)
+    plain = http_ece.decrypt(request.body, private_key=receiver, auth_secret=auth,
+                             version="aes128gcm")
+    assert json.loads(plain) == {"message-count": "2", "pending-subscription-count": "0"}
+    assert request.headers["content-encoding"] == "aes128gcm"
+    token = request.headers["authorization"].split("t=", 1)[1].split(",", 1)[0]
+    claims = jwt.decode(token, vapid.public_key(), algorithms=["ES256"],
+                        audience="https://push.example.net", options={"verify_exp": False})
+    assert claims["sub"] == "mailto:ops@example.org"
+    assert provider.reply(410, {}, b"").outcome is Outcome.UNREGISTERED
+    assert provider.reply(404, {}, b"").outcome is Outcome.UNREGISTERED
+    assert provider.reply(429, {}, b"").outcome is Outcome.RETRY
+    assert provider.reply(201, {}, b"").outcome is Outcome.DELIVERED
+
+
+def test_wns_token_refreshed_once_on_401() -> None:
+    provider = Wns(backend("wns", package_sid="ms-app://sid", auth_key="secret"))
+    auth = provider.auth_request(0.0)
+    assert auth is not None and auth.url == "https://login.live.com/accesstoken.srf"
+    assert b"client_id=ms-app%3A%2F%2Fsid" in auth.body
+    provider.auth_reply(200, b'{"access_token": "w1", "expires_in": 86400}', 0.0)
+    request = provider.request(device("https://db5.notify.windows.com/?token=x"), COUNTS, 0.0)
+    assert request.headers["authorization"] == "Bearer w1"
+    assert request.headers["x-wns-type"] == "wns/raw"
+    assert provider.reply(401, {}, b"").outcome is Outcome.RETRY
+    assert provider.auth_request(1.0) is not None
+    assert provider.reply(410, {}, b"").outcome is Outcome.UNREGISTERED
+
+
+def test_ubuntu_push_to_the_configured_endpoint() -> None:
+    provider = UbuntuPush(backend("ubuntu", endpoint="https://push.example.org/"))
+    request = provider.request(device("tok", application_id="app.id_app"), COUNTS, 0.0)
+    assert request.url == "https://push.example.org/notify"
+    body = json.loads(request.body)
+    assert body["appid"] == "app.id_app" and body["token"] == "tok"
+    assert body["data"]["message-count"] == "2"
+    assert provider.reply(400, {}, b'{"error": "unknown-token"}').outcome is Outcome.UNREGISTERED
+    assert provider.reply(200, {}, b"{}").outcome is Outcome.DELIVERED
+
+
+def test_retry_delays_honour_retry_after_with_bounds_and_jitter() -> None:
+    retry = Reply(Outcome.RETRY, "503")
+    assert retry_delay(retry, {"retry-after": "7"}, 0) == 7.0
+    assert retry_delay(retry, {"retry-after": "99999"}, 0) == 600.0
+    delays = {retry_delay(retry, {}, 1) for _ in range(20)}
+    assert all(0.8 * RETRY_DELAYS[1] <= d <= 1.2 * RETRY_DELAYS[1] for d in delays)
+    assert len(delays) > 1

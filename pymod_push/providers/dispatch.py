@@ -10,13 +10,12 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
-import httpx
-
 from ..appservice import Delivery, publish_answer
 from ..core.config import Backend, Config
 from . import HttpRequest, Outcome, Provider, Reply
 from .apns import Apns
 from .fcm import Fcm
+from .http2 import Http2Client, HttpError, Response
 from .ubuntu import UbuntuPush
 from .webpush import WebPush
 from .wns import Wns
@@ -52,7 +51,7 @@ class Dispatcher:
         self._device_gone = device_gone
         self._route = route
         self._providers: dict[int, Provider] = {}
-        self._clients: dict[int, httpx.AsyncClient] = {}
+        self._clients: dict[int, Http2Client] = {}
         self._in_flight: dict[int, asyncio.Semaphore] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         # (provider, outcome) -> pushes; outcomes: delivered, unregistered, failed,
@@ -61,10 +60,7 @@ class Dispatcher:
         for backend in config.backends:
             try:
                 provider = PROVIDERS[backend.group](backend)
-                client = httpx.AsyncClient(http2=True, timeout=15,
-                                           limits=httpx.Limits(max_connections=4),
-                                           verify=tls_context(backend,
-                                                              provider.client_certificate))
+                client = Http2Client(tls_context(backend, provider.client_certificate))
             except (OSError, ValueError, ssl.SSLError) as exc:
                 log.error("backend %d (%s) cannot be used: %s", backend.index, backend.type, exc)
                 continue
@@ -94,9 +90,9 @@ class Dispatcher:
                     await self._authorize(provider, client)
                     request = provider.request(device, delivery.summary, time.time())
                     response = await _send(client, request)
-                headers = dict(response.headers)
+                headers = response.headers
                 reply = provider.reply(response.status_code, headers, response.content)
-            except (httpx.HTTPError, ValueError, KeyError) as exc:
+            except (HttpError, ValueError, KeyError) as exc:
                 reply = Reply(Outcome.RETRY, type(exc).__name__)
             if attempt == 0:
                 self._route(publish_answer(delivery, reply.outcome, reply.reason))
@@ -122,7 +118,7 @@ class Dispatcher:
             await asyncio.sleep(delay)
 
     @staticmethod
-    async def _authorize(provider: Provider, client: httpx.AsyncClient) -> None:
+    async def _authorize(provider: Provider, client: Http2Client) -> None:
         """Fetch an OAuth token first if the provider needs a (new) one."""
         request = provider.auth_request(time.time())
         if request is not None:
@@ -134,6 +130,5 @@ class Dispatcher:
             await client.aclose()
 
 
-async def _send(client: httpx.AsyncClient, request: HttpRequest) -> httpx.Response:
-    return await client.request(request.method, request.url, headers=request.headers,
-                                content=request.body)
+async def _send(client: Http2Client, request: HttpRequest) -> Response:
+    return await client.request(request.method, request.url, request.headers, request.body)

@@ -50,6 +50,10 @@ class Instance:
     dist_port: int = 0
     modules: dict[str, Any] = field(default_factory=dict)
     extra_config: dict[str, Any] = field(default_factory=dict)  # acl, access_rules, ...
+    s2s_port: int = 0  # listen for other servers here (0: no s2s)
+    s2s_ip: str = "127.0.0.1"
+    s2s_peer_port: int = 0  # where the other servers listen (outgoing_s2s_port)
+    extra_hosts: list[str] = field(default_factory=list)  # names Erlang resolves to 127.0.0.1
     python: str = field(default_factory=default_python)
 
     def __post_init__(self) -> None:
@@ -79,7 +83,11 @@ class Instance:
             f"ERL_DIST_PORT={self.dist_port}\n"
             "INET_DIST_INTERFACE=127.0.0.1\n"
             "EJABBERD_BYPASS_WARNINGS=true\n")
-        shutil.copy("/etc/ejabberd/inetrc", self.folder / "inetrc")
+        inetrc = Path("/etc/ejabberd/inetrc").read_text()
+        if self.extra_hosts:
+            names = ", ".join(f'"{name}"' for name in self.extra_hosts)
+            inetrc += f"{{host, {{127,0,0,1}}, [{names}]}}.\n"
+        (self.folder / "inetrc").write_text(inetrc)
         modules: dict[str, Any] = {
             "mod_adhoc": {}, "mod_disco": {}, "mod_roster": {}, "mod_offline": {},
             "mod_caps": {}, "mod_client_state": {}, "mod_mam": {}, "mod_admin_extra": {},
@@ -98,6 +106,13 @@ class Instance:
             "modules": modules,
             **self.extra_config,
         }
+        if self.s2s_port:
+            config["listen"].append({"port": self.s2s_port, "ip": self.s2s_ip,
+                                     "module": "ejabberd_s2s_in"})
+            config["outgoing_s2s_port"] = self.s2s_peer_port
+            config["outgoing_s2s_families"] = ["ipv4"]
+            config["s2s_use_starttls"] = False
+            modules["mod_s2s_dialback"] = {}
         (self.folder / "ejabberd.yml").write_text(yaml.safe_dump(config, sort_keys=False))
         self._stage_module_sources()
         subprocess.run(["chown", "-R", f"{EJABBERD_USER}:{EJABBERD_USER}", str(self.folder)],

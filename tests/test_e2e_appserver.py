@@ -48,6 +48,8 @@ class AppServerSetup:
     webpush_url: str
     webpush_keys: dict[str, tuple[ec.EllipticCurvePrivateKey, bytes]]
     public_key: ec.EllipticCurvePublicKey
+    s2s_port: int  # this server's
+    remote_s2s_port: int  # where the other server of the s2s test listens
 
 
 def _pem(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> bytes:
@@ -67,6 +69,7 @@ def setup() -> Iterator[AppServerSetup]:
     (folder / "vapid.pem").write_bytes(_pem(vapid_key))
     apns_port, fcm_port, webpush_port = free_port(), free_port(), free_port()
     apns_cert_port = free_port()
+    s2s_port, remote_s2s_port = free_port(), free_port()
     apns_certificate = client_certificate(ca, "org.example.certapp", folder / "apns-cert.pem")
     (folder / "service-account.json").write_text(json.dumps({
         "type": "service_account", "project_id": "fake-project",
@@ -82,6 +85,9 @@ def setup() -> Iterator[AppServerSetup]:
         {**common, "type": "fcm", "app_name": "chatninja", "register_host": "push.localhost",
          "service_account_file": str(folder / "service-account.json"),
          "endpoint": f"https://127.0.0.1:{fcm_port}"},
+        # Published to over s2s: other servers find it by its name, an IP address here
+        # since the test has no DNS.
+        {**apns, "app_name": "s2sapp", "register_host": "localhost", "pubsub_host": "127.0.0.2"},
         {**common, "type": "apns", "app_name": "certapp", "register_host": "certs.localhost",
          "certfile": str(apns_certificate), "endpoint": f"https://127.0.0.1:{apns_cert_port}"},
         {**common, "type": "webpush", "register_host": "push.localhost",
@@ -89,7 +95,8 @@ def setup() -> Iterator[AppServerSetup]:
          "vapid_subject": "mailto:admin@localhost"}]}
     instance = Instance(folder, options=options, extra_config={
         "acl": {"local": {"user_regexp": ""}, "denied": {"user_regexp": "^mallory"}},
-        "access_rules": {"push_users": [{"deny": "denied"}, {"allow": "local"}]}})
+        "access_rules": {"push_users": [{"deny": "denied"}, {"allow": "local"}]}},
+        s2s_port=s2s_port, s2s_peer_port=remote_s2s_port, s2s_ip="127.0.0.2")
     instance.write_config()
     fakes = {"apns": FakeProvider(apns_check(apns_key.public_key(), "TEAM456", "KEY123", TOPIC)),
              "fcm": FakeProvider(fcm_check(fcm_key.public_key(),
@@ -106,7 +113,7 @@ def setup() -> Iterator[AppServerSetup]:
         yield AppServerSetup(Scenario(instance), fakes["apns"], fakes["apns_cert"], fakes["fcm"],
                              fakes["webpush"],
                              f"https://127.0.0.1:{webpush_port}", webpush_keys,
-                             apns_key.public_key())
+                             apns_key.public_key(), s2s_port, remote_s2s_port)
     finally:
         instance.stop()
         shutil.rmtree(folder, ignore_errors=True)
@@ -404,3 +411,59 @@ def test_registrations_survive_a_restart(setup: AppServerSetup) -> None:
         assert request.path == f"/3/device/{TOKEN}"
 
     scenario.run(publish)
+
+
+def _publish_xml(node: str, secret: str) -> str:
+    return (f"<pubsub xmlns='http://jabber.org/protocol/pubsub'><publish node='{node}'><item>"
+            f"<notification xmlns='{NS_PUSH}'><x xmlns='{NS_DATA}' type='submit'>"
+            "<field var='FORM_TYPE'><value>urn:xmpp:push:summary</value></field>"
+            "<field var='message-count'><value>3</value></field></x></notification></item>"
+            f"</publish><publish-options><x xmlns='{NS_DATA}' type='submit'>"
+            "<field var='FORM_TYPE'><value>http://jabber.org/protocol/pubsub#publish-options"
+            f"</value></field><field var='secret'><value>{secret}</value></field></x>"
+            "</publish-options></pubsub>")
+
+
+def test_publishes_from_another_server_over_s2s(setup: AppServerSetup) -> None:
+    """A second ejabberd (no push module), domain 127.0.0.3, publishes to our pubsub host."""
+    scenario = setup.scenario
+    setup.apns.reset()
+    folder = Path(tempfile.mkdtemp(prefix="pymod_push-remote-"))
+    folder.chmod(0o755)
+    remote = Instance(folder, host="127.0.0.3", s2s_port=setup.remote_s2s_port,
+                      s2s_peer_port=setup.s2s_port, s2s_ip="127.0.0.3")
+    remote.write_config()
+    try:
+        remote.start(install=False)
+        remote_scenario = Scenario(remote)
+        publisher = remote_scenario.account("carol")
+
+        async def register(peers: Peers) -> tuple[str, str]:
+            _, phone, _ = await scenario.cast(peers)
+            fields = _result(await phone.command("localhost", "register-push-apns",
+                                                 {"token": TOKEN, "application-name": "s2sapp"}))
+            assert fields["jid"] == ["127.0.0.2"]
+            return fields["node"][0], fields["secret"][0]
+
+        device: list[tuple[str, str]] = []
+
+        async def run_register(peers: Peers) -> None:
+            device.append(await register(peers))
+
+        scenario.run(run_register)
+        node, secret = device[0]
+
+        async def publish(peers: Peers) -> None:
+            client = await peers.user(*publisher)
+            await client.push_iq(_publish_xml(node, secret), to="127.0.0.2")
+            (request,) = await setup.apns.wait_for(1)
+            assert request.path == f"/3/device/{TOKEN}"
+            assert json.loads(request.body)["message-count"] == "3"
+            with pytest.raises(IqError) as caught:
+                await client.push_iq(_publish_xml(node, "wrong"), to="127.0.0.2")
+            assert caught.value.iq["error"]["condition"] == "forbidden"
+
+        remote_scenario.run(publish)
+    finally:
+        remote.stop()
+        shutil.rmtree(folder, ignore_errors=True)

@@ -273,7 +273,27 @@ mod_doc() ->
             #{value => ?T("Number"),
               desc => ?T("How many events are kept while the Python process "
                          "is restarting; more are dropped and logged. The "
-                         "default is '10000'.")}}]}.
+                         "default is '10000'.")}},
+           {access_backends,
+            #{value => ?T("AccessName"),
+              desc => ?T("Who may register at the built-in app server. The "
+                         "default is 'all'.")}},
+           {certfile,
+            #{value => ?T("Path"),
+              desc => ?T("Default client certificate (PEM with its key) for "
+                         "backends that authenticate with one (APNs).")}},
+           {backends,
+            #{value => "[Backend]",
+              desc => ?T("The built-in app server: a list of backends, each with "
+                         "'type' (apns, fcm, gcm, webpush, mozilla, ubuntu, wns), "
+                         "'register_host', 'pubsub_host', 'app_name' (default "
+                         "'any', only for types without credentials) and what "
+                         "the provider needs: 'topic', 'key_file', 'key_id', "
+                         "'team_id', 'sandbox', 'certfile' (APNs); "
+                         "'service_account_file', 'project_id' (FCM); "
+                         "'vapid_private_key_file', 'vapid_subject' (Web Push); "
+                         "'auth_key', 'package_sid' (WNS); and for all 'endpoint' "
+                         "and 'cafile'. The default is '[]'.")}}]}.
 
 %%%===================================================================
 %%% The IQ handler and hooks (run in c2s and router processes)

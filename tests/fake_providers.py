@@ -312,3 +312,33 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def wns_check(package_sid: str, secret: str) -> Check:
+    """WNS: client credentials give a token; a raw notification needs it and its headers."""
+    issued = "wns-token-1"
+
+    def check(request: Received) -> tuple[int, dict[str, Any]] | None:
+        if request.path == "/accesstoken.srf":
+            form = {k: v[0] for k, v in parse_qs(request.body.decode()).items()}
+            if form.get("client_id") != package_sid or form.get("client_secret") != secret \
+                    or form.get("scope") != "notify.windows.com":
+                return 400, {"error": "invalid_client"}
+            return 200, {"access_token": issued, "token_type": "bearer", "expires_in": 86400}
+        if request.headers.get("authorization") != f"Bearer {issued}":
+            return 401, {}
+        if request.headers.get("x-wns-type") != "wns/raw":
+            return 400, {}
+        return None
+    return check
+
+
+def ubuntu_check(request: Received) -> tuple[int, dict[str, Any]] | None:
+    """Ubuntu Push: POST /notify with appid, token, expire_on and data."""
+    try:
+        body = request.json()
+    except ValueError:
+        return 400, {"error": "invalid-request"}
+    if request.path != "/notify" or not {"appid", "token", "expire_on", "data"} <= set(body):
+        return 400, {"error": "invalid-request"}
+    return None

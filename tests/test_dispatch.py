@@ -1,0 +1,107 @@
+"""The provider edge against fakes over HTTP/2 and TLS, without ejabberd: WNS and Ubuntu Push
+(APNs, FCM and Web Push are driven end to end in test_e2e_appserver.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from devtools.instance import free_port
+from pymod_push.appservice import Delivery
+from pymod_push.core.appserver import Iq
+from pymod_push.core.config import Backend, Config
+from pymod_push.providers.dispatch import Dispatcher
+from pymod_push.store import Device
+from tests.fake_providers import (
+    FakeProvider,
+    LoopbackCA,
+    Received,
+    serve_in_thread,
+    ubuntu_check,
+    wns_check,
+)
+
+SUMMARY = {"FORM_TYPE": "urn:xmpp:push:summary", "message-count": "1"}
+
+
+@pytest.fixture(scope="module")
+def ca() -> Iterator[LoopbackCA]:
+    with tempfile.TemporaryDirectory() as folder:
+        yield LoopbackCA(Path(folder) / "tls")
+
+
+Counters = dict[tuple[str, str], int]
+
+
+def push(backend: Backend, device: Device) -> tuple[list[str], list[str], Counters]:
+    """Send one delivery; the publish answers, the removed nodes and the counters."""
+    answers: list[str] = []
+    gone: list[str] = []
+
+    async def run() -> Counters:
+        dispatcher = Dispatcher(Config("localhost", backends=(backend,)), gone.append,
+                                answers.append)
+        dispatcher.submit(Delivery(backend, device, SUMMARY,
+                                   Iq("p1", "set", "localhost", "pubsub.localhost", None)))
+        while not any(k[1] != "retried" for k in dispatcher.counters):
+            await asyncio.sleep(0.01)
+        counters = dict(dispatcher.counters)
+        await dispatcher.close()
+        return counters
+
+    return answers, gone, asyncio.run(run())
+
+
+def _device(token: str, **extra: str) -> Device:
+    return Device("node-1", "s", "alice@localhost", "d1", "", "x", "app", "pubsub.localhost",
+                  token, **extra)
+
+
+def test_wns_token_then_raw_notification_and_refresh_after_401(ca: LoopbackCA) -> None:
+    fake, port = FakeProvider(wns_check("ms-app://sid", "s3cret")), free_port()
+    serve_in_thread(fake, ca, port)
+    backend = Backend(0, "wns", "app", "localhost", "pubsub.localhost", {
+        "package_sid": "ms-app://sid", "auth_key": "s3cret",
+        "endpoint": f"https://127.0.0.1:{port}", "cafile": str(ca.cafile)})
+    channel = f"https://127.0.0.1:{port}/channel/device-1"
+    answers, gone, counters = push(backend, _device(channel))
+    token, notification = fake.received
+    assert token.path == "/accesstoken.srf" and notification.path == "/channel/device-1"
+    assert notification.refused == "" and notification.http_version == "2"
+    assert counters[("wns", "delivered")] == 1 and "type='result'" in answers[0]
+    # A channel the service forgot: the registration goes, the publisher is told.
+    fake.reset()
+    fake.answers["/channel/device-1"] = (410, {})
+    answers, gone, counters = push(backend, _device(channel))
+    assert gone == ["node-1"] and "item-not-found" in answers[0]
+
+
+def test_wns_refreshes_its_token_once_on_401(ca: LoopbackCA) -> None:
+    fake, port = FakeProvider(wns_check("ms-app://sid", "s3cret")), free_port()
+    serve_in_thread(fake, ca, port)
+    backend = Backend(0, "wns", "app", "localhost", "pubsub.localhost", {
+        "package_sid": "ms-app://sid", "auth_key": "s3cret",
+        "endpoint": f"https://127.0.0.1:{port}", "cafile": str(ca.cafile)})
+    fake.next_answers["/channel/d"] = [(401, {})]
+    _, _, counters = push(backend, _device(f"https://127.0.0.1:{port}/channel/d"))
+    paths = [r.path for r in fake.received]
+    assert paths == ["/accesstoken.srf", "/channel/d", "/accesstoken.srf", "/channel/d"]
+    assert counters[("wns", "delivered")] == 1 and counters[("wns", "retried")] == 1
+
+
+def test_ubuntu_push_and_a_busy_server(ca: LoopbackCA) -> None:
+    fake, port = FakeProvider(ubuntu_check), free_port()
+    serve_in_thread(fake, ca, port)
+    backend = Backend(0, "ubuntu", "any", "localhost", "pubsub.localhost", {
+        "endpoint": f"https://127.0.0.1:{port}", "cafile": str(ca.cafile)})
+    fake.next_answers["/notify"] = [(503, {"retry-after": "0"})]
+    answers, _, counters = push(backend, _device("tok", application_id="app.id_app"))
+    first, second = fake.received
+    assert isinstance(first, Received) and second.refused == ""
+    assert second.json()["appid"] == "app.id_app"
+    assert counters[("ubuntu", "delivered")] == 1
+    assert "type='result'" in answers[0]  # queued for another attempt: accepted

@@ -56,17 +56,22 @@ def push(backend: Backend, device: Device) -> tuple[list[str], list[str], Counte
     return answers, gone, asyncio.run(run())
 
 
+def wns(ca: LoopbackCA) -> tuple[FakeProvider, int, Backend]:
+    fake, port = FakeProvider(wns_check("ms-app://sid", "s3cret")), free_port()
+    serve_in_thread(fake, ca, port)
+    backend = Backend(0, "wns", "app", "localhost", "pubsub.localhost", {
+        "package_sid": "ms-app://sid", "auth_key": "s3cret",
+        "endpoint": f"https://127.0.0.1:{port}", "cafile": str(ca.cafile)})
+    return fake, port, backend
+
+
 def _device(token: str, **extra: str) -> Device:
     return Device("node-1", "s", "alice@localhost", "d1", "", "x", "app", "pubsub.localhost",
                   token, **extra)
 
 
 def test_wns_token_then_raw_notification_and_refresh_after_401(ca: LoopbackCA) -> None:
-    fake, port = FakeProvider(wns_check("ms-app://sid", "s3cret")), free_port()
-    serve_in_thread(fake, ca, port)
-    backend = Backend(0, "wns", "app", "localhost", "pubsub.localhost", {
-        "package_sid": "ms-app://sid", "auth_key": "s3cret",
-        "endpoint": f"https://127.0.0.1:{port}", "cafile": str(ca.cafile)})
+    fake, port, backend = wns(ca)
     channel = f"https://127.0.0.1:{port}/channel/device-1"
     answers, gone, counters = push(backend, _device(channel))
     token, notification = fake.received
@@ -81,11 +86,7 @@ def test_wns_token_then_raw_notification_and_refresh_after_401(ca: LoopbackCA) -
 
 
 def test_wns_refreshes_its_token_once_on_401(ca: LoopbackCA) -> None:
-    fake, port = FakeProvider(wns_check("ms-app://sid", "s3cret")), free_port()
-    serve_in_thread(fake, ca, port)
-    backend = Backend(0, "wns", "app", "localhost", "pubsub.localhost", {
-        "package_sid": "ms-app://sid", "auth_key": "s3cret",
-        "endpoint": f"https://127.0.0.1:{port}", "cafile": str(ca.cafile)})
+    fake, port, backend = wns(ca)
     fake.next_answers["/channel/d"] = [(401, {})]
     _, _, counters = push(backend, _device(f"https://127.0.0.1:{port}/channel/d"))
     paths = [r.path for r in fake.received]

@@ -8,6 +8,7 @@ import enum
 import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
+from urllib.parse import urlencode
 
 if TYPE_CHECKING:
     from ..store import Device
@@ -90,3 +91,32 @@ def common_reply(status: int, reason: str = "") -> Reply:
     if status in (408, 429) or status >= 500:
         return Reply(Outcome.RETRY, reason or str(status))
     return Reply(Outcome.FAILED, reason or str(status))
+
+
+class OAuthToken:
+    """A bearer token from an OAuth token endpoint (FCM, WNS): kept until a minute before it
+    expires, or until the provider refuses it."""
+
+    def __init__(self, default_lifetime: float) -> None:
+        self.value: str | None = None
+        self._expires = 0.0
+        self._default_lifetime = default_lifetime
+
+    def needed(self, now: float) -> bool:
+        return self.value is None or now >= self._expires - 60
+
+    def form_request(self, url: str, form: dict[str, str]) -> HttpRequest:
+        return HttpRequest("POST", url, {"content-type": "application/x-www-form-urlencoded"},
+                           urlencode(form).encode())
+
+    def store(self, status: int, body: bytes, now: float) -> None:
+        if status != 200:
+            raise ValueError(f"the OAuth token endpoint answered {status}")
+        answer = json.loads(body)
+        self.value = str(answer["access_token"])
+        self._expires = now + float(answer.get("expires_in", self._default_lifetime))
+
+    def refused(self) -> Reply:
+        """The provider said 401: fetch a new token and try again at once."""
+        self.value = None
+        return Reply(Outcome.RETRY, "401", 0)

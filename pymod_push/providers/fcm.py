@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 from typing import Any
-from urllib.parse import urlencode
 
 import jwt
 
 from ..core.config import Backend
 from ..store import Device
-from . import HttpRequest, Outcome, Reply, common_reply, summary_payload, to_json
+from . import HttpRequest, OAuthToken, Outcome, Reply, common_reply, summary_payload, to_json
 
 BASE = "https://fcm.googleapis.com"
 SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
@@ -33,26 +32,19 @@ class Fcm:
         self.token_uri = str(account.get("token_uri", "https://oauth2.googleapis.com/token"))
         self.project_id = backend.option("project_id") or str(account["project_id"])
         self.base = (backend.option("endpoint") or BASE).rstrip("/")
-        self._token: str | None = None
-        self._expires = 0.0
+        self.token = OAuthToken(3600)
 
     def auth_request(self, now: float) -> HttpRequest | None:
-        if self._token is not None and now < self._expires - 60:
+        if not self.token.needed(now):
             return None
         assertion = jwt.encode({"iss": self.client_email, "scope": SCOPE, "aud": self.token_uri,
                                 "iat": int(now), "exp": int(now) + 3600},
                                self.private_key, algorithm="RS256")
-        body = urlencode({"grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer",
-                          "assertion": assertion}).encode()
-        return HttpRequest("POST", self.token_uri,
-                           {"content-type": "application/x-www-form-urlencoded"}, body)
+        return self.token.form_request(self.token_uri, {
+            "grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer", "assertion": assertion})
 
     def auth_reply(self, status: int, body: bytes, now: float) -> None:
-        if status != 200:
-            raise ValueError(f"the OAuth token endpoint answered {status}")
-        answer = json.loads(body)
-        self._token = str(answer["access_token"])
-        self._expires = now + float(answer.get("expires_in", 3600))
+        self.token.store(status, body, now)
 
     def request(self, device: Device, summary: dict[str, str], now: float,
                 urgent: bool = False) -> HttpRequest:
@@ -60,7 +52,7 @@ class Fcm:
                    "android": {"priority": "high" if urgent else "normal", "ttl": "86400s",
                                "collapse_key": device.node[:64]}}
         headers = {"content-type": "application/json",
-                   "authorization": f"Bearer {self._token}"}
+                   "authorization": f"Bearer {self.token.value}"}
         return HttpRequest("POST", f"{self.base}/v1/projects/{self.project_id}/messages:send",
                            headers, to_json({"message": message}))
 
@@ -73,7 +65,6 @@ class Fcm:
             reason = ""
         if codes & GONE or (status == 404 and not reason):
             return Reply(Outcome.UNREGISTERED, reason or "404")
-        if status == 401:  # the token was refused: get a new one, then try again
-            self._token = None
-            return Reply(Outcome.RETRY, "401", 0)
+        if status == 401:
+            return self.token.refused()
         return common_reply(status, reason)

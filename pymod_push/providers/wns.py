@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import json
-from urllib.parse import urlencode
-
 from ..core.config import Backend
 from ..store import Device
-from . import HttpRequest, Outcome, Reply, common_reply, summary_payload, to_json
+from . import HttpRequest, OAuthToken, Outcome, Reply, common_reply, summary_payload, to_json
 
 LOGIN = "https://login.live.com"
 
@@ -19,35 +16,28 @@ class Wns:
         self.package_sid = backend.option("package_sid") or ""
         self.secret = backend.option("auth_key") or ""
         self.login = (backend.option("endpoint") or LOGIN).rstrip("/")
-        self._token: str | None = None
-        self._expires = 0.0
+        self.token = OAuthToken(86400)
 
     def auth_request(self, now: float) -> HttpRequest | None:
-        if self._token is not None and now < self._expires - 60:
+        if not self.token.needed(now):
             return None
-        body = urlencode({"grant_type": "client_credentials", "client_id": self.package_sid,
-                          "client_secret": self.secret, "scope": "notify.windows.com"}).encode()
-        return HttpRequest("POST", f"{self.login}/accesstoken.srf",
-                           {"content-type": "application/x-www-form-urlencoded"}, body)
+        return self.token.form_request(f"{self.login}/accesstoken.srf", {
+            "grant_type": "client_credentials", "client_id": self.package_sid,
+            "client_secret": self.secret, "scope": "notify.windows.com"})
 
     def auth_reply(self, status: int, body: bytes, now: float) -> None:
-        if status != 200:
-            raise ValueError(f"the WNS token endpoint answered {status}")
-        answer = json.loads(body)
-        self._token = str(answer["access_token"])
-        self._expires = now + float(answer.get("expires_in", 86400))
+        self.token.store(status, body, now)
 
     def request(self, device: Device, summary: dict[str, str], now: float,
                 urgent: bool = False) -> HttpRequest:
         headers = {"x-wns-type": "wns/raw", "content-type": "application/octet-stream",
-                   "authorization": f"Bearer {self._token}", "x-wns-ttl": "86400",
+                   "authorization": f"Bearer {self.token.value}", "x-wns-ttl": "86400",
                    "x-wns-priority": "1" if urgent else "2", "x-wns-tag": device.node[:32]}
         return HttpRequest("POST", device.token, headers, to_json(summary_payload(summary)))
 
     def reply(self, status: int, headers: dict[str, str], body: bytes) -> Reply:
         if status == 401:  # token expired or refused: refresh once
-            self._token = None
-            return Reply(Outcome.RETRY, "401", 0)
+            return self.token.refused()
         if status == 406:  # throttled
             return Reply(Outcome.RETRY, "406")
         return common_reply(status, headers.get("x-wns-notificationstatus", ""))

@@ -220,6 +220,8 @@ class PushService:
                             publish.attempt + 1)
             return []
         errors = registration.errors + 1
+        if reply.condition == "item-not-found":
+            errors = self.config.max_publish_errors  # the app server has no such node (any more)
         if errors < self.config.max_publish_errors:
             self.store.set_errors(registration.key, errors)
             log.warning("app server rejected a push to %s (%s %s), %d of %d errors", where,

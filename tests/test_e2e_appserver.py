@@ -317,7 +317,7 @@ def test_a_gone_token_removes_the_registration(setup: AppServerSetup) -> None:
         await setup.apns.wait_for(1)
         # The publishing server (this one) was told, with an error reply.
         await asyncio.to_thread(scenario.instance.wait_for_log,
-                                r"app server rejected a push .*\(cancel item-not-found\)", mark)
+                                r"push disabled for .*\(last: cancel item-not-found\)", mark)
         listed = await _owner_listing(scenario, peers, phone)
         assert node not in listed
 

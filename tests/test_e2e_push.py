@@ -218,7 +218,7 @@ def test_app_server_errors_disable_the_registration(scenario: Scenario) -> None:
 
     async def run(peers: Peers) -> None:
         server, phone, sender = await scenario.cast(peers)
-        server.errors["bad"] = ("cancel", "item-not-found")
+        server.errors["bad"] = ("cancel", "not-allowed")
         await phone.enable_push(server.boundjid.full, "bad")
         await phone.enable_push(server.boundjid.full, "witness")
         await scenario.go_pending(phone)

@@ -180,6 +180,8 @@ def test_wns_token_refreshed_once_on_401() -> None:
     assert request.headers["x-wns-type"] == "wns/raw"
     assert provider.reply(401, {}, b"").outcome is Outcome.RETRY
     assert provider.auth_request(1.0) is not None
+    provider.auth_reply(200, b'{"access_token": "w2"}', 1.0)
+    assert provider.reply(401, {}, b"").outcome is Outcome.FAILED  # refreshed once only
     assert provider.reply(410, {}, b"").outcome is Outcome.UNREGISTERED
 
 

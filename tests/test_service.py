@@ -277,3 +277,13 @@ def test_registrations_survive_a_restart(tmp_path: object) -> None:
     assert second.store.schema_version() == len(MIGRATIONS)
     (push,) = second.handle(Offline(PHONE[:2], message(), "offline"), 0)
     assert "s3cr3t" in push.xml if isinstance(push, RouteIq) else False
+
+
+def test_item_not_found_disables_at_once() -> None:
+    service = make_service(max_publish_errors=3)
+    service.handle(enable(), 0)
+    (push,) = service.handle(StanzaToPending(PHONE, message()), 0)
+    assert isinstance(push, RouteIq)
+    answer = service.handle(PublishReply(push.ref, "error", "cancel", "item-not-found"), 0)
+    assert answer == [SetPush(PHONE, None)]
+    assert service.store.for_session(PHONE) == []

@@ -101,6 +101,7 @@ class OAuthToken:
         self.value: str | None = None
         self._expires = 0.0
         self._default_lifetime = default_lifetime
+        self._refreshed_for_401 = False
 
     def needed(self, now: float) -> bool:
         return self.value is None or now >= self._expires - 60
@@ -117,6 +118,13 @@ class OAuthToken:
         self._expires = now + float(answer.get("expires_in", self._default_lifetime))
 
     def refused(self) -> Reply:
-        """The provider said 401: fetch a new token and try again at once."""
+        """The provider said 401: fetch a new token and try again at once, but only once;
+        a new token refused too means the credentials are wrong."""
+        if self._refreshed_for_401:
+            return Reply(Outcome.FAILED, "401 with a new token: check the credentials")
+        self._refreshed_for_401 = True
         self.value = None
         return Reply(Outcome.RETRY, "401", 0)
+
+    def worked(self) -> None:
+        self._refreshed_for_401 = False

@@ -57,6 +57,8 @@ class Fcm:
                            headers, to_json({"message": message}))
 
     def reply(self, status: int, headers: dict[str, str], body: bytes) -> Reply:
+        if 200 <= status < 300:
+            self.token.worked()
         try:
             error = json.loads(body or b"{}").get("error", {})
             codes = {d.get("errorCode", "") for d in error.get("details", [])}

@@ -36,6 +36,8 @@ class Wns:
         return HttpRequest("POST", device.token, headers, to_json(summary_payload(summary)))
 
     def reply(self, status: int, headers: dict[str, str], body: bytes) -> Reply:
+        if 200 <= status < 300:
+            self.token.worked()
         if status == 401:  # token expired or refused: refresh once
             return self.token.refused()
         if status == 406:  # throttled

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from .core import appserver as app
 from .core.config import Backend, Config
-from .core.xep0357 import RequestError
+from .core.xep0357 import NS_PUBSUB, RequestError
 from .protocol import Route
 from .providers import Outcome
 from .store import Device, Store
@@ -80,7 +80,7 @@ class AppServer:
             if not allowed:
                 raise RequestError("forbidden", "you may not use this push app server", "auth")
             return [Route(self._command(iq, app.parse_command(iq), register))]
-        if iq.type == "set" and payload == f"{{{app.NS_PUBSUB}}}pubsub" and pubsub:
+        if iq.type == "set" and payload == f"{{{NS_PUBSUB}}}pubsub" and pubsub:
             return self._publish(iq, domain)
         raise RequestError("service-unavailable", "", "cancel")
 

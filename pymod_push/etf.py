@@ -189,7 +189,9 @@ def decode(data: bytes) -> Any:
         else:
             term, pos = _decode(data, 1)
             end, length = pos, len(data)
-    except (IndexError, struct.error, zlib.error, UnicodeDecodeError, RecursionError) as exc:
+    except DecodeError:
+        raise
+    except (IndexError, struct.error, zlib.error, ValueError, TypeError, RecursionError) as exc:
         raise DecodeError(f"truncated or malformed term: {exc}") from None
     if end != length:
         raise DecodeError(f"{length - end} trailing bytes after the term")
@@ -329,10 +331,10 @@ def _decode(data: bytes, pos: int) -> tuple[Any, int]:  # noqa: C901 - one branc
         node, pos = _decode_node(data, pos)
         return Reference(node, data[pos + 4], (_unpack_u32(data, pos)[0],)), pos + 5
     if tag == EXPORT_EXT:
-        module, pos = _decode(data, pos)
-        function, pos = _decode(data, pos)
+        module, pos = _decode_atom(data, pos)
+        function, pos = _decode_atom(data, pos)
         arity, pos = _decode(data, pos)
-        if not (isinstance(module, Atom) and isinstance(function, Atom) and isinstance(arity, int)):
+        if type(arity) is not int:
             raise DecodeError("malformed external fun")
         return Export(module, function, arity), pos
     if tag == NEW_FUN_EXT:
@@ -343,7 +345,7 @@ def _decode(data: bytes, pos: int) -> tuple[Any, int]:  # noqa: C901 - one branc
         (index,) = _unpack_u32(data, pos + 21)
         (num_free,) = _unpack_u32(data, pos + 25)
         pos += 29
-        module, pos = _decode(data, pos)
+        module, pos = _decode_atom(data, pos)
         old_index, pos = _decode(data, pos)
         old_uniq, pos = _decode(data, pos)
         pid, pos = _decode(data, pos)
@@ -351,17 +353,23 @@ def _decode(data: bytes, pos: int) -> tuple[Any, int]:  # noqa: C901 - one branc
         for _ in range(num_free):
             item, pos = _decode(data, pos)
             free.append(item)
-        if pos != end or not isinstance(module, Atom) or not isinstance(pid, Pid):
+        if pos != end or not isinstance(pid, Pid):
             raise DecodeError("malformed fun")
         return Fun(arity, uniq, index, module, old_index, old_uniq, pid, tuple(free)), pos
     raise DecodeError(f"unknown or unsupported tag {tag}")
 
 
-def _decode_node(data: bytes, pos: int) -> tuple[Atom, int]:
-    node, pos = _decode(data, pos)
-    if not isinstance(node, Atom):
-        raise DecodeError("node name is not an atom")
-    return node, pos
+def _decode_atom(data: bytes, pos: int) -> tuple[Atom, int]:
+    """An atom where only an atom may stand (modules, functions, nodes): even true/false."""
+    term, pos = _decode(data, pos)
+    if isinstance(term, bool):
+        return Atom("true" if term else "false"), pos
+    if not isinstance(term, Atom):
+        raise DecodeError("expected an atom")
+    return term, pos
+
+
+_decode_node = _decode_atom
 
 
 def _hashable(term: Any) -> Any:
@@ -371,6 +379,11 @@ def _hashable(term: Any) -> Any:
         return tuple(_hashable(item) for item in term)
     if isinstance(term, dict):
         return HashableMap((k, _hashable(v)) for k, v in term.items())
+    if isinstance(term, ImproperList):
+        return ImproperList(tuple(_hashable(e) for e in term.elements), _hashable(term.tail))
+    if isinstance(term, Fun):
+        return Fun(term.arity, term.uniq, term.index, term.module, term.old_index,
+                   term.old_uniq, term.pid, tuple(_hashable(v) for v in term.free_vars))
     return term
 
 

@@ -155,9 +155,12 @@ def test_pid_ref_port_types(erlang: Erlang) -> None:
 
 # ------------------------------------------------------------------ property tests
 
-nodes = st.sampled_from([A("n@h"), A("ejabberd@localhost"), A("x@127.0.0.1")])
+nodes = st.sampled_from([A("n@h"), A("ejabberd@localhost"), A("x@127.0.0.1"), A("true")])
 u32 = st.integers(0, 2**32 - 1)
-atoms = st.text(max_size=40).map(Atom) | st.sampled_from([A("ok"), A("undefined"), A("")])
+# The atoms true and false are Python's True and False (see pymod_push.etf).
+atoms = (st.text(max_size=40).filter(lambda t: t not in ("true", "false")).map(Atom)
+         | st.sampled_from([A("ok"), A("undefined"), A("")]))
+any_atom = atoms | st.sampled_from([A("true"), A("false")])  # where only atoms may stand
 leaves = (
     atoms | st.booleans() | st.integers(-(2**40), 2**40) | st.integers(-(2**3000), 2**3000)
     | st.floats(allow_nan=False, allow_infinity=False) | st.binary(max_size=64)
@@ -165,7 +168,7 @@ leaves = (
     | st.builds(Pid, nodes, st.integers(0, 2**28 - 1), st.integers(0, 2**13 - 1), u32)
     | st.builds(Port, nodes, st.integers(0, 2**64 - 1), u32)
     | st.builds(Reference, nodes, u32, st.lists(u32, min_size=3, max_size=5).map(tuple))
-    | st.builds(Export, atoms, atoms, st.integers(0, 255))
+    | st.builds(Export, any_atom, any_atom, st.integers(0, 255))
 )
 keys = st.recursive(atoms | st.integers() | st.binary(max_size=8),
                     lambda inner: st.lists(inner, max_size=3).map(tuple), max_leaves=5)

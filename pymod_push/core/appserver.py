@@ -17,8 +17,6 @@ from xml.sax.saxutils import escape, quoteattr
 from .config import Backend
 from .xep0357 import NS_DATA, NS_PUBSUB, RequestError, field_xml, parse_form
 
-__all__ = ["NS_PUBSUB", "RequestError"]
-
 NS_COMMANDS = "http://jabber.org/protocol/commands"
 NS_DISCO_INFO = "http://jabber.org/protocol/disco#info"
 NS_DISCO_ITEMS = "http://jabber.org/protocol/disco#items"
@@ -251,7 +249,7 @@ def disco_info(iq: Iq, backends: list[Backend], *, pubsub: bool, register: bool)
     return result_reply(iq, f"<query xmlns='{NS_DISCO_INFO}'>{inner}{form}</query>")
 
 
-def command_items(host: str, backends: list[Backend]) -> list[tuple[str, str]]:
+def command_items(backends: list[Backend]) -> list[tuple[str, str]]:
     """(node, name) of the commands on a registration host."""
     groups: dict[str, list[str]] = {}
     for backend in backends:
@@ -272,6 +270,6 @@ def disco_items(iq: Iq, host: str, backends: list[Backend]) -> str:
     inner = ""
     if node == NS_COMMANDS:
         inner = "".join(f"<item jid={quoteattr(host)} node={quoteattr(n)} name={quoteattr(name)}/>"
-                        for n, name in command_items(host, backends))
+                        for n, name in command_items(backends))
     node_attr = f" node={quoteattr(node)}" if node else ""
     return result_reply(iq, f"<query xmlns='{NS_DISCO_ITEMS}'{node_attr}>{inner}</query>")

@@ -48,7 +48,6 @@ def test_bad_push_iqs_get_errors(scenario: Scenario) -> None:
 
 
 def test_pending_client_gets_counted_pushes_with_publish_options(scenario: Scenario) -> None:
-
     async def run(peers: Peers) -> None:
         server, phone, sender = await scenario.cast(peers)
         await phone.enable_push(server.boundjid.full, "node-1", secret="s3cr3t")
@@ -71,7 +70,6 @@ def test_pending_client_gets_counted_pushes_with_publish_options(scenario: Scena
 
 
 def test_no_push_while_online_nor_for_chat_states(scenario: Scenario) -> None:
-
     async def run(peers: Peers) -> None:
         server, phone, sender = await scenario.cast(peers)
         await phone.enable_push(server.boundjid.full, "n")
@@ -93,7 +91,6 @@ def test_no_push_while_online_nor_for_chat_states(scenario: Scenario) -> None:
 
 
 def test_offline_client_gets_a_push(scenario: Scenario) -> None:
-
     async def run(peers: Peers) -> None:
         server, phone, sender = await scenario.cast(peers)
         await phone.enable_push(server.boundjid.full, "offline-node")
@@ -108,7 +105,6 @@ def test_offline_client_gets_a_push(scenario: Scenario) -> None:
 
 
 def test_subscription_request_pushes(scenario: Scenario) -> None:
-
     async def run(peers: Peers) -> None:
         server, phone, sender = await scenario.cast(peers)
         await phone.enable_push(server.boundjid.full, "sub-node")
@@ -122,7 +118,6 @@ def test_subscription_request_pushes(scenario: Scenario) -> None:
 
 
 def test_disable_stops_pushes(scenario: Scenario) -> None:
-
     async def run(peers: Peers) -> None:
         server, phone, sender = await scenario.cast(peers)
         await phone.enable_push(server.boundjid.full, "gone")
@@ -191,7 +186,6 @@ def _element(xml: str):  # type: ignore[no-untyped-def]
 
 
 def test_resume_resets_the_count(scenario: Scenario) -> None:
-
     async def run(peers: Peers) -> None:
         server, phone, sender = await scenario.cast(peers)
         await phone.enable_push(server.boundjid.full, "r")
@@ -215,7 +209,6 @@ def test_resume_resets_the_count(scenario: Scenario) -> None:
 
 
 def test_app_server_errors_disable_the_registration(scenario: Scenario) -> None:
-
     async def run(peers: Peers) -> None:
         server, phone, sender = await scenario.cast(peers)
         server.errors["bad"] = ("cancel", "not-allowed")

@@ -287,3 +287,17 @@ def test_item_not_found_disables_at_once() -> None:
     answer = service.handle(PublishReply(push.ref, "error", "cancel", "item-not-found"), 0)
     assert answer == [SetPush(PHONE, None)]
     assert service.store.for_session(PHONE) == []
+
+
+@pytest.mark.parametrize("payload", [
+    "<encrypted xmlns='eu.siacs.conversations.axolotl'><payload>x</payload></encrypted>",
+    "<encrypted xmlns='urn:xmpp:omemo:2'><payload>x</payload></encrypted>",
+    "<x xmlns='jabber:x:encrypted'>pgp</x>",
+    "<openpgp xmlns='urn:xmpp:openpgp:0'>pgp</openpgp>",
+])
+def test_encrypted_messages_never_push_their_fallback_body(payload: str) -> None:
+    service = make_service(include_message_bodies=True)
+    service.handle(enable(), 0)
+    fallback = "I sent you an encrypted message but your client does not seem to support it"
+    (push,) = service.handle(StanzaToPending(PHONE, message(body=fallback, extra=payload)), 0)
+    assert fields(push)["last-message-body"] == "Encrypted message"

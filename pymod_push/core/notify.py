@@ -26,6 +26,18 @@ def trigger_of(stanza: Stanza, config: Config) -> Trigger | None:
     return None
 
 
+# End-to-end encryption: OMEMO (both namespaces), legacy OpenPGP (XEP-0027), OpenPGP for
+# XMPP (XEP-0373). Their <body/> is a plaintext fallback ("This message is encrypted...")
+# that must never be shown as if it were the message.
+ENCRYPTION_NAMESPACES = (b"eu.siacs.conversations.axolotl", b"urn:xmpp:omemo:2",
+                         b"jabber:x:encrypted", b"urn:xmpp:openpgp:0")
+ENCRYPTED_BODY = "Encrypted message"
+
+
+def is_encrypted(stanza: Stanza) -> bool:
+    return any(namespace in stanza.xml for namespace in ENCRYPTION_NAMESPACES)
+
+
 def fingerprint(stanza: Stanza) -> bytes:
     """Identifies one message across its re-routings (pending queue -> offline -> archive).
 
@@ -57,7 +69,8 @@ def summary_fields(config: Config, counts: Counts, trigger: Trigger,
         if config.include_senders:
             fields.append(("last-message-sender", stanza.sender))
         if config.include_message_bodies and stanza.body:
-            fields.append(("last-message-body", stanza.body))
+            body = ENCRYPTED_BODY if is_encrypted(stanza) else stanza.body
+            fields.append(("last-message-body", body))
     elif config.include_senders:
         fields.append(("last-subscription-sender", stanza.sender))
     return fields

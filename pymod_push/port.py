@@ -133,6 +133,7 @@ class PortApp:
         self.service = PushService(config, self._store)
         self._dispatcher = Dispatcher(config, self._device_gone, self._route)
         self._write(frame(hello_reply(info)))
+        self._write(frame([action_term(a) for a in self.service.initial_actions()]))
         log.info("ready for %s (pymod_push %s, database %s)", hello.host, __version__,
                  config.db_file)
 

@@ -216,6 +216,15 @@ class SetPush:
 
 
 @dataclass(frozen=True, slots=True)
+class PushOptionsUpdate:
+    """The options form disco#info shows a user: their values, or the server's defaults
+    (user None); fields None forgets a user's own values."""
+
+    user: UserKey | None
+    fields: list[tuple[str, bool]] | None
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     """Route a stanza (an answer of the app server) as it is."""
 
@@ -228,7 +237,7 @@ class Log:
     text: str
 
 
-Action = IqResult | IqError | RouteIq | SetPush | Route | Log
+Action = IqResult | IqError | RouteIq | SetPush | PushOptionsUpdate | Route | Log
 
 
 def action_term(action: Action) -> tuple[Any, ...]:
@@ -243,6 +252,10 @@ def action_term(action: Action) -> tuple[Any, ...]:
         case SetPush(session, timeout):
             return (_A("set_push"), tuple(p.encode() for p in session),
                     False if timeout is None else timeout)
+        case PushOptionsUpdate(user, values):
+            key = _A("default") if user is None else tuple(p.encode() for p in user)
+            return (_A("push_options"), key,
+                    _A("undefined") if values is None else [(v.encode(), b) for v, b in values])
         case Route(xml):
             return (_A("route"), xml.encode())
         case Log(level, text):

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .appservice import AppServer, Delivery
+from .core import options as push_options
 from .core.config import Config
 from .core.notify import (
     Counts,
@@ -35,6 +36,7 @@ from .protocol import (
     Offline,
     PublishReply,
     PushIq,
+    PushOptionsUpdate,
     RouteIq,
     SessionKey,
     SessionOpened,
@@ -43,6 +45,7 @@ from .protocol import (
     SetPush,
     Stanza,
     StanzaToPending,
+    UserKey,
     UserRemoved,
 )
 from .store import Registration, Store
@@ -103,7 +106,8 @@ class PushService:
                 for registration in self.store.for_user(user):
                     self._seen.pop(registration.key, None)
                 self.store.delete_user(user)
-                return []
+                self.store.set_user_options(user, None)
+                return [PushOptionsUpdate(user, None)]
             case PushIq():
                 return self._push_iq(event)
             case PublishReply():
@@ -124,19 +128,45 @@ class PushService:
                 raise RequestError("forbidden", "push can only be configured for your own "
                                    "account", "auth")
             request = parse_push_request(iq.xml)
-        except RequestError as error:
+            if isinstance(request, Enable):
+                return self._enable(iq, session, request)
+            return self._disable(iq, session, request)
+        except RequestError as error:  # raised before anything is stored
             return [IqError(iq.ref, error.error_type, error.condition, error.text)]
-        if isinstance(request, Enable):
-            return self._enable(iq, session, request)
-        return self._disable(iq, session, request)
 
     def _enable(self, iq: PushIq, session: SessionKey, request: Enable) -> list[Action]:
-        options = request.publish_options.to_xml() if request.publish_options else None
-        registration = Registration(*session, request.jid, request.node, options)
+        user = session[:2]
+        actions: list[Action] = []
+        result = None
+        if request.push_options is not None:
+            requested = push_options.parse_request(request.push_options)  # may refuse
+            others = any(r.resource != session[2] for r in self.store.for_user(user))
+            accepted = push_options.accept(self.options_of(user), requested, others,
+                                           self.config)
+            self.store.set_user_options(user, accepted)
+            actions.append(PushOptionsUpdate(user, accepted.fields()))
+            result = accepted.form_xml()
+        publish_options = request.publish_options.to_xml() if request.publish_options else None
+        registration = Registration(*session, request.jid, request.node, publish_options)
         self.store.enable(registration)
         self._seen.pop(registration.key, None)
         log.info("push enabled for %s/%s at %s", session[0], session[2], request.jid)
-        return [SetPush(session, self.config.resume_timeout_ms), IqResult(iq.ref)]
+        return [*actions, SetPush(session, self.config.resume_timeout_ms),
+                IqResult(iq.ref, result)]
+
+    def options_of(self, user: UserKey) -> push_options.PushOptions:
+        """A user's push options (the server's defaults if never set), within the limits."""
+        stored = self.store.user_options(user)
+        if stored is None:
+            return push_options.defaults(self.config)
+        return push_options.within_limits(stored, self.config)
+
+    def initial_actions(self) -> list[Action]:
+        """What the shim must know after a (re)start: the options forms disco#info shows."""
+        defaults = push_options.defaults(self.config)
+        return [PushOptionsUpdate(None, defaults.fields()),
+                *(PushOptionsUpdate(user, push_options.within_limits(o, self.config).fields())
+                  for user, o in self.store.all_user_options())]
 
     def _disable(self, iq: PushIq, session: SessionKey, request: Disable) -> list[Action]:
         removed = self.store.disable(session[:2], request.jid, request.node)
@@ -172,7 +202,8 @@ class PushService:
             registration.message_count = counts.messages
             registration.subscription_count = counts.subscriptions
             self.store.save_counts(registration)
-            summary = summary_fields(self.config, counts, trigger, stanza)
+            summary = summary_fields(self.options_of(registration.session[:2]), counts,
+                                     trigger, stanza)
             actions.append(self._send(Publish(registration.key, summary), registration))
         return actions
 

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass
 
+from .core.options import PushOptions
 from .protocol import SessionKey, UserKey
 
 MIGRATIONS: tuple[str, ...] = (
@@ -51,6 +52,18 @@ MIGRATIONS: tuple[str, ...] = (
         created_at REAL NOT NULL
     );
     CREATE INDEX devices_by_user ON devices (user, device_id);
+    """,
+    # version 3: per-user push options (urn:xmpp:push:options)
+    """
+    CREATE TABLE user_options (
+        user TEXT NOT NULL,
+        server TEXT NOT NULL,
+        senders INTEGER NOT NULL,
+        message_count INTEGER NOT NULL,
+        subscription_count INTEGER NOT NULL,
+        message_bodies INTEGER NOT NULL,
+        PRIMARY KEY (user, server)
+    );
     """,
 )
 
@@ -217,6 +230,26 @@ class Store:
 
     def remove_device(self, node: str) -> None:
         self.db.execute("DELETE FROM devices WHERE node=?", (node,))
+
+    # -------------------------------------------------------- user options
+    def user_options(self, user: UserKey) -> PushOptions | None:
+        row = self.db.execute("SELECT senders, message_count, subscription_count, "
+                              "message_bodies FROM user_options WHERE user=? AND server=?",
+                              user).fetchone()
+        return PushOptions(*(bool(v) for v in row)) if row else None
+
+    def all_user_options(self) -> list[tuple[UserKey, PushOptions]]:
+        rows = self.db.execute("SELECT user, server, senders, message_count, "
+                               "subscription_count, message_bodies FROM user_options")
+        return [((u, s), PushOptions(*(bool(v) for v in rest))) for u, s, *rest in rows]
+
+    def set_user_options(self, user: UserKey, options: PushOptions | None) -> None:
+        if options is None:
+            self.db.execute("DELETE FROM user_options WHERE user=? AND server=?", user)
+            return
+        self.db.execute("INSERT OR REPLACE INTO user_options VALUES (?, ?, ?, ?, ?, ?)",
+                        (*user, options.senders, options.message_count,
+                         options.subscription_count, options.message_bodies))
 
     def set_errors(self, key: tuple[str, str, str, str], errors: int) -> None:
         self.db.execute("UPDATE registrations SET errors=? WHERE user=? AND server=? "

@@ -14,6 +14,7 @@ from pymod_push.protocol import (
     Offline,
     PublishReply,
     PushIq,
+    PushOptionsUpdate,
     RouteIq,
     SessionOpened,
     SessionPending,
@@ -301,3 +302,84 @@ def test_encrypted_messages_never_push_their_fallback_body(payload: str) -> None
     fallback = "I sent you an encrypted message but your client does not seem to support it"
     (push,) = service.handle(StanzaToPending(PHONE, message(body=fallback, extra=payload)), 0)
     assert fields(push)["last-message-body"] == "Encrypted message"
+
+
+def options_form(**values: str) -> str:
+    inner = "".join(f"<field var='{var}'><value>{value}</value></field>"
+                    for var, value in values.items())
+    return ("<x xmlns='jabber:x:data' type='submit'><field var='FORM_TYPE'>"
+            f"<value>urn:xmpp:push:options</value></field>{inner}</x>")
+
+
+def enable_with(form: str, resource: str = "phone", node: str = "node1") -> PushIq:
+    return iq(f"<enable xmlns='urn:xmpp:push:0' jid='{APP}' node='{node}'>{form}"
+              f"{PUBLISH_OPTIONS}</enable>", sender=("alice", "example.org", resource))
+
+
+def test_first_enable_sets_the_users_options_and_answers_them() -> None:
+    service = make_service()
+    actions = service.handle(enable_with(options_form(**{
+        "include-senders": "1", "include-message-bodies": "true",
+        "include-message-count": "0", "unknown-field": "x"})), 0)
+    update, _, result = actions
+    assert update == PushOptionsUpdate(("alice", "example.org"), [
+        ("include-senders", True), ("include-message-count", False),
+        ("include-subscription-count", True), ("include-message-bodies", True)])
+    assert isinstance(result, IqResult) and "urn:xmpp:push:options" in (result.xml or "")
+    # The publish-options form is still the one passed on to the app server.
+    (registration,) = service.store.for_session(PHONE)
+    assert "s3cr3t" in (registration.publish_options or "")
+    (push,) = service.handle(StanzaToPending(PHONE, message(body="hi")), 0)
+    assert fields(push) == {"FORM_TYPE": "urn:xmpp:push:summary",
+                            "pending-subscription-count": "0",
+                            "last-message-sender": "bob@example.org/pc",
+                            "last-message-body": "hi"}
+
+
+def test_another_resource_may_only_turn_options_off() -> None:
+    service = make_service()
+    service.handle(enable_with(options_form(**{"include-senders": "0"})), 0)
+    actions = service.handle(enable_with(options_form(**{
+        "include-senders": "1", "include-message-count": "0"}), resource="tablet",
+        node="node2"), 0)
+    update = actions[0]
+    assert isinstance(update, PushOptionsUpdate)
+    assert dict(update.fields or []) == {"include-senders": False,
+                                         "include-message-count": False,
+                                         "include-subscription-count": True,
+                                         "include-message-bodies": False}
+
+
+def test_admin_limits_win_over_what_users_ask() -> None:
+    service = make_service(allow_message_bodies=False, allow_senders=False)
+    service.handle(enable_with(options_form(**{"include-senders": "1",
+                                               "include-message-bodies": "1"})), 0)
+    (push,) = service.handle(StanzaToPending(PHONE, message(body="hi")), 0)
+    assert "last-message-body" not in fields(push)
+    assert "last-message-sender" not in fields(push)
+
+
+@pytest.mark.parametrize("form", [
+    options_form(**{"include-senders": "maybe"}),
+    "<x xmlns='jabber:x:data' type='submit'><field var='FORM_TYPE'><value>"
+    "urn:xmpp:push:options</value></field><field var='include-senders'><value>1</value>"
+    "<value>0</value></field></x>",
+    options_form(**{"include-senders": "1" * 5000}),
+])
+def test_malformed_options_forms_are_bad_requests(form: str) -> None:
+    service = make_service()
+    (answer,) = service.handle(enable_with(form), 0)
+    assert isinstance(answer, IqError) and answer.condition in ("bad-request", "not-acceptable")
+    assert answer.text
+    assert service.store.for_user(("alice", "example.org")) == []
+
+
+def test_the_shim_learns_defaults_and_stored_options_at_start() -> None:
+    service = make_service(include_senders=True, allow_senders=False)
+    service.handle(enable_with(options_form(**{"include-message-count": "0"})), 0)
+    defaults, alice = service.initial_actions()
+    assert defaults == PushOptionsUpdate(None, [
+        ("include-senders", False), ("include-message-count", True),
+        ("include-subscription-count", True), ("include-message-bodies", False)])
+    assert isinstance(alice, PushOptionsUpdate) and alice.user == ("alice", "example.org")
+    assert dict(alice.fields or [])["include-message-count"] is False

@@ -59,14 +59,30 @@ class Client(ClientXMPP):
         iq.append(ET.fromstring(xml))
         return await iq.send(timeout=TIMEOUT)
 
-    async def enable_push(self, push_jid: str, node: str, secret: str | None = None) -> Any:
+    async def enable_push(self, push_jid: str, node: str, secret: str | None = None,
+                          options: dict[str, str] | None = None) -> Any:
+        """Enable push; ``options`` is an urn:xmpp:push:options form (var -> value)."""
         form = ""
+        if options is not None:
+            form += (f"<x xmlns='{NS_DATA}' type='submit'><field var='FORM_TYPE'>"
+                     "<value>urn:xmpp:push:options</value></field>"
+                     + "".join(f"<field var={quoteattr(var)}><value>{escape(value)}</value>"
+                               "</field>" for var, value in options.items()) + "</x>")
         if secret is not None:
-            form = (f"<x xmlns='{NS_DATA}' type='submit'>"
-                    f"<field var='FORM_TYPE'><value>{PUBLISH_OPTIONS}</value></field>"
-                    f"<field var='secret'><value>{secret}</value></field></x>")
+            form += (f"<x xmlns='{NS_DATA}' type='submit'>"
+                     f"<field var='FORM_TYPE'><value>{PUBLISH_OPTIONS}</value></field>"
+                     f"<field var='secret'><value>{secret}</value></field></x>")
         return await self.push_iq(f"<enable xmlns='{NS_PUSH}' jid='{push_jid}' node='{node}'>"
                                   f"{form}</enable>")
+
+    async def push_options(self) -> dict[str, list[str]]:
+        """The urn:xmpp:push:options form of disco#info on the own bare JID."""
+        info = await self.plugin["xep_0030"].get_info(jid=self.boundjid.bare, timeout=TIMEOUT)
+        for form in info.xml.iter(f"{{{NS_DATA}}}x"):
+            fields = form_fields(form)
+            if fields.get("FORM_TYPE") == ["urn:xmpp:push:options"]:
+                return fields
+        raise AssertionError("no urn:xmpp:push:options form in disco#info")
 
     async def disable_push(self, push_jid: str, node: str | None = None) -> Any:
         node_attr = f" node='{node}'" if node else ""

@@ -18,7 +18,8 @@
 -export([start/2, stop/1, reload/3, depends/2,
          mod_options/1, mod_opt_type/1, mod_doc/0]).
 %% hooks and the IQ handler
--export([process_iq/1, disco_sm_features/5, user_send_packet/1, adhoc_local_items/4,
+-export([process_iq/1, disco_sm_features/5, disco_info/5, user_send_packet/1,
+         adhoc_local_items/4,
          c2s_session_pending/1, c2s_session_resumed/1, c2s_copy_session/2,
          c2s_handle_cast/2, c2s_handle_send/3,
          sm_register_connection_hook/3, offline_message/1, mam_message/7,
@@ -87,6 +88,7 @@ depends(_Host, _Opts) ->
 %% mod_offline (50) have tagged the message.
 hooks() ->
     [{disco_sm_features, disco_sm_features, 50},
+     {disco_info, disco_info, 50},
      {c2s_session_pending, c2s_session_pending, 50},
      {c2s_session_resumed, c2s_session_resumed, 50},
      {c2s_copy_session, c2s_copy_session, 50},
@@ -126,6 +128,8 @@ mod_opt_type(include_senders) -> econf:bool();
 mod_opt_type(include_message_count) -> econf:bool();
 mod_opt_type(include_subscription_count) -> econf:bool();
 mod_opt_type(include_message_bodies) -> econf:bool();
+mod_opt_type(allow_senders) -> econf:bool();
+mod_opt_type(allow_message_bodies) -> econf:bool();
 mod_opt_type(notify_on) -> econf:enum([messages, all]);
 mod_opt_type(max_publish_errors) -> econf:pos_int();
 mod_opt_type(retry_delays) -> econf:list(econf:timeout(second));
@@ -190,6 +194,8 @@ mod_options(_Host) ->
      {include_message_count, true},
      {include_subscription_count, true},
      {include_message_bodies, false},
+     {allow_senders, true},
+     {allow_message_bodies, true},
      {notify_on, messages},
      {max_publish_errors, 3},
      {retry_delays, [timer:seconds(5), timer:seconds(30), timer:minutes(5)]},
@@ -248,6 +254,15 @@ mod_doc() ->
             #{value => "true | false",
               desc => ?T("Include the body of the last message. The default "
                          "is 'false'.")}},
+           {allow_senders,
+            #{value => "true | false",
+              desc => ?T("Whether users may have senders in their notifications "
+                         "('false' forbids it server-wide, whatever users ask "
+                         "for). The default is 'true'.")}},
+           {allow_message_bodies,
+            #{value => "true | false",
+              desc => ?T("Whether users may have message bodies in their "
+                         "notifications. The default is 'true'.")}},
            {notify_on,
             #{value => "messages | all",
               desc => ?T("'messages': push for messages with a body and "
@@ -316,6 +331,42 @@ disco_sm_features({result, Features}, _From, _To, <<"">>, _Lang) ->
     {result, [?NS_PUSH_0 | Features]};
 disco_sm_features(Acc, _From, _To, _Node, _Lang) ->
     Acc.
+
+%% disco#info a user sends to their own bare JID: the push options form
+%% (urn:xmpp:push:options) with that user's values, which Python keeps in ETS.
+%% The same hook runs for the server's disco#info with (Host, Module) instead.
+disco_info(Acc, #jid{luser = U, lserver = S}, #jid{luser = U, lserver = S}, <<"">>, _Lang)
+  when U /= <<"">> ->
+    case push_options(S, {U, S}) of
+        undefined -> Acc;
+        Fields ->
+            Form = #xdata{type = result,
+                          fields = [#xdata_field{var = <<"FORM_TYPE">>, type = hidden,
+                                                 values = [<<"urn:xmpp:push:options">>]}
+                                    | [#xdata_field{var = Var, type = boolean,
+                                                    values = [bool_text(Value)]}
+                                       || {Var, Value} <- Fields]]},
+            Acc ++ [Form]
+    end;
+disco_info(Acc, _From, _To, _Node, _Lang) ->
+    Acc.
+
+push_options(Host, User) ->
+    Table = options_table(Host),
+    try ets:lookup(Table, User) of
+        [{_, Fields}] -> Fields;
+        [] -> case ets:lookup(Table, default) of
+                  [{_, Fields}] -> Fields;
+                  [] -> undefined
+              end
+    catch error:badarg -> undefined  % the port owner is restarting
+    end.
+
+options_table(Host) ->
+    gen_mod:get_module_proc(Host, mod_push_py_options).
+
+bool_text(true) -> <<"1">>;
+bool_text(false) -> <<"0">>.
 
 %% Session state keys: push_py (resume timeout to apply while pending) and
 %% push_py_saved_timeout (the ordinary one, restored on resume).
@@ -475,6 +526,7 @@ start_link(Host, Opts) ->
 init([Host, _Opts]) ->
     process_flag(trap_exit, true),
     [ejabberd_router:register_route(Domain, Host) || Domain <- app_server_domains(Host)],
+    ets:new(options_table(Host), [named_table, protected, {read_concurrency, true}]),
     {ok, open(#state{host = Host})}.
 
 %% Subdomains served by the app server (its pubsub and registration hosts).
@@ -687,6 +739,12 @@ execute({set_push, {U, S, R}, Value}, State) ->
         Pid when is_pid(Pid) -> ejabberd_c2s:cast(Pid, {?MODULE, set_push, Value});
         none -> ok
     end,
+    State;
+execute({push_options, Key, undefined}, #state{host = Host} = State) ->
+    ets:delete(options_table(Host), Key),
+    State;
+execute({push_options, Key, Fields}, #state{host = Host} = State) ->
+    ets:insert(options_table(Host), {Key, Fields}),
     State;
 execute({log, Level, Text}, State) ->
     log(Level, Text),

@@ -60,6 +60,8 @@ class Config:
     include_message_count: bool = True
     include_subscription_count: bool = True
     include_message_bodies: bool = False
+    allow_senders: bool = True  # admin limits: what users may turn on at most
+    allow_message_bodies: bool = True
     notify_on: str = "messages"  # "messages" | "all"
     max_publish_errors: int = 3
     retry_delays_ms: tuple[int, ...] = (5_000, 30_000, 300_000)
@@ -84,6 +86,9 @@ class Config:
                 options.get("include_subscription_count", cls.include_subscription_count)),
             include_message_bodies=bool(
                 options.get("include_message_bodies", cls.include_message_bodies)),
+            allow_senders=bool(options.get("allow_senders", cls.allow_senders)),
+            allow_message_bodies=bool(options.get("allow_message_bodies",
+                                                  cls.allow_message_bodies)),
             notify_on=str(options.get("notify_on", cls.notify_on)),
             max_publish_errors=int(options.get("max_publish_errors", cls.max_publish_errors)),
             retry_delays_ms=tuple(int(d) for d in options.get("retry_delays", cls.retry_delays_ms)),

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from ..protocol import Stanza
 from .config import Config
+from .options import PushOptions
 
 
 class Trigger(enum.Enum):
@@ -57,21 +58,21 @@ class Counts:
     subscriptions: int = 0
 
 
-def summary_fields(config: Config, counts: Counts, trigger: Trigger,
+def summary_fields(options: PushOptions, counts: Counts, trigger: Trigger,
                    stanza: Stanza) -> list[tuple[str, str]]:
-    """The urn:xmpp:push:summary fields, as the options allow."""
+    """The urn:xmpp:push:summary fields, as the user's options allow."""
     fields: list[tuple[str, str]] = []
-    if config.include_message_count:
+    if options.message_count:
         fields.append(("message-count", str(counts.messages)))
-    if config.include_subscription_count:
+    if options.subscription_count:
         fields.append(("pending-subscription-count", str(counts.subscriptions)))
     if trigger is Trigger.MESSAGE:
-        if config.include_senders:
+        if options.senders:
             fields.append(("last-message-sender", stanza.sender))
-        if config.include_message_bodies and stanza.body:
+        if options.message_bodies and stanza.body:
             body = ENCRYPTED_BODY if is_encrypted(stanza) else stanza.body
             fields.append(("last-message-body", body))
-    elif config.include_senders:
+    elif options.senders:
         fields.append(("last-subscription-sender", stanza.sender))
     return fields
 

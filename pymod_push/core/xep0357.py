@@ -89,13 +89,13 @@ def parse_form(element: ET.Element) -> Form:
             continue
         values = tuple(v.text or "" for v in field.findall(f"{{{NS_DATA}}}value"))
         if any(len(v.encode()) > MAX_VALUE_BYTES for v in values) or len(var) > 256:
-            raise RequestError("not-acceptable", f"form field {var[:64]!r} is too long")
+            raise RequestError("bad-request", f"form field {var[:64]!r} is too long")
         if var == "FORM_TYPE":
             form_type = values[0] if values else ""
         else:
             fields.append((var, values))
     if len(fields) > MAX_FORM_FIELDS:
-        raise RequestError("not-acceptable", "the form has too many fields")
+        raise RequestError("bad-request", "the form has too many fields")
     return Form(form_type, tuple(fields))
 
 

@@ -91,6 +91,7 @@ class Instance:
         modules: dict[str, Any] = {
             "mod_adhoc": {}, "mod_disco": {}, "mod_roster": {}, "mod_offline": {},
             "mod_caps": {}, "mod_client_state": {}, "mod_mam": {}, "mod_admin_extra": {},
+            "mod_carboncopy": {}, "mod_muc": {"host": "conference.@HOST@"},
             "mod_stream_mgmt": {"resume_timeout": 300, "resend_on_timeout": "if_offline"},
         }
         modules.update(self.modules)

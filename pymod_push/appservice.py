@@ -34,6 +34,11 @@ class Delivery:
     summary: dict[str, str]
     publish: app.Iq
 
+    @property
+    def urgent(self) -> bool:
+        """The XMPP server marks calls (and only what must wake the user now) urgent."""
+        return self.summary.get("last-message-priority") == "high"
+
 
 def publish_answer(delivery: Delivery, outcome: Outcome, reason: str = "") -> str:
     """The answer to the publish IQ, from the provider's first answer."""
@@ -115,7 +120,7 @@ class AppServer:
         device = Device(app.new_node(), app.new_secret(), user, request.device_id,
                         request.device_name, backend.group, backend.app_name,
                         backend.pubsub_host, request.token, request.application_id,
-                        request.p256dh, request.auth)
+                        request.p256dh, request.auth, request.voip_token)
         self.store.add_device(device)
         log.info("app server: %s registered device %r at %s (%s)", user, device.device_id,
                  backend.group, backend.app_name)

@@ -31,6 +31,7 @@ class Stanza:
     type: str
     body: str
     xml: bytes
+    nick: str = ""  # group chat: the user's nickname in that room, if the shim knows it
 
 
 # ----------------------------------------------------------------------------- events
@@ -130,9 +131,10 @@ def _user(value: Any) -> UserKey:
 
 
 def _stanza(value: Any) -> Stanza:
-    kind, sender, stanza_id, stanza_type, body, xml = value
+    kind, sender, stanza_id, stanza_type, body, xml, *context = value
+    nick = context[0].get(Atom("nick"), b"") if context and isinstance(context[0], dict) else b""
     return Stanza(str(kind), _text(sender), _text(stanza_id), str(stanza_type), _text(body),
-                  bytes(xml))
+                  bytes(xml), _text(nick))
 
 
 def parse_hello(term: Any) -> Hello:

@@ -25,6 +25,7 @@ from .core.notify import (
     fingerprint,
     summary_fields,
     trigger_of,
+    unwrap_carbon,
 )
 from .core.xep0357 import Disable, Enable, RequestError, parse_push_request, publish_iq
 from .protocol import (
@@ -181,9 +182,10 @@ class PushService:
         return [*actions, IqResult(iq.ref)]
 
     # ------------------------------------------------------------- notifying
-    def _notify(self, registrations: list[Registration], stanza: Stanza) -> list[Action]:
-        trigger = trigger_of(stanza, self.config)
-        if trigger is None or not registrations:
+    def _notify(self, registrations: list[Registration], original: Stanza) -> list[Action]:
+        stanza = unwrap_carbon(original) if registrations else None
+        trigger = trigger_of(stanza, self.config) if stanza else None
+        if stanza is None or trigger is None:
             return []
         mark = fingerprint(stanza)
         actions: list[Action] = []
@@ -195,10 +197,10 @@ class PushService:
             if len(seen) > SEEN_PER_REGISTRATION:
                 seen.popitem(last=False)
             counts = Counts(registration.message_count, registration.subscription_count)
-            if trigger is Trigger.MESSAGE:
-                counts.messages += 1
-            else:
+            if trigger is Trigger.SUBSCRIPTION:
                 counts.subscriptions += 1
+            else:
+                counts.messages += 1
             registration.message_count = counts.messages
             registration.subscription_count = counts.subscriptions
             self.store.save_counts(registration)

@@ -65,6 +65,10 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (user, server)
     );
     """,
+    # version 4: APNs VoIP (PushKit) tokens, for urgent pushes such as incoming calls
+    """
+    ALTER TABLE devices ADD COLUMN voip_token TEXT NOT NULL DEFAULT '';
+    """,
 )
 
 
@@ -105,10 +109,11 @@ class Device:
     application_id: str = ""
     p256dh: str = ""
     auth: str = ""
+    voip_token: str = ""  # APNs PushKit token, used for urgent pushes where configured
 
 
 _DEVICE_COLUMNS = ("node, secret, user, device_id, device_name, provider, app_name, "
-                   "pubsub_host, token, application_id, p256dh, auth")
+                   "pubsub_host, token, application_id, p256dh, auth, voip_token")
 _COLUMNS = ("user, server, resource, push_jid, node, publish_options, errors, "
             "message_count, subscription_count")
 
@@ -204,11 +209,11 @@ class Store:
             (device.user, device.device_id, device.provider, device.app_name))]
         self.db.executemany("DELETE FROM devices WHERE node=?", [(n,) for n in replaced])
         self.db.execute(f"INSERT INTO devices ({_DEVICE_COLUMNS}, created_at) VALUES "
-                        "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (device.node, device.secret, device.user, device.device_id,
                          device.device_name, device.provider, device.app_name,
                          device.pubsub_host, device.token, device.application_id,
-                         device.p256dh, device.auth, time.time()))
+                         device.p256dh, device.auth, device.voip_token, time.time()))
         return replaced
 
     def device(self, node: str) -> Device | None:

@@ -232,10 +232,14 @@ def apns_check(public_key: Any, team_id: str, key_id: str, topic: str) -> Check:
             return 403, {"reason": "InvalidProviderToken"}
         if scheme != "bearer" or claims.get("iss") != team_id or header.get("kid") != key_id:
             return 403, {"reason": "InvalidProviderToken"}
-        if request.headers.get("apns-topic") != topic:
-            return 400, {"reason": "TopicDisallowed"}
-        if request.headers.get("apns-push-type") not in ("alert", "background", "voip"):
+        push_type = request.headers.get("apns-push-type")
+        if push_type not in ("alert", "background", "voip"):
             return 400, {"reason": "InvalidPushType"}
+        wanted_topic = f"{topic}.voip" if push_type == "voip" else topic
+        if request.headers.get("apns-topic") != wanted_topic:
+            return 400, {"reason": "TopicDisallowed"}
+        if push_type == "background" and request.headers.get("apns-priority") != "5":
+            return 400, {"reason": "BadPriority"}  # Apple's rule for background pushes
         return None
     return check
 

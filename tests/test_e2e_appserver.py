@@ -8,6 +8,7 @@ import base64
 import json
 import shutil
 import tempfile
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,9 @@ from tests.xmpp_peers import NS_DATA, NS_PUSH, Peers, form_fields
 pytestmark = pytest.mark.e2e
 
 TOKEN = "ab" * 32
+VOIP_TOKEN = "cd" * 32
+PROPOSE = ("<propose xmlns='urn:xmpp:jingle-message:0' id='call-1'>"
+           "<description xmlns='urn:xmpp:jingle:apps:rtp:1' media='audio'/></propose>")
 TOPIC = "org.example.chatninja"
 
 
@@ -80,7 +84,7 @@ def setup() -> Iterator[AppServerSetup]:
             "key_file": str(folder / "AuthKey_KEY123.p8"), "key_id": "KEY123",
             "team_id": "TEAM456", "endpoint": f"https://127.0.0.1:{apns_port}"}
     options = {"access_backends": "push_users", "backends": [
-        {**apns, "register_host": "localhost"},
+        {**apns, "register_host": "localhost", "voip_topic": f"{TOPIC}.voip"},
         {**apns, "app_name": "otherapp", "register_host": "push.localhost"},
         {**common, "type": "fcm", "app_name": "chatninja", "register_host": "push.localhost",
          "service_account_file": str(folder / "service-account.json"),
@@ -467,3 +471,48 @@ def test_publishes_from_another_server_over_s2s(setup: AppServerSetup) -> None:
     finally:
         remote.stop()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_calls_go_as_urgent_pushes(setup: AppServerSetup) -> None:
+    """APNs: a VoIP push where the backend has a voip_topic and the device a VoIP token,
+    else an alert at priority 10; FCM: priority high."""
+    scenario = setup.scenario
+    setup.apns.reset()
+    setup.fcm.reset()
+
+    async def call(sender: Any, phone: Any) -> None:
+        message = sender.make_message(mto=phone.boundjid.bare, mtype="chat")
+        message.append(ET.fromstring(PROPOSE))
+        message.send()
+
+    async def run(peers: Peers) -> None:
+        _, phone, sender = await scenario.cast(peers)
+        fields = _result(await phone.command("localhost", "register-push-apns", {
+            "token": TOKEN, "voip-token": VOIP_TOKEN}))
+        await phone.enable_push("pubsub.localhost", fields["node"][0],
+                                secret=fields["secret"][0])
+        _, android, _ = await scenario.cast(peers)
+        fields = _result(await android.command("push.localhost", "register-push-fcm",
+                                               {"token": "fcm-call-token"}))
+        await android.enable_push("pubsub.localhost", fields["node"][0],
+                                  secret=fields["secret"][0])
+        await scenario.go_pending(phone)
+        await scenario.go_pending(android)
+        await call(sender, phone)
+        (voip,) = await setup.apns.wait_for(1)
+        assert voip.path == f"/3/device/{VOIP_TOKEN}" and not voip.refused
+        assert voip.headers["apns-push-type"] == "voip"
+        assert voip.headers["apns-topic"] == f"{TOPIC}.voip"
+        assert voip.headers["apns-priority"] == "10"
+        assert voip.json()["last-message-priority"] == "high"
+        sender.send_message(mto=phone.boundjid.bare, mbody="call me", mtype="chat")
+        requests = await setup.apns.wait_for(2)
+        assert requests[1].path == f"/3/device/{TOKEN}" and not requests[1].refused
+        assert requests[1].headers["apns-push-type"] == "alert"
+        await call(sender, android)
+        sends = await setup.fcm.wait_for(1)
+        if sends[0].path == "/token":  # the OAuth token is cached once fetched
+            sends = (await setup.fcm.wait_for(2))[1:]
+        assert sends[0].json()["message"]["android"]["priority"] == "high"
+
+    scenario.run(run)

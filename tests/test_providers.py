@@ -80,6 +80,45 @@ def test_apns_sender_and_body_only_when_the_summary_has_them(apns: tuple[Apns, A
     assert json.loads(request.body)["aps"]["alert"] == {"title": "bob@example.org", "body": "Hi"}
 
 
+CALL = {"FORM_TYPE": "urn:xmpp:push:summary", "message-count": "1",
+        "last-message-priority": "high"}
+
+
+def test_apns_urgent_push_alerts_at_once_even_with_nothing_to_show(
+        apns: tuple[Apns, Any]) -> None:
+    provider, _ = apns
+    request = provider.request(device(), {"FORM_TYPE": "urn:xmpp:push:summary",
+                                          "last-message-priority": "high"}, 1000.0, urgent=True)
+    assert request.headers["apns-push-type"] == "alert"
+    assert request.headers["apns-priority"] == "10"
+    aps = json.loads(request.body)["aps"]
+    assert aps["alert"] == {"body": "Incoming call"}
+    assert aps["interruption-level"] == "time-sensitive"
+
+
+def test_apns_urgent_push_is_a_voip_push_where_configured(tmp_path: Path) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    (tmp_path / "key.p8").write_bytes(pem(key))
+    provider = Apns(backend("apns", key_file=str(tmp_path / "key.p8"), key_id="K1",
+                            team_id="T1", topic="org.example.app",
+                            voip_topic="org.example.app.voip"))
+    phone = device(voip_token="cd" * 32)
+    call = provider.request(phone, CALL, 1000.0, urgent=True)
+    assert call.url.endswith(f"/3/device/{'cd' * 32}")
+    assert (call.headers["apns-topic"], call.headers["apns-push-type"],
+            call.headers["apns-priority"], call.headers["apns-expiration"]) == (
+        "org.example.app.voip", "voip", "10", "0")
+    assert json.loads(call.body)["last-message-priority"] == "high"
+    assert call.headers["authorization"].startswith("bearer ")
+    # Ordinary pushes, and calls to devices without a VoIP token, stay alert pushes.
+    message = provider.request(phone, COUNTS, 1000.0)
+    assert (message.headers["apns-topic"], message.headers["apns-push-type"]) == (
+        "org.example.app", "alert")
+    without_voip = provider.request(device(), CALL, 1000.0, urgent=True)
+    assert without_voip.headers["apns-push-type"] == "alert"
+    assert without_voip.headers["apns-priority"] == "10"
+
+
 def test_apns_token_is_reused_for_40_minutes(apns: tuple[Apns, Any]) -> None:
     provider, _ = apns
     first = provider.bearer(0.0)
@@ -124,6 +163,10 @@ def test_fcm_oauth_token_then_data_message(fcm: tuple[Fcm, Any]) -> None:
     assert request.headers["authorization"] == "Bearer tok"
     message = json.loads(request.body)["message"]
     assert message["token"] == "fcm-token" and message["android"]["priority"] == "high"
+    assert message["android"]["ttl"] == "60s"
+    ordinary = json.loads(provider.request(device("fcm-token"), COUNTS, 1000.0).body)["message"]
+    assert ordinary["android"] == {"priority": "normal", "ttl": "86400s",
+                                   "collapse_key": "node-1"}
     assert message["data"] == {"message-count": "2", "pending-subscription-count": "0"}
 
 
@@ -159,6 +202,9 @@ def test_webpush_encrypts_for_the_subscription_and_signs_vapid(tmp_path: Path) -
                              version="aes128gcm")
     assert json.loads(plain) == {"message-count": "2", "pending-subscription-count": "0"}
     assert request.headers["content-encoding"] == "aes128gcm"
+    assert (request.headers["urgency"], request.headers["ttl"]) == ("normal", "86400")
+    call = provider.request(subscription, COUNTS, 1000.0, urgent=True)
+    assert (call.headers["urgency"], call.headers["ttl"]) == ("high", "60")
     token = request.headers["authorization"].split("t=", 1)[1].split(",", 1)[0]
     claims = jwt.decode(token, vapid.public_key(), algorithms=["ES256"],
                         audience="https://push.example.net", options={"verify_exp": False})

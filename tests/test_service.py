@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 
 from pymod_push.core.config import Config
+from pymod_push.etf import Atom
 from pymod_push.protocol import (
     IqError,
     IqResult,
@@ -23,6 +24,7 @@ from pymod_push.protocol import (
     Stanza,
     StanzaToPending,
     UserRemoved,
+    parse_event,
 )
 from pymod_push.service import PushService
 from pymod_push.store import MIGRATIONS, Store
@@ -302,6 +304,80 @@ def test_encrypted_messages_never_push_their_fallback_body(payload: str) -> None
     fallback = "I sent you an encrypted message but your client does not seem to support it"
     (push,) = service.handle(StanzaToPending(PHONE, message(body=fallback, extra=payload)), 0)
     assert fields(push)["last-message-body"] == "Encrypted message"
+
+
+def test_own_messages_from_another_device_do_not_push() -> None:
+    service = make_service(notify_on="all")  # not even when every message pushes
+    service.handle(enable(), 0)
+    carbon = ("<sent xmlns='urn:xmpp:carbons:2'><forwarded xmlns='urn:xmpp:forward:0'>"
+              "<message xmlns='jabber:client' to='bob@example.org'><body>hi</body></message>"
+              "</forwarded></sent>")
+    sent = message(body="", sender="alice@example.org", extra=carbon)
+    assert service.handle(StanzaToPending(PHONE, sent), 0) == []
+    received = message(body="", sender="alice@example.org",
+                       extra=carbon.replace("sent", "received"))
+    assert len(service.handle(StanzaToPending(PHONE, received), 0)) == 1
+
+
+def room_message(body: str, nick: str = "alice", sender_nick: str = "bob") -> Stanza:
+    return replace(message(body=body, sender=f"room@muc.example.org/{sender_nick}",
+                           stanza_type="groupchat"), nick=nick)
+
+
+@pytest.mark.parametrize(("policy", "body", "nick", "sender_nick", "pushes"), [
+    ("mentions", "alice: lunch?", "alice", "bob", True),
+    ("mentions", "Lunch, Alice?", "alice", "bob", True),
+    ("mentions", "lunch anyone?", "alice", "bob", False),
+    ("mentions", "malice aforethought", "alice", "bob", False),  # a word, not the nick
+    ("mentions", "alice: lunch?", "", "bob", False),  # the shim does not know the nick
+    ("mentions", "alice: I said it", "alice", "alice", False),  # the room's echo
+    ("always", "lunch anyone?", "alice", "bob", True),
+    ("always", "", "alice", "bob", False),  # subject changes, chat states
+    ("never", "alice: lunch?", "alice", "bob", False),
+])
+def test_group_chat_pushes_per_policy(policy: str, body: str, nick: str, sender_nick: str,
+                                      pushes: bool) -> None:
+    service = make_service(notify_groupchat=policy, include_message_bodies=True)
+    service.handle(enable(), 0)
+    actions = service.handle(StanzaToPending(PHONE, room_message(body, nick, sender_nick)), 0)
+    assert len(actions) == int(pushes)
+    if pushes:
+        assert fields(actions[0])["last-message-body"] == body
+
+
+def test_call_proposals_push_at_once_marked_urgent() -> None:
+    service = make_service(include_message_bodies=True, include_senders=True)
+    service.handle(enable(), 0)
+    propose = ("<propose xmlns='urn:xmpp:jingle-message:0' id='call1'>"
+               "<description xmlns='urn:xmpp:jingle:apps:rtp:1' media='audio'/></propose>")
+    (push,) = service.handle(StanzaToPending(PHONE, message(body="", extra=propose)), 0)
+    assert fields(push) == {"FORM_TYPE": "urn:xmpp:push:summary", "message-count": "1",
+                            "pending-subscription-count": "0",
+                            "last-message-sender": "bob@example.org/pc",
+                            "last-message-body": "Incoming call",
+                            "last-message-priority": "high"}
+    # Without bodies and senders allowed, the call is still marked urgent.
+    quiet = make_service()
+    quiet.handle(enable(), 0)
+    (push,) = quiet.handle(StanzaToPending(PHONE, message(body="", extra=propose)), 0)
+    assert fields(push)["last-message-priority"] == "high"
+    assert "last-message-body" not in fields(push)
+    # Retracting or accepting a call is not a call.
+    retract = propose.replace("propose", "retract")
+    assert quiet.handle(StanzaToPending(PHONE, message(body="", extra=retract,
+                                                       stanza_id="m2")), 0) == []
+
+
+def test_the_shims_group_chat_context_is_parsed() -> None:
+    term = (Atom("stanza"), (b"alice", b"example.org", b"phone"),
+            (Atom("message"), b"room@muc.example.org/bob", b"g1", Atom("groupchat"),
+             b"alice: hi", b"<message/>", {Atom("nick"): b"alice"}))
+    event = parse_event(term)
+    assert isinstance(event, StanzaToPending) and event.stanza.nick == "alice"
+    plain = (Atom("stanza"), (b"alice", b"example.org", b"phone"),
+             (Atom("message"), b"bob@example.org", b"m1", Atom("chat"), b"hi", b"<message/>"))
+    event = parse_event(plain)
+    assert isinstance(event, StanzaToPending) and event.stanza.nick == ""
 
 
 def options_form(**values: str) -> str:

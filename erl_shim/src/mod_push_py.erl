@@ -131,6 +131,7 @@ mod_opt_type(include_message_bodies) -> econf:bool();
 mod_opt_type(allow_senders) -> econf:bool();
 mod_opt_type(allow_message_bodies) -> econf:bool();
 mod_opt_type(notify_on) -> econf:enum([messages, all]);
+mod_opt_type(notify_groupchat) -> econf:enum([mentions, always, never]);
 mod_opt_type(max_publish_errors) -> econf:pos_int();
 mod_opt_type(retry_delays) -> econf:list(econf:timeout(second));
 mod_opt_type(db_file) -> econf:either(auto, econf:binary());
@@ -149,6 +150,7 @@ mod_opt_type(backends) ->
             auth_key => econf:binary(),
             package_sid => econf:binary(),
             topic => econf:binary(),
+            voip_topic => econf:binary(),
             key_file => econf:file(read),
             key_id => econf:binary(),
             team_id => econf:binary(),
@@ -197,6 +199,7 @@ mod_options(_Host) ->
      {allow_senders, true},
      {allow_message_bodies, true},
      {notify_on, messages},
+     {notify_groupchat, mentions},
      {max_publish_errors, 3},
      {retry_delays, [timer:seconds(5), timer:seconds(30), timer:minutes(5)]},
      {db_file, auto},
@@ -269,6 +272,11 @@ mod_doc() ->
                          "subscription requests; 'all': push for every "
                          "message (chat states, receipts...). The default is "
                          "'messages'.")}},
+           {notify_groupchat,
+            #{value => "mentions | always | never",
+              desc => ?T("Group chat messages to a pending occupant: push only "
+                         "those that mention the occupant's nickname in that "
+                         "room ('mentions', the default), all of them, or none.")}},
            {max_publish_errors,
             #{value => ?T("Number"),
               desc => ?T("Consecutive non-transient error replies from an "
@@ -304,7 +312,9 @@ mod_doc() ->
                          "'register_host', 'pubsub_host', 'app_name' (default "
                          "'any', only for types without credentials) and what "
                          "the provider needs: 'topic', 'key_file', 'key_id', "
-                         "'team_id', 'sandbox', 'certfile' (APNs); "
+                         "'team_id', 'sandbox', 'certfile', 'voip_topic' (APNs; "
+                         "calls go as VoIP pushes to devices that registered "
+                         "a 'voip-token'); "
                          "'service_account_file', 'project_id' (FCM); "
                          "'vapid_private_key_file', 'vapid_subject' (Web Push); "
                          "'auth_key', 'package_sid' (WNS); and for all 'endpoint' "
@@ -371,7 +381,8 @@ bool_text(false) -> <<"0">>.
 %% Session state keys: push_py (resume timeout to apply while pending) and
 %% push_py_saved_timeout (the ordinary one, restored on resume).
 c2s_session_pending(#{push_py := Timeout, mgmt_queue := Queue} = State) ->
-    Queued = [describe(Pkt) || {_, _, Pkt} <- p1_queue:to_list(Queue), forwarded(Pkt)],
+    Queued = [describe(Pkt, State)
+              || {_, _, Pkt} <- p1_queue:to_list(Queue), forwarded(Pkt)],
     notify(State, {session_pending, session_key(State), Queued}),
     Saved = mod_stream_mgmt:get_resume_timeout(State),
     mod_stream_mgmt:set_resume_timeout(State#{push_py_saved_timeout => Saved}, Timeout);
@@ -388,7 +399,7 @@ c2s_session_resumed(State) ->
     State.
 
 c2s_copy_session(State, OldState) ->
-    maps:merge(State, maps:with([push_py, push_py_saved_timeout], OldState)).
+    maps:merge(State, maps:with([push_py, push_py_saved_timeout, push_py_nicks], OldState)).
 
 c2s_handle_cast(State, {?MODULE, set_push, false}) ->
     {stop, maps:remove(push_py, State)};
@@ -400,7 +411,7 @@ c2s_handle_cast(State, _Msg) ->
 %% The hot path: every stanza sent to every session.
 c2s_handle_send(#{push_py := _, mgmt_state := pending} = State, Pkt, _Result) ->
     case forwarded(Pkt) of
-        true -> notify(State, {stanza, session_key(State), describe(Pkt)});
+        true -> notify(State, {stanza, session_key(State), describe(Pkt, State)});
         false -> ok
     end,
     State;
@@ -440,6 +451,22 @@ user_send_packet({#iq{type = set, lang = Lang,
             end;
         false -> Acc
     catch _:{xmpp_codec, _} -> Acc
+    end;
+%% Group chat: remember the user's nickname in each room they join (or change it
+%% to), so that Python can tell a mention from the rest of the room's traffic.
+user_send_packet({#presence{to = #jid{resource = Nick} = To, type = Type} = Pres,
+                  State} = Acc) when Nick /= <<>> ->
+    Room = jid:remove_resource(jid:tolower(To)),
+    Nicks = maps:get(push_py_nicks, State, #{}),
+    case Type of
+        unavailable when is_map_key(Room, Nicks) ->
+            {Pres, State#{push_py_nicks => maps:remove(Room, Nicks)}};
+        available ->
+            case is_map_key(Room, Nicks) orelse xmpp:has_subtag(Pres, #muc{}) of
+                true -> {Pres, State#{push_py_nicks => Nicks#{Room => Nick}}};
+                false -> Acc
+            end;
+        _ -> Acc
     end;
 user_send_packet(Acc) ->
     Acc.
@@ -492,6 +519,16 @@ forwarded(#message{type = error}) -> false;
 forwarded(#message{}) -> true;
 forwarded(#presence{type = subscribe}) -> true;
 forwarded(_) -> false.
+
+%% A group chat message carries the user's nickname in that room as context.
+describe(#message{type = groupchat, from = #jid{} = From} = Pkt, #{push_py_nicks := Nicks}) ->
+    Room = jid:remove_resource(jid:tolower(From)),
+    case Nicks of
+        #{Room := Nick} -> erlang:append_element(describe(Pkt), #{nick => Nick});
+        _ -> describe(Pkt)
+    end;
+describe(Pkt, _State) ->
+    describe(Pkt).
 
 describe(Pkt) ->
     Body = case Pkt of

@@ -60,6 +60,7 @@ class DeviceRegistration:
     application_id: str = ""
     p256dh: str = ""
     auth: str = ""
+    voip_token: str = ""  # APNs: the app's PushKit token, for urgent pushes (calls)
 
 
 def parse_iq(xml: bytes) -> Iq:
@@ -119,7 +120,8 @@ def command_reply(iq: Iq, command: Command, status: str, form: str = "",
 
 def registration_form(group: str) -> str:
     """The form a client fills for register-push-*, for clients that ask first."""
-    fields = {"webpush": ["endpoint", "p256dh", "auth"], "ubuntu": ["token", "application-id"]}
+    fields = {"webpush": ["endpoint", "p256dh", "auth"], "ubuntu": ["token", "application-id"],
+              "apns": ["token", "voip-token"]}
     wanted = fields.get(group, ["token"]) + ["device-id", "device-name"]
     inner = "".join(f"<field var={quoteattr(name)} type='text-single'/>" for name in wanted)
     return (f"<x xmlns='{NS_DATA}' type='form'><title>Push registration</title>"
@@ -134,7 +136,7 @@ def form_value(fields: dict[str, tuple[str, ...]], name: str) -> str:
     return value
 
 
-def _apns_token(token: str) -> str:
+def _apns_token(token: str, name: str = "token") -> str:
     """APNs device tokens: hex as iOS gives them today, or base64 as the 2015 design had it."""
     cleaned = token.replace(" ", "").strip("<>")
     try:
@@ -142,7 +144,7 @@ def _apns_token(token: str) -> str:
             return cleaned.lower()
         return base64.b64decode(cleaned, validate=True).hex()
     except (binascii.Error, ValueError):
-        raise RequestError("bad-request", "field 'token' is not a hex or base64 APNs token") \
+        raise RequestError("bad-request", f"field '{name}' is not a hex or base64 APNs token") \
             from None
 
 
@@ -169,12 +171,17 @@ def parse_registration(command: Command, iq: Iq, backend: Backend) -> DeviceRegi
     token = form_value(fields, "token")
     if not token:
         raise RequestError("bad-request", "field 'token' is required")
+    voip_token = ""
     if group == "apns":
         token = _apns_token(token)
+        # Siskin/Tigase's app server calls the PushKit token the device's second token
+        voip = form_value(fields, "voip-token") or form_value(fields, "device-second-token")
+        voip_token = _apns_token(voip, "voip-token") if voip else ""
     application_id = form_value(fields, "application-id")
     if group == "ubuntu" and not application_id:
         raise RequestError("bad-request", "field 'application-id' is required")
-    return DeviceRegistration(backend, device_id, device_name, token, application_id)
+    return DeviceRegistration(backend, device_id, device_name, token, application_id,
+                              voip_token=voip_token)
 
 
 def result_form(fields: list[tuple[str, list[str], str | None]]) -> str:

@@ -63,6 +63,7 @@ class Config:
     allow_senders: bool = True  # admin limits: what users may turn on at most
     allow_message_bodies: bool = True
     notify_on: str = "messages"  # "messages" | "all"
+    notify_groupchat: str = "mentions"  # "mentions" | "always" | "never"
     max_publish_errors: int = 3
     retry_delays_ms: tuple[int, ...] = (5_000, 30_000, 300_000)
     db_file: str = ":memory:"
@@ -90,6 +91,7 @@ class Config:
             allow_message_bodies=bool(options.get("allow_message_bodies",
                                                   cls.allow_message_bodies)),
             notify_on=str(options.get("notify_on", cls.notify_on)),
+            notify_groupchat=str(options.get("notify_groupchat", cls.notify_groupchat)),
             max_publish_errors=int(options.get("max_publish_errors", cls.max_publish_errors)),
             retry_delays_ms=tuple(int(d) for d in options.get("retry_delays", cls.retry_delays_ms)),
             db_file=_text(db_file),

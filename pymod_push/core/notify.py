@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import re
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
 from ..protocol import Stanza
@@ -13,18 +15,65 @@ from .options import PushOptions
 
 class Trigger(enum.Enum):
     MESSAGE = "message"
+    CALL = "call"  # a Jingle Message Initiation proposal: push at once, urgently
     SUBSCRIPTION = "subscription"
 
 
+NS_JMI = b"urn:xmpp:jingle-message:0"
+NS_CARBONS = b"urn:xmpp:carbons:2"
+NS_FORWARD = "urn:xmpp:forward:0"
+CALL_BODY = "Incoming call"
+
+
 def trigger_of(stanza: Stanza, config: Config) -> Trigger | None:
-    """Why this stanza warrants a push, or None (chat states, receipts, empty bodies)."""
+    """Why this stanza warrants a push, or None (chat states, receipts, markers, empty
+    bodies, group chat without a mention); carbons are unwrapped before (unwrap_carbon)."""
     if stanza.kind == "presence":
         return Trigger.SUBSCRIPTION if stanza.type == "subscribe" else None
     if stanza.kind != "message" or stanza.type == "error":
         return None
+    xml = stanza.xml
+    if NS_JMI in xml and b"<propose" in xml:
+        return Trigger.CALL
+    if stanza.type == "groupchat":
+        if config.notify_groupchat == "never" or not stanza.body.strip():
+            return None
+        if stanza.nick and stanza.sender.partition("/")[2] == stanza.nick:
+            return None  # the room's echo of what the user said from another device
+        if config.notify_groupchat == "mentions" and not mentions(stanza):
+            return None
+        return Trigger.MESSAGE
     if stanza.body.strip() or config.notify_on == "all":
         return Trigger.MESSAGE
     return None
+
+
+def unwrap_carbon(stanza: Stanza) -> Stanza | None:
+    """What a Message Carbons copy stands for: None for the copy of a message the user
+    sent from another device (never a push), the forwarded message for a received copy."""
+    if NS_CARBONS not in stanza.xml:
+        return stanza
+    try:
+        root = ET.fromstring(stanza.xml)
+    except ET.ParseError:
+        return stanza
+    if root.find(f"{{{NS_CARBONS.decode()}}}sent") is not None:
+        return None
+    inner = root.find(f"{{{NS_CARBONS.decode()}}}received/{{{NS_FORWARD}}}forwarded/"
+                      f"{{jabber:client}}message")
+    if inner is None:
+        return stanza
+    return Stanza("message", inner.get("from", stanza.sender), inner.get("id", ""),
+                  inner.get("type", "normal"), inner.findtext("{jabber:client}body") or "",
+                  ET.tostring(inner))
+
+
+def mentions(stanza: Stanza) -> bool:
+    """Does a group chat message name the user (their nickname in that room)?"""
+    nick = stanza.nick
+    if not nick:
+        return False
+    return re.search(rf"(?<!\w){re.escape(nick)}(?!\w)", stanza.body, re.IGNORECASE) is not None
 
 
 # End-to-end encryption: OMEMO (both namespaces), legacy OpenPGP (XEP-0027), OpenPGP for
@@ -66,7 +115,13 @@ def summary_fields(options: PushOptions, counts: Counts, trigger: Trigger,
         fields.append(("message-count", str(counts.messages)))
     if options.subscription_count:
         fields.append(("pending-subscription-count", str(counts.subscriptions)))
-    if trigger is Trigger.MESSAGE:
+    if trigger is Trigger.CALL:
+        if options.senders:
+            fields.append(("last-message-sender", stanza.sender))
+        if options.message_bodies:
+            fields.append(("last-message-body", CALL_BODY))
+        fields.append(("last-message-priority", "high"))
+    elif trigger is Trigger.MESSAGE:
         if options.senders:
             fields.append(("last-message-sender", stanza.sender))
         if options.message_bodies and stanza.body:

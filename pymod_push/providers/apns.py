@@ -18,6 +18,7 @@ PRODUCTION = "https://api.push.apple.com"
 SANDBOX = "https://api.sandbox.push.apple.com"
 TOKEN_LIFETIME = 40 * 60  # Apple wants a new JWT at most every 20 min, at least every 60
 EXPIRATION = 24 * 3600
+URGENT_TEXT = "Incoming call"
 GONE = {"BadDeviceToken", "Unregistered", "DeviceTokenNotForTopic"}
 
 
@@ -48,6 +49,8 @@ class Apns:
         if topic is None:
             raise ValueError(f"backend {backend.index} (apns): set 'topic' (the app's bundle id)")
         self.topic = topic
+        # PushKit (VoIP) pushes for calls go to '<bundle id>.voip' with the device's VoIP token
+        self.voip_topic = backend.option("voip_topic")
         self._token: str | None = None
         self._token_at = 0.0
 
@@ -68,23 +71,41 @@ class Apns:
 
     def request(self, device: Device, summary: dict[str, str], now: float,
                 urgent: bool = False) -> HttpRequest:
+        if urgent and self.voip_topic and device.voip_token:
+            return self._voip_request(device, summary, now)
         token, node = device.token, device.node
         title, body = notification_text(summary)
+        if urgent and not (title or body):
+            body = URGENT_TEXT  # background pushes may not be urgent: show something
         if title or body:
             alert = {"title": title, "body": body} if title else {"body": body}
             aps: dict[str, Any] = {"alert": alert, "mutable-content": 1, "sound": "default"}
             push_type, priority = "alert", "10"
+            if urgent:
+                aps["interruption-level"] = "time-sensitive"
         else:  # nothing to show: wake the app so that it fetches its messages
             aps = {"content-available": 1}
             push_type, priority = "background", "5"
         headers = {"apns-topic": self.topic, "apns-push-type": push_type,
-                   "apns-priority": "10" if urgent else priority,
+                   "apns-priority": priority,
                    "apns-expiration": str(int(now) + EXPIRATION),
                    "apns-collapse-id": node[:64], "content-type": "application/json"}
+        return self._signed(token, headers, {"aps": aps, **summary_payload(summary)}, now)
+
+    def _voip_request(self, device: Device, summary: dict[str, str],
+                      now: float) -> HttpRequest:
+        # A call is worth nothing later: expiration 0 means deliver now or never.
+        headers = {"apns-topic": str(self.voip_topic), "apns-push-type": "voip",
+                   "apns-priority": "10", "apns-expiration": "0",
+                   "content-type": "application/json"}
+        return self._signed(device.voip_token, headers, {"aps": {}, **summary_payload(summary)},
+                            now)
+
+    def _signed(self, token: str, headers: dict[str, str], payload: dict[str, Any],
+                now: float) -> HttpRequest:
         bearer = self.bearer(now)
         if bearer:
             headers["authorization"] = f"bearer {bearer}"
-        payload = {"aps": aps, **summary_payload(summary)}
         return HttpRequest("POST", f"{self.base}/3/device/{token}", headers, to_json(payload))
 
     def reply(self, status: int, headers: dict[str, str], body: bytes) -> Reply:

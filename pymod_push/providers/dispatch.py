@@ -88,7 +88,8 @@ class Dispatcher:
             try:
                 async with self._in_flight[index]:
                     await self._authorize(provider, client)
-                    request = provider.request(device, delivery.summary, time.time())
+                    request = provider.request(device, delivery.summary, time.time(),
+                                               urgent=delivery.urgent)
                     response = await _send(client, request)
                 headers = response.headers
                 reply = provider.reply(response.status_code, headers, response.content)

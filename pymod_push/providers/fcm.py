@@ -15,6 +15,8 @@ from . import HttpRequest, OAuthToken, Outcome, Reply, common_reply, summary_pay
 BASE = "https://fcm.googleapis.com"
 SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
 GONE = {"UNREGISTERED"}
+TTL = 86400
+CALL_TTL = 60  # a call nobody sees within a minute is a missed call, not a ring
 
 
 class Fcm:
@@ -49,7 +51,8 @@ class Fcm:
     def request(self, device: Device, summary: dict[str, str], now: float,
                 urgent: bool = False) -> HttpRequest:
         message = {"token": device.token, "data": summary_payload(summary),
-                   "android": {"priority": "high" if urgent else "normal", "ttl": "86400s",
+                   "android": {"priority": "high" if urgent else "normal",
+                               "ttl": f"{CALL_TTL if urgent else TTL}s",
                                "collapse_key": device.node[:64]}}
         headers = {"content-type": "application/json",
                    "authorization": f"Bearer {self.token.value}"}

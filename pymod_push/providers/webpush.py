@@ -26,6 +26,7 @@ from . import (
 )
 
 TTL = 24 * 3600
+CALL_TTL = 60  # a call nobody sees within a minute is a missed call, not a ring
 VAPID_LIFETIME = 12 * 3600
 
 
@@ -73,7 +74,8 @@ class WebPush:
             private_key=ec.generate_private_key(ec.SECP256R1()),
             dh=b64url_decode(device.p256dh), auth_secret=b64url_decode(device.auth),
             version="aes128gcm")
-        headers = {"ttl": str(TTL), "urgency": "high" if urgent else "normal",
+        headers = {"ttl": str(CALL_TTL if urgent else TTL),
+                   "urgency": "high" if urgent else "normal",
                    "content-encoding": "aes128gcm", "content-type": "application/octet-stream",
                    "topic": b64url_encode(device.node.encode())[:32]}
         authorization = self.vapid(device.token, now or time.time())

@@ -31,7 +31,8 @@ class Wns:
     def request(self, device: Device, summary: dict[str, str], now: float,
                 urgent: bool = False) -> HttpRequest:
         headers = {"x-wns-type": "wns/raw", "content-type": "application/octet-stream",
-                   "authorization": f"Bearer {self.token.value}", "x-wns-ttl": "60" if urgent else "86400",
+                   "authorization": f"Bearer {self.token.value}",
+                   "x-wns-ttl": "60" if urgent else "86400",
                    "x-wns-priority": "1" if urgent else "2", "x-wns-tag": device.node[:32]}
         return HttpRequest("POST", device.token, headers, to_json(summary_payload(summary)))
 

@@ -7,6 +7,7 @@ client was told (an enable's result) is on disk first.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -69,6 +70,32 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE devices ADD COLUMN voip_token TEXT NOT NULL DEFAULT '';
     """,
+    # version 5: restart recovery. Which ejabberd node a registration's session lives on
+    # (in a cluster each node wakes its own users), when a pending session is to be woken
+    # before its resume timeout runs out, notifications not yet answered by their app
+    # server (they survive a crash of this process), and the last event batch handled.
+    """
+    ALTER TABLE registrations ADD COLUMN ejabberd_node TEXT NOT NULL DEFAULT '';
+    ALTER TABLE registrations ADD COLUMN wake_due DOUBLE PRECISION;
+    CREATE TABLE outbox (
+        id BIGINT PRIMARY KEY,
+        user TEXT NOT NULL,
+        server TEXT NOT NULL,
+        push_jid TEXT NOT NULL,
+        node TEXT NOT NULL,
+        summary TEXT NOT NULL,
+        attempt INTEGER NOT NULL DEFAULT 0,
+        due DOUBLE PRECISION NOT NULL,
+        ejabberd_node TEXT NOT NULL DEFAULT ''
+    );
+    CREATE TABLE port_state (
+        ejabberd_node TEXT NOT NULL,
+        host TEXT NOT NULL,
+        epoch BIGINT NOT NULL,
+        seq BIGINT NOT NULL,
+        PRIMARY KEY (ejabberd_node, host)
+    );
+    """,
 )
 
 
@@ -91,6 +118,17 @@ class Registration:
     @property
     def session(self) -> SessionKey:
         return (self.user, self.server, self.resource)
+
+
+@dataclass(slots=True)
+class OutboxEntry:
+    """A notification sent to an app server and not yet answered for good."""
+
+    id: int
+    registration: tuple[str, str, str, str]
+    summary: list[tuple[str, str]]
+    attempt: int
+    due: float
 
 
 @dataclass(slots=True)
@@ -259,3 +297,57 @@ class Store:
     def set_errors(self, key: tuple[str, str, str, str], errors: int) -> None:
         self.db.execute("UPDATE registrations SET errors=? WHERE user=? AND server=? "
                         "AND push_jid=? AND node=?", (errors, *key))
+
+    # ------------------------------------------------------- restart recovery
+    def bind_node(self, session: SessionKey, ejabberd_node: str,
+                  wake_due: float | None) -> None:
+        """The session lives on that ejabberd node; wake it at wake_due (None: never)."""
+        self.db.execute("UPDATE registrations SET ejabberd_node=?, wake_due=? WHERE user=? "
+                        "AND server=? AND resource=?", (ejabberd_node, wake_due, *session))
+
+    def clear_wake(self, key: tuple[str, str, str, str]) -> None:
+        self.db.execute("UPDATE registrations SET wake_due=NULL WHERE user=? AND server=? "
+                        "AND push_jid=? AND node=?", key)
+
+    def due_wakes(self, ejabberd_node: str, now: float) -> list[Registration]:
+        return list(self._select("ejabberd_node=? AND wake_due<=?", (ejabberd_node, now)))
+
+    def next_wake(self, ejabberd_node: str) -> float | None:
+        row = self.db.execute("SELECT MIN(wake_due) FROM registrations WHERE ejabberd_node=?",
+                              (ejabberd_node,)).fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
+    def on_node(self, ejabberd_node: str) -> list[Registration]:
+        """Registrations whose sessions were on that node ('' : made before version 5)."""
+        return list(self._select("ejabberd_node IN (?, '')", (ejabberd_node,)))
+
+    def add_outbox(self, entry: OutboxEntry, ejabberd_node: str) -> None:
+        self.db.execute("INSERT INTO outbox (id, user, server, push_jid, node, summary, attempt, "
+                        "due, ejabberd_node) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (entry.id, *entry.registration, json.dumps(entry.summary),
+                         entry.attempt, entry.due, ejabberd_node))
+
+    def update_outbox(self, entry: OutboxEntry) -> None:
+        self.db.execute("UPDATE outbox SET attempt=?, due=? WHERE id=?",
+                        (entry.attempt, entry.due, entry.id))
+
+    def remove_outbox(self, entry_id: int) -> None:
+        self.db.execute("DELETE FROM outbox WHERE id=?", (entry_id,))
+
+    def outbox(self, ejabberd_node: str) -> list[OutboxEntry]:
+        rows = self.db.execute("SELECT id, user, server, push_jid, node, summary, attempt, due "
+                               "FROM outbox WHERE ejabberd_node=? ORDER BY id", (ejabberd_node,))
+        return [OutboxEntry(int(i), (u, s, j, n), [tuple(f) for f in json.loads(summary)],
+                            int(attempt), float(due))
+                for i, u, s, j, n, summary, attempt, due in rows]
+
+    def last_batch(self, ejabberd_node: str, host: str) -> tuple[int, int] | None:
+        row = self.db.execute("SELECT epoch, seq FROM port_state WHERE ejabberd_node=? AND "
+                              "host=?", (ejabberd_node, host)).fetchone()
+        return (int(row[0]), int(row[1])) if row else None
+
+    def set_last_batch(self, ejabberd_node: str, host: str, epoch: int, seq: int) -> None:
+        self.db.execute("INSERT INTO port_state (ejabberd_node, host, epoch, seq) VALUES "
+                        "(?, ?, ?, ?) ON CONFLICT (ejabberd_node, host) DO UPDATE SET "
+                        "epoch=excluded.epoch, seq=excluded.seq",
+                        (ejabberd_node, host, epoch, seq))

@@ -29,6 +29,7 @@ from typing import Any
 
 from pymod_push import etf
 from pymod_push.etf import Atom as A
+from pymod_push.protocol import PROTOCOL_VERSION
 
 BATCH = 64
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -40,7 +41,8 @@ class PortProcess:
                                      stdout=subprocess.PIPE, bufsize=0)
         self.buffer = b""
         self.actions: queue.Queue[list[Any]] = queue.Queue()
-        self.send(etf.encode((A("hello"), 1, b"localhost", {
+        self.seq = 0
+        self.send(etf.encode((A("hello"), PROTOCOL_VERSION, b"localhost", {
             A("db_file"): f"{db_dir}/bench.sqlite3".encode(), A("resume_timeout"): 259200000,
             A("include_message_bodies"): True, A("include_senders"): True})))
         while True:  # skip log frames until the hello reply
@@ -65,7 +67,8 @@ class PortProcess:
         self.proc.stdin.write(struct.pack(">I", len(payload)) + payload)
 
     def send_events(self, events: list[Any]) -> None:
-        self.send(etf.encode(events))
+        self.seq += 1
+        self.send(etf.encode((A("events"), 1, self.seq, events)))
 
     def read_term(self) -> Any:
         assert self.proc.stdout is not None

@@ -22,12 +22,15 @@ from .appservice import Delivery
 from .core.config import Config
 from .protocol import (
     PROTOCOL_VERSION,
+    Ack,
     Action,
+    Batch,
     Log,
     ProtocolError,
     Route,
     action_term,
     hello_reply,
+    parse_batch,
     parse_event,
     parse_hello,
 )
@@ -95,6 +98,7 @@ class PortApp:
         self._timer: asyncio.TimerHandle | None = None
         self._dispatcher: Dispatcher | None = None
         self.events_handled = 0
+        self._last_batch: tuple[int, int] | None = None  # (epoch, seq) committed last
 
     def on_frames(self, frames: list[bytes]) -> None:
         actions: list[Action] = []
@@ -108,16 +112,36 @@ class PortApp:
             if self.service is None:
                 self._hello(term)
                 continue
-            for item in term if isinstance(term, list) else [term]:
+            try:
+                batch = parse_batch(term)
+            except ProtocolError as exc:
+                log.error("frame from ejabberd ignored: %s", exc)
+                continue
+            if self._already_handled(batch):
+                actions.append(Ack(batch.seq))
+                continue
+            for item in batch.events:
                 for result in self._handle(item):
                     if isinstance(result, Delivery):
                         deliveries.append(result)
                     else:
                         actions.append(result)
+            assert self._store is not None and self.service is not None
+            self._last_batch = (batch.epoch, batch.seq)
+            self._store.set_last_batch(self.service.config.ejabberd_node,
+                                       self.service.config.host, batch.epoch, batch.seq)
+            actions.append(Ack(batch.seq))
         self._flush(actions)
         for delivery in deliveries:  # after the commit: the publish was answered first
             assert self._dispatcher is not None
             self._dispatcher.submit(delivery)
+
+    def _already_handled(self, batch: Batch) -> bool:
+        """A batch the shim sends again after a crash whose effects were committed."""
+        if self._last_batch is None:
+            return False
+        epoch, seq = self._last_batch
+        return batch.epoch == epoch and batch.seq <= seq
 
     def _hello(self, term: Any) -> None:
         hello = parse_hello(term)
@@ -131,11 +155,13 @@ class PortApp:
         config = Config.from_options(hello.host, hello.options)
         self._store = Store(config.db_file)
         self.service = PushService(config, self._store)
+        self._last_batch = self._store.last_batch(config.ejabberd_node, config.host)
         self._dispatcher = Dispatcher(config, self._device_gone, self._route)
         self._write(frame(hello_reply(info)))
         self._write(frame([action_term(a) for a in self.service.initial_actions()]))
         log.info("ready for %s (pymod_push %s, database %s)", hello.host, __version__,
                  config.db_file)
+        self._arm_timer()  # notifications an earlier process left unanswered
 
     def _route(self, xml: str) -> None:
         self._write(frame([action_term(Route(xml))]))
@@ -154,7 +180,7 @@ class PortApp:
             return []
         self.events_handled += 1
         try:
-            return self.service.handle(event, time.monotonic())
+            return self.service.handle(event, time.time())
         except Exception:
             log.exception("failed to handle a %s event", type(event).__name__)
             return []
@@ -173,14 +199,14 @@ class PortApp:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if deadline is not None:
+        if deadline is not None:  # wall-clock: due times are stored and outlive the process
             loop = asyncio.get_running_loop()
-            self._timer = loop.call_at(deadline, self._on_timer)
+            self._timer = loop.call_later(max(0.0, deadline - time.time()), self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
         assert self.service is not None
-        self._flush(self.service.tick(time.monotonic()))
+        self._flush(self.service.tick(time.time()))
 
     async def aclose(self) -> None:
         if self._dispatcher is not None:

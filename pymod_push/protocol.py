@@ -11,7 +11,7 @@ from typing import Any
 
 from .etf import Atom
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 SessionKey = tuple[str, str, str]  # (user, server, resource), stringprep'ed
 UserKey = tuple[str, str]  # (user, server)
@@ -99,6 +99,11 @@ class PublishReply:
 
 
 @dataclass(frozen=True, slots=True)
+class EjabberdStarted:
+    """ejabberd has booted (start-up complete): the sessions it had before are gone."""
+
+
+@dataclass(frozen=True, slots=True)
 class AppServerIq:
     """An IQ for the built-in app server (its pubsub or registration host)."""
 
@@ -108,8 +113,26 @@ class AppServerIq:
 
 Event = (
     SessionPending | SessionResumed | SessionOpened | StanzaToPending | Offline | UserRemoved
-    | PushIq | PublishReply | AppServerIq
+    | PushIq | PublishReply | AppServerIq | EjabberdStarted
 )
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """A frame of events. Epoch and sequence number let Python acknowledge what it has
+    handled and committed, and skip a batch the shim sends again after a crash."""
+
+    epoch: int
+    seq: int
+    events: list[Any]  # terms, parsed one by one so that one bad event spoils nothing
+
+
+def parse_batch(term: Any) -> Batch:
+    if (isinstance(term, tuple) and len(term) == 4 and term[0] == Atom("events")
+            and isinstance(term[1], int) and isinstance(term[2], int)
+            and isinstance(term[3], list)):
+        return Batch(term[1], term[2], term[3])
+    raise ProtocolError("a frame of events is {events, Epoch, Seq, [Event]}")
 
 
 def _text(value: Any) -> str:
@@ -165,6 +188,8 @@ def parse_event(term: Any) -> Event:
             return Offline(_user(args[0]), _stanza(args[1]), str(tag))
         if tag == "user_removed":
             return UserRemoved(_user(args[0]))
+        if tag == "ejabberd_started":
+            return EjabberdStarted()
         if tag == "iq":
             ref, sender, to, iq_type, lang, xml = args
             return PushIq(ref, _session(sender), _session(to), str(iq_type), _text(lang),
@@ -239,7 +264,14 @@ class Log:
     text: str
 
 
-Action = IqResult | IqError | RouteIq | SetPush | PushOptionsUpdate | Route | Log
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """Every event of batches up to this one is handled and its effects are committed."""
+
+    seq: int
+
+
+Action = IqResult | IqError | RouteIq | SetPush | PushOptionsUpdate | Route | Log | Ack
 
 
 def action_term(action: Action) -> tuple[Any, ...]:
@@ -262,6 +294,8 @@ def action_term(action: Action) -> tuple[Any, ...]:
             return (_A("route"), xml.encode())
         case Log(level, text):
             return (_A("log"), _A(level), text.encode())
+        case Ack(seq):
+            return (_A("ack"), seq)
     raise TypeError(f"not an action: {action!r}")
 
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
-from collections import OrderedDict
+import time
+from collections import OrderedDict, deque
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from .appservice import AppServer, Delivery
 from .core import options as push_options
@@ -26,11 +26,13 @@ from .core.notify import (
     summary_fields,
     trigger_of,
     unwrap_carbon,
+    wake_fields,
 )
 from .core.xep0357 import Disable, Enable, RequestError, parse_push_request, publish_iq
 from .protocol import (
     Action,
     AppServerIq,
+    EjabberdStarted,
     Event,
     IqError,
     IqResult,
@@ -49,7 +51,7 @@ from .protocol import (
     UserKey,
     UserRemoved,
 )
-from .store import Registration, Store
+from .store import OutboxEntry, Registration, Store
 
 log = logging.getLogger("pymod_push")
 
@@ -57,22 +59,25 @@ RegistrationKey = tuple[str, str, str, str]
 SEEN_PER_REGISTRATION = 256
 
 
-@dataclass(slots=True)
-class Publish:
-    """One notification on its way to an app server (kept for retries)."""
-
-    registration: RegistrationKey
-    summary: list[tuple[str, str]]
-    attempt: int = 0
-
-
 class PushService:
     def __init__(self, config: Config, store: Store) -> None:
         self.config = config
         self.store = store
-        self._refs = itertools.count(1)
-        self._in_flight: dict[int, Publish] = {}
-        self._retries: list[tuple[float, int, Publish]] = []  # heap of (due, seq, publish)
+        # Outbox ids and publish refs: unique across restarts, so that a late answer to a
+        # publish of an earlier process is not taken for one of ours.
+        outbox = store.outbox(config.ejabberd_node)
+        first_id = max([time.time_ns() // 1000, *(e.id + 1 for e in outbox)])
+        self._ids = itertools.count(first_id)
+        self._in_flight: dict[int, OutboxEntry] = {}
+        # Due publishes: new ones, retries, and what an earlier process left unanswered.
+        self._retries: list[tuple[float, int, OutboxEntry]] = [(e.due, e.id, e) for e in outbox]
+        heapq.heapify(self._retries)
+        if outbox:
+            log.info("%d notification(s) not answered before the restart will be sent again",
+                     len(outbox))
+        self._wake_queue: deque[RegistrationKey] = deque()  # paced wakes after a boot
+        self._next_wake_at = 0.0
+        self._next_scheduled_wake = store.next_wake(config.ejabberd_node)
         # Messages already pushed per registration, so that the same message
         # re-routed to offline storage or the archive does not push again.
         self._seen: dict[RegistrationKey, OrderedDict[bytes, None]] = {}
@@ -84,23 +89,26 @@ class PushService:
             case AppServerIq(allowed, xml):
                 return self.app_server.handle(allowed, xml)
             case StanzaToPending(session, stanza):
-                return self._notify(self.store.for_session(session), stanza)
+                return self._notify(self.store.for_session(session), stanza, now)
             case Offline(user, stanza):
-                return self._notify(self.store.for_user(user), stanza)
+                return self._notify(self.store.for_user(user), stanza, now)
             case SessionPending(session, queued):
                 actions: list[Action] = []
                 registrations = self.store.for_session(session)
                 if registrations:
                     log.info("push session %s@%s/%s is pending", *session)
+                    self._schedule_wake(session, now)
                 for stanza in queued:
-                    actions += self._notify(registrations, stanza)
+                    actions += self._notify(registrations, stanza, now)
                 return actions
             case SessionResumed(session):
-                self._reset(session)
+                if self._reset(session):
+                    self.store.bind_node(session, self.config.ejabberd_node, None)
                 return []
             case SessionOpened(session):
                 if not self._reset(session):
                     return []
+                self.store.bind_node(session, self.config.ejabberd_node, None)
                 # Enabling is persistent (XEP-0357): a reconnecting device stays push-enabled.
                 return [SetPush(session, self.config.resume_timeout_ms)]
             case UserRemoved(user):
@@ -113,6 +121,9 @@ class PushService:
                 return self._push_iq(event)
             case PublishReply():
                 return self._publish_reply(event, now)
+            case EjabberdStarted():
+                self._wake_after_boot()
+                return []
         raise TypeError(f"unhandled event {event!r}")
 
     # ------------------------------------------------------------ enable/disable
@@ -150,6 +161,7 @@ class PushService:
         publish_options = request.publish_options.to_xml() if request.publish_options else None
         registration = Registration(*session, request.jid, request.node, publish_options)
         self.store.enable(registration)
+        self.store.bind_node(session, self.config.ejabberd_node, None)
         self._seen.pop(registration.key, None)
         log.info("push enabled for %s/%s at %s", session[0], session[2], request.jid)
         return [*actions, SetPush(session, self.config.resume_timeout_ms),
@@ -182,7 +194,8 @@ class PushService:
         return [*actions, IqResult(iq.ref)]
 
     # ------------------------------------------------------------- notifying
-    def _notify(self, registrations: list[Registration], original: Stanza) -> list[Action]:
+    def _notify(self, registrations: list[Registration], original: Stanza,
+                now: float) -> list[Action]:
         stanza = unwrap_carbon(original) if registrations else None
         trigger = trigger_of(stanza, self.config) if stanza else None
         if stanza is None or trigger is None:
@@ -206,14 +219,21 @@ class PushService:
             self.store.save_counts(registration)
             summary = summary_fields(self.options_of(registration.session[:2]), counts,
                                      trigger, stanza)
-            actions.append(self._send(Publish(registration.key, summary), registration))
+            actions.append(self._publish(registration, summary, now))
         return actions
 
-    def _send(self, publish: Publish, registration: Registration) -> RouteIq:
-        ref = next(self._refs)
-        self._in_flight[ref] = publish
+    def _publish(self, registration: Registration, summary: list[tuple[str, str]],
+                 now: float) -> RouteIq:
+        """A new notification: in the outbox (committed with this batch) until answered."""
+        entry = OutboxEntry(next(self._ids), registration.key, summary, 0, now)
+        self.store.add_outbox(entry, self.config.ejabberd_node)
+        return self._send(entry, registration)
+
+    def _send(self, entry: OutboxEntry, registration: Registration) -> RouteIq:
+        ref = next(self._ids)  # one per attempt: each is its own IQ
+        self._in_flight[ref] = entry
         xml = publish_iq(f"push-{ref}", self.config.host, registration.push_jid,
-                         registration.node, publish.summary, registration.publish_options)
+                         registration.node, entry.summary, registration.publish_options)
         return RouteIq(ref, xml, self.config.publish_timeout_ms)
 
     def _reset(self, session: SessionKey) -> bool:
@@ -231,9 +251,11 @@ class PushService:
         if publish is None:
             return []
         registration = self.store.get(publish.registration)
+        outcome = classify_reply(reply.outcome, reply.error_type)
+        if registration is None or outcome is not Outcome.TRANSIENT:
+            self.store.remove_outbox(publish.id)
         if registration is None:  # disabled meanwhile
             return []
-        outcome = classify_reply(reply.outcome, reply.error_type)
         where = f"{registration.user}/{registration.resource} at {registration.push_jid}"
         if outcome is Outcome.DELIVERED:
             if registration.errors:
@@ -242,13 +264,15 @@ class PushService:
         if outcome is Outcome.TRANSIENT:
             delays = self.config.retry_delays_ms
             if publish.attempt < len(delays):
-                due = now + delays[publish.attempt] / 1000
+                publish.due = now + delays[publish.attempt] / 1000
                 publish.attempt += 1
-                heapq.heappush(self._retries, (due, reply.ref, publish))
+                self.store.update_outbox(publish)
+                heapq.heappush(self._retries, (publish.due, publish.id, publish))
                 log.info("push to %s not delivered (%s); retry %d in %d ms", where,
                          reply.condition or reply.outcome, publish.attempt,
                          delays[publish.attempt - 1])
             else:
+                self.store.remove_outbox(publish.id)
                 log.warning("push to %s not delivered after %d attempts; giving up", where,
                             publish.attempt + 1)
             return []
@@ -268,17 +292,60 @@ class PushService:
             return []
         return [SetPush(registration.session, None)]
 
+    # ------------------------------------------------------------------ wakes
+    def _schedule_wake(self, session: SessionKey, now: float) -> None:
+        """Wake a pending device once before its resume timeout runs out, so that it
+        reconnects instead of losing its session."""
+        timeout, early = self.config.resume_timeout_ms, self.config.wake_before_timeout_ms
+        due = now + (timeout - early) / 1000 if 0 < early < timeout else None
+        self.store.bind_node(session, self.config.ejabberd_node, due)
+        if due is not None and (self._next_scheduled_wake is None
+                                or due < self._next_scheduled_wake):
+            self._next_scheduled_wake = due
+
+    def _wake_after_boot(self) -> None:
+        """ejabberd restarted: every session it had is gone, pending ones included, so
+        the devices of this node's push users are woken (paced) to connect again."""
+        if not self.config.wake_on_start:
+            return
+        registrations = self.store.on_node(self.config.ejabberd_node)
+        self._wake_queue.extend(r.key for r in registrations)
+        log.info("ejabberd started: waking %d push registration(s), %d per second",
+                 len(registrations), self.config.wake_rate)
+
+    def _wake(self, registration: Registration, now: float) -> RouteIq:
+        options = self.options_of(registration.session[:2])
+        counts = Counts(registration.message_count, registration.subscription_count)
+        return self._publish(registration, wake_fields(options, counts), now)
+
     # ------------------------------------------------------------------ timers
     def next_deadline(self) -> float | None:
-        return self._retries[0][0] if self._retries else None
+        deadlines = [d for d in (self._retries[0][0] if self._retries else None,
+                                 self._next_wake_at if self._wake_queue else None,
+                                 self._next_scheduled_wake) if d is not None]
+        return min(deadlines, default=None)
 
     def tick(self, now: float) -> list[Action]:
-        """Send the retries that are due."""
+        """Send the retries and wakes that are due."""
         actions: list[Action] = []
         while self._retries and self._retries[0][0] <= now:
             _, _, publish = heapq.heappop(self._retries)
             registration = self.store.get(publish.registration)
-            if registration is not None:
+            if registration is None:
+                self.store.remove_outbox(publish.id)
+            else:
                 actions.append(self._send(publish, registration))
+        if self._wake_queue and self._next_wake_at <= now:
+            for _ in range(min(self.config.wake_rate, len(self._wake_queue))):
+                woken = self.store.get(self._wake_queue.popleft())
+                if woken is not None:
+                    actions.append(self._wake(woken, now))
+            self._next_wake_at = now + 1.0
+        if self._next_scheduled_wake is not None and self._next_scheduled_wake <= now:
+            for registration in self.store.due_wakes(self.config.ejabberd_node, now):
+                self.store.clear_wake(registration.key)
+                log.info("waking %s/%s before its resume timeout runs out",
+                         registration.user, registration.resource)
+                actions.append(self._wake(registration, now))
+            self._next_scheduled_wake = self.store.next_wake(self.config.ejabberd_node)
         return actions
-

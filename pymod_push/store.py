@@ -183,7 +183,7 @@ class Store:
         self.db.commit()
         self.db.close()
 
-    def _select(self, where: str, args: tuple[str, ...]) -> Iterator[Registration]:
+    def _select(self, where: str, args: tuple[str | float, ...]) -> Iterator[Registration]:
         query = f"SELECT {_COLUMNS} FROM registrations WHERE {where} ORDER BY rowid"
         with closing(self.db.execute(query, args)) as cursor:
             for row in cursor:

@@ -13,13 +13,14 @@ from pathlib import Path
 import pytest
 
 from devtools.instance import EJABBERD_USER, Instance, default_python
+from pymod_push.protocol import PROTOCOL_VERSION
 from tests.conftest import Scenario
 from tests.xmpp_peers import NS_PUSH, Peers
 
 pytestmark = pytest.mark.e2e
 
 WRONG_VERSION = b"\x83h\x03w\x05hellob\x00\x00\x03\xe7t\x00\x00\x00\x00"  # {hello, 999, #{}}
-RIGHT_VERSION = b"\x83h\x03w\x05helloa\x01t\x00\x00\x00\x00"  # {hello, 1, #{}}
+RIGHT_VERSION = b"\x83h\x03w\x05helloa\x02t\x00\x00\x00\x00"  # {hello, 2, #{}}
 FAKE_PORT_PROGRAM = '''
 import os, struct, sys
 size, = struct.unpack(">I", os.read(0, 4))
@@ -92,7 +93,7 @@ def test_version_mismatch_is_logged_once_not_a_crash_loop(folder: Path) -> None:
         mark = running.log_mark()
         running.ctl("module_install", "mod_push_py")
         line = running.wait_for_log(r"protocol version mismatch", mark)
-        assert "speaks version 1" in line and "999" in line
+        assert f"speaks version {PROTOCOL_VERSION}" in line and "999" in line
         # The exit that follows is expected: logged, and no restart is scheduled.
         running.wait_for_log(r"Python process exited with status 3$", mark)
         log = running.log_file.read_text()

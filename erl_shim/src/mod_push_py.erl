@@ -18,7 +18,8 @@
 -export([start/2, stop/1, reload/3, depends/2,
          mod_options/1, mod_opt_type/1, mod_doc/0]).
 %% hooks and the IQ handler
--export([process_iq/1, disco_sm_features/5, disco_info/5, user_send_packet/1,
+-export([ejabberd_started/0, decode_iq_subel/1, process_iq/1, disco_sm_features/5,
+         disco_info/5, user_send_packet/1,
          adhoc_local_items/4,
          c2s_session_pending/1, c2s_session_resumed/1, c2s_copy_session/2,
          c2s_handle_cast/2, c2s_handle_send/3,
@@ -32,10 +33,13 @@
 -include("logger.hrl").
 -include("translate.hrl").
 
--define(PROTOCOL_VERSION, 1).
+-define(PROTOCOL_VERSION, 2).
 -define(MAX_BATCH, 64).
 -define(MIN_BACKOFF, 1000).
 -define(MAX_BACKOFF, 60000).
+%% Python acknowledges each batch once its effects are committed; no progress for
+%% this long means it hangs, and it is killed and restarted.
+-define(ACK_TIMEOUT, 60000).
 
 -record(state, {host              :: binary(),
                 port              :: port() | undefined,
@@ -43,6 +47,13 @@
                 batch = []        :: [term()],  % events not yet written, newest first
                 held = []         :: [term()],  % events kept while Python is down, newest first
                 held_len = 0      :: non_neg_integer(),
+                %% Batches written but not acknowledged, oldest first: sent again, with
+                %% their sequence numbers, to the next Python process if this one dies.
+                epoch             :: integer(),
+                seq = 0           :: non_neg_integer(),
+                unacked = queue:new() :: queue:queue({pos_integer(), [term()]}),
+                unacked_len = 0   :: non_neg_integer(),
+                ack_timer         :: reference() | undefined,
                 dropped = 0       :: non_neg_integer(),
                 backoff = ?MIN_BACKOFF :: pos_integer(),
                 iqs = #{}         :: #{reference() => {iq(), reference()}}}).
@@ -65,7 +76,12 @@ start(Host, Opts) ->
             end;
         false ->
             case gen_mod:start_child(?MODULE, Host, Opts) of
-                {ok, _} -> register_handlers(Host), ok;
+                {ok, _} ->
+                    register_handlers(Host),
+                    %% At boot, Python learns when start-up is complete (restart recovery).
+                    ejabberd_running() orelse
+                        ejabberd_hooks:add(ejabberd_started, ?MODULE, ejabberd_started, 50),
+                    ok;
                 Err -> Err
             end
     end.
@@ -77,6 +93,12 @@ stop(Host) ->
             unregister_handlers(Host),
             gen_mod:stop_child(?MODULE, Host)
     end.
+
+%% ejabberd has booted: the sessions it had before are gone (global hook, run once).
+ejabberd_started() ->
+    [send_event(Host, {ejabberd_started})
+     || Host <- ejabberd_option:hosts(), gen_mod:is_loaded(Host, ?MODULE)],
+    ejabberd_hooks:delete(ejabberd_started, ?MODULE, ejabberd_started, 50).
 
 reload(Host, NewOpts, _OldOpts) ->
     gen_server:cast(proc(Host), {reload, NewOpts}).
@@ -133,6 +155,9 @@ mod_opt_type(allow_message_bodies) -> econf:bool();
 mod_opt_type(notify_on) -> econf:enum([messages, all]);
 mod_opt_type(notify_groupchat) -> econf:enum([mentions, always, never]);
 mod_opt_type(max_publish_errors) -> econf:pos_int();
+mod_opt_type(wake_on_start) -> econf:bool();
+mod_opt_type(wake_rate) -> econf:pos_int();
+mod_opt_type(wake_before_timeout) -> econf:timeout(second);
 mod_opt_type(retry_delays) -> econf:list(econf:timeout(second));
 mod_opt_type(db_file) -> econf:either(auto, econf:binary());
 mod_opt_type(queue_size) -> econf:pos_int();
@@ -201,6 +226,9 @@ mod_options(_Host) ->
      {notify_on, messages},
      {notify_groupchat, mentions},
      {max_publish_errors, 3},
+     {wake_on_start, true},
+     {wake_rate, 50},
+     {wake_before_timeout, timer:hours(1)},
      {retry_delays, [timer:seconds(5), timer:seconds(30), timer:minutes(5)]},
      {db_file, auto},
      {queue_size, 10000},
@@ -282,6 +310,23 @@ mod_doc() ->
               desc => ?T("Consecutive non-transient error replies from an "
                          "app server after which that registration is "
                          "disabled. The default is '3'.")}},
+           {wake_on_start,
+            #{value => "true | false",
+              desc => ?T("After ejabberd has started, send one push to every push "
+                         "registration whose session was on this node, so that "
+                         "devices whose sessions were lost reconnect. The default "
+                         "is 'true'.")}},
+           {wake_rate,
+            #{value => ?T("Number"),
+              desc => ?T("How many of those wake-up pushes per second, so that a "
+                         "large server does not flood its app servers. The default "
+                         "is '50'.")}},
+           {wake_before_timeout,
+            #{value => "timeout()",
+              desc => ?T("Wake a pending push session this long before its "
+                         "'resume_timeout' runs out, once, so that the device "
+                         "reconnects before the session is lost ('0' turns this "
+                         "off). The default is '1' hour.")}},
            {retry_delays,
             #{value => "[timeout()]",
               desc => ?T("Delays between attempts when the app server answers "
@@ -323,6 +368,11 @@ mod_doc() ->
 %%%===================================================================
 %%% The IQ handler and hooks (run in c2s and router processes)
 %%%===================================================================
+%% gen_iq_handler calls this instead of xmpp:decode/1: Python gets the <enable/> as
+%% the client sent it (xmpp's push_enable record keeps only one of its data forms).
+decode_iq_subel(El) ->
+    El.
+
 -spec process_iq(iq()) -> ignore.
 process_iq(#iq{from = From, to = To, type = Type, lang = Lang} = IQ) ->
     Ref = make_ref(),
@@ -564,7 +614,7 @@ init([Host, _Opts]) ->
     process_flag(trap_exit, true),
     [ejabberd_router:register_route(Domain, Host) || Domain <- app_server_domains(Host)],
     ets:new(options_table(Host), [named_table, protected, {read_concurrency, true}]),
-    {ok, open(#state{host = Host})}.
+    {ok, open(#state{host = Host, epoch = erlang:system_time(microsecond)})}.
 
 %% Subdomains served by the app server (its pubsub and registration hosts).
 app_server_domains(Host) ->
@@ -611,13 +661,30 @@ handle_info({Port, {exit_status, Status}}, #state{port = Port, backoff = Backoff
     ?ERROR_MSG("mod_push_py: Python process exited with status ~B~ts; "
                "restarting it in ~B ms", [Status, Hint, Backoff]),
     erlang:send_after(Backoff, self(), restart),
-    {noreply, State#state{port = undefined, status = down,
+    {noreply, State#state{port = undefined, status = down, ack_timer = cancel_ack_timer(State),
                           held = State#state.batch ++ State#state.held,
                           held_len = State#state.held_len + length(State#state.batch),
                           batch = [],
                           backoff = min(Backoff * 2, ?MAX_BACKOFF)}};
 handle_info(restart, #state{port = undefined, status = down} = State) ->
     {noreply, open(State)};
+handle_info({ack_timeout, Seq}, #state{port = Port, status = up,
+                                       unacked = Unacked} = State) when is_port(Port) ->
+    case queue:peek(Unacked) of
+        {value, {Seq, _}} ->
+            ?ERROR_MSG("mod_push_py: the Python process has not handled an event batch "
+                       "for ~B s; killing it (it is restarted and gets the batch again)",
+                       [?ACK_TIMEOUT div 1000]),
+            case erlang:port_info(Port, os_pid) of
+                {os_pid, OsPid} -> os:cmd("kill -9 " ++ integer_to_list(OsPid));
+                undefined -> ok
+            end,
+            {noreply, State#state{ack_timer = undefined}};
+        _ ->
+            {noreply, State}
+    end;
+handle_info({ack_timeout, _}, State) ->
+    {noreply, State};
 handle_info({route, Pkt}, State) ->
     {noreply, route_to_app_server(Pkt, State)};
 handle_info(flush, State) ->
@@ -669,7 +736,7 @@ hello(Host) ->
     Opts = maps:from_list(
              [{Opt, opt(Host, Opt)} || {Opt, _} <- mod_options(Host), Opt /= access_backends]),
     {hello, ?PROTOCOL_VERSION, Host,
-     Opts#{spool_dir => unicode:characters_to_binary(spool_dir())}}.
+     Opts#{spool_dir => unicode:characters_to_binary(spool_dir()), node => node()}}.
 
 opt(Host, Opt) ->
     gen_mod:get_module_opt(Host, ?MODULE, Opt).
@@ -704,15 +771,24 @@ publish_outcome(#iq{type = error} = IQ) ->
 
 %% Events are batched: a frame carries every event that arrived while the
 %% owner was busy, so a burst costs one port write instead of one per event.
-push_event(Event, #state{status = up, batch = Batch} = State) ->
+push_event(_Event, #state{status = disabled} = State) ->
+    State;  % the version mismatch was logged; IQs get their timeout error
+push_event(Event, #state{status = up, unacked_len = Unacked, host = Host} = State) ->
+    case Unacked < opt(Host, queue_size) of
+        true -> batch_event(Event, State);
+        false -> hold_event(Event, State)  % Python is far behind: keep it here, bounded
+    end;
+push_event(Event, State) ->
+    hold_event(Event, State).
+
+batch_event(Event, #state{batch = Batch} = State) ->
     State1 = State#state{batch = [Event | Batch]},
     case length(Batch) + 1 >= ?MAX_BATCH orelse mailbox_empty() of
         true -> flush(State1);
         false -> State1
-    end;
-push_event(_Event, #state{status = disabled} = State) ->
-    State;  % the version mismatch was logged; IQs get their timeout error
-push_event(Event, #state{held_len = Len, host = Host} = State) ->
+    end.
+
+hold_event(Event, #state{held_len = Len, host = Host} = State) ->
     case Len < opt(Host, queue_size) of
         true ->
             State#state{held = [Event | State#state.held], held_len = Len + 1};
@@ -724,21 +800,55 @@ push_event(Event, #state{held_len = Len, host = Host} = State) ->
             State#state{dropped = Dropped}
     end.
 
+%% Events kept while Python was down or behind, in their order.
+release_held(#state{held = []} = State) ->
+    State;
+release_held(#state{held = Held} = State) ->
+    lists:foldl(fun push_event/2, State#state{held = [], held_len = 0}, lists:reverse(Held)).
+
 mailbox_empty() ->
     {message_queue_len, 0} == process_info(self(), message_queue_len).
 
 flush(#state{batch = []} = State) ->
     State;
-flush(#state{port = Port, batch = Batch} = State) ->
-    port_command(Port, term_to_binary(lists:reverse(Batch))),
-    State#state{batch = []}.
+flush(#state{batch = Batch, seq = Seq, unacked = Unacked, unacked_len = Len} = State) ->
+    Events = lists:reverse(Batch),
+    State1 = write_batch({Seq + 1, Events}, State),
+    State1#state{batch = [], seq = Seq + 1, unacked = queue:in({Seq + 1, Events}, Unacked),
+                 unacked_len = Len + length(Events)}.
+
+write_batch({Seq, Events}, #state{port = Port, epoch = Epoch} = State) ->
+    port_command(Port, term_to_binary({events, Epoch, Seq, Events})),
+    case State#state.ack_timer of
+        undefined ->
+            State#state{ack_timer = erlang:send_after(?ACK_TIMEOUT, self(), {ack_timeout, Seq})};
+        _ -> State
+    end.
+
+%% Python committed everything up to Seq.
+acknowledge(Seq, #state{unacked = Unacked, unacked_len = Len} = State) ->
+    case queue:peek(Unacked) of
+        {value, {S, Events}} when S =< Seq ->
+            acknowledge(Seq, State#state{unacked = queue:drop(Unacked),
+                                         unacked_len = Len - length(Events)});
+        {value, {Next, _}} ->
+            cancel_ack_timer(State),
+            State#state{ack_timer = erlang:send_after(?ACK_TIMEOUT, self(), {ack_timeout, Next})};
+        empty ->
+            State#state{ack_timer = cancel_ack_timer(State)}
+    end.
+
+cancel_ack_timer(#state{ack_timer = undefined}) -> undefined;
+cancel_ack_timer(#state{ack_timer = TRef}) -> erlang:cancel_timer(TRef), undefined.
 
 %% The handshake reply, then lists of actions.
 handle_python({hello, ?PROTOCOL_VERSION, Info}, #state{status = starting} = State) ->
     ?INFO_MSG("mod_push_py: Python process ready on ~ts: ~p", [State#state.host, Info]),
-    Held = lists:reverse(State#state.held),
-    State1 = State#state{status = up, held = [], held_len = 0, backoff = ?MIN_BACKOFF},
-    lists:foldl(fun push_event/2, State1, Held);
+    %% What the previous process did not acknowledge goes first, as it was: Python
+    %% skips a batch whose effects it had committed.
+    State1 = lists:foldl(fun write_batch/2, State#state{status = up, backoff = ?MIN_BACKOFF},
+                         queue:to_list(State#state.unacked)),
+    release_held(State1);
 handle_python({hello, Version, _Info}, #state{status = starting} = State) ->
     ?ERROR_MSG("mod_push_py: protocol version mismatch on ~ts: this module speaks "
                "version ~B, the Python package at ~ts speaks ~p. Install matching "
@@ -783,6 +893,8 @@ execute({push_options, Key, undefined}, #state{host = Host} = State) ->
 execute({push_options, Key, Fields}, #state{host = Host} = State) ->
     ets:insert(options_table(Host), {Key, Fields}),
     State;
+execute({ack, Seq}, State) ->
+    release_held(acknowledge(Seq, State));
 execute({log, Level, Text}, State) ->
     log(Level, Text),
     State;

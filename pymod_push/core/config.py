@@ -66,6 +66,10 @@ class Config:
     notify_groupchat: str = "mentions"  # "mentions" | "always" | "never"
     max_publish_errors: int = 3
     retry_delays_ms: tuple[int, ...] = (5_000, 30_000, 300_000)
+    wake_on_start: bool = True  # after ejabberd boots, wake the push users it had
+    wake_rate: int = 50  # wake pushes per second, so that a big server does not flood
+    wake_before_timeout_ms: int = 3600 * 1000  # before a resume timeout ends, wake once
+    ejabberd_node: str = ""  # the Erlang node this process serves (clusters share a db)
     db_file: str = ":memory:"
     backends: tuple[Backend, ...] = ()
 
@@ -94,6 +98,11 @@ class Config:
             notify_groupchat=str(options.get("notify_groupchat", cls.notify_groupchat)),
             max_publish_errors=int(options.get("max_publish_errors", cls.max_publish_errors)),
             retry_delays_ms=tuple(int(d) for d in options.get("retry_delays", cls.retry_delays_ms)),
+            wake_on_start=bool(options.get("wake_on_start", cls.wake_on_start)),
+            wake_rate=int(options.get("wake_rate", cls.wake_rate)),
+            wake_before_timeout_ms=int(options.get("wake_before_timeout",
+                                                   cls.wake_before_timeout_ms)),
+            ejabberd_node=str(options.get("node", "")),
             db_file=_text(db_file),
             backends=tuple(_backend(i, b, _certfile(options))
                            for i, b in enumerate(options.get("backends", []))),

@@ -107,14 +107,21 @@ class Counts:
     subscriptions: int = 0
 
 
-def summary_fields(options: PushOptions, counts: Counts, trigger: Trigger,
-                   stanza: Stanza) -> list[tuple[str, str]]:
-    """The urn:xmpp:push:summary fields, as the user's options allow."""
+def wake_fields(options: PushOptions, counts: Counts) -> list[tuple[str, str]]:
+    """A push that only wakes the device (after a restart, before a resume timeout ends):
+    the counts as they are, nothing about any message."""
     fields: list[tuple[str, str]] = []
     if options.message_count:
         fields.append(("message-count", str(counts.messages)))
     if options.subscription_count:
         fields.append(("pending-subscription-count", str(counts.subscriptions)))
+    return fields
+
+
+def summary_fields(options: PushOptions, counts: Counts, trigger: Trigger,
+                   stanza: Stanza) -> list[tuple[str, str]]:
+    """The urn:xmpp:push:summary fields, as the user's options allow."""
+    fields = wake_fields(options, counts)
     if trigger is Trigger.CALL:
         if options.senders:
             fields.append(("last-message-sender", stanza.sender))

@@ -35,6 +35,7 @@ class Received:
     body: bytes
     http_version: str
     refused: str = ""  # why the fake refused it, as the real service would
+    status: int = 0  # what the fake answered
     decrypted: bytes = b""
 
     def json(self) -> Any:
@@ -108,6 +109,7 @@ class FakeProvider:
             status, extra = self.next_answers[scope["path"]].pop(0)
             answer = {}
         payload = json.dumps(answer).encode() if answer else b""
+        request.status = status
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"),
                                 *((k.encode(), v.encode()) for k, v in extra.items())]})

@@ -7,17 +7,29 @@ through :class:`Delivery` items that the port loop hands to providers/.
 from __future__ import annotations
 
 import logging
+import time
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .core import appserver as app
 from .core.config import Backend, Config
+from .core.ratelimit import RateLimiter
 from .core.xep0357 import NS_PUBSUB, RequestError
 from .protocol import Route
 from .providers import Outcome
 from .store import Device, Store
 
 log = logging.getLogger("pymod_push")
+
+# Publishes per node (one node is one device), counted only once the secret matched so
+# that nobody without it can spend a device's budget. A burst of 20 lets a server catch
+# up (a backlog of messages, a busy group chat) unhindered; then 1 a second, which is
+# more than a device needs to wake up and show something, and below what providers
+# tolerate per device (FCM: 240 a minute; APNs throttles devices that get too many).
+# Beyond that the publishing server gets a wait error and retries later.
+PUBLISH_BURST = 20
+PUBLISH_REFILL_PER_SECOND = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,15 +65,23 @@ def publish_answer(delivery: Delivery, outcome: Outcome, reason: str = "") -> st
 
 
 class AppServer:
-    def __init__(self, config: Config, store: Store) -> None:
+    def __init__(self, config: Config, store: Store,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.store = store
+        # For the rate limit only; monotonic, so that a step of the wall clock neither
+        # refills nor freezes budgets. Tests pass their own.
+        self._clock = clock
+        self._publish_limit = RateLimiter(PUBLISH_BURST, PUBLISH_REFILL_PER_SECOND)
 
     def handle(self, allowed: bool, xml: bytes) -> list[Route | Delivery]:
         try:
             iq = app.parse_iq(xml)
-        except ET.ParseError:
-            log.warning("app server: an IQ that is not well-formed XML was ignored")
+        except ET.ParseError as exc:
+            # Without its addressing there is no one to answer (ejabberd hands over only
+            # what its own parser accepted, so this is not a client's doing).
+            log.warning("app server: an IQ that is not plain XML was ignored (%d bytes): %s",
+                        len(xml), exc)
             return []
         if iq.type not in ("get", "set"):
             return []  # results and errors need no answer
@@ -136,6 +156,15 @@ class AppServer:
             raise RequestError("item-not-found", "no such node", "cancel")
         if not app.secret_matches(device.secret, request.secret):
             raise RequestError("forbidden", "wrong or missing secret in publish-options", "auth")
+        # Only now, with the secret checked, is a token spent (see PUBLISH_BURST).
+        refusal = self._publish_limit.take(device.node, self._clock())
+        if refusal is not None:
+            if refusal.first:
+                log.warning("app server: too many publishes for %s's device %r, refused for "
+                            "now (%d at once, then %g a second)", device.user, device.device_id,
+                            PUBLISH_BURST, PUBLISH_REFILL_PER_SECOND)
+            raise RequestError("resource-constraint", "too many notifications for this node; "
+                               f"retry in {refusal.retry_after_seconds} s", "wait")
         backend = next((b for b in self.config.backends
                         if b.group == device.provider and b.app_name == device.app_name
                         and b.pubsub_host == device.pubsub_host), None)

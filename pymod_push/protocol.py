@@ -143,6 +143,13 @@ def _text(value: Any) -> str:
     raise ProtocolError(f"expected a binary, got {type(value).__name__}")
 
 
+def _binary(value: Any) -> bytes:
+    # Not bytes(value): bytes(10**12) would allocate a terabyte of zeros.
+    if isinstance(value, bytes):
+        return value
+    raise ProtocolError(f"expected a binary, got {type(value).__name__}")
+
+
 def _session(value: Any) -> SessionKey:
     user, server, resource = value
     return _text(user), _text(server), _text(resource)
@@ -157,7 +164,7 @@ def _stanza(value: Any) -> Stanza:
     kind, sender, stanza_id, stanza_type, body, xml, *context = value
     nick = context[0].get(Atom("nick"), b"") if context and isinstance(context[0], dict) else b""
     return Stanza(str(kind), _text(sender), _text(stanza_id), str(stanza_type), _text(body),
-                  bytes(xml), _text(nick))
+                  _binary(xml), _text(nick))
 
 
 def parse_hello(term: Any) -> Hello:
@@ -193,12 +200,14 @@ def parse_event(term: Any) -> Event:
         if tag == "iq":
             ref, sender, to, iq_type, lang, xml = args
             return PushIq(ref, _session(sender), _session(to), str(iq_type), _text(lang),
-                          bytes(xml))
+                          _binary(xml))
         if tag == "app_server_iq":
             allowed, xml = args
-            return AppServerIq(allowed is True, bytes(xml))
+            return AppServerIq(allowed is True, _binary(xml))
         if tag == "iq_reply":
             ref, outcome = args
+            if type(ref) is not int:  # Python's own route_iq refs come back
+                raise ProtocolError(f"an iq_reply ref is an integer, not {ref!r:.40}")
             if isinstance(outcome, tuple):
                 _, error_type, condition = outcome
                 return PublishReply(ref, "error", str(error_type), str(condition))

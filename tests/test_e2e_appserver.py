@@ -8,6 +8,7 @@ import base64
 import json
 import shutil
 import tempfile
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from slixmpp.exceptions import IqError
 
 from devtools.instance import Instance, free_port
+from pymod_push.appservice import PUBLISH_BURST, PUBLISH_REFILL_PER_SECOND
 from tests.conftest import Scenario
 from tests.fake_providers import (
     FakeProvider,
@@ -514,5 +516,48 @@ def test_calls_go_as_urgent_pushes(setup: AppServerSetup) -> None:
         if sends[0].path == "/token":  # the OAuth token is cached once fetched
             sends = (await setup.fcm.wait_for(2))[1:]
         assert sends[0].json()["message"]["android"]["priority"] == "high"
+
+    scenario.run(run)
+
+
+def test_a_flood_of_publishes_to_one_node_is_rate_limited(setup: AppServerSetup) -> None:
+    """Beyond the burst a node's publishes get wait/resource-constraint and never reach the
+    provider; another node is served as usual."""
+    scenario = setup.scenario
+    setup.apns.reset()
+    flooded_token, other_token = "f1" * 32, "f2" * 32
+    flood = 2 * PUBLISH_BURST
+
+    async def run(peers: Peers) -> None:
+        server, phone, _ = await scenario.cast(peers)
+        flooded = _result(await phone.command("push.localhost", "register-push-apns",
+                                              {"token": flooded_token, "device-id": "flooded"}))
+        other = _result(await phone.command("push.localhost", "register-push-apns",
+                                            {"token": other_token, "device-id": "other"}))
+        publish = _publish_xml(flooded["node"][0], flooded["secret"][0])
+        started = time.monotonic()
+        answers = await asyncio.gather(
+            *(server.push_iq(publish, to="pubsub.localhost") for _ in range(flood)),
+            return_exceptions=True)
+        elapsed = time.monotonic() - started
+        refused = [a for a in answers if isinstance(a, IqError)]
+        assert all(not isinstance(a, BaseException) or isinstance(a, IqError) for a in answers)
+        for error in refused:
+            assert error.iq["error"]["type"] == "wait"
+            assert error.iq["error"]["condition"] == "resource-constraint"
+            assert error.iq["error"]["text"]
+        accepted = flood - len(refused)
+        # The burst, and what refilled while the flood went on (nothing if it took < 1 s).
+        assert PUBLISH_BURST <= accepted <= PUBLISH_BURST + elapsed * PUBLISH_REFILL_PER_SECOND
+        # A publish is answered once the provider has answered it: all of them are in.
+        # (Filtered by token: wake-ups of earlier tests' users may arrive meanwhile.)
+        paths = [r.path for r in setup.apns.received]
+        assert paths.count(f"/3/device/{flooded_token}") == accepted
+
+        await server.push_iq(_publish_xml(other["node"][0], other["secret"][0]),
+                             to="pubsub.localhost")
+        paths = [r.path for r in setup.apns.received]
+        assert paths.count(f"/3/device/{other_token}") == 1
+        assert paths.count(f"/3/device/{flooded_token}") == accepted
 
     scenario.run(run)

@@ -14,6 +14,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from xml.sax.saxutils import escape, quoteattr
 
+from . import safexml
 from .config import Backend
 from .xep0357 import NS_DATA, NS_PUBSUB, RequestError, field_xml, parse_form
 
@@ -64,7 +65,8 @@ class DeviceRegistration:
 
 
 def parse_iq(xml: bytes) -> Iq:
-    element = ET.fromstring(xml)
+    """The IQ's addressing and its first child; ET.ParseError if it is not plain XML."""
+    element = safexml.parse(xml)
     payload = element[0] if len(element) else None
     return Iq(element.get("id", ""), element.get("type", ""), element.get("from", ""),
               element.get("to", ""), payload)

@@ -9,6 +9,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
 from ..protocol import Stanza
+from . import safexml
 from .config import Config
 from .options import PushOptions
 
@@ -54,7 +55,7 @@ def unwrap_carbon(stanza: Stanza) -> Stanza | None:
     if NS_CARBONS not in stanza.xml:
         return stanza
     try:
-        root = ET.fromstring(stanza.xml)
+        root = safexml.parse(stanza.xml)
     except ET.ParseError:
         return stanza
     if root.find(f"{{{NS_CARBONS.decode()}}}sent") is not None:

@@ -2,7 +2,8 @@
 
 Pure functions over XML text; no I/O. Input comes from ejabberd's own XML
 parser (fxml), so it is well-formed and carries no DTD, but its content is the
-client's: every value is checked before it is trusted.
+client's: it is parsed with :mod:`.safexml` and every value is checked before it
+is trusted.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from xml.sax.saxutils import escape, quoteattr
+
+from . import safexml
 
 NS_PUSH = "urn:xmpp:push:0"
 NS_DATA = "jabber:x:data"
@@ -102,9 +105,9 @@ def parse_form(element: ET.Element) -> Form:
 def parse_push_request(xml: bytes) -> Enable | Disable:
     """Parse the payload of an IQ set in urn:xmpp:push:0, or raise RequestError."""
     try:
-        element = ET.fromstring(xml)
-    except ET.ParseError:
-        raise RequestError("bad-request", "the request is not well-formed XML") from None
+        element = safexml.parse(xml)
+    except ET.ParseError as exc:
+        raise RequestError("bad-request", f"the request is not usable XML: {exc}") from None
     if element.tag == f"{{{NS_PUSH}}}enable":
         jid = check_jid(element.get("jid"), "enable")
         node = element.get("node")

@@ -1,0 +1,37 @@
+"""Parsing XML that others wrote (clients, other servers, app servers), safely.
+
+ejabberd hands Python XML that fxml serialized: UTF-8, no XML declaration, no DTD.
+Python does not rely on that alone. ElementTree would honour an encoding declaration
+(and fail with LookupError or ValueError on an unknown or multi-byte one) and expand
+the internal entities of a DOCTYPE (expat only caps the amplification, after 8 MiB).
+XMPP forbids DTDs (RFC 6120, 11.1), so a DOCTYPE is refused before expat sees it.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+
+# Ten times what a legitimate push IQ can hold (64 form fields of at most 4 KiB: 256 KiB);
+# ejabberd's own max_stanza_size is usually smaller still.
+MAX_XML_BYTES = 1024 * 1024
+
+
+def parse(data: bytes) -> ET.Element:
+    """The root element of ``data``; :class:`ET.ParseError` for anything that is not
+    plain UTF-8 XML without a DTD, and for more than MAX_XML_BYTES."""
+    if len(data) > MAX_XML_BYTES:
+        raise ET.ParseError(f"more than {MAX_XML_BYTES} bytes of XML")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ET.ParseError("XML that is not UTF-8") from None
+    # Given text, expat reads it as UTF-8 whatever the document declares; but it still
+    # takes "<\0" for UTF-16 (its byte order detection), so NUL, which XML never allows,
+    # is refused first. Then a DOCTYPE cannot hide in another encoding: it is markup that
+    # starts with this literal. Refusing the literal everywhere (even in a comment or a
+    # CDATA section, which fxml never writes) keeps the check this simple.
+    if "\0" in text:
+        raise ET.ParseError("XML with a NUL character")
+    if "<!DOCTYPE" in text:
+        raise ET.ParseError("XML with a DOCTYPE (XMPP forbids DTDs)")
+    return ET.fromstring(text)

@@ -22,7 +22,7 @@ from pymod_push.appservice import Delivery
 from pymod_push.core.appserver import Iq
 from pymod_push.core.config import Backend, Config
 from pymod_push.providers.dispatch import Dispatcher
-from pymod_push.store import Device
+from pymod_push.store import Device, Store
 from tests.fake_providers import LoopbackCA
 
 
@@ -41,7 +41,8 @@ async def run(pushes: int, folder: Path, port: int) -> tuple[float, float, int]:
         nonlocal answered
         answered += 1
 
-    dispatcher = Dispatcher(Config("localhost", backends=(backend,)), lambda node: None, route)
+    dispatcher = Dispatcher(Config("localhost", backends=(backend,)), Store(":memory:"),
+                            lambda node: None, route)
     summary = {"message-count": "1", "pending-subscription-count": "0"}
     deliveries = [Delivery(backend, Device(f"node{i}", "s", "user@localhost", "d", "", "apns",
                                            "bench", "pubsub.localhost", f"{i:064x}"),

@@ -18,7 +18,7 @@ from .core.ratelimit import RateLimiter
 from .core.xep0357 import NS_PUBSUB, RequestError
 from .protocol import Route
 from .providers import Outcome
-from .store import Device, Store
+from .store import Device, QueuedPush, Store
 
 log = logging.getLogger("pymod_push")
 
@@ -44,7 +44,7 @@ class Delivery:
     backend: Backend
     device: Device
     summary: dict[str, str]
-    publish: app.Iq
+    publish: app.Iq | None  # None: sent again after a restart, the publish was answered
 
     @property
     def urgent(self) -> bool:
@@ -55,6 +55,7 @@ class Delivery:
 def publish_answer(delivery: Delivery, outcome: Outcome, reason: str = "") -> str:
     """The answer to the publish IQ, from the provider's first answer."""
     iq = delivery.publish
+    assert iq is not None
     if outcome is Outcome.UNREGISTERED:
         return app.error_reply(iq, "cancel", "item-not-found",
                                "the push provider no longer knows this device")
@@ -165,11 +166,26 @@ class AppServer:
                             PUBLISH_BURST, PUBLISH_REFILL_PER_SECOND)
             raise RequestError("resource-constraint", "too many notifications for this node; "
                                f"retry in {refusal.retry_after_seconds} s", "wait")
-        backend = next((b for b in self.config.backends
-                        if b.group == device.provider and b.app_name == device.app_name
-                        and b.pubsub_host == device.pubsub_host), None)
+        backend = self._backend_of(device)
         if backend is None:
             log.warning("app server: no backend %s/%s any more for a registered device",
                         device.provider, device.app_name)
             raise RequestError("item-not-found", "this registration's backend is gone", "cancel")
         return [Delivery(backend, device, request.summary, iq)]
+
+    def _backend_of(self, device: Device) -> Backend | None:
+        return next((b for b in self.config.backends
+                     if b.group == device.provider and b.app_name == device.app_name
+                     and b.pubsub_host == device.pubsub_host), None)
+
+    def queued_deliveries(self) -> list[tuple[QueuedPush, Delivery]]:
+        """Pushes a provider deferred before this process started, still to be sent."""
+        found = []
+        for push in self.store.queued_pushes(self.config.ejabberd_node):
+            device = self.store.device(push.device_node)
+            backend = self._backend_of(device) if device is not None else None
+            if device is None or backend is None:  # unregistered meanwhile
+                self.store.remove_queued_push(push.id)
+                continue
+            found.append((push, Delivery(backend, device, push.summary, None)))
+        return found

@@ -156,7 +156,8 @@ class PortApp:
         self._store = Store(config.db_file)
         self.service = PushService(config, self._store)
         self._last_batch = self._store.last_batch(config.ejabberd_node, config.host)
-        self._dispatcher = Dispatcher(config, self._device_gone, self._route)
+        self._dispatcher = Dispatcher(config, self._store, self._device_gone, self._route)
+        self._dispatcher.resume(self.service.app_server.queued_deliveries())
         self._write(frame(hello_reply(info)))
         self._write(frame([action_term(a) for a in self.service.initial_actions()]))
         log.info("ready for %s (pymod_push %s, database %s)", hello.host, __version__,

@@ -96,6 +96,19 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (ejabberd_node, host)
     );
     """,
+    # version 6: the built-in app server's pushes that a provider deferred (busy, down):
+    # retried until delivered or too old, also by the next process after a crash
+    """
+    CREATE TABLE provider_queue (
+        id BIGINT PRIMARY KEY,
+        device_node TEXT NOT NULL,
+        summary TEXT NOT NULL,
+        attempt INTEGER NOT NULL,
+        due DOUBLE PRECISION NOT NULL,
+        created DOUBLE PRECISION NOT NULL,
+        ejabberd_node TEXT NOT NULL DEFAULT ''
+    );
+    """,
 )
 
 
@@ -129,6 +142,18 @@ class OutboxEntry:
     summary: list[tuple[str, str]]
     attempt: int
     due: float
+
+
+@dataclass(slots=True)
+class QueuedPush:
+    """A push for a device of the built-in app server, deferred by its provider."""
+
+    id: int
+    device_node: str
+    summary: dict[str, str]
+    attempt: int
+    due: float
+    created: float
 
 
 @dataclass(slots=True)
@@ -351,3 +376,25 @@ class Store:
                         "(?, ?, ?, ?) ON CONFLICT (ejabberd_node, host) DO UPDATE SET "
                         "epoch=excluded.epoch, seq=excluded.seq",
                         (ejabberd_node, host, epoch, seq))
+
+    # ------------------------------------------------------ provider queue
+    def queue_push(self, push: QueuedPush, ejabberd_node: str) -> None:
+        self.db.execute("INSERT INTO provider_queue (id, device_node, summary, attempt, due, "
+                        "created, ejabberd_node) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (push.id, push.device_node, json.dumps(push.summary), push.attempt,
+                         push.due, push.created, ejabberd_node))
+
+    def update_queued_push(self, push: QueuedPush) -> None:
+        self.db.execute("UPDATE provider_queue SET attempt=?, due=? WHERE id=?",
+                        (push.attempt, push.due, push.id))
+
+    def remove_queued_push(self, push_id: int) -> None:
+        self.db.execute("DELETE FROM provider_queue WHERE id=?", (push_id,))
+
+    def queued_pushes(self, ejabberd_node: str) -> list[QueuedPush]:
+        rows = self.db.execute("SELECT id, device_node, summary, attempt, due, created FROM "
+                               "provider_queue WHERE ejabberd_node=? ORDER BY id",
+                               (ejabberd_node,))
+        return [QueuedPush(int(i), node, dict(json.loads(summary)), int(attempt), float(due),
+                           float(created))
+                for i, node, summary, attempt, due, created in rows]

@@ -110,13 +110,13 @@ class FakeProvider:
             answer = {}
         payload = json.dumps(answer).encode() if answer else b""
         request.status = status
+        with self._arrived:  # recorded before the client can see the answer
+            self.received.append(request)
+            self._arrived.notify_all()
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"),
                                 *((k.encode(), v.encode()) for k, v in extra.items())]})
         await send({"type": "http.response.body", "body": payload})
-        with self._arrived:
-            self.received.append(request)
-            self._arrived.notify_all()
 
     def _wait(self, count: int, timeout: float) -> list[Received]:
         with self._arrived:

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from devtools.instance import free_port
-from pymod_push.appservice import Delivery
+from pymod_push.appservice import AppServer, Delivery
 from pymod_push.core.appserver import Iq
 from pymod_push.core.config import Backend, Config
 from pymod_push.providers.dispatch import Dispatcher
-from pymod_push.store import Device
+from pymod_push.store import Device, Store
 from tests.fake_providers import (
     FakeProvider,
     LoopbackCA,
@@ -37,14 +37,15 @@ def ca() -> Iterator[LoopbackCA]:
 Counters = dict[tuple[str, str], int]
 
 
-def push(backend: Backend, device: Device) -> tuple[list[str], list[str], Counters]:
+def push(backend: Backend, device: Device,
+         store: Store | None = None) -> tuple[list[str], list[str], Counters]:
     """Send one delivery; the publish answers, the removed nodes and the counters."""
     answers: list[str] = []
     gone: list[str] = []
 
     async def run() -> Counters:
-        dispatcher = Dispatcher(Config("localhost", backends=(backend,)), gone.append,
-                                answers.append)
+        dispatcher = Dispatcher(Config("localhost", backends=(backend,)),
+                                store or Store(":memory:"), gone.append, answers.append)
         dispatcher.submit(Delivery(backend, device, SUMMARY,
                                    Iq("p1", "set", "localhost", "pubsub.localhost", None)))
         while not any(k[1] != "retried" for k in dispatcher.counters):
@@ -106,3 +107,49 @@ def test_ubuntu_push_and_a_busy_server(ca: LoopbackCA) -> None:
     assert second.json()["appid"] == "app.id_app"
     assert counters[("ubuntu", "delivered")] == 1
     assert "type='result'" in answers[0]  # queued for another attempt: accepted
+
+
+def test_a_deferred_push_outlives_the_process_and_is_sent_by_the_next(
+        ca: LoopbackCA, tmp_path: Path) -> None:
+    fake, port = FakeProvider(ubuntu_check), free_port()
+    serve_in_thread(fake, ca, port)
+    backend = Backend(0, "ubuntu", "any", "localhost", "pubsub.localhost", {
+        "endpoint": f"https://127.0.0.1:{port}", "cafile": str(ca.cafile)})
+    config = Config("localhost", backends=(backend,), ejabberd_node="ejabberd@a")
+    fake.answers["/notify"] = (503, {})  # down
+    db = str(tmp_path / "push.sqlite3")
+    store = Store(db)
+    device = Device("node-1", "s", "alice@localhost", "d1", "", "ubuntu", "any",
+                    "pubsub.localhost", "tok", application_id="app.id_app")
+    store.add_device(device)
+    store.commit()
+    answers: list[str] = []
+
+    async def first_process() -> None:
+        dispatcher = Dispatcher(config, store, lambda node: None, answers.append)
+        dispatcher.submit(Delivery(backend, device, SUMMARY, Iq("p1", "set", "localhost",
+                                                                "pubsub.localhost", None)))
+        await fake.wait_for(1)
+        while not answers:  # the publish is answered once the push is safely queued
+            await asyncio.sleep(0.01)
+        # The process dies here: its tasks and connections are gone, the store is not.
+
+    asyncio.run(first_process())
+    assert "type='result'" in answers[0]
+    (queued,) = Store(db).queued_pushes("ejabberd@a")
+    assert queued.device_node == "node-1" and queued.summary == SUMMARY
+    del fake.answers["/notify"]  # back
+
+    async def second_process() -> Counters:
+        store = Store(db)
+        dispatcher = Dispatcher(config, store, lambda node: None, answers.append)
+        dispatcher.resume(AppServer(config, store).queued_deliveries())
+        while not dispatcher.counters[("ubuntu", "delivered")]:
+            await asyncio.sleep(0.01)
+        await dispatcher.close()
+        return dict(dispatcher.counters)
+
+    counters = asyncio.run(second_process())
+    assert counters[("ubuntu", "delivered")] == 1 and len(answers) == 1  # answered once
+    assert fake.received[-1].json()["appid"] == "app.id_app"
+    assert Store(db).queued_pushes("ejabberd@a") == []

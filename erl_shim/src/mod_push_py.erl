@@ -78,9 +78,9 @@ start(Host, Opts) ->
             case gen_mod:start_child(?MODULE, Host, Opts) of
                 {ok, _} ->
                     register_handlers(Host),
-                    %% At boot, Python learns when start-up is complete (restart recovery).
-                    ejabberd_running() orelse
-                        ejabberd_hooks:add(ejabberd_started, ?MODULE, ejabberd_started, 50),
+                    %% At boot, Python learns when start-up is complete (restart recovery);
+                    %% the hook runs only then, not when the module starts later.
+                    ejabberd_hooks:add(ejabberd_started, ?MODULE, ejabberd_started, 50),
                     ok;
                 Err -> Err
             end
@@ -91,6 +91,7 @@ stop(Host) ->
         undefined -> ok;  % inert: nothing of ours is registered
         _ ->
             unregister_handlers(Host),
+            ejabberd_hooks:delete(ejabberd_started, ?MODULE, ejabberd_started, 50),
             gen_mod:stop_child(?MODULE, Host)
     end.
 
@@ -785,6 +786,11 @@ batch_event(Event, #state{batch = Batch} = State) ->
     State1 = State#state{batch = [Event | Batch]},
     case length(Batch) + 1 >= ?MAX_BATCH orelse mailbox_empty() of
         true -> flush(State1);
+        false when Batch == [] ->
+            %% More messages are waiting; they may not be events (port data, timers),
+            %% so make sure this batch is written once they are handled.
+            self() ! flush,
+            State1;
         false -> State1
     end.
 

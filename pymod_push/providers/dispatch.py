@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import random
 import ssl
@@ -12,6 +13,7 @@ from collections.abc import Callable
 
 from ..appservice import Delivery, publish_answer
 from ..core.config import Backend, Config
+from ..store import QueuedPush, Store
 from . import HttpRequest, Outcome, Provider, Reply
 from .apns import Apns
 from .fcm import Fcm
@@ -21,7 +23,8 @@ from .webpush import WebPush
 from .wns import Wns
 
 log = logging.getLogger("pymod_push")
-RETRY_DELAYS = (1.0, 5.0, 30.0, 120.0)  # then the push is given up (and logged)
+RETRY_DELAYS = (1.0, 5.0, 30.0, 120.0, 300.0)  # the last one repeats
+MAX_AGE = 24 * 3600.0  # then the push is given up (and logged): as long as APNs keeps one
 MAX_RETRY_AFTER = 600.0
 MAX_IN_FLIGHT = 100  # per backend: what providers allow as concurrent HTTP/2 streams
 PROVIDERS: dict[str, Callable[[Backend], Provider]] = {
@@ -35,7 +38,7 @@ def retry_delay(reply: Reply, headers: dict[str, str], attempt: int) -> float:
     retry_after = headers.get("retry-after", "")
     if retry_after.isdigit():
         return min(float(retry_after), MAX_RETRY_AFTER)
-    return RETRY_DELAYS[attempt] * random.uniform(0.8, 1.2)
+    return RETRY_DELAYS[min(attempt, len(RETRY_DELAYS) - 1)] * random.uniform(0.8, 1.2)
 
 
 def tls_context(backend: Backend, client_certificate: str | None) -> ssl.SSLContext:
@@ -46,8 +49,15 @@ def tls_context(backend: Backend, client_certificate: str | None) -> ssl.SSLCont
 
 
 class Dispatcher:
-    def __init__(self, config: Config, device_gone: Callable[[str], None],
+    """Sends deliveries; what a provider defers is kept in the store's provider queue
+    (committed before the publish is answered), retried until delivered or MAX_AGE old,
+    and picked up again by the next process after a crash (:meth:`resume`)."""
+
+    def __init__(self, config: Config, store: Store, device_gone: Callable[[str], None],
                  route: Callable[[str], None]) -> None:
+        self._store = store
+        self._node = config.ejabberd_node
+        self._ids = itertools.count(time.time_ns() // 1000)
         self._device_gone = device_gone
         self._route = route
         self._providers: dict[int, Provider] = {}
@@ -68,12 +78,20 @@ class Dispatcher:
             self._clients[backend.index] = client
             self._in_flight[backend.index] = asyncio.Semaphore(MAX_IN_FLIGHT)
 
-    def submit(self, delivery: Delivery) -> None:
-        task = asyncio.get_running_loop().create_task(self._send(delivery))
+    def submit(self, delivery: Delivery, queued: QueuedPush | None = None) -> None:
+        task = asyncio.get_running_loop().create_task(self._send(delivery, queued))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _send(self, delivery: Delivery) -> None:
+    def resume(self, deliveries: list[tuple[QueuedPush, Delivery]]) -> None:
+        """Go on with what an earlier process had queued."""
+        for queued, delivery in deliveries:
+            self.submit(delivery, queued)
+        if deliveries:
+            log.info("%d push(es) deferred by providers before the restart are queued again",
+                     len(deliveries))
+
+    async def _send(self, delivery: Delivery, queued: QueuedPush | None) -> None:
         index = delivery.backend.index
         provider, client = self._providers.get(index), self._clients.get(index)
         device = delivery.device
@@ -83,7 +101,10 @@ class Dispatcher:
             log.warning("push for %s dropped: its backend is not available", where)
             self._route(publish_answer(delivery, Outcome.FAILED))
             return
-        for attempt in range(len(RETRY_DELAYS) + 1):
+        if queued is not None:
+            await asyncio.sleep(max(0.0, queued.due - time.time()))
+        group = delivery.backend.group
+        while True:
             headers: dict[str, str] = {}
             try:
                 async with self._in_flight[index]:
@@ -95,28 +116,45 @@ class Dispatcher:
                 reply = provider.reply(response.status_code, headers, response.content)
             except (HttpError, ValueError, KeyError) as exc:
                 reply = Reply(Outcome.RETRY, type(exc).__name__)
-            if attempt == 0:
+            now = time.time()
+            if queued is None:  # the first attempt: answer the publish
+                if reply.outcome is Outcome.RETRY:
+                    queued = QueuedPush(next(self._ids), device.node, delivery.summary, 0,
+                                        now, now)
+                    self._store.queue_push(queued, self._node)
+                    self._store.commit()  # kept before the publisher hears it is queued
                 self._route(publish_answer(delivery, reply.outcome, reply.reason))
-            group = delivery.backend.group
-            if reply.outcome is Outcome.DELIVERED:
-                self.counters[(group, "delivered")] += 1
-                log.debug("push delivered to %s", where)
-                return
-            if reply.outcome is Outcome.UNREGISTERED:
-                self.counters[(group, "unregistered")] += 1
-                log.info("push provider says %s is gone (%s): registration removed", where,
-                         reply.reason)
-                self._device_gone(delivery.device.node)
-                return
-            if reply.outcome is Outcome.FAILED or attempt == len(RETRY_DELAYS):
-                outcome = "failed" if reply.outcome is Outcome.FAILED else "given_up"
-                self.counters[(group, outcome)] += 1
-                log.warning("push to %s %s: %s", where, outcome.replace("_", " "), reply.reason)
+            if (queued is None or reply.outcome is not Outcome.RETRY
+                    or now - queued.created > MAX_AGE):
+                self._finish(delivery, reply, queued, where)
                 return
             self.counters[(group, "retried")] += 1
-            delay = retry_delay(reply, headers, attempt)
+            delay = retry_delay(reply, headers, queued.attempt)
+            queued.attempt += 1
+            queued.due = now + delay
+            self._store.update_queued_push(queued)
+            self._store.commit()
             log.info("push to %s deferred (%s), retrying in %.0f s", where, reply.reason, delay)
             await asyncio.sleep(delay)
+
+    def _finish(self, delivery: Delivery, reply: Reply, queued: QueuedPush | None,
+                where: str) -> None:
+        group = delivery.backend.group
+        if queued is not None:
+            self._store.remove_queued_push(queued.id)
+            self._store.commit()
+        if reply.outcome is Outcome.DELIVERED:
+            self.counters[(group, "delivered")] += 1
+            log.debug("push delivered to %s", where)
+        elif reply.outcome is Outcome.UNREGISTERED:
+            self.counters[(group, "unregistered")] += 1
+            log.info("push provider says %s is gone (%s): registration removed", where,
+                     reply.reason)
+            self._device_gone(delivery.device.node)
+        else:
+            outcome = "failed" if reply.outcome is Outcome.FAILED else "given_up"
+            self.counters[(group, outcome)] += 1
+            log.warning("push to %s %s: %s", where, outcome.replace("_", " "), reply.reason)
 
     @staticmethod
     async def _authorize(provider: Provider, client: Http2Client) -> None:

@@ -54,6 +54,9 @@ class Instance:
     s2s_ip: str = "127.0.0.1"
     s2s_peer_port: int = 0  # where the other servers listen (outgoing_s2s_port)
     extra_hosts: list[str] = field(default_factory=list)  # names Erlang resolves to 127.0.0.1
+    # Cluster members find each other through epmd; a lone instance listens on its own
+    # distribution port instead (no epmd, nothing shared with other instances).
+    clustered: bool = False
     python: str = field(default_factory=default_python)
 
     def __post_init__(self) -> None:
@@ -80,7 +83,7 @@ class Instance:
             f"LOGS_DIR={self.folder / 'logs'}\n"
             f"EJABBERD_CONFIG_PATH={self.folder / 'ejabberd.yml'}\n"
             f"CONTRIB_MODULES_PATH={self.folder / 'modules'}\n"
-            f"ERL_DIST_PORT={self.dist_port}\n"
+            + ("" if self.clustered else f"ERL_DIST_PORT={self.dist_port}\n") +
             "INET_DIST_INTERFACE=127.0.0.1\n"
             "EJABBERD_BYPASS_WARNINGS=true\n")
         inetrc = Path("/etc/ejabberd/inetrc").read_text()
@@ -193,6 +196,18 @@ class Instance:
                 raise TimeoutError(f"no log line matching {pattern!r} within {timeout} s\n"
                                    f"{self.log_tail()}")
             time.sleep(0.05)
+
+    @property
+    def node(self) -> str:
+        return f"{self.name}@localhost"
+
+    def join_cluster(self, other: Instance) -> None:
+        """Join other's cluster (this node's Mnesia is replaced by the cluster's), and wait
+        until this node serves again with mod_push_py."""
+        mark = self.log_mark()
+        self.ctl("join_cluster", other.node, timeout=180)
+        self.ctl("started", timeout=120)
+        self.wait_ready(mark)
 
     def register(self, user: str, host: str, password: str) -> None:
         self.ctl("register", user, host, password)

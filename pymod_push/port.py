@@ -17,13 +17,14 @@ import time
 from collections.abc import Sequence
 from typing import Any, BinaryIO
 
-from . import __version__, etf
+from . import __version__, admin, etf
 from .appservice import Delivery
 from .core.config import Config
 from .protocol import (
     PROTOCOL_VERSION,
     Ack,
     Action,
+    AdminCommand,
     Batch,
     Log,
     ProtocolError,
@@ -98,6 +99,7 @@ class PortApp:
         self._timer: asyncio.TimerHandle | None = None
         self._dispatcher: Dispatcher | None = None
         self.events_handled = 0
+        self._started = time.time()
         self._last_batch: tuple[int, int] | None = None  # (epoch, seq) committed last
 
     def on_frames(self, frames: list[bytes]) -> None:
@@ -181,6 +183,11 @@ class PortApp:
             return []
         self.events_handled += 1
         try:
+            if isinstance(event, AdminCommand):
+                assert self._dispatcher is not None
+                info = admin.ProcessInfo(self._started, self.events_handled,
+                                         self._dispatcher.counters)
+                return admin.run(event, self.service, info, time.time())
             return self.service.handle(event, time.time())
         except Exception:
             log.exception("failed to handle a %s event", type(event).__name__)

@@ -104,6 +104,15 @@ class EjabberdStarted:
 
 
 @dataclass(frozen=True, slots=True)
+class AdminCommand:
+    """An ejabberdctl command (push_status, push_list, ...) for this host."""
+
+    ref: Any  # opaque: echoed back in the result
+    name: str
+    args: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class AppServerIq:
     """An IQ for the built-in app server (its pubsub or registration host)."""
 
@@ -113,7 +122,7 @@ class AppServerIq:
 
 Event = (
     SessionPending | SessionResumed | SessionOpened | StanzaToPending | Offline | UserRemoved
-    | PushIq | PublishReply | AppServerIq | EjabberdStarted
+    | PushIq | PublishReply | AppServerIq | EjabberdStarted | AdminCommand
 )
 
 
@@ -197,6 +206,9 @@ def parse_event(term: Any) -> Event:
             return UserRemoved(_user(args[0]))
         if tag == "ejabberd_started":
             return EjabberdStarted()
+        if tag == "command":
+            ref, name, command_args = args
+            return AdminCommand(ref, str(name), tuple(_text(a) for a in command_args))
         if tag == "iq":
             ref, sender, to, iq_type, lang, xml = args
             return PushIq(ref, _session(sender), _session(to), str(iq_type), _text(lang),
@@ -280,7 +292,16 @@ class Ack:
     seq: int
 
 
-Action = IqResult | IqError | RouteIq | SetPush | PushOptionsUpdate | Route | Log | Ack
+@dataclass(frozen=True, slots=True)
+class CommandResult:
+    """The text ejabberdctl prints for an AdminCommand."""
+
+    ref: Any
+    text: str
+
+
+Action = (IqResult | IqError | RouteIq | SetPush | PushOptionsUpdate | Route | Log | Ack
+          | CommandResult)
 
 
 def action_term(action: Action) -> tuple[Any, ...]:
@@ -305,6 +326,8 @@ def action_term(action: Action) -> tuple[Any, ...]:
             return (_A("log"), _A(level), text.encode())
         case Ack(seq):
             return (_A("ack"), seq)
+        case CommandResult(ref, text):
+            return (_A("command_result"), ref, text.encode())
     raise TypeError(f"not an action: {action!r}")
 
 

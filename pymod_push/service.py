@@ -11,7 +11,7 @@ import heapq
 import itertools
 import logging
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Sequence
 
 from .appservice import AppServer, Delivery
@@ -75,6 +75,8 @@ class PushService:
         if outbox:
             log.info("%d notification(s) not answered before the restart will be sent again",
                      len(outbox))
+        # Publishes to app servers by outcome, for ejabberdctl push_status.
+        self.counters: Counter[str] = Counter()
         self._wake_queue: deque[RegistrationKey] = deque()  # paced wakes after a boot
         self._next_wake_at = 0.0
         self._next_scheduled_wake = store.next_wake(config.ejabberd_node)
@@ -181,6 +183,16 @@ class PushService:
                 *(PushOptionsUpdate(user, push_options.within_limits(o, self.config).fields())
                   for user, o in self.store.all_user_options())]
 
+    def forget(self, removed: list[Registration]) -> list[Action]:
+        """Registrations an admin deleted: sessions left without any stop being push ones."""
+        actions: list[Action] = []
+        for registration in removed:
+            self._seen.pop(registration.key, None)
+        for session in {r.session for r in removed}:
+            if not self.store.for_session(session):
+                actions.append(SetPush(session, None))
+        return actions
+
     def _disable(self, iq: PushIq, session: SessionKey, request: Disable) -> list[Action]:
         removed = self.store.disable(session[:2], request.jid, request.node)
         actions: list[Action] = []
@@ -227,6 +239,7 @@ class PushService:
         """A new notification: in the outbox (committed with this batch) until answered."""
         entry = OutboxEntry(next(self._ids), registration.key, summary, 0, now)
         self.store.add_outbox(entry, self.config.ejabberd_node)
+        self.counters["published"] += 1
         return self._send(entry, registration)
 
     def _send(self, entry: OutboxEntry, registration: Registration) -> RouteIq:
@@ -257,6 +270,7 @@ class PushService:
         if registration is None:  # disabled meanwhile
             return []
         where = f"{registration.user}/{registration.resource} at {registration.push_jid}"
+        self.counters[outcome.value] += 1
         if outcome is Outcome.DELIVERED:
             if registration.errors:
                 self.store.set_errors(registration.key, 0)
@@ -273,6 +287,7 @@ class PushService:
                          delays[publish.attempt - 1])
             else:
                 self.store.remove_outbox(publish.id)
+                self.counters["given_up"] += 1
                 log.warning("push to %s not delivered after %d attempts; giving up", where,
                             publish.attempt + 1)
             return []
@@ -298,7 +313,7 @@ class PushService:
         reconnects instead of losing its session."""
         timeout, early = self.config.resume_timeout_ms, self.config.wake_before_timeout_ms
         due = now + (timeout - early) / 1000 if 0 < early < timeout else None
-        self.store.bind_node(session, self.config.ejabberd_node, due)
+        self.store.bind_node(session, self.config.ejabberd_node, due, pending=True)
         if due is not None and (self._next_scheduled_wake is None
                                 or due < self._next_scheduled_wake):
             self._next_scheduled_wake = due
@@ -312,6 +327,11 @@ class PushService:
         self._wake_queue.extend(r.key for r in registrations)
         log.info("ejabberd started: waking %d push registration(s), %d per second",
                  len(registrations), self.config.wake_rate)
+
+    def wake(self, registration: Registration, now: float) -> RouteIq:
+        """A push that only makes the device connect (ejabberdctl push_test too)."""
+        self.counters["woken"] += 1
+        return self._wake(registration, now)
 
     def _wake(self, registration: Registration, now: float) -> RouteIq:
         options = self.options_of(registration.session[:2])

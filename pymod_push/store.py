@@ -109,6 +109,10 @@ MIGRATIONS: tuple[str, ...] = (
         ejabberd_node TEXT NOT NULL DEFAULT ''
     );
     """,
+    # version 7: whether a registration's session is pending (ejabberdctl push_wake_all)
+    """
+    ALTER TABLE registrations ADD COLUMN pending INTEGER NOT NULL DEFAULT 0;
+    """,
 )
 
 
@@ -324,11 +328,41 @@ class Store:
                         "AND push_jid=? AND node=?", (errors, *key))
 
     # ------------------------------------------------------- restart recovery
-    def bind_node(self, session: SessionKey, ejabberd_node: str,
-                  wake_due: float | None) -> None:
-        """The session lives on that ejabberd node; wake it at wake_due (None: never)."""
-        self.db.execute("UPDATE registrations SET ejabberd_node=?, wake_due=? WHERE user=? "
-                        "AND server=? AND resource=?", (ejabberd_node, wake_due, *session))
+    def bind_node(self, session: SessionKey, ejabberd_node: str, wake_due: float | None,
+                  pending: bool = False) -> None:
+        """The session lives on that ejabberd node, pending or not; wake it at wake_due
+        (None: never)."""
+        self.db.execute("UPDATE registrations SET ejabberd_node=?, wake_due=?, pending=? "
+                        "WHERE user=? AND server=? AND resource=?",
+                        (ejabberd_node, wake_due, int(pending), *session))
+
+    def pending_on(self, ejabberd_node: str) -> list[Registration]:
+        return list(self._select("ejabberd_node=? AND pending=1", (ejabberd_node,)))
+
+    def delete_node(self, user: UserKey, node: str) -> list[Registration]:
+        """Remove the user's registrations with that node (at any app server)."""
+        removed = list(self._select("user=? AND server=? AND node=?", (*user, node)))
+        for registration in removed:
+            self.delete(registration.key)
+        return removed
+
+    def delete_older_than(self, cutoff: float) -> list[Registration]:
+        """Remove registrations enabled before cutoff (a Unix time)."""
+        removed = list(self._select("enabled_at<?", (cutoff,)))
+        for registration in removed:
+            self.delete(registration.key)
+        return removed
+
+    def enabled_at(self, key: tuple[str, str, str, str]) -> float | None:
+        row = self.db.execute("SELECT enabled_at FROM registrations WHERE user=? AND server=? "
+                              "AND push_jid=? AND node=?", key).fetchone()
+        return float(row[0]) if row else None
+
+    def totals(self) -> dict[str, int]:
+        """Row counts for ejabberdctl push_status."""
+        tables = ("registrations", "devices", "user_options", "outbox", "provider_queue")
+        return {table: int(self.db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
+                for table in tables}
 
     def clear_wake(self, key: tuple[str, str, str, str]) -> None:
         self.db.execute("UPDATE registrations SET wake_due=NULL WHERE user=? AND server=? "

@@ -26,12 +26,16 @@
          sm_register_connection_hook/3, offline_message/1, mam_message/7,
          remove_user/2]).
 %% gen_server (the port owner)
+%% ejabberdctl commands
+-export([get_commands_spec/0, push_status/1, push_list/2, push_delete/3, push_test/2,
+         push_wake_all/1, push_delete_old/2]).
 -export([start_link/2, init/1, handle_call/3, handle_cast/2, handle_info/2,
          terminate/2, code_change/3]).
 
 -include("xmpp.hrl").
 -include("logger.hrl").
 -include("translate.hrl").
+-include("ejabberd_commands.hrl").
 
 -define(PROTOCOL_VERSION, 2).
 -define(MAX_BATCH, 64).
@@ -56,7 +60,13 @@
                 ack_timer         :: reference() | undefined,
                 dropped = 0       :: non_neg_integer(),
                 backoff = ?MIN_BACKOFF :: pos_integer(),
-                iqs = #{}         :: #{reference() => {iq(), reference()}}}).
+                iqs = #{}         :: #{reference() => {iq(), reference()}},
+                %% For ejabberdctl: the running process's hello, when it said it, how
+                %% often it was restarted, and commands waiting for its answer.
+                info = #{}        :: map(),
+                up_since          :: integer() | undefined,
+                restarts = 0      :: non_neg_integer(),
+                commands = #{}    :: #{reference() => {atom(), gen_server:from()}}}).
 
 %%%===================================================================
 %%% gen_mod
@@ -78,6 +88,7 @@ start(Host, Opts) ->
             case gen_mod:start_child(?MODULE, Host, Opts) of
                 {ok, _} ->
                     register_handlers(Host),
+                    ejabberd_commands:register_commands(?MODULE, get_commands_spec()),
                     %% At boot, Python learns when start-up is complete (restart recovery);
                     %% the hook runs only then, not when the module starts later.
                     ejabberd_hooks:add(ejabberd_started, ?MODULE, ejabberd_started, 50),
@@ -92,6 +103,8 @@ stop(Host) ->
         _ ->
             unregister_handlers(Host),
             ejabberd_hooks:delete(ejabberd_started, ?MODULE, ejabberd_started, 50),
+            gen_mod:is_loaded_elsewhere(Host, ?MODULE)
+                orelse ejabberd_commands:unregister_commands(get_commands_spec()),
             gen_mod:stop_child(?MODULE, Host)
     end.
 
@@ -606,6 +619,92 @@ proc(Host) ->
     gen_mod:get_module_proc(Host, ?MODULE).
 
 %%%===================================================================
+%%% ejabberdctl commands: run in the caller, answered by the Python process
+%%%===================================================================
+get_commands_spec() ->
+    Host = {host, binary}, User = {user, binary},
+    [#ejabberd_commands{
+        name = push_status, tags = [push], module = ?MODULE, function = push_status,
+        desc = "Status of mod_push_py on a host",
+        longdesc = "Whether the Python process is up, since when, its version, events and "
+                   "pushes handled, pushes per backend and outcome, and queue depths.",
+        args = [Host], args_desc = ["Virtual host"], args_example = [<<"example.org">>],
+        result = {status, string}, result_example = "pymod_push 0.1.0 ..."},
+     #ejabberd_commands{
+        name = push_list, tags = [push], module = ?MODULE, function = push_list,
+        desc = "List a user's push registrations and app-server devices",
+        longdesc = "One line per XEP-0357 registration (session, app server, node, "
+                   "errors) and per device registered at the built-in app server.",
+        args = [User, Host], args_desc = ["User name", "Virtual host"],
+        args_example = [<<"alice">>, <<"example.org">>],
+        result = {registrations, string}, result_example = "session phone: ..."},
+     #ejabberd_commands{
+        name = push_delete, tags = [push], module = ?MODULE, function = push_delete,
+        desc = "Delete a user's push registration and app-server device by node",
+        longdesc = "Removes the XEP-0357 registrations with that node and the device of "
+                   "the built-in app server with that node (see push_list).",
+        args = [User, Host, {node, binary}],
+        args_desc = ["User name", "Virtual host", "Node, as push_list shows it"],
+        args_example = [<<"alice">>, <<"example.org">>, <<"2c5fa...">>],
+        result = {deleted, string}, result_example = "deleted 1 push registration(s) ..."},
+     #ejabberd_commands{
+        name = push_test, tags = [push], module = ?MODULE, function = push_test,
+        desc = "Send a test push to each of a user's push registrations",
+        longdesc = "A push like the one after a restart: counts only, no message.",
+        args = [User, Host], args_desc = ["User name", "Virtual host"],
+        args_example = [<<"alice">>, <<"example.org">>],
+        result = {sent, string}, result_example = "sent 2 test push(es)"},
+     #ejabberd_commands{
+        name = push_wake_all, tags = [push], module = ?MODULE, function = push_wake_all,
+        desc = "Wake every pending push session of a host on this node",
+        longdesc = "Sends one push to each registration whose session is pending here, so "
+                   "that the devices reconnect (e.g. before a planned restart).",
+        args = [Host], args_desc = ["Virtual host"], args_example = [<<"example.org">>],
+        result = {woken, string}, result_example = "woke 12 pending push session(s)"},
+     #ejabberd_commands{
+        name = push_delete_old, tags = [push], module = ?MODULE, function = push_delete_old,
+        desc = "Delete push registrations enabled more than N days ago",
+        longdesc = "Clients re-enable push whenever they connect; registrations that were "
+                   "not renewed for that long belong to devices that are gone.",
+        args = [Host, {days, integer}], args_desc = ["Virtual host", "Days"],
+        args_example = [<<"example.org">>, 90],
+        result = {deleted, string}, result_example = "deleted 3 push registration(s) ..."}].
+
+push_status(Host) -> command(Host, status, []).
+push_list(User, Host) -> command(Host, list, [User, Host]).
+push_delete(User, Host, Node) -> command(Host, delete, [User, Host, Node]).
+push_test(User, Host) -> command(Host, test, [User, Host]).
+push_wake_all(Host) -> command(Host, wake_all, []).
+push_delete_old(Host, Days) -> command(Host, delete_old, [integer_to_binary(Days)]).
+
+command(Host, Name, Args) ->
+    LHost = jid:nameprep(Host),
+    try gen_server:call(proc(LHost), {command, Name, Args}, timer:seconds(30)) of
+        Text -> unicode:characters_to_list(Text)
+    catch exit:{noproc, _} -> "mod_push_py is not running on " ++ binary_to_list(Host);
+          exit:{timeout, _} -> "the Python process did not answer within 30 s"
+    end.
+
+ask_python(Name, Args, From, #state{commands = Commands} = State) ->
+    Ref = make_ref(),
+    push_event({command, Ref, Name, Args},
+               State#state{commands = Commands#{Ref => {Name, From}}}).
+
+%% What the shim knows itself: everything when Python cannot answer.
+shim_status(#state{status = Status, info = Info, up_since = Since} = State) ->
+    Process = case Status of
+                  up -> io_lib:format("Python process up since ~ts (pid ~ts, pymod_push ~ts)",
+                                      [calendar:system_time_to_rfc3339(Since),
+                                       maps:get(pid, Info, <<"?">>),
+                                       maps:get(version, Info, <<"?">>)]);
+                  _ -> io_lib:format("Python process ~ts", [Status])
+              end,
+    iolist_to_binary(
+      io_lib:format("~ts; restarted ~B time(s); events waiting: ~B held, ~B unacknowledged; "
+                    "dropped: ~B", [Process, State#state.restarts, State#state.held_len,
+                                    State#state.unacked_len, State#state.dropped])).
+
+%%%===================================================================
 %%% The port owner
 %%%===================================================================
 start_link(Host, Opts) ->
@@ -622,6 +721,14 @@ app_server_domains(Host) ->
     lists:usort([D || #{pubsub_host := P, register_host := R} <- opt(Host, backends),
                       D <- [P, R], D /= Host]).
 
+handle_call({command, status, []}, From, #state{status = up} = State) ->
+    {noreply, ask_python(status, [], From, State)};
+handle_call({command, status, []}, _From, State) ->
+    {reply, shim_status(State), State};
+handle_call({command, Name, Args}, From, #state{status = up} = State) ->
+    {noreply, ask_python(Name, Args, From, State)};
+handle_call({command, _Name, _Args}, _From, State) ->
+    {reply, shim_status(State), State};
 handle_call(_Request, _From, State) ->
     {reply, {error, badarg}, State}.
 
@@ -665,7 +772,7 @@ handle_info({Port, {exit_status, Status}}, #state{port = Port, backoff = Backoff
     {noreply, State#state{port = undefined, status = down, ack_timer = cancel_ack_timer(State),
                           held = State#state.batch ++ State#state.held,
                           held_len = State#state.held_len + length(State#state.batch),
-                          batch = [],
+                          batch = [], restarts = State#state.restarts + 1,
                           backoff = min(Backoff * 2, ?MAX_BACKOFF)}};
 handle_info(restart, #state{port = undefined, status = down} = State) ->
     {noreply, open(State)};
@@ -848,8 +955,9 @@ cancel_ack_timer(#state{ack_timer = undefined}) -> undefined;
 cancel_ack_timer(#state{ack_timer = TRef}) -> erlang:cancel_timer(TRef), undefined.
 
 %% The handshake reply, then lists of actions.
-handle_python({hello, ?PROTOCOL_VERSION, Info}, #state{status = starting} = State) ->
-    ?INFO_MSG("mod_push_py: Python process ready on ~ts: ~p", [State#state.host, Info]),
+handle_python({hello, ?PROTOCOL_VERSION, Info}, #state{status = starting} = State0) ->
+    ?INFO_MSG("mod_push_py: Python process ready on ~ts: ~p", [State0#state.host, Info]),
+    State = State0#state{info = Info, up_since = erlang:system_time(second)},
     %% What the previous process did not acknowledge goes first, as it was: Python
     %% skips a batch whose effects it had committed.
     State1 = lists:foldl(fun write_batch/2, State#state{status = up, backoff = ?MIN_BACKOFF},
@@ -899,6 +1007,17 @@ execute({push_options, Key, undefined}, #state{host = Host} = State) ->
 execute({push_options, Key, Fields}, #state{host = Host} = State) ->
     ets:insert(options_table(Host), {Key, Fields}),
     State;
+execute({command_result, Ref, Text}, #state{commands = Commands} = State) ->
+    case maps:take(Ref, Commands) of
+        {{Name, From}, Commands1} ->
+            Shim = case Name of  % the status has the shim's part first
+                       status -> [shim_status(State), "\n"];
+                       _ -> []
+                   end,
+            gen_server:reply(From, iolist_to_binary([Shim, Text])),
+            State#state{commands = Commands1};
+        error -> State
+    end;
 execute({ack, Seq}, State) ->
     release_held(acknowledge(Seq, State));
 execute({log, Level, Text}, State) ->

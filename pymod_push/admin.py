@@ -1,0 +1,143 @@
+"""ejabberdctl commands (registered by the shim, answered here): status, a user's push
+registrations and devices, deleting one, test pushes, waking pending users, cleaning up.
+
+Each command returns the text ejabberdctl prints and the actions it causes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from . import __version__
+from .protocol import Action, AdminCommand, CommandResult
+from .service import PushService
+
+log = logging.getLogger("pymod_push")
+
+
+@dataclass
+class ProcessInfo:
+    """What the port edge knows about this process."""
+
+    started: float = field(default_factory=time.time)
+    events_handled: int = 0
+    provider_counters: Counter[tuple[str, str]] = field(default_factory=Counter)
+
+
+class CommandError(Exception):
+    """A command that cannot be run as asked: its text is the answer."""
+
+
+def run(command: AdminCommand, service: PushService, info: ProcessInfo,
+        now: float) -> list[Action]:
+    handlers = {"status": _status, "list": _list, "delete": _delete, "test": _test,
+                "wake_all": _wake_all, "delete_old": _delete_old}
+    handler = handlers.get(command.name)
+    try:
+        if handler is None:
+            raise CommandError(f"unknown command {command.name!r}")
+        text, actions = handler(service, info, command.args, now)
+    except CommandError as error:
+        text, actions = f"error: {error}", []
+    except (ValueError, TypeError) as error:
+        text, actions = f"error: bad arguments ({error})", []
+    service.store.commit()
+    return [*actions, CommandResult(command.ref, text)]
+
+
+Result = tuple[str, list[Action]]
+
+
+def _status(service: PushService, info: ProcessInfo, args: tuple[str, ...],
+            now: float) -> Result:
+    totals = service.store.totals()
+    uptime = int(now - info.started)
+    lines = [
+        f"pymod_push {__version__} (Python {platform.python_version()}, pid {os.getpid()}), "
+        f"up {uptime // 3600} h {uptime % 3600 // 60} min",
+        f"events handled: {info.events_handled}",
+        f"push registrations: {totals['registrations']}, users with own options: "
+        f"{totals['user_options']}, app-server devices: {totals['devices']}",
+        f"notifications awaiting an app server's answer: {totals['outbox']}, "
+        f"deferred by providers: {totals['provider_queue']}",
+        "publishes to app servers: " + _counts(service.counters),
+    ]
+    providers = sorted({provider for provider, _ in info.provider_counters})
+    for provider in providers:
+        outcomes = Counter({outcome: n for (p, outcome), n in info.provider_counters.items()
+                            if p == provider})
+        lines.append(f"pushes via {provider}: {_counts(outcomes)}")
+    return "\n".join(lines), []
+
+
+def _counts(counter: Counter[str]) -> str:
+    return ", ".join(f"{key} {value}" for key, value in sorted(counter.items())) or "none"
+
+
+def _user(args: tuple[str, ...], index: int = 0) -> tuple[str, str]:
+    if len(args) < index + 2 or not args[index] or not args[index + 1]:
+        raise CommandError("give the user's name and host")
+    return args[index].lower(), args[index + 1].lower()
+
+
+def _list(service: PushService, info: ProcessInfo, args: tuple[str, ...],
+          now: float) -> Result:
+    user = _user(args)
+    lines = []
+    for registration in service.store.for_user(user):
+        enabled = time.gmtime(service.store.enabled_at(registration.key) or 0.0)
+        lines.append(f"session {registration.resource}: {registration.push_jid} node "
+                     f"{registration.node}, enabled {time.strftime('%Y-%m-%d %H:%M', enabled)} "
+                     "UTC, "
+                     f"{registration.message_count} message(s) since it went away, "
+                     f"{registration.errors} error(s)")
+    for device in service.store.devices_of(f"{user[0]}@{user[1]}"):
+        lines.append(f"device {device.device_id!r} ({device.device_name or 'no name'}): "
+                     f"{device.provider}/{device.app_name}, node {device.node}")
+    return "\n".join(lines) or f"no push registrations for {user[0]}@{user[1]}", []
+
+
+def _delete(service: PushService, info: ProcessInfo, args: tuple[str, ...],
+            now: float) -> Result:
+    user = _user(args)
+    if len(args) < 3 or not args[2]:
+        raise CommandError("give the node to delete (see push_list)")
+    node = args[2]
+    removed = service.store.delete_node(user, node)
+    devices = service.store.remove_devices(f"{user[0]}@{user[1]}", nodes=[node])
+    log.info("ejabberdctl: deleted %d registration(s) and %d device(s) of %s@%s",
+             len(removed), len(devices), *user)
+    return (f"deleted {len(removed)} push registration(s) and {len(devices)} app-server "
+            f"device(s)", service.forget(removed))
+
+
+def _test(service: PushService, info: ProcessInfo, args: tuple[str, ...],
+          now: float) -> Result:
+    user = _user(args)
+    registrations = service.store.for_user(user)
+    actions: list[Action] = [service.wake(r, now) for r in registrations]
+    return f"sent {len(actions)} test push(es)", actions
+
+
+def _wake_all(service: PushService, info: ProcessInfo, args: tuple[str, ...],
+              now: float) -> Result:
+    pending = service.store.pending_on(service.config.ejabberd_node)
+    actions: list[Action] = [service.wake(r, now) for r in pending]
+    log.info("ejabberdctl: woke %d pending push session(s)", len(actions))
+    return f"woke {len(actions)} pending push session(s)", actions
+
+
+def _delete_old(service: PushService, info: ProcessInfo, args: tuple[str, ...],
+                now: float) -> Result:
+    if not args or not args[0].isdigit():
+        raise CommandError("give a number of days")
+    removed = service.store.delete_older_than(now - int(args[0]) * 86400)
+    log.info("ejabberdctl: deleted %d push registration(s) older than %s days",
+             len(removed), args[0])
+    return (f"deleted {len(removed)} push registration(s) older than {args[0]} days",
+            service.forget(removed))

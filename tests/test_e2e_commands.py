@@ -1,0 +1,100 @@
+"""ejabberdctl commands of mod_push_py, run through ejabberdctl against a real ejabberd of
+their own (push_wake_all and push_delete_old act on every user of the host)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from devtools.instance import Instance
+from tests.conftest import Scenario
+from tests.xmpp_peers import Peers
+
+pytestmark = pytest.mark.e2e
+
+COMMANDS = {"push_status": "Status of mod_push_py", "push_list": "List a user's push",
+            "push_delete": "Delete a user's push", "push_test": "Send a test push",
+            "push_wake_all": "Wake every pending push session",
+            "push_delete_old": "Delete push registrations enabled more than N days ago"}
+
+
+@pytest.fixture(scope="module")
+def instance() -> Iterator[Instance]:
+    folder = Path(tempfile.mkdtemp(prefix="pymod_push-commands-"))
+    folder.chmod(0o755)
+    made = Instance(folder)
+    made.write_config()
+    try:
+        made.start()
+        yield made
+    finally:
+        made.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.parametrize(("command", "description"), COMMANDS.items())
+def test_every_command_has_help(instance: Instance, command: str, description: str) -> None:
+    text = instance.ctl("help", command)
+    assert f"Command Name: {command}" in text and "Tags: push" in text
+    assert description in " ".join(text.split())
+
+
+def test_status_list_test_wake_delete(instance: Instance) -> None:
+    scenario = Scenario(instance)
+
+    async def run(peers: Peers) -> None:
+        server, phone, sender = await scenario.cast(peers)
+        await phone.enable_push(server.boundjid.full, "cmd-node")
+        user = phone.boundjid.user
+
+        status = await asyncio.to_thread(instance.ctl, "push_status", "localhost")
+        assert "Python process up since" in status and "pymod_push" in status
+        assert "push registrations: 1" in status
+
+        listed = await asyncio.to_thread(instance.ctl, "push_list", user, "localhost")
+        assert f"session {phone.boundjid.resource}: {server.boundjid.full} node cmd-node" \
+            in listed
+
+        sent = await asyncio.to_thread(instance.ctl, "push_test", user, "localhost")
+        assert "sent 1 test push" in sent
+        (test_push,) = await server.wait_for("cmd-node", 1)
+        assert test_push.summary["message-count"] == "0"
+
+        await scenario.go_pending(phone)
+        woken = await asyncio.to_thread(instance.ctl, "push_wake_all", "localhost")
+        assert "woke 1 pending push session" in woken
+        await server.wait_for("cmd-node", 2)
+
+        status = await asyncio.to_thread(instance.ctl, "push_status", "localhost")
+        assert "woken 2" in status and "published 2" in status
+
+        deleted = await asyncio.to_thread(instance.ctl, "push_delete", user, "localhost",
+                                          "cmd-node")
+        assert "deleted 1 push registration" in deleted
+        listed = await asyncio.to_thread(instance.ctl, "push_list", user, "localhost")
+        assert "no push registrations" in listed
+        # No push any more: the next one the app server sees is from a new registration.
+        sender.send_message(mto=phone.boundjid.full, mbody="after delete", mtype="chat")
+
+        other, = [await peers.user(*await asyncio.to_thread(scenario.account, "carol"))]
+        await other.enable_push(server.boundjid.full, "old-node")
+        old = await asyncio.to_thread(instance.ctl, "push_delete_old", "localhost", "0")
+        assert "deleted 1 push registration" in old
+        listed = await asyncio.to_thread(instance.ctl, "push_list", other.boundjid.user,
+                                         "localhost")
+        assert "no push registrations" in listed
+        assert len(server.received["cmd-node"]) == 2  # nothing after the delete
+
+    scenario.run(run)
+
+
+def test_commands_answer_clearly_when_arguments_are_wrong(instance: Instance) -> None:
+    text = instance.ctl("push_status", "nosuchhost.example", check=False)
+    assert "not running on nosuchhost.example" in text
+    text = instance.ctl("push_delete", "nobody", "localhost", "no-such-node")
+    assert "deleted 0 push registration(s)" in text

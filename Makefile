@@ -30,7 +30,7 @@ $(VENV)/.installed: pyproject.toml | deps
 venv: deps $(VENV)/.installed
 
 lint: venv
-	$(VENV)/bin/ruff check pymod_push devtools tests bench
+	$(VENV)/bin/ruff check pymod_push devtools tests bench examples
 	$(VENV)/bin/mypy
 
 unit: venv

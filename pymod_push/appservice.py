@@ -16,6 +16,8 @@ from .core import appserver as app
 from .core.config import Backend, Config
 from .core.ratelimit import RateLimiter
 from .core.xep0357 import NS_PUBSUB, RequestError
+from .logic import Device as LogicDevice
+from .logic import Logic
 from .protocol import Route
 from .providers import Outcome
 from .store import Device, QueuedPush, Store
@@ -67,9 +69,11 @@ def publish_answer(delivery: Delivery, outcome: Outcome, reason: str = "") -> st
 
 class AppServer:
     def __init__(self, config: Config, store: Store,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 logic: Logic | None = None) -> None:
         self.config = config
         self.store = store
+        self.logic = logic or Logic()
         # For the rate limit only; monotonic, so that a step of the wall clock neither
         # refills nor freezes budgets. Tests pass their own.
         self._clock = clock
@@ -171,7 +175,10 @@ class AppServer:
             log.warning("app server: no backend %s/%s any more for a registered device",
                         device.provider, device.app_name)
             raise RequestError("item-not-found", "this registration's backend is gone", "cancel")
-        return [Delivery(backend, device, request.summary, iq)]
+        summary = self.logic.provider_data(
+            LogicDevice(device.user, device.provider, device.app_name, device.device_id,
+                        device.device_name), request.summary)
+        return [Delivery(backend, device, summary, iq)]
 
     def _backend_of(self, device: Device) -> Backend | None:
         return next((b for b in self.config.backends

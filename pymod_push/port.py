@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, BinaryIO
 
-from . import __version__, admin, etf
+from . import __version__, admin, etf, logic
 from .appservice import Delivery
 from .core.config import Config
 from .protocol import (
@@ -156,7 +156,7 @@ class PortApp:
             raise SystemExit(3)
         config = Config.from_options(hello.host, hello.options)
         self._store = Store(config.db_file)
-        self.service = PushService(config, self._store)
+        self.service = PushService(config, self._store, logic.load(config.logic))
         self._last_batch = self._store.last_batch(config.ejabberd_node, config.host)
         self._dispatcher = Dispatcher(config, self._store, self._device_gone, self._route)
         self._dispatcher.resume(self.service.app_server.queued_deliveries())

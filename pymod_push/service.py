@@ -23,12 +23,16 @@ from .core.notify import (
     Trigger,
     classify_reply,
     fingerprint,
+    is_encrypted,
     summary_fields,
     trigger_of,
     unwrap_carbon,
     wake_fields,
 )
 from .core.xep0357 import Disable, Enable, RequestError, parse_push_request, publish_iq
+from .logic import Logic
+from .logic import Message as LogicMessage
+from .logic import Recipient as LogicRecipient
 from .protocol import (
     Action,
     AppServerIq,
@@ -60,7 +64,7 @@ SEEN_PER_REGISTRATION = 256
 
 
 class PushService:
-    def __init__(self, config: Config, store: Store) -> None:
+    def __init__(self, config: Config, store: Store, logic: Logic | None = None) -> None:
         self.config = config
         self.store = store
         # Outbox ids and publish refs: unique across restarts, so that a late answer to a
@@ -83,7 +87,8 @@ class PushService:
         # Messages already pushed per registration, so that the same message
         # re-routed to offline storage or the archive does not push again.
         self._seen: dict[RegistrationKey, OrderedDict[bytes, None]] = {}
-        self.app_server = AppServer(config, store)
+        self.logic = logic or Logic()
+        self.app_server = AppServer(config, store, logic=self.logic)
 
     # ------------------------------------------------------------------ dispatch
     def handle(self, event: Event, now: float) -> Sequence[Action | Delivery]:
@@ -210,11 +215,20 @@ class PushService:
                 now: float) -> list[Action]:
         stanza = unwrap_carbon(original) if registrations else None
         trigger = trigger_of(stanza, self.config) if stanza else None
-        if stanza is None or trigger is None:
+        if stanza is None or (trigger is None and not self.logic.has("should_push")):
             return []
+        message = self._logic_view(stanza, trigger) if self.logic.module else None
         mark = fingerprint(stanza)
         actions: list[Action] = []
         for registration in registrations:
+            chosen = trigger
+            if message is not None:
+                recipient = LogicRecipient(*registration.session)
+                if not self.logic.should_push(message, recipient, trigger is not None):
+                    continue
+                chosen = trigger or Trigger.MESSAGE
+            if chosen is None:
+                continue
             seen = self._seen.setdefault(registration.key, OrderedDict())
             if mark in seen:
                 continue
@@ -222,7 +236,7 @@ class PushService:
             if len(seen) > SEEN_PER_REGISTRATION:
                 seen.popitem(last=False)
             counts = Counts(registration.message_count, registration.subscription_count)
-            if trigger is Trigger.SUBSCRIPTION:
+            if chosen is Trigger.SUBSCRIPTION:
                 counts.subscriptions += 1
             else:
                 counts.messages += 1
@@ -230,9 +244,18 @@ class PushService:
             registration.subscription_count = counts.subscriptions
             self.store.save_counts(registration)
             summary = summary_fields(self.options_of(registration.session[:2]), counts,
-                                     trigger, stanza)
+                                     chosen, stanza)
+            if message is not None:
+                summary = self.logic.summary(message, LogicRecipient(*registration.session),
+                                             summary)
             actions.append(self._publish(registration, summary, now))
         return actions
+
+    @staticmethod
+    def _logic_view(stanza: Stanza, trigger: Trigger | None) -> LogicMessage:
+        return LogicMessage(stanza.kind, stanza.type, stanza.sender, stanza.body,
+                            is_encrypted(stanza), trigger is Trigger.CALL,
+                            stanza.xml.decode("utf-8", "replace"))
 
     def _publish(self, registration: Registration, summary: list[tuple[str, str]],
                  now: float) -> RouteIq:

@@ -169,6 +169,7 @@ mod_opt_type(allow_message_bodies) -> econf:bool();
 mod_opt_type(notify_on) -> econf:enum([messages, all]);
 mod_opt_type(notify_groupchat) -> econf:enum([mentions, always, never]);
 mod_opt_type(max_publish_errors) -> econf:pos_int();
+mod_opt_type(logic) -> econf:either(undefined, econf:binary());
 mod_opt_type(wake_on_start) -> econf:bool();
 mod_opt_type(wake_rate) -> econf:pos_int();
 mod_opt_type(wake_before_timeout) -> econf:timeout(second);
@@ -240,6 +241,7 @@ mod_options(_Host) ->
      {notify_on, messages},
      {notify_groupchat, mentions},
      {max_publish_errors, 3},
+     {logic, undefined},
      {wake_on_start, true},
      {wake_rate, 50},
      {wake_before_timeout, timer:hours(1)},
@@ -324,6 +326,13 @@ mod_doc() ->
               desc => ?T("Consecutive non-transient error replies from an "
                          "app server after which that registration is "
                          "disabled. The default is '3'.")}},
+           {logic,
+            #{value => ?T("Module"),
+              desc => ?T("Push logic written by the admin in Python: an importable "
+                         "module name or the path of a '.py' file, readable by the "
+                         "ejabberd user, defining any of 'should_push', 'summary' and "
+                         "'provider_data' (see pymod_push/logic.py). Errors in it are "
+                         "logged and the defaults used. The default is none.")}},
            {wake_on_start,
             #{value => "true | false",
               desc => ?T("After ejabberd has started, send one push to every push "

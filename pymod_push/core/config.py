@@ -70,6 +70,7 @@ class Config:
     wake_rate: int = 50  # wake pushes per second, so that a big server does not flood
     wake_before_timeout_ms: int = 3600 * 1000  # before a resume timeout ends, wake once
     ejabberd_node: str = ""  # the Erlang node this process serves (clusters share a db)
+    logic: str | None = None  # the admin's push logic module (see pymod_push/logic.py)
     db_file: str = ":memory:"
     backends: tuple[Backend, ...] = ()
 
@@ -103,6 +104,7 @@ class Config:
             wake_before_timeout_ms=int(options.get("wake_before_timeout",
                                                    cls.wake_before_timeout_ms)),
             ejabberd_node=str(options.get("node", "")),
+            logic=_text(options["logic"]) if isinstance(options.get("logic"), bytes) else None,
             db_file=_text(db_file),
             backends=tuple(_backend(i, b, _certfile(options))
                            for i, b in enumerate(options.get("backends", []))),

@@ -1,5 +1,5 @@
-"""ejabberdctl commands of mod_push_py, run through ejabberdctl against a real ejabberd of
-their own (push_wake_all and push_delete_old act on every user of the host)."""
+"""Operator features on a real ejabberd of their own: ejabberdctl commands (push_wake_all and
+push_delete_old act on every user of the host) and the example push logic module."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from tests.xmpp_peers import Peers
 
 pytestmark = pytest.mark.e2e
 
+EXAMPLE_LOGIC = str(Path(__file__).resolve().parent.parent / "examples" / "push_logic.py")
+
 COMMANDS = {"push_status": "Status of mod_push_py", "push_list": "List a user's push",
             "push_delete": "Delete a user's push", "push_test": "Send a test push",
             "push_wake_all": "Wake every pending push session",
@@ -27,7 +29,7 @@ COMMANDS = {"push_status": "Status of mod_push_py", "push_list": "List a user's 
 def instance() -> Iterator[Instance]:
     folder = Path(tempfile.mkdtemp(prefix="pymod_push-commands-"))
     folder.chmod(0o755)
-    made = Instance(folder)
+    made = Instance(folder, options={"logic": EXAMPLE_LOGIC})
     made.write_config()
     try:
         made.start()
@@ -98,3 +100,23 @@ def test_commands_answer_clearly_when_arguments_are_wrong(instance: Instance) ->
     assert "not running on nosuchhost.example" in text
     text = instance.ctl("push_delete", "nobody", "localhost", "no-such-node")
     assert "deleted 0 push registration(s)" in text
+
+
+def test_the_example_push_logic_module(instance: Instance) -> None:
+    scenario = Scenario(instance)
+
+    async def run(peers: Peers) -> None:
+        server, phone, sender = await scenario.cast(peers)
+        bot = await peers.user(*await asyncio.to_thread(scenario.account, "botty"))
+        await phone.enable_push(server.boundjid.full, "logic-node")
+        await scenario.go_pending(phone)
+        bot.send_message(mto=phone.boundjid.full, mbody="beep", mtype="chat")
+        sender.send_message(mto=phone.boundjid.full, mbody="urgent: call me", mtype="chat")
+        (push,) = await server.wait_for("logic-node", 1)
+        assert push.summary["last-message-priority"] == "high"
+        assert push.summary["message-count"] == "1"  # the bot's message did not count
+        sender.send_message(mto=phone.boundjid.full, mbody="later", mtype="chat")
+        pushes = await server.wait_for("logic-node", 2)
+        assert "last-message-priority" not in pushes[1].summary
+
+    scenario.run(run)

@@ -1,0 +1,150 @@
+"""Push logic an admin writes in Python: option ``logic`` names a module (importable, or a
+path to a ``.py`` file) that may define any of these plain functions::
+
+    def should_push(message: Message, recipient: Recipient, default: bool) -> bool
+        # send a notification for this stanza to this registration? (default: ours)
+    def summary(message: Message, recipient: Recipient,
+                fields: Mapping[str, str]) -> Mapping[str, str]
+        # the urn:xmpp:push:summary fields to send (default: ``fields``, already within
+        # the user's options and the admin limits; what you return is sent as it is)
+    def provider_data(device: Device, data: Mapping[str, str]) -> Mapping[str, str]
+        # built-in app server: the data a provider's payload carries for this device
+        # (APNs custom keys, FCM data, the Web Push JSON; alert text is made from it)
+
+They receive read-only objects (frozen dataclasses, mappings that cannot be changed).
+A function that raises, returns the wrong type or is slow (over ``BUDGET_S`` three times)
+is contained: the error is logged, our default is used, and a function that keeps
+failing is switched off until the module is restarted. Example: examples/push_logic.py.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType, ModuleType
+from typing import Any
+
+log = logging.getLogger("pymod_push")
+
+BUDGET_S = 0.05  # a push decision runs on the event path: 50 ms is already very slow
+STRIKES = 3  # failures or slow calls after which a function is switched off
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    kind: str  # "message" or "presence" (a subscription request)
+    type: str  # chat, normal, groupchat, headline; subscribe for presences
+    sender: str  # the full JID it came from
+    body: str  # "" when there is none
+    encrypted: bool  # OMEMO / OpenPGP: body is only the plaintext fallback
+    call: bool  # a Jingle Message Initiation proposal
+    xml: str  # the whole stanza
+
+
+@dataclass(frozen=True, slots=True)
+class Recipient:
+    user: str
+    server: str
+    resource: str  # the push-enabled session
+
+    @property
+    def jid(self) -> str:
+        return f"{self.user}@{self.server}"
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    """A device of the built-in app server."""
+
+    user: str  # bare JID
+    provider: str  # apns | fcm | webpush | wns | ubuntu
+    app_name: str
+    device_id: str
+    device_name: str
+
+
+class Logic:
+    """Calls into the admin's module, contained; without one, every call is the default."""
+
+    def __init__(self, module: ModuleType | None = None) -> None:
+        self.module = module
+        self._strikes: Counter[str] = Counter()
+
+    def has(self, name: str) -> bool:
+        return self._function(name) is not None
+
+    def should_push(self, message: Message, recipient: Recipient, default: bool) -> bool:
+        return bool(self._call("should_push", bool, default, message, recipient, default))
+
+    def summary(self, message: Message, recipient: Recipient,
+                fields: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        if not self.has("summary"):
+            return fields
+        result = self._call("summary", Mapping, None, message, recipient,
+                            MappingProxyType(dict(fields)))
+        return fields if result is None else [(str(k), str(v)) for k, v in result.items()]
+
+    def provider_data(self, device: Device, data: dict[str, str]) -> dict[str, str]:
+        if not self.has("provider_data"):
+            return data
+        result = self._call("provider_data", Mapping, None, device, MappingProxyType(data))
+        return data if result is None else {str(k): str(v) for k, v in result.items()}
+
+    def _function(self, name: str) -> Callable[..., Any] | None:
+        if self.module is None or self._strikes[name] >= STRIKES:
+            return None
+        function = getattr(self.module, name, None)
+        return function if callable(function) else None
+
+    def _call(self, name: str, kind: type, default: Any, *args: Any) -> Any:
+        function = self._function(name)
+        if function is None:
+            return default
+        started = time.perf_counter()
+        try:
+            result = function(*args)
+        except Exception as exc:  # noqa: BLE001 - the admin's code: anything can happen
+            return self._strike(name, default, f"raised {type(exc).__name__}: {exc}")
+        elapsed = time.perf_counter() - started
+        if not isinstance(result, kind):
+            return self._strike(name, default, f"returned {type(result).__name__}, "
+                                               f"not {kind.__name__}")
+        if elapsed > BUDGET_S:
+            self._strike(name, result, f"took {elapsed * 1000:.0f} ms")
+        return result
+
+    def _strike(self, name: str, default: Any, why: str) -> Any:
+        self._strikes[name] += 1
+        off = self._strikes[name] >= STRIKES
+        log.error("push logic %s.%s %s; %s", getattr(self.module, "__name__", "?"), name, why,
+                  "switched off until the module restarts" if off else "default used")
+        return default
+
+
+def load(spec: str | None) -> Logic:
+    """The admin's module by import name or file path; a module that fails to load is
+    logged and the defaults are used."""
+    if not spec:
+        return Logic()
+    try:
+        if spec.endswith(".py"):
+            module_spec = importlib.util.spec_from_file_location("pymod_push_logic", spec)
+            if module_spec is None or module_spec.loader is None:
+                raise ImportError(f"cannot load {spec}")
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(spec)
+    except Exception as exc:  # noqa: BLE001 - a broken module must not stop pushes
+        log.error("push logic %s could not be loaded (%s: %s); the defaults are used",
+                  spec, type(exc).__name__, exc)
+        return Logic()
+    functions = [n for n in ("should_push", "summary", "provider_data")
+                 if callable(getattr(module, n, None))]
+    log.info("push logic %s loaded: %s", spec, ", ".join(functions) or "no functions")
+    return Logic(module)

@@ -1,0 +1,107 @@
+"""The admin's push logic module: the example's decisions, and containment of a module that
+raises, returns the wrong thing, is slow or does not load."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import pytest
+
+from pymod_push import logic
+from pymod_push.protocol import StanzaToPending
+from pymod_push.service import PushService
+from pymod_push.store import Store
+from tests.test_service import PHONE, enable, fields, make_service, message
+
+EXAMPLE = str(Path(__file__).resolve().parent.parent / "examples" / "push_logic.py")
+
+
+def with_logic(module: logic.Logic, **options: object) -> PushService:
+    plain = make_service(**options)
+    return PushService(plain.config, Store(":memory:"), module)
+
+
+def test_the_example_module_decides_and_shapes() -> None:
+    service = with_logic(logic.load(EXAMPLE))
+    service.handle(enable(), 0)
+    assert service.handle(StanzaToPending(PHONE, message(sender="bot7@example.org/x")), 0) == []
+    (push,) = service.handle(StanzaToPending(PHONE, message(body="this is URGENT")), 0)
+    assert fields(push)["last-message-priority"] == "high"
+    assert fields(push)["message-count"] == "1"  # the bot's message was not counted
+    (plain,) = service.handle(StanzaToPending(PHONE, message(body="hi", stanza_id="m2")), 0)
+    assert "last-message-priority" not in fields(plain)
+
+
+def test_the_example_shapes_fcm_data_only() -> None:
+    loaded = logic.load(EXAMPLE)
+    fcm = logic.Device("alice@example.org", "fcm", "app", "phone", "")
+    apns = logic.Device("alice@example.org", "apns", "app", "phone", "")
+    assert loaded.provider_data(fcm, {"message-count": "1"}) == {
+        "message-count": "1", "channel": "messages"}
+    assert loaded.provider_data(apns, {"message-count": "1"}) == {"message-count": "1"}
+
+
+def write(tmp_path: Path, source: str) -> str:
+    path = tmp_path / "admin_logic.py"
+    path.write_text(source)
+    return str(path)
+
+
+def test_a_raising_function_is_contained_then_switched_off(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    calls = tmp_path / "calls"
+    module = logic.load(write(tmp_path, f"""
+def should_push(message, recipient, default):
+    open({str(calls)!r}, "a").write("x")
+    raise RuntimeError("oops")
+"""))
+    service = with_logic(module)
+    service.handle(enable(), 0)
+    with caplog.at_level(logging.ERROR, logger="pymod_push"):
+        pushes = [service.handle(StanzaToPending(PHONE, message(stanza_id=str(n))), 0)
+                  for n in range(5)]
+    assert all(len(p) == 1 for p in pushes)  # the default decision, every time
+    assert calls.read_text() == "x" * logic.STRIKES  # then it is not called any more
+    assert "raised RuntimeError: oops" in caplog.text and "switched off" in caplog.text
+
+
+def test_wrong_types_and_slow_functions_are_contained(tmp_path: Path) -> None:
+    module = logic.load(write(tmp_path, """
+import time
+def should_push(message, recipient, default):
+    return "yes"
+def summary(message, recipient, fields):
+    time.sleep(0.06)
+    return fields
+"""))
+    service = with_logic(module)
+    service.handle(enable(), 0)
+    for n in range(logic.STRIKES):
+        (push,) = service.handle(StanzaToPending(PHONE, message(stanza_id=str(n))), 0)
+        assert fields(push)["message-count"] == str(n + 1)
+    assert not module.has("should_push") and not module.has("summary")
+    started = time.perf_counter()
+    service.handle(StanzaToPending(PHONE, message(stanza_id="fast")), 0)
+    assert time.perf_counter() - started < 0.05  # the slow function is not called
+
+
+def test_a_module_that_does_not_load_leaves_the_defaults(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.ERROR, logger="pymod_push"):
+        broken = logic.load(write(tmp_path, "this is not python"))
+        missing = logic.load("no_such_module_anywhere")
+    assert broken.module is None and missing.module is None
+    assert caplog.text.count("could not be loaded") == 2
+    service = with_logic(broken)
+    service.handle(enable(), 0)
+    assert len(service.handle(StanzaToPending(PHONE, message()), 0)) == 1
+
+
+def test_a_module_can_push_what_we_would_not() -> None:
+    service = with_logic(logic.Logic(type("M", (), {
+        "should_push": staticmethod(lambda m, r, d: True)})))  # type: ignore[arg-type]
+    service.handle(enable(), 0)
+    (push,) = service.handle(StanzaToPending(PHONE, message(body="")), 0)
+    assert fields(push)["message-count"] == "1"

@@ -14,10 +14,11 @@ import platform
 import struct
 import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any, BinaryIO
 
-from . import __version__, admin, etf, logic
+from . import __version__, admin, etf, logic, metrics
 from .appservice import Delivery
 from .core.config import Config
 from .protocol import (
@@ -100,6 +101,8 @@ class PortApp:
         self._dispatcher: Dispatcher | None = None
         self.events_handled = 0
         self._started = time.time()
+        self._events: Counter[str] = Counter()
+        self._metrics: asyncio.Server | None = None
         self._last_batch: tuple[int, int] | None = None  # (epoch, seq) committed last
 
     def on_frames(self, frames: list[bytes]) -> None:
@@ -165,6 +168,17 @@ class PortApp:
         log.info("ready for %s (pymod_push %s, database %s)", hello.host, __version__,
                  config.db_file)
         self._arm_timer()  # notifications an earlier process left unanswered
+        if config.metrics_listen:
+            asyncio.get_running_loop().create_task(self._serve_metrics(config.metrics_listen))
+
+    async def _serve_metrics(self, address: str) -> None:
+        self._metrics = await metrics.serve(address, self._snapshot)
+
+    def _snapshot(self) -> metrics.Snapshot:
+        assert self.service is not None and self._dispatcher is not None
+        return metrics.Snapshot(self.service.config.host, self._events,
+                                self.service.counters, self._dispatcher.counters,
+                                dict(self._dispatcher.latency), self.service.store.totals())
 
     def _route(self, xml: str) -> None:
         self._write(frame([action_term(Route(xml))]))
@@ -182,6 +196,7 @@ class PortApp:
             log.error("event ignored: %s", exc)
             return []
         self.events_handled += 1
+        self._events[type(event).__name__] += 1
         try:
             if isinstance(event, AdminCommand):
                 assert self._dispatcher is not None
@@ -217,6 +232,8 @@ class PortApp:
         self._flush(self.service.tick(time.time()))
 
     async def aclose(self) -> None:
+        if self._metrics is not None:
+            self._metrics.close()
         if self._dispatcher is not None:
             await self._dispatcher.close()
         if self._store is not None:

@@ -6,17 +6,20 @@ from __future__ import annotations
 import asyncio
 import shutil
 import tempfile
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from devtools.instance import Instance
+from devtools.instance import Instance, free_port
 from tests.conftest import Scenario
 from tests.xmpp_peers import Peers
 
 pytestmark = pytest.mark.e2e
 
+METRICS_PORT = free_port()
 EXAMPLE_LOGIC = str(Path(__file__).resolve().parent.parent / "examples" / "push_logic.py")
 
 COMMANDS = {"push_status": "Status of mod_push_py", "push_list": "List a user's push",
@@ -29,7 +32,8 @@ COMMANDS = {"push_status": "Status of mod_push_py", "push_list": "List a user's 
 def instance() -> Iterator[Instance]:
     folder = Path(tempfile.mkdtemp(prefix="pymod_push-commands-"))
     folder.chmod(0o755)
-    made = Instance(folder, options={"logic": EXAMPLE_LOGIC})
+    made = Instance(folder, options={"logic": EXAMPLE_LOGIC,
+                                     "metrics_listen": f"127.0.0.1:{METRICS_PORT}"})
     made.write_config()
     try:
         made.start()
@@ -120,3 +124,38 @@ def test_the_example_push_logic_module(instance: Instance) -> None:
         assert "last-message-priority" not in pushes[1].summary
 
     scenario.run(run)
+
+
+def test_prometheus_metrics(instance: Instance) -> None:
+    scenario = Scenario(instance)
+
+    def scrape() -> str:
+        url = f"http://127.0.0.1:{METRICS_PORT}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+            return str(response.read().decode())
+
+    async def run(peers: Peers) -> None:
+        server, phone, sender = await scenario.cast(peers)
+        await phone.enable_push(server.boundjid.full, "metrics-node")
+        await scenario.go_pending(phone)
+        sender.send_message(mto=phone.boundjid.full, mbody="counted", mtype="chat")
+        await server.wait_for("metrics-node", 1)
+
+    before = scrape()
+    scenario.run(run)
+    after = scrape()
+
+    def value(text: str, line_start: str) -> float:
+        found = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                 if line.startswith(line_start)]
+        return found[0] if found else 0.0
+
+    published = 'pymod_push_publishes_total{host="localhost",outcome="published"}'
+    assert value(after, published) >= value(before, published) + 1
+    pending = 'pymod_push_events_total{host="localhost",type="SessionPending"}'
+    assert value(after, pending) >= value(before, pending) + 1
+    assert value(after, 'pymod_push_registrations{host="localhost"}') >= 1
+    assert "# TYPE pymod_push_provider_latency_seconds histogram" in after
+    with pytest.raises(urllib.error.HTTPError):
+        urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/other", timeout=10)

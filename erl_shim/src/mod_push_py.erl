@@ -170,6 +170,7 @@ mod_opt_type(notify_on) -> econf:enum([messages, all]);
 mod_opt_type(notify_groupchat) -> econf:enum([mentions, always, never]);
 mod_opt_type(max_publish_errors) -> econf:pos_int();
 mod_opt_type(logic) -> econf:either(undefined, econf:binary());
+mod_opt_type(metrics_listen) -> econf:either(undefined, econf:binary("^.+:[0-9]+$"));
 mod_opt_type(wake_on_start) -> econf:bool();
 mod_opt_type(wake_rate) -> econf:pos_int();
 mod_opt_type(wake_before_timeout) -> econf:timeout(second);
@@ -242,6 +243,7 @@ mod_options(_Host) ->
      {notify_groupchat, mentions},
      {max_publish_errors, 3},
      {logic, undefined},
+     {metrics_listen, undefined},
      {wake_on_start, true},
      {wake_rate, 50},
      {wake_before_timeout, timer:hours(1)},
@@ -333,6 +335,13 @@ mod_doc() ->
                          "ejabberd user, defining any of 'should_push', 'summary' and "
                          "'provider_data' (see pymod_push/logic.py). Errors in it are "
                          "logged and the defaults used. The default is none.")}},
+           {metrics_listen,
+            #{value => ?T("Host:Port"),
+              desc => ?T("Serve Prometheus metrics (events, publishes and provider "
+                         "pushes by outcome, provider latency, queue depths, "
+                         "registrations) at http://Host:Port/metrics. Each virtual "
+                         "host's Python process needs its own address. The default is "
+                         "none: no metrics endpoint.")}},
            {wake_on_start,
             #{value => "true | false",
               desc => ?T("After ejabberd has started, send one push to every push "

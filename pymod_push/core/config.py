@@ -71,6 +71,7 @@ class Config:
     wake_before_timeout_ms: int = 3600 * 1000  # before a resume timeout ends, wake once
     ejabberd_node: str = ""  # the Erlang node this process serves (clusters share a db)
     logic: str | None = None  # the admin's push logic module (see pymod_push/logic.py)
+    metrics_listen: str | None = None  # "host:port" for Prometheus, off when None
     db_file: str = ":memory:"
     backends: tuple[Backend, ...] = ()
 
@@ -105,6 +106,8 @@ class Config:
                                                    cls.wake_before_timeout_ms)),
             ejabberd_node=str(options.get("node", "")),
             logic=_text(options["logic"]) if isinstance(options.get("logic"), bytes) else None,
+            metrics_listen=(_text(options["metrics_listen"])
+                            if isinstance(options.get("metrics_listen"), bytes) else None),
             db_file=_text(db_file),
             backends=tuple(_backend(i, b, _certfile(options))
                            for i, b in enumerate(options.get("backends", []))),

@@ -8,11 +8,12 @@ import logging
 import random
 import ssl
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable
 
 from ..appservice import Delivery, publish_answer
 from ..core.config import Backend, Config
+from ..metrics import Histogram
 from ..store import QueuedPush, Store
 from . import HttpRequest, Outcome, Provider, Reply
 from .apns import Apns
@@ -67,6 +68,7 @@ class Dispatcher:
         # (provider, outcome) -> pushes; outcomes: delivered, unregistered, failed,
         # given_up (retries used up), dropped (backend unusable), retried (attempts)
         self.counters: Counter[tuple[str, str]] = Counter()
+        self.latency: defaultdict[str, Histogram] = defaultdict(Histogram)  # per provider
         for backend in config.backends:
             try:
                 provider = PROVIDERS[backend.group](backend)
@@ -111,7 +113,9 @@ class Dispatcher:
                     await self._authorize(provider, client)
                     request = provider.request(device, delivery.summary, time.time(),
                                                urgent=delivery.urgent)
+                    started = time.perf_counter()
                     response = await _send(client, request)
+                    self.latency[group].observe(time.perf_counter() - started)
                 headers = response.headers
                 reply = provider.reply(response.status_code, headers, response.content)
             except (HttpError, ValueError, KeyError) as exc:

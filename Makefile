@@ -4,7 +4,7 @@ PYTHON3 := /usr/bin/python3
 VENV := $(CURDIR)/.venv
 PY := $(VENV)/bin/python
 RUN_DIR := $(CURDIR)/run
-APT_PACKAGES := ejabberd erlang-dev python3-venv
+APT_PACKAGES := ejabberd erlang-dev python3-venv postgresql
 
 .PHONY: all deps venv test lint unit e2e run stop bench clean
 
@@ -13,6 +13,7 @@ all: test
 # Debian's ejabberd 23.01 and the Erlang headers, when missing.
 deps:
 	@if ! command -v ejabberdctl >/dev/null || ! command -v erlc >/dev/null \
+	    || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
 	    || ! $(PYTHON3) -c 'import venv, ensurepip' 2>/dev/null; then \
 	  echo "installing $(APT_PACKAGES) with apt-get"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \

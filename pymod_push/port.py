@@ -38,7 +38,7 @@ from .protocol import (
 )
 from .providers.dispatch import Dispatcher
 from .service import PushService
-from .store import Store
+from .store import Store, open_store
 
 log = logging.getLogger("pymod_push")
 MAX_FRAME = 64 * 1024 * 1024
@@ -158,7 +158,7 @@ class PortApp:
             self._write(frame(hello_reply(info)))
             raise SystemExit(3)
         config = Config.from_options(hello.host, hello.options)
-        self._store = Store(config.db_file)
+        self._store = open_store(config.db_file, config.db_url)
         self.service = PushService(config, self._store, logic.load(config.logic))
         self._last_batch = self._store.last_batch(config.ejabberd_node, config.host)
         self._dispatcher = Dispatcher(config, self._store, self._device_gone, self._route)
@@ -166,7 +166,7 @@ class PortApp:
         self._write(frame(hello_reply(info)))
         self._write(frame([action_term(a) for a in self.service.initial_actions()]))
         log.info("ready for %s (pymod_push %s, database %s)", hello.host, __version__,
-                 config.db_file)
+                 "PostgreSQL" if config.db_url else config.db_file)
         self._arm_timer()  # notifications an earlier process left unanswered
         if config.metrics_listen:
             asyncio.get_running_loop().create_task(self._serve_metrics(config.metrics_listen))

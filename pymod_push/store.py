@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass
+from typing import Any
 
 from .core.options import PushOptions
 from .protocol import SessionKey, UserKey
@@ -186,20 +187,26 @@ _COLUMNS = ("user, server, resource, push_jid, node, publish_options, errors, "
 
 
 class Store:
-    def __init__(self, path: str) -> None:
+    """The SQL here runs on SQLite and, through store_pg.PgConnection (which turns `?` into
+    `$n` and quotes the column `user`), on PostgreSQL."""
+
+    def __init__(self, path: str, connection: Any = None) -> None:
+        if connection is not None:  # PostgreSQL (see open_store)
+            self.db = connection
+            self.db.migrate(MIGRATIONS)
+            return
         self.db = sqlite3.connect(path, isolation_level="DEFERRED", check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA busy_timeout=5000")
-        self._migrate()
-
-    def _migrate(self) -> None:
         (version,) = self.db.execute("PRAGMA user_version").fetchone()
         for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
             with self.db:
                 self.db.executescript(f"BEGIN; {script}; PRAGMA user_version={number}; COMMIT;")
 
     def schema_version(self) -> int:
+        if not isinstance(self.db, sqlite3.Connection):
+            return int(self.db.schema_version())
         return int(self.db.execute("PRAGMA user_version").fetchone()[0])
 
     def commit(self) -> None:
@@ -213,7 +220,7 @@ class Store:
         self.db.close()
 
     def _select(self, where: str, args: tuple[str | float, ...]) -> Iterator[Registration]:
-        query = f"SELECT {_COLUMNS} FROM registrations WHERE {where} ORDER BY rowid"
+        query = f"SELECT {_COLUMNS} FROM registrations WHERE {where} ORDER BY enabled_at, node"
         with closing(self.db.execute(query, args)) as cursor:
             for row in cursor:
                 yield Registration(*row)
@@ -231,8 +238,12 @@ class Store:
     def enable(self, registration: Registration) -> None:
         """Add or replace (same user, app server and node) with fresh counters."""
         self.db.execute(
-            "INSERT OR REPLACE INTO registrations (user, server, resource, push_jid, node, "
-            "publish_options, enabled_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO registrations (user, server, resource, push_jid, node, "
+            "publish_options, enabled_at) VALUES (?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (user, server, push_jid, node) DO UPDATE SET "
+            "resource=excluded.resource, publish_options=excluded.publish_options, "
+            "enabled_at=excluded.enabled_at, errors=0, message_count=0, subscription_count=0, "
+            "ejabberd_node='', wake_due=NULL, pending=0",
             (registration.user, registration.server, registration.resource,
              registration.push_jid, registration.node, registration.publish_options,
              time.time()))
@@ -253,8 +264,8 @@ class Store:
                         "AND node=?", key)
 
     def delete_user(self, user: UserKey) -> int:
-        return self.db.execute("DELETE FROM registrations WHERE user=? AND server=?",
-                               user).rowcount
+        return int(self.db.execute("DELETE FROM registrations WHERE user=? AND server=?",
+                                   user).rowcount)
 
     def save_counts(self, registration: Registration) -> None:
         self.db.execute(
@@ -290,7 +301,8 @@ class Store:
 
     def devices_of(self, user: str) -> list[Device]:
         return [Device(*row) for row in self.db.execute(
-            f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE user=? ORDER BY rowid", (user,))]
+            f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE user=? ORDER BY created_at, node",
+            (user,))]
 
     def remove_devices(self, user: str, nodes: list[str] | None = None,
                        device_id: str | None = None) -> list[str]:
@@ -319,9 +331,14 @@ class Store:
         if options is None:
             self.db.execute("DELETE FROM user_options WHERE user=? AND server=?", user)
             return
-        self.db.execute("INSERT OR REPLACE INTO user_options VALUES (?, ?, ?, ?, ?, ?)",
-                        (*user, options.senders, options.message_count,
-                         options.subscription_count, options.message_bodies))
+        self.db.execute("INSERT INTO user_options (user, server, senders, message_count, "
+                        "subscription_count, message_bodies) VALUES (?, ?, ?, ?, ?, ?) "
+                        "ON CONFLICT (user, server) DO UPDATE SET senders=excluded.senders, "
+                        "message_count=excluded.message_count, "
+                        "subscription_count=excluded.subscription_count, "
+                        "message_bodies=excluded.message_bodies",
+                        (*user, int(options.senders), int(options.message_count),
+                         int(options.subscription_count), int(options.message_bodies)))
 
     def set_errors(self, key: tuple[str, str, str, str], errors: int) -> None:
         self.db.execute("UPDATE registrations SET errors=? WHERE user=? AND server=? "
@@ -432,3 +449,11 @@ class Store:
         return [QueuedPush(int(i), node, dict(json.loads(summary)), int(attempt), float(due),
                            float(created))
                 for i, node, summary, attempt, due, created in rows]
+
+
+def open_store(db_file: str, db_url: str | None = None) -> Store:
+    """SQLite at db_file, or PostgreSQL (a cluster's shared database) when db_url is set."""
+    if db_url:
+        from .store_pg import PgConnection  # asyncpg is only needed for clusters
+        return Store("", PgConnection(db_url))
+    return Store(db_file)

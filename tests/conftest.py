@@ -105,3 +105,21 @@ def scenario(ejabberd: Instance) -> Scenario:
 @pytest.fixture
 def short_timeout(ejabberd_short_timeout: Instance) -> Scenario:
     return Scenario(ejabberd_short_timeout)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Any]:
+    """A PostgreSQL server of the test run's own (see tests/postgres.py)."""
+    from tests.postgres import PostgresServer
+
+    server = PostgresServer()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def postgres_url(postgres: Any) -> str:
+    """A fresh PostgreSQL database for a test module."""
+    return str(postgres.new_database())

@@ -176,6 +176,7 @@ mod_opt_type(wake_rate) -> econf:pos_int();
 mod_opt_type(wake_before_timeout) -> econf:timeout(second);
 mod_opt_type(retry_delays) -> econf:list(econf:timeout(second));
 mod_opt_type(db_file) -> econf:either(auto, econf:binary());
+mod_opt_type(db_url) -> econf:either(undefined, econf:binary("^postgres(ql)?://"));
 mod_opt_type(queue_size) -> econf:pos_int();
 mod_opt_type(certfile) -> econf:either(undefined, econf:file(read));
 mod_opt_type(access_backends) -> econf:acl();
@@ -249,6 +250,7 @@ mod_options(_Host) ->
      {wake_before_timeout, timer:hours(1)},
      {retry_delays, [timer:seconds(5), timer:seconds(30), timer:minutes(5)]},
      {db_file, auto},
+     {db_url, undefined},
      {queue_size, 10000},
      {certfile, undefined},
      {access_backends, all},
@@ -369,6 +371,12 @@ mod_doc() ->
               desc => ?T("SQLite database of push state. 'auto' (the default) "
                          "puts 'pymod_push_HOST.sqlite3' in ejabberd's spool "
                          "directory.")}},
+           {db_url,
+            #{value => ?T("postgresql://User:Password@Host:Port/Database"),
+              desc => ?T("Keep the push state in PostgreSQL instead of 'db_file': "
+                         "for clusters, all nodes point at the same database and each "
+                         "node's Python process serves the sessions of its node. The "
+                         "default is none (SQLite).")}},
            {queue_size,
             #{value => ?T("Number"),
               desc => ?T("How many events are kept while the Python process "

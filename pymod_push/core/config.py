@@ -73,6 +73,7 @@ class Config:
     logic: str | None = None  # the admin's push logic module (see pymod_push/logic.py)
     metrics_listen: str | None = None  # "host:port" for Prometheus, off when None
     db_file: str = ":memory:"
+    db_url: str | None = None  # PostgreSQL shared by a cluster's nodes, instead of db_file
     backends: tuple[Backend, ...] = ()
 
     @classmethod
@@ -109,6 +110,7 @@ class Config:
             metrics_listen=(_text(options["metrics_listen"])
                             if isinstance(options.get("metrics_listen"), bytes) else None),
             db_file=_text(db_file),
+            db_url=_text(options["db_url"]) if isinstance(options.get("db_url"), bytes) else None,
             backends=tuple(_backend(i, b, _certfile(options))
                            for i, b in enumerate(options.get("backends", []))),
         )

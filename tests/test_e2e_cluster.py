@@ -1,0 +1,155 @@
+"""A real two-node ejabberd cluster (`ejabberdctl join_cluster`), each node with its own
+Python process, both on one PostgreSQL database: one push per message whichever node it
+comes through, registrations usable on both nodes, a node's restart wakes its users once."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from devtools.instance import Instance, free_port
+from tests.conftest import Scenario
+from tests.fake_providers import FakeProvider, LoopbackCA, apns_check, serve_in_thread
+from tests.xmpp_peers import NS_DATA, Client, Peers, form_fields
+
+pytestmark = pytest.mark.e2e
+
+TOPIC = "org.example.cluster"
+
+
+@dataclass
+class Cluster:
+    a: Instance
+    b: Instance
+    apns: FakeProvider
+
+    def scenario(self, node: Instance) -> Scenario:
+        return Scenario(node)
+
+
+@pytest.fixture(scope="module")
+def cluster(postgres_url: str) -> Iterator[Cluster]:
+    folder = Path(tempfile.mkdtemp(prefix="pymod_push-cluster-"))
+    folder.chmod(0o755)
+    ca = LoopbackCA(folder / "tls")
+    key = ec.generate_private_key(ec.SECP256R1())
+    (folder / "apns.p8").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    port = free_port()
+    apns = FakeProvider(apns_check(key.public_key(), "TEAM", "KEY", TOPIC))
+    serve_in_thread(apns, ca, port)
+    (folder / "apns.p8").chmod(0o644)
+    options = {"db_url": postgres_url, "backends": [{
+        "type": "apns", "app_name": "cluster", "register_host": "localhost",
+        "pubsub_host": "pubsub.localhost", "topic": TOPIC, "key_file": str(folder / "apns.p8"),
+        "key_id": "KEY", "team_id": "TEAM", "endpoint": f"https://127.0.0.1:{port}",
+        "cafile": str(ca.cafile)}]}
+    a = Instance(folder / "a", options=options, clustered=True)
+    b = Instance(folder / "b", options=options, clustered=True)
+    for node in (a, b):
+        node.folder.mkdir()
+        node.write_config()
+    try:
+        a.start()
+        b.start()
+        b.join_cluster(a)
+        yield Cluster(a, b, apns)
+    finally:
+        b.stop()
+        a.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def bodies(cluster: Cluster, token: str) -> list[str]:
+    return [r.json().get("last-message-body", "") for r in cluster.apns.received
+            if r.path == f"/3/device/{token}" and r.status == 200]
+
+
+async def wait_for_bodies(cluster: Cluster, token: str, count: int) -> list[str]:
+    while len(bodies(cluster, token)) < count:
+        await cluster.apns.wait_for(len(cluster.apns.received) + 1)
+    return bodies(cluster, token)
+
+
+async def device_on_a(cluster: Cluster, peers_a: Peers, peers_b: Peers,
+                      token: str) -> tuple[Client, str]:
+    """Registered at the app server through node B, push enabled on node A, pending there."""
+    scenario = cluster.scenario(cluster.a)
+    jid, password = await asyncio.to_thread(scenario.account, "user")
+    on_b = await peers_b.user(jid, password)
+    command = await on_b.command("localhost", "register-push-apns", {"token": token})
+    fields = form_fields(command.find(f"{{{NS_DATA}}}x"))
+    await on_b.go_offline()
+    phone = await peers_a.user(jid, password)
+    await phone.enable_push("pubsub.localhost", fields["node"][0], secret=fields["secret"][0],
+                            options={"include-message-bodies": "1"})
+    await scenario.go_pending(phone)
+    return phone, jid
+
+
+def run_on_both(cluster: Cluster, scenario: object) -> None:
+    async def main() -> None:
+        peers_a, peers_b = Peers(cluster.a.c2s_port), Peers(cluster.b.c2s_port)
+        try:
+            await scenario(peers_a, peers_b)  # type: ignore[operator]
+        finally:
+            await peers_a.close()
+            await peers_b.close()
+
+    asyncio.run(main())
+
+
+def test_one_push_per_message_sent_through_the_other_node(cluster: Cluster) -> None:
+    token = "a1" * 32
+
+    async def run(peers_a: Peers, peers_b: Peers) -> None:
+        phone, jid = await device_on_a(cluster, peers_a, peers_b, token)
+        sender_jid, password = await asyncio.to_thread(cluster.scenario(cluster.b).account,
+                                                       "sender")
+        sender = await peers_b.user(sender_jid, password)
+        sender.send_message(mto=phone.boundjid.full, mbody="first", mtype="chat")
+        assert await wait_for_bodies(cluster, token, 1) == ["first"]
+        sender.send_message(mto=phone.boundjid.full, mbody="second", mtype="chat")
+        assert await wait_for_bodies(cluster, token, 2) == ["first", "second"]
+
+    run_on_both(cluster, run)
+
+
+def test_restarting_a_node_wakes_its_users_once(cluster: Cluster) -> None:
+    on_a, on_b = "b1" * 32, "b2" * 32
+    users: dict[str, str] = {}
+
+    async def before(peers_a: Peers, peers_b: Peers) -> None:
+        _, users["a"] = await device_on_a(cluster, peers_a, peers_b, on_a)
+        # The other user's session lives on node B: registered through A, pending on B.
+        _, users["b"] = await device_on_a(Cluster(cluster.b, cluster.a, cluster.apns),
+                                          peers_b, peers_a, on_b)
+
+    run_on_both(cluster, before)
+    mark = cluster.a.log_mark()
+    cluster.a.stop()
+    cluster.a.start(install=False)
+    cluster.a.wait_for_log(r"ejabberd started: waking \d+ push registration", mark)
+
+    async def after(peers_a: Peers, peers_b: Peers) -> None:
+        assert await wait_for_bodies(cluster, on_a, 1) == [""]  # the wake
+        sender_jid, password = await asyncio.to_thread(cluster.scenario(cluster.b).account,
+                                                       "sender")
+        sender = await peers_b.user(sender_jid, password)
+        sender.send_message(mto=users["b"], mbody="to b", mtype="chat")
+        sender.send_message(mto=users["a"], mbody="to a", mtype="chat")
+        # Node B's user was not woken (its session is still pending on B), and node A's
+        # user was woken once: each got exactly what follows.
+        assert await wait_for_bodies(cluster, on_b, 1) == ["to b"]
+        assert await wait_for_bodies(cluster, on_a, 2) == ["", "to a"]
+
+    run_on_both(cluster, after)

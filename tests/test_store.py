@@ -1,0 +1,173 @@
+"""The store against both of its databases: SQLite (embedded default) and PostgreSQL (a
+cluster's shared database, a real server started by the tests)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pymod_push.core.options import PushOptions
+from pymod_push.store import (
+    MIGRATIONS,
+    Device,
+    OutboxEntry,
+    QueuedPush,
+    Registration,
+    Store,
+    open_store,
+)
+from pymod_push.store_pg import masked, translate
+
+Opener = Callable[[], Store]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def opener(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Opener]:
+    """Opens the same database again on every call (a restart, or another cluster node)."""
+    if request.param == "sqlite":
+        path = str(tmp_path / "push.sqlite3")
+        stores: list[Store] = []
+
+        def open_sqlite() -> Store:
+            stores.append(open_store(path))
+            return stores[-1]
+        yield open_sqlite
+    else:
+        url = request.getfixturevalue("postgres").new_database()
+        stores = []
+
+        def open_postgres() -> Store:
+            stores.append(open_store("", url))
+            return stores[-1]
+        yield open_postgres
+    for store in stores:
+        try:
+            store.close()
+        except Exception:  # noqa: BLE001 - already closed by the test
+            pass
+
+
+def registration(resource: str = "phone", node: str = "n1",
+                 push_jid: str = "push.example.net") -> Registration:
+    return Registration("alice", "example.org", resource, push_jid, node, "<x/>")
+
+
+def test_migrations_apply_once_and_reopening_keeps_everything(opener: Opener) -> None:
+    first = opener()
+    assert first.schema_version() == len(MIGRATIONS)
+    first.enable(registration())
+    first.set_user_options(("alice", "example.org"), PushOptions(True, False, True, False))
+    first.add_device(Device("node-1", "secret", "alice@example.org", "d1", "Phone", "apns",
+                            "app", "pubsub.example.org", "ab" * 32, voip_token="cd" * 32))
+    first.commit()
+    first.close()
+    again = opener()
+    assert again.schema_version() == len(MIGRATIONS)
+    assert [r.node for r in again.for_user(("alice", "example.org"))] == ["n1"]
+    assert again.user_options(("alice", "example.org")) == PushOptions(True, False, True, False)
+    device = again.device("node-1")
+    assert device is not None and device.voip_token == "cd" * 32 and device.device_name == "Phone"
+
+
+def test_registrations_enable_replace_disable_counts_and_errors(opener: Opener) -> None:
+    store = opener()
+    store.enable(registration("phone", "n1"))
+    store.enable(registration("phone", "n2"))
+    store.enable(registration("tablet", "n3"))
+    first = store.get(("alice", "example.org", "push.example.net", "n1"))
+    assert first is not None
+    first.message_count, first.subscription_count = 4, 1
+    store.save_counts(first)
+    store.set_errors(first.key, 2)
+    again = store.get(first.key)
+    assert again is not None and (again.message_count, again.errors) == (4, 2)
+    store.enable(registration("laptop", "n1"))  # the same node again: replaced, fresh
+    replaced = store.get(first.key)
+    assert replaced is not None and replaced.resource == "laptop"
+    assert (replaced.message_count, replaced.errors) == (0, 0)
+    store.reset_counts(("alice", "example.org", "laptop"))
+    assert [r.node for r in store.for_session(("alice", "example.org", "phone"))] == ["n2"]
+    removed = store.disable(("alice", "example.org"), "push.example.net", "n2")
+    assert [r.node for r in removed] == ["n2"]
+    assert store.delete_user(("alice", "example.org")) == 2
+    assert store.for_user(("alice", "example.org")) == []
+
+
+def test_devices_are_replaced_per_device_and_removed(opener: Opener) -> None:
+    store = opener()
+
+    def device(node: str, device_id: str) -> Device:
+        return Device(node, "s", "alice@example.org", device_id, "", "fcm", "app",
+                      "pubsub.example.org", f"token-{node}")
+
+    assert store.add_device(device("a", "phone")) == []
+    assert store.add_device(device("b", "phone")) == ["a"]  # same device registers again
+    store.add_device(device("c", "tablet"))
+    assert [d.node for d in store.devices_of("alice@example.org")] == ["b", "c"]
+    assert store.remove_devices("alice@example.org", device_id="tablet") == ["c"]
+    assert store.remove_devices("alice@example.org", nodes=["b", "zzz"]) == ["b"]
+    assert store.device("b") is None
+
+
+def test_recovery_state_outbox_queue_and_batches(opener: Opener) -> None:
+    store = opener()
+    store.enable(registration())
+    store.bind_node(("alice", "example.org", "phone"), "ejabberd@a", 1234.5, pending=True)
+    assert [r.node for r in store.due_wakes("ejabberd@a", 2000.0)] == ["n1"]
+    assert store.due_wakes("ejabberd@b", 2000.0) == []
+    assert store.next_wake("ejabberd@a") == 1234.5
+    assert [r.node for r in store.pending_on("ejabberd@a")] == ["n1"]
+    entry = OutboxEntry(2**40, ("alice", "example.org", "push.example.net", "n1"),
+                        [("message-count", "1")], 0, 99.25)
+    store.add_outbox(entry, "ejabberd@a")
+    entry.attempt, entry.due = 1, 130.5
+    store.update_outbox(entry)
+    assert store.outbox("ejabberd@a") == [entry] and store.outbox("ejabberd@b") == []
+    queued = QueuedPush(7, "node-1", {"message-count": "1"}, 2, 50.5, 40.0)
+    store.queue_push(queued, "ejabberd@a")
+    assert store.queued_pushes("ejabberd@a") == [queued]
+    store.set_last_batch("ejabberd@a", "example.org", 1_764_000_000_000_000, 41)
+    store.set_last_batch("ejabberd@a", "example.org", 1_764_000_000_000_000, 42)
+    assert store.last_batch("ejabberd@a", "example.org") == (1_764_000_000_000_000, 42)
+    store.remove_outbox(entry.id)
+    store.remove_queued_push(7)
+    assert store.outbox("ejabberd@a") == [] and store.queued_pushes("ejabberd@a") == []
+    assert store.totals()["registrations"] == 1
+
+
+def test_uncommitted_changes_are_invisible_to_others_and_rolled_back(opener: Opener) -> None:
+    node_a, node_b = opener(), opener()  # two processes on one database: a cluster
+    node_a.enable(registration())
+    node_a.rollback()
+    assert node_b.for_user(("alice", "example.org")) == []
+    node_a.enable(registration())
+    node_a.commit()
+    node_b.commit()  # end node B's read transaction, as each batch does
+    assert [r.node for r in node_b.for_user(("alice", "example.org"))] == ["n1"]
+
+
+def test_postgresql_dialect() -> None:
+    assert translate("SELECT user FROM t WHERE user=? AND x=? AND user_options=?") == (
+        'SELECT "user" FROM t WHERE "user"=$1 AND x=$2 AND user_options=$3')
+    assert translate("CREATE TABLE t (a REAL)") == "CREATE TABLE t (a DOUBLE PRECISION)"
+    assert masked("postgresql://push:s3cret@db:5432/push") == "postgresql://push:***@db:5432/push"
+    assert masked("postgresql://push@db/push") == "postgresql://push@db/push"
+
+
+def test_two_nodes_migrate_the_same_postgresql_at_once(postgres: Any) -> None:
+    import threading
+
+    url = postgres.new_database()
+    stores: list[Store] = []
+    threads = [threading.Thread(target=lambda: stores.append(open_store("", url)))
+               for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert [s.schema_version() for s in stores] == [len(MIGRATIONS)] * 2
+    for store in stores:
+        store.close()

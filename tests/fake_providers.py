@@ -26,6 +26,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from hypercorn.asyncio import serve
 from hypercorn.config import Config as HypercornConfig
 
+from devtools.instance import free_port
+
 
 @dataclass
 class Received:
@@ -348,3 +350,23 @@ def ubuntu_check(request: Received) -> tuple[int, dict[str, Any]] | None:
     if request.path != "/notify" or not {"appid", "token", "expire_on", "data"} <= set(body):
         return 400, {"error": "invalid-request"}
     return None
+
+
+def fake_apns(folder: Path, app_name: str, topic: str) -> tuple[FakeProvider, dict[str, Any]]:
+    """A fake APNs (token auth, its own test CA) serving on a free port of 127.0.0.1, and
+    the mod_push_py backend that uses it, registered at localhost."""
+    ca = LoopbackCA(folder / "tls")
+    key = ec.generate_private_key(ec.SECP256R1())
+    key_file = folder / f"apns-{app_name}.p8"
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    key_file.chmod(0o644)  # read by the ejabberd user
+    port = free_port()
+    provider = FakeProvider(apns_check(key.public_key(), "TEAM", "KEY", topic))
+    serve_in_thread(provider, ca, port)
+    backend = {"type": "apns", "app_name": app_name, "register_host": "localhost",
+               "pubsub_host": "pubsub.localhost", "topic": topic, "key_file": str(key_file),
+               "key_id": "KEY", "team_id": "TEAM", "endpoint": f"https://127.0.0.1:{port}",
+               "cafile": str(ca.cafile)}
+    return provider, backend

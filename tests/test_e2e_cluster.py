@@ -12,12 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
-from devtools.instance import Instance, free_port
+from devtools.instance import Instance
 from tests.conftest import Scenario
-from tests.fake_providers import FakeProvider, LoopbackCA, apns_check, serve_in_thread
+from tests.fake_providers import FakeProvider, fake_apns
 from tests.xmpp_peers import NS_DATA, Client, Peers, form_fields
 
 pytestmark = pytest.mark.e2e
@@ -39,20 +37,8 @@ class Cluster:
 def cluster(postgres_url: str) -> Iterator[Cluster]:
     folder = Path(tempfile.mkdtemp(prefix="pymod_push-cluster-"))
     folder.chmod(0o755)
-    ca = LoopbackCA(folder / "tls")
-    key = ec.generate_private_key(ec.SECP256R1())
-    (folder / "apns.p8").write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))
-    port = free_port()
-    apns = FakeProvider(apns_check(key.public_key(), "TEAM", "KEY", TOPIC))
-    serve_in_thread(apns, ca, port)
-    (folder / "apns.p8").chmod(0o644)
-    options = {"db_url": postgres_url, "backends": [{
-        "type": "apns", "app_name": "cluster", "register_host": "localhost",
-        "pubsub_host": "pubsub.localhost", "topic": TOPIC, "key_file": str(folder / "apns.p8"),
-        "key_id": "KEY", "team_id": "TEAM", "endpoint": f"https://127.0.0.1:{port}",
-        "cafile": str(ca.cafile)}]}
+    apns, backend = fake_apns(folder, "cluster", TOPIC)
+    options = {"db_url": postgres_url, "backends": [backend]}
     a = Instance(folder / "a", options=options, clustered=True)
     b = Instance(folder / "b", options=options, clustered=True)
     for node in (a, b):

@@ -15,12 +15,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
-from devtools.instance import Instance, free_port
+from devtools.instance import Instance
 from tests.conftest import Scenario
-from tests.fake_providers import FakeProvider, LoopbackCA, apns_check, serve_in_thread
+from tests.fake_providers import fake_apns
 from tests.xmpp_peers import NS_DATA, Client, Peers, form_fields
 
 pytestmark = pytest.mark.e2e
@@ -31,18 +29,7 @@ BODIES = {"include-message-bodies": "1"}
 
 class Setup:
     def __init__(self, folder: Path) -> None:
-        ca = LoopbackCA(folder / "tls")
-        key = ec.generate_private_key(ec.SECP256R1())
-        (folder / "apns.p8").write_bytes(key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption()))
-        port = free_port()
-        self.apns = FakeProvider(apns_check(key.public_key(), "TEAM", "KEY", TOPIC))
-        serve_in_thread(self.apns, ca, port)
-        backend = {"type": "apns", "app_name": "recovery", "register_host": "localhost",
-                   "pubsub_host": "pubsub.localhost", "topic": TOPIC,
-                   "key_file": str(folder / "apns.p8"), "key_id": "KEY", "team_id": "TEAM",
-                   "endpoint": f"https://127.0.0.1:{port}", "cafile": str(ca.cafile)}
+        self.apns, backend = fake_apns(folder, "recovery", TOPIC)
         self.instance = Instance(folder, options={"backends": [backend]})
         self.instance.write_config()
         self.scenario = Scenario(self.instance)

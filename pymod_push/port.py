@@ -74,6 +74,15 @@ class FrameSplitter:
         return frames
 
 
+def python_level(ejabberd_level: object) -> int:
+    """Follow ejabberd's loglevel: records it would drop are not even formatted here."""
+    levels = {"none": logging.CRITICAL + 10, "emergency": logging.CRITICAL,
+              "alert": logging.CRITICAL, "critical": logging.CRITICAL, "error": logging.ERROR,
+              "warning": logging.WARNING, "notice": logging.INFO, "info": logging.INFO,
+              "debug": logging.DEBUG}
+    return levels.get(str(ejabberd_level), logging.INFO)
+
+
 class PortLogHandler(logging.Handler):
     """Sends log records to ejabberd's log as {log, Level, Text} frames."""
 
@@ -158,6 +167,7 @@ class PortApp:
             self._write(frame(hello_reply(info)))
             raise SystemExit(3)
         config = Config.from_options(hello.host, hello.options)
+        logging.getLogger().setLevel(python_level(hello.options.get("loglevel")))
         self._store = open_store(config.db_file, config.db_url)
         self.service = PushService(config, self._store, logic.load(config.logic))
         self._last_batch = self._store.last_batch(config.ejabberd_node, config.host)

@@ -263,6 +263,9 @@ class PushService:
         entry = OutboxEntry(next(self._ids), registration.key, summary, 0, now)
         self.store.add_outbox(entry, self.config.ejabberd_node)
         self.counters["published"] += 1
+        if self.config.log_sensitive:  # the admin asked for it (option log_sensitive)
+            log.debug("publishing to %s node %s: %s", registration.push_jid, registration.node,
+                      summary)
         return self._send(entry, registration)
 
     def _send(self, entry: OutboxEntry, registration: Registration) -> RouteIq:

@@ -170,6 +170,7 @@ mod_opt_type(notify_on) -> econf:enum([messages, all]);
 mod_opt_type(notify_groupchat) -> econf:enum([mentions, always, never]);
 mod_opt_type(max_publish_errors) -> econf:pos_int();
 mod_opt_type(logic) -> econf:either(undefined, econf:binary());
+mod_opt_type(log_sensitive) -> econf:bool();
 mod_opt_type(metrics_listen) -> econf:either(undefined, econf:binary("^.+:[0-9]+$"));
 mod_opt_type(wake_on_start) -> econf:bool();
 mod_opt_type(wake_rate) -> econf:pos_int();
@@ -244,6 +245,7 @@ mod_options(_Host) ->
      {notify_groupchat, mentions},
      {max_publish_errors, 3},
      {logic, undefined},
+     {log_sensitive, false},
      {metrics_listen, undefined},
      {wake_on_start, true},
      {wake_rate, 50},
@@ -337,6 +339,12 @@ mod_doc() ->
                          "ejabberd user, defining any of 'should_push', 'summary' and "
                          "'provider_data' (see pymod_push/logic.py). Errors in it are "
                          "logged and the defaults used. The default is none.")}},
+           {log_sensitive,
+            #{value => "true | false",
+              desc => ?T("At loglevel debug, also log what notifications contain "
+                         "(summaries, provider requests with device tokens and "
+                         "payloads). Off by default: bodies, tokens and secrets never "
+                         "appear in the log otherwise.")}},
            {metrics_listen,
             #{value => ?T("Host:Port"),
               desc => ?T("Serve Prometheus metrics (events, publishes and provider "
@@ -870,7 +878,8 @@ hello(Host) ->
     Opts = maps:from_list(
              [{Opt, opt(Host, Opt)} || {Opt, _} <- mod_options(Host), Opt /= access_backends]),
     {hello, ?PROTOCOL_VERSION, Host,
-     Opts#{spool_dir => unicode:characters_to_binary(spool_dir()), node => node()}}.
+     Opts#{spool_dir => unicode:characters_to_binary(spool_dir()), node => node(),
+           loglevel => ejabberd_logger:get()}}.
 
 opt(Host, Opt) ->
     gen_mod:get_module_opt(Host, ?MODULE, Opt).

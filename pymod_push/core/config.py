@@ -72,6 +72,7 @@ class Config:
     ejabberd_node: str = ""  # the Erlang node this process serves (clusters share a db)
     logic: str | None = None  # the admin's push logic module (see pymod_push/logic.py)
     metrics_listen: str | None = None  # "host:port" for Prometheus, off when None
+    log_sensitive: bool = False  # debug logs may show bodies, tokens, summaries: only if asked
     db_file: str = ":memory:"
     db_url: str | None = None  # PostgreSQL shared by a cluster's nodes, instead of db_file
     backends: tuple[Backend, ...] = ()
@@ -106,6 +107,7 @@ class Config:
             wake_before_timeout_ms=int(options.get("wake_before_timeout",
                                                    cls.wake_before_timeout_ms)),
             ejabberd_node=str(options.get("node", "")),
+            log_sensitive=options.get("log_sensitive") is True,
             logic=_text(options["logic"]) if isinstance(options.get("logic"), bytes) else None,
             metrics_listen=(_text(options["metrics_listen"])
                             if isinstance(options.get("metrics_listen"), bytes) else None),

@@ -58,6 +58,7 @@ class Dispatcher:
                  route: Callable[[str], None]) -> None:
         self._store = store
         self._node = config.ejabberd_node
+        self._log_sensitive = config.log_sensitive
         self._ids = itertools.count(time.time_ns() // 1000)
         self._device_gone = device_gone
         self._route = route
@@ -113,6 +114,8 @@ class Dispatcher:
                     await self._authorize(provider, client)
                     request = provider.request(device, delivery.summary, time.time(),
                                                urgent=delivery.urgent)
+                    if self._log_sensitive:  # the admin asked for it (option log_sensitive)
+                        log.debug("%s %s %s", request.method, request.url, request.body[:2000])
                     started = time.perf_counter()
                     response = await _send(client, request)
                     self.latency[group].observe(time.perf_counter() - started)

@@ -28,6 +28,7 @@ from .protocol import (
     AdminCommand,
     Batch,
     Log,
+    LogLevel,
     ProtocolError,
     Route,
     action_term,
@@ -208,6 +209,10 @@ class PortApp:
         self.events_handled += 1
         self._events[type(event).__name__] += 1
         try:
+            if isinstance(event, LogLevel):
+                logging.getLogger().setLevel(python_level(event.level))
+                log.info("log level now %s, as ejabberd's", event.level)
+                return []
             if isinstance(event, AdminCommand):
                 assert self._dispatcher is not None
                 info = admin.ProcessInfo(self._started, self.events_handled,

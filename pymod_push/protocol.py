@@ -104,6 +104,13 @@ class EjabberdStarted:
 
 
 @dataclass(frozen=True, slots=True)
+class LogLevel:
+    """ejabberd's loglevel changed (ejabberdctl set_loglevel)."""
+
+    level: str
+
+
+@dataclass(frozen=True, slots=True)
 class AdminCommand:
     """An ejabberdctl command (push_status, push_list, ...) for this host."""
 
@@ -122,7 +129,7 @@ class AppServerIq:
 
 Event = (
     SessionPending | SessionResumed | SessionOpened | StanzaToPending | Offline | UserRemoved
-    | PushIq | PublishReply | AppServerIq | EjabberdStarted | AdminCommand
+    | PushIq | PublishReply | AppServerIq | EjabberdStarted | AdminCommand | LogLevel
 )
 
 
@@ -206,6 +213,8 @@ def parse_event(term: Any) -> Event:
             return UserRemoved(_user(args[0]))
         if tag == "ejabberd_started":
             return EjabberdStarted()
+        if tag == "loglevel":
+            return LogLevel(str(args[0]))
         if tag == "command":
             ref, name, command_args = args
             return AdminCommand(ref, str(name), tuple(_text(a) for a in command_args))

@@ -159,3 +159,12 @@ def test_prometheus_metrics(instance: Instance) -> None:
     assert "# TYPE pymod_push_provider_latency_seconds histogram" in after
     with pytest.raises(urllib.error.HTTPError):
         urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/other", timeout=10)
+
+
+def test_python_logging_follows_ejabberds_loglevel(instance: Instance) -> None:
+    mark = instance.log_mark()
+    instance.ctl("set_loglevel", "debug")
+    try:
+        instance.wait_for_log(r"pymod_push: log level now debug, as ejabberd's", mark)
+    finally:
+        instance.ctl("set_loglevel", "info")

@@ -44,6 +44,8 @@
 %% Python acknowledges each batch once its effects are committed; no progress for
 %% this long means it hangs, and it is killed and restarted.
 -define(ACK_TIMEOUT, 60000).
+%% ejabberd has no hook for 'ejabberdctl set_loglevel': look now and then.
+-define(LOGLEVEL_CHECK, 10000).
 
 -record(state, {host              :: binary(),
                 port              :: port() | undefined,
@@ -66,7 +68,8 @@
                 info = #{}        :: map(),
                 up_since          :: integer() | undefined,
                 restarts = 0      :: non_neg_integer(),
-                commands = #{}    :: #{reference() => {atom(), gen_server:from()}}}).
+                commands = #{}    :: #{reference() => {atom(), gen_server:from()}},
+                loglevel          :: atom()}).
 
 %%%===================================================================
 %%% gen_mod
@@ -748,7 +751,9 @@ init([Host, _Opts]) ->
     process_flag(trap_exit, true),
     [ejabberd_router:register_route(Domain, Host) || Domain <- app_server_domains(Host)],
     ets:new(options_table(Host), [named_table, protected, {read_concurrency, true}]),
-    {ok, open(#state{host = Host, epoch = erlang:system_time(microsecond)})}.
+    erlang:send_after(?LOGLEVEL_CHECK, self(), check_loglevel),
+    {ok, open(#state{host = Host, epoch = erlang:system_time(microsecond),
+                     loglevel = ejabberd_logger:get()})}.
 
 %% Subdomains served by the app server (its pubsub and registration hosts).
 app_server_domains(Host) ->
@@ -829,6 +834,12 @@ handle_info({ack_timeout, _}, State) ->
     {noreply, State};
 handle_info({route, Pkt}, State) ->
     {noreply, route_to_app_server(Pkt, State)};
+handle_info(check_loglevel, #state{loglevel = Old} = State) ->
+    erlang:send_after(?LOGLEVEL_CHECK, self(), check_loglevel),
+    case ejabberd_logger:get() of
+        Old -> {noreply, State};
+        New -> {noreply, push_event({loglevel, New}, State#state{loglevel = New})}
+    end;
 handle_info(flush, State) ->
     {noreply, flush(State)};
 handle_info({iq_reply, Reply, Ref}, State) ->

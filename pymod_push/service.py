@@ -189,7 +189,7 @@ class PushService:
                   for user, o in self.store.all_user_options())]
 
     def forget(self, removed: list[Registration]) -> list[Action]:
-        """Registrations an admin deleted: sessions left without any stop being push ones."""
+        """Registrations an admin deleted: a session left with none is no longer a push one."""
         actions: list[Action] = []
         for registration in removed:
             self._seen.pop(registration.key, None)
@@ -347,9 +347,12 @@ class PushService:
     def _wake_after_boot(self) -> None:
         """ejabberd restarted: every session it had is gone, pending ones included, so
         the devices of this node's push users are woken (paced) to connect again."""
+        registrations = self.store.on_node(self.config.ejabberd_node)
+        # Those sessions are gone: none is pending any more, none to wake before a timeout.
+        self.store.sessions_gone(self.config.ejabberd_node)
+        self._next_scheduled_wake = None
         if not self.config.wake_on_start:
             return
-        registrations = self.store.on_node(self.config.ejabberd_node)
         self._wake_queue.extend(r.key for r in registrations)
         log.info("ejabberd started: waking %d push registration(s), %d per second",
                  len(registrations), self.config.wake_rate)

@@ -353,6 +353,11 @@ class Store:
                         "WHERE user=? AND server=? AND resource=?",
                         (ejabberd_node, wake_due, int(pending), *session))
 
+    def sessions_gone(self, ejabberd_node: str) -> None:
+        """That node restarted: none of its sessions is pending any more."""
+        self.db.execute("UPDATE registrations SET pending=0, wake_due=NULL WHERE "
+                        "ejabberd_node IN (?, '')", (ejabberd_node,))
+
     def pending_on(self, ejabberd_node: str) -> list[Registration]:
         return list(self._select("ejabberd_node=? AND pending=1", (ejabberd_node,)))
 

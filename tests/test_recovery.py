@@ -82,6 +82,7 @@ def test_after_a_boot_each_registration_of_this_node_is_woken_once_paced(
                         Store(str(db)))
     assert other.handle(EjabberdStarted(), 0) == []
     assert other.tick(0) == []  # another node of the cluster wakes nobody of ours
+    other.store.commit()  # as the port loop does after every batch
 
     booted = service_on(db, wake_rate=2)
     assert booted.handle(EjabberdStarted(), 10) == []
@@ -98,10 +99,15 @@ def test_after_a_boot_each_registration_of_this_node_is_woken_once_paced(
 
 
 def test_wake_on_start_can_be_turned_off(tmp_path: Path) -> None:
-    service = service_on(tmp_path / "push.sqlite3", wake_on_start=False)
+    service = service_on(tmp_path / "push.sqlite3", wake_on_start=False,
+                         resume_timeout_ms=10_000, wake_before_timeout_ms=3_000)
     service.handle(enable(), 0)
+    service.handle(SessionPending(PHONE, ()), 0)
+    assert service.store.pending_on("ejabberd@a") != []
     service.handle(EjabberdStarted(), 1)
-    assert service.tick(1) == [] and service.next_deadline() is None
+    # The sessions are gone: not pending, no wake before a timeout that no longer exists.
+    assert service.store.pending_on("ejabberd@a") == []
+    assert service.tick(100) == [] and service.next_deadline() is None
 
 
 def test_a_pending_session_is_woken_once_before_its_resume_timeout(tmp_path: Path) -> None:

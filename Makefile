@@ -52,6 +52,7 @@ stop:
 bench: venv
 	$(PY) -m bench.port_events
 	$(PY) -m bench.provider_dispatch
+	$(PY) -m bench.versus_builtin
 
 clean: stop
 	rm -rf $(VENV) $(RUN_DIR) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -48,7 +48,7 @@ class Instance:
     name: str = ""
     c2s_port: int = 0
     dist_port: int = 0
-    modules: dict[str, Any] = field(default_factory=dict)
+    modules: dict[str, Any] = field(default_factory=dict)  # added to the defaults; None removes
     extra_config: dict[str, Any] = field(default_factory=dict)  # acl, access_rules, ...
     s2s_port: int = 0  # listen for other servers here (0: no s2s)
     s2s_ip: str = "127.0.0.1"
@@ -98,6 +98,7 @@ class Instance:
             "mod_stream_mgmt": {"resume_timeout": 300, "resend_on_timeout": "if_offline"},
         }
         modules.update(self.modules)
+        modules = {name: opts for name, opts in modules.items() if opts is not None}  # None: off
         config = {
             "hosts": [self.host],
             "loglevel": "info",

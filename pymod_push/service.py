@@ -11,7 +11,7 @@ import heapq
 import itertools
 import logging
 import time
-from collections import Counter, OrderedDict, deque
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 
 from .appservice import AppServer, Delivery
@@ -81,8 +81,6 @@ class PushService:
                      len(outbox))
         # Publishes to app servers by outcome, for ejabberdctl push_status.
         self.counters: Counter[str] = Counter()
-        self._wake_queue: deque[RegistrationKey] = deque()  # paced wakes after a boot
-        self._next_wake_at = 0.0
         self._next_scheduled_wake = store.next_wake(config.ejabberd_node)
         # Messages already pushed per registration, so that the same message
         # re-routed to offline storage or the archive does not push again.
@@ -129,7 +127,7 @@ class PushService:
             case PublishReply():
                 return self._publish_reply(event, now)
             case EjabberdStarted():
-                self._wake_after_boot()
+                self._wake_after_boot(now)
                 return []
         raise TypeError(f"unhandled event {event!r}")
 
@@ -344,18 +342,17 @@ class PushService:
                                 or due < self._next_scheduled_wake):
             self._next_scheduled_wake = due
 
-    def _wake_after_boot(self) -> None:
+    def _wake_after_boot(self, now: float) -> None:
         """ejabberd restarted: every session it had is gone, pending ones included, so
-        the devices of this node's push users are woken (paced) to connect again."""
-        registrations = self.store.on_node(self.config.ejabberd_node)
-        # Those sessions are gone: none is pending any more, none to wake before a timeout.
-        self.store.sessions_gone(self.config.ejabberd_node)
-        self._next_scheduled_wake = None
-        if not self.config.wake_on_start:
-            return
-        self._wake_queue.extend(r.key for r in registrations)
-        log.info("ejabberd started: waking %d push registration(s), %d per second",
-                 len(registrations), self.config.wake_rate)
+        the devices of this node's push users are woken to connect again. The wakes are
+        marked in the database and sent wake_rate a second (tick): memory stays flat
+        however many there are, and a crash does not lose them."""
+        wake_at = now if self.config.wake_on_start else None
+        count = self.store.sessions_gone(self.config.ejabberd_node, wake_at)
+        self._next_scheduled_wake = wake_at if count else None
+        if wake_at is not None:
+            log.info("ejabberd started: waking %d push registration(s), %d per second",
+                     count, self.config.wake_rate)
 
     def wake(self, registration: Registration, now: float) -> RouteIq:
         """A push that only makes the device connect (ejabberdctl push_test too)."""
@@ -370,7 +367,6 @@ class PushService:
     # ------------------------------------------------------------------ timers
     def next_deadline(self) -> float | None:
         deadlines = [d for d in (self._retries[0][0] if self._retries else None,
-                                 self._next_wake_at if self._wake_queue else None,
                                  self._next_scheduled_wake) if d is not None]
         return min(deadlines, default=None)
 
@@ -384,17 +380,13 @@ class PushService:
                 self.store.remove_outbox(publish.id)
             else:
                 actions.append(self._send(publish, registration))
-        if self._wake_queue and self._next_wake_at <= now:
-            for _ in range(min(self.config.wake_rate, len(self._wake_queue))):
-                woken = self.store.get(self._wake_queue.popleft())
-                if woken is not None:
-                    actions.append(self._wake(woken, now))
-            self._next_wake_at = now + 1.0
         if self._next_scheduled_wake is not None and self._next_scheduled_wake <= now:
-            for registration in self.store.due_wakes(self.config.ejabberd_node, now):
+            rate = self.config.wake_rate  # at most this many a second
+            due = self.store.due_wakes(self.config.ejabberd_node, now, rate)
+            for registration in due:
                 self.store.clear_wake(registration.key)
-                log.info("waking %s/%s before its resume timeout runs out",
-                         registration.user, registration.resource)
+                log.debug("waking %s/%s", registration.user, registration.resource)
                 actions.append(self._wake(registration, now))
-            self._next_scheduled_wake = self.store.next_wake(self.config.ejabberd_node)
+            self._next_scheduled_wake = (now + 1.0 if len(due) == rate
+                                         else self.store.next_wake(self.config.ejabberd_node))
         return actions

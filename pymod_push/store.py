@@ -219,8 +219,11 @@ class Store:
         self.db.commit()
         self.db.close()
 
-    def _select(self, where: str, args: tuple[str | float, ...]) -> Iterator[Registration]:
+    def _select(self, where: str, args: tuple[str | float, ...],
+                limit: int | None = None) -> Iterator[Registration]:
         query = f"SELECT {_COLUMNS} FROM registrations WHERE {where} ORDER BY enabled_at, node"
+        if limit is not None:
+            query += f" LIMIT {int(limit)}"
         with closing(self.db.execute(query, args)) as cursor:
             for row in cursor:
                 yield Registration(*row)
@@ -353,10 +356,11 @@ class Store:
                         "WHERE user=? AND server=? AND resource=?",
                         (ejabberd_node, wake_due, int(pending), *session))
 
-    def sessions_gone(self, ejabberd_node: str) -> None:
-        """That node restarted: none of its sessions is pending any more."""
-        self.db.execute("UPDATE registrations SET pending=0, wake_due=NULL WHERE "
-                        "ejabberd_node IN (?, '')", (ejabberd_node,))
+    def sessions_gone(self, ejabberd_node: str, wake_at: float | None) -> int:
+        """That node restarted: none of its sessions is pending any more; all are to be
+        woken at wake_at (None: not at all). How many registrations that concerns."""
+        return int(self.db.execute("UPDATE registrations SET pending=0, wake_due=? WHERE "
+                                   "ejabberd_node IN (?, '')", (wake_at, ejabberd_node)).rowcount)
 
     def pending_on(self, ejabberd_node: str) -> list[Registration]:
         return list(self._select("ejabberd_node=? AND pending=1", (ejabberd_node,)))
@@ -390,17 +394,14 @@ class Store:
         self.db.execute("UPDATE registrations SET wake_due=NULL WHERE user=? AND server=? "
                         "AND push_jid=? AND node=?", key)
 
-    def due_wakes(self, ejabberd_node: str, now: float) -> list[Registration]:
-        return list(self._select("ejabberd_node=? AND wake_due<=?", (ejabberd_node, now)))
+    def due_wakes(self, ejabberd_node: str, now: float, limit: int) -> list[Registration]:
+        return list(self._select("ejabberd_node IN (?, '') AND wake_due<=?",
+                                 (ejabberd_node, now), limit))
 
     def next_wake(self, ejabberd_node: str) -> float | None:
-        row = self.db.execute("SELECT MIN(wake_due) FROM registrations WHERE ejabberd_node=?",
-                              (ejabberd_node,)).fetchone()
+        row = self.db.execute("SELECT MIN(wake_due) FROM registrations WHERE "
+                              "ejabberd_node IN (?, '')", (ejabberd_node,)).fetchone()
         return None if row is None or row[0] is None else float(row[0])
-
-    def on_node(self, ejabberd_node: str) -> list[Registration]:
-        """Registrations whose sessions were on that node ('' : made before version 5)."""
-        return list(self._select("ejabberd_node IN (?, '')", (ejabberd_node,)))
 
     def add_outbox(self, entry: OutboxEntry, ejabberd_node: str) -> None:
         self.db.execute("INSERT INTO outbox (id, user, server, push_jid, node, summary, attempt, "

@@ -116,8 +116,8 @@ def test_recovery_state_outbox_queue_and_batches(opener: Opener) -> None:
     store = opener()
     store.enable(registration())
     store.bind_node(("alice", "example.org", "phone"), "ejabberd@a", 1234.5, pending=True)
-    assert [r.node for r in store.due_wakes("ejabberd@a", 2000.0)] == ["n1"]
-    assert store.due_wakes("ejabberd@b", 2000.0) == []
+    assert [r.node for r in store.due_wakes("ejabberd@a", 2000.0, 10)] == ["n1"]
+    assert store.due_wakes("ejabberd@b", 2000.0, 10) == []
     assert store.next_wake("ejabberd@a") == 1234.5
     assert [r.node for r in store.pending_on("ejabberd@a")] == ["n1"]
     entry = OutboxEntry(2**40, ("alice", "example.org", "push.example.net", "n1"),

@@ -1,0 +1,332 @@
+"""mod_push_py side by side with ejabberd's built-in mod_push (+ mod_push_keepalive).
+
+For each module, alternating: a throwaway ejabberd, N pending push sessions (resources of
+one account, each with its own node), an app-server client that answers every publish,
+and a sender that sends M messages round-robin at a set rate. Printed per run: pushes per
+message (must be exactly 1), pushes/s, send->app-server latency p50/p99, CPU ms per push
+of the ejabberd VM and of the Python process, and the ratio ours / built-in.
+
+The load side is a minimal asyncio XMPP client (plain TCP, SASL PLAIN, no TLS) so that it
+is not the bottleneck; its own CPU per message is printed too.
+
+    python -m bench.versus_builtin [--sessions 1000] [--messages 20000] [--rate 8000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import os
+import re
+import shutil
+import socket
+import statistics
+import struct
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from devtools.instance import Instance
+
+TICKS = os.sysconf("SC_CLK_TCK")
+NS_PUSH = "urn:xmpp:push:0"
+NS_DATA = "jabber:x:data"
+
+
+class Xmpp:
+    """Just enough XMPP for a load generator: connect, PLAIN, bind, stanzas in and out."""
+
+    def __init__(self, port: int, user: str, password: str, resource: str) -> None:
+        self.port, self.user, self.password, self.resource = port, user, password, resource
+        self.on_stanza: Callable[[ET.Element], None] = lambda element: None
+        self._waiters: list[tuple[Callable[[ET.Element], bool], asyncio.Future[ET.Element]]] = []
+
+    async def connect(self, register: bool = False) -> None:
+        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        await self._open_stream()
+        await self._until(lambda e: e.tag.endswith("features"))
+        if register:  # in-band (XEP-0077): thousands of accounts in seconds
+            await self.request(f"<iq type='set' id='r'><query xmlns='jabber:iq:register'>"
+                               f"<username>{self.user}</username><password>{self.password}"
+                               "</password></query></iq>", "r")
+        self.send("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>"
+                  + base64.b64encode(f"\0{self.user}\0{self.password}".encode()).decode()
+                  + "</auth>")
+        await self._until(lambda e: e.tag.endswith("success"))
+        await self._open_stream()
+        await self._until(lambda e: e.tag.endswith("features"))
+        self.send(f"<iq type='set' id='b'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'>"
+                  f"<resource>{self.resource}</resource></bind></iq>")
+        await self._until(lambda e: e.get("id") == "b")
+
+    async def _open_stream(self) -> None:
+        self.parser = ET.XMLPullParser(events=("start", "end"))
+        self.depth = 0
+        self.send("<?xml version='1.0'?><stream:stream xmlns='jabber:client' "
+                  "xmlns:stream='http://etherx.jabber.org/streams' to='localhost' "
+                  "version='1.0'>")
+
+    def send(self, text: str) -> None:
+        self.writer.write(text.encode())
+
+    async def _until(self, match: Callable[[ET.Element], bool]) -> ET.Element:
+        future: asyncio.Future[ET.Element] = asyncio.get_running_loop().create_future()
+        self._waiters.append((match, future))
+        while not future.done():
+            data = await self.reader.read(1 << 16)
+            if not data:
+                raise ConnectionError("stream closed")
+            self._feed(data)
+        return future.result()
+
+    def _feed(self, data: bytes) -> None:
+        self.parser.feed(data)
+        for event, element in self.parser.read_events():
+            if event == "start":
+                self.depth += 1
+                continue
+            self.depth -= 1
+            if self.depth != 1:
+                continue
+            for waiter in list(self._waiters):
+                if not waiter[1].done() and waiter[0](element):
+                    waiter[1].set_result(element)
+                    self._waiters.remove(waiter)
+                    break
+            else:
+                self.on_stanza(element)
+            element.clear()
+
+    async def request(self, text: str, stanza_id: str) -> ET.Element:
+        self.send(text)
+        return await self._until(lambda e: e.get("id") == stanza_id)
+
+    async def run(self) -> None:
+        """Read stanzas until the connection ends (for the app server)."""
+        while data := await self.reader.read(1 << 16):
+            self._feed(data)
+
+    def abort(self) -> None:
+        """Lose the connection without </stream>: the session becomes pending."""
+        sock = self.writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.writer.transport.abort()
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def find_pid(*needles: str) -> int | None:
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if all(n in command for n in needles):
+            return int(entry.name)
+    return None
+
+
+async def run_load(instance: Instance, ours: bool, sessions: int, messages: int,
+                   rate: float) -> dict[str, Any]:
+    port = instance.c2s_port
+    app = Xmpp(port, "app", "secret", "srv")
+    await app.connect()
+    arrivals: dict[int, list[float]] = {}
+    pushes = 0
+
+    def on_publish(element: ET.Element) -> None:
+        nonlocal pushes
+        if element.get("type") != "set":
+            return
+        pushes += 1
+        body = next((f.findtext(f"{{{NS_DATA}}}value") for f in element.iter(f"{{{NS_DATA}}}field")
+                     if f.get("var") == "last-message-body"), None)
+        if body is not None and body.isdigit():
+            arrivals.setdefault(int(body), []).append(time.perf_counter())
+        app.send(f"<iq type='result' id='{element.get('id')}' to='{element.get('from')}'/>")
+
+    app.on_stanza = on_publish
+    reader = asyncio.create_task(app.run())
+    options = ("<x xmlns='jabber:x:data' type='submit'><field var='FORM_TYPE'><value>"
+               "urn:xmpp:push:options</value></field><field var='include-message-bodies'>"
+               "<value>1</value></field></x>") if ours else ""
+
+    async def push_session(i: int) -> None:
+        client = Xmpp(port, f"push{i}", "secret", "phone")
+        await client.connect(register=True)
+        client.send("<enable xmlns='urn:xmpp:sm:3' resume='true'/>")
+        await client._until(lambda e: e.tag.endswith("enabled"))
+        await client.request(f"<iq type='set' id='e'><enable xmlns='{NS_PUSH}' "
+                             f"jid='app@localhost/srv' node='n{i}'>{options}</enable></iq>", "e")
+        client.abort()
+
+    mark = instance.log_mark()
+    for start in range(0, sessions, 50):
+        await asyncio.gather(*(push_session(i) for i in range(start, min(start + 50, sessions))))
+    await asyncio.to_thread(wait_log_count, instance, "waiting .* for stream resumption",
+                            sessions, mark)
+    sender = Xmpp(port, "sender", "secret", "s")
+    await sender.connect()
+
+    beam = find_pid("beam", instance.name)
+    python = find_pid("-m pymod_push") if ours else None
+    assert beam is not None
+    cpu0 = {"beam": cpu_seconds(beam), "python": cpu_seconds(python) if python else 0.0,
+            "load": time.process_time()}
+    sent_at: list[float] = []
+    started = time.perf_counter()
+    while len(sent_at) < messages:
+        due = min(messages, int((time.perf_counter() - started) * rate) + 1)
+        while len(sent_at) < due:
+            n = len(sent_at)
+            sent_at.append(time.perf_counter())
+            sender.send(f"<message to='push{n % sessions}@localhost/phone' type='chat'>"
+                        f"<body>{n}</body></message>")
+        await sender.writer.drain()
+        await asyncio.sleep(0.001)
+    deadline = time.perf_counter() + 30
+    while len(arrivals) < messages and time.perf_counter() < deadline:
+        await asyncio.sleep(0.05)
+    last = max((t for ts in arrivals.values() for t in ts), default=time.perf_counter())
+    cpu1 = {"beam": cpu_seconds(beam), "python": cpu_seconds(python) if python else 0.0,
+            "load": time.process_time()}
+    reader.cancel()
+    latencies = sorted((ts[0] - sent_at[n]) * 1000 for n, ts in arrivals.items())
+    per_message = Counter(len(ts) for ts in arrivals.values())
+    return {
+        "pushes": pushes, "received": len(arrivals), "per_message": dict(per_message),
+        "pushes_per_s": len(arrivals) / max(last - started, 1e-9),
+        "p50": statistics.median(latencies) if latencies else float("nan"),
+        "p99": latencies[int(len(latencies) * 0.99) - 1] if latencies else float("nan"),
+        "cpu_beam_ms": (cpu1["beam"] - cpu0["beam"]) * 1000 / max(len(arrivals), 1),
+        "cpu_python_ms": (cpu1["python"] - cpu0["python"]) * 1000 / max(len(arrivals), 1),
+        "cpu_load_ms": (cpu1["load"] - cpu0["load"]) * 1000 / max(messages, 1),
+    }
+
+
+def wait_log_count(instance: Instance, pattern: str, count: int, mark: int) -> None:
+    regex = re.compile(pattern)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        text = instance.log_file.read_bytes()[mark:].decode(errors="replace")
+        if sum(1 for line in text.splitlines() if regex.search(line)) >= count:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"fewer than {count} sessions became pending")
+
+
+def one_run(ours: bool, sessions: int, messages: int, rate: float) -> dict[str, Any]:
+    # Push only: no archive (Mnesia disc_only writes would be what is measured); accounts
+    # registered in band, without ejabberd's per-IP pause between registrations.
+    common = {"mod_mam": None, "mod_register": {"access": "all", "ip_access": "all"}}
+    config = {"registration_timeout": "infinity"}
+    folder = Path(tempfile.mkdtemp(prefix="pymod_push-bench-"))
+    folder.chmod(0o755)
+    if ours:
+        instance = Instance(folder, options={"resume_timeout": 259200}, modules=common,
+                            extra_config=config)
+    else:
+        instance = Instance(folder, modules={
+            **common, "mod_push": {"include_body": True},
+            "mod_push_keepalive": {"resume_timeout": 259200}}, extra_config=config)
+    instance.write_config()
+    try:
+        instance.start(install=ours)
+        for user in ("app", "sender"):
+            instance.register(user, "localhost", "secret")
+        return asyncio.run(run_load(instance, ours, sessions, messages, rate))
+    finally:
+        instance.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def python_rss_with(registrations: int) -> float:
+    """MB of resident memory of `python -m pymod_push` serving a database of that many
+    registrations (once it has said hello)."""
+    import sqlite3
+    import subprocess
+    import sys
+
+    from pymod_push import etf
+    from pymod_push.etf import Atom
+    from pymod_push.protocol import PROTOCOL_VERSION
+    from pymod_push.store import Store
+
+    folder = Path(tempfile.mkdtemp(prefix="pymod_push-rss-"))
+    db = folder / "push.sqlite3"
+    Store(str(db)).close()
+    with sqlite3.connect(db) as connection:
+        connection.executemany(
+            "INSERT INTO registrations (user, server, resource, push_jid, node, "
+            "publish_options, enabled_at, ejabberd_node) VALUES (?, 'localhost', 'phone', "
+            "'push.example.net', ?, NULL, 0, 'bench@localhost')",
+            ((f"user{i}", f"node-{i}") for i in range(registrations)))
+    process = subprocess.Popen([sys.executable, "-m", "pymod_push"], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE)
+    assert process.stdin is not None and process.stdout is not None
+    hello = etf.encode((Atom("hello"), PROTOCOL_VERSION, b"localhost", {
+        Atom("db_file"): str(db).encode(), Atom("node"): Atom("bench@localhost")}))
+    process.stdin.write(struct.pack(">I", len(hello)) + hello)
+    process.stdin.flush()
+    # A boot wakes every registration: the heaviest thing it does with all of them.
+    started = etf.encode((Atom("events"), 1, 1, [(Atom("ejabberd_started"),)]))
+    process.stdin.write(struct.pack(">I", len(started)) + started)
+    process.stdin.flush()
+    peak = 0.0
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:  # sample while it reads, wakes and settles
+        with open(f"/proc/{process.pid}/status") as handle:
+            rss = next(int(line.split()[1]) for line in handle if line.startswith("VmRSS"))
+        peak = max(peak, rss / 1024)
+        time.sleep(0.2)
+    process.stdin.close()
+    process.kill()
+    process.wait()
+    shutil.rmtree(folder, ignore_errors=True)
+    return peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sessions", type=int, default=1000)
+    parser.add_argument("--messages", type=int, default=20_000)
+    parser.add_argument("--rate", type=float, default=8000)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--memory", type=int, nargs="*", default=[100_000, 1_000_000])
+    args = parser.parse_args()
+    for count in args.memory:
+        print(f"memory: Python RSS with {count:,} stored registrations (after a boot's wake): "
+              f"{python_rss_with(count):.0f} MB peak")
+    print(f"versus built-in: {args.sessions} pending sessions, {args.messages} messages at "
+          f"{args.rate:.0f}/s")
+    results: dict[str, list[dict[str, Any]]] = {"built-in": [], "mod_push_py": []}
+    for _ in range(args.rounds):
+        for name, ours in (("built-in", False), ("mod_push_py", True)):
+            result = one_run(ours, args.sessions, args.messages, args.rate)
+            results[name].append(result)
+            print(f"  {name:12} pushes/message {result['per_message']} "
+                  f"({result['received']} of {args.messages} messages, {result['pushes']} "
+                  f"publishes); {result['pushes_per_s']:,.0f} pushes/s; latency p50 "
+                  f"{result['p50']:.1f} ms p99 {result['p99']:.1f} ms; CPU per push: "
+                  f"ejabberd {result['cpu_beam_ms']:.3f} ms + Python "
+                  f"{result['cpu_python_ms']:.3f} ms (load side {result['cpu_load_ms']:.3f} "
+                  f"ms/message)")
+    builtin, ours_ = results["built-in"][-1], results["mod_push_py"][-1]
+    ratio = (ours_["cpu_beam_ms"] + ours_["cpu_python_ms"]) / max(builtin["cpu_beam_ms"], 1e-9)
+    print(f"  ratio mod_push_py / built-in: CPU per push {ratio:.2f}, pushes/s "
+          f"{ours_['pushes_per_s'] / max(builtin['pushes_per_s'], 1e-9):.2f}")
+
+
+if __name__ == "__main__":
+    main()

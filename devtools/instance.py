@@ -29,10 +29,19 @@ ROOT = Path(__file__).resolve().parent.parent
 EJABBERD_USER = "ejabberd"
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port nothing listens on now, and not one this process handed out before (the kernel
+    may offer a just-released port again before its first taker has bound it)."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def default_python() -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import pwd
+import random
 import re
 import shutil
 import socket
@@ -33,15 +34,20 @@ _handed_out: set[int] = set()
 
 
 def free_port() -> int:
-    """A port nothing listens on now, and not one this process handed out before (the kernel
-    may offer a just-released port again before its first taker has bound it)."""
+    """A port nothing listens on now, below Linux's ephemeral range (32768-60999) so that
+    no outgoing connection takes it as its local port before its listener binds it, and
+    not one this process handed out before."""
     while True:
+        port = random.randrange(20_000, 32_000)
+        if port in _handed_out:
+            continue
         with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = int(sock.getsockname()[1])
-        if port not in _handed_out:
-            _handed_out.add(port)
-            return port
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
 
 
 def default_python() -> str:

@@ -109,15 +109,15 @@ class PortApp:
         self._store: Store | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._dispatcher: Dispatcher | None = None
-        self.events_handled = 0
         self._started = time.time()
-        self._events: Counter[str] = Counter()
+        self._events: Counter[str] = Counter()  # by kind, for metrics and push_status
         self._metrics: asyncio.Server | None = None
         self._last_batch: tuple[int, int] | None = None  # (epoch, seq) committed last
 
     def on_frames(self, frames: list[bytes]) -> None:
         actions: list[Action] = []
         deliveries: list[Delivery] = []
+        handled: Batch | None = None  # the last batch of this chunk, acknowledged once
         for payload in frames:
             try:
                 term = etf.decode(payload)
@@ -132,8 +132,8 @@ class PortApp:
             except ProtocolError as exc:
                 log.error("frame from ejabberd ignored: %s", exc)
                 continue
+            handled = batch
             if self._already_handled(batch):
-                actions.append(Ack(batch.seq))
                 continue
             for item in batch.events:
                 for result in self._handle(item):
@@ -141,11 +141,14 @@ class PortApp:
                         deliveries.append(result)
                     else:
                         actions.append(result)
+        if handled is not None:  # committed by _flush with the effects of the batches
             assert self._store is not None and self.service is not None
-            self._last_batch = (batch.epoch, batch.seq)
-            self._store.set_last_batch(self.service.config.ejabberd_node,
-                                       self.service.config.host, batch.epoch, batch.seq)
-            actions.append(Ack(batch.seq))
+            if not self._already_handled(handled):
+                self._last_batch = (handled.epoch, handled.seq)
+                self._store.set_last_batch(self.service.config.ejabberd_node,
+                                           self.service.config.host, handled.epoch,
+                                           handled.seq)
+            actions.append(Ack(handled.seq))  # the shim forgets every batch up to it
         self._flush(actions)
         for delivery in deliveries:  # after the commit: the publish was answered first
             assert self._dispatcher is not None
@@ -206,7 +209,6 @@ class PortApp:
         except ProtocolError as exc:
             log.error("event ignored: %s", exc)
             return []
-        self.events_handled += 1
         self._events[type(event).__name__] += 1
         try:
             if isinstance(event, LogLevel):
@@ -215,7 +217,7 @@ class PortApp:
                 return []
             if isinstance(event, AdminCommand):
                 assert self._dispatcher is not None
-                info = admin.ProcessInfo(self._started, self.events_handled,
+                info = admin.ProcessInfo(self._started, self._events.total(),
                                          self._dispatcher.counters)
                 return admin.run(event, self.service, info, time.time())
             return self.service.handle(event, time.time())

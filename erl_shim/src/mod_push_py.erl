@@ -760,10 +760,6 @@ app_server_domains(Host) ->
     lists:usort([D || #{pubsub_host := P, register_host := R} <- opt(Host, backends),
                       D <- [P, R], D /= Host]).
 
-handle_call({command, status, []}, From, #state{status = up} = State) ->
-    {noreply, ask_python(status, [], From, State)};
-handle_call({command, status, []}, _From, State) ->
-    {reply, shim_status(State), State};
 handle_call({command, Name, Args}, From, #state{status = up} = State) ->
     {noreply, ask_python(Name, Args, From, State)};
 handle_call({command, _Name, _Args}, _From, State) ->

@@ -141,14 +141,14 @@ def throughput(port: PortProcess, sessions: int, messages: int) -> tuple[int, fl
             port.send_events(batch)
             sent += len(batch)
             events += len(batch)
-        routes = [a for a in port.read_actions() if a[0] == "route_iq"]
+        routes = [a for a in port.read_actions() if a[0] == "publish"]
         received += len(routes)
         if routes:
             port.send_events([(A("iq_reply"), a[1], A("result")) for a in routes])
             events += len(routes)
     # A last event whose publish proves every reply before it was handled too.
     port.send_events([stanza_event(0, messages)])
-    while not any(a[0] == "route_iq" for a in port.read_actions()):
+    while not any(a[0] == "publish" for a in port.read_actions()):
         pass
     return events + 1, time.perf_counter() - wall0, port.cpu_seconds() - cpu0
 
@@ -164,7 +164,7 @@ def latency(port: PortProcess, sessions: int, samples: int, rate: float) -> list
         actions = port.read_actions()
         timings.append(time.perf_counter() - start)
         port.send_events([(A("iq_reply"), a[1], A("result"))
-                          for a in actions if a[0] == "route_iq"])
+                          for a in actions if a[0] == "publish"])
         time.sleep(max(0.0, next_at - time.perf_counter()))
     return timings
 

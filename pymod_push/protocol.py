@@ -9,9 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .core.xep0357 import FormFields
 from .etf import Atom
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 SessionKey = tuple[str, str, str]  # (user, server, resource), stringprep'ed
 UserKey = tuple[str, str]  # (user, server)
@@ -227,7 +228,7 @@ def parse_event(term: Any) -> Event:
             return AppServerIq(allowed is True, _binary(xml))
         if tag == "iq_reply":
             ref, outcome = args
-            if type(ref) is not int:  # Python's own route_iq refs come back
+            if type(ref) is not int:  # Python's own publish refs come back
                 raise ProtocolError(f"an iq_reply ref is an integer, not {ref!r:.40}")
             if isinstance(outcome, tuple):
                 _, error_type, condition = outcome
@@ -258,9 +259,15 @@ class IqError:
 
 
 @dataclass(frozen=True, slots=True)
-class RouteIq:
+class Publish:
+    """A notification to an app server: the shim builds the pubsub publish IQ from these
+    parts (no XML to parse on ejabberd's side) and routes it from the server's domain."""
+
     ref: int
-    xml: str
+    to: str  # the app server's JID
+    node: str
+    fields: FormFields  # the summary form, FORM_TYPE first
+    publish_options: FormFields | None
     timeout_ms: int
 
 
@@ -309,7 +316,7 @@ class CommandResult:
     text: str
 
 
-Action = (IqResult | IqError | RouteIq | SetPush | PushOptionsUpdate | Route | Log | Ack
+Action = (IqResult | IqError | Publish | SetPush | PushOptionsUpdate | Route | Log | Ack
           | CommandResult)
 
 
@@ -320,8 +327,10 @@ def action_term(action: Action) -> tuple[Any, ...]:
             return (_A("iq_result"), ref, xml.encode() if xml is not None else _A("undefined"))
         case IqError(ref, error_type, condition, text):
             return (_A("iq_error"), ref, _A(error_type), _A(condition), text.encode())
-        case RouteIq(ref, xml, timeout_ms):
-            return (_A("route_iq"), ref, xml.encode(), timeout_ms)
+        case Publish(ref, to, node, fields, publish_options, timeout_ms):
+            return (_A("publish"), ref, to.encode(), node.encode(), _form_term(fields),
+                    _A("undefined") if publish_options is None else _form_term(publish_options),
+                    timeout_ms)
         case SetPush(session, timeout):
             return (_A("set_push"), tuple(p.encode() for p in session),
                     False if timeout is None else timeout)
@@ -338,6 +347,10 @@ def action_term(action: Action) -> tuple[Any, ...]:
         case CommandResult(ref, text):
             return (_A("command_result"), ref, text.encode())
     raise TypeError(f"not an action: {action!r}")
+
+
+def _form_term(fields: FormFields) -> list[tuple[bytes, list[bytes]]]:
+    return [(var.encode(), [value.encode() for value in values]) for var, values in fields]
 
 
 def hello_reply(info: dict[str, str]) -> tuple[Any, ...]:

@@ -29,7 +29,14 @@ from .core.notify import (
     unwrap_carbon,
     wake_fields,
 )
-from .core.xep0357 import Disable, Enable, RequestError, parse_push_request, publish_iq
+from .core.xep0357 import (
+    Disable,
+    Enable,
+    RequestError,
+    parse_push_request,
+    publish_options_form,
+    summary_form,
+)
 from .logic import Logic
 from .logic import Message as LogicMessage
 from .logic import Recipient as LogicRecipient
@@ -41,10 +48,10 @@ from .protocol import (
     IqError,
     IqResult,
     Offline,
+    Publish,
     PublishReply,
     PushIq,
     PushOptionsUpdate,
-    RouteIq,
     SessionKey,
     SessionOpened,
     SessionPending,
@@ -256,7 +263,7 @@ class PushService:
                             stanza.xml.decode("utf-8", "replace"))
 
     def _publish(self, registration: Registration, summary: list[tuple[str, str]],
-                 now: float) -> RouteIq:
+                 now: float) -> Publish:
         """A new notification: in the outbox (committed with this batch) until answered."""
         entry = OutboxEntry(next(self._ids), registration.key, summary, 0, now)
         self.store.add_outbox(entry, self.config.ejabberd_node)
@@ -266,12 +273,13 @@ class PushService:
                       summary)
         return self._send(entry, registration)
 
-    def _send(self, entry: OutboxEntry, registration: Registration) -> RouteIq:
+    def _send(self, entry: OutboxEntry, registration: Registration) -> Publish:
         ref = next(self._ids)  # one per attempt: each is its own IQ
         self._in_flight[ref] = entry
-        xml = publish_iq(f"push-{ref}", self.config.host, registration.push_jid,
-                         registration.node, entry.summary, registration.publish_options)
-        return RouteIq(ref, xml, self.config.publish_timeout_ms)
+        options = registration.publish_options
+        return Publish(ref, registration.push_jid, registration.node, summary_form(entry.summary),
+                       publish_options_form(options) if options else None,
+                       self.config.publish_timeout_ms)
 
     def _reset(self, session: SessionKey) -> bool:
         """Counts start again when the client is back; True if the session has push."""
@@ -354,12 +362,12 @@ class PushService:
             log.info("ejabberd started: waking %d push registration(s), %d per second",
                      count, self.config.wake_rate)
 
-    def wake(self, registration: Registration, now: float) -> RouteIq:
+    def wake(self, registration: Registration, now: float) -> Publish:
         """A push that only makes the device connect (ejabberdctl push_test too)."""
         self.counters["woken"] += 1
         return self._wake(registration, now)
 
-    def _wake(self, registration: Registration, now: float) -> RouteIq:
+    def _wake(self, registration: Registration, now: float) -> Publish:
         options = self.options_of(registration.session[:2])
         counts = Counts(registration.message_count, registration.subscription_count)
         return self._publish(registration, wake_fields(options, counts), now)

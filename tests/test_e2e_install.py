@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from devtools.instance import EJABBERD_USER, Instance, default_python
+from pymod_push import etf
+from pymod_push.etf import Atom
 from pymod_push.protocol import PROTOCOL_VERSION
 from tests.conftest import Scenario
 from tests.xmpp_peers import NS_PUSH, Peers
@@ -20,7 +22,7 @@ from tests.xmpp_peers import NS_PUSH, Peers
 pytestmark = pytest.mark.e2e
 
 WRONG_VERSION = b"\x83h\x03w\x05hellob\x00\x00\x03\xe7t\x00\x00\x00\x00"  # {hello, 999, #{}}
-RIGHT_VERSION = b"\x83h\x03w\x05helloa\x02t\x00\x00\x00\x00"  # {hello, 2, #{}}
+RIGHT_VERSION = etf.encode((Atom("hello"), PROTOCOL_VERSION, {}))  # {hello, 3, #{}}
 FAKE_PORT_PROGRAM = '''
 import os, struct, sys
 size, = struct.unpack(">I", os.read(0, 4))

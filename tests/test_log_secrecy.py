@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 
 from pymod_push.port import python_level
-from pymod_push.protocol import PushIq, StanzaToPending
+from pymod_push.protocol import Publish, PushIq, StanzaToPending
 from pymod_push.service import PushService
 from pymod_push.store import Store
 from tests.test_hostile_input import make_app_server, publish, register
@@ -37,7 +37,9 @@ def drive(log_sensitive: bool) -> None:
     service = PushService(config, Store(":memory:"))
     service.handle(enable_with_bodies(), 0)
     (push,) = service.handle(StanzaToPending(PHONE, message(body=BODY)), 0)
-    assert BODY in push.xml and SECRET in push.xml  # they are in the push, as they should
+    assert isinstance(push, Publish)  # the body and the secret are in the push, as they should
+    assert ("last-message-body", (BODY,)) in push.fields
+    assert ("secret", (SECRET,)) in (push.publish_options or ())
     server = make_app_server()
     node, secret = register(server, token=TOKEN)
     publish(server, node, secret)

@@ -9,8 +9,8 @@ from pathlib import Path
 from pymod_push.core.config import Config
 from pymod_push.protocol import (
     EjabberdStarted,
+    Publish,
     PublishReply,
-    RouteIq,
     SessionPending,
     SessionResumed,
     StanzaToPending,
@@ -41,7 +41,7 @@ def test_an_unanswered_notification_is_sent_again_by_the_next_process(tmp_path: 
     second = service_on(db)
     assert second.next_deadline() == 100  # due at once
     (again,) = second.tick(101)
-    assert isinstance(push, RouteIq) and isinstance(again, RouteIq)
+    assert isinstance(push, Publish) and isinstance(again, Publish)
     assert fields(again) == fields(push) and again.ref != push.ref
     # A late answer to the first process's publish is not mistaken for this one's.
     assert second.handle(PublishReply(push.ref, "result"), 102) == []
@@ -57,7 +57,7 @@ def test_a_retry_scheduled_before_a_crash_keeps_its_time(tmp_path: Path) -> None
     first = service_on(db, retry_delays_ms=(30_000,))
     first.handle(enable(), 0)
     (push,) = first.handle(StanzaToPending(PHONE, message()), 0)
-    assert isinstance(push, RouteIq)
+    assert isinstance(push, Publish)
     first.handle(PublishReply(push.ref, "error", "wait", "resource-constraint"), 1)
     crash(first)
     second = service_on(db, retry_delays_ms=(30_000,))
@@ -75,7 +75,7 @@ def test_after_a_boot_each_registration_of_this_node_is_woken_once_paced(
         session = ("alice", "example.org", resource)
         first.handle(replace(enable(node=resource), sender=session), 0)
     (push,) = first.handle(StanzaToPending(PHONE, message()), 0)  # counted for the wake
-    assert isinstance(push, RouteIq)
+    assert isinstance(push, Publish)
     first.handle(PublishReply(push.ref, "result"), 0)
     crash(first)
     other = PushService(replace(Config("example.org"), ejabberd_node="ejabberd@b"),
@@ -90,8 +90,7 @@ def test_after_a_boot_each_registration_of_this_node_is_woken_once_paced(
     assert len(first_second) == 2 and booted.next_deadline() == 11
     assert booted.tick(10.5) == []
     (last,) = booted.tick(11)
-    woken = {r.xml.split("node=")[1][1:].split('"')[0].split("'")[0]
-             for r in [*first_second, last] if isinstance(r, RouteIq)}
+    woken = {r.node for r in [*first_second, last] if isinstance(r, Publish)}
     assert woken == {"phone", "tablet", "watch"}
     counts = [fields(r)["message-count"] for r in [*first_second, last]]
     assert sorted(counts) == ["0", "0", "1"]

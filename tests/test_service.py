@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import xml.etree.ElementTree as ET
 from dataclasses import replace
 
 import pytest
@@ -13,10 +12,10 @@ from pymod_push.protocol import (
     IqError,
     IqResult,
     Offline,
+    Publish,
     PublishReply,
     PushIq,
     PushOptionsUpdate,
-    RouteIq,
     SessionOpened,
     SessionPending,
     SessionResumed,
@@ -57,21 +56,9 @@ def message(body: str = "hi", stanza_id: str = "m1", sender: str = "bob@example.
 
 
 def fields(action: object) -> dict[str, str]:
-    """The summary form of a publish, parsed as an app server would."""
-    assert isinstance(action, RouteIq)
-    form = ET.fromstring(action.xml).find(
-        "{http://jabber.org/protocol/pubsub}pubsub/{http://jabber.org/protocol/pubsub}publish/"
-        "{http://jabber.org/protocol/pubsub}item/{urn:xmpp:push:0}notification/{jabber:x:data}x")
-    assert form is not None
-    return {f.get("var", ""): f.findtext("{jabber:x:data}value") or ""
-            for f in form.findall("{jabber:x:data}field")}
-
-
-def attribute(action: object, path: str, name: str) -> str | None:
-    assert isinstance(action, RouteIq)
-    element = ET.fromstring(action.xml)
-    found = element if path == "." else element.find(path)
-    return None if found is None else found.get(name)
+    """The summary form of a publish (single values)."""
+    assert isinstance(action, Publish)
+    return {var: values[0] for var, values in action.fields}
 
 
 def test_enable_stores_and_marks_the_session() -> None:
@@ -87,6 +74,7 @@ def test_enable_stores_and_marks_the_session() -> None:
     (iq("<enable xmlns='urn:xmpp:push:0' jid='a'/>"), "bad-request"),
     (iq("<enable xmlns='urn:xmpp:push:0' node='n'/>"), "bad-request"),
     (iq("<enable xmlns='urn:xmpp:push:0' jid='a b' node='n'/>"), "jid-malformed"),
+    (iq("<enable xmlns='urn:xmpp:push:0' jid='a@b@c' node='n'/>"), "jid-malformed"),
     (iq("<disable xmlns='urn:xmpp:push:0'/>"), "bad-request"),
     (iq("<other xmlns='urn:xmpp:push:0'/>"), "bad-request"),
     (iq("<enable xmlns='urn:xmpp:push:0' jid='a' node='n'"), "bad-request"),
@@ -110,11 +98,11 @@ def test_pending_messages_push_with_counts_and_publish_options() -> None:
                                 "pending-subscription-count": "0"}
     assert fields(second[0])["message-count"] == "2"
     route = second[0]
-    assert isinstance(route, RouteIq)
-    assert attribute(route, ".", "to") == APP and attribute(route, ".", "from") == "example.org"
-    assert attribute(route, "{http://jabber.org/protocol/pubsub}pubsub/"
-                            "{http://jabber.org/protocol/pubsub}publish", "node") == "node1"
-    assert "<publish-options>" in route.xml and "s3cr3t" in route.xml
+    assert isinstance(route, Publish)
+    assert (route.to, route.node) == (APP, "node1")
+    assert route.publish_options == (
+        ("FORM_TYPE", ("http://jabber.org/protocol/pubsub#publish-options",)),
+        ("secret", ("s3cr3t",)))
 
 
 def test_what_does_not_push() -> None:
@@ -201,7 +189,7 @@ def test_offline_pushes_every_registration_of_the_user() -> None:
     service.handle(iq("<enable xmlns='urn:xmpp:push:0' jid='other.app' node='n2'/>",
                       sender=("alice", "example.org", "tablet")), 0)
     pushes = service.handle(Offline(PHONE[:2], message(), "offline"), 0)
-    assert [attribute(p, ".", "to") for p in pushes] == [APP, "other.app"]
+    assert [p.to for p in pushes if isinstance(p, Publish)] == [APP, "other.app"]
 
 
 def test_disable_one_node_or_all_nodes_of_an_app_server() -> None:
@@ -227,7 +215,7 @@ def test_re_enable_replaces_the_registration() -> None:
 
 def _reply(service: PushService, push: object, outcome: str, error_type: str = "",
            now: float = 0) -> list[object]:
-    assert isinstance(push, RouteIq)
+    assert isinstance(push, Publish)
     return list(service.handle(PublishReply(push.ref, outcome, error_type, "x"), now))
 
 
@@ -239,7 +227,7 @@ def test_transient_errors_are_retried_with_backoff() -> None:
     assert service.next_deadline() == 11
     assert service.tick(10.5) == []
     (retry,) = service.tick(11)
-    assert isinstance(retry, RouteIq) and fields(retry) == fields(push)
+    assert isinstance(retry, Publish) and fields(retry) == fields(push)
     assert retry.ref != push.ref
     assert _reply(service, retry, "timeout", now=20) == []
     assert service.next_deadline() == 25
@@ -279,14 +267,14 @@ def test_registrations_survive_a_restart(tmp_path: object) -> None:
     second = PushService(Config("example.org"), Store(path))
     assert second.store.schema_version() == len(MIGRATIONS)
     (push,) = second.handle(Offline(PHONE[:2], message(), "offline"), 0)
-    assert "s3cr3t" in push.xml if isinstance(push, RouteIq) else False
+    assert isinstance(push, Publish) and ("secret", ("s3cr3t",)) in (push.publish_options or ())
 
 
 def test_item_not_found_disables_at_once() -> None:
     service = make_service(max_publish_errors=3)
     service.handle(enable(), 0)
     (push,) = service.handle(StanzaToPending(PHONE, message()), 0)
-    assert isinstance(push, RouteIq)
+    assert isinstance(push, Publish)
     answer = service.handle(PublishReply(push.ref, "error", "cancel", "item-not-found"), 0)
     assert answer == [SetPush(PHONE, None)]
     assert service.store.for_session(PHONE) == []

@@ -37,7 +37,7 @@
 -include("translate.hrl").
 -include("ejabberd_commands.hrl").
 
--define(PROTOCOL_VERSION, 2).
+-define(PROTOCOL_VERSION, 3).
 -define(MAX_BATCH, 64).
 -define(MIN_BACKOFF, 1000).
 -define(MAX_BACKOFF, 60000).
@@ -1030,10 +1030,18 @@ execute({iq_error, Ref, Type, Reason, Text}, State) ->
                                                text = xmpp:mk_text(Text, IQ#iq.lang)},
                            xmpp:make_error(IQ, Err)
                    end, State);
-execute({route_iq, Ref, Xml, Timeout}, State) ->
-    IQ = xmpp:decode(parse_xml(Xml), ?NS_CLIENT, [ignore_els]),
-    ejabberd_router:route_iq(IQ, Ref, self(), Timeout),
-    State;
+execute({publish, Ref, To, Node, Fields, Options, Timeout}, #state{host = Host} = State) ->
+    try jid:decode(To) of
+        AppServer ->
+            Item = #ps_item{sub_els = [#push_notification{xdata = xdata(Fields)}]},
+            PubSub = #pubsub{publish = #ps_publish{node = Node, items = [Item]},
+                             publish_options = xdata(Options)},
+            IQ = #iq{type = set, from = jid:make(Host), to = AppServer, sub_els = [PubSub]},
+            ejabberd_router:route_iq(IQ, Ref, self(), Timeout),
+            State
+    catch error:{bad_jid, _} ->  % answered as the router would answer it
+            push_event({iq_reply, Ref, {error, cancel, 'jid-malformed'}}, State)
+    end;
 execute({route, Xml}, State) ->
     ejabberd_router:route(xmpp:decode(parse_xml(Xml), ?NS_CLIENT, [ignore_els])),
     State;
@@ -1078,6 +1086,14 @@ answer_iq(Ref, MakeReply, #state{iqs = IQs} = State) ->
         error ->  % already answered with a timeout error
             State
     end.
+
+%% A submitted data form from [{Var, [Value]}]; FORM_TYPE is hidden (XEP-0068).
+xdata(undefined) -> undefined;
+xdata(Fields) ->
+    #xdata{type = submit,
+           fields = [#xdata_field{var = Var, values = Values,
+                                  type = case Var of <<"FORM_TYPE">> -> hidden; _ -> undefined end}
+                     || {Var, Values} <- Fields]}.
 
 parse_xml(undefined) -> undefined;
 parse_xml(Xml) -> fxml_stream:parse_element(Xml).

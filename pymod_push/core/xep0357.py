@@ -1,4 +1,4 @@
-"""XEP-0357 wire formats: parse enable/disable requests, build publish IQs.
+"""XEP-0357 wire formats: parse enable/disable requests, the forms of a publish.
 
 Pure functions over XML text; no I/O. Input comes from ejabberd's own XML
 parser (fxml), so it is well-formed and carries no DTD, but its content is the
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
+from functools import lru_cache
 from xml.sax.saxutils import escape, quoteattr
 
 from . import safexml
@@ -78,7 +79,8 @@ def check_jid(text: str | None, what: str) -> str:
     if not text:
         raise RequestError("bad-request", f"{what} needs a 'jid' attribute")
     if len(text.encode()) > MAX_JID_BYTES or any(c.isspace() for c in text) \
-            or text.startswith(("@", "/")) or "@/" in text or text.endswith(("@", "/")):
+            or text.startswith(("@", "/")) or "@/" in text or text.endswith(("@", "/")) \
+            or text.partition("/")[0].count("@") > 1:
         raise RequestError("jid-malformed", f"the 'jid' of {what} is not a valid JID")
     return text
 
@@ -132,15 +134,18 @@ def parse_push_request(xml: bytes) -> Enable | Disable:
     raise RequestError("bad-request", "expected <enable/> or <disable/> in urn:xmpp:push:0")
 
 
-def publish_iq(iq_id: str, server: str, push_jid: str, node: str,
-               summary: list[tuple[str, str]], publish_options: str | None) -> str:
-    """The publish IQ of one notification, from the server's domain to the app server."""
-    fields = [field_xml("FORM_TYPE", [FORM_SUMMARY])]
-    fields.extend(field_xml(var, [value]) for var, value in summary)
-    options = f"<publish-options>{publish_options}</publish-options>" if publish_options else ""
-    return (
-        f"<iq type='set' id={quoteattr(iq_id)} from={quoteattr(server)} to={quoteattr(push_jid)}>"
-        f"<pubsub xmlns='{NS_PUBSUB}'><publish node={quoteattr(node)}><item>"
-        f"<notification xmlns='{NS_PUSH}'><x xmlns='{NS_DATA}' type='submit'>"
-        f"{''.join(fields)}</x></notification></item></publish>{options}</pubsub></iq>"
-    )
+FormFields = tuple[tuple[str, tuple[str, ...]], ...]
+
+
+def summary_form(summary: list[tuple[str, str]]) -> FormFields:
+    """The notification's data form (urn:xmpp:push:summary) as the shim builds it."""
+    return (("FORM_TYPE", (FORM_SUMMARY,)), *((var, (value,)) for var, value in summary))
+
+
+@lru_cache(maxsize=4096)
+def publish_options_form(xml: str) -> FormFields:
+    """A registration's stored publish-options (Form.to_xml), FORM_TYPE first: parsed
+    once per registration, not per push."""
+    form = parse_form(safexml.parse(xml.encode()))
+    head = (("FORM_TYPE", (form.form_type,)),) if form.form_type else ()
+    return (*head, *form.fields)

@@ -101,17 +101,19 @@ class PushService:
             case AppServerIq(allowed, xml):
                 return self.app_server.handle(allowed, xml)
             case StanzaToPending(session, stanza):
-                return self._notify(self.store.for_session(session), stanza, now)
+                registrations, stored = self.store.for_session_with_options(session)
+                return self._notify(registrations, stanza, now, self._within_limits(stored))
             case Offline(user, stanza):
                 return self._notify(self.store.for_user(user), stanza, now)
             case SessionPending(session, queued):
                 actions: list[Action] = []
-                registrations = self.store.for_session(session)
+                registrations, stored = self.store.for_session_with_options(session)
                 if registrations:
                     log.info("push session %s@%s/%s is pending", *session)
                     self._schedule_wake(session, now)
+                options = self._within_limits(stored)
                 for stanza in queued:
-                    actions += self._notify(registrations, stanza, now)
+                    actions += self._notify(registrations, stanza, now, options)
                 return actions
             case SessionResumed(session):
                 if self._reset(session):
@@ -181,7 +183,10 @@ class PushService:
 
     def options_of(self, user: UserKey) -> push_options.PushOptions:
         """A user's push options (the server's defaults if never set), within the limits."""
-        stored = self.store.user_options(user)
+        return self._within_limits(self.store.user_options(user))
+
+    def _within_limits(self, stored: push_options.PushOptions | None
+                       ) -> push_options.PushOptions:
         if stored is None:
             return push_options.defaults(self.config)
         return push_options.within_limits(stored, self.config)
@@ -216,8 +221,10 @@ class PushService:
         return [*actions, IqResult(iq.ref)]
 
     # ------------------------------------------------------------- notifying
-    def _notify(self, registrations: list[Registration], original: Stanza,
-                now: float) -> list[Action]:
+    def _notify(self, registrations: list[Registration], original: Stanza, now: float,
+                options: push_options.PushOptions | None = None) -> list[Action]:
+        """Publish the stanza to each registration (all of one user) that it concerns;
+        the user's options are read here unless the caller has them."""
         stanza = unwrap_carbon(original) if registrations else None
         trigger = trigger_of(stanza, self.config) if stanza else None
         if stanza is None or (trigger is None and not self.logic.has("should_push")):
@@ -248,8 +255,9 @@ class PushService:
             registration.message_count = counts.messages
             registration.subscription_count = counts.subscriptions
             self.store.save_counts(registration)
-            summary = summary_fields(self.options_of(registration.session[:2]), counts,
-                                     chosen, stanza)
+            if options is None:
+                options = self.options_of(registration.session[:2])
+            summary = summary_fields(options, counts, chosen, stanza)
             if message is not None:
                 summary = self.logic.summary(message, LogicRecipient(*registration.session),
                                              summary)
@@ -295,18 +303,19 @@ class PushService:
         publish = self._in_flight.pop(reply.ref, None)
         if publish is None:
             return []
-        registration = self.store.get(publish.registration)
         outcome = classify_reply(reply.outcome, reply.error_type)
+        if outcome is Outcome.DELIVERED:  # the common case: two writes, nothing to read
+            self.store.remove_outbox(publish.id)
+            self.store.clear_errors(publish.registration)
+            self.counters[outcome.value] += 1
+            return []
+        registration = self.store.get(publish.registration)
         if registration is None or outcome is not Outcome.TRANSIENT:
             self.store.remove_outbox(publish.id)
         if registration is None:  # disabled meanwhile
             return []
         where = f"{registration.user}/{registration.resource} at {registration.push_jid}"
         self.counters[outcome.value] += 1
-        if outcome is Outcome.DELIVERED:
-            if registration.errors:
-                self.store.set_errors(registration.key, 0)
-            return []
         if outcome is Outcome.TRANSIENT:
             delays = self.config.retry_delays_ms
             if publish.attempt < len(delays):

@@ -184,6 +184,8 @@ _DEVICE_COLUMNS = ("node, secret, user, device_id, device_name, provider, app_na
                    "pubsub_host, token, application_id, p256dh, auth, voip_token")
 _COLUMNS = ("user, server, resource, push_jid, node, publish_options, errors, "
             "message_count, subscription_count")
+_COLUMN_COUNT = _COLUMNS.count(",") + 1
+_JOINED_COLUMNS = ", ".join(f"r.{column.strip()}" for column in _COLUMNS.split(","))
 
 
 class Store:
@@ -230,6 +232,20 @@ class Store:
 
     def for_session(self, session: SessionKey) -> list[Registration]:
         return list(self._select("user=? AND server=? AND resource=?", session))
+
+    def for_session_with_options(self, session: SessionKey
+                                 ) -> tuple[list[Registration], PushOptions | None]:
+        """A session's registrations and its user's own push options (None: never set),
+        in one query: this runs for every stanza to a pending session."""
+        rows = list(self.db.execute(
+            f"SELECT {_JOINED_COLUMNS}, o.senders, o.message_count, o.subscription_count, "
+            "o.message_bodies FROM registrations r LEFT JOIN user_options o "
+            "ON o.user=r.user AND o.server=r.server WHERE r.user=? AND r.server=? AND "
+            "r.resource=? ORDER BY r.enabled_at, r.node", session))
+        registrations = [Registration(*row[:_COLUMN_COUNT]) for row in rows]
+        stored = rows[0][_COLUMN_COUNT:] if rows else (None,)
+        options = None if stored[0] is None else PushOptions(*(bool(v) for v in stored))
+        return registrations, options
 
     def for_user(self, user: UserKey) -> list[Registration]:
         return list(self._select("user=? AND server=?", user))
@@ -412,6 +428,11 @@ class Store:
     def update_outbox(self, entry: OutboxEntry) -> None:
         self.db.execute("UPDATE outbox SET attempt=?, due=? WHERE id=?",
                         (entry.attempt, entry.due, entry.id))
+
+    def clear_errors(self, key: tuple[str, str, str, str]) -> None:
+        """A publish went through: the registration's error count starts again."""
+        self.db.execute("UPDATE registrations SET errors=0 WHERE user=? AND server=? AND "
+                        "push_jid=? AND node=? AND errors>0", key)
 
     def remove_outbox(self, entry_id: int) -> None:
         self.db.execute("DELETE FROM outbox WHERE id=?", (entry_id,))

@@ -84,6 +84,9 @@ def test_registrations_enable_replace_disable_counts_and_errors(opener: Opener) 
     store.set_errors(first.key, 2)
     again = store.get(first.key)
     assert again is not None and (again.message_count, again.errors) == (4, 2)
+    store.clear_errors(first.key)
+    cleared = store.get(first.key)
+    assert cleared is not None and (cleared.message_count, cleared.errors) == (4, 0)
     store.enable(registration("laptop", "n1"))  # the same node again: replaced, fresh
     replaced = store.get(first.key)
     assert replaced is not None and replaced.resource == "laptop"
@@ -94,6 +97,22 @@ def test_registrations_enable_replace_disable_counts_and_errors(opener: Opener) 
     assert [r.node for r in removed] == ["n2"]
     assert store.delete_user(("alice", "example.org")) == 2
     assert store.for_user(("alice", "example.org")) == []
+
+
+def test_a_sessions_registrations_come_with_the_users_options(opener: Opener) -> None:
+    store = opener()
+    phone = ("alice", "example.org", "phone")
+    assert store.for_session_with_options(phone) == ([], None)
+    store.enable(registration("phone", "n1"))
+    store.enable(registration("phone", "n2"))
+    store.enable(registration("tablet", "n3"))
+    registrations, options = store.for_session_with_options(phone)
+    assert registrations == store.for_session(phone) and options is None
+    store.set_user_options(phone[:2], PushOptions(False, True, False, True))
+    store.set_user_options(("bob", "example.org"), PushOptions(True, True, True, True))
+    registrations, options = store.for_session_with_options(phone)
+    assert [r.node for r in registrations] == ["n1", "n2"]
+    assert options == PushOptions(False, True, False, True) == store.user_options(phone[:2])
 
 
 def test_devices_are_replaced_per_device_and_removed(opener: Opener) -> None:

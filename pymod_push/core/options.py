@@ -44,6 +44,9 @@ def defaults(config: Config) -> PushOptions:
 
 
 def within_limits(options: PushOptions, config: Config) -> PushOptions:
+    if (config.allow_senders or not options.senders) and \
+            (config.allow_message_bodies or not options.message_bodies):
+        return options  # the usual case, without making a copy
     return replace(options, senders=options.senders and config.allow_senders,
                    message_bodies=options.message_bodies and config.allow_message_bodies)
 

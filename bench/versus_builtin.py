@@ -1,15 +1,19 @@
 """mod_push_py side by side with ejabberd's built-in mod_push (+ mod_push_keepalive).
 
-For each module, alternating: a throwaway ejabberd, N pending push sessions (resources of
-one account, each with its own node), an app-server client that answers every publish,
-and a sender that sends M messages round-robin at a set rate. Printed per run: pushes per
-message (must be exactly 1), pushes/s, send->app-server latency p50/p99, CPU ms per push
-of the ejabberd VM and of the Python process, and the ratio ours / built-in.
+For each module, alternating, in rounds: a throwaway ejabberd, N pending push sessions
+(N accounts registered in band, each with its own node), an app-server client that answers
+every publish, and a sender that sends messages round-robin in three phases: at 4,000/s
+(latency), at 8,000/s (CPU per push) and offered faster than either module serves
+(saturation). Printed per phase, medians of the rounds: pushes per message (must be exactly
+1), pushes/s, send->app-server latency p50/p99, CPU ms per push of the ejabberd VM and of the
+Python process (from /proc), the load side's own CPU per message, and at the end the ratios
+mod_push_py / built-in against the targets.
 
 The load side is a minimal asyncio XMPP client (plain TCP, SASL PLAIN, no TLS) so that it
 is not the bottleneck; its own CPU per message is printed too.
 
     python -m bench.versus_builtin [--sessions 1000] [--messages 20000] [--rate 8000]
+        [--latency-rate 4000] [--saturation-rate 20000] [--rounds 3] [--memory 100000 1000000]
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import time
 import xml.etree.ElementTree as ET
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -137,8 +142,16 @@ def find_pid(*needles: str) -> int | None:
     return None
 
 
-async def run_load(instance: Instance, ours: bool, sessions: int, messages: int,
-                   rate: float) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    messages: int
+    rate: float  # offered messages per second
+
+
+async def run_load(instance: Instance, ours: bool, sessions: int,
+                   phases: list[Phase]) -> dict[str, dict[str, Any]]:
+    """Set up the pending sessions and the app server once, then run each phase."""
     port = instance.c2s_port
     app = Xmpp(port, "app", "secret", "srv")
     await app.connect()
@@ -178,40 +191,68 @@ async def run_load(instance: Instance, ours: bool, sessions: int, messages: int,
                             sessions, mark)
     sender = Xmpp(port, "sender", "secret", "s")
     await sender.connect()
-
     beam = find_pid("beam", instance.name)
     python = find_pid("-m pymod_push") if ours else None
     assert beam is not None
+    results: dict[str, dict[str, Any]] = {}
+    first = 0  # message numbers go on across phases: each push is matched to one message
+    for phase in phases:
+        results[phase.name] = await send_phase(sender, sessions, phase, first, arrivals,
+                                               beam, python)
+        results[phase.name]["first"] = first
+        first += phase.messages
+    await asyncio.sleep(1)  # a duplicate would have arrived by now: count pushes at last
+    for phase in phases:
+        numbers = range(results[phase.name]["first"], results[phase.name]["first"] + phase.messages)
+        results[phase.name]["per_message"] = dict(Counter(len(arrivals.get(n, []))
+                                                          for n in numbers))
+    results["all"] = {"publishes": pushes, "messages": first}
+    reader.cancel()
+    return results
+
+
+async def send_phase(sender: Xmpp, sessions: int, phase: Phase, first: int,
+                     arrivals: dict[int, list[float]], beam: int,
+                     python: int | None) -> dict[str, Any]:
+    """Send phase.messages round-robin at phase.rate; wait for their pushes."""
     cpu0 = {"beam": cpu_seconds(beam), "python": cpu_seconds(python) if python else 0.0,
             "load": time.process_time()}
-    sent_at: list[float] = []
+    sent_at: dict[int, float] = {}
     started = time.perf_counter()
-    while len(sent_at) < messages:
-        due = min(messages, int((time.perf_counter() - started) * rate) + 1)
-        while len(sent_at) < due:
-            n = len(sent_at)
-            sent_at.append(time.perf_counter())
+    count = 0
+    while count < phase.messages:
+        due = min(phase.messages, int((time.perf_counter() - started) * phase.rate) + 1)
+        while count < due:
+            n = first + count
+            sent_at[n] = time.perf_counter()
             sender.send(f"<message to='push{n % sessions}@localhost/phone' type='chat'>"
                         f"<body>{n}</body></message>")
+            count += 1
         await sender.writer.drain()
         await asyncio.sleep(0.001)
-    deadline = time.perf_counter() + 30
-    while len(arrivals) < messages and time.perf_counter() < deadline:
+    sending = time.perf_counter() - started
+
+    def received() -> int:
+        return sum(1 for n in sent_at if n in arrivals)
+
+    deadline = time.perf_counter() + 60
+    while received() < phase.messages and time.perf_counter() < deadline:
         await asyncio.sleep(0.05)
-    last = max((t for ts in arrivals.values() for t in ts), default=time.perf_counter())
+    mine = {n: arrivals[n] for n in sent_at if n in arrivals}
+    last = max((t for ts in mine.values() for t in ts), default=time.perf_counter())
     cpu1 = {"beam": cpu_seconds(beam), "python": cpu_seconds(python) if python else 0.0,
             "load": time.process_time()}
-    reader.cancel()
-    latencies = sorted((ts[0] - sent_at[n]) * 1000 for n, ts in arrivals.items())
-    per_message = Counter(len(ts) for ts in arrivals.values())
+    latencies = sorted((ts[0] - sent_at[n]) * 1000 for n, ts in mine.items())
+    pushes = max(len(mine), 1)
     return {
-        "pushes": pushes, "received": len(arrivals), "per_message": dict(per_message),
-        "pushes_per_s": len(arrivals) / max(last - started, 1e-9),
+        "messages": phase.messages, "received": len(mine),
+        "offered_per_s": phase.messages / max(sending, 1e-9),
+        "pushes_per_s": len(mine) / max(last - started, 1e-9),
         "p50": statistics.median(latencies) if latencies else float("nan"),
         "p99": latencies[int(len(latencies) * 0.99) - 1] if latencies else float("nan"),
-        "cpu_beam_ms": (cpu1["beam"] - cpu0["beam"]) * 1000 / max(len(arrivals), 1),
-        "cpu_python_ms": (cpu1["python"] - cpu0["python"]) * 1000 / max(len(arrivals), 1),
-        "cpu_load_ms": (cpu1["load"] - cpu0["load"]) * 1000 / max(messages, 1),
+        "cpu_beam_ms": (cpu1["beam"] - cpu0["beam"]) * 1000 / pushes,
+        "cpu_python_ms": (cpu1["python"] - cpu0["python"]) * 1000 / pushes,
+        "cpu_load_ms": (cpu1["load"] - cpu0["load"]) * 1000 / phase.messages,
     }
 
 
@@ -226,7 +267,7 @@ def wait_log_count(instance: Instance, pattern: str, count: int, mark: int) -> N
     raise TimeoutError(f"fewer than {count} sessions became pending")
 
 
-def one_run(ours: bool, sessions: int, messages: int, rate: float) -> dict[str, Any]:
+def one_run(ours: bool, sessions: int, phases: list[Phase]) -> dict[str, dict[str, Any]]:
     # Push only: no archive (Mnesia disc_only writes would be what is measured); accounts
     # registered in band, without ejabberd's per-IP pause between registrations.
     common = {"mod_mam": None, "mod_register": {"access": "all", "ip_access": "all"}}
@@ -245,7 +286,7 @@ def one_run(ours: bool, sessions: int, messages: int, rate: float) -> dict[str, 
         instance.start(install=ours)
         for user in ("app", "sender"):
             instance.register(user, "localhost", "secret")
-        return asyncio.run(run_load(instance, ours, sessions, messages, rate))
+        return asyncio.run(run_load(instance, ours, sessions, phases))
     finally:
         instance.stop()
         shutil.rmtree(folder, ignore_errors=True)
@@ -297,35 +338,83 @@ def python_rss_with(registrations: int) -> float:
     return peak
 
 
+def median_of(runs: list[dict[str, dict[str, Any]]], phase: str, key: str) -> float:
+    return statistics.median(run[phase][key] for run in runs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sessions", type=int, default=1000)
     parser.add_argument("--messages", type=int, default=20_000)
-    parser.add_argument("--rate", type=float, default=8000)
-    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--rate", type=float, default=8000, help="the CPU-per-push phase")
+    parser.add_argument("--latency-rate", type=float, default=4000)
+    parser.add_argument("--saturation-rate", type=float, default=20_000,
+                        help="offered rate of the saturation phase (more than either serves)")
+    parser.add_argument("--rounds", type=int, default=3, help="figures are medians of rounds")
     parser.add_argument("--memory", type=int, nargs="*", default=[100_000, 1_000_000])
     args = parser.parse_args()
     for count in args.memory:
         print(f"memory: Python RSS with {count:,} stored registrations (after a boot's wake): "
-              f"{python_rss_with(count):.0f} MB peak")
-    print(f"versus built-in: {args.sessions} pending sessions, {args.messages} messages at "
-          f"{args.rate:.0f}/s")
-    results: dict[str, list[dict[str, Any]]] = {"built-in": [], "mod_push_py": []}
-    for _ in range(args.rounds):
+              f"{python_rss_with(count):.0f} MB peak (target <= 200 MB)")
+    phases = [Phase("latency", args.messages, args.latency_rate),
+              Phase("cpu", args.messages, args.rate),
+              Phase("saturation", args.messages * 3 // 2, args.saturation_rate)]
+    print(f"versus built-in: {args.sessions} pending sessions; phases of {args.messages} messages "
+          f"at {args.latency_rate:.0f}/s (latency) and {args.rate:.0f}/s (CPU), then "
+          f"{phases[2].messages} offered at {args.saturation_rate:.0f}/s (saturation); "
+          f"{args.rounds} round(s), alternating, medians")
+    runs: dict[str, list[dict[str, dict[str, Any]]]] = {"built-in": [], "mod_push_py": []}
+    for round_number in range(1, args.rounds + 1):
         for name, ours in (("built-in", False), ("mod_push_py", True)):
-            result = one_run(ours, args.sessions, args.messages, args.rate)
-            results[name].append(result)
-            print(f"  {name:12} pushes/message {result['per_message']} "
-                  f"({result['received']} of {args.messages} messages, {result['pushes']} "
-                  f"publishes); {result['pushes_per_s']:,.0f} pushes/s; latency p50 "
-                  f"{result['p50']:.1f} ms p99 {result['p99']:.1f} ms; CPU per push: "
-                  f"ejabberd {result['cpu_beam_ms']:.3f} ms + Python "
-                  f"{result['cpu_python_ms']:.3f} ms (load side {result['cpu_load_ms']:.3f} "
-                  f"ms/message)")
-    builtin, ours_ = results["built-in"][-1], results["mod_push_py"][-1]
-    ratio = (ours_["cpu_beam_ms"] + ours_["cpu_python_ms"]) / max(builtin["cpu_beam_ms"], 1e-9)
-    print(f"  ratio mod_push_py / built-in: CPU per push {ratio:.2f}, pushes/s "
-          f"{ours_['pushes_per_s'] / max(builtin['pushes_per_s'], 1e-9):.2f}")
+            run = one_run(ours, args.sessions, phases)
+            runs[name].append(run)
+            print(f"  round {round_number} {name:11} " + "; ".join(
+                f"{p.name}: {run[p.name]['pushes_per_s']:,.0f}/s, p99 {run[p.name]['p99']:.1f} ms, "
+                f"{run[p.name]['cpu_beam_ms'] + run[p.name]['cpu_python_ms']:.3f} ms CPU/push"
+                for p in phases))
+    exact = True
+    for name, name_runs in runs.items():
+        print(f"{name}:")
+        for phase in phases:
+            counts: Counter[int] = Counter()
+            for run in name_runs:
+                counts.update(run[phase.name]["per_message"])
+            exact = exact and set(counts) == {1}
+            offered = median_of(name_runs, phase.name, "offered_per_s")
+            served = median_of(name_runs, phase.name, "pushes_per_s")
+            print(f"  {phase.name:10} offered {offered:>7,.0f}/s pushes/s {served:>7,.0f}"
+                  f"  pushes per message {dict(counts)}"
+                  f"  latency p50 {median_of(name_runs, phase.name, 'p50'):6.1f} ms"
+                  f" p99 {median_of(name_runs, phase.name, 'p99'):6.1f} ms"
+                  f"  CPU/push ejabberd {median_of(name_runs, phase.name, 'cpu_beam_ms'):.3f} ms"
+                  f" + Python {median_of(name_runs, phase.name, 'cpu_python_ms'):.3f} ms"
+                  f"  (load side {median_of(name_runs, phase.name, 'cpu_load_ms'):.3f} ms/message)")
+        publishes = sum(run["all"]["publishes"] for run in name_runs)
+        messages = sum(run["all"]["messages"] for run in name_runs)
+        print(f"  publishes seen by the app server: {publishes:,} for {messages:,} messages "
+              f"({publishes - messages:,} without a message: wakes when sessions went pending)")
+    builtin, ours_ = runs["built-in"], runs["mod_push_py"]
+
+    def cpu(name_runs: list[dict[str, dict[str, Any]]]) -> float:
+        return statistics.median(r["cpu"]["cpu_beam_ms"] + r["cpu"]["cpu_python_ms"]
+                                 for r in name_runs)
+
+    ratio = cpu(ours_) / max(cpu(builtin), 1e-9)
+    saturation = (median_of(ours_, "saturation", "pushes_per_s")
+                  / max(median_of(builtin, "saturation", "pushes_per_s"), 1e-9))
+    p99 = median_of(ours_, "latency", "p99")
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "MISSED"
+
+    print("mod_push_py / built-in:")
+    print(f"  CPU per push (ejabberd + Python) at {args.rate:.0f}/s: {ratio:.2f} x "
+          f"(target <= 1.5: {verdict(ratio <= 1.5)})")
+    print(f"  saturation throughput: {saturation:.2f} x "
+          f"(target >= 0.8: {verdict(saturation >= 0.8)})")
+    print(f"  p99 send->app server at {args.latency_rate:.0f}/s: {p99:.1f} ms (target <= 50 ms: "
+          f"{verdict(p99 <= 50)})")
+    print(f"  exactly one push per message in every phase: {verdict(exact)}")
 
 
 if __name__ == "__main__":

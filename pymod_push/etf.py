@@ -17,6 +17,7 @@ improper list              :class:`ImproperList`        LIST with a tail
 map                        ``dict``                     MAP
 pid / port / reference     :class:`Pid` etc.            NEW_PID / V4_PORT / NEWER_REFERENCE
 fun / external fun         :class:`Fun` / :class:`Export`  as received
+(any, encode only)         :class:`Encoded`             its bytes, as they are
 =========================  ===========================  ==========================
 
 Python ``str`` that is not an :class:`Atom` encodes as a UTF-8 binary (what
@@ -36,9 +37,8 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
-    "Atom", "BitBinary", "DecodeError", "Export", "Fun", "HashableList", "HashableMap",
-    "ImproperList",
-    "Pid", "Port", "Reference", "decode", "encode",
+    "Atom", "BitBinary", "DecodeError", "Encoded", "Export", "Fun", "HashableList",
+    "HashableMap", "ImproperList", "Pid", "Port", "Reference", "decode", "encode", "encoded",
 ]
 
 VERSION = 131
@@ -119,6 +119,18 @@ class HashableMap(tuple):  # type: ignore[type-arg]
     """A map used as a map key: its ``(key, value)`` pairs, encoded back as a map."""
 
     __slots__ = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    """A term encoded already (without the version byte), written as it is: a part that
+    recurs in many terms is encoded once (:func:`encoded`)."""
+
+    data: bytes
+
+
+def encoded(term: Any) -> Encoded:
+    return Encoded(encode(term)[1:])
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,6 +227,34 @@ def _take(data: bytes, pos: int, size: int) -> bytes:
     return data[pos:end]
 
 
+def _decode_items(data: bytes, pos: int, count: int) -> tuple[list[Any], int]:
+    """The elements of a tuple or list; binaries and small atoms without a call each
+    (the codec's hot loop)."""
+    items = []
+    for _ in range(count):
+        tag = data[pos]
+        if tag == BINARY_EXT:
+            (size,) = _unpack_u32(data, pos + 1)
+            end = pos + 5 + size
+            if end > len(data):
+                raise IndexError("term runs past the end of the frame")
+            items.append(data[pos + 5:end])
+            pos = end
+        elif tag == SMALL_ATOM_UTF8_EXT:
+            size = data[pos + 1]
+            name = data[pos + 2:pos + 2 + size]
+            atom = _ATOM_CACHE.get(name)
+            if atom is None or len(name) != size:
+                atom, pos = _decode(data, pos)
+            else:
+                pos += 2 + size
+            items.append(atom)
+        else:
+            item, pos = _decode(data, pos)
+            items.append(item)
+    return items, pos
+
+
 def _decode(data: bytes, pos: int) -> tuple[Any, int]:  # noqa: C901 - one branch per tag
     tag = data[pos]
     pos += 1
@@ -233,10 +273,7 @@ def _decode(data: bytes, pos: int) -> tuple[Any, int]:  # noqa: C901 - one branc
         else:
             (arity,) = _unpack_u32(data, pos)
             pos += 4
-        items = []
-        for _ in range(arity):
-            item, pos = _decode(data, pos)
-            items.append(item)
+        items, pos = _decode_items(data, pos, arity)
         return tuple(items), pos
     if tag == NIL_EXT:
         return [], pos
@@ -245,10 +282,7 @@ def _decode(data: bytes, pos: int) -> tuple[Any, int]:  # noqa: C901 - one branc
         pos += 4
         if length > len(data):
             raise IndexError("list longer than the frame")
-        elements = []
-        for _ in range(length):
-            item, pos = _decode(data, pos)
-            elements.append(item)
+        elements, pos = _decode_items(data, pos, length)
         tail, pos = _decode(data, pos)
         if tail == [] and isinstance(tail, list):
             return elements, pos
@@ -428,8 +462,7 @@ def _encode(term: Any, out: list[bytes]) -> None:  # noqa: C901 - one branch per
     elif kind is tuple:
         arity = len(term)
         out.append(bytes((SMALL_TUPLE_EXT, arity)) if arity < 256 else b"i" + _pack_u32(arity))
-        for item in term:
-            _encode(item, out)
+        _encode_items(term, out)
     elif kind is bool:
         _encode_atom("true" if term else "false", out)
     elif kind is int:
@@ -472,13 +505,32 @@ def _encode_list(items: Any, out: list[bytes]) -> None:
         out.append(b"k" + _pack_u16(len(items)) + bytes(items))
         return
     out.append(b"l" + _pack_u32(len(items)))
-    for item in items:
-        _encode(item, out)
+    _encode_items(items, out)
     out.append(b"j")
 
 
+def _encode_items(items: Any, out: list[bytes]) -> None:
+    """The elements of a tuple or list; binaries and atoms, most of what ejabberd and
+    Python exchange, without a call each (the codec's hot loop)."""
+    for item in items:
+        kind = type(item)
+        if kind is bytes:
+            out.append(b"m" + _pack_u32(len(item)))
+            out.append(item)
+        elif kind is Atom:
+            cached = _ENCODED_ATOMS.get(item)
+            if cached is None:
+                _encode_atom(item, out)
+            else:
+                out.append(cached)
+        else:
+            _encode(item, out)
+
+
 def _encode_other(term: Any, out: list[bytes]) -> None:
-    if isinstance(term, Atom):
+    if type(term) is Encoded:
+        out.append(term.data)
+    elif isinstance(term, Atom):
         _encode_atom(term, out)
     elif isinstance(term, bool):
         _encode_atom("true" if term else "false", out)

@@ -80,6 +80,8 @@ class PushService:
         first_id = max([time.time_ns() // 1000, *(e.id + 1 for e in outbox)])
         self._ids = itertools.count(first_id)
         self._in_flight: dict[int, OutboxEntry] = {}
+        # Registrations with publish errors counted: a success resets their count.
+        self._erring: set[RegistrationKey] = set()
         # Due publishes: new ones, retries, and what an earlier process left unanswered.
         self._retries: list[tuple[float, int, OutboxEntry]] = [(e.due, e.id, e) for e in outbox]
         heapq.heapify(self._retries)
@@ -284,6 +286,8 @@ class PushService:
     def _send(self, entry: OutboxEntry, registration: Registration) -> Publish:
         ref = next(self._ids)  # one per attempt: each is its own IQ
         self._in_flight[ref] = entry
+        if registration.errors:
+            self._erring.add(registration.key)
         options = registration.publish_options
         return Publish(ref, registration.push_jid, registration.node, summary_form(entry.summary),
                        publish_options_form(options) if options else None,
@@ -306,7 +310,9 @@ class PushService:
         outcome = classify_reply(reply.outcome, reply.error_type)
         if outcome is Outcome.DELIVERED:  # the common case: two writes, nothing to read
             self.store.remove_outbox(publish.id)
-            self.store.clear_errors(publish.registration)
+            if publish.registration in self._erring:
+                self._erring.discard(publish.registration)
+                self.store.clear_errors(publish.registration)
             self.counters[outcome.value] += 1
             return []
         registration = self.store.get(publish.registration)
@@ -337,6 +343,7 @@ class PushService:
             errors = self.config.max_publish_errors  # the app server has no such node (any more)
         if errors < self.config.max_publish_errors:
             self.store.set_errors(registration.key, errors)
+            self._erring.add(registration.key)
             log.warning("app server rejected a push to %s (%s %s), %d of %d errors", where,
                         reply.error_type, reply.condition, errors, self.config.max_publish_errors)
             return []

@@ -230,3 +230,10 @@ def test_encoding_errors_are_type_errors() -> None:
         etf.encode(object())
     with pytest.raises(ValueError):
         etf.encode(A("x" * 256))
+
+
+@given(term=terms, part=terms)
+def test_encoded_parts_are_written_as_they_are(term: Any, part: Any) -> None:
+    """A part encoded once and embedded gives the bytes of the whole term encoded at once."""
+    assert etf.encode([term, etf.encoded(part)]) == etf.encode([term, part])
+    assert etf.encode((etf.encoded(part),)) == etf.encode((part,))

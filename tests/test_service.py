@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
+from pymod_push import etf
 from pymod_push.core.config import Config
 from pymod_push.etf import Atom
 from pymod_push.protocol import (
@@ -23,6 +25,7 @@ from pymod_push.protocol import (
     Stanza,
     StanzaToPending,
     UserRemoved,
+    action_term,
     parse_event,
 )
 from pymod_push.service import PushService
@@ -252,6 +255,20 @@ def test_rejections_disable_after_max_errors_and_success_resets() -> None:
     assert service.store.for_session(PHONE) == []
 
 
+def test_a_success_resets_errors_counted_before_a_restart(tmp_path: Path) -> None:
+    path = f"{tmp_path}/push.sqlite3"
+    first = PushService(Config("example.org", max_publish_errors=3), Store(path))
+    first.handle(enable(), 0)
+    (push,) = first.handle(StanzaToPending(PHONE, message(stanza_id="1")), 0)
+    assert _reply(first, push, "error", "cancel") == []
+    first.store.close()
+    second = PushService(Config("example.org", max_publish_errors=3), Store(path))
+    assert second.store.for_session(PHONE)[0].errors == 1
+    (push,) = second.handle(StanzaToPending(PHONE, message(stanza_id="2")), 0)
+    assert _reply(second, push, "result") == []
+    assert second.store.for_session(PHONE)[0].errors == 0
+
+
 def test_user_removal_deletes_registrations() -> None:
     service = make_service()
     service.handle(enable(), 0)
@@ -447,3 +464,19 @@ def test_the_shim_learns_defaults_and_stored_options_at_start() -> None:
         ("include-subscription-count", True), ("include-message-bodies", False)])
     assert isinstance(alice, PushOptionsUpdate) and alice.user == ("alice", "example.org")
     assert dict(alice.fields or [])["include-message-count"] is False
+
+
+def test_a_publish_goes_to_the_shim_as_documented() -> None:
+    """{publish, Ref, To, Node, Fields, Options, TimeoutMs}, whatever parts were cached."""
+    service = make_service()
+    service.handle(enable(), 0)
+    for stanza_id in ("first", "second"):
+        (push,) = service.handle(StanzaToPending(PHONE, message(stanza_id=stanza_id)), 0)
+        assert isinstance(push, Publish)
+
+        def form(fields: tuple[tuple[str, tuple[str, ...]], ...]) -> list[object]:
+            return [(var.encode(), [value.encode() for value in values]) for var, values in fields]
+        expected = (Atom("publish"), push.ref, APP.encode(), b"node1", form(push.fields),
+                    form(push.publish_options or ()), push.timeout_ms)
+        assert etf.encode(action_term(push)) == etf.encode(expected)
+    assert fields(push)["message-count"] == "2"

@@ -140,7 +140,8 @@ def test_recovery_state_outbox_queue_and_batches(opener: Opener) -> None:
     assert store.next_wake("ejabberd@a") == 1234.5
     assert [r.node for r in store.pending_on("ejabberd@a")] == ["n1"]
     entry = OutboxEntry(2**40, ("alice", "example.org", "push.example.net", "n1"),
-                        [("message-count", "1")], 0, 99.25)
+                        [("message-count", "1"),
+                         ("last-message-body", 'Say "hi"\n\\ to ünïcode 🎉 and \x00\t')], 0, 99.25)
     store.add_outbox(entry, "ejabberd@a")
     entry.attempt, entry.due = 1, 130.5
     store.update_outbox(entry)

@@ -51,8 +51,11 @@
                 port              :: port() | undefined,
                 status = starting :: starting | up | down | disabled,
                 batch = []        :: [term()],  % events not yet written, newest first
-                held = []         :: [term()],  % events kept while Python is down, newest first
+                %% Events kept while Python is down or far behind, oldest first; once
+                %% any is held, newer ones queue behind it (events stay in order).
+                held = queue:new() :: queue:queue(term()),
                 held_len = 0      :: non_neg_integer(),
+                queue_size = 1    :: pos_integer(),  % the option, read once per start
                 %% Batches written but not acknowledged, oldest first: sent again, with
                 %% their sequence numbers, to the next Python process if this one dies.
                 epoch             :: integer(),
@@ -805,7 +808,8 @@ handle_info({Port, {exit_status, Status}}, #state{port = Port, backoff = Backoff
                "restarting it in ~B ms", [Status, Hint, Backoff]),
     erlang:send_after(Backoff, self(), restart),
     {noreply, State#state{port = undefined, status = down, ack_timer = cancel_ack_timer(State),
-                          held = State#state.batch ++ State#state.held,
+                          held = queue:join(queue:from_list(lists:reverse(State#state.batch)),
+                                            State#state.held),
                           held_len = State#state.held_len + length(State#state.batch),
                           batch = [], restarts = State#state.restarts + 1,
                           backoff = min(Backoff * 2, ?MAX_BACKOFF)}};
@@ -865,7 +869,8 @@ terminate(_Reason, #state{host = Host, port = Port}) ->
 code_change(_OldVsn, State, _Extra) ->
     {ok, State}.
 
-open(#state{host = Host} = State) ->
+open(#state{host = Host} = State0) ->
+    State = State0#state{queue_size = opt(Host, queue_size)},
     Python = opt(Host, python),
     try open_port({spawn_executable, Python},
                   [{args, ["-m", "pymod_push"]}, {packet, 4}, binary,
@@ -923,13 +928,11 @@ publish_outcome(#iq{type = error} = IQ) ->
 %% owner was busy, so a burst costs one port write instead of one per event.
 push_event(_Event, #state{status = disabled} = State) ->
     State;  % the version mismatch was logged; IQs get their timeout error
-push_event(Event, #state{status = up, unacked_len = Unacked, host = Host} = State) ->
-    case Unacked < opt(Host, queue_size) of
-        true -> batch_event(Event, State);
-        false -> hold_event(Event, State)  % Python is far behind: keep it here, bounded
-    end;
+push_event(Event, #state{status = up, held_len = 0, unacked_len = Unacked,
+                          queue_size = Max} = State) when Unacked < Max ->
+    batch_event(Event, State);
 push_event(Event, State) ->
-    hold_event(Event, State).
+    hold_event(Event, State).  % Python is down or far behind: keep it here, bounded
 
 batch_event(Event, #state{batch = Batch} = State) ->
     State1 = State#state{batch = [Event | Batch]},
@@ -943,10 +946,10 @@ batch_event(Event, #state{batch = Batch} = State) ->
         false -> State1
     end.
 
-hold_event(Event, #state{held_len = Len, host = Host} = State) ->
-    case Len < opt(Host, queue_size) of
+hold_event(Event, #state{held_len = Len, queue_size = Max} = State) ->
+    case Len < Max of
         true ->
-            State#state{held = [Event | State#state.held], held_len = Len + 1};
+            State#state{held = queue:in(Event, State#state.held), held_len = Len + 1};
         false ->
             Dropped = State#state.dropped + 1,
             ?ERROR_MSG("mod_push_py: Python process unavailable and event queue "
@@ -955,11 +958,19 @@ hold_event(Event, #state{held_len = Len, host = Host} = State) ->
             State#state{dropped = Dropped}
     end.
 
-%% Events kept while Python was down or behind, in their order.
-release_held(#state{held = []} = State) ->
-    State;
-release_held(#state{held = Held} = State) ->
-    lists:foldl(fun push_event/2, State#state{held = [], held_len = 0}, lists:reverse(Held)).
+%% Events kept while Python was down or behind, oldest first, as far as there is room;
+%% written in full batches.
+release_held(#state{status = up, unacked_len = Unacked, queue_size = Max,
+                    held = Held, held_len = Len, batch = Batch} = State)
+  when Len > 0, Unacked < Max ->
+    {{value, Event}, Rest} = queue:out(Held),
+    State1 = State#state{batch = [Event | Batch], held = Rest, held_len = Len - 1},
+    release_held(case length(Batch) + 1 >= ?MAX_BATCH of
+                     true -> flush(State1);
+                     false -> State1
+                 end);
+release_held(State) ->
+    flush(State).
 
 mailbox_empty() ->
     {message_queue_len, 0} == process_info(self(), message_queue_len).
@@ -1013,7 +1024,7 @@ handle_python({hello, Version, _Info}, #state{status = starting} = State) ->
                [State#state.host, ?PROTOCOL_VERSION,
                 opt(State#state.host, python), Version]),
     %% Python exits by itself after its reply; that exit is not restarted.
-    State#state{status = disabled, held = [], held_len = 0};
+    State#state{status = disabled, held = queue:new(), held_len = 0};
 handle_python(Actions, #state{status = up} = State) when is_list(Actions) ->
     lists:foldl(fun execute/2, State, Actions);
 handle_python({log, _, _} = Log, State) ->  % Python may log before its hello

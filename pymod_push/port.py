@@ -164,7 +164,8 @@ class PortApp:
                                            self.service.config.host, handled.epoch,
                                            handled.seq)
             self._pending_ack = handled.seq
-        self._request_commit()
+        if handled is not None or actions or deliveries:
+            self._request_commit()
 
     def _request_commit(self) -> None:
         """Commit, then write the actions and the acknowledgement: at once if the last

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import copy
+import os
 import re
 import shutil
 import statistics
@@ -38,7 +39,15 @@ from typing import Any, cast
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from bench.versus_builtin import NS_DATA, NS_PUSH, Xmpp, cpu_seconds, find_pid, wait_log_count
+from bench.versus_builtin import (
+    NS_DATA,
+    NS_PUSH,
+    TICKS,
+    Xmpp,
+    cpu_seconds,
+    find_pid,
+    wait_log_count,
+)
 from devtools.instance import ROOT, Instance, free_port
 from pymod_push.appservice import PUBLISH_BURST, PUBLISH_REFILL_PER_SECOND
 
@@ -246,6 +255,13 @@ def python_of(beam: int) -> int | None:
     return None
 
 
+def machine_jiffies() -> tuple[int, int]:
+    """(all, idle + iowait) jiffies of all CPUs, from /proc/stat."""
+    with open("/proc/stat") as handle:
+        values = [int(v) for v in handle.readline().split()[1:]]
+    return sum(values), values[3] + values[4]
+
+
 def status_quiet(instance: Instance) -> str:
     """push_status once nothing waits for an app server or a provider any more."""
     deadline = time.monotonic() + 60
@@ -311,8 +327,10 @@ async def load(instance: Instance, fake: FakeApns, users: int, messages: int,
     fake_pid = fake.process.pid
 
     def cpu() -> dict[str, float]:
+        total, idle = machine_jiffies()
         return {"beam": cpu_seconds(beam), "python": cpu_seconds(python),
-                "fake": cpu_seconds(fake_pid), "load": time.process_time()}
+                "fake": cpu_seconds(fake_pid), "load": time.process_time(),
+                "machine": (total - idle) / TICKS, "wall": clock()}
 
     cpu0 = cpu()
     sent_at: list[float] = []
@@ -344,6 +362,8 @@ async def load(instance: Instance, fake: FakeApns, users: int, messages: int,
     latencies = sorted((ts[0] - sent_at[n]) * 1000 for n, ts in arrivals.items()
                        if n < len(sent_at))
     pushes = max(sum(len(ts) for ts in arrivals.values()), 1)
+    used = {key: cpu1[key] - cpu0[key] for key in cpu0}
+    ours = used["beam"] + used["python"] + used["fake"] + used["load"]
     return {
         "set_up": set_up, "sent_rate": messages / max(sent, 1e-9),
         "per_message": dict(sorted(Counter(len(ts) for ts in arrivals.values()).items())),
@@ -356,6 +376,8 @@ async def load(instance: Instance, fake: FakeApns, users: int, messages: int,
         "cpu_python_ms": (cpu1["python"] - cpu0["python"]) * 1000 / pushes,
         "cpu_fake_ms": (cpu1["fake"] - cpu0["fake"]) * 1000 / pushes,
         "cpu_load_ms": (cpu1["load"] - cpu0["load"]) * 1000 / max(messages, 1),
+        "busy_cores": used["machine"] / used["wall"],
+        "other_cores": max(used["machine"] - ours, 0.0) / used["wall"],
         "provider_line": next((line for line in status.splitlines()
                                if line.startswith("pushes via apns")), "pushes via apns: none"),
         "problems": problems,
@@ -395,6 +417,8 @@ def main() -> int:
           f"{r['cpu_python_ms']:.3f} ms = {r['cpu_beam_ms'] + r['cpu_python_ms']:.3f} ms; "
           f"load side: fake APNs {r['cpu_fake_ms']:.3f} ms/request, sender "
           f"{r['cpu_load_ms']:.3f} ms/message")
+    print(f"  machine: {r['busy_cores']:.2f} of {os.cpu_count()} cores busy from the first send "
+          f"to the last request ({r['other_cores']:.2f} of them other processes)")
     problems = r["problems"]
     print(f"  pymod_push: {r['provider_line']}; ejabberd log: {len(problems)} warning/error "
           "lines" + (f", first: {problems[0][:200]}" if problems else ""))

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import copy
 import os
 import re
 import shutil
@@ -178,19 +177,8 @@ class FakeApns:
 
 # ------------------------------------------------------------------ XMPP
 async def ask(client: Xmpp, text: str, stanza_id: str) -> ET.Element:
-    """Like Xmpp.request, but the answer is kept: Xmpp._feed clears every stanza once its
-    waiter has it (fine for versus_builtin, which only needs that an answer came)."""
-    kept: list[ET.Element] = []
-
-    def match(element: ET.Element) -> bool:
-        if element.get("id") != stanza_id:
-            return False
-        kept.append(copy.deepcopy(element))
-        return True
-
-    client.send(text)
-    await client._until(match)
-    answer = kept[0]
+    """Xmpp.request, and the answer must be a result."""
+    answer = await client.request(text, stanza_id)
     if answer.get("type") != "result":
         raise RuntimeError(f"IQ {stanza_id} failed: {ET.tostring(answer).decode()}")
     return answer

@@ -100,12 +100,12 @@ class Xmpp:
                 continue
             for waiter in list(self._waiters):
                 if not waiter[1].done() and waiter[0](element):
-                    waiter[1].set_result(element)
+                    waiter[1].set_result(element)  # kept whole: the caller reads it
                     self._waiters.remove(waiter)
                     break
             else:
                 self.on_stanza(element)
-            element.clear()
+                element.clear()  # the bulk of a load run: nothing keeps these
 
     async def request(self, text: str, stanza_id: str) -> ET.Element:
         self.send(text)

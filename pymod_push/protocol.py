@@ -331,8 +331,7 @@ def action_term(action: Action) -> tuple[Any, ...]:
             return (_A("iq_error"), ref, _A(error_type), _A(condition), text.encode())
         case Publish(ref, to, node, fields, publish_options, timeout_ms):
             return (_A("publish"), ref, to.encode(), node.encode(),
-                    [_field_term(var, values) if var != "last-message-body"
-                     else (var.encode(), [value.encode() for value in values])  # not kept
+                    [_field(var, values) if var == _BODY_FIELD else _field_term(var, values)
                      for var, values in fields],
                     _A("undefined") if publish_options is None else _form_term(publish_options),
                     timeout_ms)
@@ -355,16 +354,23 @@ def action_term(action: Action) -> tuple[Any, ...]:
 
 
 # Encoding a publish was a fifth of Python's CPU per push: the fields that recur (the form
-# types, counts, senders) and a registration's publish-options are encoded once.
+# types, counts, senders) and a registration's publish-options are encoded once. Message
+# bodies do not recur, and are not kept in memory longer than their push.
+_BODY_FIELD = "last-message-body"
+
+
+def _field(var: str, values: tuple[str, ...]) -> tuple[bytes, list[bytes]]:
+    return (var.encode(), [value.encode() for value in values])
+
+
 @lru_cache(maxsize=4096)
 def _field_term(var: str, values: tuple[str, ...]) -> etf.Encoded:
-    return etf.encoded((var.encode(), [value.encode() for value in values]))
+    return etf.encoded(_field(var, values))
 
 
 @lru_cache(maxsize=4096)
 def _form_term(fields: FormFields) -> etf.Encoded:
-    return etf.encoded([(var.encode(), [value.encode() for value in values])
-                        for var, values in fields])
+    return etf.encoded([_field(var, values) for var, values in fields])
 
 
 def hello_reply(info: dict[str, str]) -> tuple[Any, ...]:

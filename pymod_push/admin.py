@@ -64,7 +64,8 @@ def _status(service: PushService, info: ProcessInfo, args: tuple[str, ...],
         f"push registrations: {totals['registrations']}, users with own options: "
         f"{totals['user_options']}, app-server devices: {totals['devices']}",
         f"notifications awaiting an app server's answer: {totals['outbox']}, "
-        f"deferred by providers: {totals['provider_queue']}",
+        f"deferred by providers: {totals['provider_queue']}, messages remembered as "
+        f"pushed: {totals['pushed']}",
         "publishes to app servers: " + _counts(service.counters),
     ]
     providers = sorted({provider for provider, _ in info.provider_counters})

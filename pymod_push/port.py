@@ -38,7 +38,7 @@ from .protocol import (
     parse_hello,
 )
 from .providers.dispatch import Dispatcher
-from .service import PushService
+from .service import PURGE_INTERVAL_S, PushService
 from .store import Store, open_store
 
 log = logging.getLogger("pymod_push")
@@ -228,6 +228,7 @@ class PortApp:
         log.info("ready for %s (pymod_push %s, database %s)", hello.host, __version__,
                  "PostgreSQL" if config.db_url else config.db_file)
         self._arm_timer()  # notifications an earlier process left unanswered
+        self._housekeeping()
         if config.metrics_listen:
             asyncio.get_running_loop().create_task(self._serve_metrics(config.metrics_listen))
 
@@ -270,6 +271,17 @@ class PortApp:
         except Exception:
             log.exception("failed to handle a %s event", type(event).__name__)
             return []
+
+    def _housekeeping(self) -> None:
+        """Now and every PURGE_INTERVAL_S: forget what cannot matter any more."""
+        assert self.service is not None
+        try:
+            self.service.forget_old_marks(time.time())
+            self.service.store.commit()  # early for what is pending: harmless, never late
+        except BaseException as exc:  # noqa: BLE001 - ends the process, as in data_received
+            self.on_fatal(exc)
+            return
+        asyncio.get_running_loop().call_later(PURGE_INTERVAL_S, self._housekeeping)
 
     def _flush(self, actions: list[Action]) -> None:
         if self._store is not None:

@@ -11,7 +11,7 @@ import heapq
 import itertools
 import logging
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Sequence
 
 from .appservice import AppServer, Delivery
@@ -22,8 +22,10 @@ from .core.notify import (
     Outcome,
     Trigger,
     classify_reply,
+    count_error,
     fingerprint,
     is_encrypted,
+    pushed_mark,
     summary_fields,
     trigger_of,
     unwrap_carbon,
@@ -67,7 +69,10 @@ from .store import OutboxEntry, Registration, Store
 log = logging.getLogger("pymod_push")
 
 RegistrationKey = tuple[str, str, str, str]
-SEEN_PER_REGISTRATION = 256
+# A message pushed to a pending session comes back (offline, archived) at the latest when
+# the session's resume timeout ends; its mark is kept that long and this much more.
+PUSHED_RETENTION_MARGIN_S = 24 * 3600
+PURGE_INTERVAL_S = 600
 
 
 class PushService:
@@ -91,9 +96,6 @@ class PushService:
         # Publishes to app servers by outcome, for ejabberdctl push_status.
         self.counters: Counter[str] = Counter()
         self._next_scheduled_wake = store.next_wake(config.ejabberd_node)
-        # Messages already pushed per registration, so that the same message
-        # re-routed to offline storage or the archive does not push again.
-        self._seen: dict[RegistrationKey, OrderedDict[bytes, None]] = {}
         self.logic = logic or Logic()
         self.app_server = AppServer(config, store, logic=self.logic)
 
@@ -128,8 +130,6 @@ class PushService:
                 # Enabling is persistent (XEP-0357): a reconnecting device stays push-enabled.
                 return [SetPush(session, self.config.resume_timeout_ms)]
             case UserRemoved(user):
-                for registration in self.store.for_user(user):
-                    self._seen.pop(registration.key, None)
                 self.store.delete_user(user)
                 self.store.set_user_options(user, None)
                 return [PushOptionsUpdate(user, None)]
@@ -178,7 +178,6 @@ class PushService:
         registration = Registration(*session, request.jid, request.node, publish_options)
         self.store.enable(registration)
         self.store.bind_node(session, self.config.ejabberd_node, None)
-        self._seen.pop(registration.key, None)
         log.info("push enabled for %s/%s at %s", session[0], session[2], request.jid)
         return [*actions, SetPush(session, self.config.resume_timeout_ms),
                 IqResult(iq.ref, result)]
@@ -203,8 +202,6 @@ class PushService:
     def forget(self, removed: list[Registration]) -> list[Action]:
         """Registrations an admin deleted: a session left with none is no longer a push one."""
         actions: list[Action] = []
-        for registration in removed:
-            self._seen.pop(registration.key, None)
         for session in {r.session for r in removed}:
             if not self.store.for_session(session):
                 actions.append(SetPush(session, None))
@@ -213,8 +210,6 @@ class PushService:
     def _disable(self, iq: PushIq, session: SessionKey, request: Disable) -> list[Action]:
         removed = self.store.disable(session[:2], request.jid, request.node)
         actions: list[Action] = []
-        for registration in removed:
-            self._seen.pop(registration.key, None)
         for affected in {r.session for r in removed} | {session}:
             if not self.store.for_session(affected):
                 actions.append(SetPush(affected, None))
@@ -243,12 +238,11 @@ class PushService:
                 chosen = trigger or Trigger.MESSAGE
             if chosen is None:
                 continue
-            seen = self._seen.setdefault(registration.key, OrderedDict())
-            if mark in seen:
+            # Once per message and registration, whichever way the message comes (to the
+            # pending session, again as offline or archived), across restarts.
+            if not self.store.mark_pushed(registration.session,
+                                          pushed_mark(registration.key, mark), now):
                 continue
-            seen[mark] = None
-            if len(seen) > SEEN_PER_REGISTRATION:
-                seen.popitem(last=False)
             counts = Counts(registration.message_count, registration.subscription_count)
             if chosen is Trigger.SUBSCRIPTION:
                 counts.subscriptions += 1
@@ -296,10 +290,9 @@ class PushService:
     def _reset(self, session: SessionKey) -> bool:
         """Counts start again when the client is back; True if the session has push."""
         registrations = self.store.for_session(session)
-        for registration in registrations:
-            self._seen.pop(registration.key, None)
         if registrations:
             self.store.reset_counts(session)
+            self.store.forget_pushed(session)
         return bool(registrations)
 
     # --------------------------------------------------------- app server replies
@@ -307,7 +300,7 @@ class PushService:
         publish = self._in_flight.pop(reply.ref, None)
         if publish is None:
             return []
-        outcome = classify_reply(reply.outcome, reply.error_type)
+        outcome = classify_reply(reply.outcome, reply.error_type, reply.condition)
         if outcome is Outcome.DELIVERED:  # the common case: two writes, nothing to read
             self.store.remove_outbox(publish.id)
             if publish.registration in self._erring:
@@ -316,44 +309,46 @@ class PushService:
             self.counters[outcome.value] += 1
             return []
         registration = self.store.get(publish.registration)
-        if registration is None or outcome is not Outcome.TRANSIENT:
-            self.store.remove_outbox(publish.id)
         if registration is None:  # disabled meanwhile
+            self.store.remove_outbox(publish.id)
             return []
-        where = f"{registration.user}/{registration.resource} at {registration.push_jid}"
         self.counters[outcome.value] += 1
-        if outcome is Outcome.TRANSIENT:
-            delays = self.config.retry_delays_ms
-            if publish.attempt < len(delays):
-                publish.due = now + delays[publish.attempt] / 1000
-                publish.attempt += 1
-                self.store.update_outbox(publish)
-                heapq.heappush(self._retries, (publish.due, publish.id, publish))
-                log.info("push to %s not delivered (%s); retry %d in %d ms", where,
-                         reply.condition or reply.outcome, publish.attempt,
-                         delays[publish.attempt - 1])
-            else:
-                self.store.remove_outbox(publish.id)
-                self.counters["given_up"] += 1
-                log.warning("push to %s not delivered after %d attempts; giving up", where,
-                            publish.attempt + 1)
-            return []
-        errors = registration.errors + 1
-        if reply.condition == "item-not-found":
-            errors = self.config.max_publish_errors  # the app server has no such node (any more)
-        if errors < self.config.max_publish_errors:
-            self.store.set_errors(registration.key, errors)
+        where = f"{registration.user}/{registration.resource} at {registration.push_jid}"
+        why = f"{reply.error_type} {reply.condition}" if reply.outcome == "error" else "no answer"
+        limit = self.config.max_publish_errors
+        counted_at: float | None
+        if outcome is Outcome.GONE:  # the app server has no such node (any more)
+            errors, counted_at = limit, now
+        else:
+            errors, counted_at = count_error(registration.errors, registration.last_error_at,
+                                             now, self.config.publish_error_window_ms / 1000)
+        if errors >= limit:
+            self.store.remove_outbox(publish.id)
+            self.store.delete(registration.key)
+            self._erring.discard(registration.key)
+            log.warning("push disabled for %s after %d error(s) from the app server (last: %s)",
+                        where, errors, why)
+            return [] if self.store.for_session(registration.session) else [
+                SetPush(registration.session, None)]
+        if errors != registration.errors:
+            self.store.set_errors(registration.key, errors, counted_at)
             self._erring.add(registration.key)
-            log.warning("app server rejected a push to %s (%s %s), %d of %d errors", where,
-                        reply.error_type, reply.condition, errors, self.config.max_publish_errors)
-            return []
-        self.store.delete(registration.key)
-        self._seen.pop(registration.key, None)
-        log.warning("push disabled for %s after %d errors from the app server (last: %s %s)",
-                    where, errors, reply.error_type, reply.condition)
-        if self.store.for_session(registration.session):
-            return []
-        return [SetPush(registration.session, None)]
+            log.warning("push to %s failed (%s): error %d of %d (more within %d s count once)",
+                        where, why, errors, limit, self.config.publish_error_window_ms // 1000)
+        delays = self.config.retry_delays_ms
+        if publish.attempt < len(delays):
+            publish.due = now + delays[publish.attempt] / 1000
+            publish.attempt += 1
+            self.store.update_outbox(publish)
+            heapq.heappush(self._retries, (publish.due, publish.id, publish))
+            log.debug("push to %s not delivered (%s); retry %d in %d ms", where, why,
+                      publish.attempt, delays[publish.attempt - 1])
+        else:
+            self.store.remove_outbox(publish.id)
+            self.counters["given_up"] += 1
+            log.warning("push to %s not delivered after %d attempts (%s); giving up", where,
+                        publish.attempt + 1, why)
+        return []
 
     # ------------------------------------------------------------------ wakes
     def _schedule_wake(self, session: SessionKey, now: float) -> None:
@@ -389,6 +384,11 @@ class PushService:
         return self._publish(registration, wake_fields(options, counts), now)
 
     # ------------------------------------------------------------------ timers
+    def forget_old_marks(self, now: float) -> int:
+        """Marks of pushed messages that cannot come back any more (every PURGE_INTERVAL_S)."""
+        retention = self.config.resume_timeout_ms / 1000 + PUSHED_RETENTION_MARGIN_S
+        return self.store.purge_pushed(now - retention)
+
     def next_deadline(self) -> float | None:
         deadlines = [d for d in (self._retries[0][0] if self._retries else None,
                                  self._next_scheduled_wake) if d is not None]

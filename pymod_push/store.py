@@ -115,6 +115,23 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE registrations ADD COLUMN pending INTEGER NOT NULL DEFAULT 0;
     """,
+    # version 8: exactly one push per message per registration, durably. A message pushed
+    # to a pending session comes back when the session ends (offline storage, the archive),
+    # also after a crash or a restart: its mark (a digest of registration and message) is
+    # kept until the session is back or the retention ends. Errors of a registration are
+    # counted at most once per window (last_error_at): a burst counts once.
+    """
+    CREATE TABLE pushed (
+        user TEXT NOT NULL,
+        server TEXT NOT NULL,
+        resource TEXT NOT NULL,
+        mark TEXT NOT NULL,
+        at DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (user, server, resource, mark)
+    );
+    CREATE INDEX pushed_by_time ON pushed (at);
+    ALTER TABLE registrations ADD COLUMN last_error_at DOUBLE PRECISION;
+    """,
 )
 
 
@@ -129,6 +146,7 @@ class Registration:
     errors: int = 0
     message_count: int = 0
     subscription_count: int = 0
+    last_error_at: float | None = None  # when an error was last counted (see count_error)
 
     @property
     def key(self) -> tuple[str, str, str, str]:
@@ -184,7 +202,7 @@ class Device:
 _DEVICE_COLUMNS = ("node, secret, user, device_id, device_name, provider, app_name, "
                    "pubsub_host, token, application_id, p256dh, auth, voip_token")
 _COLUMNS = ("user, server, resource, push_jid, node, publish_options, errors, "
-            "message_count, subscription_count")
+            "message_count, subscription_count, last_error_at")
 _COLUMN_COUNT = _COLUMNS.count(",") + 1
 _JOINED_COLUMNS = ", ".join(f"r.{column.strip()}" for column in _COLUMNS.split(","))
 
@@ -269,8 +287,8 @@ class Store:
             "publish_options, enabled_at) VALUES (?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (user, server, push_jid, node) DO UPDATE SET "
             "resource=excluded.resource, publish_options=excluded.publish_options, "
-            "enabled_at=excluded.enabled_at, errors=0, message_count=0, subscription_count=0, "
-            "ejabberd_node='', wake_due=NULL, pending=0",
+            "enabled_at=excluded.enabled_at, errors=0, last_error_at=NULL, message_count=0, "
+            "subscription_count=0, ejabberd_node='', wake_due=NULL, pending=0",
             (registration.user, registration.server, registration.resource,
              registration.push_jid, registration.node, registration.publish_options,
              time.time()))
@@ -291,8 +309,23 @@ class Store:
                         "AND node=?", key)
 
     def delete_user(self, user: UserKey) -> int:
+        self.db.execute("DELETE FROM pushed WHERE user=? AND server=?", user)
         return int(self.db.execute("DELETE FROM registrations WHERE user=? AND server=?",
                                    user).rowcount)
+
+    def mark_pushed(self, session: SessionKey, mark: str, now: float) -> bool:
+        """Record that a message was pushed to one of the session's registrations: False if
+        it was already (one statement both checks and records, on both databases)."""
+        return bool(self.db.execute(
+            "INSERT INTO pushed (user, server, resource, mark, at) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT DO NOTHING", (*session, mark, now)).rowcount == 1)
+
+    def forget_pushed(self, session: SessionKey) -> None:
+        """The session is back: what it was pushed cannot come back as offline any more."""
+        self.db.execute("DELETE FROM pushed WHERE user=? AND server=? AND resource=?", session)
+
+    def purge_pushed(self, before: float) -> int:
+        return int(self.db.execute("DELETE FROM pushed WHERE at<?", (before,)).rowcount)
 
     def save_counts(self, registration: Registration) -> None:
         self.db.execute(
@@ -367,9 +400,10 @@ class Store:
                         (*user, int(options.senders), int(options.message_count),
                          int(options.subscription_count), int(options.message_bodies)))
 
-    def set_errors(self, key: tuple[str, str, str, str], errors: int) -> None:
-        self.db.execute("UPDATE registrations SET errors=? WHERE user=? AND server=? "
-                        "AND push_jid=? AND node=?", (errors, *key))
+    def set_errors(self, key: tuple[str, str, str, str], errors: int,
+                   counted_at: float | None) -> None:
+        self.db.execute("UPDATE registrations SET errors=?, last_error_at=? WHERE user=? AND "
+                        "server=? AND push_jid=? AND node=?", (errors, counted_at, *key))
 
     # ------------------------------------------------------- restart recovery
     def bind_node(self, session: SessionKey, ejabberd_node: str, wake_due: float | None,
@@ -410,7 +444,8 @@ class Store:
 
     def totals(self) -> dict[str, int]:
         """Row counts for ejabberdctl push_status."""
-        tables = ("registrations", "devices", "user_options", "outbox", "provider_queue")
+        tables = ("registrations", "devices", "user_options", "outbox", "provider_queue",
+                  "pushed")
         return {table: int(self.db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
                 for table in tables}
 
@@ -439,8 +474,8 @@ class Store:
 
     def clear_errors(self, key: tuple[str, str, str, str]) -> None:
         """A publish went through: the registration's error count starts again."""
-        self.db.execute("UPDATE registrations SET errors=0 WHERE user=? AND server=? AND "
-                        "push_jid=? AND node=? AND errors>0", key)
+        self.db.execute("UPDATE registrations SET errors=0, last_error_at=NULL WHERE user=? "
+                        "AND server=? AND push_jid=? AND node=? AND errors>0", key)
 
     def remove_outbox(self, entry_id: int) -> None:
         self.db.execute("DELETE FROM outbox WHERE id=?", (entry_id,))

@@ -240,19 +240,91 @@ def test_transient_errors_are_retried_with_backoff() -> None:
     assert service.store.for_session(PHONE)  # transient failures never disable
 
 
-def test_rejections_disable_after_max_errors_and_success_resets() -> None:
-    service = make_service(max_publish_errors=2)
+def test_rejections_disable_after_max_errors_spread_over_windows_and_success_resets() -> None:
+    service = make_service(max_publish_errors=2, publish_error_window_ms=600_000)
     service.handle(enable(), 0)
     (push,) = service.handle(StanzaToPending(PHONE, message(stanza_id="1")), 0)
     assert _reply(service, push, "error", "cancel") == []
     (push,) = service.handle(StanzaToPending(PHONE, message(stanza_id="2")), 0)
     assert _reply(service, push, "result") == []
     assert service.store.for_session(PHONE)[0].errors == 0
-    for stanza_id in ("3", "4"):
-        (push,) = service.handle(StanzaToPending(PHONE, message(stanza_id=stanza_id)), 0)
-        answer = _reply(service, push, "error", "cancel")
-    assert answer == [SetPush(PHONE, None)]
+    (push,) = service.handle(StanzaToPending(PHONE, message(stanza_id="3")), 0)
+    assert _reply(service, push, "error", "cancel", now=1000) == []
+    (push,) = service.handle(StanzaToPending(PHONE, message(stanza_id="4")), 0)
+    assert _reply(service, push, "error", "cancel", now=1599) == []  # same window
+    assert service.store.for_session(PHONE)[0].errors == 1
+    (push,) = service.handle(StanzaToPending(PHONE, message(stanza_id="5")), 0)
+    assert _reply(service, push, "error", "cancel", now=1600) == [SetPush(PHONE, None)]
     assert service.store.for_session(PHONE) == []
+    assert service.tick(10_000) == []  # its notifications waiting for a retry are dropped
+    assert service.next_deadline() is None and service.store.totals()["outbox"] == 0
+
+
+def test_a_burst_of_errors_counts_once_and_every_notification_is_retried() -> None:
+    """An app server away for a while (an XMPP client reconnecting: service-unavailable
+    from its server) fails every publish of a burst: the registration stays and each
+    notification goes out once the app server is back."""
+    service = make_service(max_publish_errors=3, retry_delays_ms=(5000, 30_000))
+    service.handle(enable(), 0)
+    pushes = [service.handle(StanzaToPending(PHONE, message(stanza_id=str(n), body=f"m{n}")),
+                             n / 10)[0] for n in range(50)]
+    for push in pushes:
+        assert _reply(service, push, "error", "cancel", now=10) == []
+    assert service.store.for_session(PHONE)[0].errors == 1
+    retries = service.tick(15)
+    assert len(retries) == 50
+    for push in retries:
+        assert _reply(service, push, "error", "cancel", now=16) == []
+    retries = service.tick(46)
+    assert sorted(fields(p)["message-count"] for p in retries) == sorted(
+        fields(p)["message-count"] for p in pushes)
+    for push in retries:
+        assert _reply(service, push, "result", now=47) == []
+    (registration,) = service.store.for_session(PHONE)
+    assert registration.errors == 0 and registration.last_error_at is None
+    assert service.next_deadline() is None and service.store.totals()["outbox"] == 0
+
+
+def test_a_message_is_pushed_once_across_restarts_however_many_are_queued(
+        tmp_path: Path) -> None:
+    """The marks of pushed messages are in the database: a new process (after a crash)
+    recognizes a message that comes back as offline or archived, also the oldest of a
+    long pending session."""
+    path = f"{tmp_path}/push.sqlite3"
+    first = PushService(Config("example.org"), Store(path))
+    first.handle(enable(), 0)
+    stanzas = [message(stanza_id=str(n), body=f"message {n}") for n in range(1200)]
+    assert all(len(first.handle(StanzaToPending(PHONE, s), 1)) == 1 for s in stanzas)
+    first.store.close()
+    second = PushService(Config("example.org"), Store(path))
+    for stanza in stanzas:
+        assert second.handle(Offline(PHONE[:2], stanza, "offline"), 2) == []
+        assert second.handle(Offline(PHONE[:2], stanza, "archived"), 2) == []
+    (registration,) = second.store.for_session(PHONE)
+    assert registration.message_count == 1200  # not inflated by the re-routes
+    new = message(stanza_id="new", body="after the restart")
+    assert len(second.handle(Offline(PHONE[:2], new, "offline"), 3)) == 1
+
+
+def test_each_registration_of_a_session_gets_the_message_once() -> None:
+    service = make_service()
+    service.handle(enable("n1"), 0)
+    service.handle(enable("n2"), 0)
+    assert len(service.handle(StanzaToPending(PHONE, message()), 0)) == 2
+    assert service.handle(Offline(PHONE[:2], message(), "offline"), 0) == []
+
+
+def test_a_session_back_forgets_what_it_was_pushed_and_old_marks_expire() -> None:
+    service = make_service(resume_timeout_ms=3_600_000)
+    service.handle(enable(), 0)
+    assert len(service.handle(StanzaToPending(PHONE, message()), 0)) == 1
+    service.handle(SessionResumed(PHONE), 10)
+    # Resumed without acknowledging it, gone again: the queued message pushes again.
+    assert len(service.handle(SessionPending(PHONE, [message()]), 20)) == 1
+    assert service.store.totals()["pushed"] == 1
+    hour, margin = 3600, 24 * 3600
+    assert service.forget_old_marks(20 + hour + margin - 1) == 0
+    assert service.forget_old_marks(20 + hour + margin + 1) == 1
 
 
 def test_a_success_resets_errors_counted_before_a_restart(tmp_path: Path) -> None:

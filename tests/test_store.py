@@ -81,12 +81,14 @@ def test_registrations_enable_replace_disable_counts_and_errors(opener: Opener) 
     assert first is not None
     first.message_count, first.subscription_count = 4, 1
     store.save_counts(first)
-    store.set_errors(first.key, 2)
+    store.set_errors(first.key, 2, 1234.5)
     again = store.get(first.key)
     assert again is not None and (again.message_count, again.errors) == (4, 2)
+    assert again.last_error_at == 1234.5
     store.clear_errors(first.key)
     cleared = store.get(first.key)
     assert cleared is not None and (cleared.message_count, cleared.errors) == (4, 0)
+    assert cleared.last_error_at is None
     store.enable(registration("laptop", "n1"))  # the same node again: replaced, fresh
     replaced = store.get(first.key)
     assert replaced is not None and replaced.resource == "laptop"
@@ -97,6 +99,21 @@ def test_registrations_enable_replace_disable_counts_and_errors(opener: Opener) 
     assert [r.node for r in removed] == ["n2"]
     assert store.delete_user(("alice", "example.org")) == 2
     assert store.for_user(("alice", "example.org")) == []
+
+
+def test_pushed_marks_check_and_record_in_one_statement_and_expire(opener: Opener) -> None:
+    store = opener()
+    phone, tablet = ("alice", "example.org", "phone"), ("alice", "example.org", "tablet")
+    assert store.mark_pushed(phone, "m1", 10) and store.mark_pushed(tablet, "m1", 10)
+    assert not store.mark_pushed(phone, "m1", 11)  # already: nothing recorded
+    assert store.mark_pushed(phone, "m2", 20)
+    store.commit()
+    store.forget_pushed(tablet)
+    assert store.mark_pushed(tablet, "m1", 30)
+    assert store.purge_pushed(15) == 1  # phone's m1
+    assert store.mark_pushed(phone, "m1", 40) and not store.mark_pushed(phone, "m2", 40)
+    store.delete_user(("alice", "example.org"))
+    assert store.totals()["pushed"] == 0
 
 
 def test_a_sessions_registrations_come_with_the_users_options(opener: Opener) -> None:

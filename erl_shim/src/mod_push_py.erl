@@ -175,6 +175,7 @@ mod_opt_type(allow_message_bodies) -> econf:bool();
 mod_opt_type(notify_on) -> econf:enum([messages, all]);
 mod_opt_type(notify_groupchat) -> econf:enum([mentions, always, never]);
 mod_opt_type(max_publish_errors) -> econf:pos_int();
+mod_opt_type(publish_error_window) -> econf:timeout(second);
 mod_opt_type(logic) -> econf:either(undefined, econf:binary());
 mod_opt_type(log_sensitive) -> econf:bool();
 mod_opt_type(metrics_listen) -> econf:either(undefined, econf:binary("^.+:[0-9]+$"));
@@ -250,6 +251,7 @@ mod_options(_Host) ->
      {notify_on, messages},
      {notify_groupchat, mentions},
      {max_publish_errors, 3},
+     {publish_error_window, timer:minutes(10)},
      {logic, undefined},
      {log_sensitive, false},
      {metrics_listen, undefined},
@@ -335,9 +337,17 @@ mod_doc() ->
                          "room ('mentions', the default), all of them, or none.")}},
            {max_publish_errors,
             #{value => ?T("Number"),
-              desc => ?T("Consecutive non-transient error replies from an "
-                         "app server after which that registration is "
-                         "disabled. The default is '3'.")}},
+              desc => ?T("Failed publishes (an error or no answer from the app "
+                         "server), counted at most once per "
+                         "'publish_error_window', after which that registration "
+                         "is disabled; 'item-not-found' disables it at once. A "
+                         "success starts the count again. The default is '3'.")}},
+           {publish_error_window,
+            #{value => "timeout()",
+              desc => ?T("Failures of one registration within this time of the "
+                         "last one counted count once: an app server that is "
+                         "away or overloaded for a while costs one error, not "
+                         "one per notification. The default is '10' minutes.")}},
            {logic,
             #{value => ?T("Module"),
               desc => ?T("Push logic written by the admin in Python: an importable "
@@ -378,8 +388,8 @@ mod_doc() ->
            {retry_delays,
             #{value => "[timeout()]",
               desc => ?T("Delays between attempts when the app server answers "
-                         "with a transient ('wait') error or does not answer. "
-                         "The default is '[5 s, 30 s, 5 min]'.")}},
+                         "with an error other than 'item-not-found' or does not "
+                         "answer. The default is '[5 s, 30 s, 5 min]'.")}},
            {db_file,
             #{value => ?T("auto | Path"),
               desc => ?T("SQLite database of push state. 'auto' (the default) "

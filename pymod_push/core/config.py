@@ -65,6 +65,7 @@ class Config:
     notify_on: str = "messages"  # "messages" | "all"
     notify_groupchat: str = "mentions"  # "mentions" | "always" | "never"
     max_publish_errors: int = 3
+    publish_error_window_ms: int = 600_000  # failures within this count once (count_error)
     retry_delays_ms: tuple[int, ...] = (5_000, 30_000, 300_000)
     wake_on_start: bool = True  # after ejabberd boots, wake the push users it had
     wake_rate: int = 50  # wake pushes per second, so that a big server does not flood
@@ -101,6 +102,8 @@ class Config:
             notify_on=str(options.get("notify_on", cls.notify_on)),
             notify_groupchat=str(options.get("notify_groupchat", cls.notify_groupchat)),
             max_publish_errors=int(options.get("max_publish_errors", cls.max_publish_errors)),
+            publish_error_window_ms=int(options.get("publish_error_window",
+                                                    cls.publish_error_window_ms)),
             retry_delays_ms=tuple(int(d) for d in options.get("retry_delays", cls.retry_delays_ms)),
             wake_on_start=bool(options.get("wake_on_start", cls.wake_on_start)),
             wake_rate=int(options.get("wake_rate", cls.wake_rate)),

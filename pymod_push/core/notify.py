@@ -140,16 +140,41 @@ def summary_fields(options: PushOptions, counts: Counts, trigger: Trigger,
     return fields
 
 
+def pushed_mark(registration_key: tuple[str, str, str, str], message: bytes) -> str:
+    """What the store remembers of a message pushed to a registration (see fingerprint):
+    the same message to another registration of the session has another mark."""
+    digest = hashlib.blake2b(message, digest_size=12)
+    for part in registration_key[2:]:  # push JID and node; the session is the row's key
+        digest.update(b"\0")
+        digest.update(part.encode())
+    return digest.hexdigest()
+
+
 class Outcome(enum.Enum):
     DELIVERED = "delivered"
-    TRANSIENT = "transient"  # try again later
-    REJECTED = "rejected"  # counts toward disabling the registration
+    TRANSIENT = "transient"  # no answer or a 'wait' error: try again later
+    REJECTED = "rejected"  # another error: tried again too, and counted (count_error)
+    GONE = "gone"  # item-not-found: the app server has no such node (any more)
 
 
-def classify_reply(outcome: str, error_type: str = "") -> Outcome:
-    """An app server's answer to a publish: 'wait' errors and silence are transient."""
+def classify_reply(outcome: str, error_type: str = "", condition: str = "") -> Outcome:
+    """An app server's answer to a publish."""
     if outcome == "result":
         return Outcome.DELIVERED
+    if condition == "item-not-found":
+        return Outcome.GONE
     if outcome == "timeout" or error_type == "wait":
         return Outcome.TRANSIENT
     return Outcome.REJECTED
+
+
+def count_error(errors: int, last_counted: float | None, now: float,
+                window_s: float) -> tuple[int, float | None]:
+    """A failed publish (an error answer or none) counts toward max_publish_errors only
+    when the last one counted is at least window_s old. An app server that is away or
+    overloaded for a while fails every publish of that while, and the re-sends after a
+    restart come in a burst: each such spell counts once, so only failures spread over
+    (max_publish_errors - 1) windows disable a registration. (errors, last counted)."""
+    if last_counted is not None and 0 <= now - last_counted < window_s:
+        return errors, last_counted
+    return errors + 1, now

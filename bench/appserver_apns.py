@@ -42,12 +42,12 @@ from bench.versus_builtin import (
     NS_DATA,
     NS_PUSH,
     TICKS,
-    Xmpp,
     cpu_seconds,
     find_pid,
     wait_log_count,
 )
 from devtools.instance import ROOT, Instance, free_port
+from devtools.xmpp_light import Xmpp
 from pymod_push.appservice import PUBLISH_BURST, PUBLISH_REFILL_PER_SECOND
 
 NS_COMMANDS = "http://jabber.org/protocol/commands"

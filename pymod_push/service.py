@@ -13,6 +13,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from .appservice import AppServer, Delivery
 from .core import options as push_options
@@ -71,8 +72,16 @@ log = logging.getLogger("pymod_push")
 RegistrationKey = tuple[str, str, str, str]
 # A message pushed to a pending session comes back (offline, archived) at the latest when
 # the session's resume timeout ends; its mark is kept that long and this much more.
-PUSHED_RETENTION_MARGIN_S = 24 * 3600
+PUSHED_RETENTION_MARGIN_S = 3600
 PURGE_INTERVAL_S = 600
+
+
+@dataclass(slots=True)
+class PushedTo:
+    """The marks (pushed_mark) of what a session was pushed since it went pending."""
+
+    last: float
+    marks: set[int] = field(default_factory=set)
 
 
 class PushService:
@@ -96,6 +105,13 @@ class PushService:
         # Publishes to app servers by outcome, for ejabberdctl push_status.
         self.counters: Counter[str] = Counter()
         self._next_scheduled_wake = store.next_wake(config.ejabberd_node)
+        # What was pushed to each session since it went pending: a message that comes back
+        # (offline, archived, re-routed to another session) is not pushed again. Logged in
+        # the store with ids in time order (microseconds), read back after a restart.
+        self._pushed: dict[SessionKey, PushedTo] = {}
+        self._last_pushed_id = store.last_pushed_id()
+        for session, mark in store.pushed_to_pending(config.ejabberd_node):
+            self._pushed.setdefault(session, PushedTo(time.time())).marks.add(mark)
         self.logic = logic or Logic()
         self.app_server = AppServer(config, store, logic=self.logic)
 
@@ -130,6 +146,8 @@ class PushService:
                 # Enabling is persistent (XEP-0357): a reconnecting device stays push-enabled.
                 return [SetPush(session, self.config.resume_timeout_ms)]
             case UserRemoved(user):
+                for registration in self.store.for_user(user):
+                    self._pushed.pop(registration.session, None)
                 self.store.delete_user(user)
                 self.store.set_user_options(user, None)
                 return [PushOptionsUpdate(user, None)]
@@ -240,9 +258,15 @@ class PushService:
                 continue
             # Once per message and registration, whichever way the message comes (to the
             # pending session, again as offline or archived), across restarts.
-            if not self.store.mark_pushed(registration.session,
-                                          pushed_mark(registration.key, mark), now):
+            pushed = self._pushed.get(registration.session)
+            if pushed is None:
+                pushed = self._pushed[registration.session] = PushedTo(now)
+            this = pushed_mark(registration.key, mark)
+            if this in pushed.marks:
                 continue
+            pushed.marks.add(this)
+            pushed.last = now
+            self.store.add_pushed(self._pushed_id(now), registration.session, this)
             counts = Counts(registration.message_count, registration.subscription_count)
             if chosen is Trigger.SUBSCRIPTION:
                 counts.subscriptions += 1
@@ -292,7 +316,7 @@ class PushService:
         registrations = self.store.for_session(session)
         if registrations:
             self.store.reset_counts(session)
-            self.store.forget_pushed(session)
+        self._pushed.pop(session, None)  # its log rows are no longer read (pending_since)
         return bool(registrations)
 
     # --------------------------------------------------------- app server replies
@@ -356,7 +380,8 @@ class PushService:
         reconnects instead of losing its session."""
         timeout, early = self.config.resume_timeout_ms, self.config.wake_before_timeout_ms
         due = now + (timeout - early) / 1000 if 0 < early < timeout else None
-        self.store.bind_node(session, self.config.ejabberd_node, due, pending=True)
+        self.store.bind_node(session, self.config.ejabberd_node, due,
+                             pending_since=self._pushed_id(now))
         if due is not None and (self._next_scheduled_wake is None
                                 or due < self._next_scheduled_wake):
             self._next_scheduled_wake = due
@@ -384,10 +409,18 @@ class PushService:
         return self._publish(registration, wake_fields(options, counts), now)
 
     # ------------------------------------------------------------------ timers
+    def _pushed_id(self, now: float) -> int:
+        """Ids of the pushed log: unique, increasing, and microseconds of the time."""
+        self._last_pushed_id = max(self._last_pushed_id + 1, int(now * 1_000_000))
+        return self._last_pushed_id
+
     def forget_old_marks(self, now: float) -> int:
-        """Marks of pushed messages that cannot come back any more (every PURGE_INTERVAL_S)."""
-        retention = self.config.resume_timeout_ms / 1000 + PUSHED_RETENTION_MARGIN_S
-        return self.store.purge_pushed(now - retention)
+        """Marks of pushed messages that cannot come back any more (every PURGE_INTERVAL_S):
+        a session's resume timeout has ended by then. How many log rows were deleted."""
+        cutoff = now - self.config.resume_timeout_ms / 1000 - PUSHED_RETENTION_MARGIN_S
+        for session in [s for s, pushed in self._pushed.items() if pushed.last < cutoff]:
+            del self._pushed[session]
+        return self.store.purge_pushed(int(cutoff * 1_000_000))
 
     def next_deadline(self) -> float | None:
         deadlines = [d for d in (self._retries[0][0] if self._retries else None,

@@ -117,19 +117,19 @@ MIGRATIONS: tuple[str, ...] = (
     """,
     # version 8: exactly one push per message per registration, durably. A message pushed
     # to a pending session comes back when the session ends (offline storage, the archive),
-    # also after a crash or a restart: its mark (a digest of registration and message) is
-    # kept until the session is back or the retention ends. Errors of a registration are
-    # counted at most once per window (last_error_at): a burst counts once.
+    # also after a crash or a restart: what was pushed to each pending session since it
+    # went pending (pending_since) is an append-only log, ids in time order (cheap to write
+    # and to purge), read back by the next process. Errors of a registration are counted at
+    # most once per window (last_error_at): a burst counts once.
     """
     CREATE TABLE pushed (
+        id INTEGER PRIMARY KEY,
         user TEXT NOT NULL,
         server TEXT NOT NULL,
         resource TEXT NOT NULL,
-        mark TEXT NOT NULL,
-        at DOUBLE PRECISION NOT NULL,
-        PRIMARY KEY (user, server, resource, mark)
+        mark BIGINT NOT NULL
     );
-    CREATE INDEX pushed_by_time ON pushed (at);
+    ALTER TABLE registrations ADD COLUMN pending_since BIGINT NOT NULL DEFAULT 0;
     ALTER TABLE registrations ADD COLUMN last_error_at DOUBLE PRECISION;
     """,
 )
@@ -309,23 +309,31 @@ class Store:
                         "AND node=?", key)
 
     def delete_user(self, user: UserKey) -> int:
-        self.db.execute("DELETE FROM pushed WHERE user=? AND server=?", user)
         return int(self.db.execute("DELETE FROM registrations WHERE user=? AND server=?",
                                    user).rowcount)
 
-    def mark_pushed(self, session: SessionKey, mark: str, now: float) -> bool:
-        """Record that a message was pushed to one of the session's registrations: False if
-        it was already (one statement both checks and records, on both databases)."""
-        return bool(self.db.execute(
-            "INSERT INTO pushed (user, server, resource, mark, at) VALUES (?, ?, ?, ?, ?) "
-            "ON CONFLICT DO NOTHING", (*session, mark, now)).rowcount == 1)
+    def add_pushed(self, entry_id: int, session: SessionKey, mark: int) -> None:
+        """Log that a message (mark: see pushed_mark) was pushed to the pending session."""
+        self.db.execute("INSERT INTO pushed (id, user, server, resource, mark) VALUES "
+                        "(?, ?, ?, ?, ?)", (entry_id, *session, mark))
 
-    def forget_pushed(self, session: SessionKey) -> None:
-        """The session is back: what it was pushed cannot come back as offline any more."""
-        self.db.execute("DELETE FROM pushed WHERE user=? AND server=? AND resource=?", session)
+    def pushed_to_pending(self, ejabberd_node: str) -> Iterator[tuple[SessionKey, int]]:
+        """What was pushed to each session of that node since it went pending, if it has
+        not come back since (for the next process)."""
+        with closing(self.db.execute(
+                "SELECT p.user, p.server, p.resource, p.mark FROM pushed p WHERE EXISTS "
+                "(SELECT 1 FROM registrations r WHERE r.user=p.user AND r.server=p.server "
+                "AND r.resource=p.resource AND r.pending=1 AND r.ejabberd_node=? "
+                "AND p.id>=r.pending_since)", (ejabberd_node,))) as cursor:
+            for user, server, resource, mark in cursor:
+                yield (user, server, resource), int(mark)
 
-    def purge_pushed(self, before: float) -> int:
-        return int(self.db.execute("DELETE FROM pushed WHERE at<?", (before,)).rowcount)
+    def last_pushed_id(self) -> int:
+        row = self.db.execute("SELECT MAX(id) FROM pushed").fetchone()
+        return int(row[0]) if row and row[0] is not None else 0
+
+    def purge_pushed(self, before_id: int) -> int:
+        return int(self.db.execute("DELETE FROM pushed WHERE id<?", (before_id,)).rowcount)
 
     def save_counts(self, registration: Registration) -> None:
         self.db.execute(
@@ -407,12 +415,13 @@ class Store:
 
     # ------------------------------------------------------- restart recovery
     def bind_node(self, session: SessionKey, ejabberd_node: str, wake_due: float | None,
-                  pending: bool = False) -> None:
-        """The session lives on that ejabberd node, pending or not; wake it at wake_due
-        (None: never)."""
-        self.db.execute("UPDATE registrations SET ejabberd_node=?, wake_due=?, pending=? "
-                        "WHERE user=? AND server=? AND resource=?",
-                        (ejabberd_node, wake_due, int(pending), *session))
+                  pending_since: int | None = None) -> None:
+        """The session lives on that ejabberd node, pending since that id (see add_pushed)
+        or not pending (None); wake it at wake_due (None: never)."""
+        self.db.execute("UPDATE registrations SET ejabberd_node=?, wake_due=?, pending=?, "
+                        "pending_since=? WHERE user=? AND server=? AND resource=?",
+                        (ejabberd_node, wake_due, int(pending_since is not None),
+                         pending_since or 0, *session))
 
     def sessions_gone(self, ejabberd_node: str, wake_at: float | None) -> int:
         """That node restarted: none of its sessions is pending any more; all are to be

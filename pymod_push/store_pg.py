@@ -28,12 +28,15 @@ MIGRATION_LOCK = 7_357_000  # pg_advisory_xact_lock key: one node migrates at a 
 _PLACEHOLDER = re.compile(r"\?")
 _USER = re.compile(r"\buser\b")  # a reserved word in PostgreSQL, a column name here
 _REAL = re.compile(r"\bREAL\b")  # SQLite's REAL is 8 bytes; PostgreSQL's only 4
+# SQLite's INTEGER PRIMARY KEY is the 64-bit rowid; PostgreSQL's INTEGER only 32 bits.
+_INTEGER_KEY = re.compile(r"\bINTEGER PRIMARY KEY\b")
 
 
 def translate(sql: str) -> str:
     """SQLite's dialect as Store writes it, for PostgreSQL."""
     counter = iter(range(1, 1000))
     sql = _PLACEHOLDER.sub(lambda _: f"${next(counter)}", sql)
+    sql = _INTEGER_KEY.sub("BIGINT PRIMARY KEY", sql)
     return _REAL.sub("DOUBLE PRECISION", _USER.sub('"user"', sql))
 
 

@@ -293,6 +293,7 @@ def test_a_message_is_pushed_once_across_restarts_however_many_are_queued(
     path = f"{tmp_path}/push.sqlite3"
     first = PushService(Config("example.org"), Store(path))
     first.handle(enable(), 0)
+    first.handle(SessionPending(PHONE, []), 1)
     stanzas = [message(stanza_id=str(n), body=f"message {n}") for n in range(1200)]
     assert all(len(first.handle(StanzaToPending(PHONE, s), 1)) == 1 for s in stanzas)
     first.store.close()
@@ -321,10 +322,14 @@ def test_a_session_back_forgets_what_it_was_pushed_and_old_marks_expire() -> Non
     service.handle(SessionResumed(PHONE), 10)
     # Resumed without acknowledging it, gone again: the queued message pushes again.
     assert len(service.handle(SessionPending(PHONE, [message()]), 20)) == 1
-    assert service.store.totals()["pushed"] == 1
-    hour, margin = 3600, 24 * 3600
-    assert service.forget_old_marks(20 + hour + margin - 1) == 0
+    assert service.store.totals()["pushed"] == 2
+    hour, margin = 3600, 3600
+    assert service.forget_old_marks(hour + margin - 1) == 0
+    assert service.forget_old_marks(hour + margin + 1) == 1
+    assert service.handle(Offline(PHONE[:2], message(), "offline"), 30) == []
     assert service.forget_old_marks(20 + hour + margin + 1) == 1
+    # Forgotten: by then the message cannot come back any more.
+    assert len(service.handle(Offline(PHONE[:2], message(), "offline"), 30)) == 1
 
 
 def test_a_success_resets_errors_counted_before_a_restart(tmp_path: Path) -> None:

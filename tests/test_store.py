@@ -101,19 +101,24 @@ def test_registrations_enable_replace_disable_counts_and_errors(opener: Opener) 
     assert store.for_user(("alice", "example.org")) == []
 
 
-def test_pushed_marks_check_and_record_in_one_statement_and_expire(opener: Opener) -> None:
+def test_the_pushed_log_is_read_back_for_pending_sessions_only(opener: Opener) -> None:
     store = opener()
+    store.enable(registration("phone", "n1"))
+    store.enable(registration("tablet", "n2"))
     phone, tablet = ("alice", "example.org", "phone"), ("alice", "example.org", "tablet")
-    assert store.mark_pushed(phone, "m1", 10) and store.mark_pushed(tablet, "m1", 10)
-    assert not store.mark_pushed(phone, "m1", 11)  # already: nothing recorded
-    assert store.mark_pushed(phone, "m2", 20)
+    store.bind_node(phone, "node@a", None, pending_since=100)
+    store.bind_node(tablet, "node@a", None, pending_since=100)
+    store.add_pushed(90, phone, 7)  # an earlier pending period
+    store.add_pushed(101, phone, -(2**63))
+    store.add_pushed(102, tablet, 2**63 - 1)
     store.commit()
-    store.forget_pushed(tablet)
-    assert store.mark_pushed(tablet, "m1", 30)
-    assert store.purge_pushed(15) == 1  # phone's m1
-    assert store.mark_pushed(phone, "m1", 40) and not store.mark_pushed(phone, "m2", 40)
-    store.delete_user(("alice", "example.org"))
-    assert store.totals()["pushed"] == 0
+    assert sorted(store.pushed_to_pending("node@a")) == [(phone, -(2**63)), (tablet, 2**63 - 1)]
+    assert list(store.pushed_to_pending("node@b")) == []
+    store.bind_node(tablet, "node@a", None)  # back: not pending any more
+    assert list(store.pushed_to_pending("node@a")) == [(phone, -(2**63))]
+    assert store.last_pushed_id() == 102
+    assert store.purge_pushed(102) == 2
+    assert store.totals()["pushed"] == 1
 
 
 def test_a_sessions_registrations_come_with_the_users_options(opener: Opener) -> None:
@@ -151,7 +156,7 @@ def test_devices_are_replaced_per_device_and_removed(opener: Opener) -> None:
 def test_recovery_state_outbox_queue_and_batches(opener: Opener) -> None:
     store = opener()
     store.enable(registration())
-    store.bind_node(("alice", "example.org", "phone"), "ejabberd@a", 1234.5, pending=True)
+    store.bind_node(("alice", "example.org", "phone"), "ejabberd@a", 1234.5, pending_since=1)
     assert [r.node for r in store.due_wakes("ejabberd@a", 2000.0, 10)] == ["n1"]
     assert store.due_wakes("ejabberd@b", 2000.0, 10) == []
     assert store.next_wake("ejabberd@a") == 1234.5

@@ -140,14 +140,14 @@ def summary_fields(options: PushOptions, counts: Counts, trigger: Trigger,
     return fields
 
 
-def pushed_mark(registration_key: tuple[str, str, str, str], message: bytes) -> str:
-    """What the store remembers of a message pushed to a registration (see fingerprint):
-    the same message to another registration of the session has another mark."""
-    digest = hashlib.blake2b(message, digest_size=12)
-    for part in registration_key[2:]:  # push JID and node; the session is the row's key
+def pushed_mark(registration_key: tuple[str, str, str, str], message: bytes) -> int:
+    """What is remembered of a message pushed to a registration (message: its fingerprint),
+    64 bits: the same message to another registration of the session has another mark."""
+    digest = hashlib.blake2b(message, digest_size=8)
+    for part in registration_key[2:]:  # push JID and node; the session is kept beside it
         digest.update(b"\0")
         digest.update(part.encode())
-    return digest.hexdigest()
+    return int.from_bytes(digest.digest(), "big", signed=True)
 
 
 class Outcome(enum.Enum):

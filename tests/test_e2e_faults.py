@@ -265,9 +265,10 @@ def test_port_closing_under_a_write_never_crashes_the_port_owner(faults: Faults)
 
 
 # In the node: wait until Python is up and no publish waits for the app server's answer
-# (so that no push is in flight at the kill, and none may come twice), suspend the port owner, queue the events (the
-# c2s_handle_send hook of each pending session, as for a message to it), kill Python,
-# wait until its port is closed, resume. Returns {SameOwner, RoundsWithClosedPort}.
+# (so that no push is in flight at the kill, and none may come twice), suspend the port
+# owner, queue the events (the c2s_handle_send hook of each pending session, as for a
+# message to it), kill Python, wait until its port is closed, resume. Returns
+# {SameOwner, RoundsWithClosedPort}.
 _RACE = """
 Host = <<"localhost">>,
 Owner = whereis(mod_push_py_localhost),
@@ -348,3 +349,34 @@ def test_port_owner_killed_under_load(faults: Faults) -> None:
     faults.run(run)
     assert len(set(owners)) == 2  # a new port owner each time
     assert faults.restarts() == restarts + 2
+
+
+def test_a_push_iq_is_answered_though_the_port_owner_dies(faults: Faults) -> None:
+    """The enable reaches a port owner that is stuck (suspended), which is then killed: the
+    next port owner finds the IQ and its event in the keeper's tables, and Python answers."""
+    instance = faults.instance
+    instance.erl("sys:suspend(whereis(mod_push_py_localhost))")
+
+    async def run(peers: Peers) -> None:
+        user = await faults.sender(peers)
+        mark = instance.log_mark()
+        # Kill the port owner once the IQ waits in its table (and its event in the mailbox).
+        killing = asyncio.ensure_future(asyncio.to_thread(instance.erl, """
+            Wait = fun W(N) ->
+                       case ets:match(mod_push_py_meta_localhost, {{iq, '$1'}, '_', '_'}) of
+                           [] when N > 0 -> timer:sleep(10), W(N - 1);
+                           Found -> length(Found)
+                       end
+                   end,
+            Waiting = Wait(1000),
+            exit(whereis(mod_push_py_localhost), kill),
+            Waiting"""))
+        await asyncio.sleep(0)
+        answer = asyncio.ensure_future(user.enable_push(APP, "iq-node"))
+        assert await killing == "1"
+        result = await answer  # an error answer raises IqError
+        assert result["type"] == "result"
+        await asyncio.to_thread(instance.wait_for_log, r"the port owner restarted", mark)
+        await asyncio.to_thread(instance.wait_ready, mark)
+
+    faults.run(run)

@@ -225,6 +225,33 @@ class Instance:
         self.ctl("started", timeout=120)
         self.wait_ready(mark)
 
+    def erl(self, expressions: str, timeout: float = 120) -> str:
+        """Evaluate Erlang expressions (``A = f(), g(A)``, no final dot) in the running node
+        and return the value, printed with ~p. The caller is a hidden node that connects as
+        ejabberdctl does (uid ejabberd for the cookie, this instance's distribution port)."""
+        program = (
+            'Node = list_to_atom(os:getenv("PYMOD_NODE")),'
+            '{ok, Ts, _} = erl_scan:string(os:getenv("PYMOD_EXPRS") ++ "."),'
+            '{ok, Es} = erl_parse:parse_exprs(Ts),'
+            f'case rpc:call(Node, erl_eval, exprs, [Es, []], {int(timeout * 1000)}) of'
+            '  {value, V, _} -> io:format("~p~n", [V]), halt(0);'
+            '  Bad -> io:format("~p~n", [Bad]), halt(1)'
+            ' end.')
+        dist = ([] if self.clustered else
+                ["-erl_epmd_port", str(self.dist_port), "-dist_listen", "false",
+                 "-start_epmd", "false"])
+        home = pwd.getpwnam(EJABBERD_USER).pw_dir  # where the node's cookie is
+        result = subprocess.run(
+            ["runuser", "-u", EJABBERD_USER, "--", "env", f"HOME={home}",
+             f"ERL_INETRC={self.folder / 'inetrc'}", f"PYMOD_NODE={self.node}",
+             f"PYMOD_EXPRS={expressions}", "erl", "-noshell", "-hidden",
+             "-sname", f"rpc{os.getpid()}x{random.randrange(10**6)}@localhost", *dist,
+             "-eval", program],
+            capture_output=True, text=True, timeout=timeout + 30, cwd="/")
+        if result.returncode != 0:
+            raise RuntimeError(f"erl in {self.node} failed: {result.stdout}{result.stderr}")
+        return result.stdout.strip()
+
     def register(self, user: str, host: str, password: str) -> None:
         self.ctl("register", user, host, password)
 

@@ -50,22 +50,26 @@
 -record(state, {host              :: binary(),
                 port              :: port() | undefined,
                 status = starting :: starting | up | down | disabled,
-                batch = []        :: [term()],  % events not yet written, newest first
+                %% Events are {Key, Event}: Key is the event's key in the events table
+                %% (see send_event/2), deleted once Python has acknowledged it.
+                batch = []        :: [{integer(), term()}],  % not yet written, newest first
                 %% Events kept while Python is down or far behind, oldest first; once
                 %% any is held, newer ones queue behind it (events stay in order).
-                held = queue:new() :: queue:queue(term()),
+                held = queue:new() :: queue:queue({integer(), term()}),
                 held_len = 0      :: non_neg_integer(),
                 queue_size = 1    :: pos_integer(),  % the option, read once per start
                 %% Batches written but not acknowledged, oldest first: sent again, with
                 %% their sequence numbers, to the next Python process if this one dies.
                 epoch             :: integer(),
                 seq = 0           :: non_neg_integer(),
-                unacked = queue:new() :: queue:queue({pos_integer(), [term()]}),
+                unacked = queue:new() :: queue:queue({pos_integer(), [{integer(), term()}]}),
                 unacked_len = 0   :: non_neg_integer(),
                 ack_timer         :: reference() | undefined,
                 dropped = 0       :: non_neg_integer(),
                 backoff = ?MIN_BACKOFF :: pos_integer(),
-                iqs = #{}         :: #{reference() => {iq(), reference()}},
+                %% Keys of the events a crashed predecessor left in the table: already
+                %% queued here, so their {event, Key} messages are ignored.
+                recovered = #{}   :: #{integer() => true},
                 %% For ejabberdctl: the running process's hello, when it said it, how
                 %% often it was restarted, and commands waiting for its answer.
                 info = #{}        :: map(),
@@ -91,7 +95,7 @@ start(Host, Opts) ->
                 false -> ok
             end;
         false ->
-            case gen_mod:start_child(?MODULE, Host, Opts) of
+            case start_processes(Host, Opts) of
                 {ok, _} ->
                     register_handlers(Host),
                     ejabberd_commands:register_commands(?MODULE, get_commands_spec()),
@@ -111,7 +115,19 @@ stop(Host) ->
             ejabberd_hooks:delete(ejabberd_started, ?MODULE, ejabberd_started, 50),
             gen_mod:is_loaded_elsewhere(Host, ?MODULE)
                 orelse ejabberd_commands:unregister_commands(get_commands_spec()),
-            gen_mod:stop_child(?MODULE, Host)
+            gen_mod:stop_child(?MODULE, Host),
+            gen_mod:stop_child(keeper_proc(Host))
+    end.
+
+%% The keeper first: it owns the tables that outlive a crash of the port owner.
+start_processes(Host, Opts) ->
+    case gen_mod:start_child(?MODULE, Host, keeper, keeper_proc(Host)) of
+        {ok, _} ->
+            case gen_mod:start_child(?MODULE, Host, Opts) of
+                {ok, _} = Ok -> Ok;
+                Err -> gen_mod:stop_child(keeper_proc(Host)), Err
+            end;
+        Err -> Err
     end.
 
 %% ejabberd has booted: the sessions it had before are gone (global hook, run once).
@@ -444,9 +460,8 @@ process_iq(#iq{from = From, to = To, type = Type, lang = Lang} = IQ) ->
               [El | _] -> fxml:element_to_binary(xmpp:encode(El));
               [] -> <<>>
           end,
-    gen_server:cast(proc(To#jid.lserver),
-                    {iq, IQ, Ref, {iq, Ref, jid:tolower(From),
-                                   jid:tolower(jid:remove_resource(To)), Type, Lang, Xml}}),
+    send_iq(To#jid.lserver, IQ, Ref, {iq, Ref, jid:tolower(From),
+                                      jid:tolower(jid:remove_resource(To)), Type, Lang, Xml}),
     ignore.
 
 disco_sm_features(empty, From, To, Node, Lang) ->
@@ -662,11 +677,46 @@ session_key(#{user := U, server := S, resource := R}) ->
 notify(#{lserver := LServer}, Event) ->
     send_event(LServer, Event).
 
+%% Every event is stored in the events table before the port owner hears of it, and
+%% stays there until Python has acknowledged it: what the port owner had not passed
+%% on survives its crash (see recover/2). The table belongs to the keeper process.
 send_event(Host, Event) ->
-    gen_server:cast(proc(Host), {event, Event}).
+    Key = erlang:unique_integer([monotonic]),
+    try
+        ets:insert(events_table(Host), {Key, Event}),
+        proc(Host) ! {event, Key}
+    catch error:badarg ->
+            ok  % the module is stopping, or the port owner restarting (it finds the event)
+    end,
+    ok.
+
+%% The IQ waits in the table for Python's answer; its timer goes to whichever port
+%% owner is registered when it runs out, so that the IQ is answered in any case.
+send_iq(Host, IQ, Ref, Event) ->
+    Timeout = opt(Host, reply_timeout),
+    try
+        ets:insert(meta_table(Host), {{iq, Ref}, IQ, erlang:monotonic_time(millisecond) + Timeout}),
+        erlang:start_timer(Timeout, proc(Host), {iq, Ref})
+    catch error:badarg ->
+            ok
+    end,
+    send_event(Host, Event).
 
 proc(Host) ->
     gen_mod:get_module_proc(Host, ?MODULE).
+
+keeper_proc(Host) ->
+    gen_mod:get_module_proc(Host, mod_push_py_keeper).
+
+%% Events not yet acknowledged by Python, {Key, Event}, in the order of their keys.
+events_table(Host) ->
+    gen_mod:get_module_proc(Host, mod_push_py_events).
+
+%% What the port owner must not forget: epoch, seq, the keys of each batch not
+%% acknowledged ({batch, Seq}), push IQs waiting for Python ({iq, Ref}), the restart
+%% count, the backoff, dropped events, and whether a Python process was running.
+meta_table(Host) ->
+    gen_mod:get_module_proc(Host, mod_push_py_meta).
 
 %%%===================================================================
 %%% ejabberdctl commands: run in the caller, answered by the Python process
@@ -732,7 +782,9 @@ command(Host, Name, Args) ->
     try gen_server:call(proc(LHost), {command, Name, Args}, timer:seconds(30)) of
         Text -> unicode:characters_to_list(Text)
     catch exit:{noproc, _} -> "mod_push_py is not running on " ++ binary_to_list(Host);
-          exit:{timeout, _} -> "the Python process did not answer within 30 s"
+          exit:{timeout, _} -> "the Python process did not answer within 30 s";
+          exit:{Why, _} ->
+            lists:flatten(io_lib:format("mod_push_py's port owner ended (~p): try again", [Why]))
     end.
 
 ask_python(Name, Args, From, #state{commands = Commands} = State) ->
@@ -760,13 +812,68 @@ shim_status(#state{status = Status, info = Info, up_since = Since} = State) ->
 start_link(Host, Opts) ->
     gen_server:start_link({local, proc(Host)}, ?MODULE, [Host, Opts], []).
 
+%% The keeper: it only owns the tables, so that they outlive the port owner.
+init([Host, keeper]) ->
+    ets:new(events_table(Host), [named_table, ordered_set, public, {write_concurrency, true}]),
+    ets:new(meta_table(Host), [named_table, public, {write_concurrency, true}]),
+    ets:insert(meta_table(Host), [{epoch, erlang:system_time(microsecond)}, {seq, 0},
+                                  {restarts, 0}, {backoff, ?MIN_BACKOFF}, {dropped, 0}]),
+    {ok, {keeper, Host}};
 init([Host, _Opts]) ->
     process_flag(trap_exit, true),
     [ejabberd_router:register_route(Domain, Host) || Domain <- app_server_domains(Host)],
     ets:new(options_table(Host), [named_table, protected, {read_concurrency, true}]),
     erlang:send_after(?LOGLEVEL_CHECK, self(), check_loglevel),
-    {ok, open(#state{host = Host, epoch = erlang:system_time(microsecond),
-                     loglevel = ejabberd_logger:get()})}.
+    Meta = meta_table(Host),
+    [Epoch, Seq, Restarts, Backoff, Dropped] =
+        [ets:lookup_element(Meta, Key, 2) || Key <- [epoch, seq, restarts, backoff, dropped]],
+    State = #state{host = Host, epoch = Epoch, seq = Seq, restarts = Restarts,
+                   backoff = Backoff, dropped = Dropped, queue_size = opt(Host, queue_size),
+                   loglevel = ejabberd_logger:get()},
+    case ets:lookup(Meta, python) of
+        [] -> {ok, open(State)};
+        [{python, Running}] -> {ok, recover(Running, State)}
+    end.
+
+%% A port owner before this one crashed or was killed, and its Python process ends with
+%% it (stdin closed). What it had not got acknowledged is in the tables: its batches go
+%% to the next Python process as they were (same epoch and seq), then the events it had
+%% not written yet, in order. The restart is counted and waits for the backoff, as when
+%% Python dies, which also lets the old process finish its last commit.
+recover(Running, #state{host = Host, backoff = Backoff, restarts = Restarts} = State) ->
+    Meta = meta_table(Host),
+    Events = ets:tab2list(events_table(Host)),
+    Found = maps:from_list(Events),
+    Batches = lists:sort(ets:select(Meta, [{{{batch, '$1'}, '$2'}, [], [{{'$1', '$2'}}]}])),
+    InBatches = maps:from_list([{Key, true} || {_, Keys} <- Batches, Key <- Keys]),
+    Unacked = [{Seq, [{Key, maps:get(Key, Found)} || Key <- Keys, is_map_key(Key, Found)]}
+               || {Seq, Keys} <- Batches],
+    Held = [Event || {Key, _} = Event <- Events, not is_map_key(Key, InBatches)],
+    Now = erlang:monotonic_time(millisecond),
+    [erlang:start_timer(max(0, Deadline - Now), self(), {iq, Ref})
+     || [Ref, Deadline] <- ets:match(Meta, {{iq, '$1'}, '_', '$2'})],
+    Restarts1 = case Running of
+                    true -> Restarts + 1;
+                    false -> Restarts  % counted when it exited
+                end,
+    ?WARNING_MSG("mod_push_py: the port owner restarted on ~ts; ~B event(s) not "
+                 "acknowledged and ~B not yet sent are kept, Python starts in ~B ms",
+                 [Host, length(Events) - length(Held), length(Held), Backoff]),
+    erlang:send_after(Backoff, self(), restart),
+    keep(State#state{status = down, restarts = Restarts1,
+                     backoff = min(Backoff * 2, ?MAX_BACKOFF),
+                     unacked = queue:from_list(Unacked),
+                     unacked_len = length(Events) - length(Held),
+                     held = queue:from_list(Held), held_len = length(Held),
+                     recovered = maps:from_list([{Key, true} || {Key, _} <- Events])},
+         false).
+
+%% The counters in the meta table, and whether a Python process runs.
+keep(#state{host = Host} = State, Running) ->
+    ets:insert(meta_table(Host), [{restarts, State#state.restarts},
+                                  {backoff, State#state.backoff},
+                                  {dropped, State#state.dropped}, {python, Running}]),
+    State.
 
 %% Subdomains served by the app server (its pubsub and registration hosts).
 app_server_domains(Host) ->
@@ -780,11 +887,6 @@ handle_call({command, _Name, _Args}, _From, State) ->
 handle_call(_Request, _From, State) ->
     {reply, {error, badarg}, State}.
 
-handle_cast({event, Event}, State) ->
-    {noreply, push_event(Event, State)};
-handle_cast({iq, IQ, Ref, Event}, #state{host = Host, iqs = IQs} = State) ->
-    TRef = erlang:start_timer(opt(Host, reply_timeout), self(), {iq, Ref}),
-    {noreply, push_event(Event, State#state{iqs = IQs#{Ref => {IQ, TRef}}})};
 handle_cast({route, Pkt}, State) ->
     {noreply, route_to_app_server(Pkt, State)};
 handle_cast({reload, _NewOpts}, #state{port = Port} = State) ->
@@ -792,10 +894,22 @@ handle_cast({reload, _NewOpts}, #state{port = Port} = State) ->
     ?INFO_MSG("mod_push_py: options changed, restarting the Python process", []),
     catch port_close(Port),
     {noreply, open(State#state{port = undefined, backoff = ?MIN_BACKOFF})};
+handle_cast(_Msg, {keeper, _} = State) ->
+    {noreply, State};
 handle_cast(Msg, State) ->
     ?WARNING_MSG("Unexpected cast: ~p", [Msg]),
     {noreply, State}.
 
+handle_info({event, Key}, #state{host = Host, recovered = Recovered} = State) ->
+    case Recovered of
+        #{Key := _} ->  % queued already when this process started
+            {noreply, State#state{recovered = maps:remove(Key, Recovered)}};
+        _ ->
+            case ets:lookup(events_table(Host), Key) of
+                [Event] -> {noreply, take_event(Event, State)};
+                [] -> {noreply, State}
+            end
+    end;
 handle_info({Port, {data, Bin}}, #state{port = Port} = State) ->
     case decode(Bin) of
         {ok, Term} -> {noreply, handle_python(Term, State)};
@@ -806,7 +920,7 @@ handle_info({Port, {data, Bin}}, #state{port = Port} = State) ->
     end;
 handle_info({Port, {exit_status, Status}}, #state{port = Port, status = disabled} = State) ->
     ?INFO_MSG("mod_push_py: Python process exited with status ~B", [Status]),
-    {noreply, State#state{port = undefined}};
+    {noreply, keep(State#state{port = undefined}, false)};
 handle_info({Port, {exit_status, Status}}, #state{port = Port, backoff = Backoff} = State) ->
     Hint = case State#state.status of
                starting -> io_lib:format(" before its handshake: check that '~ts -m pymod_push' "
@@ -817,14 +931,16 @@ handle_info({Port, {exit_status, Status}}, #state{port = Port, backoff = Backoff
     ?ERROR_MSG("mod_push_py: Python process exited with status ~B~ts; "
                "restarting it in ~B ms", [Status, Hint, Backoff]),
     erlang:send_after(Backoff, self(), restart),
-    {noreply, State#state{port = undefined, status = down, ack_timer = cancel_ack_timer(State),
-                          held = queue:join(queue:from_list(lists:reverse(State#state.batch)),
-                                            State#state.held),
-                          held_len = State#state.held_len + length(State#state.batch),
-                          batch = [], restarts = State#state.restarts + 1,
-                          backoff = min(Backoff * 2, ?MAX_BACKOFF)}};
+    {noreply, keep(State#state{port = undefined, status = down,
+                               ack_timer = cancel_ack_timer(State),
+                               held = queue:join(queue:from_list(lists:reverse(State#state.batch)),
+                                                 State#state.held),
+                               held_len = State#state.held_len + length(State#state.batch),
+                               batch = [], restarts = State#state.restarts + 1,
+                               backoff = min(Backoff * 2, ?MAX_BACKOFF)}, false)};
 handle_info(restart, #state{port = undefined, status = down} = State) ->
-    {noreply, open(State)};
+    %% Messages for events found at the start were handled long ago.
+    {noreply, open(State#state{recovered = #{}})};
 handle_info({ack_timeout, Seq}, #state{port = Port, status = up,
                                        unacked = Unacked} = State) when is_port(Port) ->
     case queue:peek(Unacked) of
@@ -854,23 +970,31 @@ handle_info(flush, State) ->
     {noreply, flush(State)};
 handle_info({iq_reply, Reply, Ref}, State) ->
     {noreply, push_event({iq_reply, Ref, publish_outcome(Reply)}, State)};
-handle_info({timeout, _TRef, {iq, Ref}}, #state{iqs = IQs} = State) ->
-    case maps:take(Ref, IQs) of
-        {{IQ, _}, IQs1} ->
+handle_info({timeout, _TRef, {iq, Ref}}, #state{host = Host} = State) ->
+    case ets:take(meta_table(Host), {iq, Ref}) of
+        [{_, IQ, _}] ->
             ?WARNING_MSG("mod_push_py: no answer from Python within the reply "
                          "timeout, answering a push IQ with an error", []),
             Txt = ?T("The push service did not answer in time"),
-            ejabberd_router:route_error(IQ, xmpp:err_internal_server_error(Txt, IQ#iq.lang)),
-            {noreply, State#state{iqs = IQs1}};
-        error ->
-            {noreply, State}
-    end;
+            ejabberd_router:route_error(IQ, xmpp:err_internal_server_error(Txt, IQ#iq.lang));
+        [] ->
+            ok
+    end,
+    {noreply, State};
+handle_info({'EXIT', Port, Reason}, #state{port = Port} = State) ->
+    %% The port went without its exit_status (which comes first when there is one).
+    ?ERROR_MSG("mod_push_py: the port to Python closed: ~p", [Reason]),
+    handle_info({Port, {exit_status, -1}}, State);
 handle_info({'EXIT', _, _}, State) ->
+    {noreply, State};
+handle_info(_Info, {keeper, _} = State) ->
     {noreply, State};
 handle_info(Info, State) ->
     ?WARNING_MSG("Unexpected info: ~p", [Info]),
     {noreply, State}.
 
+terminate(_Reason, {keeper, _}) ->
+    ok;
 terminate(_Reason, #state{host = Host, port = Port}) ->
     [ejabberd_router:unregister_route(Domain) || Domain <- app_server_domains(Host)],
     catch port_close(Port),
@@ -886,14 +1010,21 @@ open(#state{host = Host} = State0) ->
                   [{args, ["-m", "pymod_push"]}, {packet, 4}, binary,
                    exit_status, use_stdio, hide, {cd, spool_dir()}]) of
         Port ->
-            port_command(Port, term_to_binary(hello(Host))),
-            State#state{port = Port, status = starting}
+            write(Port, hello(Host)),
+            keep(State#state{port = Port, status = starting}, true)
     catch error:Why ->
             ?ERROR_MSG("mod_push_py: cannot start ~ts -m pymod_push: ~p; "
                        "retrying in ~B ms", [Python, Why, State#state.backoff]),
             erlang:send_after(State#state.backoff, self(), restart),
-            State#state{port = undefined, status = down,
-                        backoff = min(State#state.backoff * 2, ?MAX_BACKOFF)}
+            keep(State#state{port = undefined, status = down,
+                             backoff = min(State#state.backoff * 2, ?MAX_BACKOFF)}, false)
+    end.
+
+%% A port that is closing (Python just died) refuses the write: its exit_status is
+%% on its way, and what was written goes again to the next Python process.
+write(Port, Term) ->
+    try port_command(Port, term_to_binary(Term))
+    catch error:badarg -> false
     end.
 
 hello(Host) ->
@@ -934,15 +1065,26 @@ publish_outcome(#iq{type = error} = IQ) ->
             {error, cancel, 'undefined-condition'}
     end.
 
+%% An event of the port owner's own, stored like the hooks' (send_event/2).
+push_event(Event, #state{host = Host} = State) ->
+    Key = erlang:unique_integer([monotonic]),
+    ets:insert(events_table(Host), {Key, Event}),
+    take_event({Key, Event}, State).
+
 %% Events are batched: a frame carries every event that arrived while the
 %% owner was busy, so a burst costs one port write instead of one per event.
-push_event(_Event, #state{status = disabled} = State) ->
-    State;  % the version mismatch was logged; IQs get their timeout error
-push_event(Event, #state{status = up, held_len = 0, unacked_len = Unacked,
-                          queue_size = Max} = State) when Unacked < Max ->
+take_event({Key, _}, #state{status = disabled} = State) ->
+    forget([Key], State);  % the version mismatch was logged; IQs get their timeout error
+take_event(Event, #state{status = up, held_len = 0, unacked_len = Unacked,
+                         queue_size = Max} = State) when Unacked < Max ->
     batch_event(Event, State);
-push_event(Event, State) ->
+take_event(Event, State) ->
     hold_event(Event, State).  % Python is down or far behind: keep it here, bounded
+
+forget(Keys, #state{host = Host} = State) ->
+    Table = events_table(Host),
+    lists:foreach(fun(Key) -> ets:delete(Table, Key) end, Keys),
+    State.
 
 batch_event(Event, #state{batch = Batch} = State) ->
     State1 = State#state{batch = [Event | Batch]},
@@ -965,7 +1107,8 @@ hold_event(Event, #state{held_len = Len, queue_size = Max} = State) ->
             ?ERROR_MSG("mod_push_py: Python process unavailable and event queue "
                        "full (~B); dropped an event (~B dropped so far)",
                        [Len, Dropped]),
-            State#state{dropped = Dropped}
+            ets:insert(meta_table(State#state.host), {dropped, Dropped}),
+            forget([element(1, Event)], State#state{dropped = Dropped})
     end.
 
 %% Events kept while Python was down or behind, oldest first, as far as there is room;
@@ -989,12 +1132,15 @@ flush(#state{batch = []} = State) ->
     State;
 flush(#state{batch = Batch, seq = Seq, unacked = Unacked, unacked_len = Len} = State) ->
     Events = lists:reverse(Batch),
+    %% Recorded before the write: a successor sends it again with the same seq.
+    ets:insert(meta_table(State#state.host),
+               [{seq, Seq + 1}, {{batch, Seq + 1}, [Key || {Key, _} <- Events]}]),
     State1 = write_batch({Seq + 1, Events}, State),
     State1#state{batch = [], seq = Seq + 1, unacked = queue:in({Seq + 1, Events}, Unacked),
                  unacked_len = Len + length(Events)}.
 
 write_batch({Seq, Events}, #state{port = Port, epoch = Epoch} = State) ->
-    port_command(Port, term_to_binary({events, Epoch, Seq, Events})),
+    write(Port, {events, Epoch, Seq, [Event || {_, Event} <- Events]}),
     case State#state.ack_timer of
         undefined ->
             State#state{ack_timer = erlang:send_after(?ACK_TIMEOUT, self(), {ack_timeout, Seq})};
@@ -1005,6 +1151,9 @@ write_batch({Seq, Events}, #state{port = Port, epoch = Epoch} = State) ->
 acknowledge(Seq, #state{unacked = Unacked, unacked_len = Len} = State) ->
     case queue:peek(Unacked) of
         {value, {S, Events}} when S =< Seq ->
+            %% The events first: a batch record without them is harmless.
+            forget([Key || {Key, _} <- Events], State),
+            ets:delete(meta_table(State#state.host), {batch, S}),
             acknowledge(Seq, State#state{unacked = queue:drop(Unacked),
                                          unacked_len = Len - length(Events)});
         {value, {Next, _}} ->
@@ -1023,7 +1172,8 @@ handle_python({hello, ?PROTOCOL_VERSION, Info}, #state{status = starting} = Stat
     State = State0#state{info = Info, up_since = erlang:system_time(second)},
     %% What the previous process did not acknowledge goes first, as it was: Python
     %% skips a batch whose effects it had committed.
-    State1 = lists:foldl(fun write_batch/2, State#state{status = up, backoff = ?MIN_BACKOFF},
+    State1 = lists:foldl(fun write_batch/2,
+                         keep(State#state{status = up, backoff = ?MIN_BACKOFF}, true),
                          queue:to_list(State#state.unacked)),
     release_held(State1);
 handle_python({hello, Version, _Info}, #state{status = starting} = State) ->
@@ -1034,7 +1184,8 @@ handle_python({hello, Version, _Info}, #state{status = starting} = State) ->
                [State#state.host, ?PROTOCOL_VERSION,
                 opt(State#state.host, python), Version]),
     %% Python exits by itself after its reply; that exit is not restarted.
-    State#state{status = disabled, held = queue:new(), held_len = 0};
+    forget([Key || {Key, _} <- queue:to_list(State#state.held)],
+           State#state{status = disabled, held = queue:new(), held_len = 0});
 handle_python(Actions, #state{status = up} = State) when is_list(Actions) ->
     lists:foldl(fun execute/2, State, Actions);
 handle_python({log, _, _} = Log, State) ->  % Python may log before its hello
@@ -1098,15 +1249,12 @@ execute(Action, State) ->
     ?WARNING_MSG("mod_push_py: unknown action from Python ignored: ~P", [Action, 10]),
     State.
 
-answer_iq(Ref, MakeReply, #state{iqs = IQs} = State) ->
-    case maps:take(Ref, IQs) of
-        {{IQ, TRef}, IQs1} ->
-            erlang:cancel_timer(TRef),
-            ejabberd_router:route(MakeReply(IQ)),
-            State#state{iqs = IQs1};
-        error ->  % already answered with a timeout error
-            State
-    end.
+answer_iq(Ref, MakeReply, #state{host = Host} = State) ->
+    case ets:take(meta_table(Host), {iq, Ref}) of
+        [{_, IQ, _}] -> ejabberd_router:route(MakeReply(IQ));
+        [] -> ok  % already answered with a timeout error
+    end,
+    State.
 
 %% A submitted data form from [{Var, [Value]}]; FORM_TYPE is hidden (XEP-0068).
 xdata(undefined) -> undefined;

@@ -26,7 +26,7 @@ import pytest
 
 from devtools.instance import Instance
 from tests.conftest import Scenario
-from tests.xmpp_peers import AppServer, Client, Peers
+from tests.xmpp_peers import AppServer, Client, Peers, Publish
 
 pytestmark = pytest.mark.e2e
 
@@ -119,8 +119,8 @@ async def _pending_users(faults: Faults, peers: Peers) -> None:
     await asyncio.to_thread(all_pending)
 
 
-def _body(publish: object) -> str:
-    return getattr(publish, "summary", {}).get("last-message-body", "")
+def _body(publish: Publish) -> str:
+    return publish.summary.get("last-message-body", "")
 
 
 @dataclass

@@ -47,6 +47,10 @@ MAX_FRAME = 64 * 1024 * 1024
 # a commit per frame was the Python process's largest cost (every commit writes its pages
 # to the WAL), while this delays a push by 2 ms at most.
 GROUP_COMMIT_S = 0.002
+# After the hello, timers (the re-sends of what an earlier process left unanswered) wait
+# this long: the shim's replay of the batches that process missed comes first, and with
+# it the answers to its publishes that arrived meanwhile (those are not sent again).
+REPLAY_GRACE_S = 1.0
 _LEVELS = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warning",
            logging.ERROR: "error", logging.CRITICAL: "critical"}
 
@@ -127,6 +131,7 @@ class PortApp:
         self._pending_ack: int | None = None
         self._commit_handle: asyncio.TimerHandle | None = None
         self._last_commit = 0.0
+        self._timers_from = 0.0  # time.monotonic() before which no timer fires
         self.on_fatal: Callable[[BaseException], None] = _raise
 
     def on_frames(self, frames: list[bytes]) -> None:
@@ -227,6 +232,7 @@ class PortApp:
         self._write(frame([action_term(a) for a in self.service.initial_actions()]))
         log.info("ready for %s (pymod_push %s, database %s)", hello.host, __version__,
                  "PostgreSQL" if config.db_url else config.db_file)
+        self._timers_from = time.monotonic() + REPLAY_GRACE_S
         self._arm_timer()  # notifications an earlier process left unanswered
         self._housekeeping()
         if config.metrics_listen:
@@ -299,7 +305,9 @@ class PortApp:
             self._timer = None
         if deadline is not None:  # wall-clock: due times are stored and outlive the process
             loop = asyncio.get_running_loop()
-            self._timer = loop.call_later(max(0.0, deadline - time.time()), self._on_timer)
+            self._timer = loop.call_later(max(0.0, deadline - time.time(),
+                                              self._timers_from - time.monotonic()),
+                                          self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None

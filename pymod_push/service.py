@@ -74,6 +74,10 @@ RegistrationKey = tuple[str, str, str, str]
 # the session's resume timeout ends; its mark is kept that long and this much more.
 PUSHED_RETENTION_MARGIN_S = 3600
 PURGE_INTERVAL_S = 600
+# Publish refs are derived from the outbox entry (ref // REFS_PER_ENTRY is its id), so that
+# an answer to a publish of an earlier process, replayed by the shim after a crash, is
+# recognized and the notification not sent again.
+REFS_PER_ENTRY = 64
 
 
 @dataclass(slots=True)
@@ -91,6 +95,8 @@ class PushService:
         # Outbox ids and publish refs: unique across restarts, so that a late answer to a
         # publish of an earlier process is not taken for one of ours.
         outbox = store.outbox(config.ejabberd_node)
+        for entry in outbox:  # the earlier process's attempt: the next one is another IQ
+            entry.attempt += 1
         first_id = max([time.time_ns() // 1000, *(e.id + 1 for e in outbox)])
         self._ids = itertools.count(first_id)
         self._in_flight: dict[int, OutboxEntry] = {}
@@ -99,6 +105,10 @@ class PushService:
         # Due publishes: new ones, retries, and what an earlier process left unanswered.
         self._retries: list[tuple[float, int, OutboxEntry]] = [(e.due, e.id, e) for e in outbox]
         heapq.heapify(self._retries)
+        # Those left unanswered by an earlier process, until sent again or answered (their
+        # answer may come late, replayed by the shim: then they are not sent again).
+        self._recovered: dict[int, OutboxEntry] = {e.id: e for e in outbox}
+        self._answered_late: set[int] = set()
         if outbox:
             log.info("%d notification(s) not answered before the restart will be sent again",
                      len(outbox))
@@ -302,8 +312,10 @@ class PushService:
         return self._send(entry, registration)
 
     def _send(self, entry: OutboxEntry, registration: Registration) -> Publish:
-        ref = next(self._ids)  # one per attempt: each is its own IQ
+        # One ref per attempt (each is its own IQ), derived from the entry's id.
+        ref = entry.id * REFS_PER_ENTRY + min(entry.attempt, REFS_PER_ENTRY - 1)
         self._in_flight[ref] = entry
+        self._recovered.pop(entry.id, None)
         if registration.errors:
             self._erring.add(registration.key)
         options = registration.publish_options
@@ -322,9 +334,15 @@ class PushService:
     # --------------------------------------------------------- app server replies
     def _publish_reply(self, reply: PublishReply, now: float) -> list[Action]:
         publish = self._in_flight.pop(reply.ref, None)
-        if publish is None:
-            return []
         outcome = classify_reply(reply.outcome, reply.error_type, reply.condition)
+        if publish is None:
+            recovered = self._recovered.pop(reply.ref // REFS_PER_ENTRY, None)
+            if recovered is not None and outcome is Outcome.DELIVERED:
+                # Delivered before the crash, answered after it: not to be sent again.
+                self.store.remove_outbox(recovered.id)
+                self._answered_late.add(recovered.id)
+                self.counters[outcome.value] += 1
+            return []
         if outcome is Outcome.DELIVERED:  # the common case: two writes, nothing to read
             self.store.remove_outbox(publish.id)
             if publish.registration in self._erring:
@@ -432,6 +450,9 @@ class PushService:
         actions: list[Action] = []
         while self._retries and self._retries[0][0] <= now:
             _, _, publish = heapq.heappop(self._retries)
+            if publish.id in self._answered_late:
+                self._answered_late.discard(publish.id)
+                continue
             registration = self.store.get(publish.registration)
             if registration is None:
                 self.store.remove_outbox(publish.id)

@@ -52,6 +52,32 @@ def test_an_unanswered_notification_is_sent_again_by_the_next_process(tmp_path: 
     assert service_on(db).tick(200) == []  # delivered: nothing left to send
 
 
+def test_an_answer_to_the_earlier_process_replayed_after_a_crash_stops_the_re_send(
+        tmp_path: Path) -> None:
+    """The app server answered a publish while the Python process was dead: the shim
+    replays that answer to the next process, which then does not send it again."""
+    db = tmp_path / "push.sqlite3"
+    first = service_on(db)
+    first.handle(enable(), 100)
+    (delivered,) = first.handle(StanzaToPending(PHONE, message(stanza_id="a")), 100)
+    (refused,) = first.handle(StanzaToPending(PHONE, message(stanza_id="b")), 100)
+    (unanswered,) = first.handle(StanzaToPending(PHONE, message(stanza_id="c")), 100)
+    crash(first)
+
+    second = service_on(db)
+    assert isinstance(delivered, Publish) and isinstance(refused, Publish)
+    assert second.handle(PublishReply(delivered.ref, "result"), 101) == []
+    assert second.handle(PublishReply(refused.ref, "error", "wait", "x"), 101) == []
+    again = second.tick(102)
+    assert sorted(fields(p)["message-count"] for p in again) == ["2", "3"]
+    assert isinstance(unanswered, Publish)
+    assert {p.ref for p in again}.isdisjoint({delivered.ref, refused.ref, unanswered.ref})
+    for publish in again:
+        assert second.handle(PublishReply(publish.ref, "result"), 103) == []
+    second.store.commit()
+    assert second.store.outbox("ejabberd@a") == [] and second.tick(1000) == []
+
+
 def test_a_retry_scheduled_before_a_crash_keeps_its_time(tmp_path: Path) -> None:
     db = tmp_path / "push.sqlite3"
     first = service_on(db, retry_delays_ms=(30_000,))

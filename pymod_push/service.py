@@ -15,6 +15,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Sequence
 
 from .appservice import AppServer, Delivery
+from .core import limits
 from .core import options as push_options
 from .core.config import Config
 from .core.notify import (
@@ -96,6 +97,7 @@ class PushService:
         self._seen: dict[RegistrationKey, OrderedDict[bytes, None]] = {}
         self.logic = logic or Logic()
         self.app_server = AppServer(config, store, logic=self.logic)
+        self._iq_limit = limits.account_rate_limiter(config.push_iq_rate)
 
     # ------------------------------------------------------------------ dispatch
     def handle(self, event: Event, now: float) -> Sequence[Action | Delivery]:
@@ -134,7 +136,7 @@ class PushService:
                 self.store.set_user_options(user, None)
                 return [PushOptionsUpdate(user, None)]
             case PushIq():
-                return self._push_iq(event)
+                return self._push_iq(event, now)
             case PublishReply():
                 return self._publish_reply(event, now)
             case EjabberdStarted():
@@ -143,8 +145,9 @@ class PushService:
         raise TypeError(f"unhandled event {event!r}")
 
     # ------------------------------------------------------------ enable/disable
-    def _push_iq(self, iq: PushIq) -> list[Action]:
+    def _push_iq(self, iq: PushIq, now: float) -> list[Action]:
         try:
+            limits.check_rate(self._iq_limit, iq.sender[:2], now, "push IQs")
             if not iq.sender[2]:
                 raise RequestError("not-allowed", "push is enabled from a client session",
                                    "cancel")
@@ -176,8 +179,14 @@ class PushService:
             result = accepted.form_xml()
         publish_options = request.publish_options.to_xml() if request.publish_options else None
         registration = Registration(*session, request.jid, request.node, publish_options)
-        self.store.enable(registration)
-        self.store.bind_node(session, self.config.ejabberd_node, None)
+        if self.store.get(registration.key) is None:  # re-enabling does not count
+            limits.check_count(self.store.registration_count(user),
+                               self.config.max_registrations, "push registrations",
+                               "max_registrations")
+        # Only this registration is written (bound to this node, not pending): the
+        # session's others were bound when it opened, so an enable costs the same
+        # however many the account holds.
+        self.store.enable(registration, self.config.ejabberd_node)
         self._seen.pop(registration.key, None)
         log.info("push enabled for %s/%s at %s", session[0], session[2], request.jid)
         return [*actions, SetPush(session, self.config.resume_timeout_ms),
@@ -275,6 +284,7 @@ class PushService:
     def _publish(self, registration: Registration, summary: list[tuple[str, str]],
                  now: float) -> Publish:
         """A new notification: in the outbox (committed with this batch) until answered."""
+        summary = limits.bound_summary(summary, self.config.max_body_length)
         entry = OutboxEntry(next(self._ids), registration.key, summary, 0, now)
         self.store.add_outbox(entry, self.config.ejabberd_node)
         self.counters["published"] += 1

@@ -262,18 +262,27 @@ class Store:
         found = list(self._select("user=? AND server=? AND push_jid=? AND node=?", key))
         return found[0] if found else None
 
-    def enable(self, registration: Registration) -> None:
-        """Add or replace (same user, app server and node) with fresh counters."""
+    def enable(self, registration: Registration, ejabberd_node: str = "") -> None:
+        """Add or replace (same user, app server and node) with fresh counters, for a
+        session live on ejabberd_node (not pending, no wake due)."""
         self.db.execute(
             "INSERT INTO registrations (user, server, resource, push_jid, node, "
-            "publish_options, enabled_at) VALUES (?, ?, ?, ?, ?, ?, ?) "
+            "publish_options, enabled_at, ejabberd_node) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (user, server, push_jid, node) DO UPDATE SET "
             "resource=excluded.resource, publish_options=excluded.publish_options, "
             "enabled_at=excluded.enabled_at, errors=0, message_count=0, subscription_count=0, "
-            "ejabberd_node='', wake_due=NULL, pending=0",
+            "ejabberd_node=excluded.ejabberd_node, wake_due=NULL, pending=0",
             (registration.user, registration.server, registration.resource,
              registration.push_jid, registration.node, registration.publish_options,
-             time.time()))
+             time.time(), ejabberd_node))
+
+    def registration_count(self, user: UserKey) -> int:
+        return int(self.db.execute("SELECT COUNT(*) FROM registrations WHERE user=? AND "
+                                   "server=?", user).fetchone()[0])
+
+    def device_count(self, user: str) -> int:
+        return int(self.db.execute("SELECT COUNT(*) FROM devices WHERE user=?",
+                                   (user,)).fetchone()[0])
 
     def disable(self, user: UserKey, push_jid: str, node: str | None) -> list[Registration]:
         """Remove the user's registrations at that app server (one node or all)."""

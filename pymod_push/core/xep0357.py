@@ -120,9 +120,9 @@ _BAD_IN_LOCAL = frozenset("\"&'/:<>@")
 def jid_problem(text: str) -> str | None:
     """Why ``text`` is not a sane JID to publish to, or None. "Sane": ejabberd's rules
     (RFC 7622: each part 1 to 1023 bytes, no '@' or '/' where they split) plus a domain
-    that is a DNS name (labels of letters, marks, digits, '-' and '_', 1 to 63 characters,
-    no empty label, no trailing dot), an IPv4 address or a bracketed IPv6 address; no
-    whitespace, controls or invisible characters anywhere."""
+    that is a DNS name (labels of 1 to 63 letters, marks, digits, '-' and '_', not
+    starting or ending with '-'; no empty label, no trailing dot), an IPv4 address or a
+    bracketed IPv6 address (no zone); no whitespace, controls or invisible characters."""
     bare, slash, resource = text.partition("/")
     local, at, domain = bare.rpartition("@")
     if not at:
@@ -139,15 +139,15 @@ def jid_problem(text: str) -> str | None:
         return "a character the local part may not hold"
     if domain.startswith("["):
         try:
-            if not domain.endswith("]"):
+            if not domain.endswith("]") or "%" in domain:
                 raise ValueError(domain)
             ipaddress.IPv6Address(domain[1:-1])
         except ValueError:
             return "not an IPv6 address in brackets"
         return None
     for label in domain.split("."):
-        if not label or len(label) > 63:
-            return "an empty or over-long label in the domain"
+        if not label or len(label) > 63 or label[0] == "-" or label[-1] == "-":
+            return "an empty, over-long or hyphen-edged label in the domain"
         if not all(c in "-_" or unicodedata.category(c)[0] in "LMN" for c in label):
             return "a character a domain may not hold"
     return None

@@ -280,6 +280,28 @@ class Store:
         return int(self.db.execute("SELECT COUNT(*) FROM registrations WHERE user=? AND "
                                    "server=?", user).fetchone()[0])
 
+    def accounts_near(self, registrations: int, devices: int,
+                      limit: int = 20) -> list[tuple[str, int, int]]:
+        """Accounts holding at least that many registrations or devices, most first:
+        (bare JID, registrations, devices)."""
+        found: dict[str, list[int]] = {}
+        for user, server, count in self.db.execute(
+                "SELECT user, server, COUNT(*) FROM registrations GROUP BY user, server "
+                "HAVING COUNT(*) >= ? ORDER BY COUNT(*) DESC LIMIT ?", (registrations, limit)):
+            found.setdefault(f"{user}@{server}", [0, 0])[0] = int(count)
+        for user, count in self.db.execute(
+                "SELECT user, COUNT(*) FROM devices GROUP BY user HAVING COUNT(*) >= ? "
+                "ORDER BY COUNT(*) DESC LIMIT ?", (devices, limit)):
+            found.setdefault(str(user), [0, 0])[1] = int(count)
+        for account, counts in found.items():  # the other count, for those found by one
+            if counts[0] == 0 and "@" in account:
+                name, server = account.split("@", 1)
+                counts[0] = self.registration_count((name, server))
+            if counts[1] == 0:
+                counts[1] = self.device_count(account)
+        return sorted(((a, r, d) for a, (r, d) in found.items()),
+                      key=lambda row: (-max(row[1], row[2]), row[0]))[:limit]
+
     def device_count(self, user: str) -> int:
         return int(self.db.execute("SELECT COUNT(*) FROM devices WHERE user=?",
                                    (user,)).fetchone()[0])

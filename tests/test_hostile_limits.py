@@ -497,3 +497,31 @@ def test_a_publish_with_a_huge_body_is_pushed_not_refused() -> None:
     assert len(cut.encode()) <= 4096 and cut.endswith(CUT_MARK)
     assert delivery.summary["message-count"] == "2"
     assert MAX_PUBLISH_OPTIONS_XML_BYTES == 4096
+
+
+# ------------------------------------------------------------------ who is near a limit
+
+def test_push_list_and_push_status_show_who_is_near_a_limit() -> None:
+    from pymod_push import admin
+    from pymod_push.protocol import AdminCommand, CommandResult
+
+    service = make_service(max_registrations=10)
+    for number in range(8):
+        service.handle(push_iq(enable_xml(f"n{number}")), 0.0)
+    bob = ("bob", "example.org", "pc")
+    service.handle(PushIq("b", bob, ("bob", "example.org", ""), "set", "en",
+                          enable_xml("b1").encode()), 0.0)
+
+    def run(name: str, *args: str) -> str:
+        (result,) = admin.run(AdminCommand("r", name, args), service, admin.ProcessInfo(), 0.0)
+        assert isinstance(result, CommandResult)
+        return result.text
+
+    listed = run("list", "alice", "example.org")
+    assert "limits: 8 of 10 push registrations (max_registrations), 0 of 20" in listed
+    assert listed.endswith("near a limit")
+    assert not run("list", "bob", "example.org").endswith("near a limit")
+    status = run("status")
+    assert "accounts near a limit" in status and "alice@example.org 8 registration(s)" in status
+    assert "bob@" not in status
+    print(f"\n{listed.splitlines()[-1]}\n{status.splitlines()[-1]}")

@@ -306,7 +306,7 @@ def test_registrations_per_account_are_limited_and_nothing_is_lost() -> None:
                           IqResult)
     refused = answer(service.handle(push_iq(enable_xml("n5")), 0.0))
     assert isinstance(refused, IqError)
-    assert (refused.error_type, refused.condition) == ("cancel", "policy-violation")
+    assert (refused.error_type, refused.condition) == ("cancel", "resource-constraint")
     assert "max_registrations" in refused.text and "5" in refused.text
     # re-enabling one it holds is no new one; from another resource neither
     assert isinstance(answer(service.handle(push_iq(enable_xml("n3")), 0.0)), IqResult)
@@ -445,7 +445,7 @@ def test_devices_per_account_are_limited() -> None:
     for number in range(3):
         assert _register(server, f"d{number}").get("type") == "result"
     error_type, condition, text = _error(_register(server, "d3"))
-    assert (error_type, condition) == ("cancel", "policy-violation") and "max_devices" in text
+    assert (error_type, condition) == ("cancel", "resource-constraint") and "max_devices" in text
     assert _register(server, "d1").get("type") == "result"  # registering again: no new one
     assert _register(server, "x", sender="bob@example.org/pc").get("type") == "result"
     assert len(server.store.devices_of("alice@example.org")) == 3

@@ -140,7 +140,10 @@ def check_rate(limiter: RateLimiter, account: object, now: float, what: str) -> 
 
 
 def check_count(held: int, limit: int, what: str, option: str) -> None:
-    """RequestError (policy-violation) when an account holding ``held`` may add none."""
+    """RequestError when an account holding ``held`` may add none: resource-constraint
+    of type cancel (waiting does not help). policy-violation would fit as well, but
+    RFC 3920 did not have it and client libraries still built on that list (slixmpp)
+    cannot read it."""
     if held >= limit:
-        raise RequestError("policy-violation", f"an account may hold at most {limit} {what} "
+        raise RequestError("resource-constraint", f"an account may hold at most {limit} {what} "
                            f"(option {option}); remove one first", "cancel")

@@ -30,6 +30,7 @@ from .core.notify import (
     unwrap_carbon,
     wake_fields,
 )
+from .core.pacing import DomainPacer
 from .core.xep0357 import (
     Disable,
     Enable,
@@ -98,9 +99,13 @@ class PushService:
         self.logic = logic or Logic()
         self.app_server = AppServer(config, store, logic=self.logic)
         self._iq_limit = limits.account_rate_limiter(config.push_iq_rate)
+        self._pacer = DomainPacer(config.publish_rate)  # publishes per app-server domain
 
     # ------------------------------------------------------------------ dispatch
     def handle(self, event: Event, now: float) -> Sequence[Action | Delivery]:
+        return self._pacer.pace(self._handle(event, now), now)
+
+    def _handle(self, event: Event, now: float) -> Sequence[Action | Delivery]:
         match event:
             case AppServerIq(allowed, xml):
                 return self.app_server.handle(allowed, xml)
@@ -401,11 +406,12 @@ class PushService:
     # ------------------------------------------------------------------ timers
     def next_deadline(self) -> float | None:
         deadlines = [d for d in (self._retries[0][0] if self._retries else None,
-                                 self._next_scheduled_wake) if d is not None]
+                                 self._next_scheduled_wake, self._pacer.next_deadline())
+                     if d is not None]
         return min(deadlines, default=None)
 
     def tick(self, now: float) -> list[Action]:
-        """Send the retries and wakes that are due."""
+        """Send the retries and wakes that are due, and what the pacer held back."""
         actions: list[Action] = []
         while self._retries and self._retries[0][0] <= now:
             _, _, publish = heapq.heappop(self._retries)
@@ -423,4 +429,4 @@ class PushService:
                 actions.append(self._wake(registration, now))
             self._next_scheduled_wake = (now + 1.0 if len(due) == rate
                                          else self.store.next_wake(self.config.ejabberd_node))
-        return actions
+        return [*self._pacer.due(now), *self._pacer.pace(actions, now)]

@@ -525,3 +525,52 @@ def test_push_list_and_push_status_show_who_is_near_a_limit() -> None:
     assert "accounts near a limit" in status and "alice@example.org 8 registration(s)" in status
     assert "bob@" not in status
     print(f"\n{listed.splitlines()[-1]}\n{status.splitlines()[-1]}")
+
+
+# ------------------------------------------------------------------ reflection
+
+def _publish(number: int, to: str) -> Publish:
+    return Publish(number, to, f"n{number}", (), None, 30_000)
+
+
+def test_publishes_over_a_domains_rate_wait_in_order_and_none_is_dropped() -> None:
+    from pymod_push.core.pacing import DomainPacer
+
+    pacer = DomainPacer(10)
+    flood = [_publish(n, f"user{n}@victim.example/r") for n in range(1000)]
+    other = _publish(5000, "push.example.net")
+    passed = pacer.pace([*flood, other], 100.0)
+    assert [p.ref for p in passed] == [*range(10), 5000]  # the burst, and the other domain
+    assert len(pacer) == 990 and pacer.next_deadline() == pytest.approx(100.1)
+    sent = [p.ref for p in passed if isinstance(p, Publish) and p.ref < 5000]
+    now, seconds = 100.0, 0
+    while len(pacer):
+        deadline = pacer.next_deadline()
+        assert deadline is not None and deadline > now
+        now = deadline
+        released = pacer.due(now)
+        assert released
+        sent += [p.ref for p in released]
+        seconds = int(now - 100.0)
+    assert sent == list(range(1000))  # in order, all of them
+    assert 98 <= seconds <= 99  # at 10 a second
+    # below the rate nothing waits
+    assert pacer.pace([_publish(1, "victim.example")], now + 10) != []
+
+
+def test_the_service_paces_publishes_to_one_domain() -> None:
+    service = make_service(publish_rate=5)
+    accounts = [(f"user{n}", "example.org", "phone") for n in range(12)]
+    for number, session in enumerate(accounts):
+        iq = PushIq(number, session, (*session[:2], ""), "set", "en",
+                    enable_xml(f"n{number}", jid="push.victim.example").encode())
+        assert isinstance(answer(service.handle(iq, 0.0)), IqResult)
+    now_sent = [a for session in accounts
+                for a in service.handle(StanzaToPending(session, message("hi")), 1.0)]
+    assert len(now_sent) == 5
+    deadline = service.next_deadline()
+    assert deadline is not None and deadline == pytest.approx(1.2)
+    later = service.tick(2.0)
+    assert len(later) == 5 and all(isinstance(p, Publish) for p in later)
+    assert len(service.tick(3.0)) == 2
+    print("\n12 publishes to one domain at publish_rate 5: 5 at once, 5 after 1 s, 2 after 2 s")

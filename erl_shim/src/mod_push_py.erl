@@ -179,6 +179,7 @@ mod_opt_type(max_body_length) -> econf:pos_int();
 mod_opt_type(max_registrations) -> econf:pos_int();
 mod_opt_type(max_devices) -> econf:pos_int();
 mod_opt_type(push_iq_rate) -> econf:pos_int();
+mod_opt_type(publish_rate) -> econf:pos_int();
 mod_opt_type(logic) -> econf:either(undefined, econf:binary());
 mod_opt_type(log_sensitive) -> econf:bool();
 mod_opt_type(metrics_listen) -> econf:either(undefined, econf:binary("^.+:[0-9]+$"));
@@ -258,6 +259,7 @@ mod_options(_Host) ->
      {max_registrations, 20},
      {max_devices, 20},
      {push_iq_rate, 60},
+     {publish_rate, 200},
      {logic, undefined},
      {log_sensitive, false},
      {metrics_listen, undefined},
@@ -371,6 +373,12 @@ mod_doc() ->
                          "commands one account may send per minute, in a burst or "
                          "spread out; beyond, they get 'resource-constraint' (type "
                          "wait). The default is '60'.")}},
+           {publish_rate,
+            #{value => ?T("Number"),
+              desc => ?T("Publishes a second this node sends to any one app-server "
+                         "domain, after a burst of as many; what is over the rate "
+                         "waits and is sent at the rate, in order, never dropped. "
+                         "The default is '200'.")}},
            {logic,
             #{value => ?T("Module"),
               desc => ?T("Push logic written by the admin in Python: an importable "

@@ -70,6 +70,7 @@ class Config:
     max_registrations: int = 20  # XEP-0357 registrations per account
     max_devices: int = 20  # devices per account at the built-in app server
     push_iq_rate: int = 60  # push IQs and registration commands per account and minute
+    publish_rate: int = 200  # publishes a second to any one app-server domain (then held)
     retry_delays_ms: tuple[int, ...] = (5_000, 30_000, 300_000)
     wake_on_start: bool = True  # after ejabberd boots, wake the push users it had
     wake_rate: int = 50  # wake pushes per second, so that a big server does not flood
@@ -110,6 +111,7 @@ class Config:
             max_registrations=int(options.get("max_registrations", cls.max_registrations)),
             max_devices=int(options.get("max_devices", cls.max_devices)),
             push_iq_rate=int(options.get("push_iq_rate", cls.push_iq_rate)),
+            publish_rate=int(options.get("publish_rate", cls.publish_rate)),
             retry_delays_ms=tuple(int(d) for d in options.get("retry_delays", cls.retry_delays_ms)),
             wake_on_start=bool(options.get("wake_on_start", cls.wake_on_start)),
             wake_rate=int(options.get("wake_rate", cls.wake_rate)),

@@ -99,7 +99,8 @@ class PushService:
         self.logic = logic or Logic()
         self.app_server = AppServer(config, store, logic=self.logic)
         self._iq_limit = limits.account_rate_limiter(config.push_iq_rate)
-        self._pacer = DomainPacer(config.publish_rate)  # publishes per app-server domain
+        self._pacer = DomainPacer(config.publish_rate,  # publishes per remote domain
+                                  (config.host, *(b.pubsub_host for b in config.backends)))
 
     # ------------------------------------------------------------------ dispatch
     def handle(self, event: Event, now: float) -> Sequence[Action | Delivery]:

@@ -574,3 +574,14 @@ def test_the_service_paces_publishes_to_one_domain() -> None:
     assert len(later) == 5 and all(isinstance(p, Publish) for p in later)
     assert len(service.tick(3.0)) == 2
     print("\n12 publishes to one domain at publish_rate 5: 5 at once, 5 after 1 s, 2 after 2 s")
+
+
+def test_the_servers_own_domains_are_not_paced() -> None:
+    from pymod_push.core.pacing import DomainPacer
+
+    pacer = DomainPacer(1, ("example.org", "pubsub.push.example.net"))
+    own = [_publish(n, to) for n, to in enumerate(
+        ["app@example.org/srv", "pubsub.example.org", "PubSub.Push.Example.NET"] * 10)]
+    assert pacer.pace(own, 0.0) == own
+    remote = [_publish(n, "evil-example.org") for n in range(3)]
+    assert pacer.pace(remote, 0.0) == remote[:1]

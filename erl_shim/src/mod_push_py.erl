@@ -259,7 +259,7 @@ mod_options(_Host) ->
      {max_registrations, 20},
      {max_devices, 20},
      {push_iq_rate, 60},
-     {publish_rate, 200},
+     {publish_rate, 1000},
      {logic, undefined},
      {log_sensitive, false},
      {metrics_listen, undefined},
@@ -375,10 +375,11 @@ mod_doc() ->
                          "wait). The default is '60'.")}},
            {publish_rate,
             #{value => ?T("Number"),
-              desc => ?T("Publishes a second this node sends to any one app-server "
-                         "domain, after a burst of as many; what is over the rate "
-                         "waits and is sent at the rate, in order, never dropped. "
-                         "The default is '200'.")}},
+              desc => ?T("Publishes a second this node sends to any one remote "
+                         "app-server domain (not the host, its subdomains or the "
+                         "backends' pubsub hosts), after a burst of as many; what is "
+                         "over the rate waits and is sent at the rate, in order, "
+                         "never dropped. The default is '1000'.")}},
            {logic,
             #{value => ?T("Module"),
               desc => ?T("Push logic written by the admin in Python: an importable "

@@ -70,7 +70,7 @@ class Config:
     max_registrations: int = 20  # XEP-0357 registrations per account
     max_devices: int = 20  # devices per account at the built-in app server
     push_iq_rate: int = 60  # push IQs and registration commands per account and minute
-    publish_rate: int = 200  # publishes a second to any one app-server domain (then held)
+    publish_rate: int = 1000  # publishes a second to any one remote app-server domain
     retry_delays_ms: tuple[int, ...] = (5_000, 30_000, 300_000)
     wake_on_start: bool = True  # after ejabberd boots, wake the push users it had
     wake_rate: int = 50  # wake pushes per second, so that a big server does not flood

@@ -1,8 +1,10 @@
-"""Publishes to any one app-server domain, paced (option publish_rate): however many
-registrations point at one domain, this node sends it at most that many a second after a
-burst of as many. What is over the rate waits, in order, and goes out as soon as the rate
-allows: a well-behaved app server below the rate sees no difference, one above it gets
-everything later instead of nothing. No clock: time comes in.
+"""Publishes to any one remote app-server domain, paced (option publish_rate): however
+many registrations point at one domain, this node sends it at most that many a second after
+a burst of as many. The server's own domains (its host, subdomains of it, the built-in app
+server's pubsub hosts) are not third parties and are not paced. What is over the rate
+waits, in order, and goes out as soon as the rate allows: a well-behaved app server below
+the rate sees no difference, one above it gets everything later instead of nothing. No
+clock: time comes in.
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ def domain_of(jid: str) -> str:
 
 
 class DomainPacer:
-    def __init__(self, per_second: int) -> None:
+    def __init__(self, per_second: int, local: tuple[str, ...] = ()) -> None:
         self.per_second = per_second
+        self._local = frozenset(d.lower() for d in local)
+        self._local_suffixes = tuple(f".{d.lower()}" for d in local)
         self._limit = RateLimiter(per_second, float(per_second))
         self._waiting: dict[str, deque[Publish]] = {}
         self._due: dict[str, float] = {}  # when a waiting domain has its next token
@@ -42,6 +46,9 @@ class DomainPacer:
                 passed.append(action)
                 continue
             domain = domain_of(action.to)
+            if domain in self._local or domain.endswith(self._local_suffixes):
+                passed.append(action)
+                continue
             queue = self._waiting.get(domain)
             if queue is None:  # nothing waits for this domain: a token, or wait
                 refusal = self._limit.take(domain, now)

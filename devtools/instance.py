@@ -73,6 +73,7 @@ class Instance:
     # distribution port instead (no epmd, nothing shared with other instances).
     clustered: bool = False
     python: str = field(default_factory=default_python)
+    max_stanza_size: int = 262144  # of c2s streams
 
     def __post_init__(self) -> None:
         self.folder = self.folder.resolve()
@@ -120,7 +121,7 @@ class Instance:
             "log_rotate_count": 0,
             "certfiles": [],
             "listen": [{"port": self.c2s_port, "ip": "127.0.0.1", "module": "ejabberd_c2s",
-                        "max_stanza_size": 262144}],
+                        "max_stanza_size": self.max_stanza_size}],
             "auth_method": "internal",
             "acl": {"local": {"user_regexp": ""}},
             "modules": modules,

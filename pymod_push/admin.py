@@ -73,7 +73,22 @@ def _status(service: PushService, info: ProcessInfo, args: tuple[str, ...],
         outcomes = Counter({outcome: n for (p, outcome), n in info.provider_counters.items()
                             if p == provider})
         lines.append(f"pushes via {provider}: {_counts(outcomes)}")
+    config = service.config
+    near = service.store.accounts_near(_near(config.max_registrations),
+                                       _near(config.max_devices))
+    if near:
+        lines.append(f"accounts near a limit (max_registrations {config.max_registrations}, "
+                     f"max_devices {config.max_devices}): "
+                     + ", ".join(f"{account} {regs} registration(s) {devices} device(s)"
+                                 for account, regs, devices in near))
     return "\n".join(lines), []
+
+
+NEAR_LIMIT = 0.8  # an account holding this much of a limit is shown
+
+
+def _near(limit: int) -> int:
+    return max(1, int(limit * NEAR_LIMIT))
 
 
 def _counts(counter: Counter[str]) -> str:
@@ -100,7 +115,16 @@ def _list(service: PushService, info: ProcessInfo, args: tuple[str, ...],
     for device in service.store.devices_of(f"{user[0]}@{user[1]}"):
         lines.append(f"device {device.device_id!r} ({device.device_name or 'no name'}): "
                      f"{device.provider}/{device.app_name}, node {device.node}")
-    return "\n".join(lines) or f"no push registrations for {user[0]}@{user[1]}", []
+    if not lines:
+        return f"no push registrations for {user[0]}@{user[1]}", []
+    config = service.config
+    held = service.store.registration_count(user)
+    devices = service.store.device_count(f"{user[0]}@{user[1]}")
+    near = held >= _near(config.max_registrations) or devices >= _near(config.max_devices)
+    lines.append(f"limits: {held} of {config.max_registrations} push registrations "
+                 f"(max_registrations), {devices} of {config.max_devices} app-server devices "
+                 f"(max_devices){', near a limit' if near else ''}")
+    return "\n".join(lines), []
 
 
 def _delete(service: PushService, info: ProcessInfo, args: tuple[str, ...],

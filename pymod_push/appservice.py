@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .core import appserver as app
+from .core import limits, safexml
 from .core.config import Backend, Config
 from .core.ratelimit import RateLimiter
 from .core.xep0357 import NS_PUBSUB, RequestError
@@ -78,16 +79,27 @@ class AppServer:
         # refills nor freezes budgets. Tests pass their own.
         self._clock = clock
         self._publish_limit = RateLimiter(PUBLISH_BURST, PUBLISH_REFILL_PER_SECOND)
+        self._command_limit = limits.account_rate_limiter(config.push_iq_rate)
 
     def handle(self, allowed: bool, xml: bytes) -> list[Route | Delivery]:
         try:
             iq = app.parse_iq(xml)
         except ET.ParseError as exc:
-            # Without its addressing there is no one to answer (ejabberd hands over only
-            # what its own parser accepted, so this is not a client's doing).
-            log.warning("app server: an IQ that is not plain XML was ignored (%d bytes): %s",
-                        len(xml), exc)
-            return []
+            # Answered at once from its start tag (silence would make the sender retry
+            # for minutes); only without its addressing is there no one to answer.
+            head = app.parse_iq_head(xml)
+            if head is None:
+                log.warning("app server: an IQ that is not plain XML was ignored "
+                            "(%d bytes): %s", len(xml), exc)
+                return []
+            if head.type not in ("get", "set"):
+                return []
+            if len(xml) > safexml.MAX_XML_BYTES:
+                return [Route(app.error_reply(head, "modify", "not-acceptable",
+                                              f"the IQ is larger than {safexml.MAX_XML_BYTES} "
+                                              "bytes"))]
+            return [Route(app.error_reply(head, "modify", "bad-request",
+                                          "the IQ is not plain XML"))]
         if iq.type not in ("get", "set"):
             return []  # results and errors need no answer
         domain = iq.to.split("/", 1)[0]
@@ -109,6 +121,8 @@ class AppServer:
         if iq.type == "set" and payload == f"{{{app.NS_COMMANDS}}}command" and register:
             if not allowed:
                 raise RequestError("forbidden", "you may not use this push app server", "auth")
+            limits.check_rate(self._command_limit, iq.sender_bare, self._clock(),
+                              "registration commands")
             return [Route(self._command(iq, app.parse_command(iq), register))]
         if iq.type == "set" and payload == f"{{{NS_PUBSUB}}}pubsub" and pubsub:
             return self._publish(iq, domain)
@@ -142,6 +156,11 @@ class AppServer:
         wanted = app.form_value(command.fields, "application-name")
         backend = next((b for b in candidates if b.app_name == wanted), candidates[0])
         request = app.parse_registration(command, iq, backend)
+        again = any(d.device_id == request.device_id and d.provider == backend.group
+                    and d.app_name == backend.app_name for d in self.store.devices_of(user))
+        if not again:  # registering a device again replaces it: that does not count
+            limits.check_count(self.store.device_count(user), self.config.max_devices,
+                               "devices at this app server", "max_devices")
         device = Device(app.new_node(), app.new_secret(), user, request.device_id,
                         request.device_name, backend.group, backend.app_name,
                         backend.pubsub_host, request.token, request.application_id,

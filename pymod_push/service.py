@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .appservice import AppServer, Delivery
+from .core import limits
 from .core import options as push_options
 from .core.config import Config
 from .core.notify import (
@@ -32,6 +33,7 @@ from .core.notify import (
     unwrap_carbon,
     wake_fields,
 )
+from .core.pacing import DomainPacer
 from .core.xep0357 import (
     Disable,
     Enable,
@@ -124,9 +126,15 @@ class PushService:
             self._pushed.setdefault(session, PushedTo(time.time())).marks.add(mark)
         self.logic = logic or Logic()
         self.app_server = AppServer(config, store, logic=self.logic)
+        self._iq_limit = limits.account_rate_limiter(config.push_iq_rate)
+        self._pacer = DomainPacer(config.publish_rate,  # publishes per remote domain
+                                  (config.host, *(b.pubsub_host for b in config.backends)))
 
     # ------------------------------------------------------------------ dispatch
     def handle(self, event: Event, now: float) -> Sequence[Action | Delivery]:
+        return self._pacer.pace(self._handle(event, now), now)
+
+    def _handle(self, event: Event, now: float) -> Sequence[Action | Delivery]:
         match event:
             case AppServerIq(allowed, xml):
                 return self.app_server.handle(allowed, xml)
@@ -162,7 +170,7 @@ class PushService:
                 self.store.set_user_options(user, None)
                 return [PushOptionsUpdate(user, None)]
             case PushIq():
-                return self._push_iq(event)
+                return self._push_iq(event, now)
             case PublishReply():
                 return self._publish_reply(event, now)
             case EjabberdStarted():
@@ -171,8 +179,9 @@ class PushService:
         raise TypeError(f"unhandled event {event!r}")
 
     # ------------------------------------------------------------ enable/disable
-    def _push_iq(self, iq: PushIq) -> list[Action]:
+    def _push_iq(self, iq: PushIq, now: float) -> list[Action]:
         try:
+            limits.check_rate(self._iq_limit, iq.sender[:2], now, "push IQs")
             if not iq.sender[2]:
                 raise RequestError("not-allowed", "push is enabled from a client session",
                                    "cancel")
@@ -204,8 +213,14 @@ class PushService:
             result = accepted.form_xml()
         publish_options = request.publish_options.to_xml() if request.publish_options else None
         registration = Registration(*session, request.jid, request.node, publish_options)
-        self.store.enable(registration)
-        self.store.bind_node(session, self.config.ejabberd_node, None)
+        if self.store.get(registration.key) is None:  # re-enabling does not count
+            limits.check_count(self.store.registration_count(user),
+                               self.config.max_registrations, "push registrations",
+                               "max_registrations")
+        # Only this registration is written (bound to this node, not pending): the
+        # session's others were bound when it opened, so an enable costs the same
+        # however many the account holds.
+        self.store.enable(registration, self.config.ejabberd_node)
         log.info("push enabled for %s/%s at %s", session[0], session[2], request.jid)
         return [*actions, SetPush(session, self.config.resume_timeout_ms),
                 IqResult(iq.ref, result)]
@@ -303,6 +318,7 @@ class PushService:
     def _publish(self, registration: Registration, summary: list[tuple[str, str]],
                  now: float) -> Publish:
         """A new notification: in the outbox (committed with this batch) until answered."""
+        summary = limits.bound_summary(summary, self.config.max_body_length)
         entry = OutboxEntry(next(self._ids), registration.key, summary, 0, now)
         self.store.add_outbox(entry, self.config.ejabberd_node)
         self.counters["published"] += 1
@@ -442,11 +458,12 @@ class PushService:
 
     def next_deadline(self) -> float | None:
         deadlines = [d for d in (self._retries[0][0] if self._retries else None,
-                                 self._next_scheduled_wake) if d is not None]
+                                 self._next_scheduled_wake, self._pacer.next_deadline())
+                     if d is not None]
         return min(deadlines, default=None)
 
     def tick(self, now: float) -> list[Action]:
-        """Send the retries and wakes that are due."""
+        """Send the retries and wakes that are due, and what the pacer held back."""
         actions: list[Action] = []
         while self._retries and self._retries[0][0] <= now:
             _, _, publish = heapq.heappop(self._retries)
@@ -467,4 +484,4 @@ class PushService:
                 actions.append(self._wake(registration, now))
             self._next_scheduled_wake = (now + 1.0 if len(due) == rate
                                          else self.store.next_wake(self.config.ejabberd_node))
-        return actions
+        return [*self._pacer.due(now), *self._pacer.pace(actions, now)]

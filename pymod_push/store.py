@@ -280,18 +280,50 @@ class Store:
         found = list(self._select("user=? AND server=? AND push_jid=? AND node=?", key))
         return found[0] if found else None
 
-    def enable(self, registration: Registration) -> None:
-        """Add or replace (same user, app server and node) with fresh counters."""
+    def enable(self, registration: Registration, ejabberd_node: str = "") -> None:
+        """Add or replace (same user, app server and node) with fresh counters, for a
+        session live on ejabberd_node (not pending, no wake due)."""
         self.db.execute(
             "INSERT INTO registrations (user, server, resource, push_jid, node, "
-            "publish_options, enabled_at) VALUES (?, ?, ?, ?, ?, ?, ?) "
+            "publish_options, enabled_at, ejabberd_node) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (user, server, push_jid, node) DO UPDATE SET "
             "resource=excluded.resource, publish_options=excluded.publish_options, "
             "enabled_at=excluded.enabled_at, errors=0, last_error_at=NULL, message_count=0, "
-            "subscription_count=0, ejabberd_node='', wake_due=NULL, pending=0",
+            "subscription_count=0, ejabberd_node=excluded.ejabberd_node, wake_due=NULL, "
+            "pending=0",
             (registration.user, registration.server, registration.resource,
              registration.push_jid, registration.node, registration.publish_options,
-             time.time()))
+             time.time(), ejabberd_node))
+
+    def registration_count(self, user: UserKey) -> int:
+        return int(self.db.execute("SELECT COUNT(*) FROM registrations WHERE user=? AND "
+                                   "server=?", user).fetchone()[0])
+
+    def accounts_near(self, registrations: int, devices: int,
+                      limit: int = 20) -> list[tuple[str, int, int]]:
+        """Accounts holding at least that many registrations or devices, most first:
+        (bare JID, registrations, devices)."""
+        found: dict[str, list[int]] = {}
+        for user, server, count in self.db.execute(
+                "SELECT user, server, COUNT(*) FROM registrations GROUP BY user, server "
+                "HAVING COUNT(*) >= ? ORDER BY COUNT(*) DESC LIMIT ?", (registrations, limit)):
+            found.setdefault(f"{user}@{server}", [0, 0])[0] = int(count)
+        for user, count in self.db.execute(
+                "SELECT user, COUNT(*) FROM devices GROUP BY user HAVING COUNT(*) >= ? "
+                "ORDER BY COUNT(*) DESC LIMIT ?", (devices, limit)):
+            found.setdefault(str(user), [0, 0])[1] = int(count)
+        for account, counts in found.items():  # the other count, for those found by one
+            if counts[0] == 0 and "@" in account:
+                name, server = account.split("@", 1)
+                counts[0] = self.registration_count((name, server))
+            if counts[1] == 0:
+                counts[1] = self.device_count(account)
+        return sorted(((a, r, d) for a, (r, d) in found.items()),
+                      key=lambda row: (-max(row[1], row[2]), row[0]))[:limit]
+
+    def device_count(self, user: str) -> int:
+        return int(self.db.execute("SELECT COUNT(*) FROM devices WHERE user=?",
+                                   (user,)).fetchone()[0])
 
     def disable(self, user: UserKey, push_jid: str, node: str | None) -> list[Registration]:
         """Remove the user's registrations at that app server (one node or all)."""

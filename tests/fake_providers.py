@@ -244,6 +244,8 @@ def apns_check(public_key: Any, team_id: str, key_id: str, topic: str) -> Check:
             return 400, {"reason": "TopicDisallowed"}
         if push_type == "background" and request.headers.get("apns-priority") != "5":
             return 400, {"reason": "BadPriority"}  # Apple's rule for background pushes
+        if len(request.body) > (5120 if push_type == "voip" else 4096):
+            return 413, {"reason": "PayloadTooLarge"}
         return None
     return check
 
@@ -268,8 +270,11 @@ def fcm_check(public_key: Any, client_email: str, project_id: str, port: int) ->
             return 404, {"error": {"status": "NOT_FOUND"}}
         if request.headers.get("authorization") != f"Bearer {issued}":
             return 401, {"error": {"status": "UNAUTHENTICATED"}}
-        if not request.json().get("message", {}).get("token"):
+        message = request.json().get("message", {})
+        if not message.get("token"):
             return 400, {"error": {"status": "INVALID_ARGUMENT"}}
+        if len(json.dumps(message.get("data", {}), separators=(",", ":")).encode()) > 4096:
+            return 400, {"error": {"status": "INVALID_ARGUMENT", "message": "too big"}}
         return None
     return check
 
@@ -290,6 +295,8 @@ def webpush_check(receiver_keys: dict[str, tuple[Any, bytes]]) -> Check:
             return 403, {"reason": "bad VAPID"}
         if request.headers.get("content-encoding") != "aes128gcm" or "ttl" not in request.headers:
             return 400, {"reason": "headers"}
+        if len(request.body) > 4096:  # what RFC 8030 lets a push service refuse
+            return 413, {}
         if request.path not in receiver_keys:
             return 410, {}
         private, auth = receiver_keys[request.path]
@@ -337,6 +344,8 @@ def wns_check(package_sid: str, secret: str) -> Check:
             return 401, {}
         if request.headers.get("x-wns-type") != "wns/raw":
             return 400, {}
+        if len(request.body) > 5120:
+            return 413, {}
         return None
     return check
 
@@ -349,6 +358,8 @@ def ubuntu_check(request: Received) -> tuple[int, dict[str, Any]] | None:
         return 400, {"error": "invalid-request"}
     if request.path != "/notify" or not {"appid", "token", "expire_on", "data"} <= set(body):
         return 400, {"error": "invalid-request"}
+    if len(request.body) > 4096:
+        return 413, {"error": "too-large"}
     return None
 
 

@@ -213,3 +213,22 @@ def test_two_nodes_migrate_the_same_postgresql_at_once(postgres: Any) -> None:
     assert [s.schema_version() for s in stores] == [len(MIGRATIONS)] * 2
     for store in stores:
         store.close()
+
+
+def test_counts_per_account_and_who_is_near_a_limit(opener: Opener) -> None:
+    store = opener()
+    for node in ("n1", "n2", "n3"):
+        store.enable(registration(node=node), "node@a")
+    store.enable(Registration("bob", "example.org", "pc", "app.example.net", "b1", None))
+    store.add_device(Device("d1", "s", "carol@example.org", "phone", "", "fcm", "app",
+                            "pubsub.example.org", "t"))
+    store.add_device(Device("d2", "s", "carol@example.org", "tablet", "", "fcm", "app",
+                            "pubsub.example.org", "t"))
+    assert store.registration_count(("alice", "example.org")) == 3
+    assert store.device_count("carol@example.org") == 2
+    assert store.accounts_near(3, 2) == [("alice@example.org", 3, 0),
+                                         ("carol@example.org", 0, 2)]
+    assert store.accounts_near(4, 3) == []
+    # an enable binds its registration to the node it was enabled on (and only that one)
+    assert store.db.execute("SELECT COUNT(*) FROM registrations WHERE ejabberd_node=?",
+                            ("node@a",)).fetchone()[0] == 3

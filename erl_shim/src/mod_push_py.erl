@@ -192,6 +192,11 @@ mod_opt_type(notify_on) -> econf:enum([messages, all]);
 mod_opt_type(notify_groupchat) -> econf:enum([mentions, always, never]);
 mod_opt_type(max_publish_errors) -> econf:pos_int();
 mod_opt_type(publish_error_window) -> econf:timeout(second);
+mod_opt_type(max_body_length) -> econf:pos_int();
+mod_opt_type(max_registrations) -> econf:pos_int();
+mod_opt_type(max_devices) -> econf:pos_int();
+mod_opt_type(push_iq_rate) -> econf:pos_int();
+mod_opt_type(publish_rate) -> econf:pos_int();
 mod_opt_type(logic) -> econf:either(undefined, econf:binary());
 mod_opt_type(log_sensitive) -> econf:bool();
 mod_opt_type(metrics_listen) -> econf:either(undefined, econf:binary("^.+:[0-9]+$"));
@@ -268,6 +273,11 @@ mod_options(_Host) ->
      {notify_groupchat, mentions},
      {max_publish_errors, 3},
      {publish_error_window, timer:minutes(10)},
+     {max_body_length, 1024},
+     {max_registrations, 20},
+     {max_devices, 20},
+     {push_iq_rate, 60},
+     {publish_rate, 1000},
      {logic, undefined},
      {log_sensitive, false},
      {metrics_listen, undefined},
@@ -364,6 +374,38 @@ mod_doc() ->
                          "last one counted count once: an app server that is "
                          "away or overloaded for a while costs one error, not "
                          "one per notification. The default is '10' minutes.")}},
+           {max_body_length,
+            #{value => ?T("Number"),
+              desc => ?T("Bytes of a message body that a notification carries at "
+                         "most; a longer body is cut on a character boundary and "
+                         "ends with '...' (U+2026). Providers' payloads are kept "
+                         "within their limits whatever this is. The default is "
+                         "'1024'.")}},
+           {max_registrations,
+            #{value => ?T("Number"),
+              desc => ?T("Push registrations (enables with distinct app server and "
+                         "node) one account may hold; an enable beyond gets "
+                         "'resource-constraint'. Re-enabling a registration does "
+                         "not count. The default is '20'.")}},
+           {max_devices,
+            #{value => ?T("Number"),
+              desc => ?T("Devices one account may register at the built-in app "
+                         "server; a registration beyond gets 'resource-constraint'. "
+                         "Registering a device again does not count. The default "
+                         "is '20'.")}},
+           {push_iq_rate,
+            #{value => ?T("Number"),
+              desc => ?T("Push IQs (enable, disable) and app-server registration "
+                         "commands one account may send per minute, in a burst or "
+                         "spread out; beyond, they get 'resource-constraint' (type "
+                         "wait). The default is '60'.")}},
+           {publish_rate,
+            #{value => ?T("Number"),
+              desc => ?T("Publishes a second this node sends to any one remote "
+                         "app-server domain (not the host, its subdomains or the "
+                         "backends' pubsub hosts), after a burst of as many; what is "
+                         "over the rate waits and is sent at the rate, in order, "
+                         "never dropped. The default is '1000'.")}},
            {logic,
             #{value => ?T("Module"),
               desc => ?T("Push logic written by the admin in Python: an importable "
@@ -453,16 +495,38 @@ mod_doc() ->
 decode_iq_subel(El) ->
     El.
 
--spec process_iq(iq()) -> ignore.
+-spec process_iq(iq()) -> ignore | iq().
 process_iq(#iq{from = From, to = To, type = Type, lang = Lang} = IQ) ->
-    Ref = make_ref(),
-    Xml = case xmpp:get_els(IQ) of
-              [El | _] -> fxml:element_to_binary(xmpp:encode(El));
-              [] -> <<>>
-          end,
-    send_iq(To#jid.lserver, IQ, Ref, {iq, Ref, jid:tolower(From),
-                                      jid:tolower(jid:remove_resource(To)), Type, Lang, Xml}),
-    ignore.
+    Els = [xmpp:encode(El) || El <- xmpp:get_els(IQ)],
+    case push_jid_malformed(Els) of
+        true ->
+            Text = ?T("The 'jid' of this push request is not a JID ejabberd accepts"),
+            xmpp:make_error(IQ, xmpp:err_jid_malformed(Text, Lang));
+        false ->
+            Ref = make_ref(),
+            Xml = case Els of
+                      [El | _] -> fxml:element_to_binary(El);
+                      [] -> <<>>
+                  end,
+            send_iq(To#jid.lserver, IQ, Ref, {iq, Ref, jid:tolower(From),
+                                              jid:tolower(jid:remove_resource(To)), Type,
+                                              Lang, Xml}),
+            ignore
+    end.
+
+%% The app server's JID of an enable or disable, by ejabberd's own rules (stringprep,
+%% 1023 bytes a part); Python adds what those let through but no app server can be.
+push_jid_malformed([#xmlel{attrs = Attrs} | _]) ->
+    case fxml:get_attr(<<"jid">>, Attrs) of
+        {value, <<_, _/binary>> = Jid} ->
+            try jid:decode(Jid) of
+                _ -> false
+            catch error:_ -> true
+            end;
+        _ -> false
+    end;
+push_jid_malformed(_) ->
+    false.
 
 disco_sm_features(empty, From, To, Node, Lang) ->
     disco_sm_features({result, []}, From, To, Node, Lang);

@@ -16,7 +16,8 @@ from xml.sax.saxutils import escape, quoteattr
 
 from . import safexml
 from .config import Backend
-from .xep0357 import NS_DATA, NS_PUBSUB, RequestError, field_xml, parse_form
+from .limits import cut_utf8
+from .xep0357 import MAX_FORM_FIELDS, NS_DATA, NS_PUBSUB, RequestError, field_xml, parse_form
 
 NS_COMMANDS = "http://jabber.org/protocol/commands"
 NS_DISCO_INFO = "http://jabber.org/protocol/disco#info"
@@ -70,6 +71,27 @@ def parse_iq(xml: bytes) -> Iq:
     payload = element[0] if len(element) else None
     return Iq(element.get("id", ""), element.get("type", ""), element.get("from", ""),
               element.get("to", ""), payload)
+
+
+MAX_HEAD_BYTES = 64 * 1024  # two JIDs and an id, escaped, fit many times over
+
+
+def parse_iq_head(xml: bytes) -> Iq | None:
+    """The addressing of an IQ whose whole is not usable (too large, not plain XML),
+    from its start tag alone, so that it can be answered; None if not even that parses.
+    fxml writes '>' in attribute values as an entity: the first '>' ends the tag."""
+    end = xml.find(b">", 0, MAX_HEAD_BYTES)
+    if not xml.startswith(b"<iq") or end < 0:
+        return None
+    head = xml[:end + 1]
+    try:
+        element = safexml.parse(head if head.endswith(b"/>") else head + b"</iq>")
+    except ET.ParseError:
+        return None
+    if element.tag.rpartition("}")[2] != "iq":
+        return None
+    return Iq(element.get("id", ""), element.get("type", ""), element.get("from", ""),
+              element.get("to", ""), None)
 
 
 def error_reply(iq: Iq, error_type: str, condition: str, text: str = "") -> str:
@@ -218,14 +240,27 @@ def parse_publish(iq: Iq) -> PublishRequest:
         raise RequestError("bad-request", "publish needs a node")
     summary: dict[str, str] = {}
     for form in publish.iter(f"{{{NS_DATA}}}x"):
-        summary = {var: values[0] if values else "" for var, values in parse_form(form).fields}
+        summary = _lenient_fields(form)
         break
     secret = None
     options = pubsub.find(f"{{{NS_PUBSUB}}}publish-options/{{{NS_DATA}}}x")
     if options is not None:
-        values = dict(parse_form(options).fields).get("secret")
-        secret = values[0] if values else None
+        secret = _lenient_fields(options).get("secret")
     return PublishRequest(publish.get("node", ""), secret, summary)
+
+
+def _lenient_fields(form: ET.Element) -> dict[str, str]:
+    """A publish's form, first values only: whatever another server sends is pushed
+    rather than refused (which would lose the notification), within bounds: a value is
+    cut at MAX_FIELD bytes (marked), a field with a long name or beyond the 64th is
+    left out. The providers shorten further to fit their payloads."""
+    fields: dict[str, str] = {}
+    for field in form.findall(f"{{{NS_DATA}}}field")[:MAX_FORM_FIELDS + 1]:
+        var = field.get("var")
+        if var is None or len(var) > 256 or var in fields:
+            continue
+        fields[var] = cut_utf8(field.findtext(f"{{{NS_DATA}}}value") or "", MAX_FIELD)
+    return fields
 
 
 def secret_matches(expected: str, given: str | None) -> bool:

@@ -66,6 +66,12 @@ class Config:
     notify_groupchat: str = "mentions"  # "mentions" | "always" | "never"
     max_publish_errors: int = 3
     publish_error_window_ms: int = 600_000  # failures within this count once (count_error)
+    # Limits against hostile or careless accounts (see core/limits.py and README)
+    max_body_length: int = 1024  # bytes of last-message-body in a publish (cut, marked)
+    max_registrations: int = 20  # XEP-0357 registrations per account
+    max_devices: int = 20  # devices per account at the built-in app server
+    push_iq_rate: int = 60  # push IQs and registration commands per account and minute
+    publish_rate: int = 1000  # publishes a second to any one remote app-server domain
     retry_delays_ms: tuple[int, ...] = (5_000, 30_000, 300_000)
     wake_on_start: bool = True  # after ejabberd boots, wake the push users it had
     wake_rate: int = 50  # wake pushes per second, so that a big server does not flood
@@ -104,6 +110,11 @@ class Config:
             max_publish_errors=int(options.get("max_publish_errors", cls.max_publish_errors)),
             publish_error_window_ms=int(options.get("publish_error_window",
                                                     cls.publish_error_window_ms)),
+            max_body_length=int(options.get("max_body_length", cls.max_body_length)),
+            max_registrations=int(options.get("max_registrations", cls.max_registrations)),
+            max_devices=int(options.get("max_devices", cls.max_devices)),
+            push_iq_rate=int(options.get("push_iq_rate", cls.push_iq_rate)),
+            publish_rate=int(options.get("publish_rate", cls.publish_rate)),
             retry_delays_ms=tuple(int(d) for d in options.get("retry_delays", cls.retry_delays_ms)),
             wake_on_start=bool(options.get("wake_on_start", cls.wake_on_start)),
             wake_rate=int(options.get("wake_rate", cls.wake_rate)),

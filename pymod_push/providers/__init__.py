@@ -6,9 +6,12 @@ from __future__ import annotations
 import base64
 import enum
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlencode
+
+from ..core.limits import fit
 
 if TYPE_CHECKING:
     from ..store import Device
@@ -52,6 +55,16 @@ def summary_payload(summary: dict[str, str]) -> dict[str, str]:
     """What an app receives as data: the summary fields the XMPP server chose to include
     (counts by default; sender and body only when the user's options allow them)."""
     return {key: value for key, value in summary.items() if key != "FORM_TYPE"}
+
+
+def fitted(summary: dict[str, str], build: Callable[[dict[str, str]], bytes],
+           limit: int) -> bytes:
+    """``build(summary)``, the summary shortened until that is at most ``limit`` bytes:
+    the body first, then optional fields (see core.limits.fit)."""
+    payload = build(summary)
+    if len(payload) <= limit:
+        return payload
+    return build(fit(summary, lambda s: len(build(s)), limit))
 
 
 def to_json(data: object) -> bytes:

@@ -12,7 +12,7 @@ from cryptography.x509.oid import NameOID
 
 from ..core.config import Backend
 from ..store import Device
-from . import HttpRequest, Outcome, Reply, notification_text, summary_payload, to_json
+from . import HttpRequest, Outcome, Reply, fitted, notification_text, summary_payload, to_json
 
 PRODUCTION = "https://api.push.apple.com"
 SANDBOX = "https://api.sandbox.push.apple.com"
@@ -20,6 +20,8 @@ TOKEN_LIFETIME = 40 * 60  # Apple wants a new JWT at most every 20 min, at least
 EXPIRATION = 24 * 3600
 URGENT_TEXT = "Incoming call"
 GONE = {"BadDeviceToken", "Unregistered", "DeviceTokenNotForTopic"}
+MAX_PAYLOAD = 4096  # bytes, Apple's limit for alert and background pushes
+MAX_VOIP_PAYLOAD = 5120
 
 
 def topic_from_certificate(certfile: str) -> str | None:
@@ -74,23 +76,28 @@ class Apns:
         if urgent and self.voip_topic and device.voip_token:
             return self._voip_request(device, summary, now)
         token, node = device.token, device.node
-        title, body = notification_text(summary)
-        if urgent and not (title or body):
-            body = URGENT_TEXT  # background pushes may not be urgent: show something
-        if title or body:
-            alert = {"title": title, "body": body} if title else {"body": body}
-            aps: dict[str, Any] = {"alert": alert, "mutable-content": 1, "sound": "default"}
-            push_type, priority = "alert", "10"
-            if urgent:
-                aps["interruption-level"] = "time-sensitive"
-        else:  # nothing to show: wake the app so that it fetches its messages
-            aps = {"content-available": 1}
-            push_type, priority = "background", "5"
+        shown = any(notification_text(summary)) or urgent
+        push_type, priority = ("alert", "10") if shown else ("background", "5")
+
+        def payload(fields: dict[str, str]) -> bytes:
+            title, body = notification_text(fields)
+            if shown and not (title or body):
+                body = URGENT_TEXT if urgent else "New message"  # what was shown got cut
+            if shown:
+                alert = {"title": title, "body": body} if title else {"body": body}
+                aps: dict[str, Any] = {"alert": alert, "mutable-content": 1,
+                                       "sound": "default"}
+                if urgent:
+                    aps["interruption-level"] = "time-sensitive"
+            else:  # nothing to show: wake the app so that it fetches its messages
+                aps = {"content-available": 1}
+            return to_json({"aps": aps, **summary_payload(fields)})
+
         headers = {"apns-topic": self.topic, "apns-push-type": push_type,
                    "apns-priority": priority,
                    "apns-expiration": str(int(now) + EXPIRATION),
                    "apns-collapse-id": node[:64], "content-type": "application/json"}
-        return self._signed(token, headers, {"aps": aps, **summary_payload(summary)}, now)
+        return self._signed(token, headers, fitted(summary, payload, MAX_PAYLOAD), now)
 
     def _voip_request(self, device: Device, summary: dict[str, str],
                       now: float) -> HttpRequest:
@@ -98,15 +105,16 @@ class Apns:
         headers = {"apns-topic": str(self.voip_topic), "apns-push-type": "voip",
                    "apns-priority": "10", "apns-expiration": "0",
                    "content-type": "application/json"}
-        return self._signed(device.voip_token, headers, {"aps": {}, **summary_payload(summary)},
-                            now)
+        payload = fitted(summary, lambda fields: to_json({"aps": {}, **summary_payload(fields)}),
+                         MAX_VOIP_PAYLOAD)
+        return self._signed(device.voip_token, headers, payload, now)
 
-    def _signed(self, token: str, headers: dict[str, str], payload: dict[str, Any],
+    def _signed(self, token: str, headers: dict[str, str], payload: bytes,
                 now: float) -> HttpRequest:
         bearer = self.bearer(now)
         if bearer:
             headers["authorization"] = f"bearer {bearer}"
-        return HttpRequest("POST", f"{self.base}/3/device/{token}", headers, to_json(payload))
+        return HttpRequest("POST", f"{self.base}/3/device/{token}", headers, payload)
 
     def reply(self, status: int, headers: dict[str, str], body: bytes) -> Reply:
         if status == 200:

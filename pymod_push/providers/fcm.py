@@ -10,13 +10,23 @@ import jwt
 
 from ..core.config import Backend
 from ..store import Device
-from . import HttpRequest, OAuthToken, Outcome, Reply, common_reply, summary_payload, to_json
+from . import (
+    HttpRequest,
+    OAuthToken,
+    Outcome,
+    Reply,
+    common_reply,
+    fitted,
+    summary_payload,
+    to_json,
+)
 
 BASE = "https://fcm.googleapis.com"
 SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
 GONE = {"UNREGISTERED"}
 TTL = 86400
 CALL_TTL = 60  # a call nobody sees within a minute is a missed call, not a ring
+MAX_DATA = 4096  # bytes of data (keys and values; counted here as its JSON, which is more)
 
 
 class Fcm:
@@ -50,7 +60,8 @@ class Fcm:
 
     def request(self, device: Device, summary: dict[str, str], now: float,
                 urgent: bool = False) -> HttpRequest:
-        message = {"token": device.token, "data": summary_payload(summary),
+        data = json.loads(fitted(summary, lambda s: to_json(summary_payload(s)), MAX_DATA))
+        message = {"token": device.token, "data": data,
                    "android": {"priority": "high" if urgent else "normal",
                                "ttl": f"{CALL_TTL if urgent else TTL}s",
                                "collapse_key": device.node[:64]}}

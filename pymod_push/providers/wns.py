@@ -4,9 +4,19 @@ from __future__ import annotations
 
 from ..core.config import Backend
 from ..store import Device
-from . import HttpRequest, OAuthToken, Outcome, Reply, common_reply, summary_payload, to_json
+from . import (
+    HttpRequest,
+    OAuthToken,
+    Outcome,
+    Reply,
+    common_reply,
+    fitted,
+    summary_payload,
+    to_json,
+)
 
 LOGIN = "https://login.live.com"
+MAX_PAYLOAD = 5120  # bytes: Microsoft's limit for any notification, raw ones included
 
 
 class Wns:
@@ -34,7 +44,8 @@ class Wns:
                    "authorization": f"Bearer {self.token.value}",
                    "x-wns-ttl": "60" if urgent else "86400",
                    "x-wns-priority": "1" if urgent else "2", "x-wns-tag": device.node[:32]}
-        return HttpRequest("POST", device.token, headers, to_json(summary_payload(summary)))
+        return HttpRequest("POST", device.token, headers,
+                           fitted(summary, lambda s: to_json(summary_payload(s)), MAX_PAYLOAD))
 
     def reply(self, status: int, headers: dict[str, str], body: bytes) -> Reply:
         if 200 <= status < 300:

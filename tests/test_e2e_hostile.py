@@ -1,0 +1,349 @@
+"""A hostile or careless account against a real ejabberd (issue 13): a 1 MB message body
+reaches every kind of provider (fakes that refuse what the real ones refuse, oversized
+payloads included) and an external app server promptly and within their limits; invalid
+app-server JIDs are refused by ejabberd's own rules; one account flooding enables does
+not delay another user's pushes. Figures are printed (pytest -s shows them)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import itertools
+import json
+import multiprocessing
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from xml.sax.saxutils import quoteattr
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from slixmpp.exceptions import IqError
+from slixmpp.xmlstream.handler import Callback
+from slixmpp.xmlstream.matcher import MatchXPath
+
+from devtools.instance import Instance, free_port
+from pymod_push.core.limits import CUT_MARK
+from tests.conftest import Scenario
+from tests.fake_providers import (
+    FakeProvider,
+    LoopbackCA,
+    apns_check,
+    fcm_check,
+    serve_in_thread,
+    ubuntu_check,
+    webpush_check,
+    wns_check,
+)
+from tests.test_hostile_limits import GOOD_JIDS, HOSTILE_JIDS
+from tests.xmpp_peers import NS_DATA, NS_PUSH, Peers, form_fields
+
+pytestmark = pytest.mark.e2e
+
+TOPIC = "org.example.hostile"
+MEGABYTE_BODY = "\U0001F600" * 200_000 + "a" * 248_576  # 1 MiB of UTF-8, 4- and 1-byte chars
+
+
+@dataclass
+class Setup:
+    scenario: Scenario
+    fakes: dict[str, FakeProvider]
+    ports: dict[str, int]
+    webpush_keys: dict[str, tuple[ec.EllipticCurvePrivateKey, bytes]]
+
+
+def _pem(key: Any) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+@pytest.fixture(scope="module")
+def setup() -> Iterator[Setup]:
+    folder = Path(tempfile.mkdtemp(prefix="pymod_push-hostile-"))
+    folder.chmod(0o755)
+    ca = LoopbackCA(folder / "tls")
+    apns_key = ec.generate_private_key(ec.SECP256R1())
+    (folder / "apns.p8").write_bytes(_pem(apns_key))
+    fcm_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    vapid_key = ec.generate_private_key(ec.SECP256R1())
+    (folder / "vapid.pem").write_bytes(_pem(vapid_key))
+    ports = {name: free_port() for name in ("apns", "fcm", "webpush", "wns", "ubuntu")}
+    (folder / "sa.json").write_text(json.dumps({
+        "type": "service_account", "project_id": "fake-project",
+        "client_email": "push@fake-project.iam.gserviceaccount.com",
+        "private_key": _pem(fcm_key).decode(),
+        "token_uri": f"https://127.0.0.1:{ports['fcm']}/token"}))
+    common = {"cafile": str(ca.cafile), "pubsub_host": "pubsub.localhost",
+              "register_host": "localhost"}
+    backends = [
+        {**common, "type": "apns", "app_name": "chatninja", "topic": TOPIC,
+         "voip_topic": f"{TOPIC}.voip", "key_file": str(folder / "apns.p8"), "key_id": "K1",
+         "team_id": "T1", "endpoint": f"https://127.0.0.1:{ports['apns']}"},
+        {**common, "type": "fcm", "app_name": "chatninja",
+         "service_account_file": str(folder / "sa.json"),
+         "endpoint": f"https://127.0.0.1:{ports['fcm']}"},
+        {**common, "type": "webpush", "vapid_private_key_file": str(folder / "vapid.pem"),
+         "vapid_subject": "mailto:admin@localhost"},
+        {**common, "type": "wns", "app_name": "chatninja", "package_sid": "ms-app://sid",
+         "auth_key": "s3cret", "endpoint": f"https://127.0.0.1:{ports['wns']}"},
+        {**common, "type": "ubuntu", "endpoint": f"https://127.0.0.1:{ports['ubuntu']}"},
+    ]
+    instance = Instance(folder, options={"include_message_bodies": True,
+                                         "include_senders": True, "backends": backends},
+                        max_stanza_size=4 * 1024 * 1024)
+    instance.write_config()
+    webpush_keys: dict[str, tuple[ec.EllipticCurvePrivateKey, bytes]] = {}
+    fakes = {
+        "apns": FakeProvider(apns_check(apns_key.public_key(), "T1", "K1", TOPIC)),
+        "fcm": FakeProvider(fcm_check(fcm_key.public_key(),
+                                      "push@fake-project.iam.gserviceaccount.com",
+                                      "fake-project", ports["fcm"])),
+        "webpush": FakeProvider(webpush_check(webpush_keys)),
+        "wns": FakeProvider(wns_check("ms-app://sid", "s3cret")),
+        "ubuntu": FakeProvider(ubuntu_check),
+    }
+    for name, fake in fakes.items():
+        serve_in_thread(fake, ca, ports[name])
+    try:
+        instance.start()
+        yield Setup(Scenario(instance), fakes, ports, webpush_keys)
+    finally:
+        instance.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _registration(setup: Setup, kind: str, call: bool) -> dict[str, str | list[str]]:
+    if kind == "apns":
+        return {"token": "ab" * 32, "voip-token": "cd" * 32} if call else {"token": "ab" * 32}
+    if kind == "fcm":
+        return {"token": "fcm-token"}
+    if kind == "webpush":
+        receiver = ec.generate_private_key(ec.SECP256R1())
+        auth = b"0123456789abcdef"
+        path = f"/sub/{len(setup.webpush_keys)}"
+        setup.webpush_keys[path] = (receiver, auth)
+        public = receiver.public_key().public_bytes(
+            serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
+        return {"endpoint": f"https://127.0.0.1:{setup.ports['webpush']}{path}",
+                "p256dh": _b64(public), "auth": _b64(auth)}
+    if kind == "wns":
+        return {"token": f"https://127.0.0.1:{setup.ports['wns']}/channel/1"}
+    return {"token": "ubuntu-token", "application-id": "app.id_app"}
+
+
+def _delivered_summary(kind: str, request: Any) -> dict[str, str]:
+    if kind == "apns":
+        data = dict(request.json())
+        data.pop("aps")
+        return data
+    if kind == "fcm":
+        return dict(request.json()["message"]["data"])
+    if kind == "webpush":
+        return dict(json.loads(request.decrypted))
+    if kind == "wns":
+        return dict(request.json())
+    return dict(request.json()["data"])
+
+
+async def _first_push(fake: FakeProvider) -> Any:
+    """The first request that is a push (not a token request)."""
+    for count in itertools.count(1):
+        received = await fake.wait_for(count)
+        pushes = [r for r in received if r.path not in ("/token", "/accesstoken.srf")]
+        if pushes:
+            return pushes[0]
+    raise AssertionError("unreachable")
+
+
+PROPOSE = ("<propose xmlns='urn:xmpp:jingle-message:0' id='call-1'>"
+           "<description xmlns='urn:xmpp:jingle:apps:rtp:1' media='audio'/></propose>")
+
+
+@pytest.mark.parametrize("kind", ["apns", "fcm", "webpush", "wns", "ubuntu"])
+def test_a_1_mb_body_gives_a_prompt_valid_push_at_every_provider(setup: Setup,
+                                                                 kind: str) -> None:
+    scenario, fake = setup.scenario, setup.fakes[kind]
+    fake.reset()
+
+    async def run(peers: Peers) -> None:
+        _, phone, sender = await scenario.cast(peers)
+        command = await phone.command("localhost", f"register-push-{kind}",
+                                      _registration(setup, kind, call=False))
+        result = form_fields(command.find(f"{{{NS_DATA}}}x"))
+        await phone.enable_push(result["jid"][0], result["node"][0],
+                                secret=result["secret"][0])
+        await scenario.go_pending(phone)
+        started = time.monotonic()
+        sender.send_message(mto=phone.boundjid.full, mbody=MEGABYTE_BODY, mtype="chat")
+        push = await _first_push(fake)
+        elapsed = time.monotonic() - started
+        assert push.refused == "" and push.status < 300, push.refused
+        summary = _delivered_summary(kind, push)
+        body = summary["last-message-body"]
+        assert body.endswith(CUT_MARK) and MEGABYTE_BODY.startswith(body[:-1])
+        assert summary["message-count"] == "1"
+        print(f"\n1 MB body via {kind}: payload {len(push.body)} bytes, body cut to "
+              f"{len(body.encode())} bytes, pushed {elapsed * 1000:.0f} ms after sending")
+
+    scenario.run(run)
+
+
+def test_a_1_mb_body_gives_a_bounded_publish_to_an_external_app_server(setup: Setup) -> None:
+    scenario = setup.scenario
+
+    async def run(peers: Peers) -> None:
+        server, phone, sender = await scenario.cast(peers)
+        await phone.enable_push(server.boundjid.full, "big-node", secret="s")
+        await scenario.go_pending(phone)
+        started = time.monotonic()
+        sender.send_message(mto=phone.boundjid.full, mbody=MEGABYTE_BODY, mtype="chat")
+        (publish,) = await server.wait_for("big-node", 1)
+        elapsed = time.monotonic() - started
+        body = publish.summary["last-message-body"]
+        assert len(body.encode()) <= 1024 and body.endswith(CUT_MARK)
+        assert MEGABYTE_BODY.startswith(body[:-1])
+        assert publish.publish_options["secret"] == "s"
+        print(f"\n1 MB body to an external app server: body cut to {len(body.encode())} "
+              f"bytes, published {elapsed * 1000:.0f} ms after sending")
+
+    scenario.run(run)
+
+
+def _xml_safe(jid: str) -> bool:
+    """What an XML stream can carry at all (no C0 controls but tab, newline, return)."""
+    return all(c in "\t\n\r" or (ord(c) >= 0x20 and c not in "\ufffe\uffff") for c in jid)
+
+
+def test_hostile_push_jids_are_refused_by_ejabberds_rules(setup: Setup) -> None:
+    scenario = setup.scenario
+    corpus = [jid for jid in HOSTILE_JIDS if _xml_safe(jid)]
+    assert len(corpus) >= 50
+
+    async def run(peers: Peers) -> None:
+        _, phone, _ = await scenario.cast(peers)
+        by_whom = {"ejabberd (shim)": 0, "Python": 0}
+        for jid in corpus:
+            try:
+                await phone.push_iq(f"<enable xmlns='{NS_PUSH}' jid={quoteattr(jid)} node='n'/>")
+            except IqError as error:
+                assert error.iq["error"]["condition"] == "jid-malformed", jid
+                text = error.iq["error"]["text"]
+                by_whom["ejabberd (shim)" if "ejabberd accepts" in text else "Python"] += 1
+            else:
+                raise AssertionError(f"{jid!r} was accepted")
+        for jid in GOOD_JIDS:
+            await phone.push_iq(f"<enable xmlns='{NS_PUSH}' jid={quoteattr(jid)} node='n'/>")
+            await phone.disable_push(jid)
+        print(f"\n{len(corpus)} hostile push JIDs refused with jid-malformed: {by_whom}; "
+              f"{len(GOOD_JIDS)} ordinary ones accepted")
+
+    scenario.run(run)
+
+
+def _flood(port: int, jid: str, password: str, size: int, ready: Any,
+           results: Any) -> None:
+    """In a process of its own (the test's event loop must not be the bottleneck): log
+    in, send ``size`` enables at once, collect the answers."""
+    async def main() -> None:
+        peers = Peers(port)
+        try:
+            flooder = await peers.user(jid, password)
+            conditions: dict[str, int] = {}
+            answered: list[float] = []
+            done = asyncio.get_running_loop().create_future()
+
+            def on_answer(iq: Any) -> None:  # one handler: slixmpp's per-IQ ones are O(n)
+                if not iq["id"].startswith("flood-") or iq["type"] not in ("result", "error"):
+                    return
+                condition = iq["error"]["condition"] if iq["type"] == "error" else "result"
+                conditions[condition] = conditions.get(condition, 0) + 1
+                answered.append(time.monotonic())
+                if len(answered) == size and not done.done():
+                    done.set_result(None)
+
+            flooder.register_handler(Callback("flood answers", MatchXPath("{jabber:client}iq"),
+                                              on_answer))
+            ready.set()
+            started = time.monotonic()
+            for number in range(size):
+                flooder.send_raw(f"<iq type='set' id='flood-{number}'><enable "
+                                 f"xmlns='{NS_PUSH}' jid='app{number % 1000}.example.net' "
+                                 f"node='n{number}'/></iq>")
+            await asyncio.wait_for(done, 120)
+            results.put((conditions, [t - started for t in answered]))
+        finally:
+            await peers.close()
+    asyncio.run(main())
+
+
+def test_a_flood_of_enables_does_not_delay_another_users_pushes(setup: Setup) -> None:
+    scenario = setup.scenario
+    flood_size = 3000
+    context = multiprocessing.get_context("spawn")
+    ready, results = context.Event(), context.Queue()
+
+    async def run(peers: Peers) -> None:
+        server, victim, sender = await scenario.cast(peers)
+        flooder_jid, password = await asyncio.to_thread(scenario.account, "flooder")
+        await victim.enable_push(server.boundjid.full, "victim-node")
+        await scenario.go_pending(victim)
+        node = "victim-node"
+
+        async def latencies(count: int, label: str,
+                            until: Any = None) -> list[float]:
+            found: list[float] = []
+            for number in itertools.count():
+                if number >= count and (until is None or not until.is_alive()):
+                    break
+                already = len(server.received.get(node, []))
+                started = time.monotonic()
+                sender.send_message(mto=victim.boundjid.full, mbody=f"{label} {number}",
+                                    mtype="chat")
+                await server.wait_for(node, already + 1)
+                found.append(time.monotonic() - started)
+                await asyncio.sleep(0.02)
+            return found
+
+        quiet = await latencies(20, "quiet")
+        flooder = context.Process(target=_flood, args=(scenario.instance.c2s_port, flooder_jid,
+                                                       password, flood_size, ready, results))
+        flooder.start()
+        try:
+            assert await asyncio.to_thread(ready.wait, 30)
+            during = await latencies(10, "flood", until=flooder)  # for as long as it lasts
+            conditions, answered = await asyncio.to_thread(results.get, True, 120)
+        finally:
+            flooder.join(30)
+        tenth = flood_size // 10
+        start_rate = tenth / max(answered[tenth - 1], 1e-6)
+        end_rate = tenth / max(answered[-1] - answered[-tenth - 1], 1e-6)
+        listed = await asyncio.to_thread(scenario.instance.ctl, "push_list",
+                                         flooder_jid.split("@")[0], "localhost")
+        print(f"\nflood of {flood_size} enables from one account: {conditions}; answers/s "
+              f"first tenth {start_rate:.0f}, last tenth {end_rate:.0f}, all answered after "
+              f"{answered[-1]:.2f} s; {listed.splitlines()[-1]}")
+        print(f"another user's push latency: quiet median {statistics.median(quiet) * 1000:.1f}"
+              f" ms max {max(quiet) * 1000:.1f} ms; during the flood ({len(during)} pushes) "
+              f"median {statistics.median(during) * 1000:.1f} ms max "
+              f"{max(during) * 1000:.1f} ms")
+        assert conditions.get("result", 0) == 20  # max_registrations
+        assert conditions.get("resource-constraint", 0) == flood_size - 20
+        assert "limits: 20 of 20 push registrations" in listed
+        # The delay the flood causes: pushes during it against the quiet median. The 90th
+        # percentile, as the machine running the tests has spikes of its own (see the
+        # quiet maximum printed).
+        delay = statistics.quantiles(during, n=10)[-1] - statistics.median(quiet)
+        print(f"delay caused by the flood (90th percentile): {delay * 1000:.1f} ms")
+        assert delay <= 0.1
+
+    scenario.run(run)

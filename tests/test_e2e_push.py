@@ -8,6 +8,7 @@ shows up as a wrong count in the pushes that must happen.
 from __future__ import annotations
 
 import asyncio
+import re
 
 import pytest
 
@@ -208,7 +209,9 @@ def test_resume_resets_the_count(scenario: Scenario) -> None:
     scenario.run(run)
 
 
-def test_app_server_errors_disable_the_registration(scenario: Scenario) -> None:
+def test_a_burst_of_app_server_errors_counts_once_and_is_retried(scenario: Scenario) -> None:
+    """Errors of one spell count once toward max_publish_errors (publish_error_window) and
+    the notifications are tried again: nothing is lost when the app server recovers."""
     async def run(peers: Peers) -> None:
         server, phone, sender = await scenario.cast(peers)
         server.errors["bad"] = ("cancel", "not-allowed")
@@ -219,11 +222,15 @@ def test_app_server_errors_disable_the_registration(scenario: Scenario) -> None:
         for n in range(3):  # max_publish_errors defaults to 3
             sender.send_message(mto=phone.boundjid.full, mbody=f"m{n}", mtype="chat")
         await server.wait_for("witness", 3)
-        await asyncio.to_thread(scenario.instance.wait_for_log,
-                                rf"push disabled for {phone.boundjid.user}/.* after 3 errors", mark)
+        assert len(await server.wait_for("bad", 3)) == 3
+        del server.errors["bad"]  # recovered: the retries (after 5 s) go through
+        retried = await server.wait_for("bad", 6)
+        assert sorted(p.summary["message-count"] for p in retried[3:]) == ["1", "2", "3"]
+        log = scenario.instance.log_file.read_bytes()[mark:].decode(errors="replace")
+        assert len(re.findall(rf"push to {phone.boundjid.user}/\S+ at \S+ failed", log)) == 1
+        assert "push disabled" not in log
         sender.send_message(mto=phone.boundjid.full, mbody="after", mtype="chat")
         await server.wait_for("witness", 4)
-        # "bad" was enabled first, so a push to it would have been routed before the witness's.
-        assert len(server.received["bad"]) == 3
+        assert len(await server.wait_for("bad", 7)) == 7
 
     scenario.run(run)

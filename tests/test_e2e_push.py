@@ -75,6 +75,7 @@ def test_no_push_while_online_nor_for_chat_states(scenario: Scenario) -> None:
         await phone.enable_push(server.boundjid.full, "n")
         sender.send_message(mto=phone.boundjid.full, mbody="while online", mtype="chat")
         await asyncio.wait_for(phone.messages.get(), 10)  # delivered, so handled
+        await phone.acknowledge()  # else it is still in the server's resend queue
         await scenario.go_pending(phone)
 
         composing = sender.make_message(mto=phone.boundjid.full, mtype="chat")

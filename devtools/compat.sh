@@ -87,9 +87,13 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-in_chroot() {  # a clean environment: the host's PIP_FIND_LINKS etc. mean nothing in there
+# A clean environment: the host's PIP_FIND_LINKS etc. mean nothing in there. In the
+# background, waited for: bash runs a trap only once the foreground command is done, and
+# 'wait' lets an INT or TERM through at once (the cleanup then stops what runs inside).
+in_chroot() {
   chroot "$ACTIVE" /usr/bin/env -i HOME=/root PATH=$ENV_PATH LANG=C.UTF-8 \
-    DEBIAN_FRONTEND=noninteractive TERM="${TERM:-dumb}" bash -c "$1"
+    DEBIAN_FRONTEND=noninteractive TERM="${TERM:-dumb}" bash -c "$1" &
+  wait $!
 }
 
 # ----------------------------------------------------------------- the cached chroot
@@ -141,6 +145,7 @@ tar -C "$SRC" --exclude=./.venv --exclude=./run --exclude=./.git --exclude=./bui
   --exclude=./.mypy_cache --exclude=./.ruff_cache --exclude=./.hypothesis -cf - . \
   | tar -C "$DEST" -xf -
 chmod 755 "$ROOTFS/srv" "$DEST"
+rm -rf "$ROOTFS"/tmp/pymod_push-*  # what an interrupted run's tests left
 
 mount_all "$ROOTFS"
 in_chroot 'echo "ejabberd $(dpkg-query -W -f "\${Version}" ejabberd)," \

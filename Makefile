@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 RUN_DIR := $(CURDIR)/run
 APT_PACKAGES := ejabberd erlang-dev python3-venv postgresql
 
-.PHONY: all deps venv test lint unit e2e run stop bench clean
+.PHONY: all deps reach venv test lint unit e2e run stop bench clean test-compat
 
 all: test
 
@@ -30,6 +30,10 @@ $(VENV)/.installed: pyproject.toml | deps
 
 venv: deps $(VENV)/.installed
 
+# Before anything else: the ejabberd user must reach the checkout's .venv/bin/python.
+reach:
+	@devtools/check-reach.sh $(CURDIR)
+
 lint: venv
 	$(VENV)/bin/ruff check pymod_push devtools tests bench examples
 	$(VENV)/bin/mypy
@@ -40,10 +44,16 @@ unit: venv
 e2e: venv
 	$(VENV)/bin/pytest -q -m e2e
 
-test: venv lint
+test: reach venv lint
 	$(VENV)/bin/pytest -q
 
-run: venv
+# The whole suite in a Debian chroot with that release's ejabberd (built once, cached in
+# /var/cache/pymod_push-compat; needs root): DIST=bookworm-backports|trixie|sid.
+DIST ?= trixie
+test-compat:
+	devtools/compat.sh $(DIST) test
+
+run: reach venv
 	$(PY) -m devtools.instance start $(RUN_DIR)
 
 stop:

@@ -112,6 +112,14 @@ class Client(ClientXMPP):
         assert command is not None
         return command
 
+    async def acknowledge(self) -> None:
+        """Acknowledge (XEP-0198) all stanzas received so far, and wait until the server has
+        the ack: what it still holds unacknowledged when the connection drops is pending
+        (resent on resumption) and counts as such."""
+        self.plugin["xep_0198"].send_ack()
+        # The server reads the stream in order: the answer to a later IQ means it has the <a/>.
+        await self.plugin["xep_0030"].get_info(jid=self.boundjid.bare, timeout=TIMEOUT)
+
     def drop(self) -> None:
         """Lose the TCP connection without </stream>: the session becomes pending."""
         assert self.transport is not None

@@ -23,7 +23,7 @@
          adhoc_local_items/4,
          c2s_session_pending/1, c2s_session_resumed/1, c2s_copy_session/2,
          c2s_handle_cast/2, c2s_handle_send/3,
-         sm_register_connection_hook/3, offline_message/1, mam_message/7,
+         sm_register_connection_hook/3, offline_message/1, mam_message/7, mam_message8/8,
          remove_user/2]).
 %% gen_server (the port owner)
 %% ejabberdctl commands
@@ -154,11 +154,21 @@ hooks() ->
      {c2s_handle_send, c2s_handle_send, 50},
      {sm_register_connection_hook, sm_register_connection_hook, 50},
      {offline_message_hook, offline_message, 55},
-     {store_mam_message, mam_message, 50},
+     {store_mam_message, mam_hook(), 50},
      {remove_user, remove_user, 50},
      %% The app server's commands when its register_host is this host.
      {user_send_packet, user_send_packet, 50},
      {adhoc_local_items, adhoc_local_items, 50}].
+
+%% ejabberd 26.07 runs store_mam_message with 8 arguments (the last: whether the message
+%% is already in a MUC archive), its mod_mam hooking store_mam_message/8 itself; older
+%% releases with 7. Decided when the hooks are added or deleted, not per message.
+mam_hook() ->
+    _ = code:ensure_loaded(mod_mam),
+    case erlang:function_exported(mod_mam, store_mam_message, 8) of
+        true -> mam_message8;
+        false -> mam_message
+    end.
 
 register_handlers(Host) ->
     gen_iq_handler:add_iq_handler(ejabberd_sm, Host, ?NS_PUSH_0, ?MODULE, process_iq),
@@ -630,6 +640,9 @@ mam_message(#message{} = Pkt, LUser, LServer, _Peer, _Nick, chat, recv) ->
 mam_message(Pkt, _LUser, _LServer, _Peer, _Nick, _Type, _Dir) ->
     Pkt.
 
+mam_message8(Pkt, LUser, LServer, Peer, Nick, Type, Dir, _InMucArchive) ->
+    mam_message(Pkt, LUser, LServer, Peer, Nick, Type, Dir).
+
 %% Ad-hoc commands of the app server on the server's own host: ejabberd has one
 %% handler per namespace (mod_adhoc's), so ours are taken out of the sender's
 %% stream here and answered by Python, without making the session wait.
@@ -956,7 +969,7 @@ handle_cast({route, Pkt}, State) ->
 handle_cast({reload, _NewOpts}, #state{port = Port} = State) ->
     %% The new options reach Python with the next handshake.
     ?INFO_MSG("mod_push_py: options changed, restarting the Python process", []),
-    catch port_close(Port),
+    try port_close(Port) catch error:badarg -> true end,
     {noreply, open(State#state{port = undefined, backoff = ?MIN_BACKOFF})};
 handle_cast(_Msg, {keeper, _} = State) ->
     {noreply, State};
@@ -1061,7 +1074,7 @@ terminate(_Reason, {keeper, _}) ->
     ok;
 terminate(_Reason, #state{host = Host, port = Port}) ->
     [ejabberd_router:unregister_route(Domain) || Domain <- app_server_domains(Host)],
-    catch port_close(Port),
+    try port_close(Port) catch error:badarg -> true end,
     ok.
 
 code_change(_OldVsn, State, _Extra) ->

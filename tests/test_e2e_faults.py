@@ -194,6 +194,21 @@ def rate(sent: int, seconds: float) -> str:
     return f"{sent} messages in {seconds:.1f} s ({sent / seconds:.0f}/s) to {USERS} pending users"
 
 
+async def end_stream(app: AppServer, tally: Tally, streaming: asyncio.Future[tuple[int, float]],
+                     stop: asyncio.Event, name: str, flight: list[int]) -> None:
+    """Stop the stream a second after the last fault, wait for every message's push and
+    check the counts: none lost, duplicates only from publishes in flight at the faults."""
+    await asyncio.sleep(1.0)
+    stop.set()
+    sent, seconds = await streaming
+    lost = await tally.wait_delivered(app)
+    duplicates = tally.duplicates(app)
+    report(name, rate(sent, seconds), lost, duplicates, flight)
+    assert sent / seconds >= 200
+    assert lost == 0
+    assert duplicates <= sum(flight)
+
+
 def test_sigkill_of_python_three_times_under_load(faults: Faults) -> None:
     instance = faults.instance
     tally = Tally("kill9-")
@@ -212,15 +227,7 @@ def test_sigkill_of_python_three_times_under_load(faults: Faults) -> None:
             os.kill(pid, signal.SIGKILL)
             await asyncio.to_thread(instance.wait_ready, mark)  # the next one is up
             flight.append(in_flight(instance, mark))
-        await asyncio.sleep(1.0)
-        stop.set()
-        sent, seconds = await streaming
-        lost = await tally.wait_delivered(app)
-        duplicates = tally.duplicates(app)
-        report("SIGKILL of Python x3", rate(sent, seconds), lost, duplicates, flight)
-        assert sent / seconds >= 200
-        assert lost == 0
-        assert duplicates <= sum(flight)
+        await end_stream(app, tally, streaming, stop, "SIGKILL of Python x3", flight)
 
     faults.run(run)
     assert faults.restarts() == restarts + 3
@@ -336,15 +343,7 @@ def test_port_owner_killed_under_load(faults: Faults) -> None:
             await asyncio.to_thread(instance.wait_for_log, r"the port owner restarted", mark)
             await asyncio.to_thread(instance.wait_ready, mark)
             flight.append(in_flight(instance, mark))
-        await asyncio.sleep(1.0)
-        stop.set()
-        sent, seconds = await streaming
-        lost = await tally.wait_delivered(app)
-        duplicates = tally.duplicates(app)
-        report("port owner killed x2", rate(sent, seconds), lost, duplicates, flight)
-        assert sent / seconds >= 200
-        assert lost == 0
-        assert duplicates <= sum(flight)
+        await end_stream(app, tally, streaming, stop, "port owner killed x2", flight)
 
     faults.run(run)
     assert len(set(owners)) == 2  # a new port owner each time

@@ -67,6 +67,33 @@ def find_pid(*needles: str) -> int | None:
     return None
 
 
+def descends_from(pid: int, ancestor: int) -> bool:
+    for _ in range(8):
+        try:
+            with open(f"/proc/{pid}/stat") as handle:
+                pid = int(handle.read().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            return False
+        if pid == ancestor:
+            return True
+        if pid <= 1:
+            return False
+    return False
+
+
+def find_child(ancestor: int, needle: str) -> int | None:
+    """The process of that command line started by this ejabberd (others may run one)."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if needle in command and descends_from(int(entry.name), ancestor):
+                return int(entry.name)
+    return None
+
+
 @dataclass(frozen=True)
 class Phase:
     name: str
@@ -127,8 +154,8 @@ async def run_load(instance: Instance, ours: bool, sessions: int, phases: list[P
     sender = Xmpp(port, "sender", "secret", "s")
     await sender.connect()
     beam = find_pid("beam", instance.name)
-    python = find_pid("-m pymod_push") if ours else None
     assert beam is not None
+    python = find_child(beam, "-m pymod_push") if ours else None
     results: dict[str, dict[str, Any]] = {}
     first = 0  # message numbers go on across phases: each push is matched to one message
     for phase in phases:

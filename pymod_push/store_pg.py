@@ -239,7 +239,8 @@ class PgConnection:
               timeout: float = ROUND_TRIP_TIMEOUT) -> T:
         """One round trip; a lost connection makes the transaction start again (whole,
         from the write log) on a new one."""
-        if self._conn is None:
+        if self._conn is None or self._conn.is_closed():
+            self._lost()
             self._connect()
             assert self._conn is not None
         self.round_trips += 1
@@ -247,6 +248,11 @@ class PgConnection:
             return self._wait(make(self._conn), timeout)
         except _UNAVAILABLE as exc:
             self._lost()
+            raise DatabaseUnavailable(_why(exc)) from exc
+        except asyncpg.InterfaceError as exc:
+            if not self._conn.is_closed():
+                raise
+            self._lost()  # closed by the server meanwhile
             raise DatabaseUnavailable(_why(exc)) from exc
 
     def _lost(self) -> None:
@@ -284,7 +290,7 @@ class PgConnection:
             return -1  # sent already (asked late): unknown
         index = self._log.index(write, self._sent)
         self._send(index)
-        status = self._call(lambda c: c.execute(self._script(self._log[index:index + 1])))
+        status = self._run_script(self._log[index:index + 1])
         self._sent = index + 1
         count = status.rsplit(" ", 1)[-1]
         return int(count) if count.isdigit() else -1
@@ -292,20 +298,30 @@ class PgConnection:
     def _send(self, end: int | None = None) -> None:
         end = len(self._log) if end is None else end
         if self._sent < end:
-            script = self._script(self._log[self._sent:end])
-            self._call(lambda c: c.execute(script))
+            self._run_script(self._log[self._sent:end])
             self._sent = end
 
-    def _script(self, writes: list[Write], commit: bool = False) -> str:
-        """The writes as one simple-protocol query; BEGIN first if the server has no
-        transaction open. Statements new to the connection are prepared on the way."""
+    def _run_script(self, writes: list[Write], commit: bool = False) -> str:
+        """The writes as one simple-protocol query (one round trip); its last status."""
+        if self._conn is None or self._conn.is_closed():  # the script depends on it
+            self._lost()
+            self._connect()
+        new: dict[str, str] = {}
+        script = self._script(writes, commit, new)
+        status: str = self._call(lambda c: c.execute(script))
+        self._prepared.update(new)  # only once they exist
+        return status
+
+    def _script(self, writes: list[Write], commit: bool, new: dict[str, str]) -> str:
+        """BEGIN first if the server has no transaction open; statements new to the
+        connection are prepared on the way (their names added to new)."""
         parts = [] if self._sent else ["BEGIN"]
         prepared = self._prepared
         for write in writes:
             text = write.statement.text
-            name = prepared.get(text)
+            name = prepared.get(text) or new.get(text)
             if name is None:
-                name = prepared[text] = f"pymod_push_{next(self._names)}"
+                name = new[text] = f"pymod_push_{next(self._names)}"
                 parts.append(f"PREPARE {name} AS {text}")
             parts.append(f"EXECUTE {name}({write.values})" if write.values else
                          f"EXECUTE {name}")
@@ -326,9 +342,8 @@ class PgConnection:
             self._resolve_doubt()
             if not self._log:
                 return
-        script = self._script(self._log[self._sent:], commit=True)
         try:
-            self._call(lambda c: c.execute(script))
+            self._run_script(self._log[self._sent:], commit=True)
         except DatabaseUnavailable:
             self._in_doubt = True  # the COMMIT may have been applied: looked up next time
             raise

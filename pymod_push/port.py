@@ -26,6 +26,7 @@ from .protocol import (
     Ack,
     Action,
     AdminCommand,
+    AppServerIq,
     Batch,
     Log,
     LogLevel,
@@ -130,23 +131,30 @@ class PortApp:
         self._commit_handle: asyncio.TimerHandle | None = None
         self._last_commit = 0.0
         # While the database is away: what is to be handled once it is back, in order
-        # (frames, or a batch from one of its events on). None: the database is there.
-        self._held: list[bytes | tuple[Batch, int]] | None = None
+        # (frames, or a batch from one of its events on), with when it came. None: the
+        # database is there.
+        self._held: list[tuple[float, bytes | tuple[Batch, int]]] | None = None
         self._away_since = 0.0
         self._retry_s = RETRY_FIRST_S
+        self._reply_timeout_s = 5.0  # ejabberd's, for IQs to this process (hello)
+        self._late_iqs = 0  # publishes to the built-in app server answered by ejabberd
         self.on_fatal: Callable[[BaseException], None] = _raise
 
     def on_frames(self, frames: list[bytes]) -> None:
+        now = time.monotonic()
         if self._held is not None:  # handled once the database is back
-            self._held.extend(frames)
+            self._held.extend((now, frame) for frame in frames)
             return
-        self._feed(frames)
+        self._feed([(now, frame) for frame in frames])
 
-    def _feed(self, items: Sequence[bytes | tuple[Batch, int]]) -> None:
+    def _feed(self, items: Sequence[tuple[float, bytes | tuple[Batch, int]]]) -> None:
         actions = self._pending_actions
         deliveries = self._pending_deliveries
         handled: Batch | None = None  # the last batch of this chunk, acknowledged once
-        for position, item in enumerate(items):
+        # A publish to the built-in app server held longer than ejabberd waits for its
+        # answer was answered with an error (its publisher tries again): not sent here.
+        late = time.monotonic() - self._reply_timeout_s
+        for position, (arrived, item) in enumerate(items):
             if isinstance(item, tuple):
                 batch, start = item
             else:
@@ -169,9 +177,10 @@ class PortApp:
                 continue
             for index in range(start, len(batch.events)):
                 try:
-                    results = self._handle(batch.events[index])
+                    results = self._handle(batch.events[index], arrived < late)
                 except DatabaseUnavailable as exc:
-                    self._database_away(exc, [(batch, index), *items[position + 1:]])
+                    self._database_away(exc, [(arrived, (batch, index)),
+                                              *items[position + 1:]])
                     break
                 for result in results:
                     if isinstance(result, Delivery):
@@ -193,13 +202,14 @@ class PortApp:
         if handled is not None or actions or deliveries:
             self._request_commit()
 
-    def _database_away(self, exc: BaseException, rest: list[bytes | tuple[Batch, int]]
-                       ) -> None:
+    def _database_away(self, exc: BaseException,
+                       rest: list[tuple[float, bytes | tuple[Batch, int]]]) -> None:
         """Said once: events wait (here and in ejabberd, unacknowledged) until a commit
         goes through again."""
         if self._held is None:
             self._held = []
             self._away_since = time.monotonic()
+            self._late_iqs = 0
             log.error("database unavailable (%s): events are held, unacknowledged, and "
                       "nothing is pushed until it is back; trying again every %.0f s at most",
                       exc, RETRY_MAX_S)
@@ -238,6 +248,10 @@ class PortApp:
                 return
         actions, self._pending_actions = self._pending_actions, []
         deliveries, self._pending_deliveries = self._pending_deliveries, []
+        if self._held is not None and time.monotonic() - self._away_since > self._reply_timeout_s:
+            # Their publishes were answered with an error meanwhile: the publishers retry.
+            self._late_iqs += sum(1 for d in deliveries if d.publish is not None)
+            deliveries = [d for d in deliveries if d.publish is None]
         if self._pending_ack is not None:
             actions.append(Ack(self._pending_ack))  # the shim forgets every batch up to it
             self._pending_ack = None
@@ -249,9 +263,12 @@ class PortApp:
         if self._held is not None:
             held, self._held = self._held, None
             self._retry_s = RETRY_FIRST_S
-            log.warning("database back after %.1f s: handling %d held frame(s)",
-                        time.monotonic() - self._away_since, len(held))
             self._feed(held)
+            log.warning("database back after %.1f s: %d held frame(s) handled%s",
+                        time.monotonic() - self._away_since, len(held),
+                        f"; {self._late_iqs} publish(es) to the built-in app server not "
+                        "sent: ejabberd answered them with an error meanwhile, their "
+                        "publishers try again" if self._late_iqs else "")
 
     def _already_handled(self, batch: Batch) -> bool:
         """A batch the shim sends again after a crash whose effects were committed."""
@@ -270,6 +287,7 @@ class PortApp:
             self._write(frame(hello_reply(info)))
             raise SystemExit(3)
         config = Config.from_options(hello.host, hello.options)
+        self._reply_timeout_s = int(hello.options.get("reply_timeout", 5000)) / 1000
         logging.getLogger().setLevel(python_level(hello.options.get("loglevel")))
         self._store = open_store(config.db_file, config.db_url)
         self.service = PushService(config, self._store, logic.load(config.logic))
@@ -305,12 +323,15 @@ class PortApp:
             except DatabaseUnavailable:
                 pass  # in the transaction still: the port's next commit has it
 
-    def _handle(self, term: Any) -> Sequence[Action | Delivery]:
+    def _handle(self, term: Any, late: bool = False) -> Sequence[Action | Delivery]:
         assert self.service is not None
         try:
             event = parse_event(term)
         except ProtocolError as exc:
             log.error("event ignored: %s", exc)
+            return []
+        if late and isinstance(event, AppServerIq):
+            self._late_iqs += 1
             return []
         self._events[type(event).__name__] += 1
         mark = self.service.store.write_mark()

@@ -222,6 +222,7 @@ class DatabaseUnavailable(Exception):
 
 
 SessionEntry = tuple[list["Registration"], PushOptions | None]
+SESSION_MEMORY = 200_000  # users whose registrations are kept in memory (PostgreSQL), at most
 
 
 class Store:
@@ -311,6 +312,8 @@ class Store:
         entry = sessions.get(session[2]) if sessions is not None else None
         if entry is None:
             entry = self._session_with_options(session)
+            if len(self._sessions) >= SESSION_MEMORY:  # bounded: read again when needed
+                self._sessions.clear()
             self._sessions.setdefault(session[:2], {})[session[2]] = entry
         return list(entry[0]), entry[1]
 

@@ -111,8 +111,26 @@ def round_trips(metrics: str | None) -> float:
     return float(match.group(1)) if match else 0.0
 
 
+def database_cpu(postmaster: int | None) -> float:
+    """CPU seconds of a PostgreSQL server: its postmaster and its children (backends)."""
+    if postmaster is None:
+        return 0.0
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                with open(entry / "stat") as handle:
+                    fields = handle.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(entry.name) == postmaster or int(fields[1]) == postmaster:
+                total += (int(fields[11]) + int(fields[12])) / TICKS
+    return total
+
+
 async def run_load(instance: Instance, ours: bool, sessions: int, phases: list[Phase],
-                   metrics: str | None = None) -> dict[str, dict[str, Any]]:
+                   metrics: str | None = None, postmaster: int | None = None
+                   ) -> dict[str, dict[str, Any]]:
     """Set up the pending sessions and the app server once, then run each phase."""
     port = instance.c2s_port
     app = Xmpp(port, "app", "secret", "srv")
@@ -160,8 +178,12 @@ async def run_load(instance: Instance, ours: bool, sessions: int, phases: list[P
     first = 0  # message numbers go on across phases: each push is matched to one message
     for phase in phases:
         trips = await asyncio.to_thread(round_trips, metrics)
+        database = database_cpu(postmaster)
         results[phase.name] = await send_phase(sender, sessions, phase, first, arrivals,
                                                beam, python)
+        results[phase.name]["cpu_database_ms"] = (
+            (database_cpu(postmaster) - database) * 1000
+            / max(results[phase.name]["received"], 1))
         trips = await asyncio.to_thread(round_trips, metrics) - trips
         results[phase.name]["round_trips"] = trips / max(results[phase.name]["received"], 1)
         results[phase.name]["first"] = first
@@ -233,7 +255,8 @@ def wait_log_count(instance: Instance, pattern: str, count: int, mark: int) -> N
 
 
 def one_run(ours: bool, sessions: int, phases: list[Phase],
-            db_url: str | None = None) -> dict[str, dict[str, Any]]:
+            db_url: str | None = None, postmaster: int | None = None
+            ) -> dict[str, dict[str, Any]]:
     # Push only: no archive (Mnesia disc_only writes would be what is measured); accounts
     # registered in band, without ejabberd's per-IP pause between registrations.
     common = {"mod_mam": None, "mod_register": {"access": "all", "ip_access": "all"}}
@@ -257,7 +280,7 @@ def one_run(ours: bool, sessions: int, phases: list[Phase],
         instance.start(install=ours)
         for user in ("app", "sender"):
             instance.register(user, "localhost", "secret")
-        return asyncio.run(run_load(instance, ours, sessions, phases, metrics))
+        return asyncio.run(run_load(instance, ours, sessions, phases, metrics, postmaster))
     finally:
         instance.stop()
         shutil.rmtree(folder, ignore_errors=True)
@@ -405,17 +428,20 @@ def postgres_mode(args: argparse.Namespace) -> None:
           f"and {args.rate:.0f}/s (CPU), then {phases[2].messages} offered at "
           f"{args.saturation_rate:.0f}/s (saturation); {args.rounds} round(s), medians")
     server = PostgresServer()
+    postmaster = int((server.folder / "data" / "postmaster.pid").read_text().split()[0])
     runs: dict[str, list[dict[str, dict[str, Any]]]] = {"SQLite": [], "PostgreSQL": []}
     try:
         for round_number in range(1, args.rounds + 1):
             for name in runs:
                 url = server.new_database() if name == "PostgreSQL" else None
-                run = one_run(True, args.sessions, phases, url)
+                run = one_run(True, args.sessions, phases, url,
+                              postmaster if name == "PostgreSQL" else None)
                 runs[name].append(run)
                 print(f"  round {round_number} {name:10} " + "; ".join(
                     f"{p.name}: {run[p.name]['pushes_per_s']:,.0f}/s, p99 "
                     f"{run[p.name]['p99']:.1f} ms, Python {run[p.name]['cpu_python_ms']:.3f} ms"
-                    f"/push, {run[p.name]['round_trips']:.2f} round trips/push" for p in phases),
+                    f"/push, {run[p.name]['round_trips']:.2f} round trips/push, PostgreSQL "
+                    f"{run[p.name]['cpu_database_ms']:.3f} ms/push" for p in phases),
                     flush=True)
     finally:
         server.stop()
@@ -435,8 +461,9 @@ def postgres_mode(args: argparse.Namespace) -> None:
                   f" p99 {median_of(name_runs, phase.name, 'p99'):6.1f} ms"
                   f"  CPU/push ejabberd {median_of(name_runs, phase.name, 'cpu_beam_ms'):.3f} ms"
                   f" + Python {median_of(name_runs, phase.name, 'cpu_python_ms'):.3f} ms"
-                  f"  database round trips/push "
-                  f"{median_of(name_runs, phase.name, 'round_trips'):.2f}")
+                  f"  database: round trips/push "
+                  f"{median_of(name_runs, phase.name, 'round_trips'):.2f}, server CPU/push "
+                  f"{median_of(name_runs, phase.name, 'cpu_database_ms'):.3f} ms")
     sqlite, pg = runs["SQLite"], runs["PostgreSQL"]
     throughput = (median_of(pg, "saturation", "pushes_per_s")
                   / max(median_of(sqlite, "saturation", "pushes_per_s"), 1e-9))
@@ -454,8 +481,9 @@ def postgres_mode(args: argparse.Namespace) -> None:
           f"(target <= 1.5: {verdict(cpu <= 1.5)})")
     print(f"  p99 send->app server at {args.latency_rate:.0f}/s: {p99:.1f} ms "
           f"(target <= 50 ms: {verdict(p99 <= 50)})")
-    print(f"  database round trips per push (saturation): "
-          f"{median_of(pg, 'saturation', 'round_trips'):.2f}")
+    print(f"  database per push (saturation): "
+          f"{median_of(pg, 'saturation', 'round_trips'):.2f} round trips, PostgreSQL server CPU "
+          f"{median_of(pg, 'saturation', 'cpu_database_ms'):.3f} ms")
     print(f"  exactly one push per message in every phase: {verdict(exact)}")
 
 

@@ -164,11 +164,13 @@ class PgConnection:
         self._prepared: dict[str, str] = {}  # statement text -> name, on this connection
         self._names = itertools.count(1)
         self._log: list[Write] = []  # the open transaction's writes, in order
+        self._base = 0  # writes committed before the log's first (marks count from 0)
         self._sent = 0  # how many of them the server's open transaction holds
         self._notified: set[str] = set()
         self._process = uuid.uuid4().hex  # this process's row of pymod_push_commits
         self._commit_seq = 1
         self._in_doubt = False  # a commit was sent and its answer lost
+        self._doubt_count = 0  # how many writes of the log that commit had
         # Users whose registrations or options other nodes changed (None: maybe any, after
         # a reconnection), filled by the background thread.
         self._changed: collections.deque[str | None] = collections.deque()
@@ -286,6 +288,7 @@ class PgConnection:
 
     def row_count(self, write: Write) -> int:
         """Send the writes up to this one, it last: its status has the count."""
+        self._settle()
         if write not in self._log[self._sent:]:
             return -1  # sent already (asked late): unknown
         index = self._log.index(write, self._sent)
@@ -296,7 +299,9 @@ class PgConnection:
         return int(count) if count.isdigit() else -1
 
     def _send(self, end: int | None = None) -> None:
-        end = len(self._log) if end is None else end
+        if end is None:
+            self._settle()
+            end = len(self._log)
         if self._sent < end:
             self._run_script(self._log[self._sent:end])
             self._sent = end
@@ -338,46 +343,54 @@ class PgConnection:
             if self._sent:  # cannot be: a write was sent, so it is in the log
                 self._sent = 0
             return
-        if self._in_doubt:
-            self._resolve_doubt()
-            if not self._log:
-                return
+        self._settle()
+        if not self._log:
+            return
         try:
             self._run_script(self._log[self._sent:], commit=True)
         except DatabaseUnavailable:
-            self._in_doubt = True  # the COMMIT may have been applied: looked up next time
+            # The COMMIT may have been applied: looked up before anything else is sent.
+            self._in_doubt, self._doubt_count = True, len(self._log)
             raise
         except BaseException:
             self._lost()  # a statement failed: the transaction is aborted, start clean
             raise
         self._done()
 
-    def _resolve_doubt(self) -> None:
+    def _settle(self) -> None:
+        """After a commit whose answer was lost: was it applied? (Its writes must then
+        not be sent again; those written since are kept.)"""
+        if not self._in_doubt:
+            return
         seq = self._call(lambda c: c.fetchval(
             "SELECT seq FROM pymod_push_commits WHERE process=$1", self._process))
         self._in_doubt = False
-        if seq == self._commit_seq:  # it was applied: the log must not be sent again
+        if seq == self._commit_seq:
             log.info("database: the commit whose answer was lost had been applied")
-            self._done()
+            self._done(self._doubt_count)
 
-    def _done(self) -> None:
-        self._log.clear()
-        self._notified.clear()
+    def _done(self, count: int | None = None) -> None:
+        """The first count writes (all by default) are committed."""
+        count = len(self._log) if count is None else count
+        del self._log[:count]
+        self._base += count
+        self._notified = {w.notify for w in self._log if w.notify is not None}
         self._sent = 0
         self._commit_seq += 1
 
     def mark(self) -> int:
         """Where the write log stands (see rollback_to)."""
-        return len(self._log)
+        return self._base + len(self._log)
 
     def rollback_to(self, mark: int) -> None:
         """Forget the writes after mark (an event that could not be handled, to be handled
         again); the server's transaction, if it has any of them, is dropped as well."""
-        if mark >= len(self._log):
+        keep = max(mark - self._base, 0)  # those committed meanwhile stay committed
+        if keep >= len(self._log):
             return
-        if self._sent > mark:
+        if self._sent > keep:
             self._lost()
-        del self._log[mark:]
+        del self._log[keep:]
         self._notified = {w.notify for w in self._log if w.notify is not None}
 
     def rollback(self) -> None:

@@ -318,12 +318,11 @@ def test_postgresql_a_commit_whose_answer_was_lost_is_not_applied_again(
         log = list(connection._log)
         store.commit()
         # As if the COMMIT had gone through and its answer been lost with the connection:
-        # the same writes are pending again, in doubt.
-        connection._log, connection._commit_seq, connection._in_doubt = log, \
-            connection._commit_seq - 1, True
-        store.commit()  # a duplicate key if it were sent again
+        # the same writes are pending again, in doubt, and one more came since.
+        connection._log, connection._commit_seq = log, connection._commit_seq - 1
+        connection._in_doubt, connection._doubt_count = True, len(log)
         store.add_pushed(2, phone, 12)
-        store.commit()
+        store.commit()  # a duplicate key if the first were sent again
         assert store.totals()["pushed"] == 2
     finally:
         store.close()

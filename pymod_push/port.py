@@ -308,9 +308,13 @@ class PortApp:
 
     def _snapshot(self) -> metrics.Snapshot:
         assert self.service is not None and self._dispatcher is not None
+        try:
+            totals = self.service.store.totals()
+        except DatabaseUnavailable:
+            totals = {}  # the database is away: its gauges read 0 meanwhile
         return metrics.Snapshot(self.service.config.host, self._events,
                                 self.service.counters, self._dispatcher.counters,
-                                dict(self._dispatcher.latency), self.service.store.totals())
+                                dict(self._dispatcher.latency), totals)
 
     def _route(self, xml: str) -> None:
         self._write(frame([action_term(Route(xml))]))

@@ -60,7 +60,9 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     OSError, TimeoutError, asyncio.TimeoutError, concurrent.futures.TimeoutError,
     asyncpg.exceptions.ConnectionDoesNotExistError, asyncpg.PostgresConnectionError,
     asyncpg.exceptions.OperatorInterventionError,  # admin shutdown, cannot connect now
-    asyncpg.exceptions.ConnectionFailureError)
+    asyncpg.exceptions.ConnectionFailureError,
+    asyncpg.exceptions.InsufficientResourcesError,  # too many connections, disk full
+    asyncpg.exceptions.ReadOnlySQLTransactionError)  # a standby: reconnect to the primary
 
 
 def translate(sql: str) -> str:

@@ -12,8 +12,14 @@ mod_push_py / built-in against the targets.
 The load side is a minimal asyncio XMPP client (plain TCP, SASL PLAIN, no TLS) so that it
 is not the bottleneck; its own CPU per message is printed too.
 
+With --postgres, the two sides are mod_push_py with SQLite (the default) and mod_push_py
+with PostgreSQL (`db_url`, a cluster's database: a server of the benchmark's own on
+127.0.0.1, a fresh database per round), and the figures compared are PostgreSQL's against
+SQLite's, database round trips per push included (from the metrics endpoint).
+
     python -m bench.versus_builtin [--sessions 1000] [--messages 20000] [--rate 8000]
         [--latency-rate 4000] [--saturation-rate 20000] [--rounds 3] [--memory 100000 1000000]
+        [--postgres]
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import statistics
 import struct
 import tempfile
 import time
+import urllib.request
 import xml.etree.ElementTree as ET
 from collections import Counter
 from dataclasses import dataclass
@@ -60,6 +67,33 @@ def find_pid(*needles: str) -> int | None:
     return None
 
 
+def descends_from(pid: int, ancestor: int) -> bool:
+    for _ in range(8):
+        try:
+            with open(f"/proc/{pid}/stat") as handle:
+                pid = int(handle.read().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            return False
+        if pid == ancestor:
+            return True
+        if pid <= 1:
+            return False
+    return False
+
+
+def find_child(ancestor: int, needle: str) -> int | None:
+    """The process of that command line started by this ejabberd (others may run one)."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if needle in command and descends_from(int(entry.name), ancestor):
+                return int(entry.name)
+    return None
+
+
 @dataclass(frozen=True)
 class Phase:
     name: str
@@ -67,8 +101,36 @@ class Phase:
     rate: float  # offered messages per second
 
 
-async def run_load(instance: Instance, ours: bool, sessions: int,
-                   phases: list[Phase]) -> dict[str, dict[str, Any]]:
+def round_trips(metrics: str | None) -> float:
+    """PostgreSQL round trips of the Python process so far (its metrics endpoint)."""
+    if metrics is None:
+        return 0.0
+    with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    match = re.search(r"^pymod_push_database_round_trips_total\{[^}]*\} (\d+)", text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+def database_cpu(postmaster: int | None) -> float:
+    """CPU seconds of a PostgreSQL server: its postmaster and its children (backends)."""
+    if postmaster is None:
+        return 0.0
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                with open(entry / "stat") as handle:
+                    fields = handle.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(entry.name) == postmaster or int(fields[1]) == postmaster:
+                total += (int(fields[11]) + int(fields[12])) / TICKS
+    return total
+
+
+async def run_load(instance: Instance, ours: bool, sessions: int, phases: list[Phase],
+                   metrics: str | None = None, postmaster: int | None = None
+                   ) -> dict[str, dict[str, Any]]:
     """Set up the pending sessions and the app server once, then run each phase."""
     port = instance.c2s_port
     app = Xmpp(port, "app", "secret", "srv")
@@ -110,13 +172,20 @@ async def run_load(instance: Instance, ours: bool, sessions: int,
     sender = Xmpp(port, "sender", "secret", "s")
     await sender.connect()
     beam = find_pid("beam", instance.name)
-    python = find_pid("-m pymod_push") if ours else None
     assert beam is not None
+    python = find_child(beam, "-m pymod_push") if ours else None
     results: dict[str, dict[str, Any]] = {}
     first = 0  # message numbers go on across phases: each push is matched to one message
     for phase in phases:
+        trips = await asyncio.to_thread(round_trips, metrics)
+        database = database_cpu(postmaster)
         results[phase.name] = await send_phase(sender, sessions, phase, first, arrivals,
                                                beam, python)
+        results[phase.name]["cpu_database_ms"] = (
+            (database_cpu(postmaster) - database) * 1000
+            / max(results[phase.name]["received"], 1))
+        trips = await asyncio.to_thread(round_trips, metrics) - trips
+        results[phase.name]["round_trips"] = trips / max(results[phase.name]["received"], 1)
         results[phase.name]["first"] = first
         first += phase.messages
     await asyncio.sleep(1)  # a duplicate would have arrived by now: count pushes at last
@@ -185,16 +254,23 @@ def wait_log_count(instance: Instance, pattern: str, count: int, mark: int) -> N
     raise TimeoutError(f"fewer than {count} sessions became pending")
 
 
-def one_run(ours: bool, sessions: int, phases: list[Phase]) -> dict[str, dict[str, Any]]:
+def one_run(ours: bool, sessions: int, phases: list[Phase],
+            db_url: str | None = None, postmaster: int | None = None
+            ) -> dict[str, dict[str, Any]]:
     # Push only: no archive (Mnesia disc_only writes would be what is measured); accounts
     # registered in band, without ejabberd's per-IP pause between registrations.
     common = {"mod_mam": None, "mod_register": {"access": "all", "ip_access": "all"}}
     config = {"registration_timeout": "infinity"}
     folder = Path(tempfile.mkdtemp(prefix="pymod_push-bench-"))
     folder.chmod(0o755)
+    metrics = None
     if ours:
-        instance = Instance(folder, options={"resume_timeout": 259200}, modules=common,
-                            extra_config=config)
+        options: dict[str, Any] = {"resume_timeout": 259200}
+        if db_url:
+            from devtools.instance import free_port
+            metrics = f"127.0.0.1:{free_port()}"
+            options.update(db_url=db_url, metrics_listen=metrics)
+        instance = Instance(folder, options=options, modules=common, extra_config=config)
     else:
         instance = Instance(folder, modules={
             **common, "mod_push": {"include_body": True},
@@ -204,7 +280,7 @@ def one_run(ours: bool, sessions: int, phases: list[Phase]) -> dict[str, dict[st
         instance.start(install=ours)
         for user in ("app", "sender"):
             instance.register(user, "localhost", "secret")
-        return asyncio.run(run_load(instance, ours, sessions, phases))
+        return asyncio.run(run_load(instance, ours, sessions, phases, metrics, postmaster))
     finally:
         instance.stop()
         shutil.rmtree(folder, ignore_errors=True)
@@ -270,7 +346,12 @@ def main() -> None:
                         help="offered rate of the saturation phase (more than either serves)")
     parser.add_argument("--rounds", type=int, default=3, help="figures are medians of rounds")
     parser.add_argument("--memory", type=int, nargs="*", default=[100_000, 1_000_000])
+    parser.add_argument("--postgres", action="store_true",
+                        help="mod_push_py with PostgreSQL (db_url) against it with SQLite")
     args = parser.parse_args()
+    if args.postgres:
+        postgres_mode(args)
+        return
     for count in args.memory:
         print(f"memory: Python RSS with {count:,} stored registrations (after a boot's wake): "
               f"{python_rss_with(count):.0f} MB peak (target <= 200 MB)")
@@ -332,6 +413,77 @@ def main() -> None:
           f"(target >= 0.8: {verdict(saturation >= 0.8)})")
     print(f"  p99 send->app server at {args.latency_rate:.0f}/s: {p99:.1f} ms (target <= 50 ms: "
           f"{verdict(p99 <= 50)})")
+    print(f"  exactly one push per message in every phase: {verdict(exact)}")
+
+
+def postgres_mode(args: argparse.Namespace) -> None:
+    """SQLite against PostgreSQL, both mod_push_py, alternating rounds, one server."""
+    from tests.postgres import PostgresServer
+
+    phases = [Phase("latency", args.messages, args.latency_rate),
+              Phase("cpu", args.messages, args.rate),
+              Phase("saturation", args.messages * 3 // 2, args.saturation_rate)]
+    print(f"SQLite versus PostgreSQL (mod_push_py, db_url on 127.0.0.1): {args.sessions} pending "
+          f"sessions; phases of {args.messages} messages at {args.latency_rate:.0f}/s (latency) "
+          f"and {args.rate:.0f}/s (CPU), then {phases[2].messages} offered at "
+          f"{args.saturation_rate:.0f}/s (saturation); {args.rounds} round(s), medians")
+    server = PostgresServer()
+    postmaster = int((server.folder / "data" / "postmaster.pid").read_text().split()[0])
+    runs: dict[str, list[dict[str, dict[str, Any]]]] = {"SQLite": [], "PostgreSQL": []}
+    try:
+        for round_number in range(1, args.rounds + 1):
+            for name in runs:
+                url = server.new_database() if name == "PostgreSQL" else None
+                run = one_run(True, args.sessions, phases, url,
+                              postmaster if name == "PostgreSQL" else None)
+                runs[name].append(run)
+                print(f"  round {round_number} {name:10} " + "; ".join(
+                    f"{p.name}: {run[p.name]['pushes_per_s']:,.0f}/s, p99 "
+                    f"{run[p.name]['p99']:.1f} ms, Python {run[p.name]['cpu_python_ms']:.3f} ms"
+                    f"/push, {run[p.name]['round_trips']:.2f} round trips/push, PostgreSQL "
+                    f"{run[p.name]['cpu_database_ms']:.3f} ms/push" for p in phases),
+                    flush=True)
+    finally:
+        server.stop()
+    exact = True
+    for name, name_runs in runs.items():
+        print(f"{name}:")
+        for phase in phases:
+            counts: Counter[int] = Counter()
+            for run in name_runs:
+                counts.update(run[phase.name]["per_message"])
+            exact = exact and set(counts) == {1}
+            print(f"  {phase.name:10} offered "
+                  f"{median_of(name_runs, phase.name, 'offered_per_s'):>7,.0f}/s pushes/s "
+                  f"{median_of(name_runs, phase.name, 'pushes_per_s'):>7,.0f}"
+                  f"  pushes per message {dict(counts)}"
+                  f"  latency p50 {median_of(name_runs, phase.name, 'p50'):6.1f} ms"
+                  f" p99 {median_of(name_runs, phase.name, 'p99'):6.1f} ms"
+                  f"  CPU/push ejabberd {median_of(name_runs, phase.name, 'cpu_beam_ms'):.3f} ms"
+                  f" + Python {median_of(name_runs, phase.name, 'cpu_python_ms'):.3f} ms"
+                  f"  database: round trips/push "
+                  f"{median_of(name_runs, phase.name, 'round_trips'):.2f}, server CPU/push "
+                  f"{median_of(name_runs, phase.name, 'cpu_database_ms'):.3f} ms")
+    sqlite, pg = runs["SQLite"], runs["PostgreSQL"]
+    throughput = (median_of(pg, "saturation", "pushes_per_s")
+                  / max(median_of(sqlite, "saturation", "pushes_per_s"), 1e-9))
+    cpu = (median_of(pg, "cpu", "cpu_python_ms")
+           / max(median_of(sqlite, "cpu", "cpu_python_ms"), 1e-9))
+    p99 = median_of(pg, "latency", "p99")
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "MISSED"
+
+    print("PostgreSQL / SQLite:")
+    print(f"  saturation pushes/s: {throughput:.2f} x "
+          f"(target >= 0.8: {verdict(throughput >= 0.8)})")
+    print(f"  Python CPU per push at {args.rate:.0f}/s: {cpu:.2f} x "
+          f"(target <= 1.5: {verdict(cpu <= 1.5)})")
+    print(f"  p99 send->app server at {args.latency_rate:.0f}/s: {p99:.1f} ms "
+          f"(target <= 50 ms: {verdict(p99 <= 50)})")
+    print(f"  database per push (saturation): "
+          f"{median_of(pg, 'saturation', 'round_trips'):.2f} round trips, PostgreSQL server CPU "
+          f"{median_of(pg, 'saturation', 'cpu_database_ms'):.3f} ms")
     print(f"  exactly one push per message in every phase: {verdict(exact)}")
 
 

@@ -6,6 +6,7 @@ GET /metrics on the address given, served by the Python process of each host.
     pymod_push_provider_pushes_total{provider,outcome}   built-in app server's pushes
     pymod_push_provider_latency_seconds{provider}    histogram of provider HTTP/2 requests
     pymod_push_registrations, _devices, _outbox, _provider_queue   gauges from the database
+    pymod_push_database_round_trips_total            round trips to PostgreSQL (db_url)
 """
 
 from __future__ import annotations
@@ -86,6 +87,11 @@ def render(snapshot: Snapshot) -> str:
         lines += [f"# HELP pymod_push_{name} {help_text.capitalize()}.",
                   f"# TYPE pymod_push_{name} gauge",
                   f"pymod_push_{name}{{{host}}} {snapshot.totals.get(name, 0)}"]
+    if "database_round_trips" in snapshot.totals:  # PostgreSQL
+        lines += ["# HELP pymod_push_database_round_trips_total Round trips to PostgreSQL.",
+                  "# TYPE pymod_push_database_round_trips_total counter",
+                  f"pymod_push_database_round_trips_total{{{host}}} "
+                  f"{snapshot.totals['database_round_trips']}"]
     return "\n".join(lines) + "\n"
 
 

@@ -26,6 +26,7 @@ from .protocol import (
     Ack,
     Action,
     AdminCommand,
+    AppServerIq,
     Batch,
     Log,
     LogLevel,
@@ -39,7 +40,7 @@ from .protocol import (
 )
 from .providers.dispatch import Dispatcher
 from .service import PURGE_INTERVAL_S, PushService
-from .store import Store, open_store
+from .store import DatabaseUnavailable, Store, open_store
 
 log = logging.getLogger("pymod_push")
 MAX_FRAME = 64 * 1024 * 1024
@@ -51,6 +52,8 @@ GROUP_COMMIT_S = 0.002
 # this long: the shim's replay of the batches that process missed comes first, and with
 # it the answers to its publishes that arrived meanwhile (those are not sent again).
 REPLAY_GRACE_S = 1.0
+# While the database (PostgreSQL) is away, the commit is tried again this often, doubling.
+RETRY_FIRST_S, RETRY_MAX_S = 0.05, 2.0
 _LEVELS = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warning",
            logging.ERROR: "error", logging.CRITICAL: "critical"}
 
@@ -132,35 +135,67 @@ class PortApp:
         self._commit_handle: asyncio.TimerHandle | None = None
         self._last_commit = 0.0
         self._timers_from = 0.0  # time.monotonic() before which no timer fires
+        # While the database is away: what is to be handled once it is back, in order
+        # (frames, or a batch from one of its events on), with when it came. None: the
+        # database is there.
+        self._held: list[tuple[float, bytes | tuple[Batch, int]]] | None = None
+        self._away_since = 0.0
+        self._retry_s = RETRY_FIRST_S
+        self._reply_timeout_s = 5.0  # ejabberd's, for IQs to this process (hello)
+        self._late_iqs = 0  # publishes to the built-in app server answered by ejabberd
         self.on_fatal: Callable[[BaseException], None] = _raise
 
     def on_frames(self, frames: list[bytes]) -> None:
+        now = time.monotonic()
+        if self._held is not None:  # handled once the database is back
+            self._held.extend((now, frame) for frame in frames)
+            return
+        self._feed([(now, frame) for frame in frames])
+
+    def _feed(self, items: Sequence[tuple[float, bytes | tuple[Batch, int]]]) -> None:
         actions = self._pending_actions
         deliveries = self._pending_deliveries
         handled: Batch | None = None  # the last batch of this chunk, acknowledged once
-        for payload in frames:
-            try:
-                term = etf.decode(payload)
-            except etf.DecodeError as exc:
-                log.error("malformed frame from ejabberd ignored (%d bytes): %s", len(payload), exc)
-                continue
-            if self.service is None:
-                self._hello(term)
-                continue
-            try:
-                batch = parse_batch(term)
-            except ProtocolError as exc:
-                log.error("frame from ejabberd ignored: %s", exc)
-                continue
-            handled = batch
+        # A publish to the built-in app server held longer than ejabberd waits for its
+        # answer was answered with an error (its publisher tries again): not sent here.
+        late = time.monotonic() - self._reply_timeout_s
+        for position, (arrived, item) in enumerate(items):
+            if isinstance(item, tuple):
+                batch, start = item
+            else:
+                try:
+                    term = etf.decode(item)
+                except etf.DecodeError as exc:
+                    log.error("malformed frame from ejabberd ignored (%d bytes): %s",
+                              len(item), exc)
+                    continue
+                if self.service is None:
+                    self._hello(term)
+                    continue
+                try:
+                    batch, start = parse_batch(term), 0
+                except ProtocolError as exc:
+                    log.error("frame from ejabberd ignored: %s", exc)
+                    continue
             if self._already_handled(batch):
+                handled = batch
                 continue
-            for item in batch.events:
-                for result in self._handle(item):
+            for index in range(start, len(batch.events)):
+                try:
+                    results = self._handle(batch.events[index], arrived < late)
+                except DatabaseUnavailable as exc:
+                    self._database_away(exc, [(arrived, (batch, index)),
+                                              *items[position + 1:]])
+                    break
+                for result in results:
                     if isinstance(result, Delivery):
                         deliveries.append(result)
                     else:
                         actions.append(result)
+            else:
+                handled = batch
+                continue
+            break  # the database is away: the rest waits
         if handled is not None:  # committed with the effects of the batches
             assert self._store is not None and self.service is not None
             if not self._already_handled(handled):
@@ -171,6 +206,19 @@ class PortApp:
             self._pending_ack = handled.seq
         if handled is not None or actions or deliveries:
             self._request_commit()
+
+    def _database_away(self, exc: BaseException,
+                       rest: list[tuple[float, bytes | tuple[Batch, int]]]) -> None:
+        """Said once: events wait (here and in ejabberd, unacknowledged) until a commit
+        goes through again."""
+        if self._held is None:
+            self._held = []
+            self._away_since = time.monotonic()
+            self._late_iqs = 0
+            log.error("database unavailable (%s): events are held, unacknowledged, and "
+                      "nothing is pushed until it is back; trying again every %.0f s at most",
+                      exc, RETRY_MAX_S)
+        self._held[:0] = rest
 
     def _request_commit(self) -> None:
         """Commit, then write the actions and the acknowledgement: at once if the last
@@ -194,8 +242,21 @@ class PortApp:
         if self._commit_handle is not None:
             self._commit_handle.cancel()
             self._commit_handle = None
+        if self._store is not None:
+            try:
+                self._store.commit()
+            except DatabaseUnavailable as exc:  # nothing is said before it is committed
+                self._database_away(exc, [])
+                self._commit_handle = asyncio.get_running_loop().call_later(
+                    self._retry_s, self._commit_later)
+                self._retry_s = min(self._retry_s * 2, RETRY_MAX_S)
+                return
         actions, self._pending_actions = self._pending_actions, []
         deliveries, self._pending_deliveries = self._pending_deliveries, []
+        if self._held is not None and time.monotonic() - self._away_since > self._reply_timeout_s:
+            # Their publishes were answered with an error meanwhile: the publishers retry.
+            self._late_iqs += sum(1 for d in deliveries if d.publish is not None)
+            deliveries = [d for d in deliveries if d.publish is None]
         if self._pending_ack is not None:
             actions.append(Ack(self._pending_ack))  # the shim forgets every batch up to it
             self._pending_ack = None
@@ -204,6 +265,15 @@ class PortApp:
         for delivery in deliveries:  # after the commit: the publish was answered first
             assert self._dispatcher is not None
             self._dispatcher.submit(delivery)
+        if self._held is not None:
+            held, self._held = self._held, None
+            self._retry_s = RETRY_FIRST_S
+            self._feed(held)
+            log.warning("database back after %.1f s: %d held frame(s) handled%s",
+                        time.monotonic() - self._away_since, len(held),
+                        f"; {self._late_iqs} publish(es) to the built-in app server not "
+                        "sent: ejabberd answered them with an error meanwhile, their "
+                        "publishers try again" if self._late_iqs else "")
 
     def _already_handled(self, batch: Batch) -> bool:
         """A batch the shim sends again after a crash whose effects were committed."""
@@ -222,6 +292,7 @@ class PortApp:
             self._write(frame(hello_reply(info)))
             raise SystemExit(3)
         config = Config.from_options(hello.host, hello.options)
+        self._reply_timeout_s = int(hello.options.get("reply_timeout", 5000)) / 1000
         logging.getLogger().setLevel(python_level(hello.options.get("loglevel")))
         self._store = open_store(config.db_file, config.db_url)
         self.service = PushService(config, self._store, logic.load(config.logic))
@@ -243,9 +314,13 @@ class PortApp:
 
     def _snapshot(self) -> metrics.Snapshot:
         assert self.service is not None and self._dispatcher is not None
+        try:
+            totals = self.service.store.totals()
+        except DatabaseUnavailable:
+            totals = {}  # the database is away: its gauges read 0 meanwhile
         return metrics.Snapshot(self.service.config.host, self._events,
                                 self.service.counters, self._dispatcher.counters,
-                                dict(self._dispatcher.latency), self.service.store.totals())
+                                dict(self._dispatcher.latency), totals)
 
     def _route(self, xml: str) -> None:
         self._write(frame([action_term(Route(xml))]))
@@ -253,16 +328,23 @@ class PortApp:
     def _device_gone(self, node: str) -> None:
         if self._store is not None:
             self._store.remove_device(node)
-            self._store.commit()
+            try:
+                self._store.commit()
+            except DatabaseUnavailable:
+                pass  # in the transaction still: the port's next commit has it
 
-    def _handle(self, term: Any) -> Sequence[Action | Delivery]:
+    def _handle(self, term: Any, late: bool = False) -> Sequence[Action | Delivery]:
         assert self.service is not None
         try:
             event = parse_event(term)
         except ProtocolError as exc:
             log.error("event ignored: %s", exc)
             return []
+        if late and isinstance(event, AppServerIq):
+            self._late_iqs += 1
+            return []
         self._events[type(event).__name__] += 1
+        mark = self.service.store.write_mark()
         try:
             if isinstance(event, LogLevel):
                 logging.getLogger().setLevel(python_level(event.level))
@@ -274,6 +356,10 @@ class PortApp:
                                          self._dispatcher.counters)
                 return admin.run(event, self.service, info, time.time())
             return self.service.handle(event, time.time())
+        except DatabaseUnavailable:
+            self.service.store.undo_to(mark)  # handled again, whole, when it is back
+            self._events[type(event).__name__] -= 1
+            raise
         except Exception:
             log.exception("failed to handle a %s event", type(event).__name__)
             return []
@@ -282,16 +368,17 @@ class PortApp:
         """Now and every PURGE_INTERVAL_S: forget what cannot matter any more."""
         assert self.service is not None
         try:
-            self.service.forget_old_marks(time.time())
-            self.service.store.commit()  # early for what is pending: harmless, never late
+            if self._held is None:
+                self.service.forget_old_marks(time.time())
+                self.service.store.commit()  # early for what is pending: harmless, never late
+        except DatabaseUnavailable:
+            pass  # the port's commits notice and retry
         except BaseException as exc:  # noqa: BLE001 - ends the process, as in data_received
             self.on_fatal(exc)
             return
         asyncio.get_running_loop().call_later(PURGE_INTERVAL_S, self._housekeeping)
 
     def _flush(self, actions: list[Action]) -> None:
-        if self._store is not None:
-            self._store.commit()
         if actions:
             self._write(frame([action_term(a) for a in actions]))
         self._arm_timer()
@@ -312,15 +399,22 @@ class PortApp:
     def _on_timer(self) -> None:
         self._timer = None
         assert self.service is not None
+        if self._held is not None:
+            return  # armed again after the next commit that goes through
+        mark = self.service.store.write_mark()
         try:
             self._pending_actions.extend(self.service.tick(time.time()))
+            self._request_commit()
+        except DatabaseUnavailable as exc:
+            self.service.store.undo_to(mark)
+            self._database_away(exc, [])
             self._request_commit()
         except BaseException as exc:  # noqa: BLE001 - ends the process, as in data_received
             self.on_fatal(exc)
 
     async def aclose(self) -> None:
-        if self._commit_handle is not None:  # what was handled is committed, and said
-            try:
+        if self._commit_handle is not None and self._held is None:
+            try:  # what was handled is committed, and said
                 self._commit()
             except OSError:
                 pass  # ejabberd closed the port: the commit is what matters
@@ -329,7 +423,13 @@ class PortApp:
         if self._dispatcher is not None:
             await self._dispatcher.close()
         if self._store is not None:
-            self._store.close()
+            if self._held is not None:  # not said to ejabberd: the next process redoes it
+                self._store.rollback()
+            try:
+                self._store.close()
+            except DatabaseUnavailable as exc:  # unacknowledged: the next process has them
+                log.error("database unavailable at exit (%s): the events not acknowledged "
+                          "are handled by the next process", exc)
 
 
 class _StdinProtocol(asyncio.Protocol):

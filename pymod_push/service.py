@@ -270,6 +270,8 @@ class PushService:
         if stanza is None or (trigger is None and not self.logic.has("should_push")):
             return []
         message = self._logic_view(stanza, trigger) if self.logic.module else None
+        if options is None:  # read before anything changes (a read may fail: handled again)
+            options = self.options_of(registrations[0].session[:2])
         mark = fingerprint(stanza)
         actions: list[Action] = []
         for registration in registrations:
@@ -349,7 +351,7 @@ class PushService:
 
     # --------------------------------------------------------- app server replies
     def _publish_reply(self, reply: PublishReply, now: float) -> list[Action]:
-        publish = self._in_flight.pop(reply.ref, None)
+        publish = self._in_flight.get(reply.ref)
         outcome = classify_reply(reply.outcome, reply.error_type, reply.condition)
         if publish is None:
             recovered = self._recovered.pop(reply.ref // REFS_PER_ENTRY, None)
@@ -359,6 +361,11 @@ class PushService:
                 self._answered_late.add(recovered.id)
                 self.counters[outcome.value] += 1
             return []
+        # Read before anything changes: a read may fail (database away), and the reply is
+        # then handled again.
+        registration = None if outcome is Outcome.DELIVERED else self.store.get(
+            publish.registration)
+        del self._in_flight[reply.ref]
         if outcome is Outcome.DELIVERED:  # the common case: two writes, nothing to read
             self.store.remove_outbox(publish.id)
             if publish.registration in self._erring:
@@ -366,7 +373,6 @@ class PushService:
                 self.store.clear_errors(publish.registration)
             self.counters[outcome.value] += 1
             return []
-        registration = self.store.get(publish.registration)
         if registration is None:  # disabled meanwhile
             self.store.remove_outbox(publish.id)
             return []
@@ -466,11 +472,11 @@ class PushService:
         """Send the retries and wakes that are due, and what the pacer held back."""
         actions: list[Action] = []
         while self._retries and self._retries[0][0] <= now:
+            registration = self.store.get(self._retries[0][2].registration)  # may fail
             _, _, publish = heapq.heappop(self._retries)
             if publish.id in self._answered_late:
                 self._answered_late.discard(publish.id)
                 continue
-            registration = self.store.get(publish.registration)
             if registration is None:
                 self.store.remove_outbox(publish.id)
             else:

@@ -156,6 +156,10 @@ class Registration:
     def session(self) -> SessionKey:
         return (self.user, self.server, self.resource)
 
+    @property
+    def user_key(self) -> UserKey:
+        return (self.user, self.server)
+
 
 @dataclass(slots=True)
 class OutboxEntry:
@@ -212,11 +216,26 @@ def _json_pairs(pairs: list[tuple[str, str]]) -> str:
     return "[" + ",".join(f"[{_quote(var)},{_quote(value)}]" for var, value in pairs) + "]"
 
 
+class DatabaseUnavailable(Exception):
+    """PostgreSQL cannot be reached (store_pg): nothing of the open transaction is lost, it
+    is sent again when the database is back; the port holds events meanwhile."""
+
+
+SessionEntry = tuple[list["Registration"], PushOptions | None]
+SESSION_MEMORY = 200_000  # users whose registrations are kept in memory (PostgreSQL), at most
+
+
 class Store:
     """The SQL here runs on SQLite and, through store_pg.PgConnection (which turns `?` into
-    `$n` and quotes the column `user`), on PostgreSQL."""
+    `$n` and quotes the column `user`), on PostgreSQL.
+
+    With PostgreSQL, what for_session_with_options reads (every stanza to a pending
+    session) is kept in memory per user: a method that changes a user's registrations or
+    options calls _changed, which drops them here and tells the other nodes (NOTIFY)."""
 
     def __init__(self, path: str, connection: Any = None) -> None:
+        self._pg = connection
+        self._sessions: dict[UserKey, dict[str, SessionEntry]] = {}
         if connection is not None:  # PostgreSQL (see open_store)
             self.db = connection
             self.db.migrate(MIGRATIONS)
@@ -237,6 +256,26 @@ class Store:
 
     def commit(self) -> None:
         self.db.commit()
+
+    def write_mark(self) -> int:
+        """Where this transaction's writes stand (PostgreSQL; see undo_to)."""
+        return self._pg.mark() if self._pg is not None else 0
+
+    def undo_to(self, mark: int) -> None:
+        """Forget the writes since write_mark (an event to be handled again, PostgreSQL)."""
+        if self._pg is not None:
+            self._pg.rollback_to(mark)
+            self._sessions.clear()  # what the undone writes changed is read again
+
+    def round_trips(self) -> int | None:
+        """Database round trips so far (PostgreSQL), for metrics and the benchmark."""
+        return int(self._pg.round_trips) if self._pg is not None else None
+
+    def _changed(self, user: UserKey) -> None:
+        """The user's registrations or options change (PostgreSQL: see the class)."""
+        if self._pg is not None:
+            self._sessions.pop(user, None)
+            self._pg.notify(user)
 
     def rollback(self) -> None:
         self.db.rollback()
@@ -260,7 +299,26 @@ class Store:
     def for_session_with_options(self, session: SessionKey
                                  ) -> tuple[list[Registration], PushOptions | None]:
         """A session's registrations and its user's own push options (None: never set),
-        in one query: this runs for every stanza to a pending session."""
+        in one query: this runs for every stanza to a pending session. With PostgreSQL,
+        from memory once read (the service updates the counts of these very objects)."""
+        if self._pg is None:
+            return self._session_with_options(session)
+        for user in self._pg.changed_users():
+            if user is None:
+                self._sessions.clear()
+            else:
+                self._sessions.pop(user, None)
+        sessions = self._sessions.get(session[:2])
+        entry = sessions.get(session[2]) if sessions is not None else None
+        if entry is None:
+            entry = self._session_with_options(session)
+            if len(self._sessions) >= SESSION_MEMORY:  # bounded: read again when needed
+                self._sessions.clear()
+            self._sessions.setdefault(session[:2], {})[session[2]] = entry
+        return list(entry[0]), entry[1]
+
+    def _session_with_options(self, session: SessionKey
+                              ) -> tuple[list[Registration], PushOptions | None]:
         rows = list(self.db.execute(
             f"SELECT {_JOINED_COLUMNS}, o.senders, o.message_count, o.subscription_count, "
             "o.message_bodies, r.enabled_at FROM registrations r LEFT JOIN user_options o "
@@ -294,6 +352,7 @@ class Store:
             (registration.user, registration.server, registration.resource,
              registration.push_jid, registration.node, registration.publish_options,
              time.time(), ejabberd_node))
+        self._changed(registration.user_key)
 
     def registration_count(self, user: UserKey) -> int:
         return int(self.db.execute("SELECT COUNT(*) FROM registrations WHERE user=? AND "
@@ -339,8 +398,10 @@ class Store:
     def delete(self, key: tuple[str, str, str, str]) -> None:
         self.db.execute("DELETE FROM registrations WHERE user=? AND server=? AND push_jid=? "
                         "AND node=?", key)
+        self._changed(key[:2])
 
     def delete_user(self, user: UserKey) -> int:
+        self._changed(user)
         return int(self.db.execute("DELETE FROM registrations WHERE user=? AND server=?",
                                    user).rowcount)
 
@@ -372,11 +433,16 @@ class Store:
             "UPDATE registrations SET message_count=?, subscription_count=? WHERE user=? "
             "AND server=? AND push_jid=? AND node=?",
             (registration.message_count, registration.subscription_count, *registration.key))
+        if self._pg is not None:  # unless it is the very object kept in memory
+            entry = self._sessions.get(registration.user_key, {}).get(registration.resource)
+            if entry is None or not any(r is registration for r in entry[0]):
+                self._changed(registration.user_key)
 
     def reset_counts(self, session: SessionKey) -> None:
         self.db.execute(
             "UPDATE registrations SET message_count=0, subscription_count=0 WHERE user=? "
             "AND server=? AND resource=? AND (message_count>0 OR subscription_count>0)", session)
+        self._changed(session[:2])
 
     # ------------------------------------------------------------- devices
     def add_device(self, device: Device) -> list[str]:
@@ -428,6 +494,7 @@ class Store:
         return [((u, s), PushOptions(*(bool(v) for v in rest))) for u, s, *rest in rows]
 
     def set_user_options(self, user: UserKey, options: PushOptions | None) -> None:
+        self._changed(user)
         if options is None:
             self.db.execute("DELETE FROM user_options WHERE user=? AND server=?", user)
             return
@@ -444,6 +511,7 @@ class Store:
                    counted_at: float | None) -> None:
         self.db.execute("UPDATE registrations SET errors=?, last_error_at=? WHERE user=? AND "
                         "server=? AND push_jid=? AND node=?", (errors, counted_at, *key))
+        self._changed(key[:2])
 
     # ------------------------------------------------------- restart recovery
     def bind_node(self, session: SessionKey, ejabberd_node: str, wake_due: float | None,
@@ -487,8 +555,11 @@ class Store:
         """Row counts for ejabberdctl push_status."""
         tables = ("registrations", "devices", "user_options", "outbox", "provider_queue",
                   "pushed")
-        return {table: int(self.db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
-                for table in tables}
+        totals = {table: int(self.db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
+                  for table in tables}
+        if self._pg is not None:
+            totals["database_round_trips"] = int(self._pg.round_trips)
+        return totals
 
     def clear_wake(self, key: tuple[str, str, str, str]) -> None:
         self.db.execute("UPDATE registrations SET wake_due=NULL WHERE user=? AND server=? "
@@ -517,6 +588,7 @@ class Store:
         """A publish went through: the registration's error count starts again."""
         self.db.execute("UPDATE registrations SET errors=0, last_error_at=NULL WHERE user=? "
                         "AND server=? AND push_jid=? AND node=? AND errors>0", key)
+        self._changed(key[:2])
 
     def remove_outbox(self, entry_id: int) -> None:
         self.db.execute("DELETE FROM outbox WHERE id=?", (entry_id,))

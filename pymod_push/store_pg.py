@@ -1,35 +1,68 @@
 """PostgreSQL for clusters (option `db_url`): the Store's own SQL, run through asyncpg.
 
-The push service is synchronous and commits once per batch of events, so this adapter
-offers what Store uses of a sqlite3 connection (execute, executemany, commit, rollback,
-close) and runs asyncpg on an event loop of its own in a background thread. One
-connection holds one transaction from the first statement after a commit to the next
-commit, as sqlite3 does. Each call blocks for a round trip on 127.0.0.1 or the LAN: the
-price of a database shared by the nodes of a cluster.
+The push service is synchronous and commits once per group of event batches (port.py), so
+this adapter offers what Store uses of a sqlite3 connection (execute, executemany, commit,
+rollback, close) and runs asyncpg on an event loop of its own in a background thread.
+
+Round trips are what a shared database costs, so writes do not make any of their own: they
+are kept, in order, as the open transaction's write log and go to the server at the commit
+as one script (one round trip: `BEGIN; EXECUTE ...; ...; COMMIT`), each statement prepared
+once per connection (`PREPARE`) and its values sent as quoted literals. A read first sends
+the writes before it (it must see them), inside the transaction; a write whose row count is
+asked for is sent then too. Store keeps the registrations it reads on the hot path in
+memory (see Store.for_session_with_options); other nodes' changes reach it as
+notifications (LISTEN/NOTIFY, channel `pymod_push`) that this connection collects.
+
+When the database cannot be reached, calls raise store.DatabaseUnavailable at once or
+within ROUND_TRIP_TIMEOUT (never the event loop stuck for long), and nothing of the open
+transaction is lost: its write log is sent again, whole, on a new connection when the
+database is back. A commit whose answer was lost is looked up (pymod_push_commits) rather
+than applied twice.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import concurrent.futures
+import functools
+import itertools
+import json
 import logging
 import re
 import threading
-from collections.abc import Coroutine, Iterator, Sequence
-from typing import Any, TypeVar
+import time
+import uuid
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from typing import Any, NamedTuple, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
+from .store import DatabaseUnavailable
+
 log = logging.getLogger("pymod_push")
 T = TypeVar("T")
-TIMEOUT = 30.0
+CONNECT_TIMEOUT = 2.0
+ROUND_TRIP_TIMEOUT = 5.0  # an answer this late: the database is taken as unreachable
+MIGRATION_TIMEOUT = 300.0
 MIGRATION_LOCK = 7_357_000  # pg_advisory_xact_lock key: one node migrates at a time
+CHANNEL = "pymod_push"  # NOTIFY payload: a user whose registrations or options changed
 
 _PLACEHOLDER = re.compile(r"\?")
 _USER = re.compile(r"\buser\b")  # a reserved word in PostgreSQL, a column name here
 _REAL = re.compile(r"\bREAL\b")  # SQLite's REAL is 8 bytes; PostgreSQL's only 4
 # SQLite's INTEGER PRIMARY KEY is the 64-bit rowid; PostgreSQL's INTEGER only 32 bits.
 _INTEGER_KEY = re.compile(r"\bINTEGER PRIMARY KEY\b")
+
+# What says the database is away (rather than that a statement is wrong).
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError, TimeoutError, asyncio.TimeoutError, concurrent.futures.TimeoutError,
+    asyncpg.exceptions.ConnectionDoesNotExistError, asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,  # admin shutdown, cannot connect now
+    asyncpg.exceptions.ConnectionFailureError,
+    asyncpg.exceptions.InsufficientResourcesError,  # too many connections, disk full
+    asyncpg.exceptions.ReadOnlySQLTransactionError)  # a standby: reconnect to the primary
 
 
 def translate(sql: str) -> str:
@@ -38,6 +71,34 @@ def translate(sql: str) -> str:
     sql = _PLACEHOLDER.sub(lambda _: f"${next(counter)}", sql)
     sql = _INTEGER_KEY.sub("BIGINT PRIMARY KEY", sql)
     return _REAL.sub("DOUBLE PRECISION", _USER.sub('"user"', sql))
+
+
+class Statement(NamedTuple):
+    text: str  # PostgreSQL's dialect
+    is_read: bool
+
+
+@functools.lru_cache(maxsize=1024)
+def statement(sql: str) -> Statement:
+    """Translated once per SQL text (Store's statements are few and fixed)."""
+    return Statement(translate(sql), sql.lstrip()[:6].upper() == "SELECT")
+
+
+def literal(value: Any) -> str:
+    """A value for EXECUTE in a script: NULL or a quoted literal, which PostgreSQL reads
+    with the parameter's own type (standard_conforming_strings is on: a quote is doubled,
+    a backslash is just a backslash)."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, str):
+        if "\x00" in value:  # would end the query text early
+            raise ValueError("a NUL character cannot be stored in PostgreSQL")
+        return "'" + value.replace("'", "''") + "'"
+    if isinstance(value, bool):
+        return "'1'" if value else "'0'"
+    if isinstance(value, int | float):
+        return f"'{value!r}'"
+    raise TypeError(f"no PostgreSQL literal for {type(value).__name__}")
 
 
 def masked(url: str) -> str:
@@ -50,11 +111,23 @@ def masked(url: str) -> str:
 
 
 class Result:
-    """What Store reads of a sqlite3 cursor."""
+    """What Store reads of a sqlite3 cursor. A write's row count is only known once the
+    write was sent: asking for it sends it (see PgConnection.row_count)."""
 
-    def __init__(self, rows: Sequence[Any], rowcount: int) -> None:
+    __slots__ = ("rows", "_count", "_pending")
+
+    def __init__(self, rows: Sequence[Any], count: int = -1,
+                 pending: tuple[PgConnection, Write] | None = None) -> None:
         self.rows = [tuple(row) for row in rows]
-        self.rowcount = rowcount
+        self._count = count
+        self._pending = pending
+
+    @property
+    def rowcount(self) -> int:
+        if self._pending is not None:
+            connection, write = self._pending
+            self._count, self._pending = connection.row_count(write), None
+        return self._count
 
     def fetchone(self) -> tuple[Any, ...] | None:
         return self.rows[0] if self.rows else None
@@ -66,78 +139,303 @@ class Result:
         pass
 
 
+class Write:
+    """A statement of the write log, its values already rendered."""
+
+    __slots__ = ("statement", "values", "notify")
+
+    def __init__(self, statement: Statement, values: str, notify: str | None = None) -> None:
+        self.statement = statement
+        self.values = values
+        self.notify = notify  # the payload, for a notification
+
+
+_NOTIFY = statement(f"SELECT pg_notify('{CHANNEL}', ?)")
+
+
 class PgConnection:
     def __init__(self, url: str) -> None:
         self.url = url
+        self.round_trips = 0  # for metrics and the benchmark
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
                                         name="pymod_push-postgresql")
         self._thread.start()
-        self._conn: asyncpg.Connection = self._run(asyncpg.connect(url, timeout=TIMEOUT))
-        self._transaction: Any = None
+        self._conn: asyncpg.Connection | None = None
+        self._pid = 0
+        self._prepared: dict[str, str] = {}  # statement text -> name, on this connection
+        self._names = itertools.count(1)
+        self._log: list[Write] = []  # the open transaction's writes, in order
+        self._base = 0  # writes committed before the log's first (marks count from 0)
+        self._sent = 0  # how many of them the server's open transaction holds
+        self._notified: set[str] = set()
+        self._process = uuid.uuid4().hex  # this process's row of pymod_push_commits
+        self._commit_seq = 1
+        self._in_doubt = False  # a commit was sent and its answer lost
+        self._doubt_count = 0  # how many writes of the log that commit had
+        # Users whose registrations or options other nodes changed (None: maybe any, after
+        # a reconnection), filled by the background thread.
+        self._changed: collections.deque[str | None] = collections.deque()
+        self._connect_at_start()
         log.info("database: PostgreSQL at %s", masked(url))
 
-    def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(TIMEOUT)
+    # ------------------------------------------------------------ connection
+    def _connect_at_start(self) -> None:
+        """The first connection: waited for (ejabberd holds the events meanwhile), said
+        once, then once a minute."""
+        began, warned = time.monotonic(), -1e9
+        delay = 0.2
+        while True:
+            try:
+                self._connect()
+                break
+            except DatabaseUnavailable as exc:
+                if time.monotonic() - warned > 60:
+                    warned = time.monotonic()
+                    log.warning("database: PostgreSQL at %s is unreachable (%s); waiting "
+                                "for it", masked(self.url), exc)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        if warned > 0:
+            log.warning("database: PostgreSQL reachable after %.0f s", time.monotonic() - began)
 
-    def _begin(self) -> None:
-        if self._transaction is None:
-            self._transaction = self._conn.transaction()
-            self._run(self._transaction.start())
+    def _connect(self) -> None:
+        async def connect() -> asyncpg.Connection:
+            conn = await asyncpg.connect(self.url, timeout=CONNECT_TIMEOUT)
+            try:
+                await conn.execute("SET standard_conforming_strings = on")  # see literal()
+                await conn.add_listener(CHANNEL, self._on_notification)
+            except BaseException:
+                conn.terminate()
+                raise
+            return conn
+        try:
+            conn = self._wait(connect(), CONNECT_TIMEOUT * 2)
+        except _UNAVAILABLE as exc:
+            raise DatabaseUnavailable(_why(exc)) from exc
+        self._conn, self._pid = conn, conn.get_server_pid()
+        self._prepared.clear()
+        self._changed.append(None)  # notifications may have been missed meanwhile
 
+    def _on_notification(self, _conn: Any, pid: int, _channel: str, payload: str) -> None:
+        if pid != self._pid:  # this process's own changes are known here already
+            self._changed.append(payload)
+
+    def changed_users(self) -> Iterator[tuple[str, str] | None]:
+        """Users other nodes changed since the last call (None: any user may have)."""
+        while self._changed:
+            payload = self._changed.popleft()
+            if payload is None:
+                yield None
+            else:
+                user, server = json.loads(payload)
+                yield (user, server)
+
+    def _wait(self, coroutine: Coroutine[Any, Any, T], timeout: float) -> T:
+        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise
+
+    def _call(self, make: Callable[[asyncpg.Connection], Coroutine[Any, Any, T]],
+              timeout: float = ROUND_TRIP_TIMEOUT) -> T:
+        """One round trip; a lost connection makes the transaction start again (whole,
+        from the write log) on a new one."""
+        if self._conn is None or self._conn.is_closed():
+            self._lost()
+            self._connect()
+            assert self._conn is not None
+        self.round_trips += 1
+        try:
+            return self._wait(make(self._conn), timeout)
+        except _UNAVAILABLE as exc:
+            self._lost()
+            raise DatabaseUnavailable(_why(exc)) from exc
+        except asyncpg.InterfaceError as exc:
+            if not self._conn.is_closed():
+                raise
+            self._lost()  # closed by the server meanwhile
+            raise DatabaseUnavailable(_why(exc)) from exc
+
+    def _lost(self) -> None:
+        conn, self._conn = self._conn, None
+        self._sent = 0  # the server rolled back what it had of the transaction
+        if conn is not None:
+            self._loop.call_soon_threadsafe(conn.terminate)
+
+    # ------------------------------------------------------------ statements
     def execute(self, sql: str, args: Sequence[Any] = ()) -> Result:
-        self._begin()
-        query, values = translate(sql), [_value(a) for a in args]
-        if sql.lstrip().upper().startswith("SELECT"):
-            return Result(self._run(self._conn.fetch(query, *values)), -1)
-        status = self._run(self._conn.execute(query, *values))
-        count = status.rsplit(" ", 1)[-1]
-        return Result([], int(count) if count.isdigit() else -1)
+        query = statement(sql)
+        if query.is_read:
+            self._send()  # the read sees this transaction's writes
+            values = [int(a) if isinstance(a, bool) else a for a in args]
+            return Result(self._call(lambda c: c.fetch(query.text, *values)))
+        write = Write(query, ", ".join(map(literal, args)))
+        self._log.append(write)
+        return Result((), -1, (self, write))
 
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        if rows:
-            self._begin()
-            self._run(self._conn.executemany(translate(sql),
-                                             [[_value(a) for a in row] for row in rows]))
+        for row in rows:
+            self.execute(sql, row)
 
+    def notify(self, user: tuple[str, str]) -> None:
+        """Tell the other nodes, with this transaction, that the user's registrations or
+        options changed (once per user and transaction)."""
+        payload = json.dumps(user)
+        if payload not in self._notified:
+            self._notified.add(payload)
+            self._log.append(Write(_NOTIFY, literal(payload), payload))
+
+    def row_count(self, write: Write) -> int:
+        """Send the writes up to this one, it last: its status has the count."""
+        self._settle()
+        if write not in self._log[self._sent:]:
+            return -1  # sent already (asked late): unknown
+        index = self._log.index(write, self._sent)
+        self._send(index)
+        status = self._run_script(self._log[index:index + 1])
+        self._sent = index + 1
+        count = status.rsplit(" ", 1)[-1]
+        return int(count) if count.isdigit() else -1
+
+    def _send(self, end: int | None = None) -> None:
+        if end is None:
+            self._settle()
+            end = len(self._log)
+        if self._sent < end:
+            self._run_script(self._log[self._sent:end])
+            self._sent = end
+
+    def _run_script(self, writes: list[Write], commit: bool = False) -> str:
+        """The writes as one simple-protocol query (one round trip); its last status."""
+        if self._conn is None or self._conn.is_closed():  # the script depends on it
+            self._lost()
+            self._connect()
+        new: dict[str, str] = {}
+        script = self._script(writes, commit, new)
+        status: str = self._call(lambda c: c.execute(script))
+        self._prepared.update(new)  # only once they exist
+        return status
+
+    def _script(self, writes: list[Write], commit: bool, new: dict[str, str]) -> str:
+        """BEGIN first if the server has no transaction open; statements new to the
+        connection are prepared on the way (their names added to new)."""
+        parts = [] if self._sent else ["BEGIN"]
+        prepared = self._prepared
+        for write in writes:
+            text = write.statement.text
+            name = prepared.get(text) or new.get(text)
+            if name is None:
+                name = new[text] = f"pymod_push_{next(self._names)}"
+                parts.append(f"PREPARE {name} AS {text}")
+            parts.append(f"EXECUTE {name}({write.values})" if write.values else
+                         f"EXECUTE {name}")
+        if commit:
+            parts.append("INSERT INTO pymod_push_commits (process, seq) VALUES "
+                         f"('{self._process}', {self._commit_seq}) ON CONFLICT (process) "
+                         "DO UPDATE SET seq=excluded.seq")
+            parts.append("COMMIT")
+        return ";\n".join(parts)
+
+    # ----------------------------------------------------------- transactions
     def commit(self) -> None:
-        if self._transaction is not None:
-            transaction, self._transaction = self._transaction, None
-            self._run(transaction.commit())
+        if not self._log:
+            if self._sent:  # cannot be: a write was sent, so it is in the log
+                self._sent = 0
+            return
+        self._settle()
+        if not self._log:
+            return
+        try:
+            self._run_script(self._log[self._sent:], commit=True)
+        except DatabaseUnavailable:
+            # The COMMIT may have been applied: looked up before anything else is sent.
+            self._in_doubt, self._doubt_count = True, len(self._log)
+            raise
+        except BaseException:
+            self._lost()  # a statement failed: the transaction is aborted, start clean
+            raise
+        self._done()
+
+    def _settle(self) -> None:
+        """After a commit whose answer was lost: was it applied? (Its writes must then
+        not be sent again; those written since are kept.)"""
+        if not self._in_doubt:
+            return
+        seq = self._call(lambda c: c.fetchval(
+            "SELECT seq FROM pymod_push_commits WHERE process=$1", self._process))
+        self._in_doubt = False
+        if seq == self._commit_seq:
+            log.info("database: the commit whose answer was lost had been applied")
+            self._done(self._doubt_count)
+
+    def _done(self, count: int | None = None) -> None:
+        """The first count writes (all by default) are committed."""
+        count = len(self._log) if count is None else count
+        del self._log[:count]
+        self._base += count
+        self._notified = {w.notify for w in self._log if w.notify is not None}
+        self._sent = 0
+        self._commit_seq += 1
+
+    def mark(self) -> int:
+        """Where the write log stands (see rollback_to)."""
+        return self._base + len(self._log)
+
+    def rollback_to(self, mark: int) -> None:
+        """Forget the writes after mark (an event that could not be handled, to be handled
+        again); the server's transaction, if it has any of them, is dropped as well."""
+        keep = max(mark - self._base, 0)  # those committed meanwhile stay committed
+        if keep >= len(self._log):
+            return
+        if self._sent > keep:
+            self._lost()
+        del self._log[keep:]
+        self._notified = {w.notify for w in self._log if w.notify is not None}
 
     def rollback(self) -> None:
-        if self._transaction is not None:
-            transaction, self._transaction = self._transaction, None
-            self._run(transaction.rollback())
+        self._log.clear()
+        self._notified.clear()
+        if self._sent:
+            self._lost()
 
     def close(self) -> None:
         if not self._thread.is_alive():
             return  # closed already
-        self.commit()
-        self._run(self._conn.close())
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
+        try:
+            self.commit()
+            if self._conn is not None:
+                self._call(lambda c: c.execute("DELETE FROM pymod_push_commits WHERE "
+                                               "process=$1", self._process))
+                self._wait(self._conn.close(), CONNECT_TIMEOUT)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(5)
 
     # ------------------------------------------------------------ migrations
     def migrate(self, migrations: Sequence[str]) -> None:
         """Apply what is missing, under a lock: cluster nodes may start at once."""
-        async def run() -> None:
-            async with self._conn.transaction():
-                await self._conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
-                await self._conn.execute("CREATE TABLE IF NOT EXISTS pymod_push_schema "
-                                         "(version INTEGER NOT NULL)")
-                version = await self._conn.fetchval("SELECT MAX(version) FROM "
-                                                    "pymod_push_schema") or 0
+        async def run(conn: asyncpg.Connection) -> None:
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+                await conn.execute("CREATE TABLE IF NOT EXISTS pymod_push_schema "
+                                   "(version INTEGER NOT NULL)")
+                # The last commit of each process (see commit): not part of Store's schema.
+                await conn.execute("CREATE TABLE IF NOT EXISTS pymod_push_commits "
+                                   "(process TEXT PRIMARY KEY, seq BIGINT NOT NULL)")
+                version = await conn.fetchval("SELECT MAX(version) FROM "
+                                              "pymod_push_schema") or 0
                 for number, script in enumerate(migrations[version:], start=version + 1):
-                    await self._conn.execute(translate(script))
-                    await self._conn.execute("INSERT INTO pymod_push_schema VALUES ($1)",
-                                             number)
-        self._run(run())
+                    await conn.execute(translate(script))
+                    await conn.execute("INSERT INTO pymod_push_schema VALUES ($1)", number)
+        self._call(run, MIGRATION_TIMEOUT)
 
     def schema_version(self) -> int:
-        return int(self._run(self._conn.fetchval(
+        return int(self._call(lambda c: c.fetchval(
             "SELECT MAX(version) FROM pymod_push_schema")) or 0)
 
 
-def _value(value: Any) -> Any:
-    return int(value) if isinstance(value, bool) else value
+def _why(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__

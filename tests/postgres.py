@@ -33,9 +33,17 @@ class PostgresServer:
         shutil.chown(self.folder, USER, USER)
         self._as_postgres(_bin("initdb"), "-D", str(self.folder / "data"), "-A", "trust",
                           "-U", USER, "--no-sync", "-E", "UTF8")
+        self.start()
+
+    def start(self) -> None:
         self._as_postgres(_bin("pg_ctl"), "-D", str(self.folder / "data"), "-l",
                           str(self.folder / "log"), "-w", "-o",
                           f"-p {self.port} -k {self.folder} -h 127.0.0.1 -F", "start")
+
+    def halt(self) -> None:
+        """Stop the server as an outage would (its connections cut); start() again."""
+        self._as_postgres(_bin("pg_ctl"), "-D", str(self.folder / "data"), "-m", "fast", "-w",
+                          "stop")
 
     def _as_postgres(self, *command: str) -> None:
         result = subprocess.run(["runuser", "-u", USER, "--", *command], capture_output=True,

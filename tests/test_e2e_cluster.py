@@ -5,11 +5,15 @@ comes through, registrations usable on both nodes, a node's restart wakes its us
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import tempfile
+import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -139,3 +143,72 @@ def test_restarting_a_node_wakes_its_users_once(cluster: Cluster) -> None:
         assert await wait_for_bodies(cluster, on_a, 2) == ["", "to a"]
 
     run_on_both(cluster, after)
+
+
+def log_count(node: Instance, pattern: str, mark: int) -> int:
+    text = node.log_file.read_bytes()[mark:].decode(errors="replace")
+    return len(re.findall(pattern, text))
+
+
+def test_a_database_outage_under_load_loses_nothing_and_pushes_nothing_twice(
+        cluster: Cluster, postgres: Any) -> None:
+    """PostgreSQL stopped for 20 s while messages keep coming to pending sessions on node A
+    through node B: ejabberd keeps serving, every message is pushed once when it is back,
+    and each node's log says so once. (Each device gets fewer than the built-in app
+    server's burst allowance of 20 publishes, which would otherwise defer the rest.)"""
+    tokens = tuple(f"d{n}" * 32 for n in range(1, 7))
+    expected: dict[str, list[str]] = {token: [] for token in tokens}
+    marks: list[int] = []
+
+    async def run(peers_a: Peers, peers_b: Peers) -> None:
+        phones = [(await device_on_a(cluster, peers_a, peers_b, t))[0] for t in tokens]
+        accounts = await asyncio.to_thread(lambda: [cluster.scenario(cluster.b).account(p)
+                                                    for p in ("sender", "watcher")])
+        sender = await peers_b.user(*accounts[0])
+        watcher = await peers_a.user(*accounts[1])  # online, no push: served by ejabberd
+        seen: list[str] = []
+        arrived = asyncio.Event()
+
+        def on_message(message: Any) -> None:
+            seen.append(str(message["body"]))
+            arrived.set()
+        watcher.add_event_handler("message", on_message)
+
+        def burst(label: str) -> None:
+            for phone, token in zip(phones, tokens, strict=True):
+                sender.send_message(mto=phone.boundjid.full, mbody=label, mtype="chat")
+                expected[token].append(label)
+
+        for i in range(2):
+            burst(f"before-{i}")
+        for token in tokens:
+            assert Counter(await wait_for_bodies(cluster, token, 2)) == Counter(
+                expected[token])
+        marks.extend([cluster.a.log_mark(), cluster.b.log_mark()])
+        await asyncio.to_thread(postgres.halt)
+        try:
+            began, served = time.monotonic(), 0
+            while time.monotonic() - began < 20:
+                if served % 10 == 0:
+                    burst(f"during-{served}")
+                sender.send_message(mto=accounts[1][0], mbody=f"served-{served}", mtype="chat")
+                served += 1
+                await asyncio.sleep(0.1)
+            while len(seen) < served:  # ejabberd kept serving all along
+                arrived.clear()
+                await asyncio.wait_for(arrived.wait(), 20)
+            assert seen == [f"served-{n}" for n in range(served)]
+            assert all(len(bodies(cluster, token)) == 2 for token in tokens)  # held
+        finally:
+            await asyncio.to_thread(postgres.start)
+        for i in range(2):
+            burst(f"after-{i}")
+        for token in tokens:
+            got = await wait_for_bodies(cluster, token, len(expected[token]))
+            assert Counter(got) == Counter(expected[token])  # each exactly once
+
+    run_on_both(cluster, run)
+    assert log_count(cluster.a, r"database unavailable", marks[0]) == 1
+    assert log_count(cluster.a, r"database back after", marks[0]) == 1
+    assert log_count(cluster.b, r"database unavailable", marks[1]) == log_count(
+        cluster.b, r"database back after", marks[1]) <= 1

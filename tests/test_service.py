@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,7 +31,7 @@ from pymod_push.protocol import (
     parse_event,
 )
 from pymod_push.service import PushService
-from pymod_push.store import MIGRATIONS, Store
+from pymod_push.store import MIGRATIONS, Store, open_store
 
 PHONE = ("alice", "example.org", "phone")
 APP = "push.example.net"
@@ -38,8 +40,33 @@ PUBLISH_OPTIONS = ("<x xmlns='jabber:x:data' type='submit'><field var='FORM_TYPE
                    "<field var='secret'><value>s3cr3t</value></field></x>")
 
 
+# The store make_service uses: SQLite in memory, or a fresh PostgreSQL database (with the
+# registrations it keeps in memory), each test once with each.
+_new_store: list[Callable[[], Store]] = [lambda: Store(":memory:")]
+
+
+@pytest.fixture(autouse=True, params=["sqlite", "postgresql"])
+def database(request: pytest.FixtureRequest) -> Iterator[None]:
+    if request.param == "sqlite":
+        yield
+        return
+    server: Any = request.getfixturevalue("postgres")
+    opened: list[Store] = []
+
+    def new_store() -> Store:
+        opened.append(open_store("", server.new_database()))
+        return opened[-1]
+    _new_store.append(new_store)
+    try:
+        yield
+    finally:
+        _new_store.pop()
+        for store in opened:
+            store.close()
+
+
 def make_service(**options: object) -> PushService:
-    return PushService(replace(Config("example.org"), **options), Store(":memory:"))
+    return PushService(replace(Config("example.org"), **options), _new_store[-1]())
 
 
 def iq(xml: str, iq_type: str = "set", sender: tuple[str, str, str] = PHONE,

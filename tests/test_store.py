@@ -232,3 +232,114 @@ def test_counts_per_account_and_who_is_near_a_limit(opener: Opener) -> None:
     # an enable binds its registration to the node it was enabled on (and only that one)
     assert store.db.execute("SELECT COUNT(*) FROM registrations WHERE ejabberd_node=?",
                             ("node@a",)).fetchone()[0] == 3
+def test_postgresql_writes_go_at_the_commit_in_one_round_trip(postgres: Any) -> None:
+    store = open_store("", postgres.new_database())
+    try:
+        phone = ("alice", "example.org", "phone")
+        store.enable(registration())
+        store.commit()
+        (first,), _ = store.for_session_with_options(phone)
+        before = store.round_trips()
+        for n in range(50):  # what the pushes of a group commit write
+            first.message_count = n + 1
+            store.save_counts(first)
+            store.add_pushed(1000 + n, phone, n)
+            store.add_outbox(OutboxEntry(n, first.key, [("message-count", str(n))], 0, 1.0),
+                             "ejabberd@a")
+            registrations, _ = store.for_session_with_options(phone)  # from memory
+            assert registrations[0] is first
+        store.set_last_batch("ejabberd@a", "example.org", 1, 2)
+        store.commit()
+        assert store.round_trips() == (before or 0) + 1
+        again = open_store("", store.db.url)
+        assert [r.message_count for r in again.for_user(phone[:2])] == [50]
+        assert len(again.outbox("ejabberd@a")) == 50 and again.totals()["pushed"] == 50
+        again.close()
+    finally:
+        store.close()
+
+
+def test_postgresql_a_change_on_another_node_reaches_the_memory_of_this_one(
+        postgres: Any) -> None:
+    import time
+
+    url = postgres.new_database()
+    node_a, node_b = open_store("", url), open_store("", url)
+    try:
+        phone = ("alice", "example.org", "phone")
+        node_b.enable(registration("phone", "n1"))
+        node_b.commit()
+        assert [r.node for r in node_a.for_session_with_options(phone)[0]] == ["n1"]
+        node_b.enable(registration("phone", "n2"))
+        node_b.set_user_options(phone[:2], PushOptions(False, True, False, True))
+        node_b.commit()
+        deadline = time.monotonic() + 10  # the notification travels: waited for, bounded
+        while (len(node_a.for_session_with_options(phone)[0]) < 2
+               and time.monotonic() < deadline):
+            time.sleep(0.01)
+        registrations, options = node_a.for_session_with_options(phone)
+        assert [r.node for r in registrations] == ["n1", "n2"]
+        assert options == PushOptions(False, True, False, True)
+        node_b.delete_user(phone[:2])  # a count asked for: sent at once, in the transaction
+        assert node_b.for_user(phone[:2]) == []
+        node_b.rollback()
+        assert len(node_b.for_user(phone[:2])) == 2
+    finally:
+        node_a.close()
+        node_b.close()
+
+
+def test_postgresql_outage_loses_no_write_and_applies_none_twice(postgres: Any) -> None:
+    from pymod_push.store import DatabaseUnavailable
+
+    url = postgres.new_database()
+    store = open_store("", url)
+    phone = ("alice", "example.org", "phone")
+    try:
+        store.enable(registration())
+        store.commit()
+        store.for_session_with_options(phone)
+        store.add_pushed(1, phone, 11)
+        store.set_last_batch("ejabberd@a", "example.org", 1, 1)
+        assert store.for_user(phone[:2])  # the writes so far are in the server's transaction
+        store.add_pushed(2, phone, 12)
+        postgres.halt()
+        try:
+            with pytest.raises(DatabaseUnavailable):
+                store.commit()
+            with pytest.raises(DatabaseUnavailable):
+                store.for_user(phone[:2])
+            with pytest.raises(DatabaseUnavailable):
+                store.commit()  # again: still away, nothing forgotten
+            assert store.for_session_with_options(phone)[0]  # from memory meanwhile
+        finally:
+            postgres.start()
+        store.commit()  # the whole transaction, on a new connection
+        store.add_pushed(3, phone, 13)
+        store.commit()
+        again = open_store("", url)
+        assert again.totals()["pushed"] == 3 and again.last_batch("ejabberd@a",
+                                                                   "example.org") == (1, 1)
+        again.close()
+    finally:
+        store.close()
+
+
+def test_postgresql_a_commit_whose_answer_was_lost_is_not_applied_again(
+        postgres: Any) -> None:
+    store = open_store("", postgres.new_database())
+    try:
+        phone = ("alice", "example.org", "phone")
+        connection = store.db
+        store.add_pushed(1, phone, 11)
+        log = list(connection._log)
+        store.commit()
+        # As if the COMMIT had gone through and its answer been lost with the connection:
+        # the same writes are pending again, in doubt, and one more came since.
+        connection._log, connection._commit_seq = log, connection._commit_seq - 1
+        connection._in_doubt, connection._doubt_count = True, len(log)
+        store.add_pushed(2, phone, 12)
+        store.commit()  # a duplicate key if the first were sent again
+        assert store.totals()["pushed"] == 2
+    finally:
+        store.close()

@@ -111,6 +111,11 @@ def bound_summary(summary: list[tuple[str, str]], max_body_bytes: int) -> list[t
     if not summary:
         return summary
     pairs = [(k, cut_utf8(v, max_body_bytes) if k == BODY else v) for k, v in summary]
+    # The common case, without measuring: a character takes at most 6 bytes escaped ('&quot;'
+    # and 4-byte UTF-8 both fit), so a small summary fits whatever it holds (once per push).
+    if sum(len(k) + len(v) for k, v in pairs) * 6 + FIELD_XML_BYTES * len(pairs) \
+            <= MAX_SUMMARY_XML_BYTES and len({k for k, _ in pairs}) == len(pairs):
+        return pairs
     fields = dict(pairs)
     if len(fields) == len(pairs) and summary_xml_size(fields) <= MAX_SUMMARY_XML_BYTES:
         return pairs

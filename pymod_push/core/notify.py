@@ -7,6 +7,7 @@ import hashlib
 import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
+from functools import lru_cache
 
 from ..protocol import Stanza
 from . import safexml
@@ -143,11 +144,15 @@ def summary_fields(options: PushOptions, counts: Counts, trigger: Trigger,
 def pushed_mark(registration_key: tuple[str, str, str, str], message: bytes) -> int:
     """What is remembered of a message pushed to a registration (message: its fingerprint),
     64 bits: the same message to another registration of the session has another mark."""
-    digest = hashlib.blake2b(message, digest_size=8)
-    for part in registration_key[2:]:  # push JID and node; the session is kept beside it
-        digest.update(b"\0")
-        digest.update(part.encode())
+    # Push JID and node; the session is kept beside it.
+    digest = hashlib.blake2b(message + _registration_bytes(*registration_key[2:]),
+                             digest_size=8)
     return int.from_bytes(digest.digest(), "big", signed=True)
+
+
+@lru_cache(maxsize=65536)
+def _registration_bytes(push_jid: str, node: str) -> bytes:
+    return b"\0" + push_jid.encode() + b"\0" + node.encode()
 
 
 class Outcome(enum.Enum):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Sequence
+from functools import lru_cache
 from typing import TypeVar
 
 from ..protocol import Publish
@@ -22,6 +23,7 @@ A = TypeVar("A")
 _ROUNDING = 1e-6  # a token due at t is there at t, whatever floating point says
 
 
+@lru_cache(maxsize=4096)  # app servers are few: once per JID, not per publish
 def domain_of(jid: str) -> str:
     return jid.split("/", 1)[0].rpartition("@")[2].lower()
 

@@ -48,6 +48,10 @@ NS_PUSH = "urn:xmpp:push:0"
 NS_DATA = "jabber:x:data"
 
 
+def verdict(ok: bool) -> str:
+    return "met" if ok else "MISSED"
+
+
 def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as handle:
         fields = handle.read().rsplit(")", 1)[1].split()
@@ -403,9 +407,6 @@ def main() -> None:
                   / max(median_of(builtin, "saturation", "pushes_per_s"), 1e-9))
     p99 = median_of(ours_, "latency", "p99")
 
-    def verdict(ok: bool) -> str:
-        return "met" if ok else "MISSED"
-
     print("mod_push_py / built-in:")
     print(f"  CPU per push (ejabberd + Python) at {args.rate:.0f}/s: {ratio:.2f} x "
           f"(target <= 1.5: {verdict(ratio <= 1.5)})")
@@ -470,9 +471,6 @@ def postgres_mode(args: argparse.Namespace) -> None:
     cpu = (median_of(pg, "cpu", "cpu_python_ms")
            / max(median_of(sqlite, "cpu", "cpu_python_ms"), 1e-9))
     p99 = median_of(pg, "latency", "p99")
-
-    def verdict(ok: bool) -> str:
-        return "met" if ok else "MISSED"
 
     print("PostgreSQL / SQLite:")
     print(f"  saturation pushes/s: {throughput:.2f} x "

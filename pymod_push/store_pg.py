@@ -253,6 +253,11 @@ class PgConnection:
         except _UNAVAILABLE as exc:
             self._lost()
             raise DatabaseUnavailable(_why(exc)) from exc
+        except asyncpg.InternalClientError as exc:
+            # The server's goodbye (an error, then the connection closed) is still being
+            # read: asyncpg refuses the query before it knows the connection is gone.
+            self._lost()
+            raise DatabaseUnavailable(_why(exc)) from exc
         except asyncpg.InterfaceError as exc:
             if not self._conn.is_closed():
                 raise

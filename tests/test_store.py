@@ -3,6 +3,7 @@ cluster's shared database, a real server started by the tests)."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -341,5 +342,41 @@ def test_postgresql_a_commit_whose_answer_was_lost_is_not_applied_again(
         store.add_pushed(2, phone, 12)
         store.commit()  # a duplicate key if the first were sent again
         assert store.totals()["pushed"] == 2
+    finally:
+        store.close()
+
+
+def test_postgresql_a_connection_cut_by_the_server_is_only_ever_unavailable(
+        postgres: Any) -> None:
+    """The server ends the connection (an admin, a restart, a failover) while the node is
+    idle: the next statements either run on a new connection or say the database is
+    unavailable, never anything else (asyncpg, still reading the server's goodbye, refused
+    them with an InternalClientError that ended the process in CI)."""
+    import asyncio
+
+    import asyncpg
+
+    from pymod_push.store import DatabaseUnavailable
+
+    store = open_store("", postgres.new_database())
+    outcomes: Counter[str] = Counter()
+
+    async def cut(pid: int) -> None:
+        admin = await asyncpg.connect(postgres.url())
+        try:
+            await admin.execute("SELECT pg_terminate_backend($1)", pid)
+        finally:
+            await admin.close()
+    try:
+        for _ in range(40):
+            asyncio.run(cut(store.db._pid))
+            for _ in range(3):
+                try:
+                    store.for_user(("alice", "example.org"))
+                    outcomes["ran"] += 1
+                except DatabaseUnavailable:
+                    outcomes["unavailable"] += 1
+        assert outcomes["ran"] + outcomes["unavailable"] == 120
+        assert outcomes["ran"] >= 80  # each cut costs at most one statement
     finally:
         store.close()

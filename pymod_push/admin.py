@@ -67,6 +67,7 @@ def _status(service: PushService, info: ProcessInfo, args: tuple[str, ...],
         f"deferred by providers: {totals['provider_queue']}, messages remembered as "
         f"pushed: {totals['pushed']}",
         "publishes to app servers: " + _counts(service.counters),
+        f"publishes to this module's own app server taken in-process: {service.in_process}",
     ]
     providers = sorted({provider for provider, _ in info.provider_counters})
     for provider in providers:

@@ -16,10 +16,10 @@ from .core import appserver as app
 from .core import limits, safexml
 from .core.config import Backend, Config
 from .core.ratelimit import RateLimiter
-from .core.xep0357 import NS_PUBSUB, RequestError
+from .core.xep0357 import NS_PUBSUB, FormFields, RequestError
 from .logic import Device as LogicDevice
 from .logic import Logic
-from .protocol import Route
+from .protocol import PublishReply, Route
 from .providers import Outcome
 from .store import Device, QueuedPush, Store
 
@@ -47,7 +47,10 @@ class Delivery:
     backend: Backend
     device: Device
     summary: dict[str, str]
-    publish: app.Iq | None  # None: sent again after a restart, the publish was answered
+    # The publish IQ to answer; None: taken in-process (ref) or sent again after a restart
+    # (the publish was answered).
+    publish: app.Iq | None
+    ref: int | None = None  # a publish of this process taken in-process: its ref
 
     @property
     def urgent(self) -> bool:
@@ -55,17 +58,38 @@ class Delivery:
         return self.summary.get("last-message-priority") == "high"
 
 
+# The answer to a publish from the provider's first answer: (error type, condition, text),
+# or None for a result (delivered, or queued for another attempt).
+_ANSWERS: dict[Outcome, tuple[str, str, str]] = {
+    Outcome.UNREGISTERED: ("cancel", "item-not-found",
+                           "the push provider no longer knows this device"),
+    Outcome.FAILED: ("wait", "internal-server-error",
+                     "the push provider refused the notification"),
+}
+
+
 def publish_answer(delivery: Delivery, outcome: Outcome, reason: str = "") -> str:
     """The answer to the publish IQ, from the provider's first answer."""
     iq = delivery.publish
     assert iq is not None
-    if outcome is Outcome.UNREGISTERED:
-        return app.error_reply(iq, "cancel", "item-not-found",
-                               "the push provider no longer knows this device")
-    if outcome is Outcome.FAILED:
-        return app.error_reply(iq, "wait", "internal-server-error",
-                               "the push provider refused the notification")
-    return app.result_reply(iq)  # delivered, or queued for another attempt
+    error = _ANSWERS.get(outcome)
+    if error is not None:
+        return app.error_reply(iq, *error)
+    return app.result_reply(iq)
+
+
+def publish_reply(ref: int, outcome: Outcome) -> PublishReply:
+    """The same answer, as the publisher hears it (an ``iq_reply`` event), for a publish
+    taken in-process."""
+    error = _ANSWERS.get(outcome)
+    if error is not None:
+        return PublishReply(ref, "error", error[0], error[1])
+    return PublishReply(ref, "result")
+
+
+def error_reply(ref: int, error: RequestError) -> PublishReply:
+    """A refused publish taken in-process, as the publisher hears the IQ path's error."""
+    return PublishReply(ref, "error", error.error_type, error.condition)
 
 
 class AppServer:
@@ -174,7 +198,22 @@ class AppServer:
 
     # ------------------------------------------------------------------ publishes
     def _publish(self, iq: app.Iq, domain: str) -> list[Route | Delivery]:
-        request = app.parse_publish(iq)
+        backend, device, summary = self._accept(app.parse_publish(iq), domain)
+        return [Delivery(backend, device, summary, iq)]
+
+    def publish_direct(self, ref: int, domain: str, node: str, fields: FormFields,
+                       publish_options: FormFields | None) -> Delivery:
+        """A publish of this process's own push service to one of its pubsub hosts, taken
+        without the round trip through ejabberd: what the IQ path would read from the
+        publish IQ the shim builds, the same checks and refusals (RequestError, as the IQ
+        path's error answers), and the provider's first answer goes to the publisher as
+        the answer to ``ref`` (see :func:`publish_reply`)."""
+        backend, device, summary = self._accept(
+            app.direct_publish(node, fields, publish_options), domain)
+        return Delivery(backend, device, summary, None, ref)
+
+    def _accept(self, request: app.PublishRequest, domain: str
+                ) -> tuple[Backend, Device, dict[str, str]]:
         device = self.store.device(request.node)
         if device is None or device.pubsub_host != domain:
             raise RequestError("item-not-found", "no such node", "cancel")
@@ -199,7 +238,7 @@ class AppServer:
             summary = self.logic.provider_data(
                 LogicDevice(device.user, device.provider, device.app_name, device.device_id,
                             device.device_name), summary)
-        return [Delivery(backend, device, summary, iq)]
+        return backend, device, summary
 
     def _backend_of(self, device: Device) -> Backend | None:
         return next((b for b in self.config.backends

@@ -3,6 +3,7 @@ GET /metrics on the address given, served by the Python process of each host.
 
     pymod_push_events_total{type}                    events from ejabberd, by kind
     pymod_push_publishes_total{outcome}              publishes to app servers (XEP-0357)
+    pymod_push_in_process_publishes_total            of those, to its own app server, in-process
     pymod_push_provider_pushes_total{provider,outcome}   built-in app server's pushes
     pymod_push_provider_latency_seconds{provider}    histogram of provider HTTP/2 requests
     pymod_push_registrations, _devices, _outbox, _provider_queue   gauges from the database
@@ -54,6 +55,7 @@ class Snapshot:
     provider_pushes: Counter[tuple[str, str]]
     provider_latency: dict[str, Histogram]
     totals: dict[str, int]
+    in_process: int = 0  # publishes to its own app server taken without the round trip
 
 
 def _label(value: str) -> str:
@@ -70,6 +72,10 @@ def render(snapshot: Snapshot) -> str:
               "# TYPE pymod_push_publishes_total counter"]
     lines += [f'pymod_push_publishes_total{{{host},outcome="{_label(outcome)}"}} {n}'
               for outcome, n in sorted(snapshot.publishes.items())]
+    lines += ["# HELP pymod_push_in_process_publishes_total Publishes to this module's own "
+              "app server taken in-process (no round trip through ejabberd).",
+              "# TYPE pymod_push_in_process_publishes_total counter",
+              f"pymod_push_in_process_publishes_total{{{host}}} {snapshot.in_process}"]
     lines += ["# HELP pymod_push_provider_pushes_total Pushes of the built-in app server, by "
               "provider and outcome.", "# TYPE pymod_push_provider_pushes_total counter"]
     lines += [f'pymod_push_provider_pushes_total{{{host},provider="{_label(p)}",'

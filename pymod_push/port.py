@@ -28,9 +28,11 @@ from .protocol import (
     AdminCommand,
     AppServerIq,
     Batch,
+    Event,
     Log,
     LogLevel,
     ProtocolError,
+    PublishReply,
     Route,
     action_term,
     hello_reply,
@@ -54,6 +56,9 @@ GROUP_COMMIT_S = 0.002
 REPLAY_GRACE_S = 1.0
 # While the database (PostgreSQL) is away, the commit is tried again this often, doubling.
 RETRY_FIRST_S, RETRY_MAX_S = 0.05, 2.0
+# What the port handles in order: frames, a batch from one of its events on (held while
+# the database is away), and providers' answers to publishes taken in-process.
+Item = bytes | tuple[Batch, int] | PublishReply
 _LEVELS = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warning",
            logging.ERROR: "error", logging.CRITICAL: "critical"}
 
@@ -138,7 +143,7 @@ class PortApp:
         # While the database is away: what is to be handled once it is back, in order
         # (frames, or a batch from one of its events on), with when it came. None: the
         # database is there.
-        self._held: list[tuple[float, bytes | tuple[Batch, int]]] | None = None
+        self._held: list[tuple[float, Item]] | None = None
         self._away_since = 0.0
         self._retry_s = RETRY_FIRST_S
         self._reply_timeout_s = 5.0  # ejabberd's, for IQs to this process (hello)
@@ -152,7 +157,7 @@ class PortApp:
             return
         self._feed([(now, frame) for frame in frames])
 
-    def _feed(self, items: Sequence[tuple[float, bytes | tuple[Batch, int]]]) -> None:
+    def _feed(self, items: Sequence[tuple[float, Item]]) -> None:
         actions = self._pending_actions
         deliveries = self._pending_deliveries
         handled: Batch | None = None  # the last batch of this chunk, acknowledged once
@@ -160,6 +165,18 @@ class PortApp:
         # answer was answered with an error (its publisher tries again): not sent here.
         late = time.monotonic() - self._reply_timeout_s
         for position, (arrived, item) in enumerate(items):
+            if isinstance(item, PublishReply):  # a provider's answer to an in-process publish
+                try:
+                    results = self._handle_event(item)
+                except DatabaseUnavailable as exc:
+                    self._database_away(exc, list(items[position:]))
+                    break
+                for result in results:
+                    if isinstance(result, Delivery):
+                        deliveries.append(result)
+                    else:
+                        actions.append(result)
+                continue
             if isinstance(item, tuple):
                 batch, start = item
             else:
@@ -207,8 +224,7 @@ class PortApp:
         if handled is not None or actions or deliveries:
             self._request_commit()
 
-    def _database_away(self, exc: BaseException,
-                       rest: list[tuple[float, bytes | tuple[Batch, int]]]) -> None:
+    def _database_away(self, exc: BaseException, rest: list[tuple[float, Item]]) -> None:
         """Said once: events wait (here and in ejabberd, unacknowledged) until a commit
         goes through again."""
         if self._held is None:
@@ -297,7 +313,8 @@ class PortApp:
         self._store = open_store(config.db_file, config.db_url)
         self.service = PushService(config, self._store, logic.load(config.logic))
         self._last_batch = self._store.last_batch(config.ejabberd_node, config.host)
-        self._dispatcher = Dispatcher(config, self._store, self._device_gone, self._route)
+        self._dispatcher = Dispatcher(config, self._store, self._device_gone, self._route,
+                                      self._answered_in_process)
         self._dispatcher.resume(self.service.app_server.queued_deliveries())
         self._write(frame(hello_reply(info)))
         self._write(frame([action_term(a) for a in self.service.initial_actions()]))
@@ -320,10 +337,22 @@ class PortApp:
             totals = {}  # the database is away: its gauges read 0 meanwhile
         return metrics.Snapshot(self.service.config.host, self._events,
                                 self.service.counters, self._dispatcher.counters,
-                                dict(self._dispatcher.latency), totals)
+                                dict(self._dispatcher.latency), totals,
+                                self.service.in_process)
 
     def _route(self, xml: str) -> None:
         self._write(frame([action_term(Route(xml))]))
+
+    def _answered_in_process(self, reply: PublishReply) -> None:
+        """The provider's first answer to a publish taken in-process: for the publisher as
+        the IQ path's iq_reply event would be, committed with what comes with it."""
+        try:
+            if self._held is not None:
+                self._held.append((time.monotonic(), reply))
+            else:
+                self._feed([(time.monotonic(), reply)])
+        except BaseException as exc:  # noqa: BLE001 - ends the process, as in data_received
+            self.on_fatal(exc)
 
     def _device_gone(self, node: str) -> None:
         if self._store is not None:
@@ -344,6 +373,14 @@ class PortApp:
             self._late_iqs += 1
             return []
         self._events[type(event).__name__] += 1
+        try:
+            return self._handle_event(event)
+        except DatabaseUnavailable:
+            self._events[type(event).__name__] -= 1
+            raise
+
+    def _handle_event(self, event: Event) -> Sequence[Action | Delivery]:
+        assert self.service is not None
         mark = self.service.store.write_mark()
         try:
             if isinstance(event, LogLevel):
@@ -354,11 +391,12 @@ class PortApp:
                 assert self._dispatcher is not None
                 info = admin.ProcessInfo(self._started, self._events.total(),
                                          self._dispatcher.counters)
-                return admin.run(event, self.service, info, time.time())
+                now = time.time()  # test pushes and wakes to its own app server too
+                return self.service.own_publishes(admin.run(event, self.service, info, now),
+                                                  now)
             return self.service.handle(event, time.time())
         except DatabaseUnavailable:
             self.service.store.undo_to(mark)  # handled again, whole, when it is back
-            self._events[type(event).__name__] -= 1
             raise
         except Exception:
             log.exception("failed to handle a %s event", type(event).__name__)
@@ -403,7 +441,11 @@ class PortApp:
             return  # armed again after the next commit that goes through
         mark = self.service.store.write_mark()
         try:
-            self._pending_actions.extend(self.service.tick(time.time()))
+            for result in self.service.tick(time.time()):
+                if isinstance(result, Delivery):
+                    self._pending_deliveries.append(result)
+                else:
+                    self._pending_actions.append(result)
             self._request_commit()
         except DatabaseUnavailable as exc:
             self.service.store.undo_to(mark)

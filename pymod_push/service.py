@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .appservice import AppServer, Delivery
+from .appservice import AppServer, Delivery, error_reply
 from .core import limits
 from .core import options as push_options
 from .core.config import Config
@@ -67,7 +67,7 @@ from .protocol import (
     UserKey,
     UserRemoved,
 )
-from .store import OutboxEntry, Registration, Store
+from .store import DatabaseUnavailable, OutboxEntry, Registration, Store
 
 log = logging.getLogger("pymod_push")
 
@@ -80,6 +80,9 @@ PURGE_INTERVAL_S = 600
 # an answer to a publish of an earlier process, replayed by the shim after a crash, is
 # recognized and the notification not sent again.
 REFS_PER_ENTRY = 64
+# A publish to this process's own app server that could not be taken (the database did
+# not answer its device read) goes again this much later.
+OWN_RETRY_S = 1.0
 
 
 @dataclass(slots=True)
@@ -129,10 +132,55 @@ class PushService:
         self._iq_limit = limits.account_rate_limiter(config.push_iq_rate)
         self._pacer = DomainPacer(config.publish_rate,  # publishes per remote domain
                                   (config.host, *(b.pubsub_host for b in config.backends)))
+        # The built-in app server's pubsub hosts, which ejabberd routes to this very process
+        # (not the host itself: the shim routes no IQ to that): a publish to one of them is
+        # taken in-process (own_publishes), with the IQ path's checks and answers, instead
+        # of going out to ejabberd and coming back as an app_server_iq event.
+        self._own_pubsub = frozenset(b.pubsub_host for b in config.backends
+                                     if b.pubsub_host != config.host)
+        self.in_process = 0  # publishes taken so (push_status, metrics)
 
     # ------------------------------------------------------------------ dispatch
     def handle(self, event: Event, now: float) -> Sequence[Action | Delivery]:
-        return self._pacer.pace(self._handle(event, now), now)
+        return self.own_publishes(self._pacer.pace(self._handle(event, now), now), now)
+
+    def own_publishes(self, actions: Sequence[Action | Delivery], now: float
+                      ) -> Sequence[Action | Delivery]:
+        """Publishes to this process's own app server become its deliveries, or, refused,
+        are answered at once: what the IQ path would do, without the round trip."""
+        if not self._own_pubsub or not any(
+                type(a) is Publish and a.to.split("/", 1)[0] in self._own_pubsub
+                for a in actions):
+            return actions
+        out: list[Action | Delivery] = []
+        for action in actions:
+            if type(action) is not Publish:
+                out.append(action)
+                continue
+            domain = action.to.split("/", 1)[0]
+            if domain not in self._own_pubsub:
+                out.append(action)
+                continue
+            try:
+                try:
+                    out.append(self.app_server.publish_direct(
+                        action.ref, domain, action.node, action.fields, action.publish_options))
+                except RequestError as error:
+                    out += self._publish_reply(error_reply(action.ref, error), now)
+            except DatabaseUnavailable:
+                # Not taken: what the event changed stays, and this publish goes again
+                # (a retry, not counted) once the database answers; its outbox entry is
+                # committed with the event.
+                self._retry_soon(action.ref, now)
+                continue
+            self.in_process += 1
+        return out
+
+    def _retry_soon(self, ref: int, now: float) -> None:
+        entry = self._in_flight.pop(ref, None)
+        if entry is not None:
+            entry.due = now + OWN_RETRY_S
+            heapq.heappush(self._retries, (entry.due, entry.id, entry))
 
     def _handle(self, event: Event, now: float) -> Sequence[Action | Delivery]:
         match event:
@@ -468,7 +516,7 @@ class PushService:
                      if d is not None]
         return min(deadlines, default=None)
 
-    def tick(self, now: float) -> list[Action]:
+    def tick(self, now: float) -> list[Action | Delivery]:
         """Send the retries and wakes that are due, and what the pacer held back."""
         actions: list[Action] = []
         while self._retries and self._retries[0][0] <= now:
@@ -490,4 +538,4 @@ class PushService:
                 actions.append(self._wake(registration, now))
             self._next_scheduled_wake = (now + 1.0 if len(due) == rate
                                          else self.store.next_wake(self.config.ejabberd_node))
-        return [*self._pacer.due(now), *self._pacer.pace(actions, now)]
+        return [*self._pacer.due(now), *self.own_publishes(self._pacer.pace(actions, now), now)]

@@ -11,13 +11,22 @@ import base64
 import binascii
 import secrets
 import xml.etree.ElementTree as ET
+from collections.abc import Iterable
 from dataclasses import dataclass
 from xml.sax.saxutils import escape, quoteattr
 
 from . import safexml
 from .config import Backend
 from .limits import cut_utf8
-from .xep0357 import MAX_FORM_FIELDS, NS_DATA, NS_PUBSUB, RequestError, field_xml, parse_form
+from .xep0357 import (
+    MAX_FORM_FIELDS,
+    NS_DATA,
+    NS_PUBSUB,
+    FormFields,
+    RequestError,
+    field_xml,
+    parse_form,
+)
 
 NS_COMMANDS = "http://jabber.org/protocol/commands"
 NS_DISCO_INFO = "http://jabber.org/protocol/disco#info"
@@ -254,13 +263,40 @@ def _lenient_fields(form: ET.Element) -> dict[str, str]:
     rather than refused (which would lose the notification), within bounds: a value is
     cut at MAX_FIELD bytes (marked), a field with a long name or beyond the 64th is
     left out. The providers shorten further to fit their payloads."""
+    return _first_values((field.get("var"), field.findtext(f"{{{NS_DATA}}}value"))
+                         for field in form.findall(f"{{{NS_DATA}}}field")[:MAX_FORM_FIELDS + 1])
+
+
+def _first_values(pairs: Iterable[tuple[str | None, str | None]]) -> dict[str, str]:
     fields: dict[str, str] = {}
-    for field in form.findall(f"{{{NS_DATA}}}field")[:MAX_FORM_FIELDS + 1]:
-        var = field.get("var")
+    for var, value in pairs:
         if var is None or len(var) > 256 or var in fields:
             continue
-        fields[var] = cut_utf8(field.findtext(f"{{{NS_DATA}}}value") or "", MAX_FIELD)
+        fields[var] = cut_utf8(value or "", MAX_FIELD)
     return fields
+
+
+def _as_parsed(value: str) -> str:
+    """A value as an XML parser reads it back: line ends are one line feed (XML 1.0, 2.11)."""
+    return value.replace("\r\n", "\n").replace("\r", "\n") if "\r" in value else value
+
+
+def lenient_form(fields: FormFields) -> dict[str, str]:
+    """:func:`_lenient_fields` of the form the shim would build from these fields, without
+    the XML: the same fields, values and bounds."""
+    return _first_values((var, _as_parsed(values[0]) if values else None)
+                         for var, values in fields[:MAX_FORM_FIELDS + 1])
+
+
+def direct_publish(node: str, fields: FormFields,
+                   publish_options: FormFields | None) -> PublishRequest:
+    """What :func:`parse_publish` reads from the publish IQ the shim would build from a
+    :class:`~pymod_push.protocol.Publish`'s parts (its node, summary form and
+    publish-options), for a publish to this process's own app server (no round trip)."""
+    if not node:
+        raise RequestError("bad-request", "publish needs a node")
+    secret = lenient_form(publish_options).get("secret") if publish_options else None
+    return PublishRequest(node, secret, lenient_form(fields))
 
 
 def secret_matches(expected: str, given: str | None) -> bool:

@@ -11,9 +11,10 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
 
-from ..appservice import Delivery, publish_answer
+from ..appservice import Delivery, publish_answer, publish_reply
 from ..core.config import Backend, Config
 from ..metrics import Histogram
+from ..protocol import PublishReply
 from ..store import QueuedPush, Store
 from . import HttpRequest, Outcome, Provider, Reply
 from .apns import Apns
@@ -55,13 +56,17 @@ class Dispatcher:
     and picked up again by the next process after a crash (:meth:`resume`)."""
 
     def __init__(self, config: Config, store: Store, device_gone: Callable[[str], None],
-                 route: Callable[[str], None]) -> None:
+                 route: Callable[[str], None],
+                 answer: Callable[[PublishReply], None] | None = None) -> None:
         self._store = store
         self._node = config.ejabberd_node
         self._log_sensitive = config.log_sensitive
         self._ids = itertools.count(time.time_ns() // 1000)
         self._device_gone = device_gone
         self._route = route
+        # Where the answers to publishes taken in-process go (Delivery.ref): to the
+        # publisher, as ejabberd would bring them.
+        self._answer = answer
         self._providers: dict[int, Provider] = {}
         self._clients: dict[int, Http2Client] = {}
         self._in_flight: dict[int, asyncio.Semaphore] = {}
@@ -102,7 +107,8 @@ class Dispatcher:
         if provider is None or client is None:
             self.counters[(delivery.backend.group, "dropped")] += 1
             log.warning("push for %s dropped: its backend is not available", where)
-            self._route(publish_answer(delivery, Outcome.FAILED))
+            if queued is None:
+                self._answer_publish(delivery, Outcome.FAILED)
             return
         if queued is not None:
             await asyncio.sleep(max(0.0, queued.due - time.time()))
@@ -129,8 +135,12 @@ class Dispatcher:
                     queued = QueuedPush(next(self._ids), device.node, delivery.summary, 0,
                                         now, now)
                     self._store.queue_push(queued, self._node)
-                    self._store.commit()  # kept before the publisher hears it is queued
-                self._route(publish_answer(delivery, reply.outcome, reply.reason))
+                    if delivery.ref is None:
+                        self._store.commit()  # kept before the publisher hears it is queued
+                # In-process, the publisher's side of the answer is in the same transaction.
+                self._answer_publish(delivery, reply.outcome)
+                if delivery.ref is not None and reply.outcome is Outcome.RETRY:
+                    self._store.commit()
             if (queued is None or reply.outcome is not Outcome.RETRY
                     or now - queued.created > MAX_AGE):
                 self._finish(delivery, reply, queued, where)
@@ -143,6 +153,13 @@ class Dispatcher:
             self._store.commit()
             log.info("push to %s deferred (%s), retrying in %.0f s", where, reply.reason, delay)
             await asyncio.sleep(delay)
+
+    def _answer_publish(self, delivery: Delivery, outcome: Outcome) -> None:
+        if delivery.ref is not None:
+            if self._answer is not None:
+                self._answer(publish_reply(delivery.ref, outcome))
+        elif delivery.publish is not None:
+            self._route(publish_answer(delivery, outcome))
 
     def _finish(self, delivery: Delivery, reply: Reply, queued: QueuedPush | None,
                 where: str) -> None:

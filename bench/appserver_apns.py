@@ -26,14 +26,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import xml.etree.ElementTree as ET
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, cast
+from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -46,7 +44,7 @@ from bench.versus_builtin import (
     find_pid,
     wait_log_count,
 )
-from devtools.instance import ROOT, Instance, free_port
+from devtools.instance import ROOT, Instance, default_python, free_port
 from devtools.xmpp_light import Xmpp
 from pymod_push.appservice import PUBLISH_BURST, PUBLISH_REFILL_PER_SECOND
 
@@ -58,65 +56,6 @@ PUBSUB_HOST = "pubsub.localhost"
 # Arrival times cross a process boundary: time.monotonic() is CLOCK_MONOTONIC, one clock
 # for every process of the machine.
 clock = time.monotonic
-
-
-# ------------------------------------------------------------------ the fake APNs process
-def serve_fake_apns(port: int, tls: Path, key_file: Path) -> None:
-    """Serve tests.fake_providers' FakeProvider with APNs' checks on 127.0.0.1:port; write
-    one line per request to stdout ("<arrival> <message number or -> <status>") until stdin
-    closes, then "end <requests>"."""
-    from cryptography.hazmat.primitives.serialization import load_pem_private_key
-
-    from tests.fake_providers import (
-        FakeProvider,
-        LoopbackCA,
-        Received,
-        apns_check,
-        serve_in_thread,
-    )
-
-    key = load_pem_private_key(key_file.read_bytes(), password=None)
-    verify = apns_check(key.public_key(), TEAM_ID, KEY_ID, TOPIC)
-    # apns_check looks at these headers only: its verdict is memoized on them, so that the
-    # fake verifies the (reused) ES256 provider token once, not once per request.
-    verdicts: dict[tuple[str, ...], tuple[int, dict[str, Any]] | None] = {}
-    live = threading.Event()
-    lock = threading.Lock()
-    requests = 0
-
-    def check(request: Received) -> tuple[int, dict[str, Any]] | None:
-        nonlocal requests
-        arrived = clock()
-        if not live.is_set():  # serve_in_thread's warm-up request
-            return None
-        headers = request.headers
-        memo = tuple(headers.get(name, "") for name in (
-            "authorization", "apns-push-type", "apns-topic", "apns-priority"))
-        if memo not in verdicts:
-            verdicts[memo] = verify(request)
-        verdict = verdicts[memo]
-        if verdict is None and not request.path.startswith("/3/device/"):
-            verdict = (404, {"reason": "BadPath"})
-        try:
-            marker = str(request.json().get("last-message-body", "-")) or "-"
-        except ValueError:
-            marker = "-"
-        with lock:
-            requests += 1
-            sys.stdout.write(f"{arrived:.6f} {marker if marker.isdigit() else '-'} "
-                             f"{verdict[0] if verdict else 200}\n")
-            sys.stdout.flush()
-        return verdict
-
-    provider = FakeProvider(check)
-    ca = SimpleNamespace(cafile=tls / "ca.pem", certfile=tls / "server.pem",
-                         keyfile=tls / "server.key")
-    serve_in_thread(provider, cast(LoopbackCA, ca), port)
-    live.set()
-    print("listening", flush=True)
-    sys.stdin.read()
-    with lock:
-        print(f"end {requests}", flush=True)
 
 
 @dataclass
@@ -132,13 +71,14 @@ class FakeApns:
     all_arrived: asyncio.Event = field(default_factory=asyncio.Event)
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     total_reported: int = -1
+    cpu_reported: float = 0.0  # its own CPU seconds, start-up included
     reader: asyncio.Task[None] | None = None
 
     @classmethod
     async def start(cls, port: int, tls: Path, key_file: Path, expected: int) -> FakeApns:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bench.appserver_apns", "--serve-fake-apns", str(port),
-            str(tls), str(key_file), cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            sys.executable, "-m", "bench.fake_apns", str(port), str(tls), str(key_file),
+            TEAM_ID, KEY_ID, TOPIC, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         assert process.stdout is not None
         line = await asyncio.wait_for(process.stdout.readline(), 60)
         if line.strip() != b"listening":
@@ -154,6 +94,7 @@ class FakeApns:
             parts = line.split()
             if parts[0] == b"end":
                 self.total_reported = int(parts[1])
+                self.cpu_reported = float(parts[2])
                 self.ended.set()
                 return
             self.requests += 1
@@ -262,7 +203,21 @@ def status_quiet(instance: Instance) -> str:
 
 
 # ------------------------------------------------------------------ the run
-async def run(users: int, messages: int, rate: float) -> dict[str, Any]:
+def profiled_python(folder: Path, output: Path) -> str:
+    """An interpreter for the shim (it runs ``PYTHON -m pymod_push``) that profiles the
+    port program with cProfile into ``output`` (written when the port closes)."""
+    wrapper = folder / "python-profiled"
+    python = default_python()
+    wrapper.write_text(f"#!/bin/sh\n[ \"$1\" = -m ] || exec {python} \"$@\"\n"
+                       f"exec {python} -m cProfile -o {output} \"$@\"\n")
+    wrapper.chmod(0o755)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.parent.chmod(0o777)
+    return str(wrapper)
+
+
+async def run(users: int, messages: int, rate: float,
+              profile: Path | None = None) -> dict[str, Any]:
     folder = Path(tempfile.mkdtemp(prefix="pymod_push-bench-apns-"))
     folder.chmod(0o755)
     tls = folder / "tls"
@@ -281,7 +236,8 @@ async def run(users: int, messages: int, rate: float) -> dict[str, Any]:
     instance = Instance(folder, options={"resume_timeout": 259200, "backends": [backend]},
                         modules={"mod_mam": None,
                                  "mod_register": {"access": "all", "ip_access": "all"}},
-                        extra_config={"registration_timeout": "infinity"})
+                        extra_config={"registration_timeout": "infinity"},
+                        **({"python": profiled_python(folder, profile)} if profile else {}))
     instance.write_config()  # also gives the key and the CA to the ejabberd user
     fake = await FakeApns.start(apns_port, tls, key_file, messages)
     try:
@@ -377,13 +333,9 @@ def main() -> int:
     parser.add_argument("--users", type=int, default=1000)
     parser.add_argument("--messages", type=int, default=20_000)
     parser.add_argument("--rate", type=float, default=4000)
-    parser.add_argument("--serve-fake-apns", nargs=3, metavar=("PORT", "TLS", "KEY"),
-                        help=argparse.SUPPRESS)
+    parser.add_argument("--profile", type=Path, metavar="FILE",
+                        help="profile the Python process with cProfile into FILE")
     args = parser.parse_args()
-    if args.serve_fake_apns:
-        port, tls, key = args.serve_fake_apns
-        serve_fake_apns(int(port), Path(tls), Path(key))
-        return 0
     print(f"app server end to end: {args.users} pending push users with an APNs device, "
           f"{args.messages} messages at {args.rate:.0f}/s, fake APNs (HTTP/2, TLS) in its "
           "own process")
@@ -392,7 +344,8 @@ def main() -> int:
         print(f"  note: {per_node:.0f} messages per device is beyond the app server's rate "
               f"limit ({PUBLISH_BURST} at once, then {PUBLISH_REFILL_PER_SECOND:g}/s): the "
               "excess is refused with 'wait' and retried later")
-    r = asyncio.run(run(args.users, args.messages, args.rate))
+    r = asyncio.run(run(args.users, args.messages, args.rate,
+                        args.profile.resolve() if args.profile else None))
     exact = (r["per_message"] == {1: args.messages} and r["refused"] == 0
              and r["unmarked"] == 0 and r["requests"] == r["reported"] == args.messages)
     print(f"  set-up {r['set_up']:.0f} s; sent at {r['sent_rate']:,.0f}/s")
@@ -403,7 +356,7 @@ def main() -> int:
           f"{r['p50']:.1f} ms p99 {r['p99']:.1f} ms")
     print(f"  CPU per push: ejabberd {r['cpu_beam_ms']:.3f} ms + Python "
           f"{r['cpu_python_ms']:.3f} ms = {r['cpu_beam_ms'] + r['cpu_python_ms']:.3f} ms; "
-          f"load side: fake APNs {r['cpu_fake_ms']:.3f} ms/request, sender "
+          f"load side: fake APNs (raw h2) {r['cpu_fake_ms']:.3f} ms/request, sender "
           f"{r['cpu_load_ms']:.3f} ms/message")
     print(f"  machine: {r['busy_cores']:.2f} of {os.cpu_count()} cores busy from the first send "
           f"to the last request ({r['other_cores']:.2f} of them other processes)")

@@ -11,6 +11,7 @@ import asyncio
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -28,9 +29,6 @@ from tests.fake_providers import LoopbackCA
 
 async def run(pushes: int, folder: Path, port: int) -> tuple[float, float, int]:
     key_file = folder / "key.p8"
-    key_file.write_bytes(ec.generate_private_key(ec.SECP256R1()).private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))
     backend = Backend(0, "apns", "bench", "localhost", "pubsub.localhost", {
         "topic": "org.example.bench", "key_file": str(key_file), "key_id": "K",
         "team_id": "T", "endpoint": f"https://127.0.0.1:{port}",
@@ -70,17 +68,26 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         LoopbackCA(folder / "tls")
+        (folder / "key.p8").write_bytes(ec.generate_private_key(ec.SECP256R1()).private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption()))
         port = free_port()
-        fake = subprocess.Popen([sys.executable, "-m", "tests.fake_providers", str(port),
-                                 str(folder / "tls")], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        # The raw h2 fake of bench/fake_apns.py, checking the token as APNs does.
+        fake = subprocess.Popen([sys.executable, "-m", "bench.fake_apns", str(port),
+                                 str(folder / "tls"), str(folder / "key.p8"), "T", "K",
+                                 "org.example.bench"], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True)
         assert fake.stdout is not None and fake.stdin is not None
         if fake.stdout.readline().strip() != "listening":
             raise RuntimeError("the fake APNs did not start")
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.extend(fake.stdout or ()), daemon=True)
+        reader.start()
         wall, cpu, delivered = asyncio.run(run(args.pushes, folder, port))
         fake.stdin.close()
-        received = int(fake.stdout.readline())
         fake.wait(30)
+        reader.join(30)
+        received = sum(1 for line in lines if line.split()[-1] == "200")
     measured = args.pushes - 1
     print(f"provider dispatch: {measured} APNs pushes (token auth, HTTP/2, TLS) in {wall:.2f} s "
           f"= {measured / wall:,.0f} pushes/s; {cpu / measured * 1e6:.0f} us CPU per push in "

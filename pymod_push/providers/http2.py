@@ -13,13 +13,19 @@ import ssl
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from urllib.parse import urlsplit
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+
+from . import hpack_cache
+
+SWEEP_S = 1.0  # how often requests are checked for their timeout
 
 
 class HttpError(Exception):
@@ -36,6 +42,7 @@ class Response:
 @dataclass(slots=True)
 class _Stream:
     done: asyncio.Future[Response]
+    deadline: float  # loop time by which it is answered, or failed (no answer in time)
     status: int = 0
     headers: dict[str, str] = field(default_factory=dict)
     body: bytearray = field(default_factory=bytearray)
@@ -43,22 +50,30 @@ class _Stream:
 
 
 class _Connection(asyncio.Protocol):
-    def __init__(self, authority: str) -> None:
+    """One HTTP/2 connection. What h2 has to send is written once per loop iteration
+    (:meth:`_flush_soon`): a burst of requests, and the window updates for their answers,
+    cost one TLS write, not one each."""
+
+    def __init__(self, authority: str, timeout: float = 15.0) -> None:
         self.authority = authority
+        self.timeout = timeout
         self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(
             client_side=True, header_encoding="utf-8", validate_outbound_headers=False,
             normalize_outbound_headers=False))
+        self.h2.encoder = hpack_cache.Encoder()  # type: ignore[assignment]
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, _Stream] = {}
         self.closed = False
         self._waiting: deque[asyncio.Future[None]] = deque()  # requests waiting for a stream
+        self._flush_pending = False
+        self._sweep: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         self.h2.initiate_connection()
-        self._flush()
+        self._flush_soon()
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -70,10 +85,13 @@ class _Connection(asyncio.Protocol):
             return
         for event in events:
             self._event(event)
-        self._flush()
+        self._flush_soon()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._fail_all("connection lost")
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
 
     # -- requests
     async def request(self, method: str, path: str, headers: Iterable[tuple[str, str]],
@@ -86,8 +104,11 @@ class _Connection(asyncio.Protocol):
         if self.closed:
             raise HttpError("connection closed")
         stream_id = self.h2.get_next_available_stream_id()
-        stream = _Stream(asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        stream = _Stream(loop.create_future(), loop.time() + self.timeout)
         self.streams[stream_id] = stream
+        if self._sweep is None:
+            self._sweep = loop.call_later(SWEEP_S, self._expire)
         request_headers = [(":method", method), (":scheme", "https"),
                            (":authority", self.authority), (":path", path), *headers]
         if body:
@@ -95,8 +116,25 @@ class _Connection(asyncio.Protocol):
         self.h2.send_headers(stream_id, request_headers, end_stream=not body)
         stream.pending = body
         self._send_pending(stream_id)
-        self._flush()
+        self._flush_soon()
         return await stream.done
+
+    def _expire(self) -> None:
+        """Every SWEEP_S while requests are open: those unanswered in time fail (and are
+        reset), as asyncio.wait_for would make them, without a task and a timer each."""
+        self._sweep = None
+        now = asyncio.get_running_loop().time()
+        expired = [i for i, stream in self.streams.items() if stream.deadline <= now]
+        for stream_id in expired:
+            self._finish(stream_id, "no answer in time")
+            try:
+                self.h2.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
+            except h2.exceptions.H2Error:
+                pass  # already closed on the wire
+        if expired:
+            self._flush_soon()
+        if self.streams and not self.closed:
+            self._sweep = asyncio.get_running_loop().call_later(SWEEP_S, self._expire)
 
     def _send_pending(self, stream_id: int) -> None:
         stream = self.streams.get(stream_id)
@@ -159,10 +197,26 @@ class _Connection(asyncio.Protocol):
             self._finish(stream_id, reason)
         self._wake()
 
+    def _flush_soon(self) -> None:
+        if not self._flush_pending:
+            self._flush_pending = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
     def _flush(self) -> None:
+        self._flush_pending = False
         data = self.h2.data_to_send()
         if data and self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
+
+
+@lru_cache(maxsize=16384)  # a device's URL recurs with every push to it
+def _target(url: str) -> tuple[str, int, str]:
+    """(host, port, path) of an https URL."""
+    parts = urlsplit(url)
+    if parts.scheme != "https" or not parts.hostname:
+        raise HttpError(f"not an https URL: {url}")
+    return parts.hostname, parts.port or 443, \
+        parts.path + (f"?{parts.query}" if parts.query else "") or "/"
 
 
 class Http2Client:
@@ -177,6 +231,9 @@ class Http2Client:
 
     async def _connection(self, host: str, port: int) -> _Connection:
         key = (host, port)
+        connection = self._connections.get(key)
+        if connection is not None and not connection.closed:
+            return connection
         lock = self._connecting.setdefault(key, asyncio.Lock())
         async with lock:
             connection = self._connections.get(key)
@@ -185,7 +242,8 @@ class Http2Client:
                 try:
                     _, opened = await asyncio.wait_for(
                         asyncio.get_running_loop().create_connection(
-                            lambda: _Connection(authority), host, port, ssl=self._context,
+                            lambda: _Connection(authority, self._timeout), host, port,
+                            ssl=self._context,
                             server_hostname=host), self._timeout)
                 except (OSError, ssl.SSLError, TimeoutError) as exc:
                     raise HttpError(f"cannot connect to {host}:{port}: {exc}") from None
@@ -194,16 +252,9 @@ class Http2Client:
 
     async def request(self, method: str, url: str, headers: dict[str, str],
                       content: bytes) -> Response:
-        parts = urlsplit(url)
-        if parts.scheme != "https" or not parts.hostname:
-            raise HttpError(f"not an https URL: {url}")
-        connection = await self._connection(parts.hostname, parts.port or 443)
-        path = parts.path + (f"?{parts.query}" if parts.query else "") or "/"
-        try:
-            return await asyncio.wait_for(
-                connection.request(method, path, headers.items(), content), self._timeout)
-        except TimeoutError:
-            raise HttpError("no answer in time") from None
+        host, port, path = _target(url)
+        connection = await self._connection(host, port)
+        return await connection.request(method, path, headers.items(), content)
 
     async def aclose(self) -> None:
         for connection in self._connections.values():

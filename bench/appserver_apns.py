@@ -356,7 +356,7 @@ def main() -> int:
           f"{r['p50']:.1f} ms p99 {r['p99']:.1f} ms")
     print(f"  CPU per push: ejabberd {r['cpu_beam_ms']:.3f} ms + Python "
           f"{r['cpu_python_ms']:.3f} ms = {r['cpu_beam_ms'] + r['cpu_python_ms']:.3f} ms; "
-          f"load side: fake APNs (raw h2) {r['cpu_fake_ms']:.3f} ms/request, sender "
+          f"load side: fake APNs {r['cpu_fake_ms']:.3f} ms/request, sender "
           f"{r['cpu_load_ms']:.3f} ms/message")
     print(f"  machine: {r['busy_cores']:.2f} of {os.cpu_count()} cores busy from the first send "
           f"to the last request ({r['other_cores']:.2f} of them other processes)")

@@ -281,10 +281,21 @@ def _as_parsed(value: str) -> str:
     return value.replace("\r\n", "\n").replace("\r", "\n") if "\r" in value else value
 
 
+_WHITESPACE = str.maketrans("\t\n\r", "   ")
+
+
+def _as_attribute(value: str) -> str:
+    """An attribute value as an XML parser reads it back: line ends are one line feed,
+    then each whitespace character a space (XML 1.0, 3.3.3)."""
+    if "\t" in value or "\n" in value or "\r" in value:
+        return value.replace("\r\n", "\n").translate(_WHITESPACE)
+    return value
+
+
 def lenient_form(fields: FormFields) -> dict[str, str]:
     """:func:`_lenient_fields` of the form the shim would build from these fields, without
     the XML: the same fields, values and bounds."""
-    return _first_values((var, _as_parsed(values[0]) if values else None)
+    return _first_values((_as_attribute(var), _as_parsed(values[0]) if values else None)
                          for var, values in fields[:MAX_FORM_FIELDS + 1])
 
 
@@ -293,6 +304,7 @@ def direct_publish(node: str, fields: FormFields,
     """What :func:`parse_publish` reads from the publish IQ the shim would build from a
     :class:`~pymod_push.protocol.Publish`'s parts (its node, summary form and
     publish-options), for a publish to this process's own app server (no round trip)."""
+    node = _as_attribute(node)
     if not node:
         raise RequestError("bad-request", "publish needs a node")
     secret = lenient_form(publish_options).get("secret") if publish_options else None

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import resource
 import ssl
@@ -37,8 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from hpack.huffman_table import decode_huffman
+from hpack.table import HeaderTable
 
-from pymod_push.providers.hpack_cache import _STATIC, integer, string
 from tests.fake_providers import Received
 
 Verdict = tuple[int, dict[str, Any]] | None
@@ -48,6 +49,28 @@ DATA, HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION =
 END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY = 0x1, 0x1, 0x4, 0x8, 0x20
 _MARKER = re.compile(rb'"last-message-body":"(\d+)"')
 _CHECKED = (b"authorization", b"apns-push-type", b"apns-topic", b"apns-priority")
+_STATIC: tuple[tuple[bytes, bytes], ...] = HeaderTable.STATIC_TABLE
+
+
+def integer(value: int, prefix_bits: int, flags: int = 0) -> bytes:
+    """RFC 7541 5.1."""
+    limit = (1 << prefix_bits) - 1
+    if value < limit:
+        return bytes((flags | value,))
+    out = bytearray((flags | limit,))
+    value -= limit
+    while value >= 128:
+        out.append((value & 127) | 128)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def string(data: bytes) -> bytes:
+    """RFC 7541 5.2, without Huffman coding."""
+    return integer(len(data), 7) + data
+
+
 _STATUS = {pair[1]: integer(index, 7, 0x80) for index, pair in enumerate(_STATIC, 1)
            if pair[0] == b":status"}
 
@@ -262,7 +285,7 @@ async def serve(port: int, tls: Path, check: Callable[[Received], Verdict]) -> N
     closed = loop.create_future()
 
     def stdin_readable() -> None:
-        if not closed.done() and not sys.stdin.buffer.read1(65536):
+        if not closed.done() and not os.read(sys.stdin.fileno(), 65536):
             closed.set_result(None)
     loop.add_reader(sys.stdin.fileno(), stdin_readable)
     await closed

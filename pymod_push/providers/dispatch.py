@@ -117,7 +117,9 @@ class Dispatcher:
             headers: dict[str, str] = {}
             try:
                 async with self._in_flight[index]:
-                    await self._authorize(provider, client)
+                    auth = provider.auth_request(time.time())
+                    if auth is not None:  # an OAuth token first
+                        await self._authorize(provider, client, auth)
                     request = provider.request(device, delivery.summary, time.time(),
                                                urgent=delivery.urgent)
                     if self._log_sensitive:  # the admin asked for it (option log_sensitive)
@@ -181,12 +183,10 @@ class Dispatcher:
             log.warning("push to %s %s: %s", where, outcome.replace("_", " "), reply.reason)
 
     @staticmethod
-    async def _authorize(provider: Provider, client: Http2Client) -> None:
-        """Fetch an OAuth token first if the provider needs a (new) one."""
-        request = provider.auth_request(time.time())
-        if request is not None:
-            response = await _send(client, request)
-            provider.auth_reply(response.status_code, response.content, time.time())
+    async def _authorize(provider: Provider, client: Http2Client, request: HttpRequest) -> None:
+        """Fetch the OAuth token the provider needs (request: its auth_request)."""
+        response = await _send(client, request)
+        provider.auth_reply(response.status_code, response.content, time.time())
 
     async def close(self) -> None:
         for client in self._clients.values():

@@ -103,6 +103,15 @@ class _Connection(asyncio.Protocol):
             await waiter
         if self.closed:
             raise HttpError("connection closed")
+        return await self.open(method, path, headers, body)
+
+    def can_open(self) -> bool:
+        return not self.closed and \
+            len(self.streams) < self.h2.remote_settings.max_concurrent_streams
+
+    def open(self, method: str, path: str, headers: Iterable[tuple[str, str]],
+             body: bytes) -> asyncio.Future[Response]:
+        """A request on a new stream (can_open() must be true): its answer, to await."""
         stream_id = self.h2.get_next_available_stream_id()
         loop = asyncio.get_running_loop()
         stream = _Stream(loop.create_future(), loop.time() + self.timeout)
@@ -117,7 +126,7 @@ class _Connection(asyncio.Protocol):
         stream.pending = body
         self._send_pending(stream_id)
         self._flush_soon()
-        return await stream.done
+        return stream.done
 
     def _expire(self) -> None:
         """Every SWEEP_S while requests are open: those unanswered in time fail (and are
@@ -253,6 +262,9 @@ class Http2Client:
     async def request(self, method: str, url: str, headers: dict[str, str],
                       content: bytes) -> Response:
         host, port, path = _target(url)
+        connection = self._connections.get((host, port))
+        if connection is not None and connection.can_open():  # no coroutine in between
+            return await connection.open(method, path, headers.items(), content)
         connection = await self._connection(host, port)
         return await connection.request(method, path, headers.items(), content)
 

@@ -6,10 +6,14 @@ provider clients use, against hpack's decoder."""
 
 from __future__ import annotations
 
+import asyncio
 import random
+import ssl
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -41,8 +45,10 @@ from pymod_push.protocol import (
 )
 from pymod_push.providers import Outcome
 from pymod_push.providers.hpack_cache import Encoder
+from pymod_push.providers.http2 import SWEEP_S, Http2Client, HttpError, Response
 from pymod_push.service import PushService
 from pymod_push.store import Store
+from tests.fake_providers import LoopbackCA
 from tests.test_hostile_limits import publish_iq_xml
 
 HOST = "example.org"
@@ -241,3 +247,44 @@ def test_repeated_headers_cost_a_byte_or_two() -> None:
                ("apns-topic", "org.example")]
     first, second = encoder.encode(headers), encoder.encode(headers)
     assert len(second) < 40 < len(first)
+
+
+# ------------------------------------------------------------------ the HTTP/2 client
+def test_an_unanswered_request_fails_in_time_and_the_writes_are_coalesced(
+        tmp_path: Path) -> None:
+    """A server that takes the TLS connection and requests but never answers: each request
+    fails with 'no answer in time' (the sweep, not a timer per request), and a burst of
+    requests went out in one TLS write."""
+    ca = LoopbackCA(tmp_path / "tls")
+
+    async def run() -> tuple[list[BaseException | Response], int, float]:
+        server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        server_context.load_cert_chain(ca.certfile, ca.keyfile)
+        server_context.set_alpn_protocols(["h2"])
+        silent = await asyncio.start_server(lambda r, w: r.read(), "127.0.0.1", 0,
+                                            ssl=server_context)
+        port = silent.sockets[0].getsockname()[1]
+        client = Http2Client(ssl.create_default_context(cafile=str(ca.cafile)), timeout=0.5)
+        connection = await client._connection("127.0.0.1", port)
+        assert connection.transport is not None
+        writes = 0
+        write = connection.transport.write
+
+        def counted(data: bytes | bytearray | memoryview) -> None:
+            nonlocal writes
+            writes += 1
+            write(data)
+        connection.transport.write = counted  # type: ignore[method-assign]
+        started = time.monotonic()
+        answers = await asyncio.gather(
+            *(client.request("POST", f"https://127.0.0.1:{port}/3/device/{n}", {"x": "y"},
+                             b"{}") for n in range(20)), return_exceptions=True)
+        elapsed = time.monotonic() - started
+        await client.aclose()
+        silent.close()
+        return answers, writes, elapsed
+
+    answers, writes, elapsed = asyncio.run(run())
+    assert all(isinstance(a, HttpError) and "in time" in str(a) for a in answers), answers
+    assert 0.5 <= elapsed < 0.5 + SWEEP_S + 1.0
+    assert writes <= 3  # the 20 requests (and the resets) in a write or two, not 20

@@ -1090,7 +1090,9 @@ handle_info(check_loglevel, #state{loglevel = Old} = State) ->
 handle_info(forget_rates, #state{host = Host} = State) ->
     erlang:send_after(?RATE_FORGET, self(), forget_rates),
     Idle = erlang:monotonic_time(millisecond) - ?RATE_FORGET,
-    ets:select_delete(rate_table(Host), [{{'_', '_', '$1'}, [{'<', '$1', Idle}], [true]}]),
+    try ets:select_delete(rate_table(Host), [{{'_', '_', '$1'}, [{'<', '$1', Idle}], [true]}])
+    catch error:badarg -> ok  % code loaded into a running module: no table until restart
+    end,
     {noreply, State};
 handle_info(flush, State) ->
     {noreply, flush(State)};

@@ -148,3 +148,10 @@ def load(spec: str | None) -> Logic:
                  if callable(getattr(module, n, None))]
     log.info("push logic %s loaded: %s", spec, ", ".join(functions) or "no functions")
     return Logic(module)
+
+
+if __name__ == "__main__":  # python -m pymod_push.logic check FILE (see logic_check)
+    import sys
+
+    from pymod_push.logic_check import main
+    sys.exit(main())

@@ -130,6 +130,10 @@ class PushService:
         self._pacer = DomainPacer(config.publish_rate,  # publishes per remote domain
                                   (config.host, *(b.pubsub_host for b in config.backends)))
 
+    def use_logic(self, logic: Logic) -> None:
+        """The admin's push logic from now on (push_reload_logic)."""
+        self.logic = self.app_server.logic = logic
+
     # ------------------------------------------------------------------ dispatch
     def handle(self, event: Event, now: float) -> Sequence[Action | Delivery]:
         return self._pacer.pace(self._handle(event, now), now)

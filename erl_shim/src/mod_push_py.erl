@@ -28,7 +28,7 @@
 %% gen_server (the port owner)
 %% ejabberdctl commands
 -export([get_commands_spec/0, push_status/1, push_list/2, push_delete/3, push_test/2,
-         push_wake_all/1, push_delete_old/2]).
+         push_wake_all/1, push_delete_old/2, push_reload_logic/1]).
 -export([start_link/2, init/1, handle_call/3, handle_cast/2, handle_info/2,
          terminate/2, code_change/3]).
 
@@ -887,7 +887,17 @@ get_commands_spec() ->
                    "not renewed for that long belong to devices that are gone.",
         args = [Host, {days, integer}], args_desc = ["Virtual host", "Days"],
         args_example = [<<"example.org">>, 90],
-        result = {deleted, string}, result_example = "deleted 3 push registration(s) ..."}].
+        result = {deleted, string}, result_example = "deleted 3 push registration(s) ..."},
+     #ejabberd_commands{
+        name = push_reload_logic, tags = [push], module = ?MODULE,
+        function = push_reload_logic,
+        desc = "Load the push logic module (option logic) again",
+        longdesc = "Python reads the module again and tries each of its functions once; "
+                   "if it does not import or a trial fails, the running module stays and "
+                   "the answer (and the log) says why.",
+        args = [Host], args_desc = ["Virtual host"], args_example = [<<"example.org">>],
+        result = {reloaded, string},
+        result_example = "push logic /etc/ejabberd/push_logic.py reloaded: should_push"}].
 
 push_status(Host) -> command(Host, status, []).
 push_list(User, Host) -> command(Host, list, [User, Host]).
@@ -895,6 +905,7 @@ push_delete(User, Host, Node) -> command(Host, delete, [User, Host, Node]).
 push_test(User, Host) -> command(Host, test, [User, Host]).
 push_wake_all(Host) -> command(Host, wake_all, []).
 push_delete_old(Host, Days) -> command(Host, delete_old, [integer_to_binary(Days)]).
+push_reload_logic(Host) -> command(Host, reload_logic, []).
 
 command(Host, Name, Args) ->
     LHost = jid:nameprep(Host),

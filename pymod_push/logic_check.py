@@ -11,6 +11,7 @@ credentials are made up on the spot).
 
     pymod-push logic check /etc/ejabberd/push_logic.py [--option include_message_bodies=true]
         [--config /etc/ejabberd/ejabberd.yml] [--stanza '<message ...>'] [--nick NICK]
+        [--user juliet@example.org]
 
 Exit status: 0 when every function ran within its budget and returned what it must, 1 when
 one failed (raised, returned the wrong type, was too slow; the output says which), 2 when
@@ -128,7 +129,7 @@ def _pem(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> bytes:
                              serialization.NoEncryption())
 
 
-def providers(folder: Path) -> dict[str, Tried]:
+def providers(folder: Path, user: str = f"{USER}@{HOST}") -> dict[str, Tried]:
     """One provider of each kind, as the built-in app server would have them; endpoints
     are .invalid names, and nothing is sent anyway."""
     (folder / "apns.p8").write_bytes(_pem(ec.generate_private_key(ec.SECP256R1())))
@@ -159,7 +160,7 @@ def providers(folder: Path) -> dict[str, Tried]:
                                       version="aes128gcm"))
 
     def device(kind: str, **extra: str) -> Device:
-        return Device(f"node-{kind}", "secret", f"{USER}@{HOST}", "phone", "Juliet's phone",
+        return Device(f"node-{kind}", "secret", user, "phone", "the user's phone",
                       kind, "check", f"push.{HOST}", extra.pop("token", "00" * 32), **extra)
 
     def unchanged(body: bytes) -> bytes:
@@ -211,26 +212,30 @@ def _shown(data: bytes) -> str:
 
 
 def check(spec: str, options: dict[str, Any], stanzas: Sequence[Sample],
-          out: Callable[[str], None]) -> int:
-    """Run the module against the stanzas, printing through out; the exit status."""
+          out: Callable[[str], None], user: str = f"{USER}@{HOST}") -> int:
+    """Run the module against the stanzas for this user (the recipient), printing
+    through out; the exit status."""
+    name, _, host = user.partition("@")
+    if not name or not host or "/" in host:
+        raise CheckError(f"--user takes a bare JID (user@domain), not {user!r}")
     with _collected() as loading:
         admin_logic = logic.load(spec)
     if admin_logic.module is None:
         raise CheckError("; ".join(loading.lines) or f"{spec} did not load")
     functions = [n for n in ("should_push", "summary", "provider_data") if admin_logic.has(n)]
     out(f"push logic {spec}: {', '.join(functions) or 'no functions (the defaults apply)'}")
-    config = Config.from_options(HOST, options)
+    config = Config.from_options(host, options)
     shown = {k: v for k, v in sorted(options.items()) if k != "backends"}
-    out(f"options: {shown or 'the defaults'}")
+    out(f"options: {shown or 'the defaults'}; recipient {user}")
     failed = False
     with tempfile.TemporaryDirectory(prefix="pymod_push-check-") as folder:
-        tried = providers(Path(folder))
+        tried = providers(Path(folder), user)
         store = Store(str(Path(folder) / "check.db"))
         service = PushService(config, store, admin_logic)
         now = time.time()
         for number, sample in enumerate(stanzas, start=1):
-            session = (USER, HOST, f"sample{number}")
-            service.handle(PushIq(number, session, (USER, HOST, ""), "set", "en",
+            session = (name, host, f"sample{number}")
+            service.handle(PushIq(number, session, (name, host, ""), "set", "en",
                                   f"<enable xmlns='urn:xmpp:push:0' jid='{APP_SERVER}' "
                                   f"node='node{number}'/>".encode()), now)
             stanza = stanza_of(sample.xml, sample.nick)
@@ -303,6 +308,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="take mod_push_py's options from this ejabberd.yml")
     parser.add_argument("--stanza", action="append", default=[], metavar="XML",
                         help="a stanza of your own to try as well; may be repeated")
+    parser.add_argument("--user", default=f"{USER}@{HOST}",
+                        help="the recipient's bare JID (default: %(default)s)")
     parser.add_argument("--nick", default="",
                         help="the user's nickname in the room of a --stanza group chat message")
     args = parser.parse_args(argv)
@@ -312,7 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                    for n, xml in enumerate(args.stanza, start=1)]
         for sample in stanzas[len(SAMPLES):]:
             stanza_of(sample.xml)  # refused before anything runs
-        return check(args.file, options, stanzas, print)
+        return check(args.file, options, stanzas, print, args.user)
     except CheckError as exc:
         print(f"pymod-push logic check: {exc}", file=sys.stderr)
         return 2

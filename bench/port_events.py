@@ -10,7 +10,10 @@ N sessions, then:
 2. latency: one event per frame at a steady rate, time from writing the frame
    to reading the publish it causes (p50/p99).
 
-    python -m bench.port_events [--sessions N] [--messages M]
+    python -m bench.port_events [--sessions N] [--messages M] [--postgres]
+
+With --postgres the state is in a PostgreSQL server of its own (as tests/postgres.py
+starts it, fsync off) instead of SQLite, to see what the database's round trips cost.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ TICKS = os.sysconf("SC_CLK_TCK")
 
 
 class PortProcess:
-    def __init__(self, db_dir: str) -> None:
+    def __init__(self, db_dir: str, db_url: str | None = None) -> None:
         self.proc = subprocess.Popen([sys.executable, "-m", "pymod_push"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, bufsize=0)
         self.buffer = b""
@@ -46,7 +49,8 @@ class PortProcess:
             A("db_file"): f"{db_dir}/bench.sqlite3".encode(), A("resume_timeout"): 259200000,
             A("include_message_bodies"): True, A("include_senders"): True,
             # the port's throughput is measured: its one app server is no third party
-            A("publish_rate"): 10**9})))
+            A("publish_rate"): 10**9,
+            **({A("db_url"): db_url.encode()} if db_url else {})})))
         while True:  # skip log frames until the hello reply
             term = self.read_term()
             if isinstance(term, tuple) and term[0] == "hello":
@@ -177,18 +181,26 @@ def main() -> int:
     parser.add_argument("--messages", type=int, default=50_000)
     parser.add_argument("--latency-samples", type=int, default=2000)
     parser.add_argument("--latency-rate", type=float, default=1000.0)
+    parser.add_argument("--postgres", action="store_true",
+                        help="keep the state in a PostgreSQL server started for the run")
     args = parser.parse_args()
+    server = None
+    if args.postgres:
+        from tests.postgres import PostgresServer
+        server = PostgresServer()
     with tempfile.TemporaryDirectory() as db_dir:
-        port = PortProcess(db_dir)
+        port = PortProcess(db_dir, server.new_database() if server else None)
         try:
             enable_all(port, args.sessions)
             events, wall, cpu = throughput(port, args.sessions, args.messages)
             timings = latency(port, args.sessions, args.latency_samples, args.latency_rate)
         finally:
             port.close()
+            if server is not None:
+                server.stop()
     quantiles = statistics.quantiles(timings, n=100)
-    print(f"port benchmark: {args.sessions} push sessions, {args.messages} messages "
-          f"(+ one iq_reply event per publish)")
+    print(f"port benchmark ({'PostgreSQL' if args.postgres else 'SQLite'}): {args.sessions} "
+          f"push sessions, {args.messages} messages (+ one iq_reply event per publish)")
     print(f"  throughput: {events} events in {wall:.2f} s wall = {events / wall:,.0f} events/s; "
           f"port process CPU {cpu:.2f} s = {events / cpu:,.0f} events/s per core "
           f"({cpu / events * 1e6:.1f} us CPU per event)")

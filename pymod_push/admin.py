@@ -1,5 +1,6 @@
 """ejabberdctl commands (registered by the shim, answered here): status, a user's push
-registrations and devices, deleting one, test pushes, waking pending users, cleaning up.
+registrations and devices, deleting one, test pushes, waking pending users, cleaning up,
+reloading the admin's push logic.
 
 Each command returns the text ejabberdctl prints and the actions it causes.
 """
@@ -13,7 +14,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from . import __version__
+from . import __version__, logic
 from .protocol import Action, AdminCommand, CommandResult
 from .service import PushService
 
@@ -36,7 +37,8 @@ class CommandError(Exception):
 def run(command: AdminCommand, service: PushService, info: ProcessInfo,
         now: float) -> list[Action]:
     handlers = {"status": _status, "list": _list, "delete": _delete, "test": _test,
-                "wake_all": _wake_all, "delete_old": _delete_old}
+                "wake_all": _wake_all, "delete_old": _delete_old,
+                "reload_logic": _reload_logic}
     handler = handlers.get(command.name)
     try:
         if handler is None:
@@ -167,3 +169,20 @@ def _delete_old(service: PushService, info: ProcessInfo, args: tuple[str, ...],
              len(removed), args[0])
     return (f"deleted {len(removed)} push registration(s) older than {args[0]} days",
             service.forget(removed))
+
+
+def _reload_logic(service: PushService, info: ProcessInfo, args: tuple[str, ...],
+                  now: float) -> Result:
+    """The 'logic' module read again; if it does not import or fails its trial calls,
+    the running one stays (and says why)."""
+    spec = service.config.logic
+    try:
+        new = logic.load_checked(spec)
+    except logic.LogicError as error:
+        log.error("push logic %s not reloaded: %s; the running one stays", spec, error)
+        raise CommandError(f"push logic {spec} not reloaded: {error}; the running one "
+                           "stays") from error
+    service.use_logic(new)
+    functions = ", ".join(n for n in logic.FUNCTIONS if new.has(n)) or "no functions"
+    log.info("push logic %s reloaded: %s", spec, functions)
+    return f"push logic {spec} reloaded: {functions}", []

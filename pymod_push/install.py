@@ -4,6 +4,7 @@
     pymod-push upgrade     # the same sources again (after a pip upgrade), module_upgrade
     pymod-push uninstall
     pymod-push doctor      # versions, conflicts, permissions, the Python process
+    pymod-push logic check FILE   # your push logic on sample stanzas (see logic_check)
 
 Run it as root (or as the ejabberd user) with the interpreter of the virtual environment
 that has pymod_push. ``--ctl`` and ``--config-dir`` pick the ejabberd instance.
@@ -348,8 +349,13 @@ def gather(server: Ejabberd) -> Facts:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["logic"]:  # pymod-push logic check FILE: the admin's push logic, offline
+        from .logic_check import main as logic_main
+        return logic_main(argv[1:])
     parser = argparse.ArgumentParser(prog="pymod-push", description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["install", "upgrade", "uninstall", "doctor"])
+    parser.add_argument("command", choices=["install", "upgrade", "uninstall", "doctor", "logic"],
+                        help="logic: 'pymod-push logic check FILE' tries your push logic")
     parser.add_argument("--ctl", help="ejabberdctl to use (default: the one on PATH)")
     parser.add_argument("--config-dir", type=Path,
                         help="ejabberd's configuration directory (ejabberdctl --config-dir)")

@@ -14,7 +14,10 @@ path to a ``.py`` file) that may define any of these plain functions::
 They receive read-only objects (frozen dataclasses, mappings that cannot be changed).
 A function that raises, returns the wrong type or is slow (over ``BUDGET_S`` three times)
 is contained: the error is logged, our default is used, and a function that keeps
-failing is switched off until the module is restarted. Example: examples/push_logic.py.
+failing is switched off until the module is reloaded (``ejabberdctl push_reload_logic
+HOST``, which keeps the running module if the new one does not import or fails a trial
+call) or restarted. Example: examples/push_logic.py; try a module offline with
+``pymod-push logic check FILE``.
 """
 
 from __future__ import annotations
@@ -122,8 +125,31 @@ class Logic:
         self._strikes[name] += 1
         off = self._strikes[name] >= STRIKES
         log.error("push logic %s.%s %s; %s", getattr(self.module, "__name__", "?"), name, why,
-                  "switched off until the module restarts" if off else "default used")
+                  "switched off until the module is reloaded" if off else "default used")
         return default
+
+
+class LogicError(Exception):
+    """A module that cannot be used (see load_checked): the text says why."""
+
+
+FUNCTIONS = ("should_push", "summary", "provider_data")
+
+
+def _import(spec: str, fresh: bool) -> ModuleType:
+    """The module by file path or import name; fresh: a new module object even if it was
+    imported before (a failed reload must not touch the one in use)."""
+    if spec.endswith(".py"):
+        module_spec = importlib.util.spec_from_file_location("pymod_push_logic", spec)
+    elif fresh:
+        module_spec = importlib.util.find_spec(spec)
+    else:
+        return importlib.import_module(spec)
+    if module_spec is None or module_spec.loader is None:
+        raise ImportError(f"cannot load {spec}")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
 
 
 def load(spec: str | None) -> Logic:
@@ -132,19 +158,61 @@ def load(spec: str | None) -> Logic:
     if not spec:
         return Logic()
     try:
-        if spec.endswith(".py"):
-            module_spec = importlib.util.spec_from_file_location("pymod_push_logic", spec)
-            if module_spec is None or module_spec.loader is None:
-                raise ImportError(f"cannot load {spec}")
-            module = importlib.util.module_from_spec(module_spec)
-            module_spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(spec)
+        module = _import(spec, fresh=False)
     except Exception as exc:  # noqa: BLE001 - a broken module must not stop pushes
         log.error("push logic %s could not be loaded (%s: %s); the defaults are used",
                   spec, type(exc).__name__, exc)
         return Logic()
-    functions = [n for n in ("should_push", "summary", "provider_data")
-                 if callable(getattr(module, n, None))]
+    functions = [n for n in FUNCTIONS if callable(getattr(module, n, None))]
     log.info("push logic %s loaded: %s", spec, ", ".join(functions) or "no functions")
     return Logic(module)
+
+
+# What load_checked tries each function on.
+_TRIAL_MESSAGE = Message("message", "chat", "romeo@example.net/orchard", "Hello", False, False,
+                         "<message xmlns='jabber:client' type='chat' from='romeo@example.net"
+                         "/orchard' id='trial'><body>Hello</body></message>")
+_TRIAL_RECIPIENT = Recipient("juliet", "example.org", "phone")
+_TRIAL_DEVICE = Device("juliet@example.org", "fcm", "app", "phone", "Juliet's phone")
+_TRIAL_FIELDS = MappingProxyType({"message-count": "1", "last-message-body": "Hello"})
+
+
+def load_checked(spec: str | None) -> Logic:
+    """The module afresh, for a reload: LogicError unless it imports and each of its
+    functions, called once on a sample, returns the right type within the budget."""
+    if not spec:
+        raise LogicError("no 'logic' module is configured")
+    try:
+        module = _import(spec, fresh=True)
+    except BaseException as exc:  # noqa: BLE001 - SyntaxError, SystemExit, anything
+        raise LogicError(f"it does not import ({type(exc).__name__}: {exc})") from exc
+    trials: dict[str, tuple[type, tuple[Any, ...]]] = {
+        "should_push": (bool, (_TRIAL_MESSAGE, _TRIAL_RECIPIENT, True)),
+        "summary": (Mapping, (_TRIAL_MESSAGE, _TRIAL_RECIPIENT, _TRIAL_FIELDS)),
+        "provider_data": (Mapping, (_TRIAL_DEVICE, _TRIAL_FIELDS)),
+    }
+    for name, (kind, args) in trials.items():
+        function = getattr(module, name, None)
+        if function is None:
+            continue
+        if not callable(function):
+            raise LogicError(f"{name} is not a function")
+        started = time.perf_counter()
+        try:
+            result = function(*args)
+        except Exception as exc:  # noqa: BLE001 - the admin's code
+            raise LogicError(f"{name} raised {type(exc).__name__}: {exc} on a sample "
+                             "chat message") from exc
+        if not isinstance(result, kind):
+            raise LogicError(f"{name} returned {type(result).__name__}, not {kind.__name__}")
+        elapsed = time.perf_counter() - started
+        if elapsed > BUDGET_S:
+            raise LogicError(f"{name} took {elapsed * 1000:.0f} ms on a sample chat message "
+                             f"(the budget is {BUDGET_S * 1000:.0f} ms)")
+    return Logic(module)
+
+if __name__ == "__main__":  # python -m pymod_push.logic check FILE (see logic_check)
+    import sys
+
+    from pymod_push.logic_check import main
+    sys.exit(main())

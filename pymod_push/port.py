@@ -138,6 +138,10 @@ class PortApp:
         self._pending_deliveries: list[Delivery] = []
         self._pending_ack: int | None = None
         self._commit_handle: asyncio.TimerHandle | None = None
+        # PostgreSQL: what the commit under way makes known once it is through (actions,
+        # deliveries, acknowledgement), None when no commit is under way.
+        self._committing: tuple[list[Action], list[Delivery], int | None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # for the database's thread
         self._last_commit = 0.0
         self._timers_from = 0.0  # time.monotonic() before which no timer fires
         # While the database is away: what is to be handled once it is back, in order
@@ -258,24 +262,68 @@ class PortApp:
         if self._commit_handle is not None:
             self._commit_handle.cancel()
             self._commit_handle = None
+        if self._committing is not None:
+            return  # one at a time: _committed asks for the next
+        said = (self._pending_actions, self._pending_deliveries, self._pending_ack)
         if self._store is not None:
+            self._loop = asyncio.get_running_loop()
             try:
-                self._store.commit()
+                started = self._store.start_commit(self._commit_done_soon)
+                if started is None:
+                    self._store.commit()
             except DatabaseUnavailable as exc:  # nothing is said before it is committed
-                self._database_away(exc, [])
-                self._commit_handle = asyncio.get_running_loop().call_later(
-                    self._retry_s, self._commit_later)
-                self._retry_s = min(self._retry_s * 2, RETRY_MAX_S)
+                self._commit_failed(exc)
                 return
-        actions, self._pending_actions = self._pending_actions, []
-        deliveries, self._pending_deliveries = self._pending_deliveries, []
+            if started:  # the next events are handled meanwhile (see PgConnection)
+                self._committing = said
+                self._pending_actions, self._pending_deliveries = [], []
+                self._pending_ack = None
+                return
+        self._pending_actions, self._pending_deliveries, self._pending_ack = [], [], None
+        self._say(*said)
+
+    def _commit_done_soon(self) -> None:
+        """Called in the database's thread when the commit's answer is there."""
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._committed)
+
+    def _committed(self) -> None:
+        said, self._committing = self._committing, None
+        if said is None:
+            return
+        assert self._store is not None
+        try:
+            self._store.land()
+        except DatabaseUnavailable as exc:  # said with the next commit that goes through
+            actions, deliveries, ack = said
+            self._pending_actions[:0] = actions
+            self._pending_deliveries[:0] = deliveries
+            if self._pending_ack is None:
+                self._pending_ack = ack
+            self._commit_failed(exc)
+            return
+        except BaseException as exc:  # noqa: BLE001 - ends the process, as in data_received
+            self.on_fatal(exc)
+            return
+        self._say(*said)
+        if self._pending_actions or self._pending_deliveries or self._pending_ack is not None:
+            self._request_commit()  # what was handled meanwhile
+
+    def _commit_failed(self, exc: DatabaseUnavailable) -> None:
+        self._database_away(exc, [])
+        self._commit_handle = asyncio.get_running_loop().call_later(self._retry_s,
+                                                                    self._commit_later)
+        self._retry_s = min(self._retry_s * 2, RETRY_MAX_S)
+
+    def _say(self, actions: list[Action], deliveries: list[Delivery], ack: int | None) -> None:
+        """What a commit made true goes out: actions, the acknowledgement, app-server
+        pushes; and what waited for the database is handled."""
         if self._held is not None and time.monotonic() - self._away_since > self._reply_timeout_s:
             # Their publishes were answered with an error meanwhile: the publishers retry.
             self._late_iqs += sum(1 for d in deliveries if d.publish is not None)
             deliveries = [d for d in deliveries if d.publish is None]
-        if self._pending_ack is not None:
-            actions.append(Ack(self._pending_ack))  # the shim forgets every batch up to it
-            self._pending_ack = None
+        if ack is not None:
+            actions.append(Ack(ack))  # the shim forgets every batch up to it
         self._flush(actions)
         self._last_commit = time.monotonic()
         for delivery in deliveries:  # after the commit: the publish was answered first
@@ -455,11 +503,18 @@ class PortApp:
             self.on_fatal(exc)
 
     async def aclose(self) -> None:
-        if self._commit_handle is not None and self._held is None:
-            try:  # what was handled is committed, and said
-                self._commit()
-            except OSError:
-                pass  # ejabberd closed the port: the commit is what matters
+        try:  # what was handled is committed, and said
+            for _ in range(4):  # the commit under way, then what was handled meanwhile
+                if self._held is not None:
+                    break
+                if self._committing is not None:
+                    self._committed()  # waits for its answer
+                elif self._commit_handle is not None:
+                    self._commit()
+                else:
+                    break
+        except OSError:
+            pass  # ejabberd closed the port: the commit is what matters
         if self._metrics is not None:
             self._metrics.close()
         if self._dispatcher is not None:

@@ -140,6 +140,10 @@ class PushService:
                                      if b.pubsub_host != config.host)
         self.in_process = 0  # publishes taken so (push_status, metrics)
 
+    def use_logic(self, logic: Logic) -> None:
+        """The admin's push logic from now on (push_reload_logic)."""
+        self.logic = self.app_server.logic = logic
+
     # ------------------------------------------------------------------ dispatch
     def handle(self, event: Event, now: float) -> Sequence[Action | Delivery]:
         return self.own_publishes(self._pacer.pace(self._handle(event, now), now), now)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii as _quote
@@ -256,6 +256,17 @@ class Store:
 
     def commit(self) -> None:
         self.db.commit()
+
+    def start_commit(self, when_done: Callable[[], None]) -> bool | None:
+        """PostgreSQL: start the commit and return at once (see PgConnection.start_commit;
+        True: when_done follows, then land()). None: commit() is the way (SQLite, whose
+        commit is a local write)."""
+        return self._pg.start_commit(when_done) if self._pg is not None else None
+
+    def land(self) -> None:
+        """How the commit start_commit started went (DatabaseUnavailable if it failed)."""
+        if self._pg is not None:
+            self._pg.land()
 
     def write_mark(self) -> int:
         """Where this transaction's writes stand (PostgreSQL; see undo_to)."""

@@ -173,6 +173,10 @@ class PgConnection:
         self._commit_seq = 1
         self._in_doubt = False  # a commit was sent and its answer lost
         self._doubt_count = 0  # how many writes of the log that commit had
+        # A commit under way (see start_commit): its answer to come, how many writes of
+        # the log it carries, the statements it prepares.
+        self._flight: tuple[concurrent.futures.Future[str], int, dict[str, str]] | None = None
+        self._flight_error: BaseException | None = None  # for land(), once
         # Users whose registrations or options other nodes changed (None: maybe any, after
         # a reconnection), filled by the background thread.
         self._changed: collections.deque[str | None] = collections.deque()
@@ -243,6 +247,7 @@ class PgConnection:
               timeout: float = ROUND_TRIP_TIMEOUT) -> T:
         """One round trip; a lost connection makes the transaction start again (whole,
         from the write log) on a new one."""
+        self._finish_flight()
         if self._conn is None or self._conn.is_closed():
             self._lost()
             self._connect()
@@ -295,6 +300,7 @@ class PgConnection:
 
     def row_count(self, write: Write) -> int:
         """Send the writes up to this one, it last: its status has the count."""
+        self._finish_flight()
         self._settle()
         if write not in self._log[self._sent:]:
             return -1  # sent already (asked late): unknown
@@ -306,6 +312,7 @@ class PgConnection:
         return int(count) if count.isdigit() else -1
 
     def _send(self, end: int | None = None) -> None:
+        self._finish_flight()
         if end is None:
             self._settle()
             end = len(self._log)
@@ -315,6 +322,7 @@ class PgConnection:
 
     def _run_script(self, writes: list[Write], commit: bool = False) -> str:
         """The writes as one simple-protocol query (one round trip); its last status."""
+        self._finish_flight()
         if self._conn is None or self._conn.is_closed():  # the script depends on it
             self._lost()
             self._connect()
@@ -346,6 +354,7 @@ class PgConnection:
 
     # ----------------------------------------------------------- transactions
     def commit(self) -> None:
+        self._finish_flight()
         if not self._log:
             if self._sent:  # cannot be: a write was sent, so it is in the log
                 self._sent = 0
@@ -363,6 +372,60 @@ class PgConnection:
             self._lost()  # a statement failed: the transaction is aborted, start clean
             raise
         self._done()
+
+    # The port commits without waiting: the events that come meanwhile are handled (their
+    # writes join the log after the commit's) while the database works, which is most of
+    # what a commit costs here. One commit at a time; anything else that needs the
+    # connection waits for it first.
+    def start_commit(self, when_done: Callable[[], None]) -> bool:
+        """Send the open transaction's COMMIT and return at once: when_done is called (in
+        another thread) once the answer is there, then land() says how it went. False if
+        there was nothing to commit (when_done is not called)."""
+        self._finish_flight()
+        self._settle()
+        if not self._log:
+            return False
+        if self._conn is None or self._conn.is_closed():
+            self._lost()
+            self._connect()
+        assert self._conn is not None
+        new: dict[str, str] = {}
+        script = self._script(self._log[self._sent:], True, new)
+        self.round_trips += 1
+        future = asyncio.run_coroutine_threadsafe(self._conn.execute(script), self._loop)
+        self._flight = (future, len(self._log), new)
+        future.add_done_callback(lambda _: when_done())
+        return True
+
+    def land(self) -> None:
+        """How the commit started last went: DatabaseUnavailable if its answer did not
+        come (its writes stay in the log, in doubt, for the next commit)."""
+        self._finish_flight()
+        error, self._flight_error = self._flight_error, None
+        if error is not None:
+            raise error
+
+    def _finish_flight(self) -> None:
+        """Wait for the commit under way, if any; what went wrong is kept for land()
+        (and raised here too when it means the connection is gone)."""
+        if self._flight is None:
+            return
+        future, count, new = self._flight
+        self._flight = None
+        try:
+            future.result(ROUND_TRIP_TIMEOUT)
+        except (*_UNAVAILABLE, asyncpg.InternalClientError, asyncpg.InterfaceError) as exc:
+            future.cancel()
+            self._lost()
+            self._in_doubt, self._doubt_count = True, count  # looked up before anything
+            self._flight_error = DatabaseUnavailable(_why(exc))
+            raise self._flight_error from exc
+        except BaseException as exc:
+            self._lost()  # a statement failed: the transaction is aborted
+            self._flight_error = exc
+            raise
+        self._prepared.update(new)
+        self._done(count)
 
     def _settle(self) -> None:
         """After a commit whose answer was lost: was it applied? (Its writes must then
@@ -392,6 +455,10 @@ class PgConnection:
     def rollback_to(self, mark: int) -> None:
         """Forget the writes after mark (an event that could not be handled, to be handled
         again); the server's transaction, if it has any of them, is dropped as well."""
+        try:
+            self._finish_flight()
+        except Exception:  # noqa: BLE001 - kept for land(); the writes after mark go anyway
+            pass
         keep = max(mark - self._base, 0)  # those committed meanwhile stay committed
         if keep >= len(self._log):
             return
@@ -401,6 +468,11 @@ class PgConnection:
         self._notified = {w.notify for w in self._log if w.notify is not None}
 
     def rollback(self) -> None:
+        try:
+            self._finish_flight()
+        except Exception:  # noqa: BLE001 - whatever it was, it is rolled back now
+            pass
+        self._flight_error = None
         self._log.clear()
         self._notified.clear()
         if self._sent:
@@ -410,6 +482,7 @@ class PgConnection:
         if not self._thread.is_alive():
             return  # closed already
         try:
+            self.land()
             self.commit()
             if self._conn is not None:
                 self._call(lambda c: c.execute("DELETE FROM pymod_push_commits WHERE "

@@ -21,6 +21,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -68,13 +69,12 @@ class Faults:
         return await peers.user(f"sender{next(self.senders) % 4}@localhost", "pw")
 
 
-@pytest.fixture(scope="module")
-def faults() -> Iterator[Faults]:
+def _faults(options: dict[str, object]) -> Iterator[Faults]:
     folder = Path(tempfile.mkdtemp(prefix="pymod_push-faults-"))
     folder.chmod(0o755)
     # No registration may be disabled while the app server is away between two tests.
     instance = Instance(folder, options={"include_message_bodies": True,
-                                         "max_publish_errors": 100_000})
+                                         "max_publish_errors": 100_000, **options})
     instance.write_config()
     try:
         instance.start()
@@ -88,6 +88,18 @@ def faults() -> Iterator[Faults]:
         instance.stop()
         if not (folder / "keep").exists():
             shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def faults() -> Iterator[Faults]:
+    yield from _faults({})
+
+
+@pytest.fixture(scope="module")
+def faults_on_postgresql(postgres: Any) -> Iterator[Faults]:
+    """The same with the state in PostgreSQL (db_url), whose commits the Python process
+    does not wait for (it handles the next events meanwhile)."""
+    yield from _faults({"db_url": postgres.new_database()})
 
 
 async def _pending_users(faults: Faults, peers: Peers) -> None:
@@ -209,7 +221,11 @@ async def end_stream(app: AppServer, tally: Tally, streaming: asyncio.Future[tup
     assert duplicates <= sum(flight)
 
 
-def test_sigkill_of_python_three_times_under_load(faults: Faults) -> None:
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_sigkill_of_python_three_times_under_load(database: str,
+                                                  request: pytest.FixtureRequest) -> None:
+    faults: Faults = request.getfixturevalue(
+        "faults" if database == "sqlite" else "faults_on_postgresql")
     instance = faults.instance
     tally = Tally("kill9-")
     restarts = faults.restarts()

@@ -4,6 +4,7 @@ push_delete_old act on every user of the host) and the example push logic module
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import tempfile
 import urllib.error
@@ -25,14 +26,18 @@ EXAMPLE_LOGIC = str(Path(__file__).resolve().parent.parent / "examples" / "push_
 COMMANDS = {"push_status": "Status of mod_push_py", "push_list": "List a user's push",
             "push_delete": "Delete a user's push", "push_test": "Send a test push",
             "push_wake_all": "Wake every pending push session",
-            "push_delete_old": "Delete push registrations enabled more than N days ago"}
+            "push_delete_old": "Delete push registrations enabled more than N days ago",
+            "push_reload_logic": "Load the push logic module (option logic) again"}
 
 
 @pytest.fixture(scope="module")
 def instance() -> Iterator[Instance]:
     folder = Path(tempfile.mkdtemp(prefix="pymod_push-commands-"))
     folder.chmod(0o755)
-    made = Instance(folder, options={"logic": EXAMPLE_LOGIC,
+    logic_file = folder / "push_logic.py"  # a copy: test_reloading_... edits it
+    shutil.copy(EXAMPLE_LOGIC, logic_file)
+    logic_file.chmod(0o644)
+    made = Instance(folder, options={"logic": str(logic_file),
                                      "metrics_listen": f"127.0.0.1:{METRICS_PORT}"})
     made.write_config()
     try:
@@ -124,6 +129,56 @@ def test_the_example_push_logic_module(instance: Instance) -> None:
         assert "last-message-priority" not in pushes[1].summary
 
     scenario.run(run)
+
+
+def test_reloading_the_push_logic_without_a_restart(instance: Instance) -> None:
+    """An edited module is used from push_reload_logic on; a broken one is refused with
+    its reason (answer and log), and the one running stays; the process never restarts."""
+    scenario = Scenario(instance)
+    logic_file = instance.folder / "push_logic.py"
+    tagging = ("def summary(message, recipient, fields):\n"
+               "    return {**fields, 'last-message-body': 'v2: ' + message.body}\n")
+
+    async def run(peers: Peers) -> None:
+        server, phone, sender = await scenario.cast(peers)
+        await phone.enable_push(server.boundjid.full, "reload-node")
+        await scenario.go_pending(phone)
+        pid = await asyncio.to_thread(instance.ctl, "push_status", "localhost")
+
+        async def pushed_body(text: str, count: int) -> str:
+            sender.send_message(mto=phone.boundjid.full, mbody=text, mtype="chat")
+            pushes = await server.wait_for("reload-node", count)
+            return str(pushes[count - 1].summary.get("last-message-body", ""))
+
+        logic_file.write_text(tagging)
+        assert await pushed_body("one", 1) == ""  # bodies are off: the example is running
+        answer = await asyncio.to_thread(instance.ctl, "push_reload_logic", "localhost")
+        assert answer.strip() == f"push logic {logic_file} reloaded: summary"
+        assert await pushed_body("two", 2) == "v2: two"
+
+        mark = instance.log_mark()
+        for broken, reason in [("def summary(:\n", "does not import (SyntaxError"),
+                               ("def summary(message, recipient, fields):\n"
+                                "    return None\n", "summary returned NoneType")]:
+            logic_file.write_text(broken)
+            answer = await asyncio.to_thread(instance.ctl, "push_reload_logic", "localhost")
+            assert answer.startswith(f"error: push logic {logic_file} not reloaded: ")
+            assert reason in answer and answer.rstrip().endswith("the running one stays")
+            await asyncio.to_thread(instance.wait_for_log,
+                                    rf"push logic .* not reloaded: .*{re.escape(reason)}", mark)
+        assert await pushed_body("three", 3) == "v2: three"  # still the last good one
+        status = await asyncio.to_thread(instance.ctl, "push_status", "localhost")
+        assert _process_line(status) == _process_line(pid)  # no restart meanwhile
+
+    try:
+        scenario.run(run)
+    finally:
+        shutil.copy(EXAMPLE_LOGIC, logic_file)
+        assert "reloaded" in instance.ctl("push_reload_logic", "localhost")
+
+
+def _process_line(status: str) -> str:
+    return next(line for line in status.splitlines() if "Python process up since" in line)
 
 
 def test_prometheus_metrics(instance: Instance) -> None:

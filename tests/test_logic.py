@@ -4,6 +4,7 @@ raises, returns the wrong thing, is slow or does not load."""
 from __future__ import annotations
 
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -14,6 +15,9 @@ from pymod_push.protocol import StanzaToPending
 from pymod_push.service import PushService
 from pymod_push.store import Store
 from tests.test_service import PHONE, enable, fields, make_service, message
+
+MESSAGE = logic.Message("message", "chat", "romeo@example.net/a", "hi", False, False, "")
+RECIPIENT = logic.Recipient("juliet", "example.org", "phone")
 
 EXAMPLE = str(Path(__file__).resolve().parent.parent / "examples" / "push_logic.py")
 
@@ -105,3 +109,46 @@ def test_a_module_can_push_what_we_would_not() -> None:
     service.handle(enable(), 0)
     (push,) = service.handle(StanzaToPending(PHONE, message(body="")), 0)
     assert fields(push)["message-count"] == "1"
+
+
+def test_a_reload_checks_the_module_before_it_is_used(tmp_path: Path) -> None:
+    module = tmp_path / "mine.py"
+    module.write_text("def should_push(message, recipient, default):\n    return False\n")
+    first = logic.load_checked(str(module))
+    assert first.has("should_push") and not first.has("summary")
+    for source, reason in [
+        ("def should_push(:\n", "does not import (SyntaxError"),
+        ("import no_such_module_anywhere\n", "does not import (ModuleNotFoundError"),
+        ("raise SystemExit(3)\n", "does not import (SystemExit"),
+        ("should_push = 3\n", "should_push is not a function"),
+        ("def summary(message, recipient, fields):\n    return fields['nope']\n",
+         "summary raised KeyError"),
+        ("def provider_data(device, data):\n    return 'text'\n",
+         "provider_data returned str, not Mapping"),
+        ("import time\ndef should_push(message, recipient, default):\n"
+         "    time.sleep(0.2)\n    return default\n", "should_push took"),
+    ]:
+        module.write_text(source)
+        with pytest.raises(logic.LogicError, match=re.escape(reason)):
+            logic.load_checked(str(module))
+    with pytest.raises(logic.LogicError, match="no 'logic' module"):
+        logic.load_checked(None)
+    # The module loaded first is untouched by the failed attempts.
+    assert first.should_push(MESSAGE, RECIPIENT, True) is False
+
+
+def test_a_reload_by_import_name_leaves_the_running_module_alone(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    package = tmp_path / "site_logic.py"
+    package.write_text("VERSION = 1\ndef should_push(message, recipient, default):\n"
+                       "    return False\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    running = logic.load("site_logic")
+    package.write_text("VERSION = 2\ndef should_push(:\n")
+    with pytest.raises(logic.LogicError):
+        logic.load_checked("site_logic")
+    assert running.module is not None and running.module.VERSION == 1
+    package.write_text("VERSION = 3\ndef should_push(message, recipient, default):\n"
+                       "    return True\n")
+    again = logic.load_checked("site_logic")
+    assert again.module is not None and again.module.VERSION == 3 and running.module.VERSION == 1

@@ -28,7 +28,7 @@
 %% gen_server (the port owner)
 %% ejabberdctl commands
 -export([get_commands_spec/0, push_status/1, push_list/2, push_delete/3, push_test/2,
-         push_wake_all/1, push_delete_old/2]).
+         push_wake_all/1, push_delete_old/2, push_reload_logic/1]).
 -export([start_link/2, init/1, handle_call/3, handle_cast/2, handle_info/2,
          terminate/2, code_change/3]).
 
@@ -46,6 +46,8 @@
 -define(ACK_TIMEOUT, 60000).
 %% ejabberd has no hook for 'ejabberdctl set_loglevel': look now and then.
 -define(LOGLEVEL_CHECK, 10000).
+%% A token bucket idle this long is full again: it is forgotten.
+-define(RATE_FORGET, 60000).
 
 -record(state, {host              :: binary(),
                 port              :: port() | undefined,
@@ -407,8 +409,9 @@ mod_doc() ->
             #{value => ?T("Number"),
               desc => ?T("Push IQs (enable, disable) and app-server registration "
                          "commands one account may send per minute, in a burst or "
-                         "spread out; beyond, they get 'resource-constraint' (type "
-                         "wait). The default is '60'.")}},
+                         "spread out; beyond, ejabberd answers them with "
+                         "'resource-constraint' (type wait) without asking Python. "
+                         "The default is '60'.")}},
            {publish_rate,
             #{value => ?T("Number"),
               desc => ?T("Publishes a second this node sends to any one remote "
@@ -506,8 +509,16 @@ decode_iq_subel(El) ->
     El.
 
 -spec process_iq(iq()) -> ignore | iq().
-process_iq(#iq{from = From, to = To, type = Type, lang = Lang} = IQ) ->
+process_iq(#iq{from = #jid{luser = U, lserver = S} = From, to = To, type = Type,
+                lang = Lang} = IQ) ->
     Els = [xmpp:encode(El) || El <- xmpp:get_els(IQ)],
+    case take_token(To#jid.lserver, {push_iqs, U, S}) of
+        {wait, Seconds} ->
+            xmpp:make_error(IQ, too_many(<<"push IQs">>, To#jid.lserver, Seconds, Lang));
+        ok -> process_iq(IQ, From, To, Type, Lang, Els)
+    end.
+
+process_iq(IQ, From, To, Type, Lang, Els) ->
     case push_jid_malformed(Els) of
         true ->
             Text = ?T("The 'jid' of this push request is not a JID ejabberd accepts"),
@@ -537,6 +548,33 @@ push_jid_malformed([#xmlel{attrs = Attrs} | _]) ->
     end;
 push_jid_malformed(_) ->
     false.
+
+%% Push IQs and app-server commands of one account ({What, User, Server}): a token
+%% bucket of push_iq_rate tokens refilled over a minute, shared by the account's
+%% sessions. The rest is answered here, so that a flood costs Python nothing (Python
+%% applies the same rule to what gets through).
+-spec take_token(binary(), {atom(), binary(), binary()}) -> ok | {wait, pos_integer()}.
+take_token(Host, Account) ->
+    Rate = opt(Host, push_iq_rate),
+    Now = erlang:monotonic_time(millisecond),
+    try ets:lookup(rate_table(Host), Account) of
+        Found ->
+            Tokens = case Found of
+                         [{_, Left, At}] -> min(Rate, Left + (Now - At) * Rate / 60000);
+                         [] -> Rate
+                     end,
+            case Tokens >= 1 of
+                true -> ets:insert(rate_table(Host), {Account, Tokens - 1, Now}), ok;
+                false -> {wait, max(1, ceil((1 - Tokens) * 60 / Rate))}
+            end
+    catch error:badarg -> ok  % the module is stopping
+    end.
+
+too_many(What, Host, Seconds, Lang) ->
+    Text = iolist_to_binary(io_lib:format(
+             "too many ~ts from this account (option push_iq_rate: ~B a minute); "
+             "retry in ~B s", [What, opt(Host, push_iq_rate), Seconds])),
+    xmpp:err_resource_constraint(Text, Lang).
 
 disco_sm_features(empty, From, To, Node, Lang) ->
     disco_sm_features({result, []}, From, To, Node, Lang);
@@ -789,6 +827,10 @@ keeper_proc(Host) ->
 events_table(Host) ->
     gen_mod:get_module_proc(Host, mod_push_py_events).
 
+%% Token buckets of push IQs and commands per account, {Account, Tokens, Millisecond}.
+rate_table(Host) ->
+    gen_mod:get_module_proc(Host, mod_push_py_rates).
+
 %% What the port owner must not forget: epoch, seq, the keys of each batch not
 %% acknowledged ({batch, Seq}), push IQs waiting for Python ({iq, Ref}), the restart
 %% count, the backoff, dropped events, and whether a Python process was running.
@@ -845,7 +887,17 @@ get_commands_spec() ->
                    "not renewed for that long belong to devices that are gone.",
         args = [Host, {days, integer}], args_desc = ["Virtual host", "Days"],
         args_example = [<<"example.org">>, 90],
-        result = {deleted, string}, result_example = "deleted 3 push registration(s) ..."}].
+        result = {deleted, string}, result_example = "deleted 3 push registration(s) ..."},
+     #ejabberd_commands{
+        name = push_reload_logic, tags = [push], module = ?MODULE,
+        function = push_reload_logic,
+        desc = "Load the push logic module (option logic) again",
+        longdesc = "Python reads the module again and tries each of its functions once; "
+                   "if it does not import or a trial fails, the running module stays and "
+                   "the answer (and the log) says why.",
+        args = [Host], args_desc = ["Virtual host"], args_example = [<<"example.org">>],
+        result = {reloaded, string},
+        result_example = "push logic /etc/ejabberd/push_logic.py reloaded: should_push"}].
 
 push_status(Host) -> command(Host, status, []).
 push_list(User, Host) -> command(Host, list, [User, Host]).
@@ -853,6 +905,7 @@ push_delete(User, Host, Node) -> command(Host, delete, [User, Host, Node]).
 push_test(User, Host) -> command(Host, test, [User, Host]).
 push_wake_all(Host) -> command(Host, wake_all, []).
 push_delete_old(Host, Days) -> command(Host, delete_old, [integer_to_binary(Days)]).
+push_reload_logic(Host) -> command(Host, reload_logic, []).
 
 command(Host, Name, Args) ->
     LHost = jid:nameprep(Host),
@@ -893,6 +946,7 @@ start_link(Host, Opts) ->
 init([Host, keeper]) ->
     ets:new(events_table(Host), [named_table, ordered_set, public, {write_concurrency, true}]),
     ets:new(meta_table(Host), [named_table, public, {write_concurrency, true}]),
+    ets:new(rate_table(Host), [named_table, public, {write_concurrency, true}]),
     ets:insert(meta_table(Host), [{epoch, erlang:system_time(microsecond)}, {seq, 0},
                                   {restarts, 0}, {backoff, ?MIN_BACKOFF}, {dropped, 0}]),
     {ok, {keeper, Host}};
@@ -901,6 +955,7 @@ init([Host, _Opts]) ->
     [ejabberd_router:register_route(Domain, Host) || Domain <- app_server_domains(Host)],
     ets:new(options_table(Host), [named_table, protected, {read_concurrency, true}]),
     erlang:send_after(?LOGLEVEL_CHECK, self(), check_loglevel),
+    erlang:send_after(?RATE_FORGET, self(), forget_rates),
     Meta = meta_table(Host),
     [Epoch, Seq, Restarts, Backoff, Dropped] =
         [ets:lookup_element(Meta, Key, 2) || Key <- [epoch, seq, restarts, backoff, dropped]],
@@ -1043,6 +1098,13 @@ handle_info(check_loglevel, #state{loglevel = Old} = State) ->
         Old -> {noreply, State};
         New -> {noreply, push_event({loglevel, New}, State#state{loglevel = New})}
     end;
+handle_info(forget_rates, #state{host = Host} = State) ->
+    erlang:send_after(?RATE_FORGET, self(), forget_rates),
+    Idle = erlang:monotonic_time(millisecond) - ?RATE_FORGET,
+    try ets:select_delete(rate_table(Host), [{{'_', '_', '$1'}, [{'<', '$1', Idle}], [true]}])
+    catch error:badarg -> ok  % code loaded into a running module: no table until restart
+    end,
+    {noreply, State};
 handle_info(flush, State) ->
     {noreply, flush(State)};
 handle_info({iq_reply, Reply, Ref}, State) ->
@@ -1124,11 +1186,24 @@ decode(Bin) ->
 
 %% A stanza for the app server (commands, publishes, disco). Whether the sender
 %% may use the built-in app server is an ejabberd access rule, decided here.
-route_to_app_server(#iq{from = From} = IQ, #state{host = Host} = State) ->
-    Allowed = acl:match_rule(Host, opt(Host, access_backends), From) == allow,
-    push_event({app_server_iq, Allowed, fxml:element_to_binary(xmpp:encode(IQ))}, State);
+route_to_app_server(#iq{from = #jid{luser = U, lserver = S}, lang = Lang} = IQ,
+                    #state{host = Host} = State) when U /= <<>> ->
+    case xmpp:has_subtag(IQ, #adhoc_command{}) andalso
+        take_token(Host, {commands, U, S}) of
+        {wait, Seconds} ->
+            Error = too_many(<<"registration commands">>, Host, Seconds, Lang),
+            ejabberd_router:route(xmpp:make_error(IQ, Error)),
+            State;
+        _ -> push_app_server_iq(IQ, State)
+    end;
+route_to_app_server(#iq{} = IQ, State) ->
+    push_app_server_iq(IQ, State);
 route_to_app_server(_Pkt, State) ->
     State.  % messages and presences to the app server are not answered
+
+push_app_server_iq(#iq{from = From} = IQ, #state{host = Host} = State) ->
+    Allowed = acl:match_rule(Host, opt(Host, access_backends), From) == allow,
+    push_event({app_server_iq, Allowed, fxml:element_to_binary(xmpp:encode(IQ))}, State).
 
 publish_outcome(timeout) -> timeout;
 publish_outcome(#iq{type = result}) -> result;

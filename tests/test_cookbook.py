@@ -1,0 +1,64 @@
+"""The cookbook's recipes (docs/cookbook.md, examples/cookbook/), each run through the push
+service as the server would run it (pymod-push logic check's machinery)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from pymod_push import logic_check
+from tests.test_logic_check import payload_sizes, sections
+
+COOKBOOK = Path(__file__).resolve().parent.parent / "examples" / "cookbook"
+OPEN = {"include_message_bodies": True, "include_senders": True}
+
+
+def checked(recipe: str, user: str, extra: list[str] | None = None) -> dict[str, str]:
+    lines: list[str] = []
+    stanzas = list(logic_check.SAMPLES) + [logic_check.Sample(f"your stanza {n}", xml)
+                                           for n, xml in enumerate(extra or [], start=1)]
+    status = logic_check.check(str(COOKBOOK / recipe), OPEN, stanzas, lines.append, user)
+    out = "\n".join(lines)
+    assert status == 0, out
+    return sections(out)
+
+
+def urgent(section: str) -> bool:
+    return "last-message-priority='high'" in section and ", urgent: " in section
+
+
+def test_vip_senders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    vips = tmp_path / "vips.json"
+    vips.write_text(json.dumps({"Juliet@example.org": ["romeo@example.net",
+                                                       "capulets@rooms.example.org"]}))
+    monkeypatch.setenv("PYMOD_PUSH_VIP_FILE", str(vips))
+    found = checked("vip_senders.py", "juliet@example.org", [
+        "<message type='chat' from='tybalt@example.net/x' id='t'><body>hi</body></message>"])
+    assert urgent(found["chat message"])  # romeo is a VIP
+    assert "decision: push (without the module: no push)" in found[
+        "group chat, not mentioning the user"]  # the room is a VIP: every message pushes
+    assert urgent(found["group chat, not mentioning the user"])
+    assert not urgent(found["your stanza 1"])  # tybalt is not
+    assert "decision: push" in found["your stanza 1"]
+    assert not urgent(found["subscription request"])
+    # Someone else's list is not Juliet's.
+    other = checked("vip_senders.py", "nurse@example.org")
+    assert not urgent(other["chat message"])
+    assert "decision: no push" in other["group chat, not mentioning the user"]
+
+
+def test_routing_by_domain() -> None:
+    clinic = checked("by_domain.py", "juliet@clinic.example.org")
+    for name, section in clinic.items():
+        assert "Hello Juliet" not in section and "romeo@" not in section, name
+        for kind in payload_sizes(section):
+            line = re.search(rf"^{kind}: .*$", section, re.M)
+            assert line is not None and "clinic" in line[0], (name, kind)
+    verona = checked("by_domain.py", "juliet@example.org")["chat message"]
+    assert "last-message-body='Hello Juliet, are you there?'" in verona
+    assert '"tenant":"verona"' in re.search(r"^fcm: .*$", verona, re.M)[0]
+    elsewhere = checked("by_domain.py", "juliet@elsewhere.example")["chat message"]
+    assert "tenant" not in elsewhere and "Hello Juliet" in elsewhere

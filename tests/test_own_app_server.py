@@ -46,8 +46,8 @@ from pymod_push.protocol import (
 from pymod_push.providers import Outcome
 from pymod_push.providers.hpack_cache import Encoder
 from pymod_push.providers.http2 import SWEEP_S, Http2Client, HttpError, Response
-from pymod_push.service import PushService
-from pymod_push.store import Store
+from pymod_push.service import OWN_RETRY_S, PushService
+from pymod_push.store import DatabaseUnavailable, Store
 from tests.fake_providers import LoopbackCA
 from tests.test_hostile_limits import publish_iq_xml
 
@@ -288,3 +288,29 @@ def test_an_unanswered_request_fails_in_time_and_the_writes_are_coalesced(
     assert all(isinstance(a, HttpError) and "in time" in str(a) for a in answers), answers
     assert 0.5 <= elapsed < 0.5 + SWEEP_S + 1.0
     assert writes <= 3  # the 20 requests (and the resets) in a write or two, not 20
+
+
+def test_a_device_read_that_fails_leaves_the_publish_for_a_retry(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The database does not answer the app server's device read (PostgreSQL away): what
+    the event did stands (its outbox entry is committed with it), the publish is not lost
+    and not counted as an error, and goes again OWN_RETRY_S later."""
+    service, _ = twins()
+    node, secret = registered(service)
+    enable(service, node, secret)
+    read = service.store.device
+
+    def away(node: str) -> Any:
+        raise DatabaseUnavailable("test: the database is away")
+    monkeypatch.setattr(service.store, "device", away)
+    assert service.handle(message(1), NOW) == []
+    (entry,) = service.store.outbox(service.config.ejabberd_node)
+    assert service.counters["published"] == 1 and service.in_process == 0
+    monkeypatch.setattr(service.store, "device", read)
+    assert service.tick(NOW + OWN_RETRY_S / 2) == []
+    (delivery,) = service.tick(NOW + OWN_RETRY_S)
+    assert isinstance(delivery, Delivery) and delivery.summary["message-count"] == "1"
+    assert service.store.get(service.store.for_session(PHONE)[0].key).errors == 0  # type: ignore[union-attr]
+    service.handle(publish_reply(delivery.ref or 0, Outcome.DELIVERED), NOW + 2)
+    assert service.store.outbox(service.config.ejabberd_node) == []
+    assert entry.id and service.in_process == 1

@@ -49,7 +49,6 @@ from pymod_push.providers.http2 import SWEEP_S, Http2Client, HttpError, Response
 from pymod_push.service import OWN_RETRY_S, PushService
 from pymod_push.store import DatabaseUnavailable, Store
 from tests.fake_providers import LoopbackCA
-from tests.test_hostile_limits import publish_iq_xml
 
 HOST = "example.org"
 PUBSUB = "pubsub.example.org"
@@ -61,6 +60,28 @@ NOW = 1_000_000.0
 
 
 # ------------------------------------------------------------------ what is read
+def _escape(text: str) -> str:
+    """As fxml writes text and attribute values: all five escaped."""
+    return (text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+            .replace("'", "&apos;").replace('"', "&quot;"))
+
+
+def publish_iq_xml(publish: Publish) -> bytes:
+    """The publish IQ as the shim builds it from a Publish (as tests/test_hostile_limits)."""
+    def form(fields: Any) -> str:
+        return (f"<x xmlns='{NS_DATA}' type='submit'>" + "".join(
+            f"<field var='{_escape(var)}'>" + "".join(f"<value>{_escape(v)}</value>"
+                                                      for v in values)
+            + "</field>" for var, values in fields) + "</x>")
+    options = (f"<publish-options>{form(publish.publish_options)}</publish-options>"
+               if publish.publish_options else "")
+    return (f"<iq xmlns='jabber:server' type='set' id='{'x' * 36}' from='{HOST}' "
+            f"to='{_escape(publish.to)}'><pubsub xmlns='http://jabber.org/protocol/pubsub'>"
+            f"<publish node='{_escape(publish.node)}'><item><notification "
+            f"xmlns='urn:xmpp:push:0'>{form(publish.fields)}</notification></item></publish>"
+            f"{options}</pubsub></iq>").encode()
+
+
 text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
                max_size=40) | st.sampled_from(["a\r\nb", "\r", "x" * 5000, ""])
 fields = st.lists(st.tuples(text, st.lists(text, max_size=3).map(tuple)), max_size=70)

@@ -5,6 +5,7 @@ notification waiting for them survives the process."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from pathlib import Path
 from typing import Any
@@ -106,7 +107,7 @@ def test_a_slow_hook_holds_only_its_users_notifications_in_order(tmp_path: Path)
             assert [p[1]["message-count"] for p in slow] == ["1", "2", "3"]
             assert all("checked-by" not in p[1] for p in slow)
             assert all(p[2] - began >= 0.3 * n - 0.02 for n, p in enumerate(slow, 1))
-            assert all(b[2] - a[2] >= 0.25 for a, b in zip(slow, slow[1:]))
+            assert all(b[2] - a[2] >= 0.25 for a, b in itertools.pairwise(slow))
             assert 2 in acks(port)
         finally:
             await port.app.aclose()

@@ -144,7 +144,12 @@ class Logic:
         loop = asyncio.get_running_loop()
         tasks = [loop.create_task(one(args, default))
                  for args, default in zip(calls, defaults, strict=True)]
-        done, late = await asyncio.wait(tasks, timeout=max(deadline - loop.time(), 0))
+        try:
+            done, late = await asyncio.wait(tasks, timeout=max(deadline - loop.time(), 0))
+        except asyncio.CancelledError:  # the process ends: theirs too
+            for task in tasks:
+                task.cancel()
+            raise
         for task in late:
             task.cancel()
         if late:

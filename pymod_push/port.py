@@ -360,7 +360,11 @@ class PortApp:
                     service.store.undo_to(mark)
                     await asyncio.sleep(RETRY_MAX_S)  # asked again (the same answers, mostly)
                     continue
-                self._pending_actions.extend(actions)
+                for result in actions:  # app-server pushes go after the commit, as in _feed
+                    if isinstance(result, Delivery):
+                        self._pending_deliveries.append(result)
+                    else:
+                        self._pending_actions.append(result)
                 self._request_commit()
         except BaseException as exc:  # noqa: BLE001 - ends the process, as in data_received
             if not isinstance(exc, asyncio.CancelledError):

@@ -527,6 +527,7 @@ class PortApp:
                     break
         except OSError:
             pass  # ejabberd closed the port: the commit is what matters
+        self._committing = None  # not said, not acknowledged: the next process redoes it
         if self._metrics is not None:
             self._metrics.close()
         if self._dispatcher is not None:

@@ -22,12 +22,14 @@ call) or restarted. Example: examples/push_logic.py; try a module offline with
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import importlib.util
+import inspect
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType, ModuleType
 from typing import Any
@@ -71,12 +73,98 @@ class Device:
     device_name: str
 
 
+@dataclass(frozen=True, slots=True)
+class HookCase:
+    """One registration a message may push to, as the admin's functions see it."""
+
+    recipient: Recipient
+    default: bool  # our decision
+    fields: list[tuple[str, str]]  # the summary if it pushes (counts as they would be)
+
+
+# An admin's async function that keeps missing the budget is said at most this often.
+LATE_WARNING_INTERVAL_S = 60.0
+
+
 class Logic:
     """Calls into the admin's module, contained; without one, every call is the default."""
 
-    def __init__(self, module: ModuleType | None = None) -> None:
+    def __init__(self, module: ModuleType | None = None, budget_s: float = BUDGET_S) -> None:
         self.module = module
+        self.budget_s = budget_s  # option logic_budget
         self._strikes: Counter[str] = Counter()
+        self._late_said: dict[str, float] = {}
+
+    @property
+    def is_async(self) -> bool:
+        """should_push or summary is an 'async def': notifications wait for them (decide)
+        rather than being decided on the spot."""
+        return any(inspect.iscoroutinefunction(self._function(name))
+                   for name in ("should_push", "summary"))
+
+    async def decide(self, message: Message, cases: Sequence[HookCase]
+                     ) -> list[tuple[bool, list[tuple[str, str]] | None]]:
+        """For each case: does it push, and the summary (None: the fields as they are).
+        should_push first, then summary for those that push, each for all cases at once;
+        what has not answered within the budget is cancelled and gets the default."""
+        deadline = asyncio.get_running_loop().time() + self.budget_s
+        defaults = [case.default for case in cases]
+        pushes = [bool(p) for p in await self._gather(
+            "should_push", bool, deadline,
+            [(message, case.recipient, case.default) for case in cases], defaults)]
+        chosen = [i for i, push in enumerate(pushes) if push]
+        summaries: list[list[tuple[str, str]] | None] = [None] * len(cases)
+        results = await self._gather(
+            "summary", Mapping, deadline,
+            [(message, cases[i].recipient, MappingProxyType(dict(cases[i].fields)))
+             for i in chosen], [None] * len(chosen))
+        for i, result in zip(chosen, results, strict=True):
+            if result is not None:
+                summaries[i] = [(str(k), str(v)) for k, v in result.items()]
+        return list(zip(pushes, summaries, strict=True))
+
+    async def _gather(self, name: str, kind: type, deadline: float,
+                      calls: list[tuple[Any, ...]], defaults: list[Any]) -> list[Any]:
+        function = self._function(name)
+        if function is None or not calls:
+            return defaults
+
+        async def one(args: tuple[Any, ...], default: Any) -> Any:
+            try:
+                result = function(*args)
+                if inspect.isawaitable(result):
+                    result = await result
+            except Exception as exc:  # noqa: BLE001 - the admin's code: anything can happen
+                return self._strike(name, default, f"raised {type(exc).__name__}: {exc}")
+            if not isinstance(result, kind):
+                return self._strike(name, default, f"returned {type(result).__name__}, "
+                                                   f"not {kind.__name__}")
+            return result
+
+        loop = asyncio.get_running_loop()
+        tasks = [loop.create_task(one(args, default))
+                 for args, default in zip(calls, defaults, strict=True)]
+        try:
+            done, late = await asyncio.wait(tasks, timeout=max(deadline - loop.time(), 0))
+        except asyncio.CancelledError:  # the process ends: theirs too
+            for task in tasks:
+                task.cancel()
+            raise
+        for task in late:
+            task.cancel()
+        if late:
+            self._late(name, len(late))
+        return [task.result() if task in done else default
+                for task, default in zip(tasks, defaults, strict=True)]
+
+    def _late(self, name: str, count: int) -> None:
+        now = time.monotonic()
+        if now - self._late_said.get(name, -1e9) >= LATE_WARNING_INTERVAL_S:
+            self._late_said[name] = now
+            log.warning("push logic %s.%s did not answer within %.0f ms (option logic_budget) "
+                        "for %d notification(s): cancelled, the default used (said at most "
+                        "once a minute)", getattr(self.module, "__name__", "?"), name,
+                        self.budget_s * 1000, count)
 
     def has(self, name: str) -> bool:
         return self._function(name) is not None
@@ -117,7 +205,7 @@ class Logic:
         if not isinstance(result, kind):
             return self._strike(name, default, f"returned {type(result).__name__}, "
                                                f"not {kind.__name__}")
-        if elapsed > BUDGET_S:
+        if elapsed > self.budget_s:
             self._strike(name, result, f"took {elapsed * 1000:.0f} ms")
         return result
 
@@ -197,6 +285,8 @@ def load_checked(spec: str | None) -> Logic:
             continue
         if not callable(function):
             raise LogicError(f"{name} is not a function")
+        if inspect.iscoroutinefunction(function):
+            continue  # not tried: it may wait for a service (the budget holds it)
         started = time.perf_counter()
         try:
             result = function(*args)

@@ -34,6 +34,7 @@ from .protocol import (
     ProtocolError,
     PublishReply,
     Route,
+    UserKey,
     action_term,
     hello_reply,
     parse_batch,
@@ -41,7 +42,7 @@ from .protocol import (
     parse_hello,
 )
 from .providers.dispatch import Dispatcher
-from .service import PURGE_INTERVAL_S, PushService
+from .service import PURGE_INTERVAL_S, HookWork, PushService
 from .store import DatabaseUnavailable, Store, open_store
 
 log = logging.getLogger("pymod_push")
@@ -142,6 +143,8 @@ class PortApp:
         # deliveries, acknowledgement), None when no commit is under way.
         self._committing: tuple[list[Action], list[Delivery], int | None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # for the database's thread
+        # Per user, the task that asks the admin's async push logic (see _logic_worker).
+        self._logic_workers: dict[UserKey, asyncio.Task[None]] = {}
         self._last_commit = 0.0
         self._timers_from = 0.0  # time.monotonic() before which no timer fires
         # While the database is away: what is to be handled once it is back, in order
@@ -178,6 +181,8 @@ class PortApp:
                 for result in results:
                     if isinstance(result, Delivery):
                         deliveries.append(result)
+                    elif isinstance(result, HookWork):
+                        self._ask_logic(result.target[:2])
                     else:
                         actions.append(result)
                 continue
@@ -211,6 +216,8 @@ class PortApp:
                 for result in results:
                     if isinstance(result, Delivery):
                         deliveries.append(result)
+                    elif isinstance(result, HookWork):
+                        self._ask_logic(result.target[:2])
                     else:
                         actions.append(result)
             else:
@@ -339,6 +346,51 @@ class PortApp:
                         "sent: ejabberd answered them with an error meanwhile, their "
                         "publishers try again" if self._late_iqs else "")
 
+    # ------------------------------------------------------- async push logic
+    def _ask_logic(self, user: UserKey) -> None:
+        """The user's notifications waiting for the admin's async functions get a worker
+        (one per user: their order is kept; other users' do not wait)."""
+        if user not in self._logic_workers:
+            self._logic_workers[user] = asyncio.get_running_loop().create_task(
+                self._logic_worker(user))
+
+    async def _logic_worker(self, user: UserKey) -> None:
+        assert self.service is not None
+        service = self.service
+        try:
+            while (work := service.waiting_for_logic(user)) is not None:
+                if self._held is not None:  # the database is away: after it is back
+                    await asyncio.sleep(RETRY_MAX_S)
+                    continue
+                try:
+                    call = service.hook_call(work)
+                except DatabaseUnavailable:
+                    await asyncio.sleep(RETRY_MAX_S)
+                    continue
+                answers = (await service.logic.decide(call.message, call.cases)
+                           if call.message is not None else [])
+                if len(answers) != len(call.cases):
+                    answers = [(False, None)] * len(call.cases)
+                mark = service.store.write_mark()
+                try:
+                    actions = service.finish_hooks(call, answers, time.time())
+                except DatabaseUnavailable:
+                    service.store.undo_to(mark)
+                    await asyncio.sleep(RETRY_MAX_S)  # asked again (the same answers, mostly)
+                    continue
+                for result in actions:  # app-server pushes go after the commit, as in _feed
+                    if isinstance(result, Delivery):
+                        self._pending_deliveries.append(result)
+                    else:
+                        self._pending_actions.append(result)
+                self._request_commit()
+        except BaseException as exc:  # noqa: BLE001 - ends the process, as in data_received
+            if not isinstance(exc, asyncio.CancelledError):
+                self.on_fatal(exc)
+            raise
+        finally:
+            self._logic_workers.pop(user, None)
+
     def _already_handled(self, batch: Batch) -> bool:
         """A batch the shim sends again after a crash whose effects were committed."""
         if self._last_batch is None:
@@ -370,6 +422,8 @@ class PortApp:
                  "PostgreSQL" if config.db_url else config.db_file)
         self._timers_from = time.monotonic() + REPLAY_GRACE_S
         self._arm_timer()  # notifications an earlier process left unanswered
+        for user in self.service.users_waiting_for_logic():  # and those it left waiting
+            self._ask_logic(user)
         self._housekeeping()
         if config.metrics_listen:
             asyncio.get_running_loop().create_task(self._serve_metrics(config.metrics_listen))
@@ -410,7 +464,7 @@ class PortApp:
             except DatabaseUnavailable:
                 pass  # in the transaction still: the port's next commit has it
 
-    def _handle(self, term: Any, late: bool = False) -> Sequence[Action | Delivery]:
+    def _handle(self, term: Any, late: bool = False) -> Sequence[Action | Delivery | HookWork]:
         assert self.service is not None
         try:
             event = parse_event(term)
@@ -427,7 +481,7 @@ class PortApp:
             self._events[type(event).__name__] -= 1
             raise
 
-    def _handle_event(self, event: Event) -> Sequence[Action | Delivery]:
+    def _handle_event(self, event: Event) -> Sequence[Action | Delivery | HookWork]:
         assert self.service is not None
         mark = self.service.store.write_mark()
         try:
@@ -503,6 +557,8 @@ class PortApp:
             self.on_fatal(exc)
 
     async def aclose(self) -> None:
+        for worker in list(self._logic_workers.values()):  # their rows stay for the next
+            worker.cancel()
         try:  # what was handled is committed, and said
             for _ in range(4):  # the commit under way, then what was handled meanwhile
                 if self._held is not None:
@@ -515,6 +571,7 @@ class PortApp:
                     break
         except OSError:
             pass  # ejabberd closed the port: the commit is what matters
+        self._committing = None  # not said, not acknowledged: the next process redoes it
         if self._metrics is not None:
             self._metrics.close()
         if self._dispatcher is not None:

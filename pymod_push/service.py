@@ -7,13 +7,16 @@ store and writes the returned actions back to ejabberd.
 
 from __future__ import annotations
 
+import collections
 import heapq
 import itertools
+import json
 import logging
 import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TypeAlias
 
 from .appservice import AppServer, Delivery, error_reply
 from .core import limits
@@ -42,7 +45,7 @@ from .core.xep0357 import (
     publish_options_form,
     summary_form,
 )
-from .logic import Logic
+from .logic import HookCase, Logic
 from .logic import Message as LogicMessage
 from .logic import Recipient as LogicRecipient
 from .protocol import (
@@ -93,6 +96,53 @@ class PushedTo:
     marks: set[int] = field(default_factory=set)
 
 
+_NOTHING = PushedTo(0.0)  # of a session pushed nothing yet (never changed)
+
+
+@dataclass(slots=True)
+class HookWork:
+    """A notification waiting for the admin's async push logic: the port asks the logic
+    (PushService.hook_call, Logic.decide) and hands the answers to finish_hooks."""
+
+    id: int
+    target: SessionKey  # the event's session; resource "": any of the user's (offline)
+    stanza: Stanza
+
+
+# What handling an event gives: actions for ejabberd, deliveries for the providers, and
+# notifications that wait for the admin's async push logic.
+Result: TypeAlias = Action | Delivery | HookWork
+
+
+@dataclass(slots=True)
+class HookCall:
+    work: HookWork
+    message: LogicMessage | None  # None: nothing to ask (a carbon of one's own message)
+    registrations: list[Registration]
+    cases: list[HookCase]  # one per registration
+    options: push_options.PushOptions | None
+
+
+def _counted(registration: Registration, chosen: Trigger) -> Counts:
+    """The registration's counts with this notification."""
+    counts = Counts(registration.message_count, registration.subscription_count)
+    if chosen is Trigger.SUBSCRIPTION:
+        counts.subscriptions += 1
+    else:
+        counts.messages += 1
+    return counts
+
+
+def _stanza_json(stanza: Stanza) -> str:
+    return json.dumps([stanza.kind, stanza.sender, stanza.id, stanza.type, stanza.body,
+                       stanza.xml.decode("utf-8", "replace"), stanza.nick])
+
+
+def _stanza_from_json(text: str) -> Stanza:
+    kind, sender, stanza_id, kind_type, body, xml, nick = json.loads(text)
+    return Stanza(kind, sender, stanza_id, kind_type, body, xml.encode(), nick)
+
+
 class PushService:
     def __init__(self, config: Config, store: Store, logic: Logic | None = None) -> None:
         self.config = config
@@ -128,7 +178,14 @@ class PushService:
         for session, mark in store.pushed_to_pending(config.ejabberd_node):
             self._pushed.setdefault(session, PushedTo(time.time())).marks.add(mark)
         self.logic = logic or Logic()
+        self.logic.budget_s = config.logic_budget_ms / 1000
         self.app_server = AppServer(config, store, logic=self.logic)
+        # Notifications waiting for the admin's async push logic, per user, in order.
+        self._hook_queues: dict[UserKey, collections.deque[HookWork]] = {}
+        for work_id, target, stanza in store.hook_work(config.ejabberd_node):
+            self._hook_queues.setdefault(target[:2], collections.deque()).append(
+                HookWork(work_id, target, _stanza_from_json(stanza)))
+            self._ids = itertools.count(max(next(self._ids), work_id + 1))
         self._iq_limit = limits.account_rate_limiter(config.push_iq_rate)
         self._pacer = DomainPacer(config.publish_rate,  # publishes per remote domain
                                   (config.host, *(b.pubsub_host for b in config.backends)))
@@ -142,43 +199,47 @@ class PushService:
 
     def use_logic(self, logic: Logic) -> None:
         """The admin's push logic from now on (push_reload_logic)."""
+        logic.budget_s = self.config.logic_budget_ms / 1000
         self.logic = self.app_server.logic = logic
 
     # ------------------------------------------------------------------ dispatch
-    def handle(self, event: Event, now: float) -> Sequence[Action | Delivery]:
+    def handle(self, event: Event, now: float) -> Sequence[Action | Delivery | HookWork]:
         return self.own_publishes(self._pacer.pace(self._handle(event, now), now), now)
 
-    def own_publishes(self, actions: Sequence[Action | Delivery], now: float
-                      ) -> Sequence[Action | Delivery]:
+    def own_publishes(self, actions: Sequence[Result], now: float) -> list[Result]:
         """Publishes to this process's own app server become its deliveries, or, refused,
         are answered at once: what the IQ path would do, without the round trip."""
         if not self._own_pubsub or not any(
-                type(a) is Publish and a.to.split("/", 1)[0] in self._own_pubsub
+                isinstance(a, Publish) and a.to.split("/", 1)[0] in self._own_pubsub
                 for a in actions):
-            return actions
-        out: list[Action | Delivery] = []
+            return list(actions)
+        out: list[Result] = []
         for action in actions:
-            if type(action) is not Publish:
+            if isinstance(action, Publish) and action.to.split("/", 1)[0] in self._own_pubsub:
+                out += self._take_own(action, now)
+            else:
                 out.append(action)
-                continue
-            domain = action.to.split("/", 1)[0]
-            if domain not in self._own_pubsub:
-                out.append(action)
-                continue
-            try:
-                try:
-                    out.append(self.app_server.publish_direct(
-                        action.ref, domain, action.node, action.fields, action.publish_options))
-                except RequestError as error:
-                    out += self._publish_reply(error_reply(action.ref, error), now)
-            except DatabaseUnavailable:
-                # Not taken: what the event changed stays, and this publish goes again
-                # (a retry, not counted) once the database answers; its outbox entry is
-                # committed with the event.
-                self._retry_soon(action.ref, now)
-                continue
-            self.in_process += 1
         return out
+
+    def _take_own(self, publish: Publish, now: float) -> list[Result]:
+        domain = publish.to.split("/", 1)[0]
+        try:
+            try:
+                delivery = self.app_server.publish_direct(
+                    publish.ref, domain, publish.node, publish.fields, publish.publish_options)
+            except RequestError as error:
+                answered: list[Result] = [*self._publish_reply(error_reply(publish.ref, error),
+                                                               now)]
+                self.in_process += 1
+                return answered
+        except DatabaseUnavailable:
+            # Not taken: what the event changed stays, and this publish goes again (a
+            # retry, not counted) once the database answers; its outbox entry is committed
+            # with the event.
+            self._retry_soon(publish.ref, now)
+            return []
+        self.in_process += 1
+        return [delivery]
 
     def _retry_soon(self, ref: int, now: float) -> None:
         entry = self._in_flight.pop(ref, None)
@@ -186,24 +247,26 @@ class PushService:
             entry.due = now + OWN_RETRY_S
             heapq.heappush(self._retries, (entry.due, entry.id, entry))
 
-    def _handle(self, event: Event, now: float) -> Sequence[Action | Delivery]:
+    def _handle(self, event: Event, now: float) -> Sequence[Action | Delivery | HookWork]:
         match event:
             case AppServerIq(allowed, xml):
                 return self.app_server.handle(allowed, xml)
             case StanzaToPending(session, stanza):
                 registrations, stored = self.store.for_session_with_options(session)
-                return self._notify(registrations, stanza, now, self._within_limits(stored))
+                return self._notify(registrations, stanza, now, self._within_limits(stored),
+                                    session)
             case Offline(user, stanza):
-                return self._notify(self.store.for_user(user), stanza, now)
+                return self._notify(self.store.for_user(user), stanza, now,
+                                    target=(*user, ""))
             case SessionPending(session, queued):
-                actions: list[Action] = []
+                actions: list[Action | HookWork] = []
                 registrations, stored = self.store.for_session_with_options(session)
                 if registrations:
                     log.info("push session %s@%s/%s is pending", *session)
                     self._schedule_wake(session, now)
                 options = self._within_limits(stored)
                 for stanza in queued:
-                    actions += self._notify(registrations, stanza, now, options)
+                    actions += self._notify(registrations, stanza, now, options, session)
                 return actions
             case SessionResumed(session):
                 if self._reset(session):
@@ -314,18 +377,24 @@ class PushService:
 
     # ------------------------------------------------------------- notifying
     def _notify(self, registrations: list[Registration], original: Stanza, now: float,
-                options: push_options.PushOptions | None = None) -> list[Action]:
+                options: push_options.PushOptions | None = None,
+                target: SessionKey | None = None) -> list[Action | HookWork]:
         """Publish the stanza to each registration (all of one user) that it concerns;
-        the user's options are read here unless the caller has them."""
+        the user's options are read here unless the caller has them. With async push
+        logic, the decision waits for it instead (a HookWork for the port, see
+        hook_call); target is then what the event was for (resource "": any session)."""
         stanza = unwrap_carbon(original) if registrations else None
         trigger = trigger_of(stanza, self.config) if stanza else None
         if stanza is None or (trigger is None and not self.logic.has("should_push")):
             return []
+        mark = fingerprint(stanza)
+        if self.logic.is_async:
+            return self._wait_for_logic(registrations, original, mark,
+                                        target or (*registrations[0].session[:2], ""))
         message = self._logic_view(stanza, trigger) if self.logic.module else None
         if options is None:  # read before anything changes (a read may fail: handled again)
             options = self.options_of(registrations[0].session[:2])
-        mark = fingerprint(stanza)
-        actions: list[Action] = []
+        actions: list[Action | HookWork] = []
         for registration in registrations:
             chosen = trigger
             if message is not None:
@@ -335,33 +404,117 @@ class PushService:
                 chosen = trigger or Trigger.MESSAGE
             if chosen is None:
                 continue
-            # Once per message and registration, whichever way the message comes (to the
-            # pending session, again as offline or archived), across restarts.
-            pushed = self._pushed.get(registration.session)
-            if pushed is None:
-                pushed = self._pushed[registration.session] = PushedTo(now)
-            this = pushed_mark(registration.key, mark)
-            if this in pushed.marks:
-                continue
-            pushed.marks.add(this)
-            pushed.last = now
-            self.store.add_pushed(self._pushed_id(now), registration.session, this)
-            counts = Counts(registration.message_count, registration.subscription_count)
-            if chosen is Trigger.SUBSCRIPTION:
-                counts.subscriptions += 1
-            else:
-                counts.messages += 1
-            registration.message_count = counts.messages
-            registration.subscription_count = counts.subscriptions
-            self.store.save_counts(registration)
-            if options is None:
-                options = self.options_of(registration.session[:2])
+            publish = self._push_once(registration, stanza, chosen, mark, options, now,
+                                      message)
+            if publish is not None:
+                actions.append(publish)
+        return actions
+
+    def _push_once(self, registration: Registration, stanza: Stanza, chosen: Trigger,
+                   mark: bytes, options: push_options.PushOptions, now: float,
+                   message: LogicMessage | None,
+                   summary: list[tuple[str, str]] | None = None) -> Publish | None:
+        """The publish for one registration, unless this message went to it already;
+        summary: the admin's async summary, already made (else made here)."""
+        # Once per message and registration, whichever way the message comes (to the
+        # pending session, again as offline or archived), across restarts.
+        pushed = self._pushed.get(registration.session)
+        if pushed is None:
+            pushed = self._pushed[registration.session] = PushedTo(now)
+        this = pushed_mark(registration.key, mark)
+        if this in pushed.marks:
+            return None
+        pushed.marks.add(this)
+        pushed.last = now
+        self.store.add_pushed(self._pushed_id(now), registration.session, this)
+        counts = _counted(registration, chosen)
+        registration.message_count = counts.messages
+        registration.subscription_count = counts.subscriptions
+        self.store.save_counts(registration)
+        if summary is None:
             summary = summary_fields(options, counts, chosen, stanza)
             if message is not None:
                 summary = self.logic.summary(message, LogicRecipient(*registration.session),
                                              summary)
-            actions.append(self._publish(registration, summary, now))
-        return actions
+        return self._publish(registration, summary, now)
+
+    # ------------------------------------------------------- async push logic
+    # Each user's notifications wait for the admin's async functions one after the
+    # other (never reordered), other users' do not wait for them. The event is
+    # acknowledged with the waiting notification's row (hook_queue): a crash meanwhile
+    # loses nothing, the next process finishes it.
+    def _wait_for_logic(self, registrations: list[Registration], original: Stanza,
+                        mark: bytes, target: SessionKey) -> list[Action | HookWork]:
+        if all(pushed_mark(r.key, mark) in self._pushed.get(r.session, _NOTHING).marks
+               for r in registrations):
+            return []  # came back (offline, archived): pushed already
+        work = HookWork(next(self._ids), target, original)
+        self.store.add_hook_work(work.id, target, _stanza_json(original),
+                                 self.config.ejabberd_node)
+        queue = self._hook_queues.setdefault(target[:2], collections.deque())
+        queue.append(work)
+        return [work] if len(queue) == 1 else []  # else the user's worker runs already
+
+    def waiting_for_logic(self, user: UserKey) -> HookWork | None:
+        """The user's next notification waiting for the admin's async functions."""
+        queue = self._hook_queues.get(user)
+        return queue[0] if queue else None
+
+    def users_waiting_for_logic(self) -> list[UserKey]:
+        return [user for user, queue in self._hook_queues.items() if queue]
+
+    def hook_call(self, work: HookWork) -> HookCall:
+        """What the admin's functions are asked about work (as it stands now)."""
+        stanza = unwrap_carbon(work.stanza)
+        trigger = trigger_of(stanza, self.config) if stanza else None
+        if work.target[2]:
+            registrations, stored = self.store.for_session_with_options(work.target)
+            options = self._within_limits(stored)
+        else:
+            registrations = self.store.for_user(work.target[:2])
+            options = self.options_of(work.target[:2])
+        if stanza is None:
+            registrations = []
+        cases = []
+        for registration in registrations:
+            chosen = trigger or Trigger.MESSAGE
+            fields = summary_fields(options, _counted(registration, chosen), chosen,
+                                    stanza) if stanza else []
+            cases.append(HookCase(LogicRecipient(*registration.session), trigger is not None,
+                                  fields))
+        message = self._logic_view(stanza, trigger) if stanza else None
+        return HookCall(work, message, registrations, cases, options)
+
+    def finish_hooks(self, call: HookCall,
+                     answers: Sequence[tuple[bool, list[tuple[str, str]] | None]],
+                     now: float) -> list[Action | Delivery]:
+        """The admin's answers for call (or the defaults): the publishes they make (those
+        to its own app server taken in-process)."""
+        work = call.work
+        current = {r.key: r for r in (self.store.for_session(work.target) if work.target[2]
+                                      else self.store.for_user(work.target[:2]))}
+        queue = self._hook_queues.get(work.target[:2])  # after the read, which may fail
+        if queue and queue[0] is work:
+            queue.popleft()
+        self.store.remove_hook_work(work.id)
+        stanza = unwrap_carbon(work.stanza)
+        if stanza is None or call.options is None:
+            return []
+        trigger = trigger_of(stanza, self.config)
+        actions: list[Action] = []
+        mark = fingerprint(stanza)
+        for asked, (push, summary) in zip(call.registrations, answers, strict=True):
+            registration = current.get(asked.key)  # disabled meanwhile: gone
+            if not push or registration is None:
+                continue
+            publish = self._push_once(registration, stanza, trigger or Trigger.MESSAGE, mark,
+                                      call.options, now, None, summary)
+            if publish is not None:
+                actions.append(publish)
+        return self._own(self._pacer.pace(actions, now), now)
+
+    def _own(self, actions: Sequence[Action], now: float) -> list[Action | Delivery]:
+        return [r for r in self.own_publishes(actions, now) if not isinstance(r, HookWork)]
 
     @staticmethod
     def _logic_view(stanza: Stanza, trigger: Trigger | None) -> LogicMessage:
@@ -542,4 +695,4 @@ class PushService:
                 actions.append(self._wake(registration, now))
             self._next_scheduled_wake = (now + 1.0 if len(due) == rate
                                          else self.store.next_wake(self.config.ejabberd_node))
-        return [*self._pacer.due(now), *self.own_publishes(self._pacer.pace(actions, now), now)]
+        return [*self._pacer.due(now), *self._own(self._pacer.pace(actions, now), now)]

@@ -132,6 +132,18 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE registrations ADD COLUMN pending_since BIGINT NOT NULL DEFAULT 0;
     ALTER TABLE registrations ADD COLUMN last_error_at DOUBLE PRECISION;
     """,
+    # version 9: notifications waiting for the admin's async push logic (option logic):
+    # the event is acknowledged with its row, and the next process finishes it.
+    """
+    CREATE TABLE hook_queue (
+        id INTEGER PRIMARY KEY,
+        user TEXT NOT NULL,
+        server TEXT NOT NULL,
+        resource TEXT NOT NULL,
+        stanza TEXT NOT NULL,
+        ejabberd_node TEXT NOT NULL
+    );
+    """,
 )
 
 
@@ -584,6 +596,22 @@ class Store:
         row = self.db.execute("SELECT MIN(wake_due) FROM registrations WHERE "
                               "ejabberd_node IN (?, '')", (ejabberd_node,)).fetchone()
         return None if row is None or row[0] is None else float(row[0])
+
+    def add_hook_work(self, work_id: int, target: SessionKey, stanza: str,
+                      ejabberd_node: str) -> None:
+        """A notification waiting for the admin's async functions (resource "": every
+        registration of the user); stanza: the event's stanza as JSON."""
+        self.db.execute("INSERT INTO hook_queue (id, user, server, resource, stanza, "
+                        "ejabberd_node) VALUES (?, ?, ?, ?, ?, ?)",
+                        (work_id, *target, stanza, ejabberd_node))
+
+    def remove_hook_work(self, work_id: int) -> None:
+        self.db.execute("DELETE FROM hook_queue WHERE id=?", (work_id,))
+
+    def hook_work(self, ejabberd_node: str) -> list[tuple[int, SessionKey, str]]:
+        rows = self.db.execute("SELECT id, user, server, resource, stanza FROM hook_queue "
+                               "WHERE ejabberd_node=? ORDER BY id", (ejabberd_node,))
+        return [(int(i), (u, s, r), stanza) for i, u, s, r, stanza in rows]
 
     def add_outbox(self, entry: OutboxEntry, ejabberd_node: str) -> None:
         self.db.execute("INSERT INTO outbox (id, user, server, push_jid, node, summary, attempt, "

@@ -3,8 +3,11 @@ service as the server would run it (pymod-push logic check's machinery)."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import re
+import threading
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -16,11 +19,13 @@ COOKBOOK = Path(__file__).resolve().parent.parent / "examples" / "cookbook"
 OPEN = {"include_message_bodies": True, "include_senders": True}
 
 
-def checked(recipe: str, user: str, extra: list[str] | None = None) -> dict[str, str]:
+def checked(recipe: str, user: str, extra: list[str] | None = None,
+            **options: object) -> dict[str, str]:
     lines: list[str] = []
     stanzas = list(logic_check.SAMPLES) + [logic_check.Sample(f"your stanza {n}", xml)
                                            for n, xml in enumerate(extra or [], start=1)]
-    status = logic_check.check(str(COOKBOOK / recipe), OPEN, stanzas, lines.append, user)
+    status = logic_check.check(str(COOKBOOK / recipe), {**OPEN, **options}, stanzas,
+                               lines.append, user)
     out = "\n".join(lines)
     assert status == 0, out
     return sections(out)
@@ -62,3 +67,40 @@ def test_routing_by_domain() -> None:
     assert '"tenant":"verona"' in re.search(r"^fcm: .*$", verona, re.M)[0]
     elsewhere = checked("by_domain.py", "juliet@elsewhere.example")["chat message"]
     assert "tenant" not in elsewhere and "Hello Juliet" in elsewhere
+
+
+def test_quiet_hours_from_an_http_service(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The recipe asks a local HTTP service (async should_push): quiet users get no pushes
+    but calls; others, and everyone when the service is down, get the defaults."""
+    asked: list[str] = []
+
+    class Quiet(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            user = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)["user"][0]
+            asked.append(user)
+            body = json.dumps({"quiet": user == "juliet@example.org"}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("PYMOD_PUSH_QUIET_HOURS_URL",
+                           f"http://127.0.0.1:{server.server_port}/quiet")
+        quiet = checked("quiet_hours.py", "juliet@example.org", logic_budget=2000)
+        assert "decision: no push (without the module: push)" in quiet["chat message"]
+        assert "decision: push" in quiet["call (Jingle Message Initiation)"]
+        assert asked == ["juliet@example.org"]  # once: the answer is kept
+        awake = checked("quiet_hours.py", "nurse@example.org", logic_budget=2000)
+        assert "decision: push (without the module: push)" in awake["chat message"]
+    finally:
+        server.shutdown()
+        server.server_close()
+    monkeypatch.setenv("PYMOD_PUSH_QUIET_HOURS_URL", f"http://127.0.0.1:{server.server_port}/q")
+    down = checked("quiet_hours.py", "romeo@example.org")  # nobody answers: the defaults
+    assert "decision: push (without the module: push)" in down["chat message"]

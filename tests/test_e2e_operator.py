@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import re
 import shutil
+import statistics
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -171,6 +173,64 @@ def test_reloading_the_push_logic_without_a_restart(instance: Instance) -> None:
         assert _process_line(status) == _process_line(pid)  # no restart meanwhile
 
     try:
+        scenario.run(run)
+    finally:
+        shutil.copy(EXAMPLE_LOGIC, logic_file)
+        assert "reloaded" in instance.ctl("push_reload_logic", "localhost")
+
+
+ASYNC_LOGIC = """
+import asyncio
+
+async def should_push(message, recipient, default):
+    if recipient.user.startswith("slowpoke"):
+        await asyncio.sleep(5)  # a service of the admin's that does not answer
+    return default
+
+async def summary(message, recipient, fields):
+    await asyncio.sleep(0.005)  # one that does
+    return {**fields, "asked": "yes"}
+"""
+
+
+def test_an_async_hook_that_hangs_delays_no_other_user(instance: Instance) -> None:
+    """With async push logic whose should_push hangs for one user: that user's pushes
+    come after the budget (50 ms each), in order, with our defaults; another user's push,
+    sent while they wait, is not delayed (printed), and gets the logic's summary."""
+    scenario = Scenario(instance)
+    logic_file = instance.folder / "push_logic.py"
+
+    async def run(peers: Peers) -> None:
+        server, phone, sender = await scenario.cast(peers)
+        slow = await peers.user(*await asyncio.to_thread(scenario.account, "slowpoke"))
+        await phone.enable_push(server.boundjid.full, "quick-node")
+        await slow.enable_push(server.boundjid.full, "slow-node")
+        await scenario.go_pending(phone)
+        await scenario.go_pending(slow)
+
+        async def latency(label: str, count: int) -> float:
+            started = time.monotonic()
+            sender.send_message(mto=phone.boundjid.full, mbody=label, mtype="chat")
+            pushes = await server.wait_for("quick-node", count)
+            assert pushes[-1].summary["asked"] == "yes"
+            return time.monotonic() - started
+
+        quiet = [await latency(f"quiet {n}", n + 1) for n in range(5)]
+        for n in range(10):  # 10 notifications wait for should_push, 50 ms each at most
+            sender.send_message(mto=slow.boundjid.full, mbody=f"slow {n}", mtype="chat")
+        during = await latency("during", 6)
+        slow_pushes = await server.wait_for("slow-node", 10)
+        assert [p.summary["message-count"] for p in slow_pushes] == [str(n) for n in
+                                                                     range(1, 11)]
+        assert all("asked" not in p.summary for p in slow_pushes)  # no time left for it
+        delay = during - statistics.median(quiet)
+        print(f"\nanother user's push while 10 notifications waited for a hanging hook: "
+              f"{during * 1000:.1f} ms (quiet median {statistics.median(quiet) * 1000:.1f} ms)")
+        assert delay <= 0.1
+
+    logic_file.write_text(ASYNC_LOGIC)
+    try:
+        assert "reloaded" in instance.ctl("push_reload_logic", "localhost")
         scenario.run(run)
     finally:
         shutil.copy(EXAMPLE_LOGIC, logic_file)

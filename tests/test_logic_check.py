@@ -121,3 +121,21 @@ def test_python_m_pymod_push_logic_check() -> None:
                             capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert "every function ran as it should" in result.stdout
+
+
+def test_async_functions_are_awaited_as_the_server_would(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    module = tmp_path / "asking.py"
+    module.write_text("import asyncio\n"
+                      "async def should_push(message, recipient, default):\n"
+                      "    await asyncio.sleep(0.001)\n"
+                      "    return default and 'secret' not in message.body\n"
+                      "async def summary(message, recipient, fields):\n"
+                      "    return {**fields, 'asked': 'yes'}\n")
+    status, out, _ = run(capsys, str(module), "--stanza",
+                         "<message type='chat' from='a@b.example' id='s'><body>a secret</body>"
+                         "</message>")
+    assert status == 0
+    found = sections(out)
+    assert "asked='yes'" in found["chat message"]
+    assert "decision: no push (without the module: push)" in found["your stanza 1"]

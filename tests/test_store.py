@@ -380,3 +380,18 @@ def test_postgresql_a_connection_cut_by_the_server_is_only_ever_unavailable(
         assert outcomes["ran"] >= 80  # each cut costs at most one statement
     finally:
         store.close()
+
+
+def test_notifications_waiting_for_the_logic_are_kept_per_node(opener: Opener) -> None:
+    store = opener()
+    stanza = '["message", "romeo@example.net/a", "m1", "chat", "h\\u00e9llo \'q\'", "<x/>", ""]'
+    store.add_hook_work(2, ("alice", "example.org", "phone"), stanza, "ejabberd@a")
+    store.add_hook_work(1, ("alice", "example.org", ""), stanza, "ejabberd@a")
+    store.add_hook_work(3, ("bob", "example.org", "pc"), stanza, "ejabberd@b")
+    store.commit()
+    again = opener()
+    assert again.hook_work("ejabberd@a") == [(1, ("alice", "example.org", ""), stanza),
+                                             (2, ("alice", "example.org", "phone"), stanza)]
+    again.remove_hook_work(1)
+    again.commit()
+    assert [w[0] for w in opener().hook_work("ejabberd@a")] == [2]

@@ -210,6 +210,7 @@ mod_opt_type(max_devices) -> econf:pos_int();
 mod_opt_type(push_iq_rate) -> econf:pos_int();
 mod_opt_type(publish_rate) -> econf:pos_int();
 mod_opt_type(logic) -> econf:either(undefined, econf:binary());
+mod_opt_type(logic_budget) -> econf:pos_int();
 mod_opt_type(log_sensitive) -> econf:bool();
 mod_opt_type(metrics_listen) -> econf:either(undefined, econf:binary("^.+:[0-9]+$"));
 mod_opt_type(wake_on_start) -> econf:bool();
@@ -291,6 +292,7 @@ mod_options(_Host) ->
      {push_iq_rate, 60},
      {publish_rate, 1000},
      {logic, undefined},
+     {logic_budget, 50},
      {log_sensitive, false},
      {metrics_listen, undefined},
      {wake_on_start, true},
@@ -426,6 +428,13 @@ mod_doc() ->
                          "ejabberd user, defining any of 'should_push', 'summary' and "
                          "'provider_data' (see pymod_push/logic.py). Errors in it are "
                          "logged and the defaults used. The default is none.")}},
+           {logic_budget,
+            #{value => ?T("Milliseconds"),
+              desc => ?T("How long a notification may wait for the push logic: an "
+                         "'async def' function that has not answered by then is "
+                         "cancelled and the default used for that notification (only that "
+                         "user's notifications wait meanwhile); a plain function slower "
+                         "than this three times is switched off. The default is '50'.")}},
            {log_sensitive,
             #{value => "true | false",
               desc => ?T("At loglevel debug, also log what notifications contain "

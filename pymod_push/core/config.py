@@ -78,6 +78,7 @@ class Config:
     wake_before_timeout_ms: int = 3600 * 1000  # before a resume timeout ends, wake once
     ejabberd_node: str = ""  # the Erlang node this process serves (clusters share a db)
     logic: str | None = None  # the admin's push logic module (see pymod_push/logic.py)
+    logic_budget_ms: int = 50  # how long a push may wait for the admin's functions
     metrics_listen: str | None = None  # "host:port" for Prometheus, off when None
     log_sensitive: bool = False  # debug logs may show bodies, tokens, summaries: only if asked
     db_file: str = ":memory:"
@@ -123,6 +124,7 @@ class Config:
             ejabberd_node=str(options.get("node", "")),
             log_sensitive=options.get("log_sensitive") is True,
             logic=_text(options["logic"]) if isinstance(options.get("logic"), bytes) else None,
+            logic_budget_ms=int(options.get("logic_budget", cls.logic_budget_ms)),
             metrics_listen=(_text(options["metrics_listen"])
                             if isinstance(options.get("metrics_listen"), bytes) else None),
             db_file=_text(db_file),

@@ -1,5 +1,6 @@
 """The built-in app server end to end: ejabberd + mod_push_py with one APNs backend, pushing
-into a fake APNs (HTTP/2 over TLS with a loopback test CA, token auth, in its own process).
+into a fake APNs (bench/fake_apns.py: HTTP/2 framed by hand over TLS with a loopback test
+CA, token auth, in its own process, printing its CPU per request).
 
 N push users register a device with the app server's ad-hoc command (register-push-apns),
 enable push at its pubsub host with the node and secret it answered, enable stream
@@ -337,8 +338,8 @@ def main() -> int:
                         help="profile the Python process with cProfile into FILE")
     args = parser.parse_args()
     print(f"app server end to end: {args.users} pending push users with an APNs device, "
-          f"{args.messages} messages at {args.rate:.0f}/s, fake APNs (HTTP/2, TLS) in its "
-          "own process")
+          f"{args.messages} messages at {args.rate:.0f}/s, fake APNs (HTTP/2 framed by hand, "
+          "TLS) in its own process")
     per_node = args.messages / args.users
     if per_node > PUBLISH_BURST + args.messages / args.rate * PUBLISH_REFILL_PER_SECOND:
         print(f"  note: {per_node:.0f} messages per device is beyond the app server's rate "

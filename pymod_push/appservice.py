@@ -234,7 +234,8 @@ class AppServer:
                         device.provider, device.app_name)
             raise RequestError("item-not-found", "this registration's backend is gone", "cancel")
         summary = request.summary
-        if self.logic.has("provider_data"):  # the admin's module shapes the payload
+        if self.logic.has("provider_data") and not self.logic.shapes_async:
+            # the admin's module shapes the payload (an async one: at the provider edge)
             summary = self.logic.provider_data(
                 LogicDevice(device.user, device.provider, device.app_name, device.device_id,
                             device.device_name), summary)

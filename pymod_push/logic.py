@@ -11,13 +11,16 @@ path to a ``.py`` file) that may define any of these plain functions::
         # built-in app server: the data a provider's payload carries for this device
         # (APNs custom keys, FCM data, the Web Push JSON; alert text is made from it)
 
+Any of them may be ``async def`` (to ask a service of the admin's): the notification then
+waits for it, within the budget (option logic_budget), while other users' do not (see
+Logic.decide, PushService.hook_call, and the provider edge for provider_data).
 They receive read-only objects (frozen dataclasses, mappings that cannot be changed).
-A function that raises, returns the wrong type or is slow (over ``BUDGET_S`` three times)
-is contained: the error is logged, our default is used, and a function that keeps
-failing is switched off until the module is reloaded (``ejabberdctl push_reload_logic
-HOST``, which keeps the running module if the new one does not import or fails a trial
-call) or restarted. Example: examples/push_logic.py; try a module offline with
-``pymod-push logic check FILE``.
+A function that raises, returns the wrong type or is slow (over the budget; three times
+for a plain function) is contained: the error is logged, our default is used, and a
+function that keeps failing is switched off until the module is reloaded
+(``ejabberdctl push_reload_logic HOST``, which keeps the running module if the new one
+does not import or fails a trial call) or restarted. Example: examples/push_logic.py;
+try a module offline with ``pymod-push logic check FILE``.
 """
 
 from __future__ import annotations
@@ -101,6 +104,18 @@ class Logic:
         rather than being decided on the spot."""
         return any(inspect.iscoroutinefunction(self._function(name))
                    for name in ("should_push", "summary"))
+
+    @property
+    def shapes_async(self) -> bool:
+        """provider_data is an 'async def': the provider edge awaits it (provider_data_async)
+        before a push's first attempt, within the budget."""
+        return inspect.iscoroutinefunction(self._function("provider_data"))
+
+    async def provider_data_async(self, device: Device, data: dict[str, str]) -> dict[str, str]:
+        deadline = asyncio.get_running_loop().time() + self.budget_s
+        (result,) = await self._gather("provider_data", Mapping, deadline,
+                                       [(device, MappingProxyType(dict(data)))], [None])
+        return data if result is None else {str(k): str(v) for k, v in result.items()}
 
     async def decide(self, message: Message, cases: Sequence[HookCase]
                      ) -> list[tuple[bool, list[tuple[str, str]] | None]]:

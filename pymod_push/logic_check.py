@@ -282,9 +282,10 @@ def _payload(one: Tried, admin_logic: logic.Logic, fields: dict[str, str], now: 
     summary = dict(fields)
     if admin_logic.has("provider_data"):
         device = one.device
-        summary = admin_logic.provider_data(
-            logic.Device(device.user, device.provider, device.app_name, device.device_id,
-                         device.device_name), summary)
+        seen = logic.Device(device.user, device.provider, device.app_name, device.device_id,
+                            device.device_name)
+        summary = (asyncio.run(admin_logic.provider_data_async(seen, summary))
+                   if admin_logic.shapes_async else admin_logic.provider_data(seen, summary))
     urgent = summary.get("last-message-priority") == "high"
     request = one.provider.request(one.device, summary, now, urgent)
     body = one.show(request.body)

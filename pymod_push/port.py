@@ -415,6 +415,7 @@ class PortApp:
         self._last_batch = self._store.last_batch(config.ejabberd_node, config.host)
         self._dispatcher = Dispatcher(config, self._store, self._device_gone, self._route,
                                       self._answered_in_process)
+        self._dispatcher.logic = self._current_logic
         self._dispatcher.resume(self.service.app_server.queued_deliveries())
         self._write(frame(hello_reply(info)))
         self._write(frame([action_term(a) for a in self.service.initial_actions()]))
@@ -427,6 +428,10 @@ class PortApp:
         self._housekeeping()
         if config.metrics_listen:
             asyncio.get_running_loop().create_task(self._serve_metrics(config.metrics_listen))
+
+    def _current_logic(self) -> logic.Logic:
+        assert self.service is not None
+        return self.service.logic  # push_reload_logic may replace it
 
     async def _serve_metrics(self, address: str) -> None:
         self._metrics = await metrics.serve(address, self._snapshot)

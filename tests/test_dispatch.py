@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -153,3 +154,43 @@ def test_a_deferred_push_outlives_the_process_and_is_sent_by_the_next(
     assert counters[("ubuntu", "delivered")] == 1 and len(answers) == 1  # answered once
     assert fake.received[-1].json()["appid"] == "app.id_app"
     assert Store(db).queued_pushes("ejabberd@a") == []
+
+
+def test_an_async_provider_data_is_awaited_within_the_budget(ca: LoopbackCA,
+                                                              tmp_path: Path) -> None:
+    """provider_data as an 'async def': awaited before the first attempt; one that does
+    not answer within the budget is cancelled and the data goes as it was."""
+    from pymod_push import logic
+
+    module = tmp_path / "shaping.py"
+    module.write_text("import asyncio\n"
+                      "async def provider_data(device, data):\n"
+                      "    if device.device_id == 'slow':\n"
+                      "        await asyncio.sleep(30)\n"
+                      "    return {**data, 'tenant': device.user.split('@')[1]}\n")
+    admin = logic.load(str(module))
+    admin.budget_s = 0.2
+    fake, port = FakeProvider(ubuntu_check), free_port()
+    serve_in_thread(fake, ca, port)
+    backend = Backend(0, "ubuntu", "any", "localhost", "pubsub.localhost", {
+        "endpoint": f"https://127.0.0.1:{port}", "cafile": str(ca.cafile)})
+
+    async def run() -> None:
+        dispatcher = Dispatcher(Config("localhost", backends=(backend,)), Store(":memory:"),
+                                lambda node: None, lambda xml: None)
+        dispatcher.logic = lambda: admin
+        for device_id in ("quick", "slow"):
+            device = Device(f"node-{device_id}", "s", "alice@localhost", device_id, "",
+                            "ubuntu", "any", "pubsub.localhost", "tok",
+                            application_id="app.id_app")
+            dispatcher.submit(Delivery(backend, device, SUMMARY,
+                                       Iq("p1", "set", "localhost", "pubsub.localhost", None)))
+        while sum(n for k, n in dispatcher.counters.items() if k[1] == "delivered") < 2:
+            await asyncio.sleep(0.01)
+        await dispatcher.close()
+
+    started = time.monotonic()
+    asyncio.run(run())
+    assert time.monotonic() - started < 5  # the slow one did not hold anything up
+    data = sorted((r.json()["data"] for r in fake.received), key=len)
+    assert data == [{"message-count": "1"}, {"message-count": "1", "tenant": "localhost"}]

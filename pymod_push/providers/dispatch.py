@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import random
@@ -13,6 +14,8 @@ from collections.abc import Callable
 
 from ..appservice import Delivery, publish_answer, publish_reply
 from ..core.config import Backend, Config
+from ..logic import Device as LogicDevice
+from ..logic import Logic
 from ..metrics import Histogram
 from ..protocol import PublishReply
 from ..store import QueuedPush, Store
@@ -67,6 +70,9 @@ class Dispatcher:
         # Where the answers to publishes taken in-process go (Delivery.ref): to the
         # publisher, as ejabberd would bring them.
         self._answer = answer
+        # The admin's push logic, when its provider_data is an 'async def' (it is awaited
+        # here, before the first attempt, rather than in the app server): set by the port.
+        self.logic: Callable[[], Logic] | None = None
         self._providers: dict[int, Provider] = {}
         self._clients: dict[int, Http2Client] = {}
         self._in_flight: dict[int, asyncio.Semaphore] = {}
@@ -112,6 +118,10 @@ class Dispatcher:
             return
         if queued is not None:
             await asyncio.sleep(max(0.0, queued.due - time.time()))
+        elif self.logic is not None and (logic := self.logic()).shapes_async:
+            delivery = dataclasses.replace(delivery, summary=await logic.provider_data_async(
+                LogicDevice(device.user, device.provider, device.app_name, device.device_id,
+                            device.device_name), delivery.summary))
         group = delivery.backend.group
         while True:
             headers: dict[str, str] = {}

@@ -165,8 +165,6 @@ class PortApp:
         self._feed([(now, frame) for frame in frames])
 
     def _feed(self, items: Sequence[tuple[float, Item]]) -> None:
-        actions = self._pending_actions
-        deliveries = self._pending_deliveries
         handled: Batch | None = None  # the last batch of this chunk, acknowledged once
         # A publish to the built-in app server held longer than ejabberd waits for its
         # answer was answered with an error (its publisher tries again): not sent here.
@@ -178,13 +176,7 @@ class PortApp:
                 except DatabaseUnavailable as exc:
                     self._database_away(exc, list(items[position:]))
                     break
-                for result in results:
-                    if isinstance(result, Delivery):
-                        deliveries.append(result)
-                    elif isinstance(result, HookWork):
-                        self._ask_logic(result.target[:2])
-                    else:
-                        actions.append(result)
+                self._collect(results)
                 continue
             if isinstance(item, tuple):
                 batch, start = item
@@ -213,13 +205,7 @@ class PortApp:
                     self._database_away(exc, [(arrived, (batch, index)),
                                               *items[position + 1:]])
                     break
-                for result in results:
-                    if isinstance(result, Delivery):
-                        deliveries.append(result)
-                    elif isinstance(result, HookWork):
-                        self._ask_logic(result.target[:2])
-                    else:
-                        actions.append(result)
+                self._collect(results)
             else:
                 handled = batch
                 continue
@@ -232,8 +218,19 @@ class PortApp:
                                            self.service.config.host, handled.epoch,
                                            handled.seq)
             self._pending_ack = handled.seq
-        if handled is not None or actions or deliveries:
+        if handled is not None or self._pending_actions or self._pending_deliveries:
             self._request_commit()
+
+    def _collect(self, results: Sequence[Action | Delivery | HookWork]) -> None:
+        """What handling an event produced: actions and app-server pushes wait for the next
+        commit; a notification waiting for async push logic gets its user's worker."""
+        for result in results:
+            if isinstance(result, Delivery):
+                self._pending_deliveries.append(result)
+            elif isinstance(result, HookWork):
+                self._ask_logic(result.target[:2])
+            else:
+                self._pending_actions.append(result)
 
     def _database_away(self, exc: BaseException, rest: list[tuple[float, Item]]) -> None:
         """Said once: events wait (here and in ejabberd, unacknowledged) until a commit
@@ -378,11 +375,7 @@ class PortApp:
                     service.store.undo_to(mark)
                     await asyncio.sleep(RETRY_MAX_S)  # asked again (the same answers, mostly)
                     continue
-                for result in actions:  # app-server pushes go after the commit, as in _feed
-                    if isinstance(result, Delivery):
-                        self._pending_deliveries.append(result)
-                    else:
-                        self._pending_actions.append(result)
+                self._collect(actions)
                 self._request_commit()
         except BaseException as exc:  # noqa: BLE001 - ends the process, as in data_received
             if not isinstance(exc, asyncio.CancelledError):

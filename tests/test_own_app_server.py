@@ -282,8 +282,14 @@ def test_an_unanswered_request_fails_in_time_and_the_writes_are_coalesced(
         server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         server_context.load_cert_chain(ca.certfile, ca.keyfile)
         server_context.set_alpn_protocols(["h2"])
-        silent = await asyncio.start_server(lambda r, w: r.read(), "127.0.0.1", 0,
-                                            ssl=server_context)
+        peers: list[asyncio.StreamWriter] = []  # kept: a writer collected closes (3.13)
+
+        async def silent_peer(reader: asyncio.StreamReader,
+                              writer: asyncio.StreamWriter) -> None:
+            peers.append(writer)
+            await reader.read()
+
+        silent = await asyncio.start_server(silent_peer, "127.0.0.1", 0, ssl=server_context)
         port = silent.sockets[0].getsockname()[1]
         client = Http2Client(ssl.create_default_context(cafile=str(ca.cafile)), timeout=0.5)
         connection = await client._connection("127.0.0.1", port)

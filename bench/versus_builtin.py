@@ -336,6 +336,14 @@ def python_rss_with(registrations: int) -> float:
     return peak
 
 
+def per_message(runs: list[dict[str, dict[str, Any]]], phase: str) -> Counter[int]:
+    """How many messages got 0, 1, 2... pushes in that phase, over all rounds."""
+    counts: Counter[int] = Counter()
+    for run in runs:
+        counts.update(run[phase]["per_message"])
+    return counts
+
+
 def median_of(runs: list[dict[str, dict[str, Any]]], phase: str, key: str) -> float:
     return statistics.median(run[phase][key] for run in runs)
 
@@ -379,9 +387,7 @@ def main() -> None:
     for name, name_runs in runs.items():
         print(f"{name}:")
         for phase in phases:
-            counts: Counter[int] = Counter()
-            for run in name_runs:
-                counts.update(run[phase.name]["per_message"])
+            counts = per_message(name_runs, phase.name)
             exact = exact and set(counts) == {1}
             offered = median_of(name_runs, phase.name, "offered_per_s")
             served = median_of(name_runs, phase.name, "pushes_per_s")
@@ -450,9 +456,7 @@ def postgres_mode(args: argparse.Namespace) -> None:
     for name, name_runs in runs.items():
         print(f"{name}:")
         for phase in phases:
-            counts: Counter[int] = Counter()
-            for run in name_runs:
-                counts.update(run[phase.name]["per_message"])
+            counts = per_message(name_runs, phase.name)
             exact = exact and set(counts) == {1}
             print(f"  {phase.name:10} offered "
                   f"{median_of(name_runs, phase.name, 'offered_per_s'):>7,.0f}/s pushes/s "

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from . import __version__, logic
 from .protocol import Action, AdminCommand, CommandResult
+from .python_provider import ProviderError
 from .service import PushService
 
 log = logging.getLogger("pymod_push")
@@ -173,16 +174,25 @@ def _delete_old(service: PushService, info: ProcessInfo, args: tuple[str, ...],
 
 def _reload_logic(service: PushService, info: ProcessInfo, args: tuple[str, ...],
                   now: float) -> Result:
-    """The 'logic' module read again; if it does not import or fails its trial calls,
-    the running one stays (and says why)."""
+    """The 'logic' module and the Python providers' modules read again, all or none: if
+    one does not import or fails its checks, the running ones stay (and it says why)."""
     spec = service.config.logic
+    python = service.app_server.python_providers
+    if not spec and not python.backends:
+        raise CommandError("no 'logic' module and no python provider is configured")
     try:
-        new = logic.load_checked(spec)
-    except logic.LogicError as error:
-        log.error("push logic %s not reloaded: %s; the running one stays", spec, error)
-        raise CommandError(f"push logic {spec} not reloaded: {error}; the running one "
-                           "stays") from error
-    service.use_logic(new)
-    functions = ", ".join(n for n in logic.FUNCTIONS if new.has(n)) or "no functions"
-    log.info("push logic %s reloaded: %s", spec, functions)
-    return f"push logic {spec} reloaded: {functions}", []
+        new = logic.load_checked(spec) if spec else None
+        reloaded = python.reload()
+    except (logic.LogicError, ProviderError) as error:
+        what = f"push logic {spec}" if isinstance(error, logic.LogicError) else "push logic"
+        log.error("%s not reloaded: %s; the running one stays", what, error)
+        raise CommandError(f"{what} not reloaded: {error}; the running one stays") from error
+    said = []
+    if new is not None:
+        service.use_logic(new)
+        functions = ", ".join(n for n in logic.FUNCTIONS if new.has(n)) or "no functions"
+        said.append(f"push logic {spec} reloaded: {functions}")
+    if reloaded:
+        said.append(f"python providers reloaded: {', '.join(reloaded)}")
+    log.info("%s", "; ".join(said))
+    return "; ".join(said), []

@@ -6,6 +6,7 @@ through :class:`Delivery` items that the port loop hands to providers/.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import xml.etree.ElementTree as ET
@@ -21,6 +22,7 @@ from .logic import Device as LogicDevice
 from .logic import Logic
 from .protocol import PublishReply, Route
 from .providers import Outcome
+from .python_provider import PythonProviders
 from .store import Device, QueuedPush, Store
 
 log = logging.getLogger("pymod_push")
@@ -95,10 +97,13 @@ def error_reply(ref: int, error: RequestError) -> PublishReply:
 class AppServer:
     def __init__(self, config: Config, store: Store,
                  clock: Callable[[], float] = time.monotonic,
-                 logic: Logic | None = None) -> None:
+                 logic: Logic | None = None,
+                 python_providers: PythonProviders | None = None) -> None:
         self.config = config
         self.store = store
         self.logic = logic or Logic()
+        # Providers written in Python: what their devices register (see _command).
+        self.python_providers = python_providers or PythonProviders()
         # For the rate limit only; monotonic, so that a step of the wall clock neither
         # refills nor freezes budgets. Tests pass their own.
         self._clock = clock
@@ -171,15 +176,26 @@ class AppServer:
             log.info("app server: %s unregistered %d device(s)", user, len(removed))
             form = app.result_form([("nodes", removed, "list-multi")])
             return app.command_reply(iq, command, "completed", form)
-        group = app.REGISTER_COMMANDS.get(command.node)
+        group = app.command_group(command.node, backends)
         candidates = [b for b in backends if b.group == group]
         if group is None or not candidates:
             raise RequestError("item-not-found", f"no command {command.node!r} here", "cancel")
-        if command.fields is None:  # a generic client asks for the form first
-            return app.command_reply(iq, command, "executing", app.registration_form(group))
-        wanted = app.form_value(command.fields, "application-name")
+        wanted = app.form_value(command.fields or {}, "application-name")
         backend = next((b for b in candidates if b.app_name == wanted), candidates[0])
-        request = app.parse_registration(command, iq, backend)
+        python = None
+        if backend.type == "python":
+            python = self.python_providers.get(backend.index)
+            if python is None:
+                raise RequestError("service-unavailable", "this push provider cannot be used "
+                                   "now (see the server's log)", "wait")
+        if command.fields is None:  # a generic client asks for the form first
+            return app.command_reply(iq, command, "executing", app.registration_form(
+                group, python.fields if python is not None else None))
+        request = app.parse_registration(command, iq, backend,
+                                         python.fields if python is not None else ())
+        extra = ""
+        if python is not None:  # the module checks what was registered
+            extra = json.dumps(python.registration(dict(request.extra)), sort_keys=True)
         again = any(d.device_id == request.device_id and d.provider == backend.group
                     and d.app_name == backend.app_name for d in self.store.devices_of(user))
         if not again:  # registering a device again replaces it: that does not count
@@ -188,7 +204,7 @@ class AppServer:
         device = Device(app.new_node(), app.new_secret(), user, request.device_id,
                         request.device_name, backend.group, backend.app_name,
                         backend.pubsub_host, request.token, request.application_id,
-                        request.p256dh, request.auth, request.voip_token)
+                        request.p256dh, request.auth, request.voip_token, extra)
         self.store.add_device(device)
         log.info("app server: %s registered device %r at %s (%s)", user, device.device_id,
                  backend.group, backend.app_name)

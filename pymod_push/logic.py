@@ -239,11 +239,11 @@ class LogicError(Exception):
 FUNCTIONS = ("should_push", "summary", "provider_data")
 
 
-def _import(spec: str, fresh: bool) -> ModuleType:
-    """The module by file path or import name; fresh: a new module object even if it was
-    imported before (a failed reload must not touch the one in use)."""
+def import_admin_module(spec: str, fresh: bool, name: str = "pymod_push_logic") -> ModuleType:
+    """The module by file path (named ``name``) or import name; fresh: a new module object
+    even if it was imported before (a failed reload must not touch the one in use)."""
     if spec.endswith(".py"):
-        module_spec = importlib.util.spec_from_file_location("pymod_push_logic", spec)
+        module_spec = importlib.util.spec_from_file_location(name, spec)
     elif fresh:
         module_spec = importlib.util.find_spec(spec)
     else:
@@ -261,7 +261,7 @@ def load(spec: str | None) -> Logic:
     if not spec:
         return Logic()
     try:
-        module = _import(spec, fresh=False)
+        module = import_admin_module(spec, fresh=False)
     except Exception as exc:  # noqa: BLE001 - a broken module must not stop pushes
         log.error("push logic %s could not be loaded (%s: %s); the defaults are used",
                   spec, type(exc).__name__, exc)
@@ -286,7 +286,7 @@ def load_checked(spec: str | None) -> Logic:
     if not spec:
         raise LogicError("no 'logic' module is configured")
     try:
-        module = _import(spec, fresh=True)
+        module = import_admin_module(spec, fresh=True)
     except BaseException as exc:  # noqa: BLE001 - SyntaxError, SystemExit, anything
         raise LogicError(f"it does not import ({type(exc).__name__}: {exc})") from exc
     trials: dict[str, tuple[type, tuple[Any, ...]]] = {

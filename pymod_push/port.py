@@ -407,7 +407,8 @@ class PortApp:
         self.service = PushService(config, self._store, logic.load(config.logic))
         self._last_batch = self._store.last_batch(config.ejabberd_node, config.host)
         self._dispatcher = Dispatcher(config, self._store, self._device_gone, self._route,
-                                      self._answered_in_process)
+                                      self._answered_in_process,
+                                      self.service.app_server.python_providers)
         self._dispatcher.logic = self._current_logic
         self._dispatcher.resume(self.service.app_server.queued_deliveries())
         self._write(frame(hello_reply(info)))

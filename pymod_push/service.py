@@ -70,6 +70,7 @@ from .protocol import (
     UserKey,
     UserRemoved,
 )
+from .python_provider import PythonProviders
 from .store import DatabaseUnavailable, OutboxEntry, Registration, Store
 
 log = logging.getLogger("pymod_push")
@@ -179,7 +180,8 @@ class PushService:
             self._pushed.setdefault(session, PushedTo(time.time())).marks.add(mark)
         self.logic = logic or Logic()
         self.logic.budget_s = config.logic_budget_ms / 1000
-        self.app_server = AppServer(config, store, logic=self.logic)
+        self.app_server = AppServer(config, store, logic=self.logic,
+                                    python_providers=PythonProviders(config.backends))
         # Notifications waiting for the admin's async push logic, per user, in order.
         self._hook_queues: dict[UserKey, collections.deque[HookWork]] = {}
         for work_id, target, stanza in store.hook_work(config.ejabberd_node):

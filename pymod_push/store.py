@@ -144,6 +144,11 @@ MIGRATIONS: tuple[str, ...] = (
         ejabberd_node TEXT NOT NULL
     );
     """,
+    # version 10: what a device registered at a provider written in Python (its declared
+    # fields, JSON), see python_provider.py
+    """
+    ALTER TABLE devices ADD COLUMN extra TEXT NOT NULL DEFAULT '';
+    """,
 )
 
 
@@ -213,10 +218,11 @@ class Device:
     p256dh: str = ""
     auth: str = ""
     voip_token: str = ""  # APNs PushKit token, used for urgent pushes where configured
+    extra: str = ""  # a Python provider's registration fields, JSON (python_provider.py)
 
 
 _DEVICE_COLUMNS = ("node, secret, user, device_id, device_name, provider, app_name, "
-                   "pubsub_host, token, application_id, p256dh, auth, voip_token")
+                   "pubsub_host, token, application_id, p256dh, auth, voip_token, extra")
 _COLUMNS = ("user, server, resource, push_jid, node, publish_options, errors, "
             "message_count, subscription_count, last_error_at")
 _COLUMN_COUNT = _COLUMNS.count(",") + 1
@@ -476,11 +482,12 @@ class Store:
             (device.user, device.device_id, device.provider, device.app_name))]
         self.db.executemany("DELETE FROM devices WHERE node=?", [(n,) for n in replaced])
         self.db.execute(f"INSERT INTO devices ({_DEVICE_COLUMNS}, created_at) VALUES "
-                        "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (device.node, device.secret, device.user, device.device_id,
                          device.device_name, device.provider, device.app_name,
                          device.pubsub_host, device.token, device.application_id,
-                         device.p256dh, device.auth, device.voip_token, time.time()))
+                         device.p256dh, device.auth, device.voip_token, device.extra,
+                         time.time()))
         return replaced
 
     def device(self, node: str) -> Device | None:

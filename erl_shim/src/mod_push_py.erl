@@ -226,7 +226,14 @@ mod_opt_type(backends) ->
     econf:list(
       econf:and_then(
         econf:options(
-          #{type => econf:enum([apns, fcm, gcm, webpush, mozilla, ubuntu, wns]),
+          (backend_options())#{'_' => econf:any()},  % a python provider's own options
+          [{required, [type, register_host, pubsub_host]}, {return, map}, unique]),
+        fun check_backend/1)).
+
+backend_options() ->
+          #{type => econf:enum([apns, fcm, gcm, webpush, mozilla, ubuntu, wns, python]),
+            module => econf:binary(),
+            name => econf:binary("^[a-z0-9][a-z0-9_-]*$"),
             app_name => econf:binary(),
             register_host => econf:domain(),
             pubsub_host => econf:domain(),
@@ -244,13 +251,32 @@ mod_opt_type(backends) ->
             vapid_private_key_file => econf:file(read),
             vapid_subject => econf:binary(),
             endpoint => econf:url(),
-            cafile => econf:file(read)},
-          [{required, [type, register_host, pubsub_host]}, {return, map}, unique]),
-        fun check_backend/1)).
+            cafile => econf:file(read)}.
 
+%% A provider written in Python takes options of its own; it is named after its
+%% module unless it says otherwise (Python derives the same name), and its
+%% register-push-Name command must not shadow a shipped one.
+check_backend(#{type := python, module := Module} = Backend) ->
+    Base = filename:basename(Module),
+    Name = maps:get(name, Backend, case filename:extension(Base) of
+                                       <<".py">> -> filename:rootname(Base);
+                                       _ -> lists:last(binary:split(Base, <<".">>, [global]))
+                                   end),
+    case lists:member(Name, [<<"apns">>, <<"fcm">>, <<"gcm">>, <<"webpush">>,
+                             <<"mozilla">>, <<"ubuntu">>, <<"wns">>]) of
+        true -> yconf:fail(yconf, {bad_enum, [python_provider_name], binary_to_atom(Name)});
+        false -> maps:merge(#{app_name => <<"any">>}, Backend#{name => Name})
+    end;
+check_backend(#{type := python}) ->
+    yconf:fail(yconf, {missing_option, module});
 %% What each provider needs besides the common options; 'app_name: any' is only
 %% for types that need no developer credentials.
 check_backend(#{type := Type} = Backend) ->
+    case [Opt || Opt <- maps:keys(Backend), not maps:is_key(Opt, backend_options())] of
+        [] -> ok;
+        [Unknown | _] -> yconf:fail(yconf, {unknown_option, maps:keys(backend_options()),
+                                            Unknown})
+    end,
     Needed = case Type of
                  apns -> case maps:is_key(key_file, Backend) of
                              true -> [key_id, team_id];
@@ -507,7 +533,11 @@ mod_doc() ->
                          "'service_account_file', 'project_id' (FCM); "
                          "'vapid_private_key_file', 'vapid_subject' (Web Push); "
                          "'auth_key', 'package_sid' (WNS); and for all 'endpoint' "
-                         "and 'cafile'. The default is '[]'.")}}]}.
+                         "and 'cafile'. A backend of type 'python' is a provider "
+                         "written in Python: 'module' (import name or .py file), "
+                         "'name' (its register-push-NAME command; default: the "
+                         "module's name), 'timeout' (seconds) and any options of "
+                         "its own. The default is '[]'.")}}]}.
 
 %%%===================================================================
 %%% The IQ handler and hooks (run in c2s and router processes)
@@ -741,10 +771,10 @@ own_host_commands(Host, _Lang) ->
     case Backends of
         [] -> [];
         _ ->
-            Types = lists:usort([command_type(T) || #{type := T} <- Backends]),
+            Types = lists:usort([command_type(B) || B <- Backends]),
             Apps = fun(Group) ->
-                           Names = [N || #{type := T, app_name := N} <- Backends,
-                                         command_type(T) == Group],
+                           Names = [N || #{app_name := N} = B <- Backends,
+                                         command_type(B) == Group],
                            lists:join(<<", ">>, lists:usort(Names))
                    end,
             [{<<"register-push-", Alias/binary>>,
@@ -754,16 +784,18 @@ own_host_commands(Host, _Lang) ->
                     {<<"unregister-push">>, <<"Unregister push devices">>}]
     end.
 
-command_type(gcm) -> fcm;
-command_type(mozilla) -> webpush;
-command_type(Type) -> Type.
+command_type(#{type := python, name := Name}) -> {python, Name};
+command_type(#{type := gcm}) -> fcm;
+command_type(#{type := mozilla}) -> webpush;
+command_type(#{type := Type}) -> Type.
 
 command_aliases(apns) -> [{<<"apns">>, <<"APNs">>}];
 command_aliases(fcm) -> [{<<"fcm">>, <<"FCM">>}, {<<"gcm">>, <<"FCM (gcm)">>}];
 command_aliases(webpush) -> [{<<"webpush">>, <<"Web Push">>},
                              {<<"mozilla">>, <<"Web Push (mozilla)">>}];
 command_aliases(ubuntu) -> [{<<"ubuntu">>, <<"Ubuntu Push">>}];
-command_aliases(wns) -> [{<<"wns">>, <<"WNS">>}].
+command_aliases(wns) -> [{<<"wns">>, <<"WNS">>}];
+command_aliases({python, Name}) -> [{Name, Name}].
 
 remove_user(LUser, LServer) ->
     send_event(LServer, {user_removed, {LUser, LServer}}).

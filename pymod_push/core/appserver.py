@@ -72,6 +72,7 @@ class DeviceRegistration:
     p256dh: str = ""
     auth: str = ""
     voip_token: str = ""  # APNs: the app's PushKit token, for urgent pushes (calls)
+    extra: tuple[tuple[str, str], ...] = ()  # a Python provider's declared fields
 
 
 def parse_iq(xml: bytes) -> Iq:
@@ -151,12 +152,27 @@ def command_reply(iq: Iq, command: Command, status: str, form: str = "",
                             f"{form}</command>")
 
 
-def registration_form(group: str) -> str:
-    """The form a client fills for register-push-*, for clients that ask first."""
+def command_group(node: str, backends: Iterable[Backend]) -> str | None:
+    """The provider a register-push-* command registers at (a Python provider: its name)."""
+    if node in REGISTER_COMMANDS:
+        return REGISTER_COMMANDS[node]
+    name = node.removeprefix("register-push-")
+    if name != node and any(b.type == "python" and b.group == name for b in backends):
+        return name
+    return None
+
+
+def registration_form(group: str, declared: dict[str, str] | None = None) -> str:
+    """The form a client fills for register-push-*, for clients that ask first (declared:
+    a Python provider's fields, var -> label)."""
     fields = {"webpush": ["endpoint", "p256dh", "auth"], "ubuntu": ["token", "application-id"],
               "apns": ["token", "voip-token"]}
-    wanted = fields.get(group, ["token"]) + ["device-id", "device-name"]
-    inner = "".join(f"<field var={quoteattr(name)} type='text-single'/>" for name in wanted)
+    wanted = (list(declared) if declared is not None else fields.get(group, ["token"])
+              ) + ["device-id", "device-name"]
+    labels = declared or {}
+    inner = "".join(f"<field var={quoteattr(name)} type='text-single'"
+                    + (f" label={quoteattr(labels[name])}/>" if name in labels else "/>")
+                    for name in wanted)
     return (f"<x xmlns='{NS_DATA}' type='form'><title>Push registration</title>"
             f"{inner}</x>")
 
@@ -189,11 +205,17 @@ def _b64url(value: str, name: str) -> str:
     return value
 
 
-def parse_registration(command: Command, iq: Iq, backend: Backend) -> DeviceRegistration:
+def parse_registration(command: Command, iq: Iq, backend: Backend,
+                       declared: Iterable[str] = ()) -> DeviceRegistration:
+    """What a register command asks for (declared: a Python provider's fields, whose
+    values its module checks)."""
     fields = command.fields or {}
     device_id = form_value(fields, "device-id") or iq.sender_resource
     device_name = form_value(fields, "device-name")
     group = backend.group
+    if backend.type == "python":
+        return DeviceRegistration(backend, device_id, device_name, "", extra=tuple(
+            (name, form_value(fields, name)) for name in declared))
     if group == "webpush":
         endpoint = form_value(fields, "endpoint") or form_value(fields, "token")
         if not endpoint.startswith(("https://", "http://")):
@@ -347,7 +369,9 @@ def command_items(backends: list[Backend]) -> list[tuple[str, str]]:
     for backend in backends:
         groups.setdefault(backend.group, []).append(backend.app_name)
     items = []
-    for node, group in REGISTER_COMMANDS.items():
+    python = sorted({b.group for b in backends if b.type == "python"})
+    for node, group in [*REGISTER_COMMANDS.items(),
+                        *((f"register-push-{name}", name) for name in python)]:
         if group in groups:
             apps = ", ".join(sorted(set(groups[group])))
             items.append((node, f"Register at {node.removeprefix('register-push-')} ({apps})"))

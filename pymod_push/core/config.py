@@ -20,12 +20,30 @@ COMMAND_GROUPS = {"apns": "apns", "fcm": "fcm", "gcm": "fcm", "webpush": "webpus
                   "mozilla": "webpush", "ubuntu": "ubuntu", "wns": "wns"}
 
 
+def _plain(value: Any) -> Any:
+    """A free-form option (a Python provider's) as YAML meant it: text, numbers, booleans,
+    lists, and mappings (yconf hands those over as lists of pairs)."""
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    if isinstance(value, (bool, int, float)):
+        return value
+    if isinstance(value, dict):
+        return {_text(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        if value and all(isinstance(v, tuple) and len(v) == 2 for v in value):
+            return {_text(k): _plain(v) for k, v in value}
+        return [_plain(v) for v in value]
+    return str(value)
+
+
 @dataclass(frozen=True)
 class Backend:
     """One app-server backend from the 'backends' option."""
 
     index: int
-    type: str  # as configured: apns | fcm | gcm | webpush | mozilla | ubuntu | wns
+    # as configured: apns | fcm | gcm | webpush | mozilla | ubuntu | wns | python (a
+    # provider written in Python: see pymod_push/python_provider.py)
+    type: str
     app_name: str
     register_host: str
     pubsub_host: str
@@ -33,7 +51,11 @@ class Backend:
 
     @property
     def group(self) -> str:
-        """The provider this backend talks to (gcm is FCM, mozilla is Web Push)."""
+        """The provider this backend talks to (gcm is FCM, mozilla is Web Push; a Python
+        provider by its name): devices are stored under it, and register-push-GROUP is
+        its registration command."""
+        if self.type == "python":
+            return str(self.options["name"])
         return COMMAND_GROUPS[self.type]
 
     def option(self, name: str, default: str | None = None) -> str | None:
@@ -41,11 +63,20 @@ class Backend:
         return default if value is None else value
 
 
+def default_name(module: str) -> str:
+    """A Python provider's name when its backend gives none: its module's (a file's name
+    without .py, an import name's last part). The shim derives the same."""
+    base = module.rsplit("/", 1)[-1]
+    return base.removesuffix(".py") if base.endswith(".py") else base.rsplit(".", 1)[-1]
+
+
 def _backend(index: int, raw: dict[Any, Any], certfile: str | None) -> Backend:
-    values = {str(k): (_text(v) if isinstance(v, bytes) else v) for k, v in raw.items()}
+    values = {str(k): _plain(v) for k, v in raw.items()}
     options = {k: v for k, v in values.items()
                if k not in ("type", "app_name", "register_host", "pubsub_host")}
-    if certfile and "certfile" not in options:
+    if values["type"] == "python" and "name" not in options:
+        options["name"] = default_name(str(options.get("module", "")))
+    if certfile and "certfile" not in options and values["type"] != "python":
         options["certfile"] = certfile
     return Backend(index, str(values["type"]), str(values.get("app_name", "any")),
                    str(values["register_host"]), str(values["pubsub_host"]), options)

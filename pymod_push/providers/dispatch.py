@@ -11,6 +11,7 @@ import ssl
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
+from types import MappingProxyType
 
 from ..appservice import Delivery, publish_answer, publish_reply
 from ..core.config import Backend, Config
@@ -18,6 +19,7 @@ from ..logic import Device as LogicDevice
 from ..logic import Logic
 from ..metrics import Histogram
 from ..protocol import PublishReply
+from ..python_provider import PushDevice, PythonProviders, device_fields
 from ..store import QueuedPush, Store
 from . import HttpRequest, Outcome, Provider, Reply
 from .apns import Apns
@@ -60,7 +62,8 @@ class Dispatcher:
 
     def __init__(self, config: Config, store: Store, device_gone: Callable[[str], None],
                  route: Callable[[str], None],
-                 answer: Callable[[PublishReply], None] | None = None) -> None:
+                 answer: Callable[[PublishReply], None] | None = None,
+                 python_providers: PythonProviders | None = None) -> None:
         self._store = store
         self._node = config.ejabberd_node
         self._log_sensitive = config.log_sensitive
@@ -77,11 +80,16 @@ class Dispatcher:
         self._clients: dict[int, Http2Client] = {}
         self._in_flight: dict[int, asyncio.Semaphore] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        # Providers written in Python (backends of type python), reloadable
+        self._python = python_providers or PythonProviders()
         # (provider, outcome) -> pushes; outcomes: delivered, unregistered, failed,
         # given_up (retries used up), dropped (backend unusable), retried (attempts)
         self.counters: Counter[tuple[str, str]] = Counter()
         self.latency: defaultdict[str, Histogram] = defaultdict(Histogram)  # per provider
         for backend in config.backends:
+            if backend.type == "python":
+                self._in_flight[backend.index] = asyncio.Semaphore(MAX_IN_FLIGHT)
+                continue
             try:
                 provider = PROVIDERS[backend.group](backend)
                 client = Http2Client(tls_context(backend, provider.client_certificate))
@@ -107,10 +115,9 @@ class Dispatcher:
 
     async def _send(self, delivery: Delivery, queued: QueuedPush | None) -> None:
         index = delivery.backend.index
-        provider, client = self._providers.get(index), self._clients.get(index)
         device = delivery.device
-        where = f"{device.user} device {device.device_id!r} via {delivery.backend.type}"
-        if provider is None or client is None:
+        where = f"{device.user} device {device.device_id!r} via {delivery.backend.group}"
+        if index not in self._in_flight:
             self.counters[(delivery.backend.group, "dropped")] += 1
             log.warning("push for %s dropped: its backend is not available", where)
             if queued is None:
@@ -124,23 +131,10 @@ class Dispatcher:
                             device.device_name), delivery.summary))
         group = delivery.backend.group
         while True:
-            headers: dict[str, str] = {}
-            try:
-                async with self._in_flight[index]:
-                    auth = provider.auth_request(time.time())
-                    if auth is not None:  # an OAuth token first
-                        await self._authorize(provider, client, auth)
-                    request = provider.request(device, delivery.summary, time.time(),
-                                               urgent=delivery.urgent)
-                    if self._log_sensitive:  # the admin asked for it (option log_sensitive)
-                        log.debug("%s %s %s", request.method, request.url, request.body[:2000])
-                    started = time.perf_counter()
-                    response = await _send(client, request)
-                    self.latency[group].observe(time.perf_counter() - started)
-                headers = response.headers
-                reply = provider.reply(response.status_code, headers, response.content)
-            except (HttpError, ValueError, KeyError) as exc:
-                reply = Reply(Outcome.RETRY, type(exc).__name__)
+            async with self._in_flight[index]:
+                started = time.perf_counter()
+                reply, headers = await self._attempt(delivery)
+                self.latency[group].observe(time.perf_counter() - started)
             now = time.time()
             if queued is None:  # the first attempt: answer the publish
                 if reply.outcome is Outcome.RETRY:
@@ -165,6 +159,33 @@ class Dispatcher:
             self._store.commit()
             log.info("push to %s deferred (%s), retrying in %.0f s", where, reply.reason, delay)
             await asyncio.sleep(delay)
+
+    async def _attempt(self, delivery: Delivery) -> tuple[Reply, dict[str, str]]:
+        """One try at the provider: its answer, and the response's headers (Retry-After)."""
+        index, device = delivery.backend.index, delivery.device
+        if delivery.backend.type == "python":
+            python = self._python.get(index)
+            if python is None:  # its module failed to load: kept until a reload fixes it
+                return Reply(Outcome.RETRY, "its module is not loaded"), {}
+            seen = PushDevice(device.user, device.device_id, device.device_name,
+                              device.app_name, device.node,
+                              MappingProxyType(device_fields(device.extra)))
+            return await python.deliver(seen, delivery.summary, delivery.urgent,
+                                        self._log_sensitive), {}
+        provider, client = self._providers[index], self._clients[index]
+        try:
+            auth = provider.auth_request(time.time())
+            if auth is not None:  # an OAuth token first
+                await self._authorize(provider, client, auth)
+            request = provider.request(device, delivery.summary, time.time(),
+                                       urgent=delivery.urgent)
+            if self._log_sensitive:  # the admin asked for it (option log_sensitive)
+                log.debug("%s %s %s", request.method, request.url, request.body[:2000])
+            response = await _send(client, request)
+        except (HttpError, ValueError, KeyError) as exc:
+            return Reply(Outcome.RETRY, type(exc).__name__), {}
+        return provider.reply(response.status_code, response.headers,
+                              response.content), response.headers
 
     def _answer_publish(self, delivery: Delivery, outcome: Outcome) -> None:
         if delivery.ref is not None:

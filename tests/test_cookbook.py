@@ -3,6 +3,7 @@ service as the server would run it (pymod-push logic check's machinery)."""
 
 from __future__ import annotations
 
+import asyncio
 import http.server
 import json
 import re
@@ -13,6 +14,10 @@ from pathlib import Path
 import pytest
 
 from pymod_push import logic_check
+from pymod_push.core.config import Backend
+from pymod_push.core.xep0357 import RequestError
+from pymod_push.providers import Outcome
+from pymod_push.python_provider import PushDevice, load_provider
 from tests.test_logic_check import payload_sizes, sections
 
 COOKBOOK = Path(__file__).resolve().parent.parent / "examples" / "cookbook"
@@ -104,3 +109,50 @@ def test_quiet_hours_from_an_http_service(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv("PYMOD_PUSH_QUIET_HOURS_URL", f"http://127.0.0.1:{server.server_port}/q")
     down = checked("quiet_hours.py", "romeo@example.org")  # nobody answers: the defaults
     assert "decision: push (without the module: push)" in down["chat message"]
+
+
+def test_calls_by_sms_through_a_gateway() -> None:
+    """The recipe is a provider written in Python: registrations need an E.164 number;
+    only urgent pushes (calls) reach the gateway, one per number and minute; a busy gateway
+    means a retry."""
+    texts: list[dict[str, str]] = []
+    statuses = [503]
+
+    class Gateway(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            texts.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
+            self.send_response(statuses.pop() if statuses else 200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Gateway)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    backend = Backend(0, "python", "any", "localhost", "pubsub.localhost", {
+        "module": str(COOKBOOK / "missed_calls.py"), "name": "sms",
+        "url": f"http://127.0.0.1:{server.server_port}/send", "token": "k"})
+    try:
+        provider = load_provider(backend)
+        assert provider.registration({"phone": "+33 6 12 34 56 78"}) == {"phone": "+33612345678"}
+        with pytest.raises(RequestError, match="E.164"):
+            provider.registration({"phone": "0612345678"})
+        device = PushDevice("juliet@example.org", "phone", "", "any", "n1",
+                            {"phone": "+33612345678"})
+        call = {"message-count": "1", "last-message-sender": "romeo@example.net/orchard",
+                "last-message-priority": "high", "last-message-body": "Incoming call"}
+
+        def deliver(summary: dict[str, str], urgent: bool) -> Outcome:
+            return asyncio.run(provider.deliver(device, summary, urgent)).outcome
+
+        assert deliver({"message-count": "2"}, False) is Outcome.DELIVERED
+        assert texts == []  # a message: nothing sent
+        assert deliver(call, True) is Outcome.RETRY  # the gateway is busy
+        assert deliver(call, True) is Outcome.DELIVERED
+        assert texts == [{"to": "+33612345678", "text": "Call from romeo@example.net on XMPP"}] * 2
+        assert deliver(call, True) is Outcome.DELIVERED  # again within the minute: no text
+        assert len(texts) == 2
+    finally:
+        server.shutdown()
+        server.server_close()

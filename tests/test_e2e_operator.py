@@ -29,7 +29,8 @@ COMMANDS = {"push_status": "Status of mod_push_py", "push_list": "List a user's 
             "push_delete": "Delete a user's push", "push_test": "Send a test push",
             "push_wake_all": "Wake every pending push session",
             "push_delete_old": "Delete push registrations enabled more than N days ago",
-            "push_reload_logic": "Load the push logic module (option logic) again"}
+            "push_reload_logic": ("Load the push logic module (option logic) and the "
+                                  "python providers again")}
 
 
 @pytest.fixture(scope="module")

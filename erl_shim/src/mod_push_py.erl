@@ -932,7 +932,8 @@ get_commands_spec() ->
      #ejabberd_commands{
         name = push_reload_logic, tags = [push], module = ?MODULE,
         function = push_reload_logic,
-        desc = "Load the push logic module (option logic) again",
+        desc = "Load the push logic module (option logic) and the python "
+               "providers again",
         longdesc = "Python reads the module again and tries each of its functions once; "
                    "if it does not import or a trial fails, the running module stays and "
                    "the answer (and the log) says why.",

@@ -63,6 +63,8 @@ def test_migrations_apply_once_and_reopening_keeps_everything(opener: Opener) ->
     first.set_user_options(("alice", "example.org"), PushOptions(True, False, True, False))
     first.add_device(Device("node-1", "secret", "alice@example.org", "d1", "Phone", "apns",
                             "app", "pubsub.example.org", "ab" * 32, voip_token="cd" * 32))
+    first.add_device(Device("node-2", "secret", "alice@example.org", "d1", "", "webhook",
+                            "any", "pubsub.example.org", "", extra='{"channel": "c-1"}'))
     first.commit()
     first.close()
     again = opener()
@@ -71,6 +73,8 @@ def test_migrations_apply_once_and_reopening_keeps_everything(opener: Opener) ->
     assert again.user_options(("alice", "example.org")) == PushOptions(True, False, True, False)
     device = again.device("node-1")
     assert device is not None and device.voip_token == "cd" * 32 and device.device_name == "Phone"
+    python = again.device("node-2")  # a Python provider's registration fields
+    assert python is not None and python.extra == '{"channel": "c-1"}' and device.extra == ""
 
 
 def test_registrations_enable_replace_disable_counts_and_errors(opener: Opener) -> None:

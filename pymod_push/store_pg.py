@@ -76,12 +76,31 @@ def translate(sql: str) -> str:
 class Statement(NamedTuple):
     text: str  # PostgreSQL's dialect
     is_read: bool
+    tables: frozenset[str]  # every table it names
+    # Rows of a plain INSERT, or single-key DELETEs, of one table can go as one statement
+    # (see _merged): the SQL before the rows' values, and how each row's values are
+    # written in it (a format with {}); "" when the statement cannot be merged. The key
+    # column: the INSERT's first, the DELETE's.
+    merged_head: str = ""
+    merged_row: str = ""
+    key_column: str = ""
+
+
+_TABLES = re.compile(r"\b(?:FROM|INTO|UPDATE|JOIN)\s+(\w+)", re.IGNORECASE)
+_PLAIN_INSERT = re.compile(r"(INSERT INTO \w+ \((\w+)[^)]*\) VALUES )\(\$1(?:, \$\d+)*\)")
+_DELETE_BY_KEY = re.compile(r"(DELETE FROM \w+ WHERE (\w+))=\$1")
 
 
 @functools.lru_cache(maxsize=1024)
 def statement(sql: str) -> Statement:
     """Translated once per SQL text (Store's statements are few and fixed)."""
-    return Statement(translate(sql), sql.lstrip()[:6].upper() == "SELECT")
+    text = translate(sql)
+    tables = frozenset(name.lower() for name in _TABLES.findall(text))
+    if found := _PLAIN_INSERT.fullmatch(text):
+        return Statement(text, False, tables, found.group(1), "({})", found.group(2))
+    if found := _DELETE_BY_KEY.fullmatch(text):
+        return Statement(text, False, tables, found.group(1) + " IN (", "{}", found.group(2))
+    return Statement(text, sql.lstrip()[:6].upper() == "SELECT", tables)
 
 
 def literal(value: Any) -> str:
@@ -142,15 +161,47 @@ class Result:
 class Write:
     """A statement of the write log, its values already rendered."""
 
-    __slots__ = ("statement", "values", "notify")
+    __slots__ = ("statement", "values", "notify", "key")
 
-    def __init__(self, statement: Statement, values: str, notify: str | None = None) -> None:
+    def __init__(self, statement: Statement, values: str, notify: str | None = None,
+                 key: str = "") -> None:
         self.statement = statement
         self.values = values
         self.notify = notify  # the payload, for a notification
+        self.key = key  # its first value, rendered (see _merged)
 
 
 _NOTIFY = statement(f"SELECT pg_notify('{CHANNEL}', ?)")
+
+
+def _merged(writes: list[Write]) -> list[list[Write]]:
+    """The writes in groups that each go as one statement: the rows of a plain INSERT, or
+    of a DELETE by key, gathered while what comes between them cannot see or change them:
+    statements on other tables, and the other of the two on the same table and key column
+    for other keys (a push's outbox row is inserted while older ones are deleted). Any
+    other statement goes alone, after the groups it could see. About half of what a push
+    writes is such rows, and each statement costs the server far more than a row does."""
+    out: list[list[Write]] = []
+    gathering: dict[str, tuple[list[Write], set[str]]] = {}  # text -> rows, their keys
+    for write in writes:
+        query = write.statement
+        for text, (rows, keys) in list(gathering.items()):
+            other = rows[0].statement
+            if text == query.text or not other.tables & query.tables:
+                continue
+            if (query.merged_head and query.key_column == other.key_column
+                    and write.key not in keys):
+                continue  # other rows of the same table: either order is the same
+            out.append(rows)  # it could see them: they go first
+            del gathering[text]
+        if not query.merged_head:
+            out.append([write])
+            continue
+        rows, keys = gathering.setdefault(query.text, ([], set()))
+        rows.append(write)
+        keys.add(write.key)
+    out.extend(rows for rows, _ in gathering.values())
+    return out
 
 
 class PgConnection:
@@ -282,7 +333,8 @@ class PgConnection:
             self._send()  # the read sees this transaction's writes
             values = [int(a) if isinstance(a, bool) else a for a in args]
             return Result(self._call(lambda c: c.fetch(query.text, *values)))
-        write = Write(query, ", ".join(map(literal, args)))
+        rendered = [literal(a) for a in args]
+        write = Write(query, ", ".join(rendered), None, rendered[0] if rendered else "")
         self._log.append(write)
         return Result((), -1, (self, write))
 
@@ -337,7 +389,14 @@ class PgConnection:
         connection are prepared on the way (their names added to new)."""
         parts = [] if self._sent else ["BEGIN"]
         prepared = self._prepared
-        for write in writes:
+        for group in _merged(writes):
+            if len(group) > 1:  # one statement for all their rows
+                query = group[0].statement
+                parts.append(query.merged_head + ", ".join(
+                    query.merged_row.format(w.values) for w in group)
+                    + (")" if query.merged_row == "{}" else ""))
+                continue
+            (write,) = group
             text = write.statement.text
             name = prepared.get(text) or new.get(text)
             if name is None:

@@ -399,3 +399,86 @@ def test_notifications_waiting_for_the_logic_are_kept_per_node(opener: Opener) -
     again.remove_hook_work(1)
     again.commit()
     assert [w[0] for w in opener().hook_work("ejabberd@a")] == [2]
+
+
+def test_postgresql_rows_gathered_into_one_statement_change_what_one_by_one_would(
+        postgres: Any) -> None:
+    """The commit's script gathers INSERT rows and DELETEs by key per table (store_pg
+    _merged): random interleavings of the push path's writes (ids inserted, deleted and
+    inserted again within one commit) leave PostgreSQL as they leave SQLite."""
+    import random
+
+    pg, lite = open_store("", postgres.new_database()), Store(":memory:")
+    chance = random.Random(7)
+    phone = ("alice", "example.org", "phone")
+    key = registration().key
+    outbox: set[int] = set()
+    queue: set[int] = set()
+    try:
+        for store in (pg, lite):
+            store.enable(registration())
+            store.commit()
+        for _ in range(20):  # commits
+            ops: list[Callable[[Store], None]] = []
+            for _ in range(chance.randrange(1, 80)):
+                n = chance.randrange(12)  # few ids: the same id comes back in one commit
+                kind = chance.randrange(5)
+                if kind == 0 and n not in outbox:
+                    outbox.add(n)
+                    ops.append(lambda s, n=n: s.add_outbox(OutboxEntry(
+                        n, key, [("message-count", str(n))], 0, 1.0), "ejabberd@a"))
+                elif kind == 1:
+                    outbox.discard(n)
+                    ops.append(lambda s, n=n: s.remove_outbox(n))
+                elif kind == 2 and n not in queue:
+                    queue.add(n)
+                    ops.append(lambda s, n=n: s.queue_push(
+                        QueuedPush(n, "dev", {"n": str(n)}, 0, 1.0, 1.0), "ejabberd@a"))
+                elif kind == 3:
+                    queue.discard(n)
+                    ops.append(lambda s, n=n: s.remove_queued_push(n))
+                else:
+                    mark = chance.randrange(10**9)
+                    ops.append(lambda s, n=n, mark=mark: (s.add_pushed(mark, phone, n),
+                                                          s.set_errors(key, n, None)))
+            for store in (pg, lite):
+                for op in ops:
+                    op(store)
+                store.commit()
+        for query in ("SELECT id, summary FROM outbox", "SELECT id, summary FROM provider_queue",
+                      "SELECT errors FROM registrations", "SELECT id, mark FROM pushed"):
+            assert sorted(pg.db.execute(query).rows) == sorted(lite.db.execute(query)), query
+        assert len(pg.db.execute("SELECT id FROM outbox").rows) == len(outbox) > 0
+    finally:
+        pg.close()
+
+
+def test_postgresql_a_group_commit_of_pushes_is_few_statements() -> None:
+    """What 50 pushes write (their counts, the pushed log, the outbox) is 52 statements, not
+    150; an answered push's outbox row goes in one DELETE with the others."""
+    from pymod_push.store_pg import Write, _merged, statement
+
+    update = statement("UPDATE registrations SET message_count=? WHERE user=?")
+    pushed = statement("INSERT INTO pushed (id, user, server, resource, mark) VALUES "
+                       "(?, ?, ?, ?, ?)")
+    outbox = statement("INSERT INTO outbox (id, user) VALUES (?, ?)")
+    answered = statement("DELETE FROM outbox WHERE id=?")
+    writes = []
+    for n in range(50):
+        writes += [Write(update, f"'{n}', 'a'", None, f"'{n}'"),
+                   Write(pushed, f"'{n}', 'a', 's', 'r', '1'", None, f"'{n}'"),
+                   Write(outbox, f"'{n}', 'a'", None, f"'{n}'")]
+    groups = _merged(writes)
+    assert len(groups) == 52 and sorted(map(len, groups))[-2:] == [50, 50]
+    # Rows inserted while others are answered: one INSERT and one DELETE; a row deleted
+    # in the commit it was inserted in is inserted first, and inserted again after.
+    def insert(n: int) -> Write:
+        return Write(outbox, f"'{n}', 'a'", None, f"'{n}'")
+
+    def delete(n: int) -> Write:
+        return Write(answered, f"'{n}'", None, f"'{n}'")
+
+    groups = _merged([insert(1), delete(7), insert(2), delete(8), delete(1), insert(3),
+                      insert(1)])
+    assert [[w.key for w in g] for g in groups] == [
+        ["'1'", "'2'"], ["'7'", "'8'", "'1'"], ["'3'", "'1'"]]

@@ -14,13 +14,12 @@ import platform
 import struct
 import sys
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any, BinaryIO
 
-from . import __version__, admin, etf, logic, metrics
+from . import __version__, admin, etf, metrics
 from .appservice import Delivery
-from .core.config import Config
+from .hook_workers import HookWorkers
 from .protocol import (
     PROTOCOL_VERSION,
     Ack,
@@ -34,16 +33,15 @@ from .protocol import (
     ProtocolError,
     PublishReply,
     Route,
-    UserKey,
     action_term,
     hello_reply,
     parse_batch,
     parse_event,
     parse_hello,
 )
-from .providers.dispatch import Dispatcher
+from .runtime import Runtime, start
 from .service import PURGE_INTERVAL_S, HookWork, PushService
-from .store import DatabaseUnavailable, Store, open_store
+from .store import DatabaseUnavailable, Store
 
 log = logging.getLogger("pymod_push")
 MAX_FRAME = 64 * 1024 * 1024
@@ -122,17 +120,19 @@ def _raise(exc: BaseException) -> None:
 
 
 class PortApp:
-    """Everything between the frames and the push service."""
+    """The port edge: frames in, their events handled in order by the push service, one
+    group commit for many, then the actions, acknowledgement and provider pushes that the
+    commit made true; events held while the database is away. What the hello starts is
+    runtime.py's; async push logic is hook_workers.py's."""
 
     def __init__(self, write: Any) -> None:
         self._write = write
+        self.runtime: Runtime | None = None  # what the hello starts (runtime.py)
         self.service: PushService | None = None
         self._store: Store | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._dispatcher: Dispatcher | None = None
-        self._started = time.time()
-        self._events: Counter[str] = Counter()  # by kind, for metrics and push_status
         self._metrics: asyncio.Server | None = None
+        self._hook_workers: HookWorkers | None = None
         self._last_batch: tuple[int, int] | None = None  # (epoch, seq) committed last
         # What the next commit makes known: actions, app-server pushes, the acknowledgement.
         self._pending_actions: list[Action] = []
@@ -143,8 +143,6 @@ class PortApp:
         # deliveries, acknowledgement), None when no commit is under way.
         self._committing: tuple[list[Action], list[Delivery], int | None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # for the database's thread
-        # Per user, the task that asks the admin's async push logic (see _logic_worker).
-        self._logic_workers: dict[UserKey, asyncio.Task[None]] = {}
         self._last_commit = 0.0
         self._timers_from = 0.0  # time.monotonic() before which no timer fires
         # While the database is away: what is to be handled once it is back, in order
@@ -228,7 +226,8 @@ class PortApp:
             if isinstance(result, Delivery):
                 self._pending_deliveries.append(result)
             elif isinstance(result, HookWork):
-                self._ask_logic(result.target[:2])
+                assert self._hook_workers is not None
+                self._hook_workers.ask(result.target[:2])
             else:
                 self._pending_actions.append(result)
 
@@ -331,8 +330,8 @@ class PortApp:
         self._flush(actions)
         self._last_commit = time.monotonic()
         for delivery in deliveries:  # after the commit: the publish was answered first
-            assert self._dispatcher is not None
-            self._dispatcher.submit(delivery)
+            assert self.runtime is not None
+            self.runtime.dispatcher.submit(delivery)
         if self._held is not None:
             held, self._held = self._held, None
             self._retry_s = RETRY_FIRST_S
@@ -343,46 +342,10 @@ class PortApp:
                         "sent: ejabberd answered them with an error meanwhile, their "
                         "publishers try again" if self._late_iqs else "")
 
-    # ------------------------------------------------------- async push logic
-    def _ask_logic(self, user: UserKey) -> None:
-        """The user's notifications waiting for the admin's async functions get a worker
-        (one per user: their order is kept; other users' do not wait)."""
-        if user not in self._logic_workers:
-            self._logic_workers[user] = asyncio.get_running_loop().create_task(
-                self._logic_worker(user))
-
-    async def _logic_worker(self, user: UserKey) -> None:
-        assert self.service is not None
-        service = self.service
-        try:
-            while (work := service.waiting_for_logic(user)) is not None:
-                if self._held is not None:  # the database is away: after it is back
-                    await asyncio.sleep(RETRY_MAX_S)
-                    continue
-                try:
-                    call = service.hook_call(work)
-                except DatabaseUnavailable:
-                    await asyncio.sleep(RETRY_MAX_S)
-                    continue
-                answers = (await service.logic.decide(call.message, call.cases)
-                           if call.message is not None else [])
-                if len(answers) != len(call.cases):
-                    answers = [(False, None)] * len(call.cases)
-                mark = service.store.write_mark()
-                try:
-                    actions = service.finish_hooks(call, answers, time.time())
-                except DatabaseUnavailable:
-                    service.store.undo_to(mark)
-                    await asyncio.sleep(RETRY_MAX_S)  # asked again (the same answers, mostly)
-                    continue
-                self._collect(actions)
-                self._request_commit()
-        except BaseException as exc:  # noqa: BLE001 - ends the process, as in data_received
-            if not isinstance(exc, asyncio.CancelledError):
-                self.on_fatal(exc)
-            raise
-        finally:
-            self._logic_workers.pop(user, None)
+    def _hooks_done(self, results: Sequence[Action | Delivery | HookWork]) -> None:
+        """A notification the admin's async push logic decided (hook_workers.py)."""
+        self._collect(results)
+        self._request_commit()
 
     def _already_handled(self, batch: Batch) -> bool:
         """A batch the shim sends again after a crash whose effects were committed."""
@@ -400,46 +363,30 @@ class PortApp:
                       "pymod_push %s speaks %d", hello.version, __version__, PROTOCOL_VERSION)
             self._write(frame(hello_reply(info)))
             raise SystemExit(3)
-        config = Config.from_options(hello.host, hello.options)
         self._reply_timeout_s = int(hello.options.get("reply_timeout", 5000)) / 1000
         logging.getLogger().setLevel(python_level(hello.options.get("loglevel")))
-        self._store = open_store(config.db_file, config.db_url)
-        self.service = PushService(config, self._store, logic.load(config.logic))
-        self._last_batch = self._store.last_batch(config.ejabberd_node, config.host)
-        self._dispatcher = Dispatcher(config, self._store, self._device_gone, self._route,
-                                      self._answered_in_process,
-                                      self.service.app_server.python_providers)
-        self._dispatcher.logic = self._current_logic
-        self._dispatcher.resume(self.service.app_server.queued_deliveries())
+        runtime = self.runtime = start(hello, self._device_gone, self._route,
+                                       self._answered_in_process)
+        self.service, self._store = runtime.service, runtime.store
+        self._last_batch = runtime.last_batch
+        self._hook_workers = HookWorkers(runtime.service, self._hooks_done,
+                                         lambda: self._held is not None, self.on_fatal)
         self._write(frame(hello_reply(info)))
         self._write(frame([action_term(a) for a in self.service.initial_actions()]))
+        config = runtime.config
         log.info("ready for %s (pymod_push %s, database %s)", hello.host, __version__,
                  "PostgreSQL" if config.db_url else config.db_file)
         self._timers_from = time.monotonic() + REPLAY_GRACE_S
         self._arm_timer()  # notifications an earlier process left unanswered
         for user in self.service.users_waiting_for_logic():  # and those it left waiting
-            self._ask_logic(user)
+            self._hook_workers.ask(user)
         self._housekeeping()
         if config.metrics_listen:
             asyncio.get_running_loop().create_task(self._serve_metrics(config.metrics_listen))
 
-    def _current_logic(self) -> logic.Logic:
-        assert self.service is not None
-        return self.service.logic  # push_reload_logic may replace it
-
     async def _serve_metrics(self, address: str) -> None:
-        self._metrics = await metrics.serve(address, self._snapshot)
-
-    def _snapshot(self) -> metrics.Snapshot:
-        assert self.service is not None and self._dispatcher is not None
-        try:
-            totals = self.service.store.totals()
-        except DatabaseUnavailable:
-            totals = {}  # the database is away: its gauges read 0 meanwhile
-        return metrics.Snapshot(self.service.config.host, self._events,
-                                self.service.counters, self._dispatcher.counters,
-                                dict(self._dispatcher.latency), totals,
-                                self.service.in_process)
+        assert self.runtime is not None
+        self._metrics = await metrics.serve(address, self.runtime.snapshot)
 
     def _route(self, xml: str) -> None:
         self._write(frame([action_term(Route(xml))]))
@@ -473,11 +420,12 @@ class PortApp:
         if late and isinstance(event, AppServerIq):
             self._late_iqs += 1
             return []
-        self._events[type(event).__name__] += 1
+        assert self.runtime is not None
+        self.runtime.events[type(event).__name__] += 1
         try:
             return self._handle_event(event)
         except DatabaseUnavailable:
-            self._events[type(event).__name__] -= 1
+            self.runtime.events[type(event).__name__] -= 1
             raise
 
     def _handle_event(self, event: Event) -> Sequence[Action | Delivery | HookWork]:
@@ -489,12 +437,10 @@ class PortApp:
                 log.info("log level now %s, as ejabberd's", event.level)
                 return []
             if isinstance(event, AdminCommand):
-                assert self._dispatcher is not None
-                info = admin.ProcessInfo(self._started, self._events.total(),
-                                         self._dispatcher.counters)
+                assert self.runtime is not None
                 now = time.time()  # test pushes and wakes to its own app server too
-                return self.service.own_publishes(admin.run(event, self.service, info, now),
-                                                  now)
+                return self.service.own_publishes(
+                    admin.run(event, self.service, self.runtime.process_info(), now), now)
             return self.service.handle(event, time.time())
         except DatabaseUnavailable:
             self.service.store.undo_to(mark)  # handled again, whole, when it is back
@@ -556,8 +502,8 @@ class PortApp:
             self.on_fatal(exc)
 
     async def aclose(self) -> None:
-        for worker in list(self._logic_workers.values()):  # their rows stay for the next
-            worker.cancel()
+        if self._hook_workers is not None:
+            self._hook_workers.cancel()
         try:  # what was handled is committed, and said
             for _ in range(4):  # the commit under way, then what was handled meanwhile
                 if self._held is not None:
@@ -573,8 +519,8 @@ class PortApp:
         self._committing = None  # not said, not acknowledged: the next process redoes it
         if self._metrics is not None:
             self._metrics.close()
-        if self._dispatcher is not None:
-            await self._dispatcher.close()
+        if self.runtime is not None:
+            await self.runtime.dispatcher.close()
         if self._store is not None:
             if self._held is not None:  # not said to ejabberd: the next process redoes it
                 self._store.rollback()

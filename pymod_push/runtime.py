@@ -1,0 +1,59 @@
+"""Start-up wiring: from the hello's options to a running service, in this order: the
+configuration, the store, the admin's push logic and the push service, the provider edge
+(which goes on with what an earlier process left queued). Also what the process reports
+about itself: Prometheus metrics and ejabberdctl push_status's counters."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from . import admin, logic, metrics
+from .core.config import Config
+from .protocol import Hello, PublishReply
+from .providers.dispatch import Dispatcher
+from .service import PushService
+from .store import DatabaseUnavailable, Store, open_store
+
+log = logging.getLogger("pymod_push")
+
+
+@dataclass
+class Runtime:
+    config: Config
+    store: Store
+    service: PushService
+    dispatcher: Dispatcher
+    last_batch: tuple[int, int] | None  # (epoch, seq) the last process committed
+    started: float = field(default_factory=time.time)
+    events: Counter[str] = field(default_factory=Counter)  # handled, by kind
+
+    def process_info(self) -> admin.ProcessInfo:
+        return admin.ProcessInfo(self.started, self.events.total(), self.dispatcher.counters)
+
+    def snapshot(self) -> metrics.Snapshot:
+        try:
+            totals = self.store.totals()
+        except DatabaseUnavailable:
+            totals = {}  # the database is away: its gauges read 0 meanwhile
+        return metrics.Snapshot(self.config.host, self.events, self.service.counters,
+                                self.dispatcher.counters, dict(self.dispatcher.latency),
+                                totals, self.service.in_process)
+
+
+def start(hello: Hello, device_gone: Callable[[str], None], route: Callable[[str], None],
+          answered: Callable[[PublishReply], None]) -> Runtime:
+    """The callbacks are the port's: a device a provider says is gone, a stanza to route,
+    the provider's first answer to a publish taken in-process."""
+    config = Config.from_options(hello.host, hello.options)
+    store = open_store(config.db_file, config.db_url)
+    service = PushService(config, store, logic.load(config.logic))
+    dispatcher = Dispatcher(config, store, device_gone, route, answered,
+                            service.app_server.python_providers)
+    dispatcher.logic = lambda: service.logic  # push_reload_logic may replace it
+    dispatcher.resume(service.app_server.queued_deliveries())
+    return Runtime(config, store, service, dispatcher,
+                   store.last_batch(config.ejabberd_node, config.host))

@@ -7,7 +7,9 @@ decision (and ours without the module), the summary an app server gets, and the 
 each provider of the built-in app server would get. The decisions are the server's own:
 the stanza goes through a push service with a throwaway database, exactly as an event from
 ejabberd would. Nothing is contacted: provider requests are built, never sent (their
-credentials are made up on the spot).
+credentials are made up on the spot). Providers written in Python (backends of type python
+in ``--config``) are loaded and checked, and what their ``send`` would get is printed; it is
+not called.
 
     pymod-push logic check /etc/ejabberd/push_logic.py [--option include_message_bodies=true]
         [--config /etc/ejabberd/ejabberd.yml] [--stanza '<message ...>'] [--nick NICK]
@@ -45,8 +47,9 @@ from .core import safexml
 from .core.config import Backend, Config
 from .core.notify import trigger_of, unwrap_carbon
 from .protocol import Publish, PushIq, Stanza, StanzaToPending
-from .providers import Provider
+from .providers import Provider, notification_text
 from .providers.dispatch import PROVIDERS
+from .python_provider import ProviderError, PythonProvider, load_provider
 from .service import HookWork, PushService
 from .store import Device, Store
 
@@ -229,6 +232,15 @@ def check(spec: str, options: dict[str, Any], stanzas: Sequence[Sample],
     shown = {k: v for k, v in sorted(options.items()) if k != "backends"}
     out(f"options: {shown or 'the defaults'}; recipient {user}")
     failed = False
+    python = []  # the config's providers written in Python: loaded and checked, not called
+    for backend in (b for b in config.backends if b.type == "python"):
+        try:
+            python.append(load_provider(backend))
+            out(f"python provider {backend.group}: registers "
+                f"{', '.join(python[-1].fields) or 'no fields'}")
+        except ProviderError as error:
+            failed = True
+            out(f"PROBLEM: python provider {backend.group}: {error}")
     with tempfile.TemporaryDirectory(prefix="pymod_push-check-") as folder:
         tried = providers(Path(folder), user)
         store = Store(str(Path(folder) / "check.db"))
@@ -255,6 +267,9 @@ def check(spec: str, options: dict[str, Any], stanzas: Sequence[Sample],
                                                  for k, v in fields.items()) or "(empty)"))
                     for kind, one in tried.items():
                         out(f"{kind}: " + _payload(one, admin_logic, fields, now))
+                    for provider in python:
+                        out(f"{provider.name} (python, not called): "
+                            + _notification(provider, admin_logic, fields, user))
             for line in problems.lines:
                 failed = True
                 out(f"PROBLEM: {line}")
@@ -292,6 +307,21 @@ def _payload(one: Tried, admin_logic: logic.Logic, fields: dict[str, str], now: 
     size = len(request.body)
     flag = "" if size <= one.limit else f" OVER THE LIMIT OF {one.limit}"
     return f"{size} bytes{flag}{', urgent' if urgent else ''}: {_shown(body)}"
+
+
+def _notification(provider: PythonProvider, admin_logic: logic.Logic, fields: dict[str, str],
+                  user: str) -> str:
+    """What a provider written in Python would get (its send is not called: it would
+    contact its service)."""
+    summary = dict(fields)
+    if admin_logic.has("provider_data"):
+        seen = logic.Device(user, provider.name, "check", "phone", "the user's phone")
+        summary = (asyncio.run(admin_logic.provider_data_async(seen, summary))
+                   if admin_logic.shapes_async else admin_logic.provider_data(seen, summary))
+    title, text = notification_text(summary)
+    urgent = summary.get("last-message-priority") == "high"
+    return (f"title={_shown(title.encode())!r}, text={_shown(text.encode())!r}, "
+            f"urgent={urgent}")
 
 
 def _options(pairs: Sequence[str], config: Path | None) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from pymod_push import install, logic_check
 
@@ -139,3 +140,25 @@ def test_async_functions_are_awaited_as_the_server_would(
     found = sections(out)
     assert "asked='yes'" in found["chat message"]
     assert "decision: no push (without the module: push)" in found["your stanza 1"]
+
+
+def test_python_providers_of_the_config_are_checked_and_not_called(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], offline: list[Any]) -> None:
+    broken = tmp_path / "broken_provider.py"
+    broken.write_text("def send(device, notification):\n    pass\n")
+    config = tmp_path / "ejabberd.yml"
+    hosts = {"register_host": "example.org", "pubsub_host": "push.example.org"}
+    config.write_text(yaml.safe_dump({"modules": {"mod_push_py": {
+        "include_message_bodies": True, "include_senders": True, "backends": [
+            {"type": "python", "module": str(ROOT / "examples" / "webhook_provider.py"),
+             "name": "webhook", "url": "https://hooks.invalid/x", **hosts},
+            {"type": "python", "module": str(broken), **hosts}]}}}))
+    status, out, _ = run(capsys, EXAMPLE, "--config", str(config))
+    assert status == 1 and offline == []
+    assert "python provider webhook: registers channel" in out
+    assert "PROBLEM: python provider broken_provider: it has no 'async def send" in out
+    found = sections(out)
+    assert ("webhook (python, not called): title='romeo@example.net', "
+            "text='Hello Juliet, are you there?', urgent=False") in found["chat message"]
+    assert "urgent=True" in found["call (Jingle Message Initiation)"]
+    assert "webhook (python" not in found["group chat, not mentioning the user"]

@@ -442,6 +442,11 @@ class PushService:
         user_jid = f"{registration.user}@{registration.server}"
         return trigger if ios_extensions.allowed(extensions, event, user_jid) else None
 
+    @staticmethod
+    def _encrypted(registration: Registration) -> bool:
+        return bool(registration.extensions) and \
+            ios_extensions.from_json(registration.extensions).encrypt is not None
+
     def _extended(self, registration: Registration, summary: list[tuple[str, str]],
                   stanza: Stanza, chosen: Trigger, counts: Counts) -> list[tuple[str, str]]:
         """The notification with the elements the registration's client asked for: with
@@ -489,7 +494,7 @@ class PushService:
         self.store.save_counts(registration)
         if summary is None:
             summary = summary_fields(options, counts, chosen, stanza)
-            if message is not None:
+            if message is not None and not self._encrypted(registration):
                 summary = self.logic.summary(message, _recipient(registration), summary)
         if registration.extensions:
             summary = self._extended(registration, summary, stanza, chosen, counts)

@@ -92,7 +92,7 @@ async def round_trip(client: Client) -> None:
 
 async def subscribe_to(client: Client, contact: Client) -> None:
     """The client asks for the contact's presence: a roster item with ask=out (known)."""
-    contact.roster.auto_authorize = False
+    contact.roster.auto_authorize = None  # neither accept nor refuse: ask stays out
     contact.roster.auto_subscribe = False
     client.send_presence(pto=contact.boundjid.bare, ptype="subscribe")
     await round_trip(client)

@@ -235,7 +235,8 @@ class PushService:
         try:
             try:
                 delivery = self.app_server.publish_direct(
-                    publish.ref, domain, publish.node, publish.fields, publish.publish_options)
+                    publish.ref, domain, publish.node, publish.fields, publish.publish_options,
+                    publish.elements)
             except RequestError as error:
                 answered: list[Result] = [*self._publish_reply(error_reply(publish.ref, error),
                                                                now)]

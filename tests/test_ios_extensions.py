@@ -551,3 +551,115 @@ def test_the_encrypted_payload_is_never_logged(caplog: pytest.LogCaptureFixture)
     service.handle(StanzaToPending(PHONE, stanza("very secret body")), 1)
     text = caplog.text + json.dumps([r.getMessage() for r in caplog.records])
     assert KEY64 not in text and "very secret body" not in text
+
+
+# ------------------------------------------------- the built-in app server (item 5)
+
+def own_app_server() -> tuple[PushService, str, str]:
+    """A service with its own APNs backend, a device registered at it (node, secret)."""
+    from tests.test_own_app_server import BACKENDS, registered
+
+    service = PushService(Config("example.org", backends=BACKENDS), Store(":memory:"))
+    node, secret = registered(service)
+    return service, node, secret
+
+
+def enable_own(service: PushService, node: str, secret: str, children: str) -> None:
+    from tests.test_own_app_server import PUBSUB
+
+    options = ("<x xmlns='jabber:x:data' type='submit'><field var='FORM_TYPE'><value>"
+               "http://jabber.org/protocol/pubsub#publish-options</value></field><field "
+               f"var='secret'><value>{secret}</value></field></x>")
+    xml = (f"<enable xmlns='urn:xmpp:push:0' jid='{PUBSUB}' node='{node}'>{options}"
+           f"{children}</enable>")
+    (_, result) = service.handle(push_iq(xml), 0)
+    assert isinstance(result, IqResult)
+
+
+def apns_request(summary: dict[str, str], tmp_path: Path, urgent: bool = False,
+                 voip: bool = False) -> tuple[dict[str, Any], dict[str, str]]:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from pymod_push.core.config import Backend
+    from pymod_push.providers.apns import Apns
+    from pymod_push.store import Device
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    (tmp_path / "key.p8").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    options = {"key_file": str(tmp_path / "key.p8"), "key_id": "K1", "team_id": "T1",
+               "topic": "org.example.app", "voip_topic": "org.example.app.voip"}
+    provider = Apns(Backend(0, "apns", "app", "push.example.org", "pubsub.example.org",
+                            options))
+    device = Device("n", "s", "alice@example.org", "phone", "", "apns", "app",
+                    "pubsub.example.org", "ab" * 32, voip_token="cd" * 32 if voip else "")
+    request = provider.request(device, summary, 1000.0, urgent)
+    assert len(request.body) <= 4096
+    return json.loads(request.body), request.headers
+
+
+def test_the_own_app_server_puts_the_blob_into_the_apns_payload(tmp_path: Path) -> None:
+    service, node, secret = own_app_server()
+    enable_own(service, node, secret, encrypt_el() + "<priority xmlns='tigase:push:priority:0'/>")
+    (delivery,) = service.handle(StanzaToPending(PHONE, stanza("for your eyes only")), 1)
+    from pymod_push.appservice import Delivery
+
+    assert isinstance(delivery, Delivery)
+    assert set(delivery.summary) == {"encrypted", "iv"} and not delivery.urgent
+    payload, headers = apns_request(delivery.summary, tmp_path)
+    assert headers["apns-push-type"] == "alert"
+    assert payload["aps"]["mutable-content"] == 1
+    assert "for your eyes only" not in json.dumps(payload)
+    element = ET.Element(f"{{{ext.NS_ENCRYPT}}}encrypted", iv=payload["iv"])
+    element.text = payload["encrypted"]
+    assert ext.decrypt(KEY, element) == {"unread": 1, "sender": "bob@example.org",
+                                         "type": "chat", "message": "for your eyes only"}
+
+
+def test_the_own_app_server_reads_the_same_through_ejabberd() -> None:
+    """The IQ path: the publish IQ as the shim builds it with the elements in it."""
+    from pymod_push.core import appserver as app
+
+    service, node, secret = own_app_server()
+    service._own_pubsub = frozenset()  # routed, as another server's publish would be
+    enable_own(service, node, secret, encrypt_el())
+    (publish,) = service.handle(StanzaToPending(PHONE, stanza("hello")), 1)
+    assert isinstance(publish, Publish) and publish.fields == ()
+    iq = (f"<iq xmlns='jabber:server' type='set' id='p1' from='example.org' to='{publish.to}'>"
+          "<pubsub xmlns='http://jabber.org/protocol/pubsub'>"
+          f"<publish node='{publish.node}'><item><notification xmlns='urn:xmpp:push:0'>"
+          + "".join(publish.elements) + "</notification></item></publish>"
+          "<publish-options><x xmlns='jabber:x:data' type='submit'>"
+          + "".join(f"<field var='{var}'><value>{values[0]}</value></field>"
+                    for var, values in publish.publish_options or ())
+          + "</x></publish-options></pubsub></iq>")
+    routed = app.parse_publish(app.parse_iq(iq.encode()))
+    direct = app.direct_publish(publish.node, publish.fields, publish.publish_options,
+                                publish.elements)
+    assert routed == direct and set(routed.summary) == {"encrypted", "iv"}
+
+
+def test_an_encrypted_call_is_a_voip_push_of_the_blob(tmp_path: Path) -> None:
+    service, node, secret = own_app_server()
+    enable_own(service, node, secret, encrypt_el())
+    propose = ("<propose xmlns='urn:xmpp:jingle-message:0' id='c9'>"
+               "<description xmlns='urn:xmpp:jingle:apps:rtp:1' media='video'/></propose>")
+    call = Stanza("message", "bob@example.org/pc", "c", "chat", "",
+                  f"<message xmlns='jabber:client'>{propose}</message>".encode(), "", True)
+    (delivery,) = service.handle(StanzaToPending(PHONE, call), 1)
+    from pymod_push.appservice import Delivery
+
+    assert isinstance(delivery, Delivery) and delivery.urgent
+    payload, headers = apns_request(delivery.summary, tmp_path, urgent=True, voip=True)
+    assert headers["apns-push-type"] == "voip"
+    element = ET.Element(f"{{{ext.NS_ENCRYPT}}}encrypted", iv=payload["iv"])
+    element.text = payload["encrypted"]
+    assert ext.decrypt(KEY, element)["media"] == ["video"]
+
+
+def test_a_blob_too_large_for_apns_is_left_out_not_cut(tmp_path: Path) -> None:
+    summary = {"encrypted": "A" * 6000, "iv": "B" * 16}
+    payload, _ = apns_request(summary, tmp_path)
+    assert "encrypted" not in payload  # never a cut blob that would not decrypt

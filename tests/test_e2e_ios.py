@@ -266,3 +266,31 @@ def test_the_payload_fits_max_size(scenario: Scenario) -> None:
         assert payload["sender"] == bob.boundjid.bare
 
     scenario.run(run)
+
+
+@pytest.fixture(scope="module")
+def ios_off() -> Iterator[Instance]:
+    """An ejabberd whose admin turned the extensions off."""
+    yield from _instance({"ios_extensions": False})
+
+
+def test_the_option_turns_the_whole_set_off(ios_off: Instance) -> None:
+    scenario = Scenario(ios_off)
+
+    async def run(peers: Peers) -> None:
+        app, phone, bob = await cast(scenario, peers, "alice", "bob")
+        info = await phone.plugin["xep_0030"].get_info(jid=phone.boundjid.bare,
+                                                       timeout=TIMEOUT)
+        features = set(info["disco_info"]["features"])
+        assert "urn:xmpp:push:0" in features and not features & FEATURES
+        # a client that sends them anyway gets ordinary pushes
+        await phone.push_iq(enable_xml(app.boundjid.full, "plain", os.urandom(16)))
+        listing = await asyncio.to_thread(scenario.instance.ctl, "push_list",
+                                          phone.boundjid.user, phone.boundjid.host)
+        assert "node plain" in listing and "extensions" not in listing
+        await scenario.go_pending(phone)
+        send(bob, phone.boundjid.full, "hello")  # not in the roster: pushes all the same
+        (push,) = await app.wait_for("plain", 1)
+        assert push.elements == [] and push.summary["message-count"] == "1"
+
+    scenario.run(run)

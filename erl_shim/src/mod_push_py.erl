@@ -814,10 +814,9 @@ described(Pkt, U, S) ->
     case xmpp:get_from(Pkt) of
         #jid{luser = U, lserver = S} -> describe(Pkt);  % the user's own (carbons)
         #jid{} = From ->
-            case opt(S, ios_extensions) of
-                true -> erlang:append_element(describe(Pkt),
-                                              #{roster => roster_item(U, S, From)});
-                false -> describe(Pkt)
+            case opt(S, ios_extensions) andalso roster_item(U, S, From) of
+                {_, _} = Item -> erlang:append_element(describe(Pkt), #{roster => Item});
+                _ -> describe(Pkt)  % off, or not known: Python pushes
             end;
         undefined -> describe(Pkt)
     end.
@@ -825,8 +824,9 @@ described(Pkt, U, S) ->
 roster_item(U, S, From) ->
     case ejabberd_hooks:run_fold(roster_get_jid_info, S, {none, none, []},
                                  [U, S, jid:remove_resource(From)]) of
-        {Subscription, Ask, _Groups} -> {Subscription, Ask};
-        _ -> {none, none}
+        {Subscription, Ask, _Groups} when is_atom(Subscription), is_atom(Ask) ->
+            {Subscription, Ask};
+        _ -> undefined
     end.
 
 describe(Pkt) ->

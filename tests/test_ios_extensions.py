@@ -663,3 +663,55 @@ def test_a_blob_too_large_for_apns_is_left_out_not_cut(tmp_path: Path) -> None:
     summary = {"encrypted": "A" * 6000, "iv": "B" * 16}
     payload, _ = apns_request(summary, tmp_path)
     assert "encrypted" not in payload  # never a cut blob that would not decrypt
+
+
+@pytest.mark.usefixtures("database")
+def test_async_logic_gets_the_filtered_default_and_the_extensions() -> None:
+    from pymod_push.service import HookWork
+
+    class Module:
+        @staticmethod
+        async def should_push(message: Any, recipient: Any, default: bool) -> bool:
+            return default
+
+    service = make_service()
+    service.use_logic(Logic(Module))  # type: ignore[arg-type]
+    service.handle(push_iq(enable_xml(ALL)), 0)
+    for message, pushes in ((stanza("hi", "1", known=False), False), (stanza("hi", "2"), True)):
+        (work,) = service.handle(StanzaToPending(PHONE, message), 1)
+        assert isinstance(work, HookWork)
+        call = service.hook_call(work)
+        (case,) = call.cases
+        assert case.recipient.extensions == parsed(ALL) and case.default is pushes
+        published = service.finish_hooks(call, [(case.default, None)], 1)
+        assert len(published) == int(pushes)
+        if pushes:
+            assert decrypted(published[0])["message"] == "hi"
+
+
+tigase_children = st.lists(st.tuples(
+    st.sampled_from(["encrypt", "priority", "muted", "groupchat", "ignore-unknown", "jingle",
+                     "other"]),
+    st.sampled_from([ext.NS_ENCRYPT, ext.NS_PRIORITY, ext.NS_MUTED, ext.NS_GROUPCHAT,
+                     "tigase:push:other:0"]),
+    st.dictionaries(st.sampled_from(["alg", "max-size", "jid", "allow", "nick"]),
+                    st.sampled_from(["", "aes-128-gcm", "300", "-1", "a@b.c", "always",
+                                     "x y", "mentioned"]), max_size=3),
+    st.sampled_from(["", KEY64, "!!", "<item jid='a@b.c'/>", "<room jid='r@m.c'/>",
+                     "<room jid='r@m.c' allow='never'/>", "<item/>"])), max_size=5)
+
+
+@settings(max_examples=200, deadline=None)
+@given(children=tigase_children)
+def test_any_extension_input_is_taken_or_refused_as_bad_request(
+        children: list[tuple[str, str, dict[str, str], str]]) -> None:
+    xml = "".join(f"<{name} xmlns='{ns}'" + "".join(f" {k}={quoteattr(v)}"
+                                                    for k, v in attrs.items())
+                  + f">{inner}</{name}>" for name, ns, attrs, inner in children)
+    try:
+        found = parsed(xml)
+    except RequestError as error:
+        assert error.condition == "bad-request" and error.text
+        return
+    if found is not None:
+        assert ext.from_json(found.to_json()) == found

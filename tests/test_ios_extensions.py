@@ -405,15 +405,35 @@ def test_the_option_off_ignores_extensions() -> None:
     assert registration.extensions == ""
 
 
-def test_extensions_survive_a_restart(tmp_path: Path) -> None:
-    path = str(tmp_path / "push.sqlite3")
-    service = PushService(Config("example.org"), Store(path))
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_extensions_and_unanswered_encrypted_pushes_survive_a_restart(
+        kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    if kind == "sqlite":
+        path = str(tmp_path / "push.sqlite3")
+
+        def reopen() -> Store:
+            return Store(path)
+    else:
+        url = request.getfixturevalue("postgres").new_database()
+
+        def reopen() -> Store:
+            return open_store("", url)
+    service = PushService(Config("example.org"), reopen())
     service.handle(push_iq(enable_xml(ALL)), 0)
+    (push,) = service.handle(StanzaToPending(PHONE, stanza("kept for later")), 1)
     service.store.commit()
     service.store.close()
-    again = PushService(Config("example.org"), Store(path))
-    (registration,) = again.store.for_session(PHONE)
-    assert ext.from_json(registration.extensions) == parsed(ALL)
+    again = PushService(Config("example.org"), reopen())
+    try:
+        (registration,) = again.store.for_session(PHONE)
+        assert ext.from_json(registration.extensions) == parsed(ALL)
+        # the publish left unanswered goes again, the same encrypted element
+        (resent,) = again.tick(10**10)
+        assert isinstance(resent, Publish)
+        assert isinstance(push, Publish) and resent.elements == push.elements
+        assert decrypted(resent)["message"] == "kept for later"
+    finally:
+        again.store.close()
 
 
 @pytest.mark.usefixtures("database")

@@ -121,6 +121,9 @@ def test_max_size_defaults_to_tigases_and_is_bounded() -> None:
     ("<groupchat xmlns='tigase:push:filter:groupchat:0'><room allow='always'/></groupchat>", "",
      "jid"),
     ("", " away='maybe'", "away"),
+    ("<muted xmlns='tigase:push:filter:muted:0'>" + "".join(
+        f"<item jid='{'u' * 90}{n}@example.org'/>" for n in range(900)) + "</muted>", "",
+     "more than"),
 ])
 def test_malformed_extensions_are_bad_requests(children: str, attrs: str, words: str) -> None:
     with pytest.raises(RequestError) as caught:
@@ -158,7 +161,7 @@ def test_parse_and_storage_round_trip(key: bytes, max_size: int, muted: frozense
     assert found.muted == muted
     assert [(r.room, r.allow, r.nick) for r in found.groupchat or ()] == rooms
     assert (found.priority, found.ignore_unknown, found.jingle, found.away) == flags
-    ext.from_json.cache_clear()
+    ext._cached.cache_clear()
     assert ext.from_json(found.to_json()) == found
 
 

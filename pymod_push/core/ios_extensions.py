@@ -59,8 +59,12 @@ MAX_MAX_SIZE = 8192
 MAX_MUTED = 1000
 MAX_ROOMS = 1000
 MAX_NICK_BYTES = 1023
-# Everything an enable's extensions may take stored (JSON): bounds a registration's row.
-MAX_STORED_BYTES = 256 * 1024
+# Everything an enable's extensions may take stored (JSON): bounds a registration's row
+# (a thousand muted JIDs of a usual length take some 30 KiB).
+MAX_STORED_BYTES = 64 * 1024
+# Stored extensions up to this size are parsed once and kept (most are a few hundred
+# bytes); larger ones, rare, are parsed each time, so that the cache stays small.
+CACHED_BYTES = 4096
 
 ALLOW = ("always", "never", "mentioned")
 OMEMO_BODY = "New secure message. Open to see the message."
@@ -131,11 +135,19 @@ class Extensions:
 NONE = Extensions()
 
 
-@lru_cache(maxsize=4096)
 def from_json(text: str) -> Extensions:
-    """A registration's stored extensions (to_json); "" is none. Parsed once per text."""
+    """A registration's stored extensions (to_json); "" is none."""
     if not text:
         return NONE
+    return _cached(text) if len(text) <= CACHED_BYTES else _from_json(text)
+
+
+@lru_cache(maxsize=4096)
+def _cached(text: str) -> Extensions:
+    return _from_json(text)
+
+
+def _from_json(text: str) -> Extensions:
     data = json.loads(text)
     encrypt = None
     if "encrypt" in data:

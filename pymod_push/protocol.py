@@ -198,7 +198,7 @@ def _known(roster: Any) -> bool | None:
     if not isinstance(roster, tuple) or len(roster) != 2:
         return None
     subscription, ask = (str(part) for part in roster)
-    return subscription in _KNOWN_SUBSCRIPTIONS or ask in ("out", "both")
+    return subscription in _KNOWN_SUBSCRIPTIONS or ask in ("out", "both", "subscribe")
 
 
 def parse_hello(term: Any) -> Hello:

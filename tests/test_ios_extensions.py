@@ -562,6 +562,7 @@ def test_the_roster_context_from_the_shim() -> None:
 
     assert with_roster("both", "none") and with_roster("to", "none")
     assert with_roster("from", "none") and with_roster("none", "out")
+    assert with_roster("none", "both") and with_roster("none", "subscribe")
     assert with_roster("none", "in") is False and with_roster("none", "none") is False
 
 

@@ -294,3 +294,20 @@ def test_the_option_turns_the_whole_set_off(ios_off: Instance) -> None:
         assert push.elements == [] and push.summary["message-count"] == "1"
 
     scenario.run(run)
+
+
+def test_a_wake_up_is_low_priority_and_carries_no_message(scenario: Scenario) -> None:
+    """What only wakes the device (push_test, the wake before a resume timeout ends, after
+    a restart) is low priority: there is nothing to show."""
+    async def run(peers: Peers) -> None:
+        app, phone = await cast(scenario, peers, "alice")
+        await phone.push_iq(enable_xml(app.boundjid.full, "wake", os.urandom(16)))
+        await asyncio.to_thread(scenario.instance.ctl, "push_test", phone.boundjid.user,
+                                phone.boundjid.host)
+        (push,) = await app.wait_for("wake", 1)
+        assert priority(push) == "low"
+        assert not [e for e in push.elements if e.tag == f"{{{NS_ENCRYPT}}}encrypted"]
+        assert push.summary["message-count"] == "0"
+        assert "last-message-body" not in push.summary
+
+    scenario.run(run)

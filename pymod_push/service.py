@@ -349,7 +349,9 @@ class PushService:
         # session's others were bound when it opened, so an enable costs the same
         # however many the account holds.
         self.store.enable(registration, self.config.ejabberd_node)
-        log.info("push enabled for %s/%s at %s", session[0], session[2], request.jid)
+        names = ios_extensions.from_json(extensions).names() if extensions else []
+        log.info("push enabled for %s/%s at %s%s", session[0], session[2], request.jid,
+                 f" (extensions: {' '.join(names)})" if names else "")
         return [*actions, SetPush(session, self.config.resume_timeout_ms),
                 IqResult(iq.ref, result)]
 

@@ -185,8 +185,8 @@ def parse(enable: ET.Element) -> Extensions:
     groupchat: tuple[RoomRule, ...] | None = None
     for child in enable:
         namespace, _, name = child.tag[1:].partition("}")
-        if not namespace.startswith("tigase:push:"):
-            continue
+        if (namespace, name) not in _ELEMENTS:
+            continue  # not ours (a data form), or an extension we do not offer
         if namespace in seen:
             raise _bad(f"<{name} xmlns='{namespace}'> is given more than once")
         seen.add(namespace)
@@ -210,6 +210,11 @@ def parse(enable: ET.Element) -> Extensions:
     if len(extensions.to_json().encode()) > MAX_STORED_BYTES:
         raise _bad(f"the push extensions take more than {MAX_STORED_BYTES} bytes")
     return extensions
+
+
+_ELEMENTS = frozenset({(NS_ENCRYPT, "encrypt"), (NS_PRIORITY, "priority"), (NS_MUTED, "muted"),
+                       (NS_GROUPCHAT, "groupchat"), (NS_IGNORE_UNKNOWN, "ignore-unknown"),
+                       (NS_JINGLE, "jingle")})
 
 
 def _parse_encrypt(element: ET.Element) -> Encrypt:

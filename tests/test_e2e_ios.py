@@ -196,6 +196,9 @@ def test_encrypted_pushes_with_filters_and_priority(scenario: Scenario) -> None:
         assert len(ivs) == 4
         await round_trip(bob)
         assert len(app.received["ios"]) == 4
+        # neither the key nor a body reached ejabberd's log (Python logs through it)
+        log = await asyncio.to_thread(scenario.instance.log_file.read_text)
+        assert base64.b64encode(key).decode() not in log and "hello from bob" not in log
 
     scenario.run(run)
 

@@ -15,9 +15,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from . import __version__, logic
+from .core import ios_extensions
 from .protocol import Action, AdminCommand, CommandResult
 from .python_provider import ProviderError
 from .service import PushService
+from .store import Registration
 
 log = logging.getLogger("pymod_push")
 
@@ -105,6 +107,12 @@ def _user(args: tuple[str, ...], index: int = 0) -> tuple[str, str]:
     return args[index].lower(), args[index + 1].lower()
 
 
+def _extension_names(registration: Registration) -> str:
+    """The Tigase extensions a registration's client asked for, by name (no key)."""
+    names = ios_extensions.from_json(registration.extensions).names()
+    return f", extensions: {' '.join(names)}" if names else ""
+
+
 def _list(service: PushService, info: ProcessInfo, args: tuple[str, ...],
           now: float) -> Result:
     user = _user(args)
@@ -115,7 +123,7 @@ def _list(service: PushService, info: ProcessInfo, args: tuple[str, ...],
                      f"{registration.node}, enabled {time.strftime('%Y-%m-%d %H:%M', enabled)} "
                      "UTC, "
                      f"{registration.message_count} message(s) since it went away, "
-                     f"{registration.errors} error(s)")
+                     f"{registration.errors} error(s)" + _extension_names(registration))
     for device in service.store.devices_of(f"{user[0]}@{user[1]}"):
         lines.append(f"device {device.device_id!r} ({device.device_name or 'no name'}): "
                      f"{device.provider}/{device.app_name}, node {device.node}")

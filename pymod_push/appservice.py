@@ -218,14 +218,15 @@ class AppServer:
         return [Delivery(backend, device, summary, iq)]
 
     def publish_direct(self, ref: int, domain: str, node: str, fields: FormFields,
-                       publish_options: FormFields | None) -> Delivery:
+                       publish_options: FormFields | None,
+                       elements: tuple[str, ...] = ()) -> Delivery:
         """A publish of this process's own push service to one of its pubsub hosts, taken
         without the round trip through ejabberd: what the IQ path would read from the
         publish IQ the shim builds, the same checks and refusals (RequestError, as the IQ
         path's error answers), and the provider's first answer goes to the publisher as
         the answer to ``ref`` (see :func:`publish_reply`)."""
         backend, device, summary = self._accept(
-            app.direct_publish(node, fields, publish_options), domain)
+            app.direct_publish(node, fields, publish_options, elements), domain)
         return Delivery(backend, device, summary, None, ref)
 
     def _accept(self, request: app.PublishRequest, domain: str

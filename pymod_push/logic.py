@@ -37,6 +37,9 @@ from dataclasses import dataclass
 from types import MappingProxyType, ModuleType
 from typing import Any
 
+from .core.ios_extensions import NONE as NO_EXTENSIONS
+from .core.ios_extensions import Extensions
+
 log = logging.getLogger("pymod_push")
 
 BUDGET_S = 0.05  # a push decision runs on the event path: 50 ms is already very slow
@@ -59,6 +62,10 @@ class Recipient:
     user: str
     server: str
     resource: str  # the push-enabled session
+    # What the client asked with its enable (Tigase's extensions: encrypt, priority,
+    # muted, groupchat, ignore-unknown, jingle); all off for most clients. Its repr leaves
+    # out the key.
+    extensions: Extensions = NO_EXTENSIONS
 
     @property
     def jid(self) -> str:

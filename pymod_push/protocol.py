@@ -35,6 +35,9 @@ class Stanza:
     body: str
     xml: bytes
     nick: str = ""  # group chat: the user's nickname in that room, if the shim knows it
+    # The sender is in the user's roster (subscription to/from/both, or asked for by the
+    # user); None: the shim did not say (group chat, a carbon, ios_extensions off)
+    known: bool | None = None
 
 
 # ----------------------------------------------------------------------------- events
@@ -181,9 +184,21 @@ def _user(value: Any) -> UserKey:
 
 def _stanza(value: Any) -> Stanza:
     kind, sender, stanza_id, stanza_type, body, xml, *context = value
-    nick = context[0].get(Atom("nick"), b"") if context and isinstance(context[0], dict) else b""
+    extra = context[0] if context and isinstance(context[0], dict) else {}
     return Stanza(str(kind), _text(sender), _text(stanza_id), str(stanza_type), _text(body),
-                  _binary(xml), _text(nick))
+                  _binary(xml), _text(extra.get(Atom("nick"), b"")),
+                  _known(extra.get(Atom("roster"))))
+
+
+_KNOWN_SUBSCRIPTIONS = frozenset({"to", "from", "both"})
+
+
+def _known(roster: Any) -> bool | None:
+    """{Subscription, Ask} of the sender's roster item ({none, none}: no item)."""
+    if not isinstance(roster, tuple) or len(roster) != 2:
+        return None
+    subscription, ask = (str(part) for part in roster)
+    return subscription in _KNOWN_SUBSCRIPTIONS or ask in ("out", "both", "subscribe")
 
 
 def parse_hello(term: Any) -> Hello:
@@ -271,6 +286,9 @@ class Publish:
     fields: FormFields  # the summary form, FORM_TYPE first
     publish_options: FormFields | None
     timeout_ms: int
+    # XML elements that go into <notification/> after the form (Tigase's <encrypted/>,
+    # <priority/>, <jingle/>); fields are () when there is no form
+    elements: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,12 +347,13 @@ def action_term(action: Action) -> tuple[Any, ...]:
             return (_A("iq_result"), ref, xml.encode() if xml is not None else _A("undefined"))
         case IqError(ref, error_type, condition, text):
             return (_A("iq_error"), ref, _A(error_type), _A(condition), text.encode())
-        case Publish(ref, to, node, fields, publish_options, timeout_ms):
-            return (_A("publish"), ref, to.encode(), node.encode(),
+        case Publish(ref, to, node, fields, publish_options, timeout_ms, elements):
+            term = (_A("publish"), ref, to.encode(), node.encode(),
                     [_field(var, values) if var == _BODY_FIELD else _field_term(var, values)
                      for var, values in fields],
                     _A("undefined") if publish_options is None else _form_term(publish_options),
                     timeout_ms)
+            return (*term, [e.encode() for e in elements]) if elements else term
         case SetPush(session, timeout):
             return (_A("set_push"), tuple(p.encode() for p in session),
                     False if timeout is None else timeout)

@@ -12,6 +12,7 @@ import heapq
 import itertools
 import json
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import TypeAlias
 
 from .appservice import AppServer, Delivery, error_reply
-from .core import limits
+from .core import ios_extensions, limits
 from .core import options as push_options
 from .core.config import Config
 from .core.notify import (
@@ -28,7 +29,9 @@ from .core.notify import (
     Trigger,
     classify_reply,
     count_error,
+    extension_event,
     fingerprint,
+    groupchat_candidate,
     is_encrypted,
     pushed_mark,
     summary_fields,
@@ -136,12 +139,18 @@ def _counted(registration: Registration, chosen: Trigger) -> Counts:
 
 def _stanza_json(stanza: Stanza) -> str:
     return json.dumps([stanza.kind, stanza.sender, stanza.id, stanza.type, stanza.body,
-                       stanza.xml.decode("utf-8", "replace"), stanza.nick])
+                       stanza.xml.decode("utf-8", "replace"), stanza.nick, stanza.known])
 
 
 def _stanza_from_json(text: str) -> Stanza:
-    kind, sender, stanza_id, kind_type, body, xml, nick = json.loads(text)
-    return Stanza(kind, sender, stanza_id, kind_type, body, xml.encode(), nick)
+    kind, sender, stanza_id, kind_type, body, xml, nick, *known = json.loads(text)
+    return Stanza(kind, sender, stanza_id, kind_type, body, xml.encode(), nick,
+                  known[0] if known else None)
+
+
+def _recipient(registration: Registration) -> LogicRecipient:
+    return LogicRecipient(*registration.session,
+                          ios_extensions.from_json(registration.extensions))
 
 
 class PushService:
@@ -228,7 +237,8 @@ class PushService:
         try:
             try:
                 delivery = self.app_server.publish_direct(
-                    publish.ref, domain, publish.node, publish.fields, publish.publish_options)
+                    publish.ref, domain, publish.node, publish.fields, publish.publish_options,
+                    publish.elements)
             except RequestError as error:
                 answered: list[Result] = [*self._publish_reply(error_reply(publish.ref, error),
                                                                now)]
@@ -329,7 +339,10 @@ class PushService:
             actions.append(PushOptionsUpdate(user, accepted.fields()))
             result = accepted.form_xml()
         publish_options = request.publish_options.to_xml() if request.publish_options else None
-        registration = Registration(*session, request.jid, request.node, publish_options)
+        extensions = request.extensions.to_json() \
+            if request.extensions and self.config.ios_extensions else ""
+        registration = Registration(*session, request.jid, request.node, publish_options,
+                                    extensions=extensions)
         if self.store.get(registration.key) is None:  # re-enabling does not count
             limits.check_count(self.store.registration_count(user),
                                self.config.max_registrations, "push registrations",
@@ -338,7 +351,9 @@ class PushService:
         # session's others were bound when it opened, so an enable costs the same
         # however many the account holds.
         self.store.enable(registration, self.config.ejabberd_node)
-        log.info("push enabled for %s/%s at %s", session[0], session[2], request.jid)
+        names = ios_extensions.from_json(extensions).names() if extensions else []
+        log.info("push enabled for %s/%s at %s%s", session[0], session[2], request.jid,
+                 f" (extensions: {' '.join(names)})" if names else "")
         return [*actions, SetPush(session, self.config.resume_timeout_ms),
                 IqResult(iq.ref, result)]
 
@@ -387,7 +402,9 @@ class PushService:
         hook_call); target is then what the event was for (resource "": any session)."""
         stanza = unwrap_carbon(original) if registrations else None
         trigger = trigger_of(stanza, self.config) if stanza else None
-        if stanza is None or (trigger is None and not self.logic.has("should_push")):
+        if stanza is None or (trigger is None and not self.logic.has("should_push")
+                              and not (stanza.type == "groupchat"
+                                       and any(r.extensions for r in registrations))):
             return []
         mark = fingerprint(stanza)
         if self.logic.is_async:
@@ -398,12 +415,12 @@ class PushService:
             options = self.options_of(registrations[0].session[:2])
         actions: list[Action | HookWork] = []
         for registration in registrations:
-            chosen = trigger
+            chosen = self._filtered(registration, stanza, trigger)
             if message is not None:
-                recipient = LogicRecipient(*registration.session)
-                if not self.logic.should_push(message, recipient, trigger is not None):
+                if not self.logic.should_push(message, _recipient(registration),
+                                              chosen is not None):
                     continue
-                chosen = trigger or Trigger.MESSAGE
+                chosen = chosen or trigger or Trigger.MESSAGE
             if chosen is None:
                 continue
             publish = self._push_once(registration, stanza, chosen, mark, options, now,
@@ -411,6 +428,53 @@ class PushService:
             if publish is not None:
                 actions.append(publish)
         return actions
+
+    def _filtered(self, registration: Registration, stanza: Stanza,
+                  trigger: Trigger | None) -> Trigger | None:
+        """The trigger for this registration, after the filters its client asked for
+        (Tigase's muted, groupchat and ignore-unknown): a client's group chat rules
+        decide on group chat messages instead of option notify_groupchat (unless it
+        is never)."""
+        if not registration.extensions:
+            return trigger
+        extensions = ios_extensions.from_json(registration.extensions)
+        if extensions.groupchat is not None and stanza.kind == "message" \
+                and stanza.type == "groupchat" and trigger is not Trigger.CALL:
+            trigger = Trigger.MESSAGE if groupchat_candidate(stanza, self.config) else None
+        if trigger is None:
+            return None
+        event = extension_event(stanza, trigger is Trigger.CALL)
+        user_jid = f"{registration.user}@{registration.server}"
+        return trigger if ios_extensions.allowed(extensions, event, user_jid) else None
+
+    @staticmethod
+    def _encrypted(registration: Registration) -> bool:
+        return bool(registration.extensions) and \
+            ios_extensions.from_json(registration.extensions).encrypt is not None
+
+    def _extended(self, registration: Registration, summary: list[tuple[str, str]],
+                  stanza: Stanza, chosen: Trigger, counts: Counts) -> list[tuple[str, str]]:
+        """The notification with the elements the registration's client asked for: with
+        <encrypt/>, the payload encrypted with its key instead of the summary form (which
+        would show in clear what only the device should read); <priority/>; <jingle/>
+        for a call. The sender and body are in the encrypted payload unless the admin's
+        allow_senders / allow_message_bodies withhold them."""
+        extensions = ios_extensions.from_json(registration.extensions)
+        event = extension_event(stanza, chosen is Trigger.CALL)
+        voip = chosen is Trigger.CALL
+        elements: list[str] = []
+        if extensions.encrypt is not None:
+            data = ios_extensions.payload(event, counts.messages, self.config.allow_senders,
+                                          self.config.allow_message_bodies)
+            plaintext = ios_extensions.fit_payload(data, extensions.encrypt.max_size, voip)
+            elements.append(ios_extensions.encrypt(
+                extensions.encrypt.key, os.urandom(ios_extensions.IV_BYTES), plaintext, voip))
+            summary = []
+        if extensions.priority:
+            elements.append(ios_extensions.priority_element(ios_extensions.is_important(event)))
+        if extensions.jingle and voip:
+            elements.append(ios_extensions.jingle_element(*ios_extensions.call_media(stanza.xml)))
+        return [*summary, *ios_extensions.element_pairs(elements)]
 
     def _push_once(self, registration: Registration, stanza: Stanza, chosen: Trigger,
                    mark: bytes, options: push_options.PushOptions, now: float,
@@ -435,9 +499,10 @@ class PushService:
         self.store.save_counts(registration)
         if summary is None:
             summary = summary_fields(options, counts, chosen, stanza)
-            if message is not None:
-                summary = self.logic.summary(message, LogicRecipient(*registration.session),
-                                             summary)
+            if message is not None and not self._encrypted(registration):
+                summary = self.logic.summary(message, _recipient(registration), summary)
+        if registration.extensions:
+            summary = self._extended(registration, summary, stanza, chosen, counts)
         return self._publish(registration, summary, now)
 
     # ------------------------------------------------------- async push logic
@@ -482,8 +547,9 @@ class PushService:
             chosen = trigger or Trigger.MESSAGE
             fields = summary_fields(options, _counted(registration, chosen), chosen,
                                     stanza) if stanza else []
-            cases.append(HookCase(LogicRecipient(*registration.session), trigger is not None,
-                                  fields))
+            default = stanza is not None and self._filtered(registration, stanza,
+                                                            trigger) is not None
+            cases.append(HookCase(_recipient(registration), default, fields))
         message = self._logic_view(stanza, trigger) if stanza else None
         return HookCall(work, message, registrations, cases, options)
 
@@ -544,9 +610,11 @@ class PushService:
         if registration.errors:
             self._erring.add(registration.key)
         options = registration.publish_options
-        return Publish(ref, registration.push_jid, registration.node, summary_form(entry.summary),
+        fields, elements = ios_extensions.split(entry.summary)
+        return Publish(ref, registration.push_jid, registration.node,
+                       summary_form(fields) if fields or not elements else (),
                        publish_options_form(options) if options else None,
-                       self.config.publish_timeout_ms)
+                       self.config.publish_timeout_ms, tuple(elements))
 
     def _reset(self, session: SessionKey) -> bool:
         """Counts start again when the client is back; True if the session has push."""
@@ -653,7 +721,10 @@ class PushService:
     def _wake(self, registration: Registration, now: float) -> Publish:
         options = self.options_of(registration.session[:2])
         counts = Counts(registration.message_count, registration.subscription_count)
-        return self._publish(registration, wake_fields(options, counts), now)
+        fields = wake_fields(options, counts)
+        if ios_extensions.from_json(registration.extensions).priority:
+            fields += ios_extensions.element_pairs([ios_extensions.priority_element(False)])
+        return self._publish(registration, fields, now)
 
     # ------------------------------------------------------------------ timers
     def _pushed_id(self, now: float) -> int:

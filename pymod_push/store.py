@@ -12,7 +12,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from json.encoder import encode_basestring_ascii as _quote
 from typing import Any
 
@@ -149,6 +149,11 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE devices ADD COLUMN extra TEXT NOT NULL DEFAULT '';
     """,
+    # version 11: the Tigase push extensions a client sent with its enable (encryption key,
+    # priority, filters: core/ios_extensions.to_json), "" for none
+    """
+    ALTER TABLE registrations ADD COLUMN extensions TEXT NOT NULL DEFAULT '';
+    """,
 )
 
 
@@ -164,6 +169,8 @@ class Registration:
     message_count: int = 0
     subscription_count: int = 0
     last_error_at: float | None = None  # when an error was last counted (see count_error)
+    # Tigase's push extensions (ios_extensions.to_json; holds the client's key: no repr)
+    extensions: str = field(default="", repr=False)
 
     @property
     def key(self) -> tuple[str, str, str, str]:
@@ -224,7 +231,7 @@ class Device:
 _DEVICE_COLUMNS = ("node, secret, user, device_id, device_name, provider, app_name, "
                    "pubsub_host, token, application_id, p256dh, auth, voip_token, extra")
 _COLUMNS = ("user, server, resource, push_jid, node, publish_options, errors, "
-            "message_count, subscription_count, last_error_at")
+            "message_count, subscription_count, last_error_at, extensions")
 _COLUMN_COUNT = _COLUMNS.count(",") + 1
 _JOINED_COLUMNS = ", ".join(f"r.{column.strip()}" for column in _COLUMNS.split(","))
 
@@ -372,15 +379,16 @@ class Store:
         session live on ejabberd_node (not pending, no wake due)."""
         self.db.execute(
             "INSERT INTO registrations (user, server, resource, push_jid, node, "
-            "publish_options, enabled_at, ejabberd_node) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT (user, server, push_jid, node) DO UPDATE SET "
+            "publish_options, enabled_at, ejabberd_node, extensions) VALUES "
+            "(?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (user, server, push_jid, node) DO UPDATE SET "
             "resource=excluded.resource, publish_options=excluded.publish_options, "
+            "extensions=excluded.extensions, "
             "enabled_at=excluded.enabled_at, errors=0, last_error_at=NULL, message_count=0, "
             "subscription_count=0, ejabberd_node=excluded.ejabberd_node, wake_due=NULL, "
             "pending=0",
             (registration.user, registration.server, registration.resource,
              registration.push_jid, registration.node, registration.publish_options,
-             time.time(), ejabberd_node))
+             time.time(), ejabberd_node, registration.extensions))
         self._changed(registration.user_key)
 
     def registration_count(self, user: UserKey) -> int:

@@ -563,3 +563,42 @@ def test_a_flood_of_publishes_to_one_node_is_rate_limited(setup: AppServerSetup)
         assert paths.count(f"/3/device/{flooded_token}") == accepted
 
     scenario.run(run)
+
+
+def test_an_encrypted_registration_gets_the_blob_in_its_apns_payload(
+        setup: AppServerSetup) -> None:
+    """Siskin-style encryption (tigase:push:encrypt:0) to the built-in app server: the
+    APNs payload carries the blob and IV for the app's notification service extension,
+    which decrypts it with the key the client enabled with."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    scenario = setup.scenario
+    setup.apns.reset()
+    key = bytes(range(16, 32))
+
+    async def run(peers: Peers) -> None:
+        _, phone, sender = await scenario.cast(peers)
+        fields = _result(await phone.command("localhost", "register-push-apns",
+                                             {"token": TOKEN}))
+        node, secret = fields["node"][0], fields["secret"][0]
+        await phone.push_iq(
+            f"<enable xmlns='{NS_PUSH}' jid='pubsub.localhost' node='{node}'>"
+            f"<x xmlns='{NS_DATA}' type='submit'><field var='FORM_TYPE'><value>"
+            "http://jabber.org/protocol/pubsub#publish-options</value></field>"
+            f"<field var='secret'><value>{secret}</value></field></x>"
+            "<encrypt xmlns='tigase:push:encrypt:0' alg='aes-128-gcm'>"
+            f"{base64.b64encode(key).decode()}</encrypt>"
+            "<priority xmlns='tigase:push:priority:0'/></enable>")
+        await scenario.go_pending(phone)
+        sender.send_message(mto=phone.boundjid.full, mbody="for the extension", mtype="chat")
+        (request,) = await setup.apns.wait_for(1)
+        assert not request.refused and request.headers["apns-push-type"] == "alert"
+        payload = request.json()
+        assert payload["aps"]["mutable-content"] == 1
+        assert "for the extension" not in json.dumps(payload)
+        plaintext = AESGCM(key).decrypt(base64.b64decode(payload["iv"]),
+                                        base64.b64decode(payload["encrypted"]), None)
+        assert json.loads(plaintext) == {"unread": 1, "sender": sender.boundjid.bare,
+                                         "type": "chat", "message": "for the extension"}
+
+    scenario.run(run)

@@ -19,6 +19,7 @@ from tests.test_service import make_service as plain_service
 BODY = "the-secret-body-4711"
 SECRET = "node-secret-0815"
 TOKEN = "fe" * 32
+IOS_KEY = "c2VjcmV0LWlvcy1rZXktMQ=="  # the 16-byte key of Tigase's <encrypt/> (Siskin IM)
 
 
 def enable_with_bodies() -> PushIq:
@@ -36,8 +37,13 @@ def drive(log_sensitive: bool) -> None:
     config = replace(plain_service().config, log_sensitive=log_sensitive)
     service = PushService(config, Store(":memory:"))
     service.handle(enable_with_bodies(), 0)
-    (push,) = service.handle(StanzaToPending(PHONE, message(body=BODY)), 0)
+    service.handle(PushIq("ref", PHONE, ("alice", "example.org", ""), "set", "en", (
+        "<enable xmlns='urn:xmpp:push:0' jid='push.example.net' node='n2'>"
+        "<encrypt xmlns='tigase:push:encrypt:0' alg='aes-128-gcm'>"
+        f"{IOS_KEY}</encrypt></enable>").encode()), 0)
+    (push, encrypted) = service.handle(StanzaToPending(PHONE, message(body=BODY)), 0)
     assert isinstance(push, Publish)  # the body and the secret are in the push, as they should
+    assert isinstance(encrypted, Publish) and encrypted.elements
     assert ("last-message-body", (BODY,)) in push.fields
     assert ("secret", (SECRET,)) in (push.publish_options or ())
     server = make_app_server()
@@ -50,7 +56,7 @@ def test_nothing_sensitive_in_the_log_at_debug(caplog: pytest.LogCaptureFixture)
     with caplog.at_level(logging.DEBUG, logger="pymod_push"):
         drive(log_sensitive=False)
     assert caplog.records  # the paths did log
-    for needle in (BODY, SECRET, TOKEN):
+    for needle in (BODY, SECRET, TOKEN, IOS_KEY):
         assert needle not in caplog.text
 
 
@@ -58,6 +64,7 @@ def test_log_sensitive_shows_what_was_published(caplog: pytest.LogCaptureFixture
     with caplog.at_level(logging.DEBUG, logger="pymod_push"):
         drive(log_sensitive=True)
     assert BODY in caplog.text
+    assert IOS_KEY not in caplog.text  # the device's key: never, it is not a notification
 
 
 @pytest.mark.parametrize(("ejabberd", "python"), [

@@ -141,6 +141,9 @@ class Publish:
     node: str
     summary: dict[str, str]
     publish_options: dict[str, str]
+    # the other children of <notification/> (Tigase's <encrypted/>, <priority/>, <jingle/>)
+    elements: list[ET.Element] = field(default_factory=list)
+    xml: str = ""  # the whole publish IQ
 
     @classmethod
     def parse(cls, iq: ET.Element) -> Publish:
@@ -148,9 +151,13 @@ class Publish:
         assert pubsub is not None
         publish = pubsub.find(f"{{{NS_PUBSUB}}}publish")
         assert publish is not None
-        form = publish.find(f"{{{NS_PUBSUB}}}item/{{{NS_PUSH}}}notification/{{{NS_DATA}}}x")
+        notification = publish.find(f"{{{NS_PUBSUB}}}item/{{{NS_PUSH}}}notification")
+        form = None if notification is None else notification.find(f"{{{NS_DATA}}}x")
         options = pubsub.find(f"{{{NS_PUBSUB}}}publish-options/{{{NS_DATA}}}x")
-        return cls(iq.get("from", ""), publish.get("node", ""), _fields(form), _fields(options))
+        elements = [] if notification is None else [
+            e for e in notification if e.tag != f"{{{NS_DATA}}}x"]
+        return cls(iq.get("from", ""), publish.get("node", ""), _fields(form), _fields(options),
+                   elements, ET.tostring(iq, encoding="unicode"))
 
 
 def form_fields(form: ET.Element | None) -> dict[str, list[str]]:

@@ -212,6 +212,7 @@ mod_opt_type(publish_rate) -> econf:pos_int();
 mod_opt_type(logic) -> econf:either(undefined, econf:binary());
 mod_opt_type(logic_budget) -> econf:pos_int();
 mod_opt_type(log_sensitive) -> econf:bool();
+mod_opt_type(ios_extensions) -> econf:bool();
 mod_opt_type(metrics_listen) -> econf:either(undefined, econf:binary("^.+:[0-9]+$"));
 mod_opt_type(wake_on_start) -> econf:bool();
 mod_opt_type(wake_rate) -> econf:pos_int();
@@ -320,6 +321,7 @@ mod_options(_Host) ->
      {logic, undefined},
      {logic_budget, 50},
      {log_sensitive, false},
+     {ios_extensions, true},
      {metrics_listen, undefined},
      {wake_on_start, true},
      {wake_rate, 50},
@@ -467,6 +469,14 @@ mod_doc() ->
                          "(summaries, provider requests with device tokens and "
                          "payloads). Off by default: bodies, tokens and secrets never "
                          "appear in the log otherwise.")}},
+           {ios_extensions,
+            #{value => "true | false",
+              desc => ?T("Offer Tigase's push extensions, which Siskin IM and Snikket "
+                         "iOS use: notifications encrypted with a key only the device "
+                         "holds, high or low priority, filters (muted chats, group "
+                         "chat rules, unknown senders) and call pushes. The account's "
+                         "disco#info lists them and the clients' choices are kept with "
+                         "each registration. The default is 'true'.")}},
            {metrics_listen,
             #{value => ?T("Host:Port"),
               desc => ?T("Serve Prometheus metrics (events, publishes and provider "
@@ -617,10 +627,21 @@ too_many(What, Host, Seconds, Lang) ->
 
 disco_sm_features(empty, From, To, Node, Lang) ->
     disco_sm_features({result, []}, From, To, Node, Lang);
-disco_sm_features({result, Features}, _From, _To, <<"">>, _Lang) ->
-    {result, [?NS_PUSH_0 | Features]};
+disco_sm_features({result, Features}, _From, #jid{lserver = S}, <<"">>, _Lang) ->
+    {result, [?NS_PUSH_0 | ios_features(S)] ++ Features};
 disco_sm_features(Acc, _From, _To, _Node, _Lang) ->
     Acc.
+
+%% Tigase's push extensions (pymod_push/core/ios_extensions.py, FEATURES), which Siskin
+%% IM and Snikket iOS look for on the account.
+ios_features(Host) ->
+    case opt(Host, ios_extensions) of
+        true -> [<<"tigase:push:encrypt:0">>, <<"tigase:push:encrypt:aes-128-gcm">>,
+                 <<"tigase:push:priority:0">>, <<"tigase:push:filter:muted:0">>,
+                 <<"tigase:push:filter:groupchat:0">>,
+                 <<"tigase:push:filter:ignore-unknown:0">>, <<"tigase:push:jingle:0">>];
+        false -> []
+    end.
 
 %% disco#info a user sends to their own bare JID: the push options form
 %% (urn:xmpp:push:options) with that user's values, which Python keeps in ETS.
@@ -703,14 +724,14 @@ sm_register_connection_hook(_SID, #jid{lserver = LServer} = JID, _Info) ->
 
 offline_message({Tag, #message{to = #jid{luser = U, lserver = S}} = Msg} = Acc)
   when Tag == offlined; Tag == archived ->
-    send_event(S, {offline, {U, S}, describe(Msg)}),
+    send_event(S, {offline, {U, S}, described(Msg, U, S)}),
     Acc;
 offline_message(Acc) ->
     Acc.
 
 mam_message(#message{} = Pkt, LUser, LServer, _Peer, _Nick, chat, recv) ->
     case ejabberd_sm:get_user_resources(LUser, LServer) of
-        [] -> send_event(LServer, {archived, {LUser, LServer}, describe(Pkt)});
+        [] -> send_event(LServer, {archived, {LUser, LServer}, described(Pkt, LUser, LServer)});
         _ -> ok  % online or pending sessions are handled by c2s_handle_send
     end,
     Pkt;
@@ -812,8 +833,33 @@ describe(#message{type = groupchat, from = #jid{} = From} = Pkt, #{push_py_nicks
         #{Room := Nick} -> erlang:append_element(describe(Pkt), #{nick => Nick});
         _ -> describe(Pkt)
     end;
+describe(Pkt, #{user := U, server := S}) ->
+    described(Pkt, jid:nodeprep(U), jid:nameprep(S));
 describe(Pkt, _State) ->
     describe(Pkt).
+
+%% With ios_extensions, a stanza from someone else carries the sender's roster item,
+%% {Subscription, Ask} ({none, none}: none), for the ignore-unknown filter.
+described(#message{type = groupchat} = Pkt, _U, _S) ->
+    describe(Pkt);
+described(Pkt, U, S) ->
+    case xmpp:get_from(Pkt) of
+        #jid{luser = U, lserver = S} -> describe(Pkt);  % the user's own (carbons)
+        #jid{} = From ->
+            case opt(S, ios_extensions) andalso roster_item(U, S, From) of
+                {_, _} = Item -> erlang:append_element(describe(Pkt), #{roster => Item});
+                _ -> describe(Pkt)  % off, or not known: Python pushes
+            end;
+        undefined -> describe(Pkt)
+    end.
+
+roster_item(U, S, From) ->
+    case ejabberd_hooks:run_fold(roster_get_jid_info, S, {none, none, []},
+                                 [U, S, jid:remove_resource(From)]) of
+        {Subscription, Ask, _Groups} when is_atom(Subscription), is_atom(Ask) ->
+            {Subscription, Ask};
+        _ -> undefined
+    end.
 
 describe(Pkt) ->
     Body = case Pkt of
@@ -1396,10 +1442,13 @@ execute({iq_error, Ref, Type, Reason, Text}, State) ->
                                                text = xmpp:mk_text(Text, IQ#iq.lang)},
                            xmpp:make_error(IQ, Err)
                    end, State);
-execute({publish, Ref, To, Node, Fields, Options, Timeout}, #state{host = Host} = State) ->
+execute({publish, Ref, To, Node, Fields, Options, Timeout}, State) ->
+    execute({publish, Ref, To, Node, Fields, Options, Timeout, []}, State);
+execute({publish, Ref, To, Node, Fields, Options, Timeout, Elements},
+        #state{host = Host} = State) ->
     try jid:decode(To) of
         AppServer ->
-            Item = #ps_item{sub_els = [#push_notification{xdata = xdata(Fields)}]},
+            Item = #ps_item{sub_els = [notification(Fields, Elements)]},
             PubSub = #pubsub{publish = #ps_publish{node = Node, items = [Item]},
                              publish_options = xdata(Options)},
             IQ = #iq{type = set, from = jid:make(Host), to = AppServer, sub_els = [PubSub]},
@@ -1449,6 +1498,18 @@ answer_iq(Ref, MakeReply, #state{host = Host} = State) ->
         [] -> ok  % already answered with a timeout error
     end,
     State.
+
+%% <notification/>: the summary form, and after it the extension elements Python made
+%% (Tigase's <encrypted/>, <priority/>, <jingle/>), if any.
+notification(Fields, []) ->
+    #push_notification{xdata = xdata(Fields)};
+notification(Fields, Elements) ->
+    Form = case Fields of
+               [] -> [];
+               _ -> [xmpp:encode(xdata(Fields))]
+           end,
+    #xmlel{name = <<"notification">>, attrs = [{<<"xmlns">>, ?NS_PUSH_0}],
+           children = Form ++ [parse_xml(E) || E <- Elements]}.
 
 %% A submitted data form from [{Var, [Value]}]; FORM_TYPE is hidden (XEP-0068).
 xdata(undefined) -> undefined;

@@ -22,6 +22,7 @@ from .xep0357 import (
     MAX_FORM_FIELDS,
     NS_DATA,
     NS_PUBSUB,
+    NS_PUSH,
     FormFields,
     RequestError,
     field_xml,
@@ -41,6 +42,14 @@ REGISTER_COMMANDS = {"register-push-apns": "apns", "register-push-fcm": "fcm",
 LIST_COMMAND = "list-push-registrations"
 UNREGISTER_COMMAND = "unregister-push"
 MAX_FIELD = 4096
+# Tigase's encrypted notification (core/ios_extensions): its blob and IV go to the device
+# as they are, in these data fields (Siskin's notification service extension reads them);
+# a call's (type='voip') is urgent. A blob is never cut (it would not decrypt): a larger
+# one than this is left out, and the providers leave it out when it does not fit.
+NS_TIGASE_ENCRYPT = "tigase:push:encrypt:0"
+ENCRYPTED_FIELD = "encrypted"
+IV_FIELD = "iv"
+MAX_ENCRYPTED = 16 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,6 +282,9 @@ def parse_publish(iq: Iq) -> PublishRequest:
     for form in publish.iter(f"{{{NS_DATA}}}x"):
         summary = _lenient_fields(form)
         break
+    notification = publish.find(f"{{{NS_PUBSUB}}}item/{{{NS_PUSH}}}notification")
+    if notification is not None:
+        summary.update(encrypted_fields(notification))
     secret = None
     options = pubsub.find(f"{{{NS_PUBSUB}}}publish-options/{{{NS_DATA}}}x")
     if options is not None:
@@ -321,8 +333,23 @@ def lenient_form(fields: FormFields) -> dict[str, str]:
                          for var, values in fields[:MAX_FORM_FIELDS + 1])
 
 
-def direct_publish(node: str, fields: FormFields,
-                   publish_options: FormFields | None) -> PublishRequest:
+def encrypted_fields(elements: Iterable[ET.Element]) -> dict[str, str]:
+    """The data fields of a Tigase <encrypted/> among a notification's children."""
+    for element in elements:
+        if element.tag != f"{{{NS_TIGASE_ENCRYPT}}}encrypted":
+            continue
+        blob, iv = "".join((element.text or "").split()), element.get("iv", "")
+        if not blob or not iv or len(blob) > MAX_ENCRYPTED or len(iv) > 64:
+            return {}
+        fields = {ENCRYPTED_FIELD: blob, IV_FIELD: iv}
+        if element.get("type") == "voip":
+            fields["last-message-priority"] = "high"  # a call: urgent
+        return fields
+    return {}
+
+
+def direct_publish(node: str, fields: FormFields, publish_options: FormFields | None,
+                   elements: Iterable[str] = ()) -> PublishRequest:
     """What :func:`parse_publish` reads from the publish IQ the shim would build from a
     :class:`~pymod_push.protocol.Publish`'s parts (its node, summary form and
     publish-options), for a publish to this process's own app server (no round trip)."""
@@ -330,7 +357,10 @@ def direct_publish(node: str, fields: FormFields,
     if not node:
         raise RequestError("bad-request", "publish needs a node")
     secret = lenient_form(publish_options).get("secret") if publish_options else None
-    return PublishRequest(node, secret, lenient_form(fields))
+    summary = lenient_form(fields)
+    if elements:
+        summary.update(encrypted_fields(safexml.parse(e.encode()) for e in elements))
+    return PublishRequest(node, secret, summary)
 
 
 def secret_matches(expected: str, given: str | None) -> bool:

@@ -112,6 +112,9 @@ class Config:
     logic_budget_ms: int = 50  # how long a push may wait for the admin's functions
     metrics_listen: str | None = None  # "host:port" for Prometheus, off when None
     log_sensitive: bool = False  # debug logs may show bodies, tokens, summaries: only if asked
+    # Tigase's push extensions (Siskin IM, Snikket iOS: core/ios_extensions): advertised
+    # and honoured; off, an enable's extension elements are ignored (not stored)
+    ios_extensions: bool = True
     db_file: str = ":memory:"
     db_url: str | None = None  # PostgreSQL shared by a cluster's nodes, instead of db_file
     backends: tuple[Backend, ...] = ()
@@ -154,6 +157,7 @@ class Config:
                                                    cls.wake_before_timeout_ms)),
             ejabberd_node=str(options.get("node", "")),
             log_sensitive=options.get("log_sensitive") is True,
+            ios_extensions=options.get("ios_extensions", cls.ios_extensions) is not False,
             logic=_text(options["logic"]) if isinstance(options.get("logic"), bytes) else None,
             logic_budget_ms=int(options.get("logic_budget", cls.logic_budget_ms)),
             metrics_listen=(_text(options["metrics_listen"])

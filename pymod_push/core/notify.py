@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from ..protocol import Stanza
-from . import safexml
+from . import ios_extensions, safexml
 from .config import Config
 from .options import PushOptions
 
@@ -38,16 +38,30 @@ def trigger_of(stanza: Stanza, config: Config) -> Trigger | None:
     if NS_JMI in xml and b"<propose" in xml:
         return Trigger.CALL
     if stanza.type == "groupchat":
-        if config.notify_groupchat == "never" or not stanza.body.strip():
+        if not groupchat_candidate(stanza, config):
             return None
-        if stanza.nick and stanza.sender.partition("/")[2] == stanza.nick:
-            return None  # the room's echo of what the user said from another device
         if config.notify_groupchat == "mentions" and not mentions(stanza):
             return None
         return Trigger.MESSAGE
     if stanza.body.strip() or config.notify_on == "all":
         return Trigger.MESSAGE
     return None
+
+
+def groupchat_candidate(stanza: Stanza, config: Config) -> bool:
+    """A group chat message that may push, before any mention rule (the server's
+    notify_groupchat or a client's groupchat filter): the admin allows group chat pushes,
+    it has a body, and it is not the room's echo of what the user said elsewhere."""
+    if config.notify_groupchat == "never" or not stanza.body.strip():
+        return False
+    return not (stanza.nick and stanza.sender.partition("/")[2] == stanza.nick)
+
+
+def extension_event(stanza: Stanza, call: bool) -> ios_extensions.Event:
+    """The stanza as the Tigase extensions' decisions see it."""
+    return ios_extensions.Event(stanza.kind, stanza.type, stanza.sender, stanza.body,
+                                stanza.xml, call, is_encrypted(stanza), stanza.nick,
+                                stanza.known)
 
 
 def unwrap_carbon(stanza: Stanza) -> Stanza | None:

@@ -13,9 +13,13 @@ import unicodedata
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 from xml.sax.saxutils import escape, quoteattr
 
 from . import safexml
+
+if TYPE_CHECKING:
+    from .ios_extensions import Extensions
 
 NS_PUSH = "urn:xmpp:push:0"
 NS_DATA = "jabber:x:data"
@@ -65,6 +69,7 @@ class Enable:
     node: str
     publish_options: Form | None
     push_options: Form | None
+    extensions: Extensions | None = None  # Tigase's (ios_extensions); None: none sent
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,7 +204,9 @@ def parse_push_request(xml: bytes) -> Enable | Disable:
             # sent with every publish: a big one would make every push big
             raise RequestError("not-acceptable", "the publish-options form is larger than "
                                f"{MAX_PUBLISH_OPTIONS_XML_BYTES} bytes")
-        return Enable(jid, node, publish_options, push_options)
+        from . import ios_extensions  # noqa: PLC0415  (it builds on this module)
+        extensions = ios_extensions.parse(element)
+        return Enable(jid, node, publish_options, push_options, extensions or None)
     if element.tag == f"{{{NS_PUSH}}}disable":
         jid = check_jid(element.get("jid"), "disable")
         node = element.get("node") or None

@@ -10,6 +10,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from cryptography.x509.oid import NameOID
 
+from ..core.appserver import ENCRYPTED_FIELD
 from ..core.config import Backend
 from ..store import Device
 from . import HttpRequest, Outcome, Reply, fitted, notification_text, summary_payload, to_json
@@ -76,7 +77,10 @@ class Apns:
         if urgent and self.voip_topic and device.voip_token:
             return self._voip_request(device, summary, now)
         token, node = device.token, device.node
-        shown = any(notification_text(summary)) or urgent
+        # An encrypted notification (Tigase's, see core/appserver.encrypted_fields) is shown:
+        # its mutable-content lets the app's notification service extension decrypt it
+        # and replace the placeholder text with the sender and the message.
+        shown = any(notification_text(summary)) or urgent or ENCRYPTED_FIELD in summary
         push_type, priority = ("alert", "10") if shown else ("background", "5")
 
         def payload(fields: dict[str, str]) -> bytes:

@@ -7,8 +7,6 @@ import base64
 import json
 import os
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import quoteattr
@@ -35,6 +33,7 @@ from pymod_push.protocol import (
 )
 from pymod_push.service import PushService
 from pymod_push.store import Store, open_store
+from tests.service_stores import database, make_service  # noqa: F401 - a fixture
 
 KEY = bytes(range(16))
 KEY64 = base64.b64encode(KEY).decode()
@@ -311,31 +310,6 @@ def test_priority() -> None:
 
 # -------------------------------------------------------- through the service
 
-_new_store: list[Callable[[], Store]] = [lambda: Store(":memory:")]
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database(request: pytest.FixtureRequest) -> Iterator[None]:
-    if request.param == "sqlite":
-        yield
-        return
-    server: Any = request.getfixturevalue("postgres")
-    opened: list[Store] = []
-
-    def new_store() -> Store:
-        opened.append(open_store("", server.new_database()))
-        return opened[-1]
-    _new_store.append(new_store)
-    try:
-        yield
-    finally:
-        _new_store.pop()
-        for store in opened:
-            store.close()
-
-
-def make_service(**options: object) -> PushService:
-    return PushService(replace(Config("example.org"), **options), _new_store[-1]())
 
 
 def push_iq(xml: str) -> PushIq:

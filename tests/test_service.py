@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -31,7 +29,8 @@ from pymod_push.protocol import (
     parse_event,
 )
 from pymod_push.service import PushService
-from pymod_push.store import MIGRATIONS, Store, open_store
+from pymod_push.store import MIGRATIONS, Store
+from tests.service_stores import database, make_service  # noqa: F401 - a fixture
 
 PHONE = ("alice", "example.org", "phone")
 APP = "push.example.net"
@@ -42,31 +41,7 @@ PUBLISH_OPTIONS = ("<x xmlns='jabber:x:data' type='submit'><field var='FORM_TYPE
 
 # The store make_service uses: SQLite in memory, or a fresh PostgreSQL database (with the
 # registrations it keeps in memory), each test once with each.
-_new_store: list[Callable[[], Store]] = [lambda: Store(":memory:")]
-
-
-@pytest.fixture(autouse=True, params=["sqlite", "postgresql"])
-def database(request: pytest.FixtureRequest) -> Iterator[None]:
-    if request.param == "sqlite":
-        yield
-        return
-    server: Any = request.getfixturevalue("postgres")
-    opened: list[Store] = []
-
-    def new_store() -> Store:
-        opened.append(open_store("", server.new_database()))
-        return opened[-1]
-    _new_store.append(new_store)
-    try:
-        yield
-    finally:
-        _new_store.pop()
-        for store in opened:
-            store.close()
-
-
-def make_service(**options: object) -> PushService:
-    return PushService(replace(Config("example.org"), **options), _new_store[-1]())
+pytestmark = pytest.mark.usefixtures("database")
 
 
 def iq(xml: str, iq_type: str = "set", sender: tuple[str, str, str] = PHONE,

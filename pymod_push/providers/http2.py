@@ -1,9 +1,9 @@
-"""A lean HTTP/2 client on h2 for provider pushes: one TLS connection per backend, many
-concurrent streams.
+"""A lean HTTP/2 client for provider pushes: one TLS connection per backend, many
+concurrent streams, the framing done by h2wire (sans-IO).
 
 Why not httpx here: pushing to a fake APNs, httpx (httpcore, anyio) cost about 0.9 ms
-of CPU per push, about 1,100 pushes/s per process (bench/provider_dispatch.py); the
-work a push needs is framing a few headers and a small body, which h2 does directly.
+of CPU per push, about 1,100 pushes/s per process (bench/provider_dispatch.py); and h2
+itself, about 0.2 ms (see h2wire).
 """
 
 from __future__ import annotations
@@ -12,18 +12,11 @@ import asyncio
 import ssl
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from urllib.parse import urlsplit
 
-import h2.config
-import h2.connection
-import h2.errors
-import h2.events
-import h2.exceptions
-import h2.settings
-
-from . import hpack_cache
+from . import h2wire
 
 SWEEP_S = 1.0  # how often requests are checked for their timeout
 
@@ -39,30 +32,18 @@ class Response:
     content: bytes
 
 
-@dataclass(slots=True)
-class _Stream:
-    done: asyncio.Future[Response]
-    deadline: float  # loop time by which it is answered, or failed (no answer in time)
-    status: int = 0
-    headers: dict[str, str] = field(default_factory=dict)
-    body: bytearray = field(default_factory=bytearray)
-    pending: bytes = b""  # request body not yet sent (flow control)
-
-
 class _Connection(asyncio.Protocol):
-    """One HTTP/2 connection. What h2 has to send is written once per loop iteration
+    """One HTTP/2 connection. What it has to send is written once per loop iteration
     (:meth:`_flush_soon`): a burst of requests, and the window updates for their answers,
     cost one TLS write, not one each."""
 
     def __init__(self, authority: str, timeout: float = 15.0) -> None:
         self.authority = authority
         self.timeout = timeout
-        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(
-            client_side=True, header_encoding="utf-8", validate_outbound_headers=False,
-            normalize_outbound_headers=False))
-        self.h2.encoder = hpack_cache.Encoder()  # type: ignore[assignment]
+        self.wire = h2wire.H2Client()
         self.transport: asyncio.Transport | None = None
-        self.streams: dict[int, _Stream] = {}
+        # stream id -> (its answer, the loop time by which it is answered or failed)
+        self.streams: dict[int, tuple[asyncio.Future[Response], float]] = {}
         self.closed = False
         self._waiting: deque[asyncio.Future[None]] = deque()  # requests waiting for a stream
         self._flush_pending = False
@@ -72,19 +53,26 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        self.h2.initiate_connection()
         self._flush_soon()
 
     def data_received(self, data: bytes) -> None:
         try:
-            events = self.h2.receive_data(data)
-        except h2.exceptions.ProtocolError as exc:
+            events = self.wire.receive(data)
+        except h2wire.ProtocolError as exc:
             self._fail_all(f"HTTP/2 protocol error: {exc}")
+            self._flush()  # the GOAWAY
             if self.transport is not None:
                 self.transport.close()
             return
         for event in events:
-            self._event(event)
+            if isinstance(event, h2wire.Answered):
+                self._finish(event.stream_id, Response(event.status, event.headers,
+                                                       event.body))
+            elif isinstance(event, h2wire.Failed):
+                self._finish(event.stream_id, HttpError(event.reason))
+            elif isinstance(event, h2wire.GoneAway):
+                self.closed = True
+            self._wake()
         self._flush_soon()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -96,8 +84,7 @@ class _Connection(asyncio.Protocol):
     # -- requests
     async def request(self, method: str, path: str, headers: Iterable[tuple[str, str]],
                       body: bytes) -> Response:
-        while not self.closed and \
-                len(self.streams) >= self.h2.remote_settings.max_concurrent_streams:
+        while not self.closed and not self.wire.can_open():
             waiter = asyncio.get_running_loop().create_future()
             self._waiting.append(waiter)
             await waiter
@@ -106,94 +93,49 @@ class _Connection(asyncio.Protocol):
         return await self.open(method, path, headers, body)
 
     def can_open(self) -> bool:
-        return not self.closed and \
-            len(self.streams) < self.h2.remote_settings.max_concurrent_streams
+        return not self.closed and self.wire.can_open()
 
     def open(self, method: str, path: str, headers: Iterable[tuple[str, str]],
              body: bytes) -> asyncio.Future[Response]:
         """A request on a new stream (can_open() must be true): its answer, to await."""
-        stream_id = self.h2.get_next_available_stream_id()
         loop = asyncio.get_running_loop()
-        stream = _Stream(loop.create_future(), loop.time() + self.timeout)
-        self.streams[stream_id] = stream
-        if self._sweep is None:
-            self._sweep = loop.call_later(SWEEP_S, self._expire)
         request_headers = [(":method", method), (":scheme", "https"),
                            (":authority", self.authority), (":path", path), *headers]
         if body:
             request_headers.append(("content-length", str(len(body))))
-        self.h2.send_headers(stream_id, request_headers, end_stream=not body)
-        stream.pending = body
-        self._send_pending(stream_id)
+        stream_id = self.wire.request(request_headers, body)
+        done: asyncio.Future[Response] = loop.create_future()
+        self.streams[stream_id] = (done, loop.time() + self.timeout)
+        if self._sweep is None:
+            self._sweep = loop.call_later(SWEEP_S, self._expire)
         self._flush_soon()
-        return stream.done
+        return done
 
     def _expire(self) -> None:
         """Every SWEEP_S while requests are open: those unanswered in time fail (and are
         reset), as asyncio.wait_for would make them, without a task and a timer each."""
         self._sweep = None
         now = asyncio.get_running_loop().time()
-        expired = [i for i, stream in self.streams.items() if stream.deadline <= now]
+        expired = [i for i, (_, deadline) in self.streams.items() if deadline <= now]
         for stream_id in expired:
-            self._finish(stream_id, "no answer in time")
-            try:
-                self.h2.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
-            except h2.exceptions.H2Error:
-                pass  # already closed on the wire
+            self.wire.reset(stream_id)
+            self._finish(stream_id, HttpError("no answer in time"))
         if expired:
+            self._wake()
             self._flush_soon()
         if self.streams and not self.closed:
             self._sweep = asyncio.get_running_loop().call_later(SWEEP_S, self._expire)
 
-    def _send_pending(self, stream_id: int) -> None:
-        stream = self.streams.get(stream_id)
-        if stream is None or not stream.pending:
-            return
-        window = min(self.h2.local_flow_control_window(stream_id),
-                     self.h2.max_outbound_frame_size)
-        if window <= 0:
-            return  # a WindowUpdated event sends the rest
-        chunk, stream.pending = stream.pending[:window], stream.pending[window:]
-        self.h2.send_data(stream_id, chunk, end_stream=not stream.pending)
-
-    def _event(self, event: h2.events.Event) -> None:
-        if isinstance(event, h2.events.ResponseReceived):
-            stream = self.streams.get(event.stream_id)
-            if stream is not None:
-                headers = {str(k): str(v) for k, v in event.headers}
-                stream.status = int(headers.pop(":status", "0"))
-                stream.headers = headers
-        elif isinstance(event, h2.events.DataReceived):
-            self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-            stream = self.streams.get(event.stream_id)
-            if stream is not None:
-                stream.body += event.data
-        elif isinstance(event, h2.events.StreamEnded):
-            self._finish(event.stream_id, None)
-        elif isinstance(event, h2.events.StreamReset):
-            self._finish(event.stream_id, f"stream reset ({event.error_code})")
-        elif isinstance(event, h2.events.WindowUpdated):
-            for stream_id in list(self.streams) if event.stream_id == 0 else [event.stream_id]:
-                self._send_pending(stream_id)
-        elif isinstance(event, h2.events.ConnectionTerminated):
-            self.closed = True  # GOAWAY: streams above last_stream_id were not processed
-            for stream_id in [s for s in self.streams if s > (event.last_stream_id or 0)]:
-                self._finish(stream_id, "GOAWAY")
-        elif isinstance(event, h2.events.RemoteSettingsChanged):
-            self._wake()
-
-    def _finish(self, stream_id: int, error: str | None) -> None:
-        stream = self.streams.pop(stream_id, None)
-        if stream is not None and not stream.done.done():
-            if error is None:
-                stream.done.set_result(Response(stream.status, stream.headers,
-                                                bytes(stream.body)))
+    def _finish(self, stream_id: int, result: Response | HttpError) -> None:
+        entry = self.streams.pop(stream_id, None)
+        if entry is not None and not entry[0].done():
+            if isinstance(result, Response):
+                entry[0].set_result(result)
             else:
-                stream.done.set_exception(HttpError(error))
-        self._wake()
+                entry[0].set_exception(result)
 
     def _wake(self) -> None:
-        free = self.h2.remote_settings.max_concurrent_streams - len(self.streams)
+        free = self.wire.max_concurrent_streams - len(self.wire.streams)
         while self._waiting and (free > 0 or self.closed):
             waiter = self._waiting.popleft()
             if not waiter.done():
@@ -202,8 +144,9 @@ class _Connection(asyncio.Protocol):
 
     def _fail_all(self, reason: str) -> None:
         self.closed = True
+        self.wire.fail_all(reason)
         for stream_id in list(self.streams):
-            self._finish(stream_id, reason)
+            self._finish(stream_id, HttpError(reason))
         self._wake()
 
     def _flush_soon(self) -> None:
@@ -213,7 +156,7 @@ class _Connection(asyncio.Protocol):
 
     def _flush(self) -> None:
         self._flush_pending = False
-        data = self.h2.data_to_send()
+        data = self.wire.data_to_send()
         if data and self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
 

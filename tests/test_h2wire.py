@@ -1,0 +1,218 @@
+"""The hand-framed HTTP/2 client (pymod_push/providers/h2wire.py) against h2's server side:
+another implementation, both sans-IO, bytes passed between them in arbitrary pieces."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.settings
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pymod_push.providers import h2wire
+from pymod_push.providers.h2wire import Answered, Failed, GoneAway, H2Client
+
+
+@dataclass
+class Server:
+    """h2's server side, keeping what each stream received."""
+    h2: h2.connection.H2Connection = field(default_factory=lambda: h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=False, header_encoding="utf-8")))
+    headers: dict[int, dict[str, str]] = field(default_factory=dict)
+    bodies: dict[int, bytearray] = field(default_factory=dict)
+    ended: list[int] = field(default_factory=list)
+    pings: int = 0
+    acknowledge: bool = True  # give back the window for DATA received
+
+    def __post_init__(self) -> None:
+        self.h2.initiate_connection()
+
+    def feed(self, data: bytes) -> None:
+        for event in self.h2.receive_data(data):
+            if isinstance(event, h2.events.RequestReceived):
+                self.headers[event.stream_id] = dict(event.headers)
+                self.bodies[event.stream_id] = bytearray()
+            elif isinstance(event, h2.events.DataReceived):
+                self.bodies[event.stream_id] += event.data
+                if self.acknowledge:
+                    self.h2.acknowledge_received_data(event.flow_controlled_length,
+                                                      event.stream_id)
+            elif isinstance(event, h2.events.StreamEnded):
+                self.ended.append(event.stream_id)
+            elif isinstance(event, h2.events.PingAckReceived):
+                self.pings += 1
+
+
+def exchange(client: H2Client, server: Server, pieces: int = 1) -> list[h2wire.Event]:
+    """Bytes both ways until neither has anything to say; the server's bytes reach the
+    client cut into ``pieces`` parts."""
+    events: list[h2wire.Event] = []
+    for _ in range(1000):
+        to_server, to_client = client.data_to_send(), server.h2.data_to_send()
+        if not to_server and not to_client:
+            return events
+        if to_server:
+            server.feed(to_server)
+        step = max(1, len(to_client) // pieces)
+        for start in range(0, len(to_client), step):
+            events += client.receive(to_client[start:start + step])
+    raise AssertionError("the two sides never went quiet")
+
+
+def replies_in(events: list[h2wire.Event]) -> list[h2wire.Event]:
+    return [e for e in events if isinstance(e, Answered | Failed)]
+
+
+def answer(server: Server, stream_id: int, status: int = 200,
+           headers: tuple[tuple[str, str], ...] = (), body: bytes = b"") -> None:
+    server.h2.send_headers(stream_id, [(":status", str(status)), *headers],
+                           end_stream=not body)
+    while body:  # within the client's window (1<<24: never the limit here) and frame size
+        chunk = body[:server.h2.max_outbound_frame_size]
+        body = body[len(chunk):]
+        server.h2.send_data(stream_id, chunk, end_stream=not body)
+
+
+def request(client: H2Client, path: str = "/3/device/abc", body: bytes = b"",
+            extra: tuple[tuple[str, str], ...] = ()) -> int:
+    return client.request([(":method", "POST"), (":scheme", "https"),
+                           (":authority", "localhost"), (":path", path), *extra], body)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(requests=st.lists(st.tuples(st.binary(max_size=200_000),
+                                   st.binary(max_size=100_000),
+                                   st.sampled_from([200, 400, 410, 503])),
+                         min_size=1, max_size=6),
+       pieces=st.integers(1, 40))
+def test_requests_and_answers_arrive_whole_whatever_their_size_and_cut(
+        requests: list[tuple[bytes, bytes, int]], pieces: int) -> None:
+    client, server = H2Client(), Server()
+    ids = [request(client, f"/3/device/{i}", body, (("apns-topic", "org.example"),))
+           for i, (body, _, _) in enumerate(requests)]
+    events = exchange(client, server, pieces)  # bodies beyond 64 KiB wait for windows
+    assert sorted(server.ended) == ids
+    for stream_id, (body, _, _) in zip(ids, requests, strict=True):
+        assert bytes(server.bodies[stream_id]) == body
+        assert server.headers[stream_id][":path"] == f"/3/device/{ids.index(stream_id)}"
+        assert server.headers[stream_id]["apns-topic"] == "org.example"
+    for stream_id, (_, reply, status) in zip(ids, requests, strict=True):
+        answer(server, stream_id, status, (("apns-id", f"id-{stream_id}"),), reply)
+    events += exchange(client, server, pieces)
+    answered = {e.stream_id: e for e in events if isinstance(e, Answered)}
+    replies = [e for e in events if not isinstance(e, h2wire.SettingsChanged)]
+    assert len(answered) == len(replies) == len(ids)
+    for stream_id, (_, reply, status) in zip(ids, requests, strict=True):
+        assert answered[stream_id] == Answered(stream_id, status,
+                                               {"apns-id": f"id-{stream_id}"}, reply)
+    assert not client.streams
+
+
+def test_header_blocks_beyond_a_frame_go_as_continuations_both_ways() -> None:
+    client, server = H2Client(), Server()
+    big = "x" * 40_000
+    stream_id = request(client, extra=(("authorization", f"bearer {big}"),))
+    exchange(client, server)
+    assert server.headers[stream_id]["authorization"] == f"bearer {big}"
+    answer(server, stream_id, 400, (("x-reason", big),))
+    events = replies_in(exchange(client, server, pieces=7))
+    assert events == [Answered(stream_id, 400, {"x-reason": big}, b"")]
+
+
+def test_the_servers_stream_limit_and_windows_are_kept() -> None:
+    client, server = H2Client(), Server(acknowledge=False)
+    server.h2.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 2,
+                               h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 10})
+    exchange(client, server)
+    first = request(client, body=b"0123456789abcdef")
+    request(client)
+    assert not client.can_open()
+    exchange(client, server)
+    assert bytes(server.bodies[first]) == b"0123456789"  # the rest waits for the window
+    server.h2.increment_flow_control_window(100, stream_id=first)
+    exchange(client, server)
+    assert bytes(server.bodies[first]) == b"0123456789abcdef"
+    answer(server, first)
+    exchange(client, server)
+    assert client.can_open()
+
+
+def test_ping_is_answered_and_goaway_fails_only_the_streams_not_taken() -> None:
+    client, server = H2Client(), Server()
+    ids = [request(client) for _ in range(3)]
+    exchange(client, server)
+    server.h2.ping(b"12345678")
+    exchange(client, server)
+    assert server.pings == 1
+    answer(server, ids[0])
+    taken = server.h2.data_to_send()  # h2 answers nothing after its GOAWAY: sent after it
+    server.h2.close_connection(last_stream_id=ids[0])
+    events = client.receive(server.h2.data_to_send())
+    assert Failed(ids[1], "GOAWAY") in events and Failed(ids[2], "GOAWAY") in events
+    assert GoneAway(ids[0], 0) in events
+    assert not client.can_open() and list(client.streams) == [ids[0]]
+    assert client.receive(taken) == [Answered(ids[0], 200, {}, b"")]
+
+
+def test_a_reset_or_an_oversized_answer_fails_its_stream_and_the_connection_goes_on() -> None:
+    client, server = H2Client(), Server()
+    reset, big, fine = request(client), request(client), request(client)
+    exchange(client, server)
+    server.h2.reset_stream(reset, 2)
+    answer(server, big, body=b"z" * (h2wire.MAX_BODY + 1))
+    answer(server, fine, body=b"{}")
+    events = exchange(client, server)
+    assert Failed(reset, "stream reset (2)") in events
+    assert Failed(big, f"an answer beyond {h2wire.MAX_BODY} bytes") in events
+    assert Answered(fine, 200, {}, b"{}") in events
+    assert not client.closed and client.can_open()
+
+
+def test_a_given_up_stream_is_reset_and_its_late_answer_ignored() -> None:
+    client, server = H2Client(), Server()
+    late, other = request(client), request(client)
+    exchange(client, server)
+    client.reset(late)
+    answer(server, late, body=b"late")  # crossed on the wire: still keeps HPACK in step
+    answer(server, other, headers=(("apns-id", "1"),))
+    assert replies_in(exchange(client, server)) == [Answered(other, 200, {"apns-id": "1"}, b"")]
+
+
+def test_server_push_is_refused_as_a_protocol_error() -> None:
+    client = H2Client()
+    frame = (8 << 8 | h2wire.PUSH_PROMISE).to_bytes(4, "big") + bytes((h2wire.END_HEADERS,)) \
+        + (1).to_bytes(4, "big") + (2).to_bytes(4, "big") + b"\x82\x84\x87\x88"
+    with pytest.raises(h2wire.ProtocolError):
+        client.receive(frame)
+    assert client.closed and b"\x00\x00\x08\x07" in client.data_to_send()  # a GOAWAY
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_garbage_is_a_protocol_error_or_nothing_never_another_exception(data: bytes) -> None:
+    client = H2Client()
+    request(client)
+    try:
+        client.receive(data)
+    except h2wire.ProtocolError:
+        assert client.closed
+
+
+@settings(max_examples=200, deadline=None)
+@given(kind=st.integers(0, 12), flags=st.integers(0, 255), stream_id=st.integers(0, 5),
+       payload=st.binary(max_size=64))
+def test_any_well_framed_frame_is_handled_or_a_protocol_error(
+        kind: int, flags: int, stream_id: int, payload: bytes) -> None:
+    client = H2Client()
+    request(client, body=b"b" * 100_000)
+    frame = (len(payload) << 8 | kind).to_bytes(4, "big") + bytes((flags,)) \
+        + struct.pack(">I", stream_id) + payload
+    try:
+        client.receive(frame)
+    except h2wire.ProtocolError:
+        assert client.closed

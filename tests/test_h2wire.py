@@ -183,6 +183,17 @@ def test_a_given_up_stream_is_reset_and_its_late_answer_ignored() -> None:
     assert replies_in(exchange(client, server)) == [Answered(other, 200, {"apns-id": "1"}, b"")]
 
 
+def test_the_last_stream_id_closes_the_connection_to_new_streams_only() -> None:
+    client, server = H2Client(), Server()
+    exchange(client, server)
+    client._next_id = h2wire.MAX_STREAM_ID  # as after a billion requests
+    last = request(client)
+    assert last == h2wire.MAX_STREAM_ID and client.closed and not client.can_open()
+    exchange(client, server)
+    answer(server, last)
+    assert replies_in(exchange(client, server)) == [Answered(last, 200, {}, b"")]
+
+
 def test_server_push_is_refused_as_a_protocol_error() -> None:
     client = H2Client()
     frame = (8 << 8 | h2wire.PUSH_PROMISE).to_bytes(4, "big") + bytes((h2wire.END_HEADERS,)) \

@@ -117,13 +117,14 @@ class H2Client:
 
     # -- sending
     def can_open(self) -> bool:
-        return not self.closed and len(self.streams) < self.max_concurrent_streams \
-            and self._next_id <= MAX_STREAM_ID
+        return not self.closed and len(self.streams) < self.max_concurrent_streams
 
     def request(self, headers: list[tuple[str, str]], body: bytes) -> int:
         """A request on a new stream (can_open() must be true): its stream id."""
         stream_id = self._next_id
         self._next_id += 2
+        if self._next_id > MAX_STREAM_ID:
+            self.closed = True  # stream ids used up: the next request needs a new connection
         self.streams[stream_id] = stream = _Stream(self._peer_window, body)
         block = self.encoder.encode(headers)
         flags = END_HEADERS if body else END_HEADERS | END_STREAM

@@ -25,6 +25,10 @@ class HttpError(Exception):
     """The request did not get an answer (connection failed, reset, timeout)."""
 
 
+class _NotSent(HttpError):
+    """The connection closed while the request waited for a stream: it can go on another."""
+
+
 @dataclass(slots=True)
 class Response:
     status_code: int
@@ -44,10 +48,20 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         # stream id -> (its answer, the loop time by which it is answered or failed)
         self.streams: dict[int, tuple[asyncio.Future[Response], float]] = {}
-        self.closed = False
+        self._lost = False  # the connection is gone, or given up
         self._waiting: deque[asyncio.Future[None]] = deque()  # requests waiting for a stream
         self._flush_pending = False
         self._sweep: asyncio.TimerHandle | None = None
+
+    @property
+    def closed(self) -> bool:
+        """No new request goes on this connection (lost, GOAWAY, or stream ids used up)."""
+        return self._lost or self.wire.closed
+
+    def close(self) -> None:
+        self._lost = True
+        if self.transport is not None:
+            self.transport.close()
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -70,8 +84,6 @@ class _Connection(asyncio.Protocol):
                                                        event.body))
             elif isinstance(event, h2wire.Failed):
                 self._finish(event.stream_id, HttpError(event.reason))
-            elif isinstance(event, h2wire.GoneAway):
-                self.closed = True
             self._wake()
         self._flush_soon()
 
@@ -89,7 +101,7 @@ class _Connection(asyncio.Protocol):
             self._waiting.append(waiter)
             await waiter
         if self.closed:
-            raise HttpError("connection closed")
+            raise _NotSent("connection closed")
         return await self.open(method, path, headers, body)
 
     def can_open(self) -> bool:
@@ -123,7 +135,7 @@ class _Connection(asyncio.Protocol):
         if expired:
             self._wake()
             self._flush_soon()
-        if self.streams and not self.closed:
+        if self.streams and not self._lost:
             self._sweep = asyncio.get_running_loop().call_later(SWEEP_S, self._expire)
 
     def _finish(self, stream_id: int, result: Response | HttpError) -> None:
@@ -133,6 +145,8 @@ class _Connection(asyncio.Protocol):
                 entry[0].set_result(result)
             else:
                 entry[0].set_exception(result)
+        if self.wire.closed and not self.streams and not self._lost:
+            self.close()  # drained after a GOAWAY or its last stream id: the next is new
 
     def _wake(self) -> None:
         free = self.wire.max_concurrent_streams - len(self.wire.streams)
@@ -143,7 +157,7 @@ class _Connection(asyncio.Protocol):
                 free -= 1
 
     def _fail_all(self, reason: str) -> None:
-        self.closed = True
+        self._lost = True
         self.wire.fail_all(reason)
         for stream_id in list(self.streams):
             self._finish(stream_id, HttpError(reason))
@@ -208,11 +222,14 @@ class Http2Client:
         connection = self._connections.get((host, port))
         if connection is not None and connection.can_open():  # no coroutine in between
             return await connection.open(method, path, headers.items(), content)
-        connection = await self._connection(host, port)
-        return await connection.request(method, path, headers.items(), content)
+        for _ in range(3):
+            connection = await self._connection(host, port)
+            try:
+                return await connection.request(method, path, headers.items(), content)
+            except _NotSent:
+                continue  # it closed meanwhile (GOAWAY, stream ids used up): a new one
+        raise HttpError(f"connections to {host}:{port} keep closing")
 
     async def aclose(self) -> None:
         for connection in self._connections.values():
-            connection.closed = True
-            if connection.transport is not None:
-                connection.transport.close()
+            connection.close()

@@ -10,12 +10,14 @@ import h2.config
 import h2.connection
 import h2.events
 import h2.settings
+import hpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pymod_push.providers import h2wire
 from pymod_push.providers.h2wire import Answered, Failed, GoneAway, H2Client
+from pymod_push.providers.hpack_cache import decode_plain
 
 
 @dataclass
@@ -227,3 +229,47 @@ def test_any_well_framed_frame_is_handled_or_a_protocol_error(
         client.receive(frame)
     except h2wire.ProtocolError:
         assert client.closed
+
+
+header_lists = st.lists(st.tuples(
+    st.sampled_from([":status", "apns-id", "content-type", "retry-after", "x-other"]),
+    st.one_of(st.sampled_from(["200", "404", "500", ""]), st.text(max_size=150))),
+    max_size=6)
+
+
+@settings(max_examples=300, deadline=None)
+@given(headers=header_lists, huffman=st.booleans(), never_indexed=st.booleans())
+def test_the_plain_decoder_agrees_with_hpack_or_leaves_the_block_to_it(
+        headers: list[tuple[str, str]], huffman: bool, never_indexed: bool) -> None:
+    """Blocks as servers make them (hpack's encoder: indexed literals, Huffman or not, and
+    literals never indexed), twice in a row so that the second refers to the dynamic
+    table: decode_plain decodes exactly as hpack does, or declines."""
+    encoder, reference = hpack.Encoder(), hpack.Decoder()
+    fields = [hpack.NeverIndexedHeaderTuple(k, v) if never_indexed else (k, v)
+              for k, v in headers]
+    for _ in range(2):
+        block = encoder.encode(fields, huffman=huffman)
+        expected = [(bytes(k), bytes(v)) for k, v in reference.decode(block, raw=True)]
+        plain = decode_plain(block)
+        assert plain is None or plain == expected
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=80))
+def test_the_plain_decoder_on_any_bytes_agrees_with_hpack_or_declines(block: bytes) -> None:
+    plain = decode_plain(block)
+    if plain is not None:
+        assert plain == [(bytes(k), bytes(v)) for k, v in hpack.Decoder().decode(block, raw=True)]
+
+
+def test_a_providers_answer_is_decoded_plainly() -> None:
+    block = b"\x88" + b"\x00\x07apns-id\x05abcde" + b"\x0f\x10\x05text/"  # 0x0f 0x10: index 31
+    assert decode_plain(block) is None  # a two-byte name index: left to hpack
+    assert decode_plain(b"\x88\x00\x07apns-id\x85abcde") is None  # Huffman
+    assert decode_plain(b"\x88\x40\x01a\x01b") is None  # indexed: the table changes
+    assert decode_plain(b"\xbe") is None  # the first dynamic entry
+    block = b"\x8e" + b"\x00\x07apns-id\x05abcde" + b"\x1f\x00"
+    assert decode_plain(block) is None  # never indexed, name index 15 + 0: two bytes
+    block = b"\x8e" + b"\x00\x07apns-id\x05abcde" + b"\x10\x0bretry-after\x0210"
+    assert decode_plain(block) == [(b":status", b"500"), (b"apns-id", b"abcde"),
+                                   (b"retry-after", b"10")]  # 0x10: never indexed

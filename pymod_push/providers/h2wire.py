@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import hpack
 
-from .hpack_cache import Encoder
+from .hpack_cache import Encoder, decode_plain
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, \
@@ -268,7 +268,7 @@ class H2Client:
     def _headers_complete(self, stream_id: int, block: bytes, ends_stream: bool,
                           events: list[Event]) -> None:
         try:  # decoded even for a stream given up: the HPACK table must follow the server's
-            fields = self.decoder.decode(block, raw=True)
+            fields = decode_plain(block) or self.decoder.decode(block, raw=True)
         except (hpack.HPACKError, ValueError, IndexError) as exc:
             raise self._error(COMPRESSION_ERROR, f"HPACK: {exc}") from None
         stream = self.streams.get(stream_id)

@@ -70,15 +70,16 @@ def string(data: bytes) -> bytes:
 
 
 class Encoder:
-    """Drop-in for ``hpack.Encoder`` in an h2 connection (``encode``,
-    ``header_table_size``)."""
+    """What h2wire encodes its requests' headers with (``encode``, and
+    ``header_table_size`` from the peer's SETTINGS). Blocks are kept by the headers as
+    given (text), so a header seen before costs one dictionary lookup."""
 
     def __init__(self) -> None:
         self._limit = DEFAULT_TABLE_SIZE  # what the peer allows (its SETTINGS)
-        self._entries: dict[tuple[bytes, bytes], int] = {}  # -> insertion number
+        self._entries: dict[tuple[str, str], int] = {}  # -> insertion number
         self._used = 0
-        self._indexed: dict[tuple[bytes, bytes], bytes] = {}  # valid until the next insertion
-        self._literals: dict[tuple[bytes, bytes], bytes] = {}
+        self._indexed: dict[tuple[str, str], bytes] = {}  # valid until the next insertion
+        self._literals: dict[tuple[str, str], bytes] = {}
         self._size_updates: list[int] = []
         self._empty_next = False  # an entry did not fit: the next block starts afresh
 
@@ -97,30 +98,21 @@ class Encoder:
         self._used = 0
         self._size_updates = [0, self._limit]
 
-    def encode(self, headers: Iterable[tuple[bytes | str, bytes | str]],
-               huffman: bool = True) -> bytes:
+    def encode(self, headers: Iterable[tuple[str, str]]) -> bytes:
         if self._empty_next:
             self._empty_next = False
             self._empty()
-        block: list[bytes] = []
-        for name, value in headers:
-            if isinstance(name, str):
-                name = name.encode()
-            if isinstance(value, str):
-                value = value.encode()
-            pair = (name, value)
-            encoded = self._indexed.get(pair) or self._literals.get(pair)
-            if encoded is None:
-                encoded = self._encode(pair)
-            block.append(encoded)
+        indexed, literals = self._indexed, self._literals
+        block = [indexed.get(pair) or literals.get(pair) or self._encode(pair)
+                 for pair in headers]
         if self._size_updates:  # at the start of the block (RFC 7541 4.2)
             block[:0] = [integer(size, 5, 0x20) for size in self._size_updates]
             self._size_updates = []
         return b"".join(block)
 
-    def _encode(self, pair: tuple[bytes, bytes]) -> bytes:
-        name, value = pair
-        static = _STATIC_PAIR.get(pair)
+    def _encode(self, pair: tuple[str, str]) -> bytes:
+        name, value = pair[0].encode(), pair[1].encode()
+        static = _STATIC_PAIR.get((name, value))
         if static is not None:
             encoded = integer(static, 7, 0x80)
             self._literals[pair] = encoded
@@ -146,3 +138,50 @@ class Encoder:
             self._literals.clear()
         self._literals[pair] = encoded
         return encoded
+
+
+def decode_plain(block: bytes) -> list[tuple[bytes, bytes]] | None:
+    """A header block as providers answer a push (``:status`` from the static table, a
+    few literals not indexed), decoded without touching the dynamic table; None for any
+    other block (an index into the dynamic table, an indexed literal, a size update,
+    Huffman, long strings), which hpack's decoder then decodes, its table as it was."""
+    fields: list[tuple[bytes, bytes]] = []
+    position, end = 0, len(block)
+    while position < end:
+        first = block[position]
+        if first & 0x80:  # indexed: static entries only (one byte: index < 127)
+            index = first & 0x7F
+            if not 0 < index <= len(_STATIC):
+                return None
+            fields.append(_STATIC[index - 1])
+            position += 1
+            continue
+        if first & 0xE0:  # indexed literal (01), size update (001)
+            return None
+        index = first & 0x0F  # literal without (0000) or never (0001) indexing
+        position += 1
+        if index == 0:
+            found = _plain_string(block, position)
+            if found is None:
+                return None
+            name, position = found
+        elif index < 0x0F:
+            name = _STATIC[index - 1][0]
+        else:  # a multi-byte index
+            return None
+        found = _plain_string(block, position)
+        if found is None:
+            return None
+        value, position = found
+        fields.append((name, value))
+    return fields
+
+
+def _plain_string(block: bytes, position: int) -> tuple[bytes, int] | None:
+    if position >= len(block) or block[position] & 0x80:  # Huffman-coded
+        return None
+    length = block[position] & 0x7F
+    end = position + 1 + length
+    if length == 0x7F or end > len(block):  # long (multi-byte length) or cut short
+        return None
+    return block[position + 1:end], end

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import itertools
 import logging
 import random
 import ssl
 import time
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable
 from types import MappingProxyType
 
@@ -78,7 +79,7 @@ class Dispatcher:
         self.logic: Callable[[], Logic] | None = None
         self._providers: dict[int, Provider] = {}
         self._clients: dict[int, Http2Client] = {}
-        self._in_flight: dict[int, asyncio.Semaphore] = {}
+        self._in_flight: dict[int, _Slots] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         # Providers written in Python (backends of type python), reloadable
         self._python = python_providers or PythonProviders()
@@ -88,7 +89,7 @@ class Dispatcher:
         self.latency: defaultdict[str, Histogram] = defaultdict(Histogram)  # per provider
         for backend in config.backends:
             if backend.type == "python":
-                self._in_flight[backend.index] = asyncio.Semaphore(MAX_IN_FLIGHT)
+                self._in_flight[backend.index] = _Slots(MAX_IN_FLIGHT)
                 continue
             try:
                 provider = PROVIDERS[backend.group](backend)
@@ -98,9 +99,11 @@ class Dispatcher:
                 continue
             self._providers[backend.index] = provider
             self._clients[backend.index] = client
-            self._in_flight[backend.index] = asyncio.Semaphore(MAX_IN_FLIGHT)
+            self._in_flight[backend.index] = _Slots(MAX_IN_FLIGHT)
 
     def submit(self, delivery: Delivery, queued: QueuedPush | None = None) -> None:
+        if queued is None and self._sent_at_once(delivery):
+            return
         task = asyncio.get_running_loop().create_task(self._send(delivery, queued))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -113,52 +116,122 @@ class Dispatcher:
             log.info("%d push(es) deferred by providers before the restart are queued again",
                      len(deliveries))
 
-    async def _send(self, delivery: Delivery, queued: QueuedPush | None) -> None:
+    def _sent_at_once(self, delivery: Delivery) -> bool:
+        """The usual first attempt, without a task of its own: an HTTP/2 stream free on an
+        open connection, the provider's token ready, no async push logic to await. Its
+        answer comes to _answered_at_once. False: the task's way (_send) it is."""
         index = delivery.backend.index
-        device = delivery.device
-        where = f"{device.user} device {device.device_id!r} via {delivery.backend.group}"
-        if index not in self._in_flight:
+        provider = self._providers.get(index)
+        if provider is None or (self.logic is not None and self.logic().shapes_async) \
+                or not self._in_flight[index].take_now():
+            return False
+        try:
+            now = time.time()
+            if provider.auth_request(now) is None:
+                request = provider.request(delivery.device, delivery.summary, now,
+                                           urgent=delivery.urgent)
+                answer = self._clients[index].request_now(request.method, request.url,
+                                                          request.headers, request.body)
+            else:
+                answer = None  # an OAuth token first
+        except (HttpError, ValueError, KeyError):
+            answer = None  # the task's attempt says why
+        if answer is None:
+            self._in_flight[index].give()
+            return False
+        if self._log_sensitive:  # the admin asked for it (option log_sensitive)
+            log.debug("%s %s %s", request.method, request.url, request.body[:2000])
+        answer.add_done_callback(functools.partial(
+            self._answered_at_once, delivery, provider, time.perf_counter()))
+        return True
+
+    def _answered_at_once(self, delivery: Delivery, provider: Provider, started: float,
+                          answer: asyncio.Future[Response]) -> None:
+        self._in_flight[delivery.backend.index].give()
+        self.latency[delivery.backend.group].observe(time.perf_counter() - started)
+        failure = None if answer.cancelled() else answer.exception()
+        if answer.cancelled() or failure is not None:
+            reply, headers = Reply(Outcome.RETRY, type(failure).__name__), {}
+        else:
+            response = answer.result()
+            reply = provider.reply(response.status_code, response.headers, response.content)
+            headers = response.headers
+        queued = self._first_answered(delivery, reply)
+        if queued is not None:
+            task = asyncio.get_running_loop().create_task(
+                self._retries(delivery, queued, reply, headers))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, delivery: Delivery, queued: QueuedPush | None) -> None:
+        if delivery.backend.index not in self._in_flight:
             self.counters[(delivery.backend.group, "dropped")] += 1
-            log.warning("push for %s dropped: its backend is not available", where)
+            log.warning("push for %s dropped: its backend is not available", _where(delivery))
             if queued is None:
                 self._answer_publish(delivery, Outcome.FAILED)
             return
         if queued is not None:
             await asyncio.sleep(max(0.0, queued.due - time.time()))
-        elif self.logic is not None and (logic := self.logic()).shapes_async:
-            delivery = dataclasses.replace(delivery, summary=await logic.provider_data_async(
-                LogicDevice(device.user, device.provider, device.app_name, device.device_id,
-                            device.device_name), delivery.summary))
-        group = delivery.backend.group
-        while True:
-            async with self._in_flight[index]:
-                started = time.perf_counter()
-                reply, headers = await self._attempt(delivery)
-                self.latency[group].observe(time.perf_counter() - started)
-            now = time.time()
-            if queued is None:  # the first attempt: answer the publish
-                if reply.outcome is Outcome.RETRY:
-                    queued = QueuedPush(next(self._ids), device.node, delivery.summary, 0,
-                                        now, now)
-                    self._store.queue_push(queued, self._node)
-                    if delivery.ref is None:
-                        self._store.commit()  # kept before the publisher hears it is queued
-                # In-process, the publisher's side of the answer is in the same transaction.
-                self._answer_publish(delivery, reply.outcome)
-                if delivery.ref is not None and reply.outcome is Outcome.RETRY:
-                    self._store.commit()
-            if (queued is None or reply.outcome is not Outcome.RETRY
-                    or now - queued.created > MAX_AGE):
-                self._finish(delivery, reply, queued, where)
+            reply, headers = await self._timed_attempt(delivery)
+        else:
+            if self.logic is not None and (logic := self.logic()).shapes_async:
+                device = delivery.device
+                delivery = dataclasses.replace(delivery, summary=await logic.provider_data_async(
+                    LogicDevice(device.user, device.provider, device.app_name,
+                                device.device_id, device.device_name), delivery.summary))
+            reply, headers = await self._timed_attempt(delivery)
+            queued = self._first_answered(delivery, reply)
+            if queued is None:
                 return
+        await self._retries(delivery, queued, reply, headers)
+
+    async def _timed_attempt(self, delivery: Delivery) -> tuple[Reply, dict[str, str]]:
+        slots = self._in_flight[delivery.backend.index]
+        await slots.take()
+        try:
+            started = time.perf_counter()
+            reply, headers = await self._attempt(delivery)
+            self.latency[delivery.backend.group].observe(time.perf_counter() - started)
+        finally:
+            slots.give()
+        return reply, headers
+
+    def _first_answered(self, delivery: Delivery, reply: Reply) -> QueuedPush | None:
+        """The first attempt's answer: the publish is answered; a push the provider
+        deferred is queued (and returned, for its retries), any other is finished."""
+        queued = None
+        if reply.outcome is Outcome.RETRY:
+            now = time.time()
+            queued = QueuedPush(next(self._ids), delivery.device.node, delivery.summary, 0,
+                                now, now)
+            self._store.queue_push(queued, self._node)
+            if delivery.ref is None:
+                self._store.commit()  # kept before the publisher hears it is queued
+        # In-process, the publisher's side of the answer is in the same transaction.
+        self._answer_publish(delivery, reply.outcome)
+        if queued is None:
+            self._finish(delivery, reply, None)
+        elif delivery.ref is not None:
+            self._store.commit()
+        return queued
+
+    async def _retries(self, delivery: Delivery, queued: QueuedPush, reply: Reply,
+                       headers: dict[str, str]) -> None:
+        """A queued push, reply the answer to its last attempt: tried again until
+        delivered, refused or MAX_AGE old."""
+        group = delivery.backend.group
+        while reply.outcome is Outcome.RETRY and time.time() - queued.created <= MAX_AGE:
             self.counters[(group, "retried")] += 1
             delay = retry_delay(reply, headers, queued.attempt)
             queued.attempt += 1
-            queued.due = now + delay
+            queued.due = time.time() + delay
             self._store.update_queued_push(queued)
             self._store.commit()
-            log.info("push to %s deferred (%s), retrying in %.0f s", where, reply.reason, delay)
+            log.info("push to %s deferred (%s), retrying in %.0f s", _where(delivery),
+                     reply.reason, delay)
             await asyncio.sleep(delay)
+            reply, headers = await self._timed_attempt(delivery)
+        self._finish(delivery, reply, queued)
 
     async def _attempt(self, delivery: Delivery) -> tuple[Reply, dict[str, str]]:
         """One try at the provider: its answer, and the response's headers (Retry-After)."""
@@ -194,9 +267,8 @@ class Dispatcher:
         elif delivery.publish is not None:
             self._route(publish_answer(delivery, outcome))
 
-    def _finish(self, delivery: Delivery, reply: Reply, queued: QueuedPush | None,
-                where: str) -> None:
-        group = delivery.backend.group
+    def _finish(self, delivery: Delivery, reply: Reply, queued: QueuedPush | None) -> None:
+        group, where = delivery.backend.group, _where(delivery)
         if queued is not None:
             self._store.remove_queued_push(queued.id)
             self._store.commit()
@@ -222,6 +294,51 @@ class Dispatcher:
     async def close(self) -> None:
         for client in self._clients.values():
             await client.aclose()
+
+
+class _where:  # noqa: N801 - used as a function: the text, made only if logged
+    __slots__ = ("delivery",)
+
+    def __init__(self, delivery: Delivery) -> None:
+        self.delivery = delivery
+
+    def __str__(self) -> str:
+        device = self.delivery.device
+        return f"{device.user} device {device.device_id!r} via {self.delivery.backend.group}"
+
+
+class _Slots:
+    """At most n at once (an asyncio.Semaphore that can also be taken without waiting)."""
+
+    def __init__(self, n: int) -> None:
+        self.free = n
+        self._waiting: deque[asyncio.Future[None]] = deque()
+
+    def take_now(self) -> bool:
+        if self.free > 0 and not self._waiting:
+            self.free -= 1
+            return True
+        return False
+
+    async def take(self) -> None:
+        if self.take_now():
+            return
+        handed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append(handed)
+        try:
+            await handed
+        except asyncio.CancelledError:
+            if handed.done() and not handed.cancelled():
+                self.give()  # handed over as the waiter was cancelled: passed on
+            raise
+
+    def give(self) -> None:
+        while self._waiting:
+            handed = self._waiting.popleft()
+            if not handed.done():
+                handed.set_result(None)
+                return
+        self.free += 1
 
 
 async def _send(client: Http2Client, request: HttpRequest) -> Response:

@@ -216,6 +216,16 @@ class Http2Client:
                 self._connections[key] = connection = opened
             return connection
 
+    def request_now(self, method: str, url: str, headers: dict[str, str],
+                    content: bytes) -> asyncio.Future[Response] | None:
+        """The request on a new stream of the origin's open connection, its answer to
+        await; None if that needs waiting (no connection yet, no stream free)."""
+        host, port, path = _target(url)
+        connection = self._connections.get((host, port))
+        if connection is None or not connection.can_open():
+            return None
+        return connection.open(method, path, headers.items(), content)
+
     async def request(self, method: str, url: str, headers: dict[str, str],
                       content: bytes) -> Response:
         host, port, path = _target(url)

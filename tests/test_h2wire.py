@@ -3,8 +3,13 @@ another implementation, both sans-IO, bytes passed between them in arbitrary pie
 
 from __future__ import annotations
 
+import asyncio
+import ssl
 import struct
+import time
+from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import h2.config
 import h2.connection
@@ -12,12 +17,20 @@ import h2.events
 import h2.settings
 import hpack
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pymod_push.appservice import Delivery
+from pymod_push.core.appserver import Iq
+from pymod_push.core.config import Backend, Config
 from pymod_push.providers import h2wire
+from pymod_push.providers.dispatch import Dispatcher
 from pymod_push.providers.h2wire import Answered, Failed, GoneAway, H2Client
 from pymod_push.providers.hpack_cache import decode_plain
+from pymod_push.store import Device, Store
+from tests.fake_providers import LoopbackCA
 
 
 @dataclass
@@ -155,7 +168,7 @@ def test_ping_is_answered_and_goaway_fails_only_the_streams_not_taken() -> None:
     taken = server.h2.data_to_send()  # h2 answers nothing after its GOAWAY: sent after it
     server.h2.close_connection(last_stream_id=ids[0])
     events = client.receive(server.h2.data_to_send())
-    assert Failed(ids[1], "GOAWAY") in events and Failed(ids[2], "GOAWAY") in events
+    assert Failed(ids[1], "GOAWAY", True) in events and Failed(ids[2], "GOAWAY", True) in events
     assert GoneAway(ids[0], 0) in events
     assert not client.can_open() and list(client.streams) == [ids[0]]
     assert client.receive(taken) == [Answered(ids[0], 200, {}, b"")]
@@ -166,10 +179,14 @@ def test_a_reset_or_an_oversized_answer_fails_its_stream_and_the_connection_goes
     reset, big, fine = request(client), request(client), request(client)
     exchange(client, server)
     server.h2.reset_stream(reset, 2)
+    refused = request(client)
+    events = exchange(client, server)
+    server.h2.reset_stream(refused, h2wire.REFUSED_STREAM)
     answer(server, big, body=b"z" * (h2wire.MAX_BODY + 1))
     answer(server, fine, body=b"{}")
-    events = exchange(client, server)
+    events += exchange(client, server)
     assert Failed(reset, "stream reset (2)") in events
+    assert Failed(refused, "stream reset (7)", unprocessed=True) in events
     assert Failed(big, f"an answer beyond {h2wire.MAX_BODY} bytes") in events
     assert Answered(fine, 200, {}, b"{}") in events
     assert not client.closed and client.can_open()
@@ -273,3 +290,85 @@ def test_a_providers_answer_is_decoded_plainly() -> None:
     block = b"\x8e" + b"\x00\x07apns-id\x05abcde" + b"\x10\x0bretry-after\x0210"
     assert decode_plain(block) == [(b":status", b"500"), (b"apns-id", b"abcde"),
                                    (b"retry-after", b"10")]  # 0x10: never indexed
+
+
+# ------------------------------------------------------------ over TLS, with the dispatcher
+def test_requests_the_server_did_not_process_go_again_and_are_delivered_once(
+        tmp_path: Path) -> None:
+    """A server that refuses the first streams (REFUSED_STREAM), then sends GOAWAY before
+    processing the next, answers on a second connection: every push is delivered, once,
+    not deferred as a provider failure would be."""
+    ca = LoopbackCA(tmp_path / "tls")
+    key_file = tmp_path / "key.p8"
+    key_file.write_bytes(ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    processed: Counter[str] = Counter()
+    refusals = connections = 0
+
+    async def peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal refusals, connections
+        connections += 1
+        first = connections == 1
+        server = h2.connection.H2Connection(h2.config.H2Configuration(
+            client_side=False, header_encoding="utf-8"))
+        server.initiate_connection()
+        writer.write(server.data_to_send())
+        while data := await reader.read(65536):
+            for event in server.receive_data(data):
+                if isinstance(event, h2.events.StreamEnded):
+                    path = paths[event.stream_id]
+                    if first and refusals < 3 and path not in refused:
+                        refusals += 1
+                        refused.add(path)
+                        server.reset_stream(event.stream_id, h2wire.REFUSED_STREAM)
+                    elif first:  # taken none of what came after the last refused one
+                        server.close_connection(last_stream_id=event.stream_id - 2)
+                        writer.write(server.data_to_send())
+                        writer.close()
+                        return
+                    else:
+                        processed[path] += 1
+                        answer_to(server, event.stream_id)
+                elif isinstance(event, h2.events.RequestReceived):
+                    paths[event.stream_id] = dict(event.headers)[":path"]
+            writer.write(server.data_to_send())
+
+    paths: dict[int, str] = {}
+    refused: set[str] = set()  # each refused once
+
+    def answer_to(server: h2.connection.H2Connection, stream_id: int) -> None:
+        server.send_headers(stream_id, [(":status", "200")], end_stream=True)
+
+    async def run() -> Counter[tuple[str, str]]:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(ca.certfile, ca.keyfile)
+        context.set_alpn_protocols(["h2"])
+        listening = await asyncio.start_server(peer, "127.0.0.1", 0, ssl=context)
+        port = listening.sockets[0].getsockname()[1]
+        backend = Backend(0, "apns", "app", "localhost", "pubsub.localhost", {
+            "topic": "org.example", "key_file": str(key_file), "key_id": "K",
+            "team_id": "T", "endpoint": f"https://127.0.0.1:{port}",
+            "cafile": str(ca.cafile)})
+        dispatcher = Dispatcher(Config("localhost", backends=(backend,)), Store(":memory:"),
+                                lambda node: None, lambda xml: None)
+        for n in range(8):
+            device = Device(f"node{n}", "s", "user@localhost", "d", "", "apns", "app",
+                            "pubsub.localhost", f"{n:064x}")
+            dispatcher.submit(Delivery(backend, device, {"message-count": "1"},
+                                       Iq(str(n), "set", "localhost", "pubsub.localhost",
+                                          None)))
+            if n == 0:  # the connection is open when the others come: they go at once
+                while not dispatcher._clients[0]._connections:
+                    await asyncio.sleep(0.01)
+        deadline = time.monotonic() + 20
+        while sum(dispatcher.counters.values()) < 8 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        await dispatcher.close()
+        listening.close()
+        return dispatcher.counters
+
+    counters = asyncio.run(run())
+    assert 1 <= refusals <= 3 and connections == 2
+    assert counters == Counter({("apns", "delivered"): 8}), counters
+    assert processed == Counter({f"/3/device/{n:064x}": 1 for n in range(8)})

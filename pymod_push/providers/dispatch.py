@@ -11,8 +11,9 @@ import random
 import ssl
 import time
 from collections import Counter, defaultdict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from types import MappingProxyType
+from typing import Any
 
 from ..appservice import Delivery, publish_answer, publish_reply
 from ..core.config import Backend, Config
@@ -25,7 +26,7 @@ from ..store import QueuedPush, Store
 from . import HttpRequest, Outcome, Provider, Reply
 from .apns import Apns
 from .fcm import Fcm
-from .http2 import Http2Client, HttpError, Response
+from .http2 import Http2Client, HttpError, NotProcessed, Response
 from .ubuntu import UbuntuPush
 from .webpush import WebPush
 from .wns import Wns
@@ -104,8 +105,11 @@ class Dispatcher:
     def submit(self, delivery: Delivery, queued: QueuedPush | None = None) -> None:
         if queued is None and self._sent_at_once(delivery):
             return
-        task = asyncio.get_running_loop().create_task(self._send(delivery, queued))
-        self._tasks.add(task)
+        self._spawn(self._send(delivery, queued))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)  # kept until done (the loop holds tasks weakly)
         task.add_done_callback(self._tasks.discard)
 
     def resume(self, deliveries: list[tuple[QueuedPush, Delivery]]) -> None:
@@ -148,8 +152,11 @@ class Dispatcher:
     def _answered_at_once(self, delivery: Delivery, provider: Provider, started: float,
                           answer: asyncio.Future[Response]) -> None:
         self._in_flight[delivery.backend.index].give()
-        self.latency[delivery.backend.group].observe(time.perf_counter() - started)
         failure = None if answer.cancelled() else answer.exception()
+        if isinstance(failure, NotProcessed):  # refused before any processing: again
+            self._spawn(self._send(delivery, None))
+            return
+        self.latency[delivery.backend.group].observe(time.perf_counter() - started)
         if answer.cancelled() or failure is not None:
             reply, headers = Reply(Outcome.RETRY, type(failure).__name__), {}
         else:
@@ -158,10 +165,7 @@ class Dispatcher:
             headers = response.headers
         queued = self._first_answered(delivery, reply)
         if queued is not None:
-            task = asyncio.get_running_loop().create_task(
-                self._retries(delivery, queued, reply, headers))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self._retries(delivery, queued, reply, headers))
 
     async def _send(self, delivery: Delivery, queued: QueuedPush | None) -> None:
         if delivery.backend.index not in self._in_flight:

@@ -26,8 +26,8 @@ PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, \
     CONTINUATION = range(10)
 END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY_FLAG = 0x1, 0x1, 0x4, 0x8, 0x20
-NO_ERROR, PROTOCOL_ERROR, FLOW_CONTROL_ERROR, FRAME_SIZE_ERROR, CANCEL, \
-    COMPRESSION_ERROR = 0x0, 0x1, 0x3, 0x6, 0x8, 0x9
+NO_ERROR, PROTOCOL_ERROR, FLOW_CONTROL_ERROR, FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL, \
+    COMPRESSION_ERROR = 0x0, 0x1, 0x3, 0x6, 0x7, 0x8, 0x9
 SETTINGS_HEADER_TABLE_SIZE, SETTINGS_ENABLE_PUSH, SETTINGS_MAX_CONCURRENT_STREAMS, \
     SETTINGS_INITIAL_WINDOW_SIZE, SETTINGS_MAX_FRAME_SIZE = 1, 2, 3, 4, 5
 MAX_TABLE_SIZE = 4096  # the HPACK table our encoder keeps at most
@@ -67,6 +67,9 @@ class Answered:
 class Failed:
     stream_id: int
     reason: str
+    # The server says it did not process the request (REFUSED_STREAM, or above a
+    # GOAWAY's last stream id, RFC 9113 8.7): it can be sent again as it is.
+    unprocessed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,7 +229,8 @@ class H2Client:
                 raise self._error(FRAME_SIZE_ERROR, "RST_STREAM of the wrong size")
             if self.streams.pop(stream_id, None) is not None:
                 code = int.from_bytes(payload, "big")
-                events.append(Failed(stream_id, f"stream reset ({code})"))
+                events.append(Failed(stream_id, f"stream reset ({code})",
+                                     unprocessed=code == REFUSED_STREAM))
         elif kind == SETTINGS:
             if not flags & ACK:
                 self._settings(payload, events)
@@ -243,7 +247,7 @@ class H2Client:
             self.closed = True
             for gone in [i for i in self.streams if i > last]:
                 del self.streams[gone]
-                events.append(Failed(gone, "GOAWAY"))
+                events.append(Failed(gone, "GOAWAY", unprocessed=True))
             events.append(GoneAway(last, code))
         elif kind == WINDOW_UPDATE:
             self._window_update(stream_id, payload, events)

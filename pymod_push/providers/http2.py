@@ -19,14 +19,16 @@ from urllib.parse import urlsplit
 from . import h2wire
 
 SWEEP_S = 1.0  # how often requests are checked for their timeout
+SEND_AGAIN = 3  # times a request the server did not process goes again
 
 
 class HttpError(Exception):
     """The request did not get an answer (connection failed, reset, timeout)."""
 
 
-class _NotSent(HttpError):
-    """The connection closed while the request waited for a stream: it can go on another."""
+class NotProcessed(HttpError):
+    """The server did not process the request (it refused the stream, or the connection
+    closed before it was sent): it can go again, on another stream or connection."""
 
 
 @dataclass(slots=True)
@@ -83,7 +85,8 @@ class _Connection(asyncio.Protocol):
                 self._finish(event.stream_id, Response(event.status, event.headers,
                                                        event.body))
             elif isinstance(event, h2wire.Failed):
-                self._finish(event.stream_id, HttpError(event.reason))
+                failure = NotProcessed if event.unprocessed else HttpError
+                self._finish(event.stream_id, failure(event.reason))
             self._wake()
         self._flush_soon()
 
@@ -101,7 +104,7 @@ class _Connection(asyncio.Protocol):
             self._waiting.append(waiter)
             await waiter
         if self.closed:
-            raise _NotSent("connection closed")
+            raise NotProcessed("connection closed")
         return await self.open(method, path, headers, body)
 
     def can_open(self) -> bool:
@@ -229,16 +232,15 @@ class Http2Client:
     async def request(self, method: str, url: str, headers: dict[str, str],
                       content: bytes) -> Response:
         host, port, path = _target(url)
-        connection = self._connections.get((host, port))
-        if connection is not None and connection.can_open():  # no coroutine in between
-            return await connection.open(method, path, headers.items(), content)
-        for _ in range(3):
-            connection = await self._connection(host, port)
+        for _ in range(SEND_AGAIN):
+            connection = self._connections.get((host, port))
+            if connection is None or connection.closed:
+                connection = await self._connection(host, port)
             try:
                 return await connection.request(method, path, headers.items(), content)
-            except _NotSent:
-                continue  # it closed meanwhile (GOAWAY, stream ids used up): a new one
-        raise HttpError(f"connections to {host}:{port} keep closing")
+            except NotProcessed:
+                continue  # refused, or closed meanwhile (GOAWAY, stream ids used up)
+        raise HttpError(f"{host}:{port} did not take the request {SEND_AGAIN} times")
 
     async def aclose(self) -> None:
         for connection in self._connections.values():

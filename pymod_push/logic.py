@@ -109,6 +109,8 @@ class Logic:
     def is_async(self) -> bool:
         """should_push or summary is an 'async def': notifications wait for them (decide)
         rather than being decided on the spot."""
+        if self.module is None:  # asked for every notification: no inspection then
+            return False
         return any(inspect.iscoroutinefunction(self._function(name))
                    for name in ("should_push", "summary"))
 
@@ -116,7 +118,8 @@ class Logic:
     def shapes_async(self) -> bool:
         """provider_data is an 'async def': the provider edge awaits it (provider_data_async)
         before a push's first attempt, within the budget."""
-        return inspect.iscoroutinefunction(self._function("provider_data"))
+        return self.module is not None and \
+            inspect.iscoroutinefunction(self._function("provider_data"))
 
     async def provider_data_async(self, device: Device, data: dict[str, str]) -> dict[str, str]:
         deadline = asyncio.get_running_loop().time() + self.budget_s

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -10,7 +11,7 @@ import logging
 import random
 import ssl
 import time
-from collections import Counter, defaultdict, deque
+from collections import Counter, defaultdict
 from collections.abc import Callable, Coroutine
 from types import MappingProxyType
 from typing import Any
@@ -35,7 +36,9 @@ log = logging.getLogger("pymod_push")
 RETRY_DELAYS = (1.0, 5.0, 30.0, 120.0, 300.0)  # the last one repeats
 MAX_AGE = 24 * 3600.0  # then the push is given up (and logged): as long as APNs keeps one
 MAX_RETRY_AFTER = 600.0
-MAX_IN_FLIGHT = 100  # per backend: what providers allow as concurrent HTTP/2 streams
+# Per Python provider: sends at once. An HTTP/2 backend has the limit its server sets
+# (SETTINGS_MAX_CONCURRENT_STREAMS: APNs says 1,000), kept by its connection.
+MAX_IN_FLIGHT = 100
 PROVIDERS: dict[str, Callable[[Backend], Provider]] = {
     "apns": Apns, "fcm": Fcm, "webpush": WebPush, "wns": Wns, "ubuntu": UbuntuPush}
 
@@ -80,7 +83,7 @@ class Dispatcher:
         self.logic: Callable[[], Logic] | None = None
         self._providers: dict[int, Provider] = {}
         self._clients: dict[int, Http2Client] = {}
-        self._in_flight: dict[int, _Slots] = {}
+        self._in_flight: dict[int, asyncio.Semaphore] = {}  # Python providers
         self._tasks: set[asyncio.Task[None]] = set()
         # Providers written in Python (backends of type python), reloadable
         self._python = python_providers or PythonProviders()
@@ -90,7 +93,7 @@ class Dispatcher:
         self.latency: defaultdict[str, Histogram] = defaultdict(Histogram)  # per provider
         for backend in config.backends:
             if backend.type == "python":
-                self._in_flight[backend.index] = _Slots(MAX_IN_FLIGHT)
+                self._in_flight[backend.index] = asyncio.Semaphore(MAX_IN_FLIGHT)
                 continue
             try:
                 provider = PROVIDERS[backend.group](backend)
@@ -100,7 +103,6 @@ class Dispatcher:
                 continue
             self._providers[backend.index] = provider
             self._clients[backend.index] = client
-            self._in_flight[backend.index] = _Slots(MAX_IN_FLIGHT)
 
     def submit(self, delivery: Delivery, queued: QueuedPush | None = None) -> None:
         if queued is None and self._sent_at_once(delivery):
@@ -126,8 +128,7 @@ class Dispatcher:
         answer comes to _answered_at_once. False: the task's way (_send) it is."""
         index = delivery.backend.index
         provider = self._providers.get(index)
-        if provider is None or (self.logic is not None and self.logic().shapes_async) \
-                or not self._in_flight[index].take_now():
+        if provider is None or (self.logic is not None and self.logic().shapes_async):
             return False
         try:
             now = time.time()
@@ -141,7 +142,6 @@ class Dispatcher:
         except (HttpError, ValueError, KeyError):
             answer = None  # the task's attempt says why
         if answer is None:
-            self._in_flight[index].give()
             return False
         if self._log_sensitive:  # the admin asked for it (option log_sensitive)
             log.debug("%s %s %s", request.method, request.url, request.body[:2000])
@@ -151,7 +151,6 @@ class Dispatcher:
 
     def _answered_at_once(self, delivery: Delivery, provider: Provider, started: float,
                           answer: asyncio.Future[Response]) -> None:
-        self._in_flight[delivery.backend.index].give()
         failure = None if answer.cancelled() else answer.exception()
         if isinstance(failure, NotProcessed):  # refused before any processing: again
             self._spawn(self._send(delivery, None))
@@ -168,7 +167,8 @@ class Dispatcher:
             self._spawn(self._retries(delivery, queued, reply, headers))
 
     async def _send(self, delivery: Delivery, queued: QueuedPush | None) -> None:
-        if delivery.backend.index not in self._in_flight:
+        if delivery.backend.index not in self._providers \
+                and delivery.backend.index not in self._in_flight:
             self.counters[(delivery.backend.group, "dropped")] += 1
             log.warning("push for %s dropped: its backend is not available", _where(delivery))
             if queued is None:
@@ -190,14 +190,11 @@ class Dispatcher:
         await self._retries(delivery, queued, reply, headers)
 
     async def _timed_attempt(self, delivery: Delivery) -> tuple[Reply, dict[str, str]]:
-        slots = self._in_flight[delivery.backend.index]
-        await slots.take()
-        try:
+        slots = self._in_flight.get(delivery.backend.index, _NO_LIMIT)
+        async with slots:
             started = time.perf_counter()
             reply, headers = await self._attempt(delivery)
             self.latency[delivery.backend.group].observe(time.perf_counter() - started)
-        finally:
-            slots.give()
         return reply, headers
 
     def _first_answered(self, delivery: Delivery, reply: Reply) -> QueuedPush | None:
@@ -311,38 +308,7 @@ class _where:  # noqa: N801 - used as a function: the text, made only if logged
         return f"{device.user} device {device.device_id!r} via {self.delivery.backend.group}"
 
 
-class _Slots:
-    """At most n at once (an asyncio.Semaphore that can also be taken without waiting)."""
-
-    def __init__(self, n: int) -> None:
-        self.free = n
-        self._waiting: deque[asyncio.Future[None]] = deque()
-
-    def take_now(self) -> bool:
-        if self.free > 0 and not self._waiting:
-            self.free -= 1
-            return True
-        return False
-
-    async def take(self) -> None:
-        if self.take_now():
-            return
-        handed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiting.append(handed)
-        try:
-            await handed
-        except asyncio.CancelledError:
-            if handed.done() and not handed.cancelled():
-                self.give()  # handed over as the waiter was cancelled: passed on
-            raise
-
-    def give(self) -> None:
-        while self._waiting:
-            handed = self._waiting.popleft()
-            if not handed.done():
-                handed.set_result(None)
-                return
-        self.free += 1
+_NO_LIMIT = contextlib.nullcontext()  # async too: an HTTP/2 backend's connection limits it
 
 
 async def _send(client: Http2Client, request: HttpRequest) -> Response:

@@ -79,12 +79,7 @@ class GoneAway:
     error_code: int
 
 
-@dataclass(frozen=True, slots=True)
-class SettingsChanged:
-    max_concurrent_streams: int
-
-
-Event = Answered | Failed | GoneAway | SettingsChanged
+Event = Answered | Failed | GoneAway
 
 
 @dataclass(slots=True)
@@ -169,8 +164,8 @@ class H2Client:
 
     # -- receiving
     def receive(self, data: bytes) -> list[Event]:
-        """What the server's bytes mean. Raises ProtocolError (connection over, every
-        open stream failed in the events of :meth:`fail_all`)."""
+        """What the server's bytes mean (new SETTINGS may also free streams: see
+        can_open). Raises ProtocolError: the connection is over (see close)."""
         buffer = self._buffer
         buffer += data
         events: list[Event] = []
@@ -191,11 +186,10 @@ class H2Client:
             del buffer[:position]
         return events
 
-    def fail_all(self, reason: str) -> list[Event]:
+    def close(self) -> None:
+        """The connection is gone: no stream is open any more, none opens."""
         self.closed = True
-        events: list[Event] = [Failed(stream_id, reason) for stream_id in self.streams]
         self.streams.clear()
-        return events
 
     def _error(self, code: int, why: str) -> ProtocolError:
         self.closed = True  # no stream of the server's was processed: push is disabled
@@ -233,7 +227,7 @@ class H2Client:
                                      unprocessed=code == REFUSED_STREAM))
         elif kind == SETTINGS:
             if not flags & ACK:
-                self._settings(payload, events)
+                self._settings(payload)
         elif kind == PING:
             if len(payload) != 8:
                 raise self._error(FRAME_SIZE_ERROR, "PING of the wrong size")
@@ -335,7 +329,7 @@ class H2Client:
         self.reset(stream_id, PROTOCOL_ERROR)
         events.append(Failed(stream_id, reason))
 
-    def _settings(self, payload: bytes, events: list[Event]) -> None:
+    def _settings(self, payload: bytes) -> None:
         if len(payload) % 6:
             raise self._error(FRAME_SIZE_ERROR, "SETTINGS of the wrong size")
         for offset in range(0, len(payload), 6):
@@ -357,7 +351,6 @@ class H2Client:
                 self._peer_frame = value
         self._out.append(_frame(SETTINGS, ACK, 0))
         self._resume_bodies()
-        events.append(SettingsChanged(self.max_concurrent_streams))
 
     def _window_update(self, stream_id: int, payload: bytes, events: list[Event]) -> None:
         if len(payload) != 4:

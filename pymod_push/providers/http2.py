@@ -77,8 +77,7 @@ class _Connection(asyncio.Protocol):
         except h2wire.ProtocolError as exc:
             self._fail_all(f"HTTP/2 protocol error: {exc}")
             self._flush()  # the GOAWAY
-            if self.transport is not None:
-                self.transport.close()
+            self.close()
             return
         for event in events:
             if isinstance(event, h2wire.Answered):
@@ -87,7 +86,7 @@ class _Connection(asyncio.Protocol):
             elif isinstance(event, h2wire.Failed):
                 failure = NotProcessed if event.unprocessed else HttpError
                 self._finish(event.stream_id, failure(event.reason))
-            self._wake()
+        self._wake()  # streams ended, or the server's SETTINGS allow more
         self._flush_soon()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -161,7 +160,7 @@ class _Connection(asyncio.Protocol):
 
     def _fail_all(self, reason: str) -> None:
         self._lost = True
-        self.wire.fail_all(reason)
+        self.wire.close()
         for stream_id in list(self.streams):
             self._finish(stream_id, HttpError(reason))
         self._wake()
@@ -233,9 +232,7 @@ class Http2Client:
                       content: bytes) -> Response:
         host, port, path = _target(url)
         for _ in range(SEND_AGAIN):
-            connection = self._connections.get((host, port))
-            if connection is None or connection.closed:
-                connection = await self._connection(host, port)
+            connection = await self._connection(host, port)
             try:
                 return await connection.request(method, path, headers.items(), content)
             except NotProcessed:

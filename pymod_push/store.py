@@ -208,7 +208,7 @@ class QueuedPush:
     created: float
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, frozen=True)  # frozen: the store keeps and shares them
 class Device:
     """A device registered at the built-in app server."""
 
@@ -232,8 +232,6 @@ _DEVICE_COLUMNS = ("node, secret, user, device_id, device_name, provider, app_na
                    "pubsub_host, token, application_id, p256dh, auth, voip_token, extra")
 _COLUMNS = ("user, server, resource, push_jid, node, publish_options, errors, "
             "message_count, subscription_count, last_error_at, extensions")
-_COLUMN_COUNT = _COLUMNS.count(",") + 1
-_JOINED_COLUMNS = ", ".join(f"r.{column.strip()}" for column in _COLUMNS.split(","))
 
 
 def _json_pairs(pairs: list[tuple[str, str]]) -> str:
@@ -246,21 +244,27 @@ class DatabaseUnavailable(Exception):
     is sent again when the database is back; the port holds events meanwhile."""
 
 
-SessionEntry = tuple[list["Registration"], PushOptions | None]
-SESSION_MEMORY = 200_000  # users whose registrations are kept in memory (PostgreSQL), at most
+UserEntry = tuple[list["Registration"], PushOptions | None]  # all of a user's, and options
+DEVICE_MEMORY = 200_000  # app server devices kept in memory (SQLite), at most
+USER_MEMORY = 200_000  # users whose registrations are kept in memory, at most
 
 
 class Store:
     """The SQL here runs on SQLite and, through store_pg.PgConnection (which turns `?` into
     `$n` and quotes the column `user`), on PostgreSQL.
 
-    With PostgreSQL, what for_session_with_options reads (every stanza to a pending
-    session) is kept in memory per user: a method that changes a user's registrations or
-    options calls _changed, which drops them here and tells the other nodes (NOTIFY)."""
+    What every stanza to a pending user reads, the user's registrations and options, is
+    kept in memory per user once read: a method that changes them calls _changed, which
+    drops the user's entry (and, with PostgreSQL, tells the other nodes: NOTIFY). The
+    service updates the counts of the very objects kept (then save_counts). With SQLite
+    this process is the database's only writer, so for_user, user_options and the app
+    server's devices come from memory too; with PostgreSQL, only for_session_with_options
+    does, as other nodes write the counts and devices."""
 
     def __init__(self, path: str, connection: Any = None) -> None:
         self._pg = connection
-        self._sessions: dict[UserKey, dict[str, SessionEntry]] = {}
+        self._users: dict[UserKey, UserEntry] = {}
+        self._devices: dict[str, Device | None] = {}  # SQLite: node -> device (None: none)
         if connection is not None:  # PostgreSQL (see open_store)
             self.db = connection
             self.db.migrate(MIGRATIONS)
@@ -301,20 +305,39 @@ class Store:
         """Forget the writes since write_mark (an event to be handled again, PostgreSQL)."""
         if self._pg is not None:
             self._pg.rollback_to(mark)
-            self._sessions.clear()  # what the undone writes changed is read again
+            self._users.clear()  # what the undone writes changed is read again
 
     def round_trips(self) -> int | None:
         """Database round trips so far (PostgreSQL), for metrics and the benchmark."""
         return int(self._pg.round_trips) if self._pg is not None else None
 
     def _changed(self, user: UserKey) -> None:
-        """The user's registrations or options change (PostgreSQL: see the class)."""
+        """The user's registrations or options change (see the class)."""
+        self._users.pop(user, None)
         if self._pg is not None:
-            self._sessions.pop(user, None)
             self._pg.notify(user)
+
+    def _user_entry(self, user: UserKey) -> UserEntry:
+        """The user's registrations (ordered as _select orders them) and options, from
+        memory once read."""
+        if self._pg is not None:
+            for changed in self._pg.changed_users():  # by other nodes
+                if changed is None:
+                    self._users.clear()
+                else:
+                    self._users.pop(changed, None)
+        entry = self._users.get(user)
+        if entry is None:
+            entry = (list(self._select("user=? AND server=?", user)), self._user_options(user))
+            if len(self._users) >= USER_MEMORY:  # bounded: read again when needed
+                self._users.clear()
+            self._users[user] = entry
+        return entry
 
     def rollback(self) -> None:
         self.db.rollback()
+        self._users.clear()  # what the undone writes changed is read again
+        self._devices.clear()
 
     def close(self) -> None:
         self.db.commit()
@@ -334,40 +357,14 @@ class Store:
 
     def for_session_with_options(self, session: SessionKey
                                  ) -> tuple[list[Registration], PushOptions | None]:
-        """A session's registrations and its user's own push options (None: never set),
-        in one query: this runs for every stanza to a pending session. With PostgreSQL,
-        from memory once read (the service updates the counts of these very objects)."""
-        if self._pg is None:
-            return self._session_with_options(session)
-        for user in self._pg.changed_users():
-            if user is None:
-                self._sessions.clear()
-            else:
-                self._sessions.pop(user, None)
-        sessions = self._sessions.get(session[:2])
-        entry = sessions.get(session[2]) if sessions is not None else None
-        if entry is None:
-            entry = self._session_with_options(session)
-            if len(self._sessions) >= SESSION_MEMORY:  # bounded: read again when needed
-                self._sessions.clear()
-            self._sessions.setdefault(session[:2], {})[session[2]] = entry
-        return list(entry[0]), entry[1]
-
-    def _session_with_options(self, session: SessionKey
-                              ) -> tuple[list[Registration], PushOptions | None]:
-        rows = list(self.db.execute(
-            f"SELECT {_JOINED_COLUMNS}, o.senders, o.message_count, o.subscription_count, "
-            "o.message_bodies, r.enabled_at FROM registrations r LEFT JOIN user_options o "
-            "ON o.user=r.user AND o.server=r.server WHERE r.user=? AND r.server=? AND "
-            "r.resource=?", session))
-        if len(rows) > 1:  # sorted here: ORDER BY would cost a temporary b-tree every time
-            rows.sort(key=lambda row: (row[-1], row[4]))  # enabled_at, node
-        registrations = [Registration(*row[:_COLUMN_COUNT]) for row in rows]
-        stored = rows[0][_COLUMN_COUNT:-1] if rows else (None,)
-        options = None if stored[0] is None else PushOptions(*(bool(v) for v in stored))
-        return registrations, options
+        """A session's registrations and its user's own push options (None: never set):
+        this runs for every stanza to a pending session."""
+        registrations, options = self._user_entry(session[:2])
+        return [r for r in registrations if r.resource == session[2]], options
 
     def for_user(self, user: UserKey) -> list[Registration]:
+        if self._pg is None:
+            return list(self._user_entry(user)[0])
         return list(self._select("user=? AND server=?", user))
 
     def get(self, key: tuple[str, str, str, str]) -> Registration | None:
@@ -470,10 +467,9 @@ class Store:
             "UPDATE registrations SET message_count=?, subscription_count=? WHERE user=? "
             "AND server=? AND push_jid=? AND node=?",
             (registration.message_count, registration.subscription_count, *registration.key))
-        if self._pg is not None:  # unless it is the very object kept in memory
-            entry = self._sessions.get(registration.user_key, {}).get(registration.resource)
-            if entry is None or not any(r is registration for r in entry[0]):
-                self._changed(registration.user_key)
+        entry = self._users.get(registration.user_key)  # unless it is the very object kept
+        if entry is None or not any(r is registration for r in entry[0]):
+            self._changed(registration.user_key)
 
     def reset_counts(self, session: SessionKey) -> None:
         self.db.execute(
@@ -489,6 +485,7 @@ class Store:
             "SELECT node FROM devices WHERE user=? AND device_id=? AND provider=? AND app_name=?",
             (device.user, device.device_id, device.provider, device.app_name))]
         self.db.executemany("DELETE FROM devices WHERE node=?", [(n,) for n in replaced])
+        self._devices_changed([*replaced, device.node])
         self.db.execute(f"INSERT INTO devices ({_DEVICE_COLUMNS}, created_at) VALUES "
                         "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (device.node, device.secret, device.user, device.device_id,
@@ -499,9 +496,21 @@ class Store:
         return replaced
 
     def device(self, node: str) -> Device | None:
+        """The device with that node; with SQLite from memory once read."""
+        if self._pg is None and node in self._devices:
+            return self._devices[node]
         row = self.db.execute(f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE node=?",
                               (node,)).fetchone()
-        return Device(*row) if row else None
+        device = Device(*row) if row else None
+        if self._pg is None:
+            if len(self._devices) >= DEVICE_MEMORY:
+                self._devices.clear()
+            self._devices[node] = device
+        return device
+
+    def _devices_changed(self, nodes: list[str]) -> None:
+        for node in nodes:
+            self._devices.pop(node, None)
 
     def devices_of(self, user: str) -> list[Device]:
         return [Device(*row) for row in self.db.execute(
@@ -514,13 +523,18 @@ class Store:
         removed = [d.node for d in self.devices_of(user)
                    if (d.node in nodes if nodes is not None else d.device_id == device_id)]
         self.db.executemany("DELETE FROM devices WHERE node=?", [(n,) for n in removed])
+        self._devices_changed(removed)
         return removed
 
     def remove_device(self, node: str) -> None:
         self.db.execute("DELETE FROM devices WHERE node=?", (node,))
+        self._devices_changed([node])
 
     # -------------------------------------------------------- user options
     def user_options(self, user: UserKey) -> PushOptions | None:
+        return self._user_entry(user)[1] if self._pg is None else self._user_options(user)
+
+    def _user_options(self, user: UserKey) -> PushOptions | None:
         row = self.db.execute("SELECT senders, message_count, subscription_count, "
                               "message_bodies FROM user_options WHERE user=? AND server=?",
                               user).fetchone()

@@ -3,12 +3,16 @@ cluster's shared database, a real server started by the tests)."""
 
 from __future__ import annotations
 
+import sqlite3
+import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pymod_push.core.options import PushOptions
 from pymod_push.store import (
@@ -193,7 +197,10 @@ def test_uncommitted_changes_are_invisible_to_others_and_rolled_back(opener: Ope
     node_a.enable(registration())
     node_a.commit()
     node_b.commit()  # end node B's read transaction, as each batch does
-    assert [r.node for r in node_b.for_user(("alice", "example.org"))] == ["n1"]
+    # Another cluster node reads it (PostgreSQL); with SQLite, whose one process keeps
+    # what it read in memory, the next process does.
+    reader = opener() if isinstance(node_b.db, sqlite3.Connection) else node_b
+    assert [r.node for r in reader.for_user(("alice", "example.org"))] == ["n1"]
 
 
 def test_postgresql_dialect() -> None:
@@ -482,3 +489,97 @@ def test_postgresql_a_group_commit_of_pushes_is_few_statements() -> None:
                       insert(1)])
     assert [[w.key for w in g] for g in groups] == [
         ["'1'", "'2'"], ["'7'", "'8'", "'1'"], ["'3'", "'1'"]]
+
+
+USERS = [("alice", "example.org"), ("bob", "example.org")]
+RESOURCES = ["phone", "tablet"]
+NODES = ["n1", "n2"]
+DEVICE_NODES = [node + device_id for node in NODES for device_id in ("d1", "d2")]
+_options = st.none() | st.builds(PushOptions, st.booleans(), st.booleans(), st.booleans(),
+                                 st.booleans())
+_key = st.tuples(st.sampled_from(USERS), st.sampled_from(["push.a", "push.b"]),
+                 st.sampled_from(NODES)).map(lambda t: (*t[0], t[1], t[2]))
+_operation = st.one_of(
+    st.tuples(st.just("enable"), _key, st.sampled_from(RESOURCES)),
+    st.tuples(st.just("delete"), _key),
+    st.tuples(st.just("disable"), _key, st.booleans()),
+    st.tuples(st.just("delete_user"), st.sampled_from(USERS)),
+    st.tuples(st.just("options"), st.sampled_from(USERS), _options),
+    st.tuples(st.just("count_kept"), st.sampled_from(USERS), st.sampled_from(RESOURCES)),
+    st.tuples(st.just("count_read"), _key, st.integers(0, 9)),
+    st.tuples(st.just("reset"), st.sampled_from(USERS), st.sampled_from(RESOURCES)),
+    st.tuples(st.just("errors"), _key, st.integers(0, 3)),
+    st.tuples(st.just("clear_errors"), _key),
+    st.tuples(st.just("device"), st.sampled_from(NODES), st.sampled_from(["d1", "d2"]),
+              st.text("abc", max_size=3)),
+    st.tuples(st.just("remove_device"), st.sampled_from(DEVICE_NODES)),
+    st.tuples(st.just("remove_devices"),
+              st.lists(st.sampled_from(DEVICE_NODES), min_size=1, max_size=2)),
+)
+
+
+def _apply(store: Store, operation: tuple[Any, ...]) -> None:
+    match operation:
+        case ("enable", (user, server, push_jid, node), resource):
+            store.enable(Registration(user, server, resource, push_jid, node, None))
+        case ("delete", key):
+            store.delete(key)
+        case ("disable", (user, server, push_jid, node), every):
+            store.disable((user, server), push_jid, None if every else node)
+        case ("delete_user", user):
+            store.delete_user(user)
+        case ("options", user, options):
+            store.set_user_options(user, options)
+        case ("count_kept", user, resource):  # as the service does: the objects it was given
+            for kept in store.for_session_with_options((*user, resource))[0]:
+                kept.message_count += 1
+                store.save_counts(kept)
+        case ("count_read", key, count):  # an object read by itself, not the one kept
+            read = store.get(key)
+            if read is not None:
+                read.message_count = count
+                store.save_counts(read)
+        case ("reset", user, resource):
+            store.reset_counts((*user, resource))
+        case ("errors", key, errors):
+            store.set_errors(key, errors, 10.0 * errors)
+        case ("clear_errors", key):
+            store.clear_errors(key)
+        case ("device", node, device_id, token):  # a node is a device's (see DEVICE_NODES)
+            store.add_device(Device(node + device_id, "s", "alice@example.org", device_id,
+                                    "", "fcm", "app", "push.a", token))
+        case ("remove_device", node):
+            store.remove_device(node)
+        case ("remove_devices", nodes):
+            store.remove_devices("alice@example.org", nodes)
+
+
+def _seen(store: Store) -> list[Any]:
+    """Everything the service and app server read, as one store reads it."""
+    seen: list[Any] = []
+    for user in USERS:
+        seen += [store.for_user(user), store.user_options(user)]
+        seen += [store.for_session_with_options((*user, r)) for r in RESOURCES]
+    return seen + [store.device(node) for node in DEVICE_NODES]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_operation, min_size=1, max_size=25))
+def test_what_sqlite_keeps_in_memory_is_what_it_stored(operations: list[Any]) -> None:
+    """The one SQLite process reads registrations, options and devices from memory once
+    read: after any sequence of changes it reads what a new process reads from disk."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = str(Path(folder) / "push.sqlite3")
+        store = open_store(path)
+        try:
+            for operation in operations:
+                _seen(store)  # everything read (and kept) before the change
+                _apply(store, operation)
+                store.commit()
+                fresh = open_store(path)
+                try:
+                    assert _seen(store) == _seen(fresh), operation
+                finally:
+                    fresh.close()
+        finally:
+            store.close()

@@ -8,6 +8,7 @@ import ssl
 import struct
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -297,13 +298,9 @@ def test_requests_the_server_did_not_process_go_again_and_are_delivered_once(
     """A server that refuses the first streams (REFUSED_STREAM), then sends GOAWAY before
     processing the next, answers on a second connection: every push is delivered, once,
     not deferred as a provider failure would be."""
-    ca = LoopbackCA(tmp_path / "tls")
-    key_file = tmp_path / "key.p8"
-    key_file.write_bytes(ec.generate_private_key(ec.SECP256R1()).private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))
     processed: Counter[str] = Counter()
     refusals = connections = 0
+    ca, key_file = _tls_and_key(tmp_path)
 
     async def peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal refusals, connections
@@ -339,35 +336,94 @@ def test_requests_the_server_did_not_process_go_again_and_are_delivered_once(
     def answer_to(server: h2.connection.H2Connection, stream_id: int) -> None:
         server.send_headers(stream_id, [(":status", "200")], end_stream=True)
 
-    async def run() -> Counter[tuple[str, str]]:
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(ca.certfile, ca.keyfile)
-        context.set_alpn_protocols(["h2"])
-        listening = await asyncio.start_server(peer, "127.0.0.1", 0, ssl=context)
-        port = listening.sockets[0].getsockname()[1]
-        backend = Backend(0, "apns", "app", "localhost", "pubsub.localhost", {
-            "topic": "org.example", "key_file": str(key_file), "key_id": "K",
-            "team_id": "T", "endpoint": f"https://127.0.0.1:{port}",
-            "cafile": str(ca.cafile)})
-        dispatcher = Dispatcher(Config("localhost", backends=(backend,)), Store(":memory:"),
-                                lambda node: None, lambda xml: None)
-        for n in range(8):
-            device = Device(f"node{n}", "s", "user@localhost", "d", "", "apns", "app",
-                            "pubsub.localhost", f"{n:064x}")
-            dispatcher.submit(Delivery(backend, device, {"message-count": "1"},
-                                       Iq(str(n), "set", "localhost", "pubsub.localhost",
-                                          None)))
-            if n == 0:  # the connection is open when the others come: they go at once
-                while not dispatcher._clients[0]._connections:
-                    await asyncio.sleep(0.01)
-        deadline = time.monotonic() + 20
-        while sum(dispatcher.counters.values()) < 8 and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        await dispatcher.close()
-        listening.close()
-        return dispatcher.counters
-
-    counters = asyncio.run(run())
+    counters = asyncio.run(_push_through(peer, ca, key_file, 8))
     assert 1 <= refusals <= 3 and connections == 2
     assert counters == Counter({("apns", "delivered"): 8}), counters
     assert processed == Counter({f"/3/device/{n:064x}": 1 for n in range(8)})
+
+
+def test_requests_beyond_the_servers_stream_limit_wait_in_order_and_survive_its_close(
+        tmp_path: Path) -> None:
+    """A server that allows 2 streams: the pushes beyond wait for a free stream and go in
+    the order they came. It closes its first connection after 10 answers: those waiting
+    for a stream then go on a second connection; every push is delivered once."""
+    ca, key_file = _tls_and_key(tmp_path)
+    processed: Counter[str] = Counter()
+    arrived: list[int] = []  # push numbers, in the order the first connection got them
+    most_open = connections = 0
+
+    async def peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal most_open, connections
+        connections += 1
+        first = connections == 1
+        server = h2.connection.H2Connection(h2.config.H2Configuration(
+            client_side=False, header_encoding="utf-8"))
+        server.initiate_connection()
+        server.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 2})
+        writer.write(server.data_to_send())
+        paths: dict[int, str] = {}
+        while data := await reader.read(65536):
+            for event in server.receive_data(data):
+                if isinstance(event, h2.events.RequestReceived):
+                    paths[event.stream_id] = dict(event.headers)[":path"]
+                    most_open = max(most_open, len(server.streams))
+                    if first:
+                        arrived.append(int(paths[event.stream_id].rsplit("/", 1)[1], 16))
+                elif isinstance(event, h2.events.StreamEnded):
+                    if first and sum(processed.values()) == 10:
+                        writer.write(server.data_to_send())  # the answers given
+                        writer.close()  # gone, with what it had not answered
+                        return
+                    processed[paths[event.stream_id]] += 1
+                    server.send_headers(event.stream_id, [(":status", "200")],
+                                        end_stream=True)
+            writer.write(server.data_to_send())
+
+    counters = asyncio.run(_push_through(peer, ca, key_file, 30))
+    assert counters[("apns", "delivered")] == 30, counters
+    assert processed == Counter({f"/3/device/{n:064x}": 1 for n in range(30)})
+    assert connections == 2 and most_open <= 2
+    assert arrived == sorted(arrived) and len(arrived) >= 11
+
+
+def _tls_and_key(folder: Path) -> tuple[LoopbackCA, Path]:
+    key_file = folder / "key.p8"
+    key_file.write_bytes(ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    return LoopbackCA(folder / "tls"), key_file
+
+
+async def _push_through(peer: Callable[[asyncio.StreamReader, asyncio.StreamWriter],
+                                       Awaitable[None]],
+                        ca: LoopbackCA, key_file: Path, pushes: int) -> Counter[tuple[str, str]]:
+    """pushes pushes submitted to a dispatcher whose APNs backend is the server peer (over
+    TLS), the first alone (the others find its connection open); its counters once each
+    push is finished (20 s at most)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(ca.certfile, ca.keyfile)
+    context.set_alpn_protocols(["h2"])
+    listening = await asyncio.start_server(peer, "127.0.0.1", 0, ssl=context)
+    port = listening.sockets[0].getsockname()[1]
+    backend = Backend(0, "apns", "app", "localhost", "pubsub.localhost", {
+        "topic": "org.example", "key_file": str(key_file), "key_id": "K",
+        "team_id": "T", "endpoint": f"https://127.0.0.1:{port}",
+        "cafile": str(ca.cafile)})
+    dispatcher = Dispatcher(Config("localhost", backends=(backend,)), Store(":memory:"),
+                            lambda node: None, lambda xml: None)
+    for n in range(pushes):
+        device = Device(f"node{n}", "s", "user@localhost", "d", "", "apns", "app",
+                        "pubsub.localhost", f"{n:064x}")
+        dispatcher.submit(Delivery(backend, device, {"message-count": "1"},
+                                   Iq(str(n), "set", "localhost", "pubsub.localhost", None)))
+        if n == 0:  # the connection is open when the others come: they go at once
+            while not dispatcher._clients[0]._connections:
+                await asyncio.sleep(0.01)
+    finished = ("delivered", "failed", "given_up", "unregistered", "dropped")
+    deadline = time.monotonic() + 20
+    while sum(v for (_, what), v in dispatcher.counters.items() if what in finished) < pushes \
+            and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    await dispatcher.close()
+    listening.close()
+    return dispatcher.counters

@@ -67,8 +67,11 @@ def fitted(summary: dict[str, str], build: Callable[[dict[str, str]], bytes],
     return build(fit(summary, lambda s: len(build(s)), limit))
 
 
+_COMPACT = json.JSONEncoder(separators=(",", ":"))  # made once: json.dumps makes one a call
+
+
 def to_json(data: object) -> bytes:
-    return json.dumps(data, separators=(",", ":")).encode()
+    return _COMPACT.encode(data).encode()
 
 
 def b64url_decode(text: str) -> bytes:

@@ -123,12 +123,14 @@ class Dispatcher:
                      len(deliveries))
 
     def _sent_at_once(self, delivery: Delivery) -> bool:
-        """The usual first attempt, without a task of its own: an HTTP/2 stream free on an
-        open connection, the provider's token ready, no async push logic to await. Its
-        answer comes to _answered_at_once. False: the task's way (_send) it is."""
+        """The usual first attempt, without a task of its own: on an open HTTP/2
+        connection (on a stream free now, or queued until one is), the provider's token
+        ready, no async push logic to await. Its answer comes to _answered_at_once.
+        False: the task's way (_send) it is."""
         index = delivery.backend.index
         provider = self._providers.get(index)
-        if provider is None or (self.logic is not None and self.logic().shapes_async):
+        if provider is None or (self.logic is not None and self.logic().shapes_async) \
+                or not self._clients[index].connected():  # not made twice on connecting
             return False
         try:
             now = time.time()

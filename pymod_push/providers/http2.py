@@ -51,7 +51,7 @@ class _Connection(asyncio.Protocol):
         # stream id -> (its answer, the loop time by which it is answered or failed)
         self.streams: dict[int, tuple[asyncio.Future[Response], float]] = {}
         self._lost = False  # the connection is gone, or given up
-        self._waiting: deque[asyncio.Future[None]] = deque()  # requests waiting for a stream
+        self._queued: deque[_Queued] = deque()  # requests waiting for a stream, in order
         self._flush_pending = False
         self._sweep: asyncio.TimerHandle | None = None
 
@@ -96,34 +96,31 @@ class _Connection(asyncio.Protocol):
             self._sweep = None
 
     # -- requests
-    async def request(self, method: str, path: str, headers: Iterable[tuple[str, str]],
-                      body: bytes) -> Response:
-        while not self.closed and not self.wire.can_open():
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiting.append(waiter)
-            await waiter
+    def submit(self, method: str, path: str, headers: Iterable[tuple[str, str]],
+               body: bytes) -> asyncio.Future[Response]:
+        """The request's answer, to await: sent on a new stream now if one is free, else
+        when one is (in order). It fails with NotProcessed if the connection closes first."""
+        done: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
         if self.closed:
-            raise NotProcessed("connection closed")
-        return await self.open(method, path, headers, body)
+            done.set_exception(NotProcessed("connection closed"))
+        elif self._queued or not self.wire.can_open():
+            self._queued.append((done, method, path, headers, body))
+        else:
+            self._open(done, method, path, headers, body)
+        return done
 
-    def can_open(self) -> bool:
-        return not self.closed and self.wire.can_open()
-
-    def open(self, method: str, path: str, headers: Iterable[tuple[str, str]],
-             body: bytes) -> asyncio.Future[Response]:
-        """A request on a new stream (can_open() must be true): its answer, to await."""
+    def _open(self, done: asyncio.Future[Response], method: str, path: str,
+              headers: Iterable[tuple[str, str]], body: bytes) -> None:
         loop = asyncio.get_running_loop()
         request_headers = [(":method", method), (":scheme", "https"),
                            (":authority", self.authority), (":path", path), *headers]
         if body:
             request_headers.append(("content-length", str(len(body))))
         stream_id = self.wire.request(request_headers, body)
-        done: asyncio.Future[Response] = loop.create_future()
         self.streams[stream_id] = (done, loop.time() + self.timeout)
         if self._sweep is None:
             self._sweep = loop.call_later(SWEEP_S, self._expire)
         self._flush_soon()
-        return done
 
     def _expire(self) -> None:
         """Every SWEEP_S while requests are open: those unanswered in time fail (and are
@@ -151,12 +148,15 @@ class _Connection(asyncio.Protocol):
             self.close()  # drained after a GOAWAY or its last stream id: the next is new
 
     def _wake(self) -> None:
-        free = self.wire.max_concurrent_streams - len(self.wire.streams)
-        while self._waiting and (free > 0 or self.closed):
-            waiter = self._waiting.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                free -= 1
+        """Queued requests go out on the streams free now (or fail: closed meanwhile)."""
+        while self._queued and (self.closed or self.wire.can_open()):
+            done, method, path, headers, body = self._queued.popleft()
+            if done.done():  # its awaiter was cancelled
+                continue
+            if self.closed:
+                done.set_exception(NotProcessed("connection closed"))
+            else:
+                self._open(done, method, path, headers, body)
 
     def _fail_all(self, reason: str) -> None:
         self._lost = True
@@ -175,6 +175,10 @@ class _Connection(asyncio.Protocol):
         data = self.wire.data_to_send()
         if data and self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
+
+
+# A request waiting for a stream: its answer, method, path, headers, body.
+_Queued = tuple[asyncio.Future[Response], str, str, Iterable[tuple[str, str]], bytes]
 
 
 @lru_cache(maxsize=16384)  # a device's URL recurs with every push to it
@@ -218,15 +222,20 @@ class Http2Client:
                 self._connections[key] = connection = opened
             return connection
 
+    def connected(self) -> bool:
+        """A connection is open (to the origin, if the client has only one): request_now
+        is worth a try."""
+        return any(not connection.closed for connection in self._connections.values())
+
     def request_now(self, method: str, url: str, headers: dict[str, str],
                     content: bytes) -> asyncio.Future[Response] | None:
-        """The request on a new stream of the origin's open connection, its answer to
-        await; None if that needs waiting (no connection yet, no stream free)."""
+        """The request on the origin's open connection (see _Connection.submit), its answer
+        to await, without a task; None if there is no such connection yet."""
         host, port, path = _target(url)
         connection = self._connections.get((host, port))
-        if connection is None or not connection.can_open():
+        if connection is None or connection.closed:
             return None
-        return connection.open(method, path, headers.items(), content)
+        return connection.submit(method, path, headers.items(), content)
 
     async def request(self, method: str, url: str, headers: dict[str, str],
                       content: bytes) -> Response:
@@ -234,7 +243,7 @@ class Http2Client:
         for _ in range(SEND_AGAIN):
             connection = await self._connection(host, port)
             try:
-                return await connection.request(method, path, headers.items(), content)
+                return await connection.submit(method, path, headers.items(), content)
             except NotProcessed:
                 continue  # refused, or closed meanwhile (GOAWAY, stream ids used up)
         raise HttpError(f"{host}:{port} did not take the request {SEND_AGAIN} times")

@@ -109,6 +109,9 @@ class AppServer:
         self._clock = clock
         self._publish_limit = RateLimiter(PUBLISH_BURST, PUBLISH_REFILL_PER_SECOND)
         self._command_limit = limits.account_rate_limiter(config.push_iq_rate)
+        self._backends: dict[tuple[str, str, str], Backend] = {}  # see _backend_of
+        for backend in reversed(config.backends):  # the first configured wins
+            self._backends[(backend.group, backend.app_name, backend.pubsub_host)] = backend
 
     def handle(self, allowed: bool, xml: bytes) -> list[Route | Delivery]:
         try:
@@ -259,9 +262,7 @@ class AppServer:
         return backend, device, summary
 
     def _backend_of(self, device: Device) -> Backend | None:
-        return next((b for b in self.config.backends
-                     if b.group == device.provider and b.app_name == device.app_name
-                     and b.pubsub_host == device.pubsub_host), None)
+        return self._backends.get((device.provider, device.app_name, device.pubsub_host))
 
     def queued_deliveries(self) -> list[tuple[QueuedPush, Delivery]]:
         """Pushes a provider deferred before this process started, still to be sent."""

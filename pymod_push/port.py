@@ -133,7 +133,8 @@ class PortApp:
         self._timer: asyncio.TimerHandle | None = None
         self._metrics: asyncio.Server | None = None
         self._hook_workers: HookWorkers | None = None
-        self._last_batch: tuple[int, int] | None = None  # (epoch, seq) committed last
+        self._last_batch: tuple[int, int] | None = None  # (epoch, seq) handled last
+        self._last_batch_unsaved = False  # written once per commit, not once per frame
         # What the next commit makes known: actions, app-server pushes, the acknowledgement.
         self._pending_actions: list[Action] = []
         self._pending_deliveries: list[Delivery] = []
@@ -212,9 +213,7 @@ class PortApp:
             assert self._store is not None and self.service is not None
             if not self._already_handled(handled):
                 self._last_batch = (handled.epoch, handled.seq)
-                self._store.set_last_batch(self.service.config.ejabberd_node,
-                                           self.service.config.host, handled.epoch,
-                                           handled.seq)
+                self._last_batch_unsaved = True
             self._pending_ack = handled.seq
         if handled is not None or self._pending_actions or self._pending_deliveries:
             self._request_commit()
@@ -271,6 +270,11 @@ class PortApp:
         if self._store is not None:
             self._loop = asyncio.get_running_loop()
             try:
+                if self._last_batch_unsaved and self._last_batch is not None:
+                    assert self.service is not None
+                    self._store.set_last_batch(self.service.config.ejabberd_node,
+                                               self.service.config.host, *self._last_batch)
+                    self._last_batch_unsaved = False  # in this commit's writes
                 started = self._store.start_commit(self._commit_done_soon)
                 if started is None:
                     self._store.commit()

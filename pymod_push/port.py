@@ -131,6 +131,7 @@ class PortApp:
         self.service: PushService | None = None
         self._store: Store | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_deadline: float | None = None  # what _timer is armed for
         self._metrics: asyncio.Server | None = None
         self._hook_workers: HookWorkers | None = None
         self._last_batch: tuple[int, int] | None = None  # (epoch, seq) handled last
@@ -477,8 +478,11 @@ class PortApp:
             return
         deadline = self.service.next_deadline()
         if self._timer is not None:
+            if deadline == self._timer_deadline:
+                return  # as armed (after most commits: a wake hours away)
             self._timer.cancel()
             self._timer = None
+        self._timer_deadline = deadline
         if deadline is not None:  # wall-clock: due times are stored and outlive the process
             loop = asyncio.get_running_loop()
             self._timer = loop.call_later(max(0.0, deadline - time.time(),

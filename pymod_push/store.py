@@ -245,8 +245,8 @@ class DatabaseUnavailable(Exception):
 
 
 UserEntry = tuple[list["Registration"], PushOptions | None]  # all of a user's, and options
-DEVICE_MEMORY = 200_000  # app server devices kept in memory (SQLite), at most
-USER_MEMORY = 200_000  # users whose registrations are kept in memory, at most
+DEVICE_MEMORY = 50_000  # app server devices kept in memory (SQLite), at most: ~26 MB
+USER_MEMORY = 50_000  # users whose registrations are kept in memory, at most: ~28 MB
 
 
 class Store:
@@ -329,8 +329,8 @@ class Store:
         entry = self._users.get(user)
         if entry is None:
             entry = (list(self._select("user=? AND server=?", user)), self._user_options(user))
-            if len(self._users) >= USER_MEMORY:  # bounded: read again when needed
-                self._users.clear()
+            if len(self._users) >= USER_MEMORY:  # bounded: the longest kept goes
+                del self._users[next(iter(self._users))]
             self._users[user] = entry
         return entry
 
@@ -503,8 +503,8 @@ class Store:
                               (node,)).fetchone()
         device = Device(*row) if row else None
         if self._pg is None:
-            if len(self._devices) >= DEVICE_MEMORY:
-                self._devices.clear()
+            if len(self._devices) >= DEVICE_MEMORY:  # bounded: the longest kept goes
+                del self._devices[next(iter(self._devices))]
             self._devices[node] = device
         return device
 

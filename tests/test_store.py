@@ -9,11 +9,13 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pymod_push import store as store_module
 from pymod_push.core.options import PushOptions
 from pymod_push.store import (
     MIGRATIONS,
@@ -568,6 +570,19 @@ def _seen(store: Store) -> list[Any]:
 def test_what_sqlite_keeps_in_memory_is_what_it_stored(operations: list[Any]) -> None:
     """The one SQLite process reads registrations, options and devices from memory once
     read: after any sequence of changes it reads what a new process reads from disk."""
+    _reads_as_a_new_process(operations)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_operation, min_size=1, max_size=25))
+def test_what_is_kept_in_memory_is_bounded_and_still_right(operations: list[Any]) -> None:
+    """With room for one user and two devices, what is read evicts what was kept."""
+    with mock.patch.object(store_module, "USER_MEMORY", 1), \
+            mock.patch.object(store_module, "DEVICE_MEMORY", 2):
+        _reads_as_a_new_process(operations)
+
+
+def _reads_as_a_new_process(operations: list[Any]) -> None:
     with tempfile.TemporaryDirectory() as folder:
         path = str(Path(folder) / "push.sqlite3")
         store = open_store(path)
@@ -579,6 +594,8 @@ def test_what_sqlite_keeps_in_memory_is_what_it_stored(operations: list[Any]) ->
                 fresh = open_store(path)
                 try:
                     assert _seen(store) == _seen(fresh), operation
+                    assert len(store._users) <= store_module.USER_MEMORY
+                    assert len(store._devices) <= store_module.DEVICE_MEMORY
                 finally:
                     fresh.close()
         finally:

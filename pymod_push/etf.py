@@ -228,8 +228,8 @@ def _take(data: bytes, pos: int, size: int) -> bytes:
 
 
 def _decode_items(data: bytes, pos: int, count: int) -> tuple[list[Any], int]:
-    """The elements of a tuple or list; binaries and small atoms without a call each
-    (the codec's hot loop)."""
+    """The elements of a tuple or list; binaries, small atoms, integers and tuples and
+    empty lists without a call to _decode each (the codec's hot loop)."""
     items = []
     for _ in range(count):
         tag = data[pos]
@@ -249,6 +249,15 @@ def _decode_items(data: bytes, pos: int, count: int) -> tuple[list[Any], int]:
             else:
                 pos += 2 + size
             items.append(atom)
+        elif tag == SMALL_TUPLE_EXT:
+            elements, pos = _decode_items(data, pos + 2, data[pos + 1])
+            items.append(tuple(elements))
+        elif tag == SMALL_INTEGER_EXT:
+            items.append(data[pos + 1])
+            pos += 2
+        elif tag == NIL_EXT:
+            items.append([])
+            pos += 1
         else:
             item, pos = _decode(data, pos)
             items.append(item)
@@ -299,11 +308,10 @@ def _decode(data: bytes, pos: int) -> tuple[Any, int]:  # noqa: C901 - one branc
     if tag == MAP_EXT:
         (arity,) = _unpack_u32(data, pos)
         pos += 4
-        pairs = []
-        for _ in range(arity):
-            key, pos = _decode(data, pos)
-            value, pos = _decode(data, pos)
-            pairs.append((_hashable(key), value))
+        if arity > len(data):
+            raise IndexError("map larger than the frame")
+        flat, pos = _decode_items(data, pos, 2 * arity)  # key, value, key, value...
+        pairs = [(_hashable(flat[i]), flat[i + 1]) for i in range(0, len(flat), 2)]
         result = dict(pairs)
         if len(result) != arity:
             # Keys distinct in Erlang but equal in Python (1, 1.0 and true): keep them all.

@@ -230,7 +230,7 @@ def _take(data: bytes, pos: int, size: int) -> bytes:
 def _decode_items(data: bytes, pos: int, count: int) -> tuple[list[Any], int]:
     """The elements of a tuple or list; binaries, small atoms, integers and tuples and
     empty lists without a call to _decode each (the codec's hot loop)."""
-    items = []
+    items: list[Any] = []
     for _ in range(count):
         tag = data[pos]
         if tag == BINARY_EXT:

@@ -232,6 +232,8 @@ _DEVICE_COLUMNS = ("node, secret, user, device_id, device_name, provider, app_na
                    "pubsub_host, token, application_id, p256dh, auth, voip_token, extra")
 _COLUMNS = ("user, server, resource, push_jid, node, publish_options, errors, "
             "message_count, subscription_count, last_error_at, extensions")
+_COLUMN_COUNT = _COLUMNS.count(",") + 1
+_JOINED_COLUMNS = ", ".join(f"r.{column.strip()}" for column in _COLUMNS.split(","))
 
 
 def _json_pairs(pairs: list[tuple[str, str]]) -> str:
@@ -328,11 +330,25 @@ class Store:
                     self._users.pop(changed, None)
         entry = self._users.get(user)
         if entry is None:
-            entry = (list(self._select("user=? AND server=?", user)), self._user_options(user))
+            entry = self._read_user(user)
             if len(self._users) >= USER_MEMORY:  # bounded: the longest kept goes
                 del self._users[next(iter(self._users))]
             self._users[user] = entry
         return entry
+
+    def _read_user(self, user: UserKey) -> UserEntry:
+        """The user's registrations and options in one query (one round trip with
+        PostgreSQL), options alone for a user without registrations."""
+        rows = list(self.db.execute(
+            f"SELECT {_JOINED_COLUMNS}, o.senders, o.message_count, o.subscription_count, "
+            "o.message_bodies, r.enabled_at FROM registrations r LEFT JOIN user_options o "
+            "ON o.user=r.user AND o.server=r.server WHERE r.user=? AND r.server=?", user))
+        if not rows:
+            return [], self._user_options(user)
+        rows.sort(key=lambda row: (row[-1], row[4]))  # enabled_at, node: as _select orders
+        stored = rows[0][_COLUMN_COUNT:-1]
+        options = None if stored[0] is None else PushOptions(*(bool(v) for v in stored))
+        return [Registration(*row[:_COLUMN_COUNT]) for row in rows], options
 
     def rollback(self) -> None:
         self.db.rollback()

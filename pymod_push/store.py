@@ -483,9 +483,11 @@ class Store:
             "UPDATE registrations SET message_count=?, subscription_count=? WHERE user=? "
             "AND server=? AND push_jid=? AND node=?",
             (registration.message_count, registration.subscription_count, *registration.key))
-        entry = self._users.get(registration.user_key)  # unless it is the very object kept
-        if entry is None or not any(r is registration for r in entry[0]):
-            self._changed(registration.user_key)
+        entry = self._users.get(registration.user_key)
+        for kept in entry[0] if entry is not None else ():
+            if kept is registration:
+                return  # the very object kept: what is kept is what was written
+        self._changed(registration.user_key)
 
     def reset_counts(self, session: SessionKey) -> None:
         self.db.execute(

@@ -14,10 +14,13 @@ from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring_ascii as _quote
-from typing import Any
+from typing import Any, TypeVar
 
 from .core.options import PushOptions
 from .protocol import SessionKey, UserKey
+
+K = TypeVar("K")
+V = TypeVar("V")
 
 MIGRATIONS: tuple[str, ...] = (
     # version 1
@@ -329,12 +332,8 @@ class Store:
                 else:
                     self._users.pop(changed, None)
         entry = self._users.get(user)
-        if entry is None:
-            entry = self._read_user(user)
-            if len(self._users) >= USER_MEMORY:  # bounded: the longest kept goes
-                del self._users[next(iter(self._users))]
-            self._users[user] = entry
-        return entry
+        return entry if entry is not None else \
+            _kept(self._users, user, self._read_user(user), USER_MEMORY)
 
     def _read_user(self, user: UserKey) -> UserEntry:
         """The user's registrations and options in one query (one round trip with
@@ -345,7 +344,9 @@ class Store:
             "ON o.user=r.user AND o.server=r.server WHERE r.user=? AND r.server=?", user))
         if not rows:
             return [], self._user_options(user)
-        rows.sort(key=lambda row: (row[-1], row[4]))  # enabled_at, node: as _select orders
+        # As _select orders them (enabled_at, node), sorted here: ORDER BY would cost a
+        # temporary b-tree every time.
+        rows.sort(key=lambda row: (row[-1], row[4]))
         stored = rows[0][_COLUMN_COUNT:-1]
         options = None if stored[0] is None else PushOptions(*(bool(v) for v in stored))
         return [Registration(*row[:_COLUMN_COUNT]) for row in rows], options
@@ -520,11 +521,7 @@ class Store:
         row = self.db.execute(f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE node=?",
                               (node,)).fetchone()
         device = Device(*row) if row else None
-        if self._pg is None:
-            if len(self._devices) >= DEVICE_MEMORY:  # bounded: the longest kept goes
-                del self._devices[next(iter(self._devices))]
-            self._devices[node] = device
-        return device
+        return _kept(self._devices, node, device, DEVICE_MEMORY) if self._pg is None else device
 
     def _devices_changed(self, nodes: list[str]) -> None:
         for node in nodes:
@@ -718,6 +715,14 @@ class Store:
         return [QueuedPush(int(i), node, dict(json.loads(summary)), int(attempt), float(due),
                            float(created))
                 for i, node, summary, attempt, due, created in rows]
+
+
+def _kept(memory: dict[K, V], key: K, value: V, limit: int) -> V:
+    """value, kept in memory under key; at most limit entries, the longest kept going."""
+    if len(memory) >= limit:
+        del memory[next(iter(memory))]
+    memory[key] = value
+    return value
 
 
 def open_store(db_file: str, db_url: str | None = None) -> Store:

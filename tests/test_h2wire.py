@@ -306,10 +306,7 @@ def test_requests_the_server_did_not_process_go_again_and_are_delivered_once(
         nonlocal refusals, connections
         connections += 1
         first = connections == 1
-        server = h2.connection.H2Connection(h2.config.H2Configuration(
-            client_side=False, header_encoding="utf-8"))
-        server.initiate_connection()
-        writer.write(server.data_to_send())
+        server = _h2_server(writer)
         while data := await reader.read(65536):
             for event in server.receive_data(data):
                 if isinstance(event, h2.events.StreamEnded):
@@ -356,11 +353,7 @@ def test_requests_beyond_the_servers_stream_limit_wait_in_order_and_survive_its_
         nonlocal most_open, connections
         connections += 1
         first = connections == 1
-        server = h2.connection.H2Connection(h2.config.H2Configuration(
-            client_side=False, header_encoding="utf-8"))
-        server.initiate_connection()
-        server.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 2})
-        writer.write(server.data_to_send())
+        server = _h2_server(writer, max_streams=2)
         paths: dict[int, str] = {}
         while data := await reader.read(65536):
             for event in server.receive_data(data):
@@ -384,6 +377,18 @@ def test_requests_beyond_the_servers_stream_limit_wait_in_order_and_survive_its_
     assert processed == Counter({f"/3/device/{n:064x}": 1 for n in range(30)})
     assert connections == 2 and most_open <= 2
     assert arrived == sorted(arrived) and len(arrived) >= 11
+
+
+def _h2_server(writer: asyncio.StreamWriter, max_streams: int | None = None
+               ) -> h2.connection.H2Connection:
+    """h2's server side of a connection, its preface (and stream limit) written."""
+    server = h2.connection.H2Connection(h2.config.H2Configuration(
+        client_side=False, header_encoding="utf-8"))
+    server.initiate_connection()
+    if max_streams is not None:
+        server.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_streams})
+    writer.write(server.data_to_send())
+    return server
 
 
 def _tls_and_key(folder: Path) -> tuple[LoopbackCA, Path]:

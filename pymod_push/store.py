@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from json.encoder import encode_basestring_ascii as _quote
 from typing import Any, TypeVar
 
+from .checkpoints import Checkpointer
 from .core.options import PushOptions
 from .protocol import SessionKey, UserKey
 
@@ -266,8 +267,12 @@ class Store:
     server's devices come from memory too; with PostgreSQL, only for_session_with_options
     does, as other nodes write the counts and devices."""
 
-    def __init__(self, path: str, connection: Any = None) -> None:
+    def __init__(self, path: str, connection: Any = None, *,
+                 background_checkpoints: bool = False) -> None:
+        """background_checkpoints: SQLite's WAL checkpoints run in a thread of their own
+        (checkpoints.py) rather than in the commits; for the process that serves."""
         self._pg = connection
+        self._checkpoints: Checkpointer | None = None
         self._users: dict[UserKey, UserEntry] = {}
         self._devices: dict[str, Device | None] = {}  # SQLite: node -> device (None: none)
         if connection is not None:  # PostgreSQL (see open_store)
@@ -282,6 +287,9 @@ class Store:
         for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
             with self.db:
                 self.db.executescript(f"BEGIN; {script}; PRAGMA user_version={number}; COMMIT;")
+        if background_checkpoints and path not in ("", ":memory:"):
+            self.db.execute("PRAGMA wal_autocheckpoint=0")
+            self._checkpoints = Checkpointer(path)
 
     def schema_version(self) -> int:
         if not isinstance(self.db, sqlite3.Connection):
@@ -290,6 +298,8 @@ class Store:
 
     def commit(self) -> None:
         self.db.commit()
+        if self._checkpoints is not None:
+            self._checkpoints.committed(self.db)
 
     def start_commit(self, when_done: Callable[[], None]) -> bool | None:
         """PostgreSQL: start the commit and return at once (see PgConnection.start_commit;
@@ -357,6 +367,8 @@ class Store:
         self._devices.clear()
 
     def close(self) -> None:
+        if self._checkpoints is not None:
+            self._checkpoints.close()  # first: closing the last connection checkpoints
         self.db.commit()
         self.db.close()
 
@@ -730,4 +742,4 @@ def open_store(db_file: str, db_url: str | None = None) -> Store:
     if db_url:
         from .store_pg import PgConnection  # asyncpg is only needed for clusters
         return Store("", PgConnection(db_url))
-    return Store(db_file)
+    return Store(db_file, background_checkpoints=True)

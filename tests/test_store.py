@@ -3,10 +3,12 @@ cluster's shared database, a real server started by the tests)."""
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -15,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pymod_push import checkpoints
 from pymod_push import store as store_module
 from pymod_push.core.options import PushOptions
 from pymod_push.store import (
@@ -600,3 +603,90 @@ def _reads_as_a_new_process(operations: list[Any]) -> None:
                     fresh.close()
         finally:
             store.close()
+
+
+def _enable_many(store: Store, first: int, count: int) -> None:
+    """count registrations, one commit each (as many group commits of the port)."""
+    for i in range(first, first + count):
+        store.enable(Registration(f"u{i}", "example.org", "phone", "push.example.net",
+                                  f"n{i}", "<x/>"))
+        store.commit()
+
+
+def _wal_bytes(path: Path) -> int:
+    wal = path.with_name(path.name + "-wal")
+    return wal.stat().st_size if wal.exists() else 0
+
+
+def _registrations_in_the_file_alone(path: Path) -> int:
+    """What checkpoints copied: the database file read without its WAL."""
+    with tempfile.TemporaryDirectory() as folder:
+        copy = Path(folder) / "alone.sqlite3"
+        shutil.copyfile(path, copy)
+        with closing(sqlite3.connect(copy)) as db:
+            if not db.execute("SELECT 1 FROM sqlite_master WHERE name='registrations'").fetchall():
+                return 0  # not even the schema was copied
+            return int(db.execute("SELECT count(*) FROM registrations").fetchone()[0])
+
+
+@pytest.fixture
+def checkpoints_on_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The checkpoint thread only runs when asked (Checkpointer.soon)."""
+    monkeypatch.setattr(checkpoints, "COMMITS", 10**9)
+    monkeypatch.setattr(checkpoints, "INTERVAL_S", 3600.0)
+
+
+@pytest.mark.usefixtures("checkpoints_on_request")
+def test_sqlite_commits_leave_the_wal_checkpoints_to_a_thread(tmp_path: Path) -> None:
+    """A commit that copied the WAL into the database stalled the event loop for 15-30 ms:
+    commits no longer do, the checkpoint thread does, and the writer's next commit copies
+    what was written meanwhile."""
+    path = tmp_path / "push.sqlite3"
+    store = open_store(str(path))
+    _enable_many(store, 0, 3000)
+    # SQLite alone would have copied the WAL, and started it again, at 1,000 pages.
+    assert _wal_bytes(path) > 2000 * 4096
+    assert _registrations_in_the_file_alone(path) < 3000
+    checkpointer = store._checkpoints
+    assert checkpointer is not None
+    checkpointer.soon()
+    assert checkpointer.wait_for("background_turns", 1, timeout=60)
+    assert _registrations_in_the_file_alone(path) == 3000
+    assert checkpointer.tails == 0
+    _enable_many(store, 3000, 3)  # the first commit copies the tail, itself included
+    assert checkpointer.tails == 1
+    assert _registrations_in_the_file_alone(path) == 3001
+    thread = checkpointer._thread
+    store.close()
+    assert not thread.is_alive()
+    assert not path.with_name(path.name + "-wal").exists()  # all copied at the close
+    assert _registrations_in_the_file_alone(path) == 3003
+
+
+@pytest.mark.usefixtures("checkpoints_on_request")
+def test_sqlite_wal_stays_bounded_under_steady_writes(tmp_path: Path) -> None:
+    """Background checkpoints race the writer, so they alone seldom let the WAL start
+    again (it grew by 240 MB in 15 s): after the tail it does, and its file keeps the
+    size of one turn's writes however many turns go by. Here a reader holds each
+    background turn back from the last writes, as the writer going on would."""
+    path = tmp_path / "push.sqlite3"
+    store = open_store(str(path))
+    checkpointer = store._checkpoints
+    assert checkpointer is not None
+    sizes = []
+    with closing(sqlite3.connect(path, isolation_level=None)) as reader:
+        for turn in range(1, 7):
+            _enable_many(store, turn * 1000, 300)  # from the second turn on, the tail first
+            reader.execute("BEGIN")
+            reader.execute("SELECT count(*) FROM registrations").fetchone()
+            _enable_many(store, turn * 1000 + 300, 5)  # after what the turn can copy
+            sizes.append(_wal_bytes(path))
+            checkpointer.soon()
+            assert checkpointer.wait_for("background_turns", turn, timeout=60)
+            reader.execute("ROLLBACK")
+    assert max(sizes) < sizes[0] * 1.5, sizes  # one turn's worth, 6 turns written
+    assert checkpointer.tails == 5
+    store.close()
+    again = open_store(str(path))
+    assert len(list(again._select("1=1", ()))) == 6 * 305
+    again.close()

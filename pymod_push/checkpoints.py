@@ -88,7 +88,6 @@ class Checkpointer:
     def _run(self) -> None:
         db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
         try:
-            db.execute("PRAGMA synchronous=NORMAL")  # as the writer's: one sync per copy
             while not self._stopping:
                 self._wake.wait(INTERVAL_S)
                 self._wake.clear()

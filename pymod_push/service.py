@@ -220,20 +220,17 @@ class PushService:
     def own_publishes(self, actions: Sequence[Result], now: float) -> list[Result]:
         """Publishes to this process's own app server become its deliveries, or, refused,
         are answered at once: what the IQ path would do, without the round trip."""
-        if not self._own_pubsub or not any(
-                isinstance(a, Publish) and a.to.split("/", 1)[0] in self._own_pubsub
-                for a in actions):
-            return list(actions)
+        own = self._own_pubsub
         out: list[Result] = []
         for action in actions:
-            if isinstance(action, Publish) and action.to.split("/", 1)[0] in self._own_pubsub:
+            if own and type(action) is Publish and action.to.partition("/")[0] in own:
                 out += self._take_own(action, now)
             else:
                 out.append(action)
         return out
 
     def _take_own(self, publish: Publish, now: float) -> list[Result]:
-        domain = publish.to.split("/", 1)[0]
+        domain = publish.to.partition("/")[0]
         try:
             try:
                 delivery = self.app_server.publish_direct(

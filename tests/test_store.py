@@ -86,6 +86,39 @@ def test_migrations_apply_once_and_reopening_keeps_everything(opener: Opener) ->
     assert python is not None and python.extra == '{"channel": "c-1"}' and device.extra == ""
 
 
+def test_upgrade_keeps_notifications_and_gives_their_ids_no_second_index(
+        tmp_path: Path) -> None:
+    """Version 12 rebuilds the outbox and the provider queue of a version 11 database:
+    every row is kept, and in SQLite the id is the row id (no autoindex to write)."""
+    path = str(tmp_path / "push.sqlite3")
+    with closing(sqlite3.connect(path)) as old:
+        for number, script in enumerate(MIGRATIONS[:11], start=1):
+            old.executescript(f"BEGIN; {script}; PRAGMA user_version={number}; COMMIT;")
+        old.execute("INSERT INTO outbox (id, user, server, push_jid, node, summary, attempt, "
+                    "due, ejabberd_node) VALUES (?, 'alice', 'example.org', 'push.example.net',"
+                    " 'n1', '[[\"message-count\",\"2\"]]', 1, 99.5, 'ejabberd@a')", (2**40,))
+        old.execute("INSERT INTO provider_queue (id, device_node, summary, attempt, due, "
+                    "created, ejabberd_node) VALUES (7, 'node-1', '{\"message-count\":\"1\"}',"
+                    " 2, 50.5, 40.0, 'ejabberd@a')")
+        old.commit()
+        indexes = "SELECT COUNT(*) FROM sqlite_master WHERE type='index' AND tbl_name=?"
+        assert old.execute(indexes, ("outbox",)).fetchone() == (1,)  # the autoindex
+    store = open_store(path)
+    try:
+        assert store.schema_version() == len(MIGRATIONS) == 12
+        assert store.outbox("ejabberd@a") == [OutboxEntry(
+            2**40, ("alice", "example.org", "push.example.net", "n1"),
+            [("message-count", "2")], 1, 99.5)]
+        assert store.queued_pushes("ejabberd@a") == [
+            QueuedPush(7, "node-1", {"message-count": "1"}, 2, 50.5, 40.0)]
+        for table in ("outbox", "provider_queue"):
+            assert store.db.execute(indexes, (table,)).fetchone() == (0,)
+            assert store.db.execute(f"SELECT MAX(rowid) = MAX(id) FROM {table}").fetchone() \
+                == (1,)
+    finally:
+        store.close()
+
+
 def test_registrations_enable_replace_disable_counts_and_errors(opener: Opener) -> None:
     store = opener()
     store.enable(registration("phone", "n1"))

@@ -257,13 +257,15 @@ class PushService:
             heapq.heappush(self._retries, (entry.due, entry.id, entry))
 
     def _handle(self, event: Event, now: float) -> Sequence[Action | Delivery | HookWork]:
-        match event:
-            case AppServerIq(allowed, xml):
-                return self.app_server.handle(allowed, xml)
+        match event:  # the two of every push first
             case StanzaToPending(session, stanza):
                 registrations, stored = self.store.for_session_with_options(session)
                 return self._notify(registrations, stanza, now, self._within_limits(stored),
                                     session)
+            case PublishReply():
+                return self._publish_reply(event, now)
+            case AppServerIq(allowed, xml):
+                return self.app_server.handle(allowed, xml)
             case Offline(user, stanza):
                 return self._notify(self.store.for_user(user), stanza, now,
                                     target=(*user, ""))
@@ -295,8 +297,6 @@ class PushService:
                 return [PushOptionsUpdate(user, None)]
             case PushIq():
                 return self._push_iq(event, now)
-            case PublishReply():
-                return self._publish_reply(event, now)
             case EjabberdStarted():
                 self._wake_after_boot(now)
                 return []

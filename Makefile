@@ -64,6 +64,7 @@ bench: venv
 	$(PY) -m bench.provider_dispatch
 	$(PY) -m bench.versus_builtin
 	$(PY) -m bench.appserver_apns
+	$(PY) -m bench.appserver_port
 
 clean: stop
 	rm -rf $(VENV) $(RUN_DIR) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -39,7 +39,8 @@ TICKS = os.sysconf("SC_CLK_TCK")
 
 
 class PortProcess:
-    def __init__(self, db_dir: str, db_url: str | None = None) -> None:
+    def __init__(self, db_dir: str, db_url: str | None = None,
+                 options: dict[Any, Any] | None = None) -> None:
         self.proc = subprocess.Popen([sys.executable, "-m", "pymod_push"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, bufsize=0)
         self.buffer = b""
@@ -50,7 +51,7 @@ class PortProcess:
             A("include_message_bodies"): True, A("include_senders"): True,
             # the port's throughput is measured: its one app server is no third party
             A("publish_rate"): 10**9,
-            **({A("db_url"): db_url.encode()} if db_url else {})})))
+            **({A("db_url"): db_url.encode()} if db_url else {}), **(options or {})})))
         while True:  # skip log frames until the hello reply
             term = self.read_term()
             if isinstance(term, tuple) and term[0] == "hello":

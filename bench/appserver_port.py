@@ -1,0 +1,181 @@
+"""The built-in app server's path through the Python process alone: ``python -m pymod_push``
+started as ejabberd starts it (pipes, {packet,4}), fed the events ejabberd would send, and
+pushing into the fake APNs (bench/fake_apns.py, its own process). No ejabberd: what is
+measured is Python's CPU per push on the app-server path, without the noise of the VM on
+the same two cores (appserver_apns measures the whole).
+
+N users register an APNs device with the ad-hoc command (app_server_iq events) and enable
+push at the pubsub host with the node and secret answered (bodies on); then M "stanza to a
+pending session" events go in frames of up to 64, round-robin, with at most W pushes
+awaited at once (pushes, not frames: the fake APNs reports each request). Printed: APNs
+requests (must be M), pushes/s and the process's CPU per push, per round, and the median.
+
+    python -m bench.appserver_port [--users 2000] [--messages 40000] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from bench.port_events import BATCH, PortProcess, session, stanza_event
+from devtools.instance import ROOT, free_port
+from pymod_push.appservice import PUBLISH_BURST
+from pymod_push.etf import Atom as A
+from tests.fake_providers import LoopbackCA
+
+NS_DATA = "jabber:x:data"
+NS_COMMANDS = "http://jabber.org/protocol/commands"
+PUBSUB_HOST = "pubsub.localhost"
+TOPIC = "org.example.bench"
+IN_FLIGHT = 512
+
+
+class Requests:
+    """The fake APNs's requests as it reports them (one line each), counted."""
+
+    def __init__(self, process: subprocess.Popen[bytes]) -> None:
+        self.process = process
+        self.count = 0
+        self.refused = 0
+        self.changed = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            if line.startswith(b"end"):
+                break
+            with self.changed:
+                self.count += 1
+                self.refused += line.split()[2] != b"200"
+                self.changed.notify_all()
+
+    def wait(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        with self.changed:
+            return self.changed.wait_for(predicate, timeout)
+
+
+def set_up(port: PortProcess, users: int) -> None:
+    """Every user registers a device and enables push with what the app server answered."""
+    answered: dict[int, dict[str, str]] = {}
+    for start in range(0, users, BATCH):
+        chunk = range(start, min(users, start + BATCH))
+        port.send_events([(A("app_server_iq"), True, (
+            f"<iq type='set' id='c{i}' from='user{i}@localhost/phone' to='localhost'>"
+            f"<command xmlns='{NS_COMMANDS}' node='register-push-apns' action='execute'>"
+            f"<x xmlns='{NS_DATA}' type='submit'><field var='token'><value>{i:064x}</value>"
+            "</field></x></command></iq>").encode()) for i in chunk])
+        while len(answered) < chunk.stop:
+            for action in port.read_actions():
+                if action[0] == "route":
+                    xml = action[1].decode()
+                    number = re.search(r"id=.c(\d+)", xml)
+                    assert number is not None, xml
+                    answered[int(number.group(1))] = dict(re.findall(
+                        r"<field var=.(\w+).[^>]*><value>([^<]*)</value>", xml))
+    for start in range(0, users, BATCH):
+        chunk = range(start, min(users, start + BATCH))
+        port.send_events([(A("iq"), i, session(i), (session(i)[0], b"localhost", b""), A("set"),
+                           b"en", (
+            f"<enable xmlns='urn:xmpp:push:0' jid='{PUBSUB_HOST}' node='{answered[i]['node']}'>"
+            f"<x xmlns='{NS_DATA}' type='submit'><field var='FORM_TYPE'><value>"
+            "urn:xmpp:push:options</value></field><field var='include-message-bodies'><value>1"
+            f"</value></field></x><x xmlns='{NS_DATA}' type='submit'><field var='FORM_TYPE'>"
+            "<value>http://jabber.org/protocol/pubsub#publish-options</value></field><field "
+            f"var='secret'><value>{answered[i]['secret']}</value></field></x></enable>"
+        ).encode()) for i in chunk])
+        results = 0
+        while results < len(chunk):
+            results += sum(1 for a in port.read_actions() if a[0] == "iq_result")
+
+
+def one_round(folder: Path, users: int, messages: int) -> tuple[float, float, int]:
+    """(pushes/s, Python CPU ms per push, APNs requests) of one fresh process."""
+    tls = folder / "tls"
+    LoopbackCA(tls)
+    key_file = folder / "AuthKey_KEY.p8"
+    key_file.write_bytes(ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    apns_port = free_port()
+    fake = subprocess.Popen([sys.executable, "-m", "bench.fake_apns", str(apns_port), str(tls),
+                             str(key_file), "TEAM", "KEY", TOPIC], cwd=ROOT,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert fake.stdout is not None and fake.stdout.readline().strip() == b"listening"
+    requests = Requests(fake)
+    backend = {A(k): v.encode() for k, v in {
+        "type": "apns", "app_name": "bench", "register_host": "localhost",
+        "pubsub_host": PUBSUB_HOST, "topic": TOPIC, "key_file": str(key_file),
+        "key_id": "KEY", "team_id": "TEAM", "endpoint": f"https://127.0.0.1:{apns_port}",
+        "cafile": str(tls / "ca.pem")}.items()}
+    port = PortProcess(str(folder), options={A("backends"): [backend]})
+    try:
+        set_up(port, users)
+        # What the process says from now on (acknowledgements) is read and dropped.
+        threading.Thread(target=lambda: [port.read_actions() for _ in iter(int, 1)],
+                         daemon=True).start()
+        def room(sent: int) -> bool:
+            return sent - requests.count < IN_FLIGHT
+
+        cpu0, wall0 = port.cpu_seconds(), time.perf_counter()
+        sent = 0
+        while sent < messages:
+            if not requests.wait(functools.partial(room, sent), 60):
+                raise TimeoutError(f"{sent - requests.count} pushes unanswered for 60 s")
+            count = min(BATCH, messages - sent)
+            port.send_events([stanza_event((sent + k) % users, sent + k) for k in range(count)])
+            sent += count
+        requests.wait(lambda: requests.count >= messages, 120)
+        wall, cpu = time.perf_counter() - wall0, port.cpu_seconds() - cpu0
+    finally:
+        port.close()
+        assert fake.stdin is not None
+        fake.stdin.close()
+        fake.wait(30)
+    return messages / wall, cpu * 1000 / messages, requests.count - requests.refused
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--users", type=int, default=2000)
+    parser.add_argument("--messages", type=int, default=40_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    if args.messages > args.users * PUBLISH_BURST:
+        parser.error(f"at most {PUBLISH_BURST} messages per user: the app server's rate limit "
+                     "would defer the rest")
+    print(f"app server path, Python alone: {args.users} users with an APNs device, "
+          f"{args.messages} pushes into the fake APNs, at most {IN_FLIGHT} awaited at once")
+    rates, costs = [], []
+    for number in range(1, args.rounds + 1):
+        folder = Path(tempfile.mkdtemp(prefix="pymod_push-bench-port-"))
+        try:
+            rate, cost, delivered = one_round(folder, args.users, args.messages)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        rates.append(rate)
+        costs.append(cost)
+        print(f"  round {number}: {delivered} APNs requests answered 200 "
+              f"({'exact' if delivered == args.messages else 'MISSING'}), {rate:,.0f} pushes/s, "
+              f"Python {cost:.3f} ms CPU per push")
+    print(f"  median: {statistics.median(rates):,.0f} pushes/s, Python "
+          f"{statistics.median(costs):.3f} ms CPU per push (target on this path: 0.15 ms)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

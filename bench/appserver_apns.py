@@ -217,22 +217,33 @@ def profiled_python(folder: Path, output: Path) -> str:
     return str(wrapper)
 
 
-async def run(users: int, messages: int, rate: float,
-              profile: Path | None = None) -> dict[str, Any]:
-    folder = Path(tempfile.mkdtemp(prefix="pymod_push-bench-apns-"))
-    folder.chmod(0o755)
-    tls = folder / "tls"
+def fake_apns_files(folder: Path) -> tuple[Path, Path]:
+    """A loopback test CA (folder/tls) and an APNs token key, for the fake and the backend."""
     from tests.fake_providers import LoopbackCA
+    tls = folder / "tls"
     LoopbackCA(tls)
     key_file = folder / "AuthKey_KEY.p8"
     key_file.write_bytes(ec.generate_private_key(ec.SECP256R1()).private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption()))
+    return tls, key_file
+
+
+def apns_backend(tls: Path, key_file: Path, port: int) -> dict[str, str]:
+    """The app server's APNs backend (option backends), pushing into the fake on port."""
+    return {"type": "apns", "app_name": "bench", "register_host": "localhost",
+            "pubsub_host": PUBSUB_HOST, "topic": TOPIC, "key_file": str(key_file),
+            "key_id": KEY_ID, "team_id": TEAM_ID, "endpoint": f"https://127.0.0.1:{port}",
+            "cafile": str(tls / "ca.pem")}
+
+
+async def run(users: int, messages: int, rate: float,
+              profile: Path | None = None) -> dict[str, Any]:
+    folder = Path(tempfile.mkdtemp(prefix="pymod_push-bench-apns-"))
+    folder.chmod(0o755)
+    tls, key_file = fake_apns_files(folder)
     apns_port = free_port()
-    backend = {"type": "apns", "app_name": "bench", "register_host": "localhost",
-               "pubsub_host": PUBSUB_HOST, "topic": TOPIC, "key_file": str(key_file),
-               "key_id": KEY_ID, "team_id": TEAM_ID,
-               "endpoint": f"https://127.0.0.1:{apns_port}", "cafile": str(tls / "ca.pem")}
+    backend = apns_backend(tls, key_file, apns_port)
     # As versus_builtin: no archive, accounts registered in band without ejabberd's pause.
     instance = Instance(folder, options={"resume_timeout": 259200, "backends": [backend]},
                         modules={"mod_mam": None,

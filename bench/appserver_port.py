@@ -28,19 +28,21 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-
+from bench.appserver_apns import (
+    KEY_ID,
+    NS_COMMANDS,
+    PUBSUB_HOST,
+    TEAM_ID,
+    TOPIC,
+    apns_backend,
+    fake_apns_files,
+)
 from bench.port_events import BATCH, PortProcess, session, stanza_event
+from bench.versus_builtin import NS_DATA
 from devtools.instance import ROOT, free_port
 from pymod_push.appservice import PUBLISH_BURST
 from pymod_push.etf import Atom as A
-from tests.fake_providers import LoopbackCA
 
-NS_DATA = "jabber:x:data"
-NS_COMMANDS = "http://jabber.org/protocol/commands"
-PUBSUB_HOST = "pubsub.localhost"
-TOPIC = "org.example.bench"
 IN_FLIGHT = 512
 
 
@@ -105,23 +107,14 @@ def set_up(port: PortProcess, users: int) -> None:
 
 def one_round(folder: Path, users: int, messages: int) -> tuple[float, float, int]:
     """(pushes/s, Python CPU ms per push, APNs requests) of one fresh process."""
-    tls = folder / "tls"
-    LoopbackCA(tls)
-    key_file = folder / "AuthKey_KEY.p8"
-    key_file.write_bytes(ec.generate_private_key(ec.SECP256R1()).private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))
+    tls, key_file = fake_apns_files(folder)
     apns_port = free_port()
     fake = subprocess.Popen([sys.executable, "-m", "bench.fake_apns", str(apns_port), str(tls),
-                             str(key_file), "TEAM", "KEY", TOPIC], cwd=ROOT,
+                             str(key_file), TEAM_ID, KEY_ID, TOPIC], cwd=ROOT,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     assert fake.stdout is not None and fake.stdout.readline().strip() == b"listening"
     requests = Requests(fake)
-    backend = {A(k): v.encode() for k, v in {
-        "type": "apns", "app_name": "bench", "register_host": "localhost",
-        "pubsub_host": PUBSUB_HOST, "topic": TOPIC, "key_file": str(key_file),
-        "key_id": "KEY", "team_id": "TEAM", "endpoint": f"https://127.0.0.1:{apns_port}",
-        "cafile": str(tls / "ca.pem")}.items()}
+    backend = {A(k): v.encode() for k, v in apns_backend(tls, key_file, apns_port).items()}
     port = PortProcess(str(folder), options={A("backends"): [backend]})
     try:
         set_up(port, users)

@@ -23,6 +23,7 @@ from .protocol import SessionKey, UserKey
 K = TypeVar("K")
 V = TypeVar("V")
 
+
 def _rebuilt(table: str, columns: str) -> str:
     """A migration's statements giving table, rows kept, an INTEGER PRIMARY KEY id."""
     names = ", ".join(["id", *(c.split()[0] for c in columns.split(", "))])

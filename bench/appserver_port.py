@@ -118,9 +118,11 @@ def one_round(folder: Path, users: int, messages: int) -> tuple[float, float, in
     port = PortProcess(str(folder), options={A("backends"): [backend]})
     try:
         set_up(port, users)
-        # What the process says from now on (acknowledgements) is read and dropped.
-        threading.Thread(target=lambda: [port.read_actions() for _ in iter(int, 1)],
+        # What the process says from now on (acknowledgements) is read and dropped; with
+        # no timeout, as the process may stay quiet until the round ends.
+        threading.Thread(target=lambda: [port.actions.get() for _ in iter(int, 1)],
                          daemon=True).start()
+
         def room(sent: int) -> bool:
             return sent - requests.count < IN_FLIGHT
 

@@ -329,12 +329,8 @@ def _as_attribute(value: str) -> str:
 def lenient_form(fields: FormFields) -> dict[str, str]:
     """:func:`_lenient_fields` of the form the shim would build from these fields, without
     the XML: the same fields, values and bounds."""
-    first: dict[str, str] = {}  # _first_values, as a loop: this runs for every push
-    for var, values in fields[:MAX_FORM_FIELDS + 1]:
-        var = _as_attribute(var)
-        if len(var) <= 256 and var not in first:
-            first[var] = cut_utf8(_as_parsed(values[0]), MAX_FIELD) if values else ""
-    return first
+    return _first_values((_as_attribute(var), _as_parsed(values[0]) if values else None)
+                         for var, values in fields[:MAX_FORM_FIELDS + 1])
 
 
 def encrypted_fields(elements: Iterable[ET.Element]) -> dict[str, str]:

@@ -2,6 +2,7 @@
 # The whole suite in a Debian chroot with another release's ejabberd (make test-compat).
 #
 #   devtools/compat.sh DIST [MAKE_TARGET]     DIST: bookworm-backports | trixie | sid
+#   devtools/compat.sh DIST build             only make the chroot (.ci/run, beforehand)
 #
 # The chroot is made once with debootstrap (Debian's mirror) and cached in
 # $PYMOD_PUSH_COMPAT_CACHE (default /var/cache/pymod_push-compat/DIST), with ejabberd,
@@ -133,6 +134,7 @@ if [ ! -e "$ROOTFS/.pymod_push-ready" ]; then
   build
   say "chroot built in $(( $(date +%s) - started )) s"
 fi
+[ "$TARGET" = build ] && exit 0
 
 # ----------------------------------------------------------------- the run
 # The checkout, without its host-built artefacts; the chroot's .venv and run/ stay

@@ -39,7 +39,7 @@ def _instance(options: dict[str, Any]) -> Iterator[Instance]:
         instance.start()
         yield instance
     finally:
-        instance.stop()
+        instance.discard()
         if not (folder / "keep").exists():
             shutil.rmtree(folder, ignore_errors=True)
 

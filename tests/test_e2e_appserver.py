@@ -121,7 +121,7 @@ def setup() -> Iterator[AppServerSetup]:
                              f"https://127.0.0.1:{webpush_port}", webpush_keys,
                              apns_key.public_key(), s2s_port, remote_s2s_port)
     finally:
-        instance.stop()
+        instance.discard()
         shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -473,7 +473,7 @@ def test_publishes_from_another_server_over_s2s(setup: AppServerSetup) -> None:
 
         remote_scenario.run(publish)
     finally:
-        remote.stop()
+        remote.discard()
         shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -54,8 +54,8 @@ def cluster(postgres_url: str) -> Iterator[Cluster]:
         b.join_cluster(a)
         yield Cluster(a, b, apns)
     finally:
-        b.stop()
-        a.stop()
+        b.discard()
+        a.discard()
         shutil.rmtree(folder, ignore_errors=True)
 
 

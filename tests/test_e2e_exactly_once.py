@@ -56,7 +56,7 @@ def make_instance() -> Iterator[Callable[..., Instance]]:
         yield make
     finally:
         for instance, folder in made:
-            instance.stop()
+            instance.discard()
             shutil.rmtree(folder, ignore_errors=True)
 
 

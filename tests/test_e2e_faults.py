@@ -85,7 +85,7 @@ def _faults(options: dict[str, object]) -> Iterator[Faults]:
         made.run(lambda peers: _pending_users(made, peers))
         yield made
     finally:
-        instance.stop()
+        instance.discard()
         if not (folder / "keep").exists():
             shutil.rmtree(folder, ignore_errors=True)
 

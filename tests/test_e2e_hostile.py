@@ -118,7 +118,7 @@ def setup() -> Iterator[Setup]:
         instance.start()
         yield Setup(Scenario(instance), fakes, ports, webpush_keys)
     finally:
-        instance.stop()
+        instance.discard()
         shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -74,7 +74,7 @@ def setup() -> Iterator[Setup]:
         made.instance.start()
         yield made
     finally:
-        made.instance.stop()
+        made.instance.discard()
         if not (folder / "keep").exists():
             shutil.rmtree(folder, ignore_errors=True)
 

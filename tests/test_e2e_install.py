@@ -65,7 +65,7 @@ def _started(instance: Instance) -> Iterator[Instance]:
         instance.start(install=False)
         yield instance
     finally:
-        instance.stop()
+        instance.discard()
 
 
 def test_module_check_passes(ejabberd: Instance) -> None:

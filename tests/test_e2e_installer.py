@@ -42,7 +42,7 @@ def bare(folder: Path) -> Iterator[Instance]:
         instance.start(install=False)
         yield instance
     finally:
-        instance.stop()
+        instance.discard()
 
 
 def pymod_push(instance: Instance, *args: str, python: str | None = None,
@@ -109,7 +109,7 @@ def test_doctor_reports_mod_push_still_enabled(folder: Path) -> None:
         assert "FAIL mod_push is enabled in ejabberd's configuration" in doctor.stdout
         assert "FAIL localhost: mod_push_py is not started on any host" in doctor.stdout
     finally:
-        instance.stop()
+        instance.discard()
 
 
 def test_install_refuses_an_interpreter_the_ejabberd_user_cannot_run(bare: Instance) -> None:

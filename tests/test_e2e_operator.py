@@ -47,7 +47,7 @@ def instance() -> Iterator[Instance]:
         made.start()
         yield made
     finally:
-        made.stop()
+        made.discard()
         shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -117,7 +117,7 @@ def setup() -> Iterator[Setup]:
         instance.start()
         yield Setup(Scenario(instance), webhook, editable)
     finally:
-        instance.stop()
+        instance.discard()
         webhook.shutdown()
         shutil.rmtree(folder, ignore_errors=True)
 

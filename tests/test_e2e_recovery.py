@@ -44,7 +44,7 @@ def setup() -> Iterator[Setup]:
         made.instance.start()
         yield made
     finally:
-        made.instance.stop()
+        made.instance.discard()
         shutil.rmtree(folder, ignore_errors=True)
 
 

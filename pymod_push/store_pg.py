@@ -30,7 +30,6 @@ import itertools
 import json
 import logging
 import re
-import sys
 import threading
 import time
 import uuid
@@ -46,11 +45,6 @@ log = logging.getLogger("pymod_push")
 T = TypeVar("T")
 CONNECT_TIMEOUT = 2.0
 ROUND_TRIP_TIMEOUT = 5.0  # an answer this late: the database is taken as unreachable
-# A commit crosses between the event loop's thread and this adapter's twice (the script
-# out, the answer back); each time the thread that wakes waits for the busy one to let
-# go of the GIL, up to the switch interval (Python's default: 5 ms). Under load that
-# was most of a push's latency; 0.5 ms costs nothing while only one thread runs.
-GIL_SWITCH_INTERVAL_S = 0.0005
 MIGRATION_TIMEOUT = 300.0
 MIGRATION_LOCK = 7_357_000  # pg_advisory_xact_lock key: one node migrates at a time
 CHANNEL = "pymod_push"  # NOTIFY payload: a user whose registrations or options changed
@@ -215,7 +209,6 @@ class PgConnection:
         self.url = url
         self.round_trips = 0  # for metrics and the benchmark
         self._loop = asyncio.new_event_loop()
-        sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL_S))
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
                                         name="pymod_push-postgresql")
         self._thread.start()

@@ -264,10 +264,10 @@ class Instance:
             self.ctl("stopped", check=False, timeout=120)
 
     def discard(self) -> None:
-        """The end of a throwaway instance (a test's): its VM killed at once, then waited
-        for with what it started (the Python process ends when its port closes). A
-        graceful stop takes about 5 s (three ejabberdctl calls and the shutdown), times
-        every instance of the suite, run three times in CI."""
+        """The end of a throwaway instance (a test's, its folder deleted next): its VM
+        killed at once, then waited for with what it started (the Python process ends
+        when its port closes). A graceful stop takes about 5 s (three ejabberdctl calls
+        and the shutdown), for each of the suite's instances, in each of CI's three runs."""
         processes = _processes()
         vm = [pid for pid, (_, args) in processes.items()
               if args and args[0].endswith("beam.smp") and self.node in args]

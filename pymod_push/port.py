@@ -600,8 +600,8 @@ async def serve(stdin: BinaryIO, out_fd: int) -> None:
 
 # A thread that wakes (PostgreSQL's answer in store_pg's thread, the event loop after it,
 # the end of a checkpoint) waits for the busy one to let go of the GIL up to the switch
-# interval: 5 ms by default, twice per PostgreSQL commit. Measured at 2,000 msg/s: p50
-# 59-194 ms -> 15-34 ms with PostgreSQL. It costs nothing while a single thread runs.
+# interval: 5 ms by default, twice per PostgreSQL commit. It costs nothing while a single
+# thread runs (README, Clusters: the latencies measured with and without it).
 GIL_SWITCH_INTERVAL_S = 0.0005
 
 

@@ -42,7 +42,6 @@ from bench.versus_builtin import (
     NS_PUSH,
     TICKS,
     cpu_seconds,
-    find_pid,
     wait_log_count,
 )
 from devtools.instance import ROOT, Instance, default_python, free_port
@@ -159,32 +158,6 @@ async def push_user(port: int, i: int) -> None:
 
 
 # ------------------------------------------------------------------ processes
-def python_of(beam: int) -> int | None:
-    """The `-m pymod_push` process under this ejabberd VM (via erl_child_setup), not that of
-    another instance that may run at the same time (versus_builtin's find_pid would take the
-    first one it sees)."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-    for pid in parents:
-        ancestor = parents.get(pid)
-        while ancestor is not None and ancestor != beam and ancestor > 1:
-            ancestor = parents.get(ancestor)
-        if ancestor == beam:
-            try:
-                command = (Path("/proc") / str(pid) / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"\0-m\0pymod_push" in command:
-                return pid
-    return None
-
-
 def machine_jiffies() -> tuple[int, int]:
     """(all, idle + iowait) jiffies of all CPUs, from /proc/stat."""
     with open("/proc/stat") as handle:
@@ -275,11 +248,9 @@ async def load(instance: Instance, fake: FakeApns, users: int, messages: int,
     set_up = time.monotonic() - set_up
     sender = Xmpp(port, "sender", "secret", "s")
     await sender.connect()
-    beam = find_pid("beam", instance.name)
-    assert beam is not None
-    python = python_of(beam)
-    if python is None:
-        raise RuntimeError("no pymod_push process under the ejabberd VM")
+    beam, python = instance.vm_pid(), instance.python_pid()
+    if beam is None or python is None:
+        raise RuntimeError("no ejabberd VM with a pymod_push process under it")
     fake_pid = fake.process.pid
 
     def cpu() -> dict[str, float]:

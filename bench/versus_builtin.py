@@ -58,46 +58,6 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
-def find_pid(*needles: str) -> int | None:
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if all(n in command for n in needles):
-            return int(entry.name)
-    return None
-
-
-def descends_from(pid: int, ancestor: int) -> bool:
-    for _ in range(8):
-        try:
-            with open(f"/proc/{pid}/stat") as handle:
-                pid = int(handle.read().rsplit(")", 1)[1].split()[1])
-        except OSError:
-            return False
-        if pid == ancestor:
-            return True
-        if pid <= 1:
-            return False
-    return False
-
-
-def find_child(ancestor: int, needle: str) -> int | None:
-    """The process of that command line started by this ejabberd (others may run one)."""
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            if needle in command and descends_from(int(entry.name), ancestor):
-                return int(entry.name)
-    return None
-
-
 @dataclass(frozen=True)
 class Phase:
     name: str
@@ -175,9 +135,9 @@ async def run_load(instance: Instance, ours: bool, sessions: int, phases: list[P
                             sessions, mark)
     sender = Xmpp(port, "sender", "secret", "s")
     await sender.connect()
-    beam = find_pid("beam", instance.name)
+    beam = instance.vm_pid()
     assert beam is not None
-    python = find_child(beam, "-m pymod_push") if ours else None
+    python = instance.python_pid() if ours else None
     results: dict[str, dict[str, Any]] = {}
     first = 0  # message numbers go on across phases: each push is matched to one message
     for phase in phases:

@@ -11,6 +11,7 @@ sources); its own node name and free ports on 127.0.0.1 keep instances apart.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import pwd
 import random
@@ -263,22 +264,35 @@ class Instance:
             self.ctl("stop", check=False)
             self.ctl("stopped", check=False, timeout=120)
 
+    def family(self) -> dict[int, list[str]]:
+        """This node's VM and the processes it started (erl_child_setup, the Python
+        process...) with their arguments, by pid; empty when the node does not run."""
+        processes = _processes()
+        family = {pid for pid, (_, args) in processes.items()
+                  if args and args[0].endswith("beam.smp") and self.node in args}
+        while grown := {pid for pid, (parent, _) in processes.items()
+                        if parent in family} - family:
+            family |= grown
+        return {pid: processes[pid][1] for pid in family}
+
+    def vm_pid(self) -> int | None:
+        return next((pid for pid, args in self.family().items()
+                     if args[0].endswith("beam.smp")), None)
+
+    def python_pid(self) -> int | None:
+        """The port program under this node's VM (not another instance's)."""
+        return next((pid for pid, args in self.family().items()
+                     if ("-m", "pymod_push") in itertools.pairwise(args)), None)
+
     def discard(self) -> None:
         """The end of a throwaway instance (a test's, its folder deleted next): its VM
         killed at once, then waited for with what it started (the Python process ends
         when its port closes). A graceful stop takes about 5 s (three ejabberdctl calls
         and the shutdown), for each of the suite's instances, in each of CI's three runs."""
-        processes = _processes()
-        vm = [pid for pid, (_, args) in processes.items()
-              if args and args[0].endswith("beam.smp") and self.node in args]
-        if not vm:
-            return
-        family = set(vm)
-        while grown := {pid for pid, (parent, _) in processes.items()
-                        if parent in family} - family:
-            family |= grown
-        for pid in vm:
-            _kill(pid, signal.SIGKILL)
+        family = self.family()
+        for pid, args in family.items():
+            if args[0].endswith("beam.smp"):
+                _kill(pid, signal.SIGKILL)
         for _ in range(2):  # the second time, after killing what did not see its port close
             deadline = time.monotonic() + 10
             while (alive := [pid for pid in family if _alive(pid)]) \
@@ -292,7 +306,7 @@ class Instance:
 
 def _processes() -> dict[int, tuple[int, list[str]]]:
     """Every process: its parent and its arguments."""
-    found = {}
+    found: dict[int, tuple[int, list[str]]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue

@@ -37,7 +37,7 @@ PUBLISH_BURST = 20
 PUBLISH_REFILL_PER_SECOND = 1.0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # per push: not frozen (see protocol.Stanza)
 class Delivery:
     """A notification for one device, to be sent by its backend's provider client.
 

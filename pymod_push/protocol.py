@@ -24,7 +24,10 @@ class ProtocolError(ValueError):
     """A term that is not a known event of this protocol version."""
 
 
-@dataclass(frozen=True, slots=True)
+# Made for every push, like the other classes marked 'per push': not frozen, as a frozen
+# dataclass's __init__ (object.__setattr__ per field) takes 4 times a plain one's. They
+# are values all the same: nothing changes one once made.
+@dataclass(slots=True)
 class Stanza:
     """What the shim tells about a stanza: the fields every decision needs, plus its XML."""
 
@@ -66,7 +69,7 @@ class SessionOpened:
     session: SessionKey
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # per push: not frozen (see protocol.Stanza)
 class StanzaToPending:
     session: SessionKey
     stanza: Stanza
@@ -96,7 +99,7 @@ class PushIq:
     xml: bytes  # the IQ's payload element, b"" if none
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # per push: not frozen (see protocol.Stanza)
 class PublishReply:
     ref: int
     outcome: str  # "result" | "timeout" | "error"
@@ -275,7 +278,7 @@ class IqError:
     text: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # per push: not frozen (see protocol.Stanza)
 class Publish:
     """A notification to an app server: the shim builds the pubsub publish IQ from these
     parts (no XML to parse on ejabberd's side) and routes it from the server's domain."""

@@ -55,7 +55,7 @@ class ProtocolError(Exception):
     """The server broke HTTP/2: the connection is over (a GOAWAY is queued)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # per push: not frozen (see protocol.Stanza)
 class Answered:
     stream_id: int
     status: int

@@ -225,7 +225,10 @@ class Http2Client:
     def connected(self) -> bool:
         """A connection is open (to the origin, if the client has only one): request_now
         is worth a try."""
-        return any(not connection.closed for connection in self._connections.values())
+        for connection in self._connections.values():  # per push: no generator
+            if not connection.closed:
+                return True
+        return False
 
     def request_now(self, method: str, url: str, headers: dict[str, str],
                     content: bytes) -> asyncio.Future[Response] | None:

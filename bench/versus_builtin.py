@@ -65,14 +65,36 @@ class Phase:
     rate: float  # offered messages per second
 
 
-def round_trips(metrics: str | None) -> float:
-    """PostgreSQL round trips of the Python process so far (its metrics endpoint)."""
+def database_figures(metrics: str | None) -> tuple[float, dict[float, int]]:
+    """The Python process's database figures so far (its metrics endpoint): PostgreSQL
+    round trips, and commits per bucket of the commit histogram (upper bound in seconds
+    -> commits at most that long)."""
     if metrics is None:
-        return 0.0
+        return 0.0, {}
     with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=10) as response:
         text = response.read().decode()
     match = re.search(r"^pymod_push_database_round_trips_total\{[^}]*\} (\d+)", text, re.M)
-    return float(match.group(1)) if match else 0.0
+    buckets = {float(le): int(count) for le, count in re.findall(
+        r'^pymod_push_database_commit_seconds_bucket\{[^}]*le="([^"]+)"\} (\d+)', text, re.M)}
+    return (float(match.group(1)) if match else 0.0), buckets
+
+
+def commits_text(commits: tuple[int, float, float]) -> str:
+    count, p50, p99 = commits
+    return f"{count}, p50 <= {p50:g} ms, p99 <= {p99:g} ms"
+
+
+def commit_percentiles(before: dict[float, int], after: dict[float, int]
+                       ) -> tuple[int, float, float]:
+    """(commits, p50, p99 in ms) between two readings: the bucket bounds they fall under."""
+    delta = {le: after[le] - before.get(le, 0) for le in sorted(after)}
+    total = delta.get(float("inf"), 0)
+
+    def bound(share: float) -> float:
+        return next((le * 1000 for le, count in delta.items() if count >= share * total),
+                    float("nan"))
+
+    return total, bound(0.5), bound(0.99)
 
 
 def database_cpu(postmaster: int | None) -> float:
@@ -141,15 +163,17 @@ async def run_load(instance: Instance, ours: bool, sessions: int, phases: list[P
     results: dict[str, dict[str, Any]] = {}
     first = 0  # message numbers go on across phases: each push is matched to one message
     for phase in phases:
-        trips = await asyncio.to_thread(round_trips, metrics)
+        trips, commits = await asyncio.to_thread(database_figures, metrics)
         database = database_cpu(postmaster)
         results[phase.name] = await send_phase(sender, sessions, phase, first, arrivals,
                                                beam, python)
         results[phase.name]["cpu_database_ms"] = (
             (database_cpu(postmaster) - database) * 1000
             / max(results[phase.name]["received"], 1))
-        trips = await asyncio.to_thread(round_trips, metrics) - trips
-        results[phase.name]["round_trips"] = trips / max(results[phase.name]["received"], 1)
+        trips_after, commits_after = await asyncio.to_thread(database_figures, metrics)
+        results[phase.name]["round_trips"] = ((trips_after - trips)
+                                              / max(results[phase.name]["received"], 1))
+        results[phase.name]["commits"] = commit_percentiles(commits, commits_after)
         results[phase.name]["first"] = first
         first += phase.messages
     await asyncio.sleep(1)  # a duplicate would have arrived by now: count pushes at last
@@ -230,10 +254,11 @@ def one_run(ours: bool, sessions: int, phases: list[Phase],
     metrics = None
     if ours:
         options: dict[str, Any] = {"resume_timeout": 259200}
+        from devtools.instance import free_port
+        metrics = f"127.0.0.1:{free_port()}"  # round trips and commit times
+        options.update(metrics_listen=metrics)
         if db_url:
-            from devtools.instance import free_port
-            metrics = f"127.0.0.1:{free_port()}"
-            options.update(db_url=db_url, metrics_listen=metrics)
+            options.update(db_url=db_url)
         instance = Instance(folder, options=options, modules=common, extra_config=config)
     else:
         instance = Instance(folder, modules={
@@ -408,7 +433,8 @@ def postgres_mode(args: argparse.Namespace) -> None:
                     f"{p.name}: {run[p.name]['pushes_per_s']:,.0f}/s, p99 "
                     f"{run[p.name]['p99']:.1f} ms, Python {run[p.name]['cpu_python_ms']:.3f} ms"
                     f"/push, {run[p.name]['round_trips']:.2f} round trips/push, PostgreSQL "
-                    f"{run[p.name]['cpu_database_ms']:.3f} ms/push" for p in phases),
+                    f"{run[p.name]['cpu_database_ms']:.3f} ms/push, commits "
+                    f"{commits_text(run[p.name]['commits'])}" for p in phases),
                     flush=True)
     finally:
         server.stop()

@@ -8,6 +8,7 @@ GET /metrics on the address given, served by the Python process of each host.
     pymod_push_provider_latency_seconds{provider}    histogram of provider HTTP/2 requests
     pymod_push_registrations, _devices, _outbox, _provider_queue   gauges from the database
     pymod_push_database_round_trips_total            round trips to PostgreSQL (db_url)
+    pymod_push_database_commit_seconds               histogram of commits, start to answer
 """
 
 from __future__ import annotations
@@ -22,13 +23,19 @@ from dataclasses import dataclass, field
 log = logging.getLogger("pymod_push")
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# A commit is a local WAL write (SQLite) or a round trip (PostgreSQL): finer at the low end.
+COMMIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
 @dataclass
 class Histogram:
     buckets: tuple[float, ...] = LATENCY_BUCKETS
-    counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
+    counts: list[int] = field(default_factory=list)  # per bucket, then above the last
     total: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.counts:
+            self.counts = [0] * (len(self.buckets) + 1)
 
     def observe(self, value: float) -> None:
         self.counts[bisect.bisect_left(self.buckets, value)] += 1
@@ -56,6 +63,7 @@ class Snapshot:
     provider_latency: dict[str, Histogram]
     totals: dict[str, int]
     in_process: int = 0  # publishes to its own app server taken without the round trip
+    commits: Histogram | None = None  # the database's commits, start to answer
 
 
 def _label(value: str) -> str:
@@ -98,6 +106,10 @@ def render(snapshot: Snapshot) -> str:
                   "# TYPE pymod_push_database_round_trips_total counter",
                   f"pymod_push_database_round_trips_total{{{host}}} "
                   f"{snapshot.totals['database_round_trips']}"]
+    if snapshot.commits is not None:
+        lines += ["# HELP pymod_push_database_commit_seconds Database commits, from start to "
+                  "answer.", "# TYPE pymod_push_database_commit_seconds histogram",
+                  *snapshot.commits.lines("pymod_push_database_commit_seconds", host)]
     return "\n".join(lines) + "\n"
 
 

@@ -41,7 +41,7 @@ class Runtime:
             totals = {}  # the database is away: its gauges read 0 meanwhile
         return metrics.Snapshot(self.config.host, self.events, self.service.counters,
                                 self.dispatcher.counters, dict(self.dispatcher.latency),
-                                totals, self.service.in_process)
+                                totals, self.service.in_process, self.store.commits)
 
 
 def start(hello: Hello, device_gone: Callable[[str], None], route: Callable[[str], None],

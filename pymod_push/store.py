@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 from .checkpoints import Checkpointer
 from .core.options import PushOptions
+from .metrics import COMMIT_BUCKETS, Histogram
 from .protocol import SessionKey, UserKey
 
 K = TypeVar("K")
@@ -293,6 +294,7 @@ class Store:
         (checkpoints.py) rather than in the commits; for the process that serves."""
         self._pg = connection
         self._checkpoints: Checkpointer | None = None
+        self.commits = Histogram(COMMIT_BUCKETS)  # start to answer (metrics)
         self._users: dict[UserKey, UserEntry] = {}
         self._devices: dict[str, Device | None] = {}  # SQLite: node -> device (None: none)
         if connection is not None:  # PostgreSQL (see open_store)
@@ -317,7 +319,9 @@ class Store:
         return int(self.db.execute("PRAGMA user_version").fetchone()[0])
 
     def commit(self) -> None:
+        started = time.perf_counter()
         self.db.commit()
+        self.commits.observe(time.perf_counter() - started)
         if self._checkpoints is not None:
             self._checkpoints.committed(self.db)
 
@@ -331,6 +335,7 @@ class Store:
         """How the commit start_commit started went (DatabaseUnavailable if it failed)."""
         if self._pg is not None:
             self._pg.land()
+            self.commits.observe(self._pg.flight_s)
 
     def write_mark(self) -> int:
         """Where this transaction's writes stand (PostgreSQL; see undo_to)."""

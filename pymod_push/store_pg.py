@@ -227,6 +227,7 @@ class PgConnection:
         # A commit under way (see start_commit): its answer to come, how many writes of
         # the log it carries, the statements it prepares.
         self._flight: tuple[concurrent.futures.Future[str], int, dict[str, str]] | None = None
+        self.flight_s = 0.0  # how long the last commit start_commit sent took to answer
         self._flight_error: BaseException | None = None  # for land(), once
         # Users whose registrations or options other nodes changed (None: maybe any, after
         # a reconnection), filled by the background thread.
@@ -451,9 +452,15 @@ class PgConnection:
         new: dict[str, str] = {}
         script = self._script(self._log[self._sent:], True, new)
         self.round_trips += 1
+        started = time.perf_counter()
         future = asyncio.run_coroutine_threadsafe(self._conn.execute(script), self._loop)
         self._flight = (future, len(self._log), new)
-        future.add_done_callback(lambda _: when_done())
+
+        def answered(_: object) -> None:  # in asyncpg's thread, as soon as the answer is in
+            self.flight_s = time.perf_counter() - started
+            when_done()
+
+        future.add_done_callback(answered)
         return True
 
     def land(self) -> None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 from pymod_push.metrics import Histogram, Snapshot, render
+from pymod_push.store import Store
 
 
 def test_exposition_text() -> None:
@@ -30,3 +32,21 @@ def test_exposition_text() -> None:
     assert 'pymod_push_registrations{host="example.org"} 7' in lines
     assert 'pymod_push_outbox{host="example.org"} 0' in lines
     assert text.endswith("\n") and "# TYPE pymod_push_registrations gauge" in lines
+
+
+def test_commits_of_a_store_are_timed(tmp_path: Path) -> None:
+    """Each commit of the database lands in the commit histogram, in its own buckets."""
+    store = Store(str(tmp_path / "push.sqlite3"))
+    for _ in range(3):
+        store.add_pushed(store.last_pushed_id() + 1, ("alice", "example.org", "phone"), 7)
+        store.commit()
+    text = render(Snapshot("example.org", Counter(), Counter(), Counter(), {}, {}, 0,
+                           store.commits))
+    lines = text.splitlines()
+    assert "# TYPE pymod_push_database_commit_seconds histogram" in lines
+    assert 'pymod_push_database_commit_seconds_bucket{host="example.org",le="0.001"}' \
+        in " ".join(lines)  # the finer buckets of COMMIT_BUCKETS
+    assert 'pymod_push_database_commit_seconds_count{host="example.org"} 3' in lines
+    assert 'pymod_push_database_commit_seconds_bucket{host="example.org",le="+Inf"} 3' in lines
+    assert "database_commit" not in render(Snapshot("example.org", Counter(), Counter(),
+                                                    Counter(), {}, {}))

@@ -65,6 +65,7 @@ bench: venv
 	$(PY) -m bench.versus_builtin
 	$(PY) -m bench.appserver_apns
 	$(PY) -m bench.appserver_port
+	$(PY) -m bench.appserver_port --users 20000 --messages 40000 --rounds 2  # at scale
 
 clean: stop
 	rm -rf $(VENV) $(RUN_DIR) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -606,12 +606,14 @@ class PushService:
         self._recovered.pop(entry.id, None)
         if registration.errors:
             self._erring.add(registration.key)
-        options = registration.publish_options
+        options = registration.publish_form
+        if options is None and registration.publish_options:  # the registration's first
+            options = registration.publish_form = publish_options_form(
+                registration.publish_options)
         fields, elements = ios_extensions.split(entry.summary)
         return Publish(ref, registration.push_jid, registration.node,
                        summary_form(fields) if fields or not elements else (),
-                       publish_options_form(options) if options else None,
-                       self.config.publish_timeout_ms, tuple(elements))
+                       options, self.config.publish_timeout_ms, tuple(elements))
 
     def _reset(self, session: SessionKey) -> bool:
         """Counts start again when the client is back; True if the session has push."""

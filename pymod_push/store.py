@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 from .checkpoints import Checkpointer
 from .core.options import PushOptions
+from .core.xep0357 import FormFields
 from .metrics import COMMIT_BUCKETS, Histogram
 from .protocol import SessionKey, UserKey
 
@@ -196,6 +197,9 @@ class Registration:
     last_error_at: float | None = None  # when an error was last counted (see count_error)
     # Tigase's push extensions (ios_extensions.to_json; holds the client's key: no repr)
     extensions: str = field(default="", repr=False)
+    # publish_options parsed (xep0357.publish_options_form), once: not stored, no repr
+    # (the secret), not compared (derived)
+    publish_form: FormFields | None = field(default=None, repr=False, compare=False)
 
     @property
     def key(self) -> tuple[str, str, str, str]:

@@ -218,6 +218,21 @@ def test_re_enable_replaces_the_registration() -> None:
     assert registration.resource == "phone2" and registration.publish_options is None
 
 
+def test_a_new_secret_goes_with_the_next_publish() -> None:
+    """The parsed publish-options are kept with the registration: re-enabling with another
+    secret (or none) is what the next publish carries, never the form parsed before."""
+    service = make_service()
+    service.handle(enable(), 0)
+    before = service.handle(StanzaToPending(PHONE, message(stanza_id="1")), 0)
+    service.handle(enable(form=PUBLISH_OPTIONS.replace("s3cr3t", "n3w")), 0)
+    after = service.handle(StanzaToPending(PHONE, message(stanza_id="2")), 0)
+    service.handle(enable(form=""), 0)
+    without = service.handle(StanzaToPending(PHONE, message(stanza_id="3")), 0)
+    secrets = [dict(p.publish_options or ()).get("secret") for p in (*before, *after, *without)
+               if isinstance(p, Publish)]
+    assert secrets == [("s3cr3t",), ("n3w",), None]
+
+
 def _reply(service: PushService, push: object, outcome: str, error_type: str = "",
            now: float = 0) -> list[object]:
     assert isinstance(push, Publish)

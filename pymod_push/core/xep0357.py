@@ -12,7 +12,6 @@ import ipaddress
 import unicodedata
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import TYPE_CHECKING
 from xml.sax.saxutils import escape, quoteattr
 
@@ -222,10 +221,10 @@ def summary_form(summary: list[tuple[str, str]]) -> FormFields:
     return (("FORM_TYPE", (FORM_SUMMARY,)), *((var, (value,)) for var, value in summary))
 
 
-@lru_cache(maxsize=4096)
 def publish_options_form(xml: str) -> FormFields:
-    """A registration's stored publish-options (Form.to_xml), FORM_TYPE first: parsed
-    once per registration, not per push."""
+    """A registration's stored publish-options (Form.to_xml), FORM_TYPE first. Each
+    registration's are its own (they hold its secret): the service keeps the result with
+    the registration (Registration.publish_form), so it is parsed once per registration."""
     form = parse_form(safexml.parse(xml.encode()))
     head = (("FORM_TYPE", (form.form_type,)),) if form.form_type else ()
     return (*head, *form.fields)

@@ -181,14 +181,29 @@ class _Connection(asyncio.Protocol):
 _Queued = tuple[asyncio.Future[Response], str, str, Iterable[tuple[str, str]], bytes]
 
 
-@lru_cache(maxsize=16384)  # a device's URL recurs with every push to it
 def _target(url: str) -> tuple[str, int, str]:
-    """(host, port, path) of an https URL."""
-    parts = urlsplit(url)
-    if parts.scheme != "https" or not parts.hostname:
+    """(host, port, path) of an https URL. Only the origin's parse is kept: each device
+    has a URL of its own, its provider's few origins recur with every push."""
+    scheme, separator, rest = url.partition("://")
+    ends = [i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0]
+    authority, path = (rest[:min(ends)], rest[min(ends):]) if ends else (rest, "")
+    try:
+        host, port = _origin(scheme, authority) if separator else ("", 0)
+    except ValueError:  # a port out of range
+        host = ""
+    if not host:
         raise HttpError(f"not an https URL: {url}")
-    return parts.hostname, parts.port or 443, \
-        parts.path + (f"?{parts.query}" if parts.query else "") or "/"
+    path = path.partition("#")[0]
+    return host, port, (path[:-1] if path.endswith("?") else path) or "/"
+
+
+@lru_cache(maxsize=256)
+def _origin(scheme: str, authority: str) -> tuple[str, int]:
+    """(host, port) of an https origin; host "" if it is none."""
+    parts = urlsplit(f"{scheme}://{authority}")
+    if parts.scheme != "https" or not parts.hostname:
+        return "", 0
+    return parts.hostname, parts.port or 443
 
 
 class Http2Client:

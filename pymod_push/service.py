@@ -149,8 +149,16 @@ def _stanza_from_json(text: str) -> Stanza:
 
 
 def _recipient(registration: Registration) -> LogicRecipient:
-    return LogicRecipient(*registration.session,
-                          ios_extensions.from_json(registration.extensions))
+    return LogicRecipient(*registration.session, _extensions(registration))
+
+
+def _extensions(registration: Registration) -> ios_extensions.Extensions:
+    """The registration's extensions, parsed once and kept with it."""
+    parsed = registration.parsed_extensions
+    if parsed is None:
+        parsed = registration.parsed_extensions = ios_extensions.from_json(
+            registration.extensions)
+    return parsed
 
 
 class PushService:
@@ -434,7 +442,7 @@ class PushService:
         is never)."""
         if not registration.extensions:
             return trigger
-        extensions = ios_extensions.from_json(registration.extensions)
+        extensions = _extensions(registration)
         if extensions.groupchat is not None and stanza.kind == "message" \
                 and stanza.type == "groupchat" and trigger is not Trigger.CALL:
             trigger = Trigger.MESSAGE if groupchat_candidate(stanza, self.config) else None
@@ -447,7 +455,7 @@ class PushService:
     @staticmethod
     def _encrypted(registration: Registration) -> bool:
         return bool(registration.extensions) and \
-            ios_extensions.from_json(registration.extensions).encrypt is not None
+            _extensions(registration).encrypt is not None
 
     def _extended(self, registration: Registration, summary: list[tuple[str, str]],
                   stanza: Stanza, chosen: Trigger, counts: Counts) -> list[tuple[str, str]]:
@@ -456,7 +464,7 @@ class PushService:
         would show in clear what only the device should read); <priority/>; <jingle/>
         for a call. The sender and body are in the encrypted payload unless the admin's
         allow_senders / allow_message_bodies withhold them."""
-        extensions = ios_extensions.from_json(registration.extensions)
+        extensions = _extensions(registration)
         event = extension_event(stanza, chosen is Trigger.CALL)
         voip = chosen is Trigger.CALL
         elements: list[str] = []
@@ -721,7 +729,7 @@ class PushService:
         options = self.options_of(registration.session[:2])
         counts = Counts(registration.message_count, registration.subscription_count)
         fields = wake_fields(options, counts)
-        if ios_extensions.from_json(registration.extensions).priority:
+        if _extensions(registration).priority:
             fields += ios_extensions.element_pairs([ios_extensions.priority_element(False)])
         return self._publish(registration, fields, now)
 

@@ -17,6 +17,7 @@ from json.encoder import encode_basestring_ascii as _quote
 from typing import Any, TypeVar
 
 from .checkpoints import Checkpointer
+from .core.ios_extensions import Extensions
 from .core.options import PushOptions
 from .core.xep0357 import FormFields
 from .metrics import COMMIT_BUCKETS, Histogram
@@ -197,9 +198,12 @@ class Registration:
     last_error_at: float | None = None  # when an error was last counted (see count_error)
     # Tigase's push extensions (ios_extensions.to_json; holds the client's key: no repr)
     extensions: str = field(default="", repr=False)
-    # publish_options parsed (xep0357.publish_options_form), once: not stored, no repr
-    # (the secret), not compared (derived)
+    # Derived, kept with the registration by the service so that each is parsed once, not
+    # per push (a count-bounded cache thrashes with many users): publish_options parsed
+    # (xep0357.publish_options_form) and extensions parsed. Not stored, not compared, no
+    # repr (the secret, the key).
     publish_form: FormFields | None = field(default=None, repr=False, compare=False)
+    parsed_extensions: Extensions | None = field(default=None, repr=False, compare=False)
 
     @property
     def key(self) -> tuple[str, str, str, str]:

@@ -61,6 +61,7 @@ stop:
 
 bench: venv
 	$(PY) -m bench.port_events
+	$(PY) -m bench.port_events --sessions 20000 --messages 200000 --latency-samples 200  # at scale
 	$(PY) -m bench.provider_dispatch
 	$(PY) -m bench.versus_builtin
 	$(PY) -m bench.appserver_apns

@@ -390,7 +390,11 @@ def _field_term(var: str, values: tuple[str, ...]) -> etf.Encoded:
     return etf.encoded(_field(var, values))
 
 
-@lru_cache(maxsize=4096)
+# One per registration (its publish-options hold its secret), so bounded as the
+# registrations kept in memory are (store.USER_MEMORY), not lower: past the bound, each
+# push would encode its form again. The key is the registration's own parsed form
+# (Registration.publish_form): an entry costs only its encoded bytes.
+@lru_cache(maxsize=65536)
 def _form_term(fields: FormFields) -> etf.Encoded:
     return etf.encoded([_field(var, values) for var, values in fields])
 

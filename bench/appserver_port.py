@@ -11,6 +11,12 @@ awaited at once (pushes, not frames: the fake APNs reports each request). Printe
 requests (must be M), pushes/s and the process's CPU per push, per round, and the median.
 
     python -m bench.appserver_port [--users 2000] [--messages 40000] [--rounds 3]
+                                   [--postgres] [--provider-down]
+
+--postgres keeps the state in a PostgreSQL server of its own (tests/postgres.py) instead of
+SQLite. --provider-down makes the fake APNs answer every push 503 (APNs cannot serve): each
+push is then deferred, written to the provider queue and committed, which is what a
+provider outage costs the process.
 """
 
 from __future__ import annotations
@@ -105,17 +111,19 @@ def set_up(port: PortProcess, users: int) -> None:
             results += sum(1 for a in port.read_actions() if a[0] == "iq_result")
 
 
-def one_round(folder: Path, users: int, messages: int) -> tuple[float, float, int]:
-    """(pushes/s, Python CPU ms per push, APNs requests) of one fresh process."""
+def one_round(folder: Path, users: int, messages: int, db_url: str | None = None,
+              down: bool = False) -> tuple[float, float, int, int]:
+    """(pushes/s, Python CPU ms per push, APNs requests answered 200, answered otherwise)
+    of one fresh process."""
     tls, key_file = fake_apns_files(folder)
     apns_port = free_port()
     fake = subprocess.Popen([sys.executable, "-m", "bench.fake_apns", str(apns_port), str(tls),
-                             str(key_file), TEAM_ID, KEY_ID, TOPIC], cwd=ROOT,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                             str(key_file), TEAM_ID, KEY_ID, TOPIC, *(["down"] if down else [])],
+                            cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     assert fake.stdout is not None and fake.stdout.readline().strip() == b"listening"
     requests = Requests(fake)
     backend = {A(k): v.encode() for k, v in apns_backend(tls, key_file, apns_port).items()}
-    port = PortProcess(str(folder), options={A("backends"): [backend]})
+    port = PortProcess(str(folder), db_url, options={A("backends"): [backend]})
     try:
         set_up(port, users)
         # What the process says from now on (acknowledgements) is read and dropped; with
@@ -141,7 +149,8 @@ def one_round(folder: Path, users: int, messages: int) -> tuple[float, float, in
         assert fake.stdin is not None
         fake.stdin.close()
         fake.wait(30)
-    return messages / wall, cpu * 1000 / messages, requests.count - requests.refused
+    return (messages / wall, cpu * 1000 / messages, requests.count - requests.refused,
+            requests.refused)
 
 
 def main() -> int:
@@ -149,24 +158,40 @@ def main() -> int:
     parser.add_argument("--users", type=int, default=2000)
     parser.add_argument("--messages", type=int, default=40_000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--postgres", action="store_true", help="PostgreSQL, not SQLite")
+    parser.add_argument("--provider-down", action="store_true",
+                        help="the fake APNs answers every push 503")
     args = parser.parse_args()
     if args.messages > args.users * PUBLISH_BURST:
         parser.error(f"at most {PUBLISH_BURST} messages per user: the app server's rate limit "
                      "would defer the rest")
-    print(f"app server path, Python alone: {args.users} users with an APNs device, "
-          f"{args.messages} pushes into the fake APNs, at most {IN_FLIGHT} awaited at once")
+    print(f"app server path, Python alone ({'PostgreSQL' if args.postgres else 'SQLite'}"
+          f"{', APNs down' if args.provider_down else ''}): {args.users} users with an APNs "
+          f"device, {args.messages} pushes into the fake APNs, at most {IN_FLIGHT} awaited "
+          "at once")
+    from tests.postgres import PostgresServer
+    server = PostgresServer() if args.postgres else None
     rates, costs = [], []
-    for number in range(1, args.rounds + 1):
-        folder = Path(tempfile.mkdtemp(prefix="pymod_push-bench-port-"))
-        try:
-            rate, cost, delivered = one_round(folder, args.users, args.messages)
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
-        rates.append(rate)
-        costs.append(cost)
-        print(f"  round {number}: {delivered} APNs requests answered 200 "
-              f"({'exact' if delivered == args.messages else 'MISSING'}), {rate:,.0f} pushes/s, "
-              f"Python {cost:.3f} ms CPU per push")
+    try:
+        for number in range(1, args.rounds + 1):
+            folder = Path(tempfile.mkdtemp(prefix="pymod_push-bench-port-"))
+            try:
+                rate, cost, delivered, refused = one_round(
+                    folder, args.users, args.messages,
+                    server.new_database() if server else None, args.provider_down)
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+            rates.append(rate)
+            costs.append(cost)
+            answered = (f"{refused} APNs requests answered 503 (each push deferred)"
+                        if args.provider_down else
+                        f"{delivered} APNs requests answered 200 "
+                        f"({'exact' if delivered == args.messages else 'MISSING'})")
+            print(f"  round {number}: {answered}, {rate:,.0f} pushes/s, "
+                  f"Python {cost:.3f} ms CPU per push")
+    finally:
+        if server is not None:
+            server.stop()
     print(f"  median: {statistics.median(rates):,.0f} pushes/s, Python "
           f"{statistics.median(costs):.3f} ms CPU per push (target on this path: 0.15 ms)")
     return 0

@@ -18,7 +18,10 @@ Every request gives one line on stdout, ``<arrival> <message number or -> <statu
 payload's ``last-message-body`` if it is a number), written once per read. When stdin
 closes it prints ``end <requests> <cpu seconds>`` and, on stderr, its CPU per request.
 
-    python -m bench.fake_apns PORT TLS_DIR KEY_FILE TEAM_ID KEY_ID TOPIC
+    python -m bench.fake_apns PORT TLS_DIR KEY_FILE TEAM_ID KEY_ID TOPIC [down]
+
+With ``down`` it answers every valid request as APNs does when it cannot serve: 503
+ServiceUnavailable (the client defers the push and tries again later).
 """
 
 from __future__ import annotations
@@ -160,8 +163,9 @@ class _Apns(asyncio.Protocol):
     """One client connection: frames in, answers out, one write per read."""
 
     def __init__(self, check: Callable[[Received], Verdict], counts: Counts,
-                 verdicts: dict[tuple[bytes, ...], Verdict]) -> None:
+                 verdicts: dict[tuple[bytes, ...], Verdict], down: bool = False) -> None:
         self._check = check
+        self._down = down
         self._counts = counts
         self._verdicts = verdicts
         self._transport: asyncio.Transport | None = None
@@ -257,6 +261,8 @@ class _Apns(asyncio.Protocol):
             verdict = (404, {"reason": "BadPath"})
         elif verdict is None and len(body) > (5120 if memo[1] == b"voip" else 4096):
             verdict = (413, {"reason": "PayloadTooLarge"})
+        elif verdict is None and self._down:
+            verdict = (503, {"reason": "ServiceUnavailable"})
         status = 200 if verdict is None else verdict[0]
         found = _MARKER.search(body)
         lines.append(f"{arrived:.6f} {found.group(1).decode() if found else '-'} {status}\n")
@@ -272,14 +278,15 @@ class _Apns(asyncio.Protocol):
             frame(DATA, END_STREAM, stream_id, payload)
 
 
-async def serve(port: int, tls: Path, check: Callable[[Received], Verdict]) -> None:
+async def serve(port: int, tls: Path, check: Callable[[Received], Verdict],
+                down: bool = False) -> None:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(tls / "server.pem", tls / "server.key")
     context.set_alpn_protocols(["h2"])
     counts = Counts()
     verdicts: dict[tuple[bytes, ...], Verdict] = {}
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: _Apns(check, counts, verdicts), "127.0.0.1",
+    server = await loop.create_server(lambda: _Apns(check, counts, verdicts, down), "127.0.0.1",
                                       port, ssl=context)
     print("listening", flush=True)
     closed = loop.create_future()
@@ -305,7 +312,7 @@ def main() -> None:
     from tests.fake_providers import apns_check
     key = load_pem_private_key(Path(key_file).read_bytes(), password=None)
     check = apns_check(key.public_key(), team_id, key_id, topic)
-    asyncio.run(serve(int(port), Path(tls), check))
+    asyncio.run(serve(int(port), Path(tls), check, sys.argv[7:8] == ["down"]))
 
 
 if __name__ == "__main__":

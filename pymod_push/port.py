@@ -141,6 +141,7 @@ class PortApp:
         self._pending_actions: list[Action] = []
         self._pending_deliveries: list[Delivery] = []
         self._pending_ack: int | None = None
+        self._unsaved_writes = False  # the dispatcher wrote since the last commit started
         self._commit_handle: asyncio.TimerHandle | None = None
         # PostgreSQL: what the commit under way makes known once it is through (actions,
         # deliveries, acknowledgement), None when no commit is under way.
@@ -269,6 +270,7 @@ class PortApp:
         if self._committing is not None:
             return  # one at a time: _committed asks for the next
         said = (self._pending_actions, self._pending_deliveries, self._pending_ack)
+        self._unsaved_writes = False  # in this commit
         if self._store is not None:
             self._loop = asyncio.get_running_loop()
             try:
@@ -315,8 +317,9 @@ class PortApp:
             self.on_fatal(exc)
             return
         self._say(*said)
-        if self._pending_actions or self._pending_deliveries or self._pending_ack is not None:
-            self._request_commit()  # what was handled meanwhile
+        if self._pending_actions or self._pending_deliveries or self._pending_ack is not None \
+                or self._unsaved_writes:
+            self._request_commit()  # what was handled or written meanwhile
 
     def _commit_failed(self, exc: DatabaseUnavailable) -> None:
         self._database_away(exc, [])
@@ -371,8 +374,8 @@ class PortApp:
             raise SystemExit(3)
         self._reply_timeout_s = int(hello.options.get("reply_timeout", 5000)) / 1000
         logging.getLogger().setLevel(python_level(hello.options.get("loglevel")))
-        runtime = self.runtime = start(hello, self._device_gone, self._route,
-                                       self._answered_in_process)
+        runtime = self.runtime = start(hello, self._device_gone, self._route_committed,
+                                       self._answered_in_process, self._commit_writes)
         self.service, self._store = runtime.service, runtime.store
         self._last_batch = runtime.last_batch
         self._hook_workers = HookWorkers(runtime.service, self._hooks_done,
@@ -399,8 +402,17 @@ class PortApp:
         assert self.runtime is not None
         self._metrics = await metrics.serve(address, self.runtime.snapshot)
 
-    def _route(self, xml: str) -> None:
-        self._write(frame([action_term(Route(xml))]))
+    def _route_committed(self, xml: str) -> None:
+        """A stanza to route once what was written before it is committed (the dispatcher's
+        answer to a publisher, after the push it deferred is queued)."""
+        self._pending_actions.append(Route(xml))
+        self._request_commit()
+
+    def _commit_writes(self) -> None:
+        """Writes made outside an event (the dispatcher's provider queue) go with the next
+        group commit."""
+        self._unsaved_writes = True
+        self._request_commit()
 
     def _answered_in_process(self, reply: PublishReply) -> None:
         """The provider's first answer to a publish taken in-process: for the publisher as
@@ -416,10 +428,7 @@ class PortApp:
     def _device_gone(self, node: str) -> None:
         if self._store is not None:
             self._store.remove_device(node)
-            try:
-                self._store.commit()
-            except DatabaseUnavailable:
-                pass  # in the transaction still: the port's next commit has it
+            self._commit_writes()
 
     def _handle(self, term: Any, late: bool = False) -> Sequence[Action | Delivery | HookWork]:
         assert self.service is not None

@@ -45,14 +45,15 @@ class Runtime:
 
 
 def start(hello: Hello, device_gone: Callable[[str], None], route: Callable[[str], None],
-          answered: Callable[[PublishReply], None]) -> Runtime:
-    """The callbacks are the port's: a device a provider says is gone, a stanza to route,
-    the provider's first answer to a publish taken in-process."""
+          answered: Callable[[PublishReply], None], commit: Callable[[], None]) -> Runtime:
+    """The callbacks are the port's: a device a provider says is gone, a stanza to route
+    once what was written before it is committed, the provider's first answer to a publish
+    taken in-process, and its group commit (for the dispatcher's writes)."""
     config = Config.from_options(hello.host, hello.options)
     store = open_store(config.db_file, config.db_url)
     service = PushService(config, store, logic.load(config.logic))
     dispatcher = Dispatcher(config, store, device_gone, route, answered,
-                            service.app_server.python_providers)
+                            service.app_server.python_providers, commit)
     dispatcher.logic = lambda: service.logic  # push_reload_logic may replace it
     dispatcher.resume(service.app_server.queued_deliveries())
     return Runtime(config, store, service, dispatcher,

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import tempfile
 import time
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ from devtools.instance import free_port
 from pymod_push.appservice import AppServer, Delivery
 from pymod_push.core.appserver import Iq
 from pymod_push.core.config import Backend, Config
-from pymod_push.providers.dispatch import Dispatcher
+from pymod_push.providers.dispatch import Dispatcher, Quieted
 from pymod_push.store import Device, Store
 from tests.fake_providers import (
     FakeProvider,
@@ -194,3 +195,59 @@ def test_an_async_provider_data_is_awaited_within_the_budget(ca: LoopbackCA,
     assert time.monotonic() - started < 5  # the slow one did not hold anything up
     data = sorted((r.json()["data"] for r in fake.received), key=len)
     assert data == [{"message-count": "1"}, {"message-count": "1", "tenant": "localhost"}]
+
+
+def test_lines_of_a_spell_are_logged_once_a_minute_with_how_many_were_left_out() -> None:
+    quieted = Quieted(window_s=60)
+    deferred = ("apns", "deferred", "ServiceUnavailable")
+    assert quieted.left_out(deferred, 1000.0) == 0  # the first one: logged
+    assert [quieted.left_out(deferred, 1000.0 + n) for n in range(1, 50)] == [None] * 49
+    assert quieted.left_out(("apns", "failed", "BadDeviceToken"), 1001.0) == 0  # another kind
+    assert quieted.left_out(deferred, 1060.0) == 49  # a minute on: logged, with the count
+    assert quieted.left_out(deferred, 1061.0) is None
+    assert quieted.left_out(deferred, 999.0) == 1  # a clock that went back: logged
+    for n in range(Quieted.MAX_KINDS + 10):  # reasons are the provider's: bounded anyway
+        quieted.left_out(("apns", "failed", f"reason {n}"), 2000.0)
+    assert len(quieted._kinds) <= Quieted.MAX_KINDS
+
+
+def test_a_provider_down_for_every_push_commits_through_the_callback_and_logs_once(
+        ca: LoopbackCA, caplog: pytest.LogCaptureFixture) -> None:
+    """Every push deferred: each is queued, and committed through the port's group commit
+    (the callback) rather than one commit each; the log has one line for all of them."""
+    fake, port = FakeProvider(ubuntu_check), free_port()
+    serve_in_thread(fake, ca, port)
+    backend = Backend(0, "ubuntu", "any", "localhost", "pubsub.localhost", {
+        "endpoint": f"https://127.0.0.1:{port}", "cafile": str(ca.cafile)})
+    fake.answers["/notify"] = (503, {})  # down
+    store = Store(":memory:")
+    answers: list[str] = []
+    queued_at_commits: list[int] = []  # queue entries written when each commit was asked
+    queued_when_answered: list[int] = []  # ... as of the last commit before each answer
+
+    def answer(xml: str) -> None:
+        queued_when_answered.append(queued_at_commits[-1] if queued_at_commits else 0)
+        answers.append(xml)
+
+    async def run() -> Counters:
+        dispatcher = Dispatcher(Config("localhost", backends=(backend,)), store,
+                                lambda node: None, answer, commit=lambda: queued_at_commits.append(
+                                    len(store.queued_pushes(""))))
+        for n in range(30):
+            dispatcher.submit(Delivery(backend, _device(f"tok{n}", application_id="app.id_app"),
+                                       SUMMARY, Iq(f"p{n}", "set", "localhost",
+                                                   "pubsub.localhost", None)))
+        while len(answers) < 30 or dispatcher.counters[("ubuntu", "retried")] < 30:
+            await asyncio.sleep(0.01)
+        counters = dict(dispatcher.counters)
+        await dispatcher.close()
+        return counters
+
+    with caplog.at_level(logging.INFO, logger="pymod_push"):
+        counters = asyncio.run(run())
+    assert counters[("ubuntu", "retried")] == 30 and len(store.queued_pushes("")) == 30
+    assert all("type='result'" in answer for answer in answers)
+    # Each push's queue entry was handed to a commit before its publisher was answered.
+    assert all(queued > n for n, queued in enumerate(queued_when_answered))
+    deferred = [r.getMessage() for r in caplog.records if "deferred" in r.getMessage()]
+    assert len(deferred) == 1, deferred

@@ -60,6 +60,34 @@ def tls_context(backend: Backend, client_certificate: str | None) -> ssl.SSLCont
     return context
 
 
+class Quieted:
+    """Lines that would come with every push of a spell (a provider deferring or refusing
+    all of them, a backend that cannot be used): each kind is logged at most once per
+    window_s, and that line says how many like it were left out since the last one."""
+
+    MAX_KINDS = 1000  # kinds hold a provider's reason: bounded whatever it sends
+
+    def __init__(self, window_s: float = 60.0) -> None:
+        self._window_s = window_s
+        self._kinds: dict[tuple[str, ...], tuple[float, int]] = {}  # -> (logged at, left out)
+
+    def left_out(self, kind: tuple[str, ...], now: float) -> int | None:
+        """None: leave this line out (it is counted); else log it: how many were left out
+        since the last one."""
+        last = self._kinds.get(kind)
+        if last is not None and 0 <= now - last[0] < self._window_s:
+            self._kinds[kind] = (last[0], last[1] + 1)
+            return None
+        if last is None and len(self._kinds) >= self.MAX_KINDS:
+            self._kinds.clear()
+        self._kinds[kind] = (now, 0)
+        return last[1] if last is not None else 0
+
+
+def _and_more(left_out: int) -> str:
+    return f" ({left_out} more like it since the last such line)" if left_out else ""
+
+
 class Dispatcher:
     """Sends deliveries; what a provider defers is kept in the store's provider queue
     (committed before the publish is answered), retried until delivered or MAX_AGE old,
@@ -68,8 +96,16 @@ class Dispatcher:
     def __init__(self, config: Config, store: Store, device_gone: Callable[[str], None],
                  route: Callable[[str], None],
                  answer: Callable[[PublishReply], None] | None = None,
-                 python_providers: PythonProviders | None = None) -> None:
+                 python_providers: PythonProviders | None = None,
+                 commit: Callable[[], None] | None = None) -> None:
         self._store = store
+        # How what is written here (the provider queue) gets committed: the port passes its
+        # group commit, which also says what waits for it (route: answers to publishers);
+        # alone (tests, benchmarks) at once. During a provider outage every push is
+        # deferred: a commit of its own for each would take a round trip per push with
+        # PostgreSQL, on the event loop.
+        self._commit = commit or store.commit
+        self._quieted = Quieted()
         self._node = config.ejabberd_node
         self._log_sensitive = config.log_sensitive
         self._ids = itertools.count(time.time_ns() // 1000)
@@ -172,7 +208,11 @@ class Dispatcher:
         if delivery.backend.index not in self._providers \
                 and delivery.backend.index not in self._in_flight:
             self.counters[(delivery.backend.group, "dropped")] += 1
-            log.warning("push for %s dropped: its backend is not available", _where(delivery))
+            left_out = self._quieted.left_out(("dropped", str(delivery.backend.index)),
+                                              time.monotonic())
+            if left_out is not None:
+                log.warning("push for %s dropped: its backend is not available%s",
+                            _where(delivery), _and_more(left_out))
             if queued is None:
                 self._answer_publish(delivery, Outcome.FAILED)
             return
@@ -208,14 +248,12 @@ class Dispatcher:
             queued = QueuedPush(next(self._ids), delivery.device.node, delivery.summary, 0,
                                 now, now)
             self._store.queue_push(queued, self._node)
-            if delivery.ref is None:
-                self._store.commit()  # kept before the publisher hears it is queued
-        # In-process, the publisher's side of the answer is in the same transaction.
+            self._commit()  # kept before the publisher hears it is queued
+        # The answer goes after that commit: in-process, in the port's transaction (the
+        # publisher's side of it with it); to another server, routed once committed.
         self._answer_publish(delivery, reply.outcome)
         if queued is None:
             self._finish(delivery, reply, None)
-        elif delivery.ref is not None:
-            self._store.commit()
         return queued
 
     async def _retries(self, delivery: Delivery, queued: QueuedPush, reply: Reply,
@@ -229,9 +267,11 @@ class Dispatcher:
             queued.attempt += 1
             queued.due = time.time() + delay
             self._store.update_queued_push(queued)
-            self._store.commit()
-            log.info("push to %s deferred (%s), retrying in %.0f s", _where(delivery),
-                     reply.reason, delay)
+            self._commit()
+            left_out = self._quieted.left_out((group, "deferred", reply.reason), time.monotonic())
+            if left_out is not None:
+                log.info("push to %s deferred (%s), retrying in %.0f s%s", _where(delivery),
+                         reply.reason, delay, _and_more(left_out))
             await asyncio.sleep(delay)
             reply, headers = await self._timed_attempt(delivery)
         self._finish(delivery, reply, queued)
@@ -274,7 +314,7 @@ class Dispatcher:
         group, where = delivery.backend.group, _where(delivery)
         if queued is not None:
             self._store.remove_queued_push(queued.id)
-            self._store.commit()
+            self._commit()
         if reply.outcome is Outcome.DELIVERED:
             self.counters[(group, "delivered")] += 1
             log.debug("push delivered to %s", where)
@@ -286,7 +326,10 @@ class Dispatcher:
         else:
             outcome = "failed" if reply.outcome is Outcome.FAILED else "given_up"
             self.counters[(group, outcome)] += 1
-            log.warning("push to %s %s: %s", where, outcome.replace("_", " "), reply.reason)
+            left_out = self._quieted.left_out((group, outcome, reply.reason), time.monotonic())
+            if left_out is not None:
+                log.warning("push to %s %s: %s%s", where, outcome.replace("_", " "),
+                            reply.reason, _and_more(left_out))
 
     @staticmethod
     async def _authorize(provider: Provider, client: Http2Client, request: HttpRequest) -> None:

@@ -328,15 +328,9 @@ def _as_attribute(value: str) -> str:
 
 def lenient_form(fields: FormFields) -> dict[str, str]:
     """:func:`_lenient_fields` of the form the shim would build from these fields, without
-    the XML: the same fields, values and bounds (:func:`_first_values`' rules, in one loop
-    without a generator: this runs for every push to the built-in app server)."""
-    found: dict[str, str] = {}
-    for var, values in fields[:MAX_FORM_FIELDS + 1]:
-        var = _as_attribute(var)
-        if len(var) > 256 or var in found:
-            continue
-        found[var] = cut_utf8(_as_parsed(values[0]), MAX_FIELD) if values else ""
-    return found
+    the XML: the same fields, values and bounds."""
+    return _first_values([(_as_attribute(var), _as_parsed(values[0]) if values else None)
+                          for var, values in fields[:MAX_FORM_FIELDS + 1]])
 
 
 def encrypted_fields(elements: Iterable[ET.Element]) -> dict[str, str]:

@@ -84,10 +84,6 @@ class Quieted:
         return last[1] if last is not None else 0
 
 
-def _and_more(left_out: int) -> str:
-    return f" ({left_out} more like it since the last such line)" if left_out else ""
-
-
 class Dispatcher:
     """Sends deliveries; what a provider defers is kept in the store's provider queue
     (committed before the publish is answered), retried until delivered or MAX_AGE old,
@@ -208,11 +204,9 @@ class Dispatcher:
         if delivery.backend.index not in self._providers \
                 and delivery.backend.index not in self._in_flight:
             self.counters[(delivery.backend.group, "dropped")] += 1
-            left_out = self._quieted.left_out(("dropped", str(delivery.backend.index)),
-                                              time.monotonic())
-            if left_out is not None:
-                log.warning("push for %s dropped: its backend is not available%s",
-                            _where(delivery), _and_more(left_out))
+            self._log_quietly(logging.WARNING, ("dropped", str(delivery.backend.index)),
+                              "push for %s dropped: its backend is not available",
+                              _where(delivery))
             if queued is None:
                 self._answer_publish(delivery, Outcome.FAILED)
             return
@@ -268,10 +262,9 @@ class Dispatcher:
             queued.due = time.time() + delay
             self._store.update_queued_push(queued)
             self._commit()
-            left_out = self._quieted.left_out((group, "deferred", reply.reason), time.monotonic())
-            if left_out is not None:
-                log.info("push to %s deferred (%s), retrying in %.0f s%s", _where(delivery),
-                         reply.reason, delay, _and_more(left_out))
+            self._log_quietly(logging.INFO, (group, "deferred", reply.reason),
+                              "push to %s deferred (%s), retrying in %.0f s", _where(delivery),
+                              reply.reason, delay)
             await asyncio.sleep(delay)
             reply, headers = await self._timed_attempt(delivery)
         self._finish(delivery, reply, queued)
@@ -326,10 +319,18 @@ class Dispatcher:
         else:
             outcome = "failed" if reply.outcome is Outcome.FAILED else "given_up"
             self.counters[(group, outcome)] += 1
-            left_out = self._quieted.left_out((group, outcome, reply.reason), time.monotonic())
-            if left_out is not None:
-                log.warning("push to %s %s: %s%s", where, outcome.replace("_", " "),
-                            reply.reason, _and_more(left_out))
+            self._log_quietly(logging.WARNING, (group, outcome, reply.reason),
+                              "push to %s %s: %s", where, outcome.replace("_", " "),
+                              reply.reason)
+
+    def _log_quietly(self, level: int, kind: tuple[str, ...], message: str,
+                     *args: object) -> None:
+        """A line that comes with every push of a spell: at most once a minute per kind
+        (see Quieted), with how many like it were left out."""
+        left_out = self._quieted.left_out(kind, time.monotonic())
+        if left_out is not None:
+            suffix = f" ({left_out} more like it since the last such line)" if left_out else ""
+            log.log(level, message + suffix, *args)
 
     @staticmethod
     async def _authorize(provider: Provider, client: Http2Client, request: HttpRequest) -> None:

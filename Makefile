@@ -44,8 +44,12 @@ unit: venv
 e2e: venv
 	$(VENV)/bin/pytest -q -m e2e
 
+# Two workers (TEST_WORKERS), each running whole test files (module fixtures set up once):
+# most of an end-to-end test is waiting on ejabberd, the network or a timeout, so two
+# share the two cores: 8.6 instead of 13.8 minutes here. TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
 test: reach venv lint
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
 
 # The whole suite in a Debian chroot with that release's ejabberd (built once, cached in
 # /var/cache/pymod_push-compat; needs root): DIST=bookworm-backports|trixie|sid.

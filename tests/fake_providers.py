@@ -75,6 +75,8 @@ class FakeProvider:
         # path -> answers to give once each, in order, before the usual one
         self.next_answers: dict[str, list[tuple[int, dict[str, str]]]] = {}
         self.check = check
+        # When set: each request is recorded, then answered only once this event is set.
+        self.answer_when: threading.Event | None = None
         self._arrived = threading.Condition()
 
     def reset(self) -> None:
@@ -115,6 +117,8 @@ class FakeProvider:
         with self._arrived:  # recorded before the client can see the answer
             self.received.append(request)
             self._arrived.notify_all()
+        if self.answer_when is not None:
+            await asyncio.to_thread(self.answer_when.wait)
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"),
                                 *((k.encode(), v.encode()) for k, v in extra.items())]})

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +18,7 @@ from pymod_push.appservice import AppServer, Delivery
 from pymod_push.core.appserver import Iq
 from pymod_push.core.config import Backend, Config
 from pymod_push.providers.dispatch import Dispatcher, Quieted
-from pymod_push.store import Device, Store
+from pymod_push.store import Device, QueuedPush, Store
 from tests.fake_providers import (
     FakeProvider,
     LoopbackCA,
@@ -251,3 +252,51 @@ def test_a_provider_down_for_every_push_commits_through_the_callback_and_logs_on
     assert all(queued > n for n, queued in enumerate(queued_when_answered))
     deferred = [r.getMessage() for r in caplog.records if "deferred" in r.getMessage()]
     assert len(deferred) == 1, deferred
+
+
+def test_close_writes_and_answers_nothing_more_and_keeps_what_waits(
+        ca: LoopbackCA, tmp_path: Path) -> None:
+    """At the process's end (the port closes the dispatcher, then the store): pushes still
+    in flight are neither answered nor queued (their publishes are in the outbox: the next
+    process sends them again, as after a crash), a retry waiting is cancelled with its queue
+    entry kept, and nothing touches the store after it is closed."""
+    fake, port = FakeProvider(ubuntu_check), free_port()
+    serve_in_thread(fake, ca, port)
+    backend = Backend(0, "ubuntu", "any", "localhost", "pubsub.localhost", {
+        "endpoint": f"https://127.0.0.1:{port}", "cafile": str(ca.cafile)})
+    config = Config("localhost", backends=(backend,), ejabberd_node="ejabberd@a")
+    db = str(tmp_path / "push.sqlite3")
+    store = Store(db)
+    answers: list[str] = []
+    errors: list[dict[str, object]] = []
+    kept: list[QueuedPush] = []
+    fake.next_answers["/notify"] = [(503, {"retry-after": "3600"})]  # then 200s, held
+
+    def delivery(n: int) -> Delivery:
+        return Delivery(backend, _device(f"tok{n}", application_id="app.id_app"), SUMMARY,
+                        Iq(f"p{n}", "set", "localhost", "pubsub.localhost", None))
+
+    async def run() -> Dispatcher:
+        asyncio.get_running_loop().set_exception_handler(lambda _, context: errors.append(context))
+        dispatcher = Dispatcher(config, store, lambda node: None, answers.append)
+        dispatcher.submit(delivery(0))
+        while not answers:  # deferred for an hour: queued, its publisher answered
+            await asyncio.sleep(0.01)
+        fake.answer_when = threading.Event()
+        for n in range(1, 6):
+            dispatcher.submit(delivery(n))
+        await fake.wait_for(6)  # all five arrived, none answered
+        kept.extend(Store(db).queued_pushes("ejabberd@a"))  # the retry's, waiting
+        await dispatcher.close()
+        store.close()
+        fake.answer_when.set()
+        for _ in range(20):  # whatever close left scheduled would run now
+            await asyncio.sleep(0)
+        dispatcher.submit(delivery(6))  # too late: kept for the next process
+        return dispatcher
+
+    dispatcher = asyncio.run(run())
+    assert errors == [] and not dispatcher._tasks
+    assert len(answers) == 1 and "type='result'" in answers[0]
+    assert len(kept) == 1 and Store(db).queued_pushes("ejabberd@a") == kept
+    assert len(fake.received) == 6

@@ -117,6 +117,7 @@ class Dispatcher:
         self._clients: dict[int, Http2Client] = {}
         self._in_flight: dict[int, asyncio.Semaphore] = {}  # Python providers
         self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False  # see close
         # Providers written in Python (backends of type python), reloadable
         self._python = python_providers or PythonProviders()
         # (provider, outcome) -> pushes; outcomes: delivered, unregistered, failed,
@@ -137,6 +138,8 @@ class Dispatcher:
             self._clients[backend.index] = client
 
     def submit(self, delivery: Delivery, queued: QueuedPush | None = None) -> None:
+        if self._closed:  # still in the outbox or the provider queue: the next process's
+            return
         if queued is None and self._sent_at_once(delivery):
             return
         self._spawn(self._send(delivery, queued))
@@ -186,6 +189,8 @@ class Dispatcher:
     def _answered_at_once(self, delivery: Delivery, provider: Provider, started: float,
                           answer: asyncio.Future[Response]) -> None:
         failure = None if answer.cancelled() else answer.exception()
+        if self._closed:  # the connection's end at close: as if the process had died
+            return
         if isinstance(failure, NotProcessed):  # refused before any processing: again
             self._spawn(self._send(delivery, None))
             return
@@ -339,8 +344,17 @@ class Dispatcher:
         provider.auth_reply(response.status_code, response.content, time.time())
 
     async def close(self) -> None:
+        """Stop as a crash would, but quietly: nothing is written or answered from now on
+        (the store closes next). A push in flight is still in the outbox (the next process
+        publishes it again, as after a crash) or in the provider queue (the next process
+        resumes it); a retry waiting is cancelled, its queue entry kept."""
+        self._closed = True
+        for task in self._tasks:  # before the connections fail what the tasks await
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         for client in self._clients.values():
             await client.aclose()
+        await asyncio.sleep(0)  # the first attempts' callbacks take their failures
 
 
 class _where:  # noqa: N801 - used as a function: the text, made only if logged

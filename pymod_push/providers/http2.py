@@ -268,4 +268,6 @@ class Http2Client:
 
     async def aclose(self) -> None:
         for connection in self._connections.values():
+            # Answered now (failed), not once TLS has shut down or the loop has ended.
+            connection._fail_all("client closed")
             connection.close()

@@ -61,7 +61,9 @@ class _Connection(asyncio.Protocol):
         return self._lost or self.wire.closed
 
     def close(self) -> None:
-        self._lost = True
+        """No new request; those still open fail now, not once TLS has shut down (which
+        may be after the loop has ended, their awaiters never told)."""
+        self._fail_all("connection closed")
         if self.transport is not None:
             self.transport.close()
 
@@ -268,6 +270,4 @@ class Http2Client:
 
     async def aclose(self) -> None:
         for connection in self._connections.values():
-            # Answered now (failed), not once TLS has shut down or the loop has ended.
-            connection._fail_all("client closed")
             connection.close()

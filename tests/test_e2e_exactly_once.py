@@ -75,8 +75,9 @@ class AppServer:
     async def connect(self, register: bool = False) -> None:
         client = Xmpp(self.port, "app", "secret", "srv")
         client.on_stanza = self._on_stanza
-        await client.connect(register=register)
+        # Before connect: publishes waiting for it may come with the bind's answer.
         self.client = client
+        await client.connect(register=register)
         self._reader = asyncio.create_task(client.run())
 
     def _on_stanza(self, element: ET.Element) -> None:

@@ -185,12 +185,16 @@ def _user(value: Any) -> UserKey:
     return _text(user), _text(server)
 
 
+_NICK, _ROSTER = Atom("nick"), Atom("roster")
+
+
 def _stanza(value: Any) -> Stanza:
     kind, sender, stanza_id, stanza_type, body, xml, *context = value
-    extra = context[0] if context and isinstance(context[0], dict) else {}
+    extra = context[0] if context and isinstance(context[0], dict) else None
+    nick = extra.get(_NICK) if extra else None
     return Stanza(str(kind), _text(sender), _text(stanza_id), str(stanza_type), _text(body),
-                  _binary(xml), _text(extra.get(Atom("nick"), b"")),
-                  _known(extra.get(Atom("roster"))))
+                  _binary(xml), "" if nick is None else _text(nick),
+                  _known(extra.get(_ROSTER)) if extra else None)
 
 
 _KNOWN_SUBSCRIPTIONS = frozenset({"to", "from", "both"})

@@ -45,17 +45,20 @@ class RateLimiter:
 
     def take(self, key: str, now: float) -> Refusal | None:
         """Take one of ``key``'s tokens: None if there was one, else when there will be."""
+        buckets = self._buckets
         self._evict_idle(now)
-        bucket = self._buckets.get(key)
+        bucket = buckets.get(key)
         if bucket is None:
-            if len(self._buckets) >= self.max_keys:
-                self._buckets.popitem(last=False)
-            bucket = self._buckets[key] = _Bucket(float(self.burst), now)
+            if len(buckets) >= self.max_keys:
+                buckets.popitem(last=False)
+            bucket = buckets[key] = _Bucket(float(self.burst), now)
         else:
-            self._buckets.move_to_end(key)
-            elapsed = max(0.0, now - bucket.updated)  # a clock that went back adds nothing
-            bucket.tokens = min(float(self.burst), bucket.tokens + elapsed * self.per_second)
-            bucket.updated = max(bucket.updated, now)
+            buckets.move_to_end(key)
+            elapsed = now - bucket.updated
+            if elapsed > 0:  # a clock that went back adds nothing
+                tokens = bucket.tokens + elapsed * self.per_second
+                bucket.tokens = tokens if tokens < self.burst else float(self.burst)
+                bucket.updated = now
         if bucket.tokens >= 1.0:
             bucket.tokens -= 1.0
             bucket.refused = False

@@ -100,6 +100,9 @@ class H2Client:
         self.max_concurrent_streams = INITIAL_MAX_STREAMS
         self.closed = False  # GOAWAY or a protocol error: no new streams
         self.streams: dict[int, _Stream] = {}
+        # Streams whose body waits for window (in the order they ran out): what a
+        # WINDOW_UPDATE resumes, without going through every open stream.
+        self._blocked: dict[int, _Stream] = {}
         self._next_id = 1
         self._peer_window = DEFAULT_WINDOW  # the server's initial window for a stream
         self._peer_frame = DEFAULT_FRAME_SIZE
@@ -142,6 +145,7 @@ class H2Client:
     def reset(self, stream_id: int, error_code: int = CANCEL) -> None:
         """Give up a stream (its answer is no longer awaited)."""
         if self.streams.pop(stream_id, None) is not None:
+            self._blocked.pop(stream_id, None)
             self._out.append(_frame(RST_STREAM, 0, stream_id, error_code.to_bytes(4, "big")))
 
     def data_to_send(self) -> bytes:
@@ -155,12 +159,15 @@ class H2Client:
         while stream.pending:
             size = min(stream.send_window, self._send_window, self._peer_frame)
             if size <= 0:
-                return  # a WINDOW_UPDATE sends the rest
+                self._blocked[stream_id] = stream  # a WINDOW_UPDATE sends the rest
+                return
             chunk, stream.pending = stream.pending[:size], stream.pending[size:]
             stream.send_window -= len(chunk)
             self._send_window -= len(chunk)
             self._out.append(_frame(DATA, 0 if stream.pending else END_STREAM, stream_id,
                                     chunk))
+        if self._blocked:
+            self._blocked.pop(stream_id, None)
 
     # -- receiving
     def receive(self, data: bytes) -> list[Event]:
@@ -190,6 +197,7 @@ class H2Client:
         """The connection is gone: no stream is open any more, none opens."""
         self.closed = True
         self.streams.clear()
+        self._blocked.clear()
 
     def _error(self, code: int, why: str) -> ProtocolError:
         self.closed = True  # no stream of the server's was processed: push is disabled
@@ -318,6 +326,7 @@ class H2Client:
     def _end(self, stream_id: int, stream: _Stream, events: list[Event]) -> None:
         del self.streams[stream_id]
         if stream.pending:  # answered before our body was all sent: stop sending it
+            self._blocked.pop(stream_id, None)
             self._out.append(_frame(RST_STREAM, 0, stream_id, NO_ERROR.to_bytes(4, "big")))
         if stream.status == 0:
             events.append(Failed(stream_id, "the stream ended without an answer"))
@@ -375,6 +384,8 @@ class H2Client:
         self._send_body(stream_id, stream)
 
     def _resume_bodies(self) -> None:
-        for stream_id, stream in self.streams.items():
-            if stream.pending:
+        for stream_id, stream in list(self._blocked.items()):
+            if self.streams.get(stream_id) is stream:
                 self._send_body(stream_id, stream)
+            else:  # ended or reset meanwhile
+                del self._blocked[stream_id]

@@ -157,6 +157,7 @@ class PortApp:
         self._retry_s = RETRY_FIRST_S
         self._reply_timeout_s = 5.0  # ejabberd's, for IQs to this process (hello)
         self._late_iqs = 0  # publishes to the built-in app server answered by ejabberd
+        self._answers: list[PublishReply] = []  # in-process publishes' answers, not yet handled
         self.on_fatal: Callable[[BaseException], None] = _raise
 
     def on_frames(self, frames: list[bytes]) -> None:
@@ -416,12 +417,20 @@ class PortApp:
 
     def _answered_in_process(self, reply: PublishReply) -> None:
         """The provider's first answer to a publish taken in-process: for the publisher as
-        the IQ path's iq_reply event would be, committed with what comes with it."""
+        the IQ path's iq_reply event would be, committed with what comes with it. The
+        answers of one loop iteration (one read from the provider) are handled together."""
+        self._answers.append(reply)
+        if len(self._answers) == 1:
+            asyncio.get_running_loop().call_soon(self._handle_answers)
+
+    def _handle_answers(self) -> None:
+        answers, self._answers = self._answers, []
+        now = time.monotonic()
         try:
             if self._held is not None:
-                self._held.append((time.monotonic(), reply))
+                self._held.extend((now, reply) for reply in answers)
             else:
-                self._feed([(time.monotonic(), reply)])
+                self._feed([(now, reply) for reply in answers])
         except BaseException as exc:  # noqa: BLE001 - ends the process, as in data_received
             self.on_fatal(exc)
 
@@ -452,6 +461,8 @@ class PortApp:
         assert self.service is not None
         mark = self.service.store.write_mark()
         try:
+            if type(event) is PublishReply:  # the usual event after a stanza: straight on
+                return self.service.answered(event, time.time())
             if isinstance(event, LogLevel):
                 logging.getLogger().setLevel(python_level(event.level))
                 log.info("log level now %s, as ejabberd's", event.level)

@@ -632,6 +632,11 @@ class PushService:
         return bool(registrations)
 
     # --------------------------------------------------------- app server replies
+    def answered(self, reply: PublishReply, now: float) -> list[Action]:
+        """handle() of a PublishReply, without the dispatch (its actions are never
+        publishes: nothing to pace or to take in-process)."""
+        return self._publish_reply(reply, now)
+
     def _publish_reply(self, reply: PublishReply, now: float) -> list[Action]:
         publish = self._in_flight.get(reply.ref)
         outcome = classify_reply(reply.outcome, reply.error_type, reply.condition)

@@ -13,10 +13,10 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass, field
-from json.encoder import encode_basestring_ascii as _quote
 from typing import Any, TypeVar
 
 from .checkpoints import Checkpointer
+from .core import compact_json
 from .core.ios_extensions import Extensions
 from .core.options import PushOptions
 from .core.xep0357 import FormFields
@@ -271,7 +271,7 @@ _JOINED_COLUMNS = ", ".join(f"r.{column.strip()}" for column in _COLUMNS.split("
 
 def _json_pairs(pairs: list[tuple[str, str]]) -> str:
     """json.dumps of [(var, value)], without json.dumps's per-call set-up (once per push)."""
-    return "[" + ",".join(f"[{_quote(var)},{_quote(value)}]" for var, value in pairs) + "]"
+    return compact_json.dumps(pairs)
 
 
 class DatabaseUnavailable(Exception):

@@ -8,10 +8,10 @@ import enum
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from json.encoder import c_make_encoder, encode_basestring_ascii  # type: ignore[attr-defined]
 from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlencode
 
+from ..core import compact_json
 from ..core.limits import fit
 
 if TYPE_CHECKING:
@@ -68,17 +68,8 @@ def fitted(summary: dict[str, str], build: Callable[[dict[str, str]], bytes],
     return build(fit(summary, lambda s: len(build(s)), limit))
 
 
-_COMPACT = json.JSONEncoder(separators=(",", ":"))  # made once: json.dumps makes one a call
-# The C encoder under it, made once too: JSONEncoder.encode makes one per call, which is
-# most of the time a push's payload takes. Not circular-checked (our data never is).
-_C_ENCODER = c_make_encoder and c_make_encoder(
-    None, _COMPACT.default, encode_basestring_ascii, None, ":", ",", False, False, True)
-
-
 def to_json(data: object) -> bytes:
-    if _C_ENCODER is not None:
-        return "".join(_C_ENCODER(data, 0)).encode()
-    return _COMPACT.encode(data).encode()
+    return compact_json.dumps(data).encode()
 
 
 def b64url_decode(text: str) -> bytes:

@@ -187,16 +187,22 @@ def _target(url: str) -> tuple[str, int, str]:
     """(host, port, path) of an https URL. Only the origin's parse is kept: each device
     has a URL of its own, its provider's few origins recur with every push."""
     scheme, separator, rest = url.partition("://")
-    ends = [i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0]
-    authority, path = (rest[:min(ends)], rest[min(ends):]) if ends else (rest, "")
+    if "?" in rest or "#" in rest:
+        ends = [i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0]
+        authority, path = rest[:min(ends)], rest[min(ends):]
+    else:  # a provider's usual URL (once per push)
+        slash = rest.find("/")
+        authority, path = (rest[:slash], rest[slash:]) if slash >= 0 else (rest, "")
     try:
         host, port = _origin(scheme, authority) if separator else ("", 0)
     except ValueError:  # a port out of range
         host = ""
     if not host:
         raise HttpError(f"not an https URL: {url}")
-    path = path.partition("#")[0]
-    return host, port, (path[:-1] if path.endswith("?") else path) or "/"
+    if "#" in path or path.endswith("?"):
+        path = path.partition("#")[0]
+        path = path[:-1] if path.endswith("?") else path
+    return host, port, path or "/"
 
 
 @lru_cache(maxsize=256)

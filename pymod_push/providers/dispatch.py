@@ -172,35 +172,31 @@ class Dispatcher:
             if provider.auth_request(now) is None:
                 request = provider.request(delivery.device, delivery.summary, now,
                                            urgent=delivery.urgent)
-                answer = self._clients[index].request_now(request.method, request.url,
-                                                          request.headers, request.body)
+                sent = self._clients[index].request_now(
+                    request.method, request.url, request.headers, request.body,
+                    functools.partial(self._answered_at_once, delivery, provider,
+                                      time.perf_counter()))
             else:
-                answer = None  # an OAuth token first
+                sent = False  # an OAuth token first
         except (HttpError, ValueError, KeyError):
-            answer = None  # the task's attempt says why
-        if answer is None:
-            return False
-        if self._log_sensitive:  # the admin asked for it (option log_sensitive)
+            sent = False  # the task's attempt says why
+        if sent and self._log_sensitive:  # the admin asked for it (option log_sensitive)
             log.debug("%s %s %s", request.method, request.url, request.body[:2000])
-        answer.add_done_callback(functools.partial(
-            self._answered_at_once, delivery, provider, time.perf_counter()))
-        return True
+        return sent
 
     def _answered_at_once(self, delivery: Delivery, provider: Provider, started: float,
-                          answer: asyncio.Future[Response]) -> None:
-        failure = None if answer.cancelled() else answer.exception()
+                          answer: Response | HttpError) -> None:
         if self._closed:  # the connection's end at close: as if the process had died
             return
-        if isinstance(failure, NotProcessed):  # refused before any processing: again
+        if isinstance(answer, NotProcessed):  # refused before any processing: again
             self._spawn(self._send(delivery, None))
             return
         self.latency[delivery.backend.group].observe(time.perf_counter() - started)
-        if answer.cancelled() or failure is not None:
-            reply, headers = Reply(Outcome.RETRY, type(failure).__name__), {}
+        if isinstance(answer, HttpError):
+            reply, headers = Reply(Outcome.RETRY, type(answer).__name__), {}
         else:
-            response = answer.result()
-            reply = provider.reply(response.status_code, response.headers, response.content)
-            headers = response.headers
+            reply = provider.reply(answer.status_code, answer.headers, answer.content)
+            headers = answer.headers
         queued = self._first_answered(delivery, reply)
         if queued is not None:
             self._spawn(self._retries(delivery, queued, reply, headers))

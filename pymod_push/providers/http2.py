@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from urllib.parse import urlsplit
@@ -38,6 +38,35 @@ class Response:
     content: bytes
 
 
+class _Callback:
+    """Where a request's answer goes when the caller gave a function instead of awaiting a
+    future (Http2Client.request_now): called with the Response or the HttpError as soon
+    as it is there, without a future and a loop callback per request. What the function
+    raises is reported to the loop's exception handler, as a future's callback's would
+    be: the connection goes on."""
+
+    __slots__ = ("_function",)
+
+    def __init__(self, function: Callable[[Response | HttpError], None]) -> None:
+        self._function = function
+
+    def done(self) -> bool:
+        return False  # called once: the connection forgets it right before
+
+    def set_result(self, result: Response | HttpError) -> None:
+        try:
+            self._function(result)
+        except Exception as exc:  # noqa: BLE001 - as asyncio does for callbacks
+            asyncio.get_running_loop().call_exception_handler({
+                "message": "exception in an HTTP/2 answer's callback", "exception": exc})
+
+    set_exception = set_result
+
+
+# What a stream's answer goes to: a future to await, or a function (see _Callback).
+_Answer = asyncio.Future[Response] | _Callback
+
+
 class _Connection(asyncio.Protocol):
     """One HTTP/2 connection. What it has to send is written once per loop iteration
     (:meth:`_flush_soon`): a burst of requests, and the window updates for their answers,
@@ -49,7 +78,7 @@ class _Connection(asyncio.Protocol):
         self.wire = h2wire.H2Client()
         self.transport: asyncio.Transport | None = None
         # stream id -> (its answer, the loop time by which it is answered or failed)
-        self.streams: dict[int, tuple[asyncio.Future[Response], float]] = {}
+        self.streams: dict[int, tuple[_Answer, float]] = {}
         self._lost = False  # the connection is gone, or given up
         self._queued: deque[_Queued] = deque()  # requests waiting for a stream, in order
         self._flush_pending = False
@@ -99,19 +128,20 @@ class _Connection(asyncio.Protocol):
 
     # -- requests
     def submit(self, method: str, path: str, headers: Iterable[tuple[str, str]],
-               body: bytes) -> asyncio.Future[Response]:
-        """The request's answer, to await: sent on a new stream now if one is free, else
-        when one is (in order). It fails with NotProcessed if the connection closes first."""
-        done: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+               body: bytes, answer: _Callback | None = None) -> asyncio.Future[Response]:
+        """The request's answer, to await (or for answer, if given): sent on a new stream
+        now if one is free, else when one is (in order). It fails with NotProcessed if the
+        connection closes first."""
+        done: _Answer = answer or asyncio.get_running_loop().create_future()
         if self.closed:
             done.set_exception(NotProcessed("connection closed"))
         elif self._queued or not self.wire.can_open():
             self._queued.append((done, method, path, headers, body))
         else:
             self._open(done, method, path, headers, body)
-        return done
+        return done  # type: ignore[return-value]  # a future unless answer was given
 
-    def _open(self, done: asyncio.Future[Response], method: str, path: str,
+    def _open(self, done: _Answer, method: str, path: str,
               headers: Iterable[tuple[str, str]], body: bytes) -> None:
         loop = asyncio.get_running_loop()
         request_headers = [(":method", method), (":scheme", "https"),
@@ -180,7 +210,7 @@ class _Connection(asyncio.Protocol):
 
 
 # A request waiting for a stream: its answer, method, path, headers, body.
-_Queued = tuple[asyncio.Future[Response], str, str, Iterable[tuple[str, str]], bytes]
+_Queued = tuple[_Answer, str, str, Iterable[tuple[str, str]], bytes]
 
 
 def _target(url: str) -> tuple[str, int, str]:
@@ -253,15 +283,17 @@ class Http2Client:
                 return True
         return False
 
-    def request_now(self, method: str, url: str, headers: dict[str, str],
-                    content: bytes) -> asyncio.Future[Response] | None:
-        """The request on the origin's open connection (see _Connection.submit), its answer
-        to await, without a task; None if there is no such connection yet."""
+    def request_now(self, method: str, url: str, headers: dict[str, str], content: bytes,
+                    answered: Callable[[Response | HttpError], None]) -> bool:
+        """The request on the origin's open connection (see _Connection.submit), without a
+        task or a future: answered gets the Response or the HttpError. False if there is
+        no such connection yet (answered is not called)."""
         host, port, path = _target(url)
         connection = self._connections.get((host, port))
         if connection is None or connection.closed:
-            return None
-        return connection.submit(method, path, headers.items(), content)
+            return False
+        connection.submit(method, path, headers.items(), content, _Callback(answered))
+        return True
 
     async def request(self, method: str, url: str, headers: dict[str, str],
                       content: bytes) -> Response:

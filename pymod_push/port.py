@@ -258,12 +258,6 @@ class PortApp:
         else:
             self._commit_handle = asyncio.get_running_loop().call_later(wait, self._commit_later)
 
-    def read_pause(self, now: float) -> float:
-        """How long to leave ejabberd's frames unread after a read (0: read on). Right
-        after a commit, until the next may be: what comes meanwhile would wait for that
-        commit anyway, and is then read, handled and committed in one go."""
-        return self._last_commit + GROUP_COMMIT_S - now
-
     def _commit_later(self) -> None:
         try:
             self._commit()
@@ -572,27 +566,14 @@ class PortApp:
 
 
 class _StdinProtocol(asyncio.Protocol):
-    """Reads ejabberd's frames; under load, once per group commit (see
-    PortApp.read_pause): at 4,000 events/s in frames of one, a wake-up of the loop per
-    frame cost 0.23 ms of CPU per push, against 0.15 with the frames read together."""
-
     def __init__(self, app: PortApp, done: asyncio.Future[None]) -> None:
         self._app = app
         self._done = done
         self._splitter = FrameSplitter()
-        self._transport: asyncio.ReadTransport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.ReadTransport)
-        self._transport = transport
 
     def data_received(self, data: bytes) -> None:
         try:
             self._app.on_frames(self._splitter.feed(data))
-            pause = self._app.read_pause(time.monotonic())
-            if pause > 0 and self._transport is not None:
-                self._transport.pause_reading()
-                asyncio.get_running_loop().call_later(pause, self._transport.resume_reading)
         except BaseException as exc:  # noqa: BLE001 - ends the process via run()
             if not self._done.done():
                 self._done.set_exception(exc)

@@ -317,6 +317,57 @@ def test_an_unanswered_request_fails_in_time_and_the_writes_are_coalesced(
     assert writes <= 3  # the 20 requests (and the resets) in a write or two, not 20
 
 
+def test_an_answer_function_that_raises_is_reported_and_the_others_are_called(
+        tmp_path: Path) -> None:
+    """request_now hands each answer to its function, without a future: one that raises is
+    reported to the loop's exception handler (as a future's callback would be), and the
+    other requests on the connection are answered all the same. Without a connection,
+    request_now says so and calls nothing."""
+    ca = LoopbackCA(tmp_path / "tls")
+
+    async def run() -> tuple[list[BaseException | Response], list[dict[str, Any]], bool]:
+        server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        server_context.load_cert_chain(ca.certfile, ca.keyfile)
+        server_context.set_alpn_protocols(["h2"])
+        peers: list[asyncio.StreamWriter] = []
+
+        async def silent_peer(reader: asyncio.StreamReader,
+                              writer: asyncio.StreamWriter) -> None:
+            peers.append(writer)
+            await reader.read()
+
+        silent = await asyncio.start_server(silent_peer, "127.0.0.1", 0, ssl=server_context)
+        port = silent.sockets[0].getsockname()[1]
+        loop = asyncio.get_running_loop()
+        reported: list[dict[str, Any]] = []
+        loop.set_exception_handler(lambda _, context: reported.append(context))
+        client = Http2Client(ssl.create_default_context(cafile=str(ca.cafile)), timeout=0.3)
+        url = f"https://127.0.0.1:{port}/3/device/x"
+        unconnected = client.request_now("POST", url, {}, b"{}", lambda _: None)
+        await client._connection("127.0.0.1", port)
+        answers: list[BaseException | Response] = []
+        all_answered = asyncio.Event()
+
+        def answered(answer: Response | HttpError) -> None:
+            answers.append(answer)
+            if len(answers) == 5:
+                all_answered.set()
+            if len(answers) == 1:
+                raise RuntimeError("a bug in the caller")
+        sent = [client.request_now("POST", url, {}, b"{}", answered) for _ in range(5)]
+        assert sent == [True] * 5
+        await asyncio.wait_for(all_answered.wait(), 0.3 + SWEEP_S + 2)
+        await client.aclose()
+        silent.close()
+        return answers, reported, unconnected
+
+    answers, reported, unconnected = asyncio.run(run())
+    assert unconnected is False
+    assert len(answers) == 5 and all(isinstance(a, HttpError) for a in answers), answers
+    assert [str(c.get("exception")) for c in reported] == ["a bug in the caller"], reported
+    assert reported[0]["message"] == "exception in an HTTP/2 answer's callback"
+
+
 def test_a_device_read_that_fails_leaves_the_publish_for_a_retry(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The database does not answer the app server's device read (PostgreSQL away): what

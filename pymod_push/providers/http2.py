@@ -128,18 +128,22 @@ class _Connection(asyncio.Protocol):
 
     # -- requests
     def submit(self, method: str, path: str, headers: Iterable[tuple[str, str]],
-               body: bytes, answer: _Callback | None = None) -> asyncio.Future[Response]:
-        """The request's answer, to await (or for answer, if given): sent on a new stream
-        now if one is free, else when one is (in order). It fails with NotProcessed if the
-        connection closes first."""
-        done: _Answer = answer or asyncio.get_running_loop().create_future()
+               body: bytes) -> asyncio.Future[Response]:
+        """The request's answer, to await (see send)."""
+        done: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+        self.send(method, path, headers, body, done)
+        return done
+
+    def send(self, method: str, path: str, headers: Iterable[tuple[str, str]], body: bytes,
+             done: _Answer) -> None:
+        """The request, its answer for done: sent on a new stream now if one is free, else
+        when one is (in order). It fails with NotProcessed if the connection closes first."""
         if self.closed:
             done.set_exception(NotProcessed("connection closed"))
         elif self._queued or not self.wire.can_open():
             self._queued.append((done, method, path, headers, body))
         else:
             self._open(done, method, path, headers, body)
-        return done  # type: ignore[return-value]  # a future unless answer was given
 
     def _open(self, done: _Answer, method: str, path: str,
               headers: Iterable[tuple[str, str]], body: bytes) -> None:
@@ -292,7 +296,7 @@ class Http2Client:
         connection = self._connections.get((host, port))
         if connection is None or connection.closed:
             return False
-        connection.submit(method, path, headers.items(), content, _Callback(answered))
+        connection.send(method, path, headers.items(), content, _Callback(answered))
         return True
 
     async def request(self, method: str, url: str, headers: dict[str, str],

@@ -271,6 +271,22 @@ def test_repeated_headers_cost_a_byte_or_two() -> None:
 
 
 # ------------------------------------------------------------------ the HTTP/2 client
+async def _silent_server(ca: LoopbackCA) -> tuple[asyncio.Server, int]:
+    """A TLS server (h2 by ALPN) that takes connections and requests and never answers;
+    its port."""
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(ca.certfile, ca.keyfile)
+    server_context.set_alpn_protocols(["h2"])
+    peers: list[asyncio.StreamWriter] = []  # kept: a writer collected closes (3.13)
+
+    async def silent_peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peers.append(writer)
+        await reader.read()
+
+    server = await asyncio.start_server(silent_peer, "127.0.0.1", 0, ssl=server_context)
+    return server, server.sockets[0].getsockname()[1]
+
+
 def test_an_unanswered_request_fails_in_time_and_the_writes_are_coalesced(
         tmp_path: Path) -> None:
     """A server that takes the TLS connection and requests but never answers: each request
@@ -279,18 +295,7 @@ def test_an_unanswered_request_fails_in_time_and_the_writes_are_coalesced(
     ca = LoopbackCA(tmp_path / "tls")
 
     async def run() -> tuple[list[BaseException | Response], int, float]:
-        server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        server_context.load_cert_chain(ca.certfile, ca.keyfile)
-        server_context.set_alpn_protocols(["h2"])
-        peers: list[asyncio.StreamWriter] = []  # kept: a writer collected closes (3.13)
-
-        async def silent_peer(reader: asyncio.StreamReader,
-                              writer: asyncio.StreamWriter) -> None:
-            peers.append(writer)
-            await reader.read()
-
-        silent = await asyncio.start_server(silent_peer, "127.0.0.1", 0, ssl=server_context)
-        port = silent.sockets[0].getsockname()[1]
+        silent, port = await _silent_server(ca)
         client = Http2Client(ssl.create_default_context(cafile=str(ca.cafile)), timeout=0.5)
         connection = await client._connection("127.0.0.1", port)
         assert connection.transport is not None
@@ -326,18 +331,7 @@ def test_an_answer_function_that_raises_is_reported_and_the_others_are_called(
     ca = LoopbackCA(tmp_path / "tls")
 
     async def run() -> tuple[list[BaseException | Response], list[dict[str, Any]], bool]:
-        server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        server_context.load_cert_chain(ca.certfile, ca.keyfile)
-        server_context.set_alpn_protocols(["h2"])
-        peers: list[asyncio.StreamWriter] = []
-
-        async def silent_peer(reader: asyncio.StreamReader,
-                              writer: asyncio.StreamWriter) -> None:
-            peers.append(writer)
-            await reader.read()
-
-        silent = await asyncio.start_server(silent_peer, "127.0.0.1", 0, ssl=server_context)
-        port = silent.sockets[0].getsockname()[1]
+        silent, port = await _silent_server(ca)
         loop = asyncio.get_running_loop()
         reported: list[dict[str, Any]] = []
         loop.set_exception_handler(lambda _, context: reported.append(context))

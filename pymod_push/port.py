@@ -461,8 +461,6 @@ class PortApp:
         assert self.service is not None
         mark = self.service.store.write_mark()
         try:
-            if type(event) is PublishReply:  # the usual event after a stanza: straight on
-                return self.service.answered(event, time.time())
             if isinstance(event, LogLevel):
                 logging.getLogger().setLevel(python_level(event.level))
                 log.info("log level now %s, as ejabberd's", event.level)

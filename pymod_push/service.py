@@ -223,6 +223,8 @@ class PushService:
 
     # ------------------------------------------------------------------ dispatch
     def handle(self, event: Event, now: float) -> Sequence[Action | Delivery | HookWork]:
+        if type(event) is PublishReply:  # its actions are never publishes: nothing to pace
+            return self._publish_reply(event, now)
         return self.own_publishes(self._pacer.pace(self._handle(event, now), now), now)
 
     def own_publishes(self, actions: Sequence[Result], now: float) -> list[Result]:
@@ -632,11 +634,6 @@ class PushService:
         return bool(registrations)
 
     # --------------------------------------------------------- app server replies
-    def answered(self, reply: PublishReply, now: float) -> list[Action]:
-        """handle() of a PublishReply, without the dispatch (its actions are never
-        publishes: nothing to pace or to take in-process)."""
-        return self._publish_reply(reply, now)
-
     def _publish_reply(self, reply: PublishReply, now: float) -> list[Action]:
         publish = self._in_flight.get(reply.ref)
         outcome = classify_reply(reply.outcome, reply.error_type, reply.condition)

@@ -269,11 +269,6 @@ _COLUMN_COUNT = _COLUMNS.count(",") + 1
 _JOINED_COLUMNS = ", ".join(f"r.{column.strip()}" for column in _COLUMNS.split(","))
 
 
-def _json_pairs(pairs: list[tuple[str, str]]) -> str:
-    """json.dumps of [(var, value)], without json.dumps's per-call set-up (once per push)."""
-    return compact_json.dumps(pairs)
-
-
 class DatabaseUnavailable(Exception):
     """PostgreSQL cannot be reached (store_pg): nothing of the open transaction is lost, it
     is sent again when the database is back; the port holds events meanwhile."""
@@ -705,7 +700,7 @@ class Store:
     def add_outbox(self, entry: OutboxEntry, ejabberd_node: str) -> None:
         self.db.execute("INSERT INTO outbox (id, user, server, push_jid, node, summary, attempt, "
                         "due, ejabberd_node) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (entry.id, *entry.registration, _json_pairs(entry.summary),
+                        (entry.id, *entry.registration, compact_json.dumps(entry.summary),
                          entry.attempt, entry.due, ejabberd_node))
 
     def update_outbox(self, entry: OutboxEntry) -> None:

@@ -328,25 +328,9 @@ def _as_attribute(value: str) -> str:
 
 def lenient_form(fields: FormFields) -> dict[str, str]:
     """:func:`_lenient_fields` of the form the shim would build from these fields, without
-    the XML: the same fields, values and bounds (as _first_values, in one loop: once per
-    push to this process's own app server)."""
-    found: dict[str, str] = {}
-    for var, values in fields[:MAX_FORM_FIELDS + 1]:
-        var = _as_attribute(var)
-        if len(var) > 256 or var in found:
-            continue
-        value = _as_parsed(values[0]) if values else ""
-        found[var] = value if len(value) * 4 <= MAX_FIELD else cut_utf8(value, MAX_FIELD)
-    return found
-
-
-def lenient_value(fields: FormFields, name: str) -> str | None:
-    """``lenient_form(fields).get(name)``, without making the rest (the publish-options'
-    secret, once per push)."""
-    for var, values in fields[:MAX_FORM_FIELDS + 1]:
-        if var == name or _as_attribute(var) == name:  # the first one counts
-            return cut_utf8(_as_parsed(values[0]) if values else "", MAX_FIELD)
-    return None
+    the XML: the same fields, values and bounds."""
+    return _first_values([(_as_attribute(var), _as_parsed(values[0]) if values else None)
+                          for var, values in fields[:MAX_FORM_FIELDS + 1]])
 
 
 def encrypted_fields(elements: Iterable[ET.Element]) -> dict[str, str]:
@@ -372,7 +356,7 @@ def direct_publish(node: str, fields: FormFields, publish_options: FormFields | 
     node = _as_attribute(node)
     if not node:
         raise RequestError("bad-request", "publish needs a node")
-    secret = lenient_value(publish_options, "secret") if publish_options else None
+    secret = lenient_form(publish_options).get("secret") if publish_options else None
     summary = lenient_form(fields)
     if elements:
         summary.update(encrypted_fields(safexml.parse(e.encode()) for e in elements))

@@ -349,8 +349,7 @@ class Dispatcher:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for client in self._clients.values():
-            await client.aclose()
-        await asyncio.sleep(0)  # the first attempts' callbacks take their failures
+            await client.aclose()  # first attempts hear of it at once (_answered_at_once)
 
 
 class _where:  # noqa: N801 - used as a function: the text, made only if logged

@@ -221,12 +221,12 @@ def _target(url: str) -> tuple[str, int, str]:
     """(host, port, path) of an https URL. Only the origin's parse is kept: each device
     has a URL of its own, its provider's few origins recur with every push."""
     scheme, separator, rest = url.partition("://")
-    if "?" in rest or "#" in rest:
-        ends = [i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0]
-        authority, path = rest[:min(ends)], rest[min(ends):]
-    else:  # a provider's usual URL (once per push)
-        slash = rest.find("/")
-        authority, path = (rest[:slash], rest[slash:]) if slash >= 0 else (rest, "")
+    end = len(rest)  # the authority ends at the first of these
+    for mark in "/?#":
+        found = rest.find(mark, 0, end)
+        if found >= 0:
+            end = found
+    authority, path = rest[:end], rest[end:]
     try:
         host, port = _origin(scheme, authority) if separator else ("", 0)
     except ValueError:  # a port out of range
@@ -289,7 +289,7 @@ class Http2Client:
 
     def request_now(self, method: str, url: str, headers: dict[str, str], content: bytes,
                     answered: Callable[[Response | HttpError], None]) -> bool:
-        """The request on the origin's open connection (see _Connection.submit), without a
+        """The request on the origin's open connection (see _Connection.send), without a
         task or a future: answered gets the Response or the HttpError. False if there is
         no such connection yet (answered is not called)."""
         host, port, path = _target(url)

@@ -47,6 +47,33 @@ def cut_chars(text: str, length: int) -> str:
     return text[:max(0, length - 1)] + CUT_MARK if length > 0 else ""
 
 
+# Numbers from the network are ASCII digits only: str.isdigit() and int() also take other
+# scripts' digits and superscripts ('\u00b2'.isdigit() is true, int('\u00b2') raises).
+_ASCII_DIGITS = frozenset("0123456789")
+
+
+def ascii_number(text: str, max_digits: int = 18) -> int | None:
+    """``text`` as a non-negative integer if it is 1 to ``max_digits`` ASCII digits
+    (surrounding whitespace allowed), else None."""
+    text = text.strip()
+    if not text or len(text) > max_digits or not _ASCII_DIGITS.issuperset(text):
+        return None
+    return int(text)
+
+
+PEER_TEXT_CHARS = 200  # a remote peer's text in a log line, at most
+
+
+def peer_text(text: str, length: int = PEER_TEXT_CHARS) -> str:
+    """Text a remote peer chose (a provider's reason, a JID, a header), fit for one log
+    line: cut to ``length`` characters (marked), control and other non-printable
+    characters escaped (no forged lines, no terminal escapes)."""
+    text = cut_chars(text, length)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 Summary = Mapping[str, str]
 SizeOf = Callable[[dict[str, str]], int]
 

@@ -26,6 +26,11 @@ class HttpError(Exception):
     """The request did not get an answer (connection failed, reset, timeout)."""
 
 
+class Denied(HttpError):
+    """The destination policy refuses where the request would go (core.destination): no
+    retry can succeed, the device's pushes fail for good."""
+
+
 class NotProcessed(HttpError):
     """The server did not process the request (it refused the stream, or the connection
     closed before it was sent): it can go again, on another stream or connection."""

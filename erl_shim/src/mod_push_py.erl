@@ -223,6 +223,7 @@ mod_opt_type(db_url) -> econf:either(undefined, econf:binary("^postgres(ql)?://"
 mod_opt_type(queue_size) -> econf:pos_int();
 mod_opt_type(certfile) -> econf:either(undefined, econf:file(read));
 mod_opt_type(access_backends) -> econf:acl();
+mod_opt_type(endpoint_allow_ips) -> econf:list(econf:ip_mask());
 mod_opt_type(backends) ->
     econf:list(
       econf:and_then(
@@ -332,6 +333,7 @@ mod_options(_Host) ->
      {queue_size, 10000},
      {certfile, undefined},
      {access_backends, all},
+     {endpoint_allow_ips, []},
      {backends, []}].
 
 mod_doc() ->
@@ -526,6 +528,14 @@ mod_doc() ->
             #{value => ?T("AccessName"),
               desc => ?T("Who may register at the built-in app server. The "
                          "default is 'all'.")}},
+           {endpoint_allow_ips,
+            #{value => "[IP/Mask]",
+              desc => ?T("Addresses that the destinations users register (Web Push "
+                         "and UnifiedPush endpoints, WNS channel URIs) may reach "
+                         "although they are loopback, private, link-local or "
+                         "otherwise not on the public internet: for example a "
+                         "UnifiedPush server on your LAN ('192.168.1.0/24'). "
+                         "The default is none: such destinations are refused.")}},
            {certfile,
             #{value => ?T("Path"),
               desc => ?T("Default client certificate (PEM with its key) for "

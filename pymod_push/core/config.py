@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -63,6 +64,22 @@ class Backend:
         return default if value is None else value
 
 
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _ip_networks(values: Any) -> tuple[IpNetwork, ...]:
+    """endpoint_allow_ips as econf:ip_mask() gives it: ({A, B, C, D} or an 8-tuple,
+    mask bits) pairs."""
+    networks = []
+    for address, bits in values or ():
+        if len(address) == 4:
+            text = ".".join(str(part) for part in address)
+        else:
+            text = str(ipaddress.IPv6Address(b"".join(p.to_bytes(2, "big") for p in address)))
+        networks.append(ipaddress.ip_network(f"{text}/{bits}", strict=False))
+    return tuple(networks)
+
+
 def default_name(module: str) -> str:
     """A Python provider's name when its backend gives none: its module's (a file's name
     without .py, an import name's last part). The shim derives the same."""
@@ -118,6 +135,9 @@ class Config:
     db_file: str = ":memory:"
     db_url: str | None = None  # PostgreSQL shared by a cluster's nodes, instead of db_file
     backends: tuple[Backend, ...] = ()
+    # Addresses that user-supplied destinations may reach although the destination
+    # policy denies them by default (core/destination.py)
+    endpoint_allow_ips: tuple[IpNetwork, ...] = ()
 
     @classmethod
     def from_options(cls, host: str, options: dict[str, Any]) -> Config:
@@ -166,4 +186,5 @@ class Config:
             db_url=_text(options["db_url"]) if isinstance(options.get("db_url"), bytes) else None,
             backends=tuple(_backend(i, b, _certfile(options))
                            for i, b in enumerate(options.get("backends", []))),
+            endpoint_allow_ips=_ip_networks(options.get("endpoint_allow_ips")),
         )

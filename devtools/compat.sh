@@ -134,7 +134,11 @@ build() {
   in_chroot "update-ca-certificates >/dev/null && apt-get update -qq \
     && apt-get install -y -qq --no-install-recommends $APT_TARGET $PACKAGES >/dev/null"
   kill_chrooted "$root"
-  for mountpoint in dev/shm dev/pts dev sys proc; do umount "$root/$mountpoint"; done
+  # A process that has just been killed may still hold its mount a moment ("target is
+  # busy", seen for proc): detached then, as the cleanup does.
+  for mountpoint in dev/shm dev/pts dev sys proc; do
+    umount "$root/$mountpoint" 2>/dev/null || umount -l "$root/$mountpoint"
+  done
   ACTIVE=""
   touch "$root/.pymod_push-ready"
   rm -rf "$ROOTFS"

@@ -15,7 +15,7 @@ from . import admin, logic, metrics
 from .core.config import Config
 from .protocol import Hello, PublishReply
 from .providers.dispatch import Dispatcher
-from .service import PushService
+from .service import DEFAULT_MAX_ACK_QUEUE, PushService
 from .store import DatabaseUnavailable, Store, open_store
 
 log = logging.getLogger("pymod_push")
@@ -51,10 +51,19 @@ def start(hello: Hello, device_gone: Callable[[str], None], route: Callable[[str
     taken in-process, and its group commit (for the dispatcher's writes)."""
     config = Config.from_options(hello.host, hello.options)
     store = open_store(config.db_file, config.db_url)
-    service = PushService(config, store, logic.load(config.logic))
+    service = PushService(config, store, logic.load(config.logic),
+                          max_ack_queue(hello.options.get("max_ack_queue")))
     dispatcher = Dispatcher(config, store, device_gone, route, answered,
                             service.app_server.python_providers, commit)
     dispatcher.logic = lambda: service.logic  # push_reload_logic may replace it
     dispatcher.resume(service.app_server.queued_deliveries())
     return Runtime(config, store, service, dispatcher,
                    store.last_batch(config.ejabberd_node, config.host))
+
+
+def max_ack_queue(value: object) -> int:
+    """ejabberd's mod_stream_mgmt max_ack_queue as the hello tells it (the shim sends its
+    default for infinity or without the module; an older shim sends nothing)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    return DEFAULT_MAX_ACK_QUEUE

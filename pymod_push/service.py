@@ -13,6 +13,7 @@ import itertools
 import json
 import logging
 import os
+import struct
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -79,9 +80,15 @@ from .store import DatabaseUnavailable, OutboxEntry, Registration, Store
 log = logging.getLogger("pymod_push")
 
 RegistrationKey = tuple[str, str, str, str]
-# A message pushed to a pending session comes back (offline, archived) at the latest when
-# the session's resume timeout ends; its mark is kept that long and this much more.
-PUSHED_RETENTION_MARGIN_S = 3600
+# A message pushed to a pending session comes back (offline, archived) when the session
+# ends: at the latest when its resume timeout runs out, counted from when it went pending
+# (before its first push), its unacknowledged messages re-routed at once. Its marks are
+# kept that long and this much more (for a Python process behind with its events).
+PUSHED_RETENTION_MARGIN_S = 600
+# ejabberd's mod_stream_mgmt max_ack_queue when the shim does not tell (its default): a
+# session holds at most that many unacknowledged stanzas (ejabberd ends it beyond), so
+# no more pushed messages of it can come back.
+DEFAULT_MAX_ACK_QUEUE = 5000
 PURGE_INTERVAL_S = 600
 # Publish refs are derived from the outbox entry (ref // REFS_PER_ENTRY is its id), so that
 # an answer to a publish of an earlier process, replayed by the shim after a crash, is
@@ -92,12 +99,30 @@ REFS_PER_ENTRY = 64
 OWN_RETRY_S = 1.0
 
 
+_MARK = struct.Struct(">q")  # a pushed_mark as PushedTo keeps it
+
+
 @dataclass(slots=True)
 class PushedTo:
-    """The marks (pushed_mark) of what a session was pushed since it went pending."""
+    """The marks (pushed_mark) of what a session was pushed since it went pending, oldest
+    first, 8 bytes each in one buffer (a set of ints costs about 100 bytes a mark)."""
 
-    last: float
-    marks: set[int] = field(default_factory=set)
+    since: float  # its first push: the session ends within its resume timeout of it
+    marks: bytearray = field(default_factory=bytearray)
+
+    def __contains__(self, mark: bytes) -> bool:
+        marks = self.marks
+        at = marks.find(mark)
+        while at > 0 and at % _MARK.size:  # found astride two marks: not this one
+            at = marks.find(mark, at + 1)
+        return at >= 0
+
+    def add(self, mark: bytes, keep: int) -> None:
+        """Remember mark, forgetting the oldest beyond keep marks."""
+        marks = self.marks
+        marks += mark
+        if len(marks) > keep * _MARK.size:
+            del marks[:len(marks) - keep * _MARK.size]
 
 
 _NOTHING = PushedTo(0.0)  # of a session pushed nothing yet (never changed)
@@ -162,7 +187,9 @@ def _extensions(registration: Registration) -> ios_extensions.Extensions:
 
 
 class PushService:
-    def __init__(self, config: Config, store: Store, logic: Logic | None = None) -> None:
+    def __init__(self, config: Config, store: Store, logic: Logic | None = None,
+                 max_ack_queue: int = DEFAULT_MAX_ACK_QUEUE) -> None:
+        """max_ack_queue: ejabberd's (mod_stream_mgmt), which the hello tells."""
         self.config = config
         self.store = store
         # Outbox ids and publish refs: unique across restarts, so that a late answer to a
@@ -190,11 +217,19 @@ class PushService:
         self._next_scheduled_wake = store.next_wake(config.ejabberd_node)
         # What was pushed to each session since it went pending: a message that comes back
         # (offline, archived, re-routed to another session) is not pushed again. Logged in
-        # the store with ids in time order (microseconds), read back after a restart.
+        # the store with ids in time order (microseconds), read back after a restart. At
+        # most max_ack_queue messages per session (per registration of it): no more of
+        # them can come back.
         self._pushed: dict[SessionKey, PushedTo] = {}
+        self._marks_kept = max(1, max_ack_queue)
         self._last_pushed_id = store.last_pushed_id()
+        started = time.time()  # later than their first push: kept a little longer, never less
+        registrations = Counter(r.session for r in store.pending_on(config.ejabberd_node))
         for session, mark in store.pushed_to_pending(config.ejabberd_node):
-            self._pushed.setdefault(session, PushedTo(time.time())).marks.add(mark)
+            pushed = self._pushed.get(session)
+            if pushed is None:
+                pushed = self._pushed[session] = PushedTo(started)
+            pushed.add(_MARK.pack(mark), self._marks_kept * max(1, registrations[session]))
         self.logic = logic or Logic()
         self.logic.budget_s = config.logic_budget_ms / 1000
         self.app_server = AppServer(config, store, logic=self.logic,
@@ -491,15 +526,19 @@ class PushService:
         summary: the admin's async summary, already made (else made here)."""
         # Once per message and registration, whichever way the message comes (to the
         # pending session, again as offline or archived), across restarts.
-        pushed = self._pushed.get(registration.session)
-        if pushed is None:
-            pushed = self._pushed[registration.session] = PushedTo(now)
+        session = registration.session
+        pushed = self._pushed.get(session)
         this = pushed_mark(registration.key, mark)
-        if this in pushed.marks:
+        packed = _MARK.pack(this)
+        if pushed is None:
+            pushed = self._pushed[session] = PushedTo(now)
+        elif packed in pushed:
             return None
-        pushed.marks.add(this)
-        pushed.last = now
-        self.store.add_pushed(self._pushed_id(now), registration.session, this)
+        keep = self._marks_kept
+        if len(pushed.marks) >= keep * _MARK.size:  # a long pending session: one per registration
+            keep *= max(1, len(self.store.for_session(session)))
+        pushed.add(packed, keep)
+        self.store.add_pushed(self._pushed_id(now), session, this)
         counts = _counted(registration, chosen)
         registration.message_count = counts.messages
         registration.subscription_count = counts.subscriptions
@@ -519,7 +558,7 @@ class PushService:
     # loses nothing, the next process finishes it.
     def _wait_for_logic(self, registrations: list[Registration], original: Stanza,
                         mark: bytes, target: SessionKey) -> list[Action | HookWork]:
-        if all(pushed_mark(r.key, mark) in self._pushed.get(r.session, _NOTHING).marks
+        if all(_MARK.pack(pushed_mark(r.key, mark)) in self._pushed.get(r.session, _NOTHING)
                for r in registrations):
             return []  # came back (offline, archived): pushed already
         work = HookWork(next(self._ids), target, original)
@@ -668,8 +707,9 @@ class PushService:
         if outcome is Outcome.GONE:  # the app server has no such node (any more)
             errors, counted_at = limit, now
         else:
-            errors, counted_at = count_error(registration.errors, registration.last_error_at,
-                                             now, self.config.publish_error_window_ms / 1000)
+            errors, counted_at = count_error(outcome, registration.errors,
+                                             registration.last_error_at, now,
+                                             self.config.publish_error_window_ms / 1000)
         if errors >= limit:
             self.store.remove_outbox(publish.id)
             self.store.delete(registration.key)
@@ -681,8 +721,13 @@ class PushService:
         if errors != registration.errors:
             self.store.set_errors(registration.key, errors, counted_at)
             self._erring.add(registration.key)
-            log.warning("push to %s failed (%s): error %d of %d (more within %d s count once)",
-                        where, why, errors, limit, self.config.publish_error_window_ms // 1000)
+            if outcome is Outcome.NOT_AN_APP_SERVER:
+                log.warning("push to %s failed (%s: no app server there?): error %d of %d",
+                            where, why, errors, limit)
+            else:
+                log.warning("push to %s failed (%s): error %d of %d (more within %d s count "
+                            "once)", where, why, errors, limit,
+                            self.config.publish_error_window_ms // 1000)
         delays = self.config.retry_delays_ms
         if publish.attempt < len(delays):
             publish.due = now + delays[publish.attempt] / 1000
@@ -743,9 +788,10 @@ class PushService:
 
     def forget_old_marks(self, now: float) -> int:
         """Marks of pushed messages that cannot come back any more (every PURGE_INTERVAL_S):
-        a session's resume timeout has ended by then. How many log rows were deleted."""
+        the session's resume timeout, from its first push, has ended by then, and what it
+        held was re-routed. How many log rows were deleted."""
         cutoff = now - self.config.resume_timeout_ms / 1000 - PUSHED_RETENTION_MARGIN_S
-        for session in [s for s, pushed in self._pushed.items() if pushed.last < cutoff]:
+        for session in [s for s, pushed in self._pushed.items() if pushed.since < cutoff]:
             del self._pushed[session]
         return self.store.purge_pushed(int(cutoff * 1_000_000))
 

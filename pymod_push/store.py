@@ -503,12 +503,12 @@ class Store:
 
     def pushed_to_pending(self, ejabberd_node: str) -> Iterator[tuple[SessionKey, int]]:
         """What was pushed to each session of that node since it went pending, if it has
-        not come back since (for the next process)."""
+        not come back since (for the next process), oldest first."""
         with closing(self.db.execute(
                 "SELECT p.user, p.server, p.resource, p.mark FROM pushed p WHERE EXISTS "
                 "(SELECT 1 FROM registrations r WHERE r.user=p.user AND r.server=p.server "
                 "AND r.resource=p.resource AND r.pending=1 AND r.ejabberd_node=? "
-                "AND p.id>=r.pending_since)", (ejabberd_node,))) as cursor:
+                "AND p.id>=r.pending_since) ORDER BY p.id", (ejabberd_node,))) as cursor:
             for user, server, resource, mark in cursor:
                 yield (user, server, resource), int(mark)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from pymod_push.protocol import (
     action_term,
     parse_event,
 )
-from pymod_push.service import PushService
+from pymod_push.service import PUSHED_RETENTION_MARGIN_S, PushedTo, PushService
 from pymod_push.store import MIGRATIONS, Store
 from tests.service_stores import database, make_service  # noqa: F401 - a fixture
 
@@ -277,6 +278,82 @@ def test_rejections_disable_after_max_errors_spread_over_windows_and_success_res
     assert service.next_deadline() is None and service.store.totals()["outbox"] == 0
 
 
+NOT_AN_APP_SERVER = ["service-unavailable", "feature-not-implemented", "forbidden",
+                     "not-allowed", "recipient-unavailable"]
+
+
+def _answer(service: PushService, push: object, error_type: str, condition: str,
+            now: float = 0) -> list[object]:
+    assert isinstance(push, Publish)
+    return list(service.handle(PublishReply(push.ref, "error", error_type, condition), now))
+
+
+@pytest.mark.parametrize("condition", NOT_AN_APP_SERVER)
+def test_a_target_that_is_no_app_server_is_given_up_after_max_errors_in_a_row(
+        condition: str) -> None:
+    """Push pointed at someone's client or a service (which answer a publish with these
+    'cancel' errors): each answer counts, within one window too, so that the target gets
+    max_publish_errors publishes and no more (a burst once counted once, the rest retried)."""
+    service = make_service(max_publish_errors=3, publish_error_window_ms=600_000)
+    service.handle(enable(), 0)
+    for n in range(2):
+        (push,) = service.handle(StanzaToPending(PHONE, message(stanza_id=str(n))), n)
+        assert _answer(service, push, "cancel", condition, now=n) == []
+        assert service.store.for_session(PHONE)[0].errors == n + 1
+    (push,) = service.handle(StanzaToPending(PHONE, message(stanza_id="2")), 2)
+    assert _answer(service, push, "cancel", condition, now=2) == [SetPush(PHONE, None)]
+    assert service.store.for_session(PHONE) == []
+    assert service.handle(StanzaToPending(PHONE, message(stanza_id="3")), 3) == []
+    assert service.tick(10_000) == []  # the retries of the first two are dropped
+    assert service.store.totals()["outbox"] == 0
+    assert service.counters["not_an_app_server"] == 3
+
+
+def test_a_burst_reflected_at_once_is_disabled_by_its_first_answers() -> None:
+    """Publishes in flight when the registration is disabled: their answers change nothing
+    and none of them is tried again."""
+    service = make_service(max_publish_errors=3)
+    service.handle(enable(), 0)
+    pushes = [service.handle(StanzaToPending(PHONE, message(stanza_id=str(n))), 0)[0]
+              for n in range(10)]
+    answers = [_answer(service, push, "cancel", "service-unavailable", now=1)
+               for push in pushes]
+    assert answers == [[], [], [SetPush(PHONE, None)], *[[]] * 7]
+    assert service.tick(10_000) == [] and service.next_deadline() is None
+    assert service.store.totals()["outbox"] == 0
+
+
+def test_wait_errors_and_timeouts_stay_counted_once_per_window_among_the_others() -> None:
+    service = make_service(max_publish_errors=3, publish_error_window_ms=600_000)
+    service.handle(enable(), 0)
+    (push,) = service.handle(StanzaToPending(PHONE, message(stanza_id="1")), 0)
+    assert _answer(service, push, "cancel", "service-unavailable", now=0) == []
+    for n in range(2, 12):  # a restart's burst: unanswered, then 'wait'
+        (push,) = service.handle(StanzaToPending(PHONE, message(stanza_id=str(n))), n)
+        if n % 2:
+            assert _answer(service, push, "wait", "resource-constraint", now=n) == []
+        else:
+            assert list(service.handle(PublishReply(push.ref, "timeout"), n)) == []
+    assert service.store.for_session(PHONE)[0].errors == 1
+    (push,) = service.handle(StanzaToPending(PHONE, message(stanza_id="a")), 20)
+    assert _answer(service, push, "cancel", "internal-server-error", now=20) == []
+    assert service.store.for_session(PHONE)[0].errors == 1  # not one of them: windowed
+
+
+def test_a_success_resets_the_count_of_errors_in_a_row() -> None:
+    service = make_service(max_publish_errors=3)
+    service.handle(enable(), 0)
+    for n, answer in enumerate(["feature-not-implemented", "service-unavailable", None,
+                                "service-unavailable", "service-unavailable"]):
+        (push,) = service.handle(StanzaToPending(PHONE, message(stanza_id=str(n))), n)
+        if answer is None:
+            assert _reply(service, push, "result") == []
+        else:
+            assert _answer(service, push, "cancel", answer, now=n) == []
+    (registration,) = service.store.for_session(PHONE)
+    assert registration.errors == 2
+
+
 def test_a_burst_of_errors_counts_once_and_every_notification_is_retried() -> None:
     """An app server away for a while (an XMPP client reconnecting: service-unavailable
     from its server) fails every publish of a burst: the registration stays and each
@@ -341,13 +418,90 @@ def test_a_session_back_forgets_what_it_was_pushed_and_old_marks_expire() -> Non
     # Resumed without acknowledging it, gone again: the queued message pushes again.
     assert len(service.handle(SessionPending(PHONE, [message()]), 20)) == 1
     assert service.store.totals()["pushed"] == 2
-    hour, margin = 3600, 3600
+    hour, margin = 3600, PUSHED_RETENTION_MARGIN_S
     assert service.forget_old_marks(hour + margin - 1) == 0
     assert service.forget_old_marks(hour + margin + 1) == 1
     assert service.handle(Offline(PHONE[:2], message(), "offline"), 30) == []
     assert service.forget_old_marks(20 + hour + margin + 1) == 1
     # Forgotten: by then the message cannot come back any more.
     assert len(service.handle(Offline(PHONE[:2], message(), "offline"), 30)) == 1
+
+
+def test_marks_go_soon_after_the_resume_timeout_from_the_first_push_not_the_last() -> None:
+    """A pending session ends at the latest its resume timeout after it went pending, which
+    pushes to it do not extend: its marks go PUSHED_RETENTION_MARGIN_S after that, however
+    recent its last push (it was an hour after the last push)."""
+    hour = 3600
+    service = make_service(resume_timeout_ms=hour * 1000)
+    service.handle(enable(), 0)
+    service.handle(SessionPending(PHONE, []), 0)
+    for n in range(10):  # one message every 6 minutes until the session ends
+        assert len(service.handle(StanzaToPending(PHONE, message(stanza_id=str(n))),
+                                  n * hour / 10)) == 1
+    late = hour + PUSHED_RETENTION_MARGIN_S + 1
+    assert PUSHED_RETENTION_MARGIN_S <= 600
+    service.forget_old_marks(late)
+    assert PHONE not in service._pushed
+    assert len(service.handle(Offline(PHONE[:2], message(stanza_id="9"), "offline"), late)) == 1
+
+
+def test_marks_per_pending_session_are_bounded_by_max_ack_queue_and_compact() -> None:
+    """At most max_ack_queue messages are remembered per pending session (ejabberd ends a
+    session that holds more unacknowledged), the newest, in 8 bytes each: a flood of
+    messages to a pending user costs a bounded amount of memory."""
+    service = PushService(Config("example.org"), Store(":memory:"), max_ack_queue=300)
+    service.handle(enable(), 0)
+    service.handle(SessionPending(PHONE, []), 0)
+    stanzas = [message(stanza_id=str(n), body=f"m{n}") for n in range(1000)]
+    for n, stanza in enumerate(stanzas):
+        assert len(service.handle(StanzaToPending(PHONE, stanza), n / 100)) == 1
+    pushed = service._pushed[PHONE]
+    assert len(pushed.marks) == 300 * 8
+    assert sys.getsizeof(pushed) + sys.getsizeof(pushed.marks) <= 16 * 300
+    # The session ends: what it held (at most the newest 300) comes back, pushed once.
+    for stanza in stanzas[-300:]:
+        assert service.handle(Offline(PHONE[:2], stanza, "offline"), 20) == []
+    assert len(pushed.marks) == 300 * 8
+
+
+def test_the_bound_counts_each_registration_of_the_session() -> None:
+    service = PushService(Config("example.org"), Store(":memory:"), max_ack_queue=100)
+    service.handle(enable("n1"), 0)
+    service.handle(enable("n2"), 0)
+    stanzas = [message(stanza_id=str(n), body=f"m{n}") for n in range(250)]
+    for stanza in stanzas:
+        assert len(service.handle(StanzaToPending(PHONE, stanza), 1)) == 2
+    assert len(service._pushed[PHONE].marks) == 2 * 100 * 8
+    for stanza in stanzas[-100:]:
+        assert service.handle(Offline(PHONE[:2], stanza, "offline"), 2) == []
+
+
+def test_a_new_process_reads_back_the_newest_marks_within_the_bound(tmp_path: Path) -> None:
+    path = f"{tmp_path}/push.sqlite3"
+    first = PushService(Config("example.org"), Store(path), max_ack_queue=100)
+    first.handle(enable(), 0)
+    first.handle(SessionPending(PHONE, []), 1)
+    stanzas = [message(stanza_id=str(n), body=f"m{n}") for n in range(250)]
+    for n, stanza in enumerate(stanzas):
+        assert len(first.handle(StanzaToPending(PHONE, stanza), 1 + n / 1000)) == 1
+    first.store.commit()
+    first.store.close()
+    second = PushService(Config("example.org"), Store(path), max_ack_queue=100)
+    assert len(second._pushed[PHONE].marks) == 100 * 8
+    for stanza in stanzas[-100:]:
+        assert second.handle(Offline(PHONE[:2], stanza, "offline"), 2) == []
+
+
+def test_a_mark_is_found_only_where_it_starts_a_mark() -> None:
+    pushed = PushedTo(0.0)
+    pushed.add(bytes(range(8)), 10)
+    pushed.add(bytes(range(8, 16)), 10)
+    assert bytes(range(8)) in pushed and bytes(range(8, 16)) in pushed
+    assert bytes(range(4, 12)) not in pushed  # astride the two
+    pushed.add(bytes(range(4, 12)), 10)
+    assert bytes(range(4, 12)) in pushed
+    pushed.add(b"\xff" * 8, 2)
+    assert bytes(range(8)) not in pushed and len(pushed.marks) == 16
 
 
 def test_a_success_resets_errors_counted_before_a_restart(tmp_path: Path) -> None:

@@ -175,7 +175,19 @@ class Outcome(enum.Enum):
     DELIVERED = "delivered"
     TRANSIENT = "transient"  # no answer or a 'wait' error: try again later
     REJECTED = "rejected"  # another error: tried again too, and counted (count_error)
+    # The target says it is no app server (NOT_AN_APP_SERVER): a user's client, a component
+    # or a server that a push was pointed at. Counted every time (count_error).
+    NOT_AN_APP_SERVER = "not_an_app_server"
     GONE = "gone"  # item-not-found: the app server has no such node (any more)
+
+
+# 'cancel' errors by which a publish's target says that it serves no push: what an XMPP
+# client, or a component or server that is no app server, answers a publish (slixmpp's
+# default for an IQ it has no handler for is feature-not-implemented, ejabberd's for a JID
+# it does not serve service-unavailable). item-not-found, an app server's word for a node
+# it does not have, disables at once (GONE).
+NOT_AN_APP_SERVER = frozenset({"service-unavailable", "feature-not-implemented", "forbidden",
+                               "not-allowed", "recipient-unavailable"})
 
 
 def classify_reply(outcome: str, error_type: str = "", condition: str = "") -> Outcome:
@@ -186,16 +198,22 @@ def classify_reply(outcome: str, error_type: str = "", condition: str = "") -> O
         return Outcome.GONE
     if outcome == "timeout" or error_type == "wait":
         return Outcome.TRANSIENT
+    if error_type == "cancel" and condition in NOT_AN_APP_SERVER:
+        return Outcome.NOT_AN_APP_SERVER
     return Outcome.REJECTED
 
 
-def count_error(errors: int, last_counted: float | None, now: float,
+def count_error(outcome: Outcome, errors: int, last_counted: float | None, now: float,
                 window_s: float) -> tuple[int, float | None]:
-    """A failed publish (an error answer or none) counts toward max_publish_errors only
-    when the last one counted is at least window_s old. An app server that is away or
-    overloaded for a while fails every publish of that while, and the re-sends after a
-    restart come in a burst: each such spell counts once, so only failures spread over
-    (max_publish_errors - 1) windows disable a registration. (errors, last counted)."""
-    if last_counted is not None and 0 <= now - last_counted < window_s:
+    """A failed publish (an error answer or none) toward max_publish_errors: (errors,
+    last counted). Most count only when the last one counted is at least window_s old. An
+    app server that is away or overloaded for a while fails every publish of that while,
+    and the re-sends after a restart come in a burst: each such spell counts once, so only
+    failures spread over (max_publish_errors - 1) windows disable a registration. A target
+    that says it is no app server (NOT_AN_APP_SERVER) counts every time, so that
+    max_publish_errors of them in a row disable the registration: pushes pointed at
+    someone's client or service are not reflected to it for window after window."""
+    if outcome is not Outcome.NOT_AN_APP_SERVER and last_counted is not None \
+            and 0 <= now - last_counted < window_s:
         return errors, last_counted
     return errors + 1, now

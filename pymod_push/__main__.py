@@ -1,7 +1,13 @@
 """Entry point of the port program: ``python -m pymod_push`` (started by mod_push_py)."""
 
+import os
 import sys
 
-from .port import main
+# Before anything is created: what this process writes (the SQLite database and its WAL,
+# which hold secrets) is its user's alone, whatever umask ejabberd was started with.
+PROCESS_UMASK = 0o077
+os.umask(PROCESS_UMASK)
+
+from .port import main  # noqa: E402 - after the umask, as whatever it imports may write
 
 sys.exit(main())

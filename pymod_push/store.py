@@ -8,6 +8,7 @@ client was told (an enable's result) is on disk first.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -304,6 +305,8 @@ class Store:
             self.db = connection
             self.db.migrate(MIGRATIONS)
             return
+        if path not in ("", ":memory:"):
+            _make_private(path)
         self.db = sqlite3.connect(path, isolation_level="DEFERRED", check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
@@ -763,6 +766,24 @@ def _kept(memory: dict[K, V], key: K, value: V, limit: int) -> V:
         del memory[next(iter(memory))]
     memory[key] = value
     return value
+
+
+# The database holds secrets (pubsub secrets, Web Push auth secrets, Tigase AES keys): its
+# files are its owner's alone. SQLite creates the -wal and -shm files with the database
+# file's mode.
+PRIVATE_MODE = 0o600
+
+
+def _make_private(path: str) -> None:
+    """The SQLite database at path created readable and writable by its owner only, if it
+    is new; its files' modes narrowed to that if an earlier version left them wider."""
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, PRIVATE_MODE))
+    for name in (path, f"{path}-wal", f"{path}-shm"):
+        try:
+            if os.stat(name).st_mode & 0o077:
+                os.chmod(name, PRIVATE_MODE)
+        except FileNotFoundError:
+            pass
 
 
 def open_store(db_file: str, db_url: str | None = None) -> Store:

@@ -195,7 +195,8 @@ class AppServer:
             return app.command_reply(iq, command, "executing", app.registration_form(
                 group, python.fields if python is not None else None))
         request = app.parse_registration(command, iq, backend,
-                                         python.fields if python is not None else ())
+                                         python.fields if python is not None else (),
+                                         self.config.endpoint_allow_ips)
         extra = ""
         if python is not None:  # the module checks what was registered
             extra = json.dumps(python.registration(dict(request.extra)), sort_keys=True)

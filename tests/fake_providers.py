@@ -396,3 +396,94 @@ def fake_apns(folder: Path, app_name: str, topic: str) -> tuple[FakeProvider, di
                "key_id": "KEY", "team_id": "TEAM", "endpoint": f"https://127.0.0.1:{port}",
                "cafile": str(ca.cafile)}
     return provider, backend
+
+
+class H2Peer:
+    """An HTTP/2 server over TLS on 127.0.0.1 or ::1, in the test's own event loop (h2's
+    server side), for what hypercorn cannot be told to do: grant no stream at all
+    (SETTINGS_MAX_CONCURRENT_STREAMS 0, written only once the first request came, which
+    is refused: both ways a client may learn of it), or answer with a redirect. It
+    records each connection's name (TLS SNI) and each request, and says when they change
+    (:meth:`wait_until`)."""
+
+    def __init__(self, ca: trustme.CA, *names: str, max_streams: int | None = None,
+                 status: int = 200, headers: tuple[tuple[str, str], ...] = ()) -> None:
+        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ca.issue_cert(*(names or ("127.0.0.1", "::1"))).configure_cert(self.context)
+        self.context.set_alpn_protocols(["h2"])
+        self.context.sni_callback = self._named
+        self.max_streams, self.status, self.headers = max_streams, status, headers
+        self.connected: list[str | None] = []  # the name each connection asked for
+        self.ended: list[str | None] = []  # those of the connections that ended
+        self.requests: list[tuple[str | None, str]] = []  # (name, path)
+        self._names: dict[int, str | None] = {}  # id(ssl object) -> SNI name
+        self._changed: asyncio.Condition | None = None
+        self._writers: list[asyncio.StreamWriter] = []  # kept: collected, they close
+        self.server: asyncio.Server | None = None
+
+    def _named(self, ssl_object: Any, name: str | None, _: ssl.SSLContext) -> None:
+        self._names[id(ssl_object)] = name
+
+    async def start(self, host: str = "127.0.0.1") -> int:
+        """Listening on host (a loopback address); its port."""
+        self._changed = asyncio.Condition()
+        self.server = await asyncio.start_server(self._serve, host, 0, ssl=self.context)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _note(self, change: Callable[[], None]) -> None:
+        assert self._changed is not None
+        async with self._changed:
+            change()
+            self._changed.notify_all()
+
+    async def wait_until(self, condition: Callable[[], bool], timeout: float = 20) -> None:
+        assert self._changed is not None
+        async with self._changed:
+            await asyncio.wait_for(self._changed.wait_for(condition), timeout)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        import h2.config
+        import h2.connection
+        import h2.errors
+        import h2.events
+        import h2.exceptions
+        import h2.settings
+
+        self._writers.append(writer)
+        name = self._names.pop(id(writer.get_extra_info("ssl_object")), None)
+        await self._note(lambda: self.connected.append(name))
+        server = h2.connection.H2Connection(h2.config.H2Configuration(
+            client_side=False, header_encoding="utf-8"))
+        server.initiate_connection()
+        if self.max_streams is not None:
+            server.update_settings(
+                {h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: self.max_streams})
+        silent = self.max_streams == 0  # until the first request: not a word
+        if not silent:
+            writer.write(server.data_to_send())
+        try:
+            while data := await reader.read(65536):
+                for event in server.receive_data(data):
+                    if isinstance(event, h2.events.RequestReceived):
+                        path = dict(event.headers)[":path"]
+                        await self._note(lambda p=path: self.requests.append((name, p)))  # type: ignore[misc]
+                        if self.max_streams == 0:
+                            silent = False
+                            server.reset_stream(event.stream_id,
+                                                h2.errors.ErrorCodes.REFUSED_STREAM)
+                    elif isinstance(event, h2.events.StreamEnded) and self.max_streams != 0:
+                        server.send_headers(event.stream_id, [
+                            (":status", str(self.status)), *self.headers], end_stream=True)
+                if not silent:
+                    writer.write(server.data_to_send())
+        except (ConnectionError, h2.exceptions.ProtocolError, ssl.SSLError):
+            pass
+        finally:
+            writer.close()
+            await self._note(lambda: self.ended.append(name))
+
+    async def close(self) -> None:
+        for writer in self._writers:
+            writer.close()
+        if self.server is not None:
+            self.server.close()

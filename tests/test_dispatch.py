@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import tempfile
 import threading
@@ -29,6 +30,8 @@ from tests.fake_providers import (
 )
 
 SUMMARY = {"FORM_TYPE": "urn:xmpp:push:summary", "message-count": "1"}
+# The fakes listen there: allowed as a destination of users' URLs (option endpoint_allow_ips)
+LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"),)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +50,8 @@ def push(backend: Backend, device: Device,
     gone: list[str] = []
 
     async def run() -> Counters:
-        dispatcher = Dispatcher(Config("localhost", backends=(backend,)),
+        dispatcher = Dispatcher(Config("localhost", backends=(backend,),
+                                       endpoint_allow_ips=LOOPBACK),
                                 store or Store(":memory:"), gone.append, answers.append)
         dispatcher.submit(Delivery(backend, device, SUMMARY,
                                    Iq("p1", "set", "localhost", "pubsub.localhost", None)))
@@ -65,7 +69,8 @@ def wns(ca: LoopbackCA) -> tuple[FakeProvider, int, Backend]:
     serve_in_thread(fake, ca, port)
     backend = Backend(0, "wns", "app", "localhost", "pubsub.localhost", {
         "package_sid": "ms-app://sid", "auth_key": "s3cret",
-        "endpoint": f"https://127.0.0.1:{port}", "cafile": str(ca.cafile)})
+        "endpoint": f"https://127.0.0.1:{port}", "cafile": str(ca.cafile),
+        "channel_domains": ["127.0.0.1"]})  # the fake's channels
     return fake, port, backend
 
 

@@ -85,7 +85,9 @@ def setup() -> Iterator[AppServerSetup]:
     apns = {**common, "type": "apns", "app_name": "chatninja", "topic": TOPIC,
             "key_file": str(folder / "AuthKey_KEY123.p8"), "key_id": "KEY123",
             "team_id": "TEAM456", "endpoint": f"https://127.0.0.1:{apns_port}"}
-    options = {"access_backends": "push_users", "backends": [
+    options = {"access_backends": "push_users",
+               # the fake Web Push service is on loopback, which endpoints may not reach
+               "endpoint_allow_ips": ["127.0.0.0/8", "::1/128"], "backends": [
         {**apns, "register_host": "localhost", "voip_topic": f"{TOPIC}.voip"},
         {**apns, "app_name": "otherapp", "register_host": "push.localhost"},
         {**common, "type": "fcm", "app_name": "chatninja", "register_host": "push.localhost",

@@ -94,10 +94,12 @@ def setup() -> Iterator[Setup]:
         {**common, "type": "webpush", "vapid_private_key_file": str(folder / "vapid.pem"),
          "vapid_subject": "mailto:admin@localhost"},
         {**common, "type": "wns", "app_name": "chatninja", "package_sid": "ms-app://sid",
-         "auth_key": "s3cret", "endpoint": f"https://127.0.0.1:{ports['wns']}"},
+         "auth_key": "s3cret", "endpoint": f"https://127.0.0.1:{ports['wns']}",
+         "channel_domains": ["127.0.0.1"]},
         {**common, "type": "ubuntu", "endpoint": f"https://127.0.0.1:{ports['ubuntu']}"},
     ]
-    instance = Instance(folder, options={"include_message_bodies": True,
+    instance = Instance(folder, options={"endpoint_allow_ips": ["127.0.0.0/8", "::1/128"],
+                                         "include_message_bodies": True,
                                          "include_senders": True, "backends": backends,
                                          "metrics_listen": f"127.0.0.1:{ports['metrics']}"},
                         max_stanza_size=4 * 1024 * 1024)

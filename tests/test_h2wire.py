@@ -4,6 +4,7 @@ another implementation, both sans-IO, bytes passed between them in arbitrary pie
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import ssl
 import struct
 import time
@@ -18,6 +19,7 @@ import h2.events
 import h2.settings
 import hpack
 import pytest
+import trustme
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import HealthCheck, given, settings
@@ -30,8 +32,9 @@ from pymod_push.providers import h2wire
 from pymod_push.providers.dispatch import Dispatcher
 from pymod_push.providers.h2wire import Answered, Failed, GoneAway, H2Client
 from pymod_push.providers.hpack_cache import decode_plain
+from pymod_push.providers.http2 import Http2Client, HttpError, Response, UserDestinations
 from pymod_push.store import Device, Store
-from tests.fake_providers import LoopbackCA
+from tests.fake_providers import H2Peer, LoopbackCA
 
 
 @dataclass
@@ -432,3 +435,100 @@ async def _push_through(peer: Callable[[asyncio.StreamReader, asyncio.StreamWrit
     await dispatcher.close()
     listening.close()
     return dispatcher.counters
+
+
+# ------------------------------------------------------- deadlines and bounded connections
+def _trusting(ca: trustme.CA) -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    return context
+
+
+def test_a_server_that_grants_no_stream_cannot_hold_a_request() -> None:
+    """SETTINGS_MAX_CONCURRENT_STREAMS 0 (and the stream opened before the client heard
+    of it refused): every request fails within its timeout, whether it went by request
+    (its first stream refused, then waiting for another) or by request_now on the open
+    connection (waiting from the start), and the connection is not stuck for later ones."""
+    ca = trustme.CA()
+
+    async def run() -> list[BaseException | Response]:
+        peer = H2Peer(ca, max_streams=0)
+        port = await peer.start()
+        client = Http2Client(_trusting(ca), timeout=0.5)
+        url = f"https://127.0.0.1:{port}/wpush/x"
+        answers: list[BaseException | Response] = list(await asyncio.wait_for(asyncio.gather(
+            *(client.request("POST", url, {}, b"x") for _ in range(3)),
+            return_exceptions=True), 20))
+        later: asyncio.Future[Response | HttpError] = asyncio.get_running_loop().create_future()
+        assert client.request_now("POST", url, {}, b"x", later.set_result)
+        answers.append(await asyncio.wait_for(later, 20))  # type: ignore[arg-type]
+        assert peer.requests  # the first stream reached it, and was refused
+        await client.aclose()
+        await peer.close()
+        return answers
+
+    answers = asyncio.run(run())
+    assert len(answers) == 4 and all(isinstance(a, HttpError) for a in answers), answers
+    assert "no stream granted in time" in str(answers[-1])
+
+
+def _named_client(ca: trustme.CA, names: list[str], **bounds: float) -> Http2Client:
+    """A client for user destinations whose names all resolve to 127.0.0.1 (no lookup)."""
+    async def resolve(host: str, port: int) -> list[ipaddress.IPv4Address]:
+        assert host in names
+        return [ipaddress.IPv4Address("127.0.0.1")]
+    return Http2Client(_trusting(ca), timeout=5, destinations=UserDestinations(
+        (ipaddress.ip_network("127.0.0.0/8"),), resolve, **bounds))  # type: ignore[arg-type]
+
+
+def test_idle_user_connections_are_closed_and_the_admins_are_kept() -> None:
+    """A user destination's connection without requests for idle_s is closed (APNs' and
+    FCM's, without destinations, stay open)."""
+    ca = trustme.CA()
+
+    async def run() -> None:
+        peer = H2Peer(ca, "push.test", "127.0.0.1")
+        port = await peer.start()
+        user = _named_client(ca, ["push.test"], idle_s=0.4)
+        plain = Http2Client(_trusting(ca), timeout=5)
+        for client, host in ((user, "push.test"), (plain, "127.0.0.1")):
+            answer = await client.request("POST", f"https://{host}:{port}/x", {}, b"x")
+            assert answer.status_code == 200
+        await peer.wait_until(lambda: bool(peer.ended))
+        assert peer.ended == ["push.test"] and sorted(map(str, peer.connected)) == [
+            "None", "push.test"]
+        assert user.open_connections() == 0 and plain.open_connections() == 1
+        assert user._connections == {} and user._connecting == {}
+        answer = await user.request("POST", f"https://push.test:{port}/y", {}, b"x")
+        assert answer.status_code == 200  # opened again when needed
+        await user.aclose()
+        await plain.aclose()
+        await peer.close()
+
+    asyncio.run(asyncio.wait_for(run(), 30))
+
+
+def test_user_connections_are_capped_the_least_recently_used_closed_first() -> None:
+    ca = trustme.CA()
+    names = [f"{letter}.test" for letter in "abcde"]
+
+    async def run() -> None:
+        peer = H2Peer(ca, *names)
+        port = await peer.start()
+        client = _named_client(ca, names, max_connections=3)
+
+        async def use(name: str) -> None:
+            answer = await client.request("POST", f"https://{name}:{port}/x", {}, b"x")
+            assert answer.status_code == 200
+        for name in ("a.test", "b.test", "c.test", "a.test", "d.test"):
+            await use(name)
+        await peer.wait_until(lambda: peer.ended == ["b.test"])
+        await use("e.test")
+        await peer.wait_until(lambda: peer.ended == ["b.test", "c.test"])
+        assert sorted(host for host, _ in client._connections) == ["a.test", "d.test",
+                                                                    "e.test"]
+        assert client.open_connections() == 3 and client._connecting == {}
+        await client.aclose()
+        await peer.close()
+
+    asyncio.run(asyncio.wait_for(run(), 30))

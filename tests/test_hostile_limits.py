@@ -229,7 +229,8 @@ def _providers(folder: Path) -> dict[str, Any]:
                                   voip_topic="org.example.app.voip")),
             "fcm": Fcm(_backend("fcm", service_account_file=str(folder / "sa.json"))),
             "webpush": WebPush(_backend("webpush")),
-            "wns": Wns(_backend("wns", package_sid="sid", auth_key="k")),
+            "wns": Wns(_backend("wns", package_sid="sid", auth_key="k",  # DEVICE's URL:
+                                channel_domains="push.example.net")),  # a WNS channel here
             "ubuntu": UbuntuPush(_backend("ubuntu"))}
 
 

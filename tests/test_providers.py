@@ -16,10 +16,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pymod_push.core.config import Backend
-from pymod_push.providers import Outcome, Reply, to_json
+from pymod_push.providers import Outcome, Reply, to_json, webpush
 from pymod_push.providers.apns import Apns
 from pymod_push.providers.dispatch import RETRY_DELAYS, retry_delay
 from pymod_push.providers.fcm import Fcm
+from pymod_push.providers.http2 import Denied
 from pymod_push.providers.ubuntu import UbuntuPush
 from pymod_push.providers.webpush import WebPush
 from pymod_push.providers.wns import Wns
@@ -243,6 +244,42 @@ def test_wns_token_refreshed_once_on_401() -> None:
     provider.auth_reply(200, b'{"access_token": "w2"}', 1.0)
     assert provider.reply(401, {}, b"").outcome is Outcome.FAILED  # refreshed once only
     assert provider.reply(410, {}, b"").outcome is Outcome.UNREGISTERED
+
+
+def test_vapid_tokens_are_kept_for_at_most_128_origins_least_recently_used_dropped(
+        tmp_path: Path) -> None:
+    """Users choose the origins (one new each re-registration): the cache is bounded; an
+    origin in use keeps its token while the others come and go."""
+    (tmp_path / "vapid.pem").write_bytes(pem(ec.generate_private_key(ec.SECP256R1())))
+    provider = WebPush(backend("webpush", vapid_private_key_file=str(tmp_path / "vapid.pem")))
+    busy = provider.vapid("https://fcm.googleapis.com/fcm/send/a", 1000.0)
+    for n in range(1000):
+        provider.vapid(f"https://h{n}.example/x", 1000.0)
+        if n % 100 == 0:  # ECDSA signs anew each time: the same text is the cached one
+            assert provider.vapid("https://fcm.googleapis.com/fcm/send/b", 1000.0) == busy
+    assert len(provider._vapid_cache) == webpush.MAX_VAPID_CACHE == 128
+    assert provider.vapid("https://fcm.googleapis.com/fcm/send/c", 1000.0) == busy
+    assert "https://h0.example" not in provider._vapid_cache
+
+
+def test_a_wns_channel_off_the_channel_domains_is_denied_when_sending() -> None:
+    """A device registered before channel URIs were checked: the request is not made (the
+    bearer token would go there); http2.Denied, a failure for good."""
+    provider = Wns(backend("wns", package_sid="ms-app://sid", auth_key="secret"))
+    provider.auth_reply(200, b'{"access_token": "w1"}', 0.0)
+    for channel in ("https://attacker.example/x", "https://evilnotify.windows.com/x",
+                    "http://db5.notify.windows.com/?token=x",
+                    "https://u:p@db5.notify.windows.com/?token=x"):
+        with pytest.raises(Denied, match="notify.windows.com"):
+            provider.request(device(channel), COUNTS, 0.0)
+    assert provider.request(device("https://DB5.Notify.Windows.com./?token=x"), COUNTS, 0.0)
+    own = Wns(backend("wns", package_sid="s", auth_key="k",
+                      channel_domains=["wns.example"]))  # type: ignore[arg-type]
+    own.auth_reply(200, b'{"access_token": "w1"}', 0.0)
+    assert own.request(device("https://a.wns.example/c"), COUNTS, 0.0).url == \
+        "https://a.wns.example/c"
+    with pytest.raises(Denied):
+        own.request(device("https://db5.notify.windows.com/?token=x"), COUNTS, 0.0)
 
 
 def test_ubuntu_push_to_the_configured_endpoint() -> None:

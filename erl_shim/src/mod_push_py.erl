@@ -252,6 +252,7 @@ backend_options() ->
             project_id => econf:binary(),
             vapid_private_key_file => econf:file(read),
             vapid_subject => econf:binary(),
+            channel_domains => econf:list(econf:domain()),
             endpoint => econf:url(),
             cafile => econf:file(read)}.
 
@@ -552,7 +553,11 @@ mod_doc() ->
                          "a 'voip-token'); "
                          "'service_account_file', 'project_id' (FCM); "
                          "'vapid_private_key_file', 'vapid_subject' (Web Push); "
-                         "'auth_key', 'package_sid' (WNS); and for all 'endpoint' "
+                         "'auth_key', 'package_sid' and 'channel_domains' (WNS: "
+                         "the domains devices' channel URIs must be on, https on "
+                         "that domain or a name under it; the app's token goes "
+                         "nowhere else; default 'notify.windows.com'); "
+                         "and for all 'endpoint' "
                          "and 'cafile'. A backend of type 'python' is a provider "
                          "written in Python: 'module' (import name or .py file), "
                          "'name' (its register-push-NAME command; default: the "

@@ -11,12 +11,12 @@ import base64
 import binascii
 import secrets
 import xml.etree.ElementTree as ET
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from xml.sax.saxutils import escape, quoteattr
 
-from . import safexml
-from .config import Backend
+from . import destination, safexml
+from .config import Backend, IpNetwork
 from .limits import cut_utf8
 from .xep0357 import (
     MAX_FORM_FIELDS,
@@ -215,9 +215,11 @@ def _b64url(value: str, name: str) -> str:
 
 
 def parse_registration(command: Command, iq: Iq, backend: Backend,
-                       declared: Iterable[str] = ()) -> DeviceRegistration:
+                       declared: Iterable[str] = (),
+                       allowed_ips: Sequence[IpNetwork] = ()) -> DeviceRegistration:
     """What a register command asks for (declared: a Python provider's fields, whose
-    values its module checks)."""
+    values its module checks; allowed_ips: endpoint_allow_ips, what the destination
+    policy lets URLs reach besides the public internet)."""
     fields = command.fields or {}
     device_id = form_value(fields, "device-id") or iq.sender_resource
     device_name = form_value(fields, "device-name")
@@ -227,14 +229,26 @@ def parse_registration(command: Command, iq: Iq, backend: Backend,
             (name, form_value(fields, name)) for name in declared))
     if group == "webpush":
         endpoint = form_value(fields, "endpoint") or form_value(fields, "token")
-        if not endpoint.startswith(("https://", "http://")):
+        if not endpoint:
             raise RequestError("bad-request", "field 'endpoint' must be the subscription's URL")
+        try:
+            destination.check_url(endpoint, allowed_ips)
+        except destination.Refused as refused:
+            raise RequestError("bad-request", f"field 'endpoint' is refused: {refused}") \
+                from None
         return DeviceRegistration(backend, device_id, device_name, endpoint,
                                   p256dh=_b64url(form_value(fields, "p256dh"), "p256dh"),
                                   auth=_b64url(form_value(fields, "auth"), "auth"))
     token = form_value(fields, "token")
     if not token:
         raise RequestError("bad-request", "field 'token' is required")
+    if group == "wns":  # the app's bearer token goes there
+        try:
+            destination.check_channel(token, destination.channel_domains(backend),
+                                      allowed_ips)
+        except destination.Refused as refused:
+            raise RequestError("bad-request", f"field 'token' is refused: {refused}") \
+                from None
     voip_token = ""
     if group == "apns":
         token = _apns_token(token)

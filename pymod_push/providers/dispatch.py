@@ -18,6 +18,7 @@ from typing import Any
 
 from ..appservice import Delivery, publish_answer, publish_reply
 from ..core.config import Backend, Config
+from ..core.destination import USER_URL_GROUPS
 from ..logic import Device as LogicDevice
 from ..logic import Logic
 from ..metrics import Histogram
@@ -27,7 +28,7 @@ from ..store import QueuedPush, Store
 from . import HttpRequest, Outcome, Provider, Reply
 from .apns import Apns
 from .fcm import Fcm
-from .http2 import Http2Client, HttpError, NotProcessed, Response
+from .http2 import Http2Client, HttpError, NotProcessed, Response, UserDestinations
 from .ubuntu import UbuntuPush
 from .webpush import WebPush
 from .wns import Wns
@@ -130,7 +131,11 @@ class Dispatcher:
                 continue
             try:
                 provider = PROVIDERS[backend.group](backend)
-                client = Http2Client(tls_context(backend, provider.client_certificate))
+                # Web Push and WNS go where users say: checked, and their connections bounded
+                client = Http2Client(
+                    tls_context(backend, provider.client_certificate),
+                    destinations=UserDestinations(config.endpoint_allow_ips)
+                    if backend.group in USER_URL_GROUPS else None)
             except (OSError, ValueError, ssl.SSLError) as exc:
                 log.error("backend %d (%s) cannot be used: %s", backend.index, backend.type, exc)
                 continue

@@ -1,6 +1,11 @@
 """A lean HTTP/2 client for provider pushes: one TLS connection per backend, many
 concurrent streams, the framing done by h2wire (sans-IO).
 
+A client for destinations users supply (Web Push, WNS: see UserDestinations) resolves
+each host once per connection, has every address checked (core.destination) and connects
+to a checked one, so that a second lookup cannot lead elsewhere (DNS rebinding); its
+connections are closed when idle and capped in number, least recently used closed first.
+
 Why not httpx here: pushing to a fake APNs, httpx (httpcore, anyio) cost about 0.9 ms
 of CPU per push, about 1,100 pushes/s per process (bench/provider_dispatch.py); and h2
 itself, about 0.2 ms (see h2wire).
@@ -9,17 +14,27 @@ itself, about 0.2 ms (see h2wire).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import socket
 import ssl
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from urllib.parse import urlsplit
 
+from ..core import destination
+from ..core.config import IpNetwork
+from ..core.destination import IpAddress
 from . import h2wire
 
 SWEEP_S = 1.0  # how often requests are checked for their timeout
 SEND_AGAIN = 3  # times a request the server did not process goes again
+# Connections to destinations users supply: closed IDLE_S to 1.5 IDLE_S after their last
+# request (checked every IDLE_S / 2), and at most MAX_USER_CONNECTIONS open or opening at
+# once (the least recently used is closed to make room).
+IDLE_S = 60.0
+MAX_USER_CONNECTIONS = 128
 
 
 class HttpError(Exception):
@@ -86,6 +101,7 @@ class _Connection(asyncio.Protocol):
         self.streams: dict[int, tuple[_Answer, float]] = {}
         self._lost = False  # the connection is gone, or given up
         self._queued: deque[_Queued] = deque()  # requests waiting for a stream, in order
+        self.last_used = 0.0  # loop time of the last request sent, or of the connection
         self._flush_pending = False
         self._sweep: asyncio.TimerHandle | None = None
 
@@ -93,6 +109,11 @@ class _Connection(asyncio.Protocol):
     def closed(self) -> bool:
         """No new request goes on this connection (lost, GOAWAY, or stream ids used up)."""
         return self._lost or self.wire.closed
+
+    @property
+    def has_queued(self) -> bool:
+        """Requests wait for a stream."""
+        return bool(self._queued)
 
     def close(self) -> None:
         """No new request; those still open fail now, not once TLS has shut down (which
@@ -105,6 +126,7 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        self.last_used = asyncio.get_running_loop().time()
         self._flush_soon()
 
     def data_received(self, data: bytes) -> None:
@@ -142,40 +164,56 @@ class _Connection(asyncio.Protocol):
     def send(self, method: str, path: str, headers: Iterable[tuple[str, str]], body: bytes,
              done: _Answer) -> None:
         """The request, its answer for done: sent on a new stream now if one is free, else
-        when one is (in order). It fails with NotProcessed if the connection closes first."""
+        when one is (in order). It fails with NotProcessed if the connection closes first,
+        with HttpError if it is not answered within the timeout, stream or not (a server
+        may grant none: SETTINGS_MAX_CONCURRENT_STREAMS 0)."""
         if self.closed:
             done.set_exception(NotProcessed("connection closed"))
         elif self._queued or not self.wire.can_open():
-            self._queued.append((done, method, path, headers, body))
+            loop = asyncio.get_running_loop()
+            self._queued.append((done, method, path, headers, body, loop.time() + self.timeout))
+            if self._sweep is None:
+                self._sweep = loop.call_later(SWEEP_S, self._expire)
         else:
             self._open(done, method, path, headers, body)
 
     def _open(self, done: _Answer, method: str, path: str,
-              headers: Iterable[tuple[str, str]], body: bytes) -> None:
+              headers: Iterable[tuple[str, str]], body: bytes,
+              deadline: float | None = None) -> None:
+        """On a new stream; deadline: the one it had while it waited for the stream."""
         loop = asyncio.get_running_loop()
         request_headers = [(":method", method), (":scheme", "https"),
                            (":authority", self.authority), (":path", path), *headers]
         if body:
             request_headers.append(("content-length", str(len(body))))
         stream_id = self.wire.request(request_headers, body)
-        self.streams[stream_id] = (done, loop.time() + self.timeout)
+        self.last_used = now = loop.time()
+        self.streams[stream_id] = (done, now + self.timeout if deadline is None else deadline)
         if self._sweep is None:
             self._sweep = loop.call_later(SWEEP_S, self._expire)
         self._flush_soon()
 
     def _expire(self) -> None:
-        """Every SWEEP_S while requests are open: those unanswered in time fail (and are
-        reset), as asyncio.wait_for would make them, without a task and a timer each."""
+        """Every SWEEP_S while requests are open or wait for a stream: those unanswered in
+        time fail (open ones are reset), as asyncio.wait_for would make them, without a
+        task and a timer each."""
         self._sweep = None
         now = asyncio.get_running_loop().time()
         expired = [i for i, (_, deadline) in self.streams.items() if deadline <= now]
         for stream_id in expired:
             self.wire.reset(stream_id)
             self._finish(stream_id, HttpError("no answer in time"))
+        if self._queued and any(entry[5] <= now for entry in self._queued):
+            waiting = deque(entry for entry in self._queued if entry[5] > now)
+            late = [entry[0] for entry in self._queued if entry[5] <= now]
+            self._queued = waiting
+            for done in late:
+                if not done.done():
+                    done.set_exception(HttpError("no stream granted in time"))
         if expired:
             self._wake()
             self._flush_soon()
-        if self.streams and not self._lost:
+        if (self.streams or self._queued) and not self._lost:
             self._sweep = asyncio.get_running_loop().call_later(SWEEP_S, self._expire)
 
     def _finish(self, stream_id: int, result: Response | HttpError) -> None:
@@ -191,13 +229,13 @@ class _Connection(asyncio.Protocol):
     def _wake(self) -> None:
         """Queued requests go out on the streams free now (or fail: closed meanwhile)."""
         while self._queued and (self.closed or self.wire.can_open()):
-            done, method, path, headers, body = self._queued.popleft()
+            done, method, path, headers, body, deadline = self._queued.popleft()
             if done.done():  # its awaiter was cancelled
                 continue
             if self.closed:
                 done.set_exception(NotProcessed("connection closed"))
             else:
-                self._open(done, method, path, headers, body)
+                self._open(done, method, path, headers, body, deadline)
 
     def _fail_all(self, reason: str) -> None:
         self._lost = True
@@ -218,13 +256,15 @@ class _Connection(asyncio.Protocol):
             self.transport.write(data)
 
 
-# A request waiting for a stream: its answer, method, path, headers, body.
-_Queued = tuple[_Answer, str, str, Iterable[tuple[str, str]], bytes]
+# A request waiting for a stream: its answer, method, path, headers, body, and the loop
+# time by which it is answered or failed.
+_Queued = tuple[_Answer, str, str, Iterable[tuple[str, str]], bytes, float]
 
 
-def _target(url: str) -> tuple[str, int, str]:
-    """(host, port, path) of an https URL. Only the origin's parse is kept: each device
-    has a URL of its own, its provider's few origins recur with every push."""
+def _target(url: str, refusal: type[HttpError] = HttpError) -> tuple[str, int, str]:
+    """(host, port, path) of an https URL; refusal (raised) if it is none. Only the
+    origin's parse is kept: each device has a URL of its own, its provider's few origins
+    recur with every push."""
     scheme, separator, rest = url.partition("://")
     end = len(rest)  # the authority ends at the first of these
     for mark in "/?#":
@@ -236,8 +276,8 @@ def _target(url: str) -> tuple[str, int, str]:
         host, port = _origin(scheme, authority) if separator else ("", 0)
     except ValueError:  # a port out of range
         host = ""
-    if not host:
-        raise HttpError(f"not an https URL: {url}")
+    if not host:  # the URL is left out: a device's URL is a secret of sorts
+        raise refusal("not an https URL without user information")
     if "#" in path or path.endswith("?"):
         path = path.partition("#")[0]
         path = path[:-1] if path.endswith("?") else path
@@ -246,43 +286,175 @@ def _target(url: str) -> tuple[str, int, str]:
 
 @lru_cache(maxsize=256)
 def _origin(scheme: str, authority: str) -> tuple[str, int]:
-    """(host, port) of an https origin; host "" if it is none."""
+    """(host, port) of an https origin; host "" if it is none (or names a user)."""
     parts = urlsplit(f"{scheme}://{authority}")
-    if parts.scheme != "https" or not parts.hostname:
+    if parts.scheme != "https" or not parts.hostname or "@" in authority:
         return "", 0
     return parts.hostname, parts.port or 443
 
 
-class Http2Client:
-    """One HTTP/2 connection per origin, opened when needed and again after it closed."""
+Resolver = Callable[[str, int], Awaitable[Sequence[IpAddress]]]
 
-    def __init__(self, context: ssl.SSLContext, timeout: float = 15.0) -> None:
+
+async def resolve(host: str, port: int) -> list[IpAddress]:
+    """The addresses of host, in the system resolver's order; Denied if one is not an
+    address (it could not be checked)."""
+    infos = await asyncio.get_running_loop().getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    addresses: list[IpAddress] = []
+    for info in infos:
+        try:
+            address = ipaddress.ip_address(info[4][0])
+        except ValueError:
+            raise Denied(f"{host} resolves to something that is not an address") from None
+        if address not in addresses:
+            addresses.append(address)
+    return addresses
+
+
+@dataclass(frozen=True, slots=True)
+class UserDestinations:
+    """What a client for destinations users supply keeps to: where it may connect
+    (core.destination; allowed: endpoint_allow_ips) and how many connections it keeps."""
+
+    allowed: tuple[IpNetwork, ...] = ()
+    resolve: Resolver = resolve  # injected by tests: no lookup, no traffic
+    max_connections: int = MAX_USER_CONNECTIONS
+    idle_s: float = IDLE_S
+
+
+class _Opening:
+    """Those waiting for one origin's connection to be opened."""
+
+    __slots__ = ("lock", "waiting")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.waiting = 0
+
+
+class Http2Client:
+    """One HTTP/2 connection per origin, opened when needed and again after it closed.
+    With destinations (see UserDestinations): where it connects is checked, and its
+    connections are bounded."""
+
+    def __init__(self, context: ssl.SSLContext, timeout: float = 15.0,
+                 destinations: UserDestinations | None = None) -> None:
         context.set_alpn_protocols(["h2"])
         self._context = context
         self._timeout = timeout
+        self._destinations = destinations
+        # What a URL that cannot be sent to raises: for a user's, no retry can help.
+        self._refusal: type[HttpError] = HttpError if destinations is None else Denied
         self._connections: dict[tuple[str, int], _Connection] = {}
-        self._connecting: dict[tuple[str, int], asyncio.Lock] = {}
+        self._connecting: dict[tuple[str, int], _Opening] = {}  # only while connecting
+        self._opening = 0  # connections being opened (counted against the cap)
+        self._idle_sweep: asyncio.TimerHandle | None = None
 
     async def _connection(self, host: str, port: int) -> _Connection:
         key = (host, port)
         connection = self._connections.get(key)
         if connection is not None and not connection.closed:
             return connection
-        lock = self._connecting.setdefault(key, asyncio.Lock())
-        async with lock:
-            connection = self._connections.get(key)
-            if connection is None or connection.closed:
-                authority = host if port == 443 else f"{host}:{port}"
-                try:
-                    _, opened = await asyncio.wait_for(
-                        asyncio.get_running_loop().create_connection(
-                            lambda: _Connection(authority, self._timeout), host, port,
-                            ssl=self._context,
-                            server_hostname=host), self._timeout)
-                except (OSError, ssl.SSLError, TimeoutError) as exc:
-                    raise HttpError(f"cannot connect to {host}:{port}: {exc}") from None
-                self._connections[key] = connection = opened
+        opening = self._connecting.get(key)
+        if opening is None:
+            opening = self._connecting[key] = _Opening()
+        opening.waiting += 1
+        try:
+            async with opening.lock:
+                connection = self._connections.get(key)
+                if connection is None or connection.closed:
+                    connection = await self._connect(host, port)
+                    self._connections[key] = connection
+                return connection
+        finally:
+            opening.waiting -= 1
+            if not opening.waiting:
+                del self._connecting[key]
+
+    async def _connect(self, host: str, port: int) -> _Connection:
+        loop = asyncio.get_running_loop()
+        shown = f"[{host}]" if ":" in host else host  # an IPv6 address
+        authority = shown if port == 443 else f"{shown}:{port}"
+
+        def protocol() -> _Connection:
+            return _Connection(authority, self._timeout)
+        if self._destinations is None:
+            try:
+                _, connection = await asyncio.wait_for(loop.create_connection(
+                    protocol, host, port, ssl=self._context, server_hostname=host),
+                    self._timeout)
+            except (OSError, ssl.SSLError, TimeoutError) as exc:
+                raise HttpError(f"cannot connect to {shown}:{port}: {exc}") from None
             return connection
+        self._make_room(self._destinations.max_connections)
+        self._opening += 1
+        try:
+            connection = await asyncio.wait_for(
+                self._connect_checked(protocol, host, port, self._destinations),
+                self._timeout)
+        except (OSError, TimeoutError) as exc:
+            raise HttpError(f"cannot connect to {shown}:{port}: {exc}") from None
+        finally:
+            self._opening -= 1
+        if self._idle_sweep is None:
+            self._idle_sweep = loop.call_later(self._destinations.idle_s / 2,
+                                               self._close_idle)
+        return connection
+
+    async def _connect_checked(self, protocol: Callable[[], _Connection], host: str,
+                               port: int, destinations: UserDestinations) -> _Connection:
+        """Connected to the first address of host that takes it, once every address it
+        has is checked (Denied if one may not be reached); TLS verifies the name."""
+        try:
+            addresses: Sequence[IpAddress] = [ipaddress.ip_address(host)]
+        except ValueError:
+            addresses = await destinations.resolve(host, port)
+        try:
+            checked = destination.resolved_addresses(host, addresses, destinations.allowed)
+        except destination.Refused as refused:
+            raise Denied(str(refused)) from None
+        failure: OSError = OSError(f"{host} has no address")
+        for address in checked:
+            try:
+                _, connection = await asyncio.get_running_loop().create_connection(
+                    protocol, str(address), port, ssl=self._context, server_hostname=host)
+                return connection
+            except OSError as exc:  # ssl.SSLError too
+                failure = exc
+        raise failure
+
+    def _make_room(self, limit: int) -> None:
+        """Before a connection is opened: closed ones forgotten, and the least recently
+        used closed while the open and opening ones would be more than limit."""
+        for key in [key for key, c in self._connections.items() if c.closed]:
+            del self._connections[key]
+        while self._connections and len(self._connections) + self._opening >= limit:
+            key = min(self._connections, key=lambda k: self._connections[k].last_used)
+            self._connections.pop(key).close()
+        if self._opening >= limit:
+            raise HttpError(f"{limit} connections are being opened already")
+
+    def _close_idle(self) -> None:
+        """Every IDLE_S / 2 while there are connections: those without a request for
+        IDLE_S are closed, the closed ones forgotten."""
+        self._idle_sweep = None
+        assert self._destinations is not None
+        now = asyncio.get_running_loop().time()
+        for key, connection in list(self._connections.items()):
+            if connection.closed:
+                del self._connections[key]  # it ends itself once its streams are answered
+            elif not connection.streams and not connection.has_queued \
+                    and now - connection.last_used >= self._destinations.idle_s:
+                del self._connections[key]
+                connection.close()
+        if self._connections:
+            self._idle_sweep = asyncio.get_running_loop().call_later(
+                self._destinations.idle_s / 2, self._close_idle)
+
+    def open_connections(self) -> int:
+        """How many connections are open (for tests and status)."""
+        return sum(1 for connection in self._connections.values() if not connection.closed)
 
     def connected(self) -> bool:
         """A connection is open (to the origin, if the client has only one): request_now
@@ -297,7 +469,7 @@ class Http2Client:
         """The request on the origin's open connection (see _Connection.send), without a
         task or a future: answered gets the Response or the HttpError. False if there is
         no such connection yet (answered is not called)."""
-        host, port, path = _target(url)
+        host, port, path = _target(url, self._refusal)
         connection = self._connections.get((host, port))
         if connection is None or connection.closed:
             return False
@@ -306,7 +478,7 @@ class Http2Client:
 
     async def request(self, method: str, url: str, headers: dict[str, str],
                       content: bytes) -> Response:
-        host, port, path = _target(url)
+        host, port, path = _target(url, self._refusal)
         for _ in range(SEND_AGAIN):
             connection = await self._connection(host, port)
             try:
@@ -316,5 +488,8 @@ class Http2Client:
         raise HttpError(f"{host}:{port} did not take the request {SEND_AGAIN} times")
 
     async def aclose(self) -> None:
+        if self._idle_sweep is not None:
+            self._idle_sweep.cancel()
+            self._idle_sweep = None
         for connection in self._connections.values():
             connection.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import OrderedDict
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -32,6 +33,9 @@ VAPID_LIFETIME = 12 * 3600
 # RFC 8030 7.2: push services take at least 4096 bytes of payload, which RFC 8291 fills
 # with an 86-byte header, a 16-byte tag and one padding delimiter: 3993 bytes of plaintext.
 MAX_PLAINTEXT = 4096 - 86 - 16 - 1
+# VAPID tokens kept, one per push service origin (users choose the origins): the least
+# recently used go first, as the connections to them do (http2.MAX_USER_CONNECTIONS).
+MAX_VAPID_CACHE = 128
 
 
 class WebPush:
@@ -49,7 +53,7 @@ class WebPush:
                 serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
             self._vapid_public = b64url_encode(public)
         self.subject = backend.option("vapid_subject") or f"mailto:admin@{backend.register_host}"
-        self._vapid_cache: dict[str, tuple[str, float]] = {}
+        self._vapid_cache: OrderedDict[str, tuple[str, float]] = OrderedDict()
 
     def auth_request(self, now: float) -> HttpRequest | None:
         return None
@@ -62,13 +66,17 @@ class WebPush:
             return None
         parts = urlsplit(endpoint)
         audience = f"{parts.scheme}://{parts.netloc}"
-        cached = self._vapid_cache.get(audience)
+        cache = self._vapid_cache
+        cached = cache.get(audience)
         if cached is None or now > cached[1] - 3600:
             expires = now + VAPID_LIFETIME
             token = jwt.encode({"aud": audience, "exp": int(expires), "sub": self.subject},
                                self._vapid_key, algorithm="ES256")
             cached = (token, expires)
-            self._vapid_cache[audience] = cached
+            cache[audience] = cached
+            if len(cache) > MAX_VAPID_CACHE:
+                cache.popitem(last=False)
+        cache.move_to_end(audience)
         return f"vapid t={cached[0]}, k={self._vapid_public}"
 
     def request(self, device: Device, summary: dict[str, str], now: float,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..core import destination
 from ..core.config import Backend
 from ..store import Device
 from . import (
@@ -14,6 +15,7 @@ from . import (
     summary_payload,
     to_json,
 )
+from .http2 import Denied
 
 LOGIN = "https://login.live.com"
 MAX_PAYLOAD = 5120  # bytes: Microsoft's limit for any notification, raw ones included
@@ -27,6 +29,7 @@ class Wns:
         self.secret = backend.option("auth_key") or ""
         self.login = (backend.option("endpoint") or LOGIN).rstrip("/")
         self.token = OAuthToken(86400)
+        self.channel_domains = destination.channel_domains(backend)
 
     def auth_request(self, now: float) -> HttpRequest | None:
         if not self.token.needed(now):
@@ -40,6 +43,12 @@ class Wns:
 
     def request(self, device: Device, summary: dict[str, str], now: float,
                 urgent: bool = False) -> HttpRequest:
+        """The raw notification; Denied if the channel URI is not on a channel domain (a
+        row registered before that was checked): the app's bearer token goes nowhere else."""
+        try:
+            destination.check_channel(device.token, self.channel_domains)
+        except destination.Refused as refused:
+            raise Denied(str(refused)) from None
         headers = {"x-wns-type": "wns/raw", "content-type": "application/octet-stream",
                    "authorization": f"Bearer {self.token.value}",
                    "x-wns-ttl": "60" if urgent else "86400",

@@ -712,6 +712,9 @@ class PushService:
                                              self.config.publish_error_window_ms / 1000)
         if errors >= limit:
             self.store.remove_outbox(publish.id)
+            for _, _, waiting in self._retries:  # its retries: gone with it (tick skips them)
+                if waiting.registration == registration.key:
+                    self.store.remove_outbox(waiting.id)
             self.store.delete(registration.key)
             self._erring.discard(registration.key)
             log.warning("push disabled for %s after %d error(s) from the app server (last: %s)",

@@ -303,6 +303,7 @@ def test_a_target_that_is_no_app_server_is_given_up_after_max_errors_in_a_row(
     (push,) = service.handle(StanzaToPending(PHONE, message(stanza_id="2")), 2)
     assert _answer(service, push, "cancel", condition, now=2) == [SetPush(PHONE, None)]
     assert service.store.for_session(PHONE) == []
+    assert service.store.totals()["outbox"] == 0  # its retries went with it
     assert service.handle(StanzaToPending(PHONE, message(stanza_id="3")), 3) == []
     assert service.tick(10_000) == []  # the retries of the first two are dropped
     assert service.store.totals()["outbox"] == 0

@@ -333,7 +333,7 @@ mod_options(_Host) ->
      {db_url, undefined},
      {queue_size, 10000},
      {certfile, undefined},
-     {access_backends, all},
+     {access_backends, local},
      {endpoint_allow_ips, []},
      {backends, []}].
 
@@ -527,8 +527,11 @@ mod_doc() ->
                          "default is '10000'.")}},
            {access_backends,
             #{value => ?T("AccessName"),
-              desc => ?T("Who may register at the built-in app server. The "
-                         "default is 'all'.")}},
+              desc => ?T("Who may register at the built-in app server: an "
+                         "access rule, or 'local', the users of this server's "
+                         "own virtual hosts (whether or not an access rule of that "
+                         "name is defined). 'all' lets anyone, accounts of other "
+                         "servers included. The default is 'local'.")}},
            {endpoint_allow_ips,
             #{value => "[IP/Mask]",
               desc => ?T("Addresses that the destinations users register (Web Push "
@@ -1248,8 +1251,10 @@ code_change(_OldVsn, State, _Extra) ->
 open(#state{host = Host} = State0) ->
     State = State0#state{queue_size = opt(Host, queue_size)},
     Python = opt(Host, python),
+    %% -P: the working directory (the spool) is not put on sys.path, so that no file
+    %% there can shadow a module (Python >= 3.11, which pymod_push requires).
     try open_port({spawn_executable, Python},
-                  [{args, ["-m", "pymod_push"]}, {packet, 4}, binary,
+                  [{args, ["-P", "-m", "pymod_push"]}, {packet, 4}, binary,
                    exit_status, use_stdio, hide, {cd, spool_dir()}]) of
         Port ->
             write(Port, hello(Host)),
@@ -1274,7 +1279,17 @@ hello(Host) ->
              [{Opt, opt(Host, Opt)} || {Opt, _} <- mod_options(Host), Opt /= access_backends]),
     {hello, ?PROTOCOL_VERSION, Host,
      Opts#{spool_dir => unicode:characters_to_binary(spool_dir()), node => node(),
-           loglevel => ejabberd_logger:get()}}.
+           loglevel => ejabberd_logger:get(), max_ack_queue => max_ack_queue(Host)}}.
+
+%% How many stanzas mod_stream_mgmt lets a session hold unacknowledged (it ends the
+%% session beyond): Python remembers no more pushed messages per pending session.
+%% ejabberd's default for infinity or without the module.
+max_ack_queue(Host) ->
+    try gen_mod:get_module_opt(Host, mod_stream_mgmt, max_ack_queue) of
+        N when is_integer(N), N > 0 -> N;
+        _ -> 5000
+    catch _:_ -> 5000
+    end.
 
 opt(Host, Opt) ->
     gen_mod:get_module_opt(Host, ?MODULE, Opt).
@@ -1305,8 +1320,17 @@ route_to_app_server(_Pkt, State) ->
     State.  % messages and presences to the app server are not answered
 
 push_app_server_iq(#iq{from = From} = IQ, #state{host = Host} = State) ->
-    Allowed = acl:match_rule(Host, opt(Host, access_backends), From) == allow,
+    Allowed = may_use_backends(Host, opt(Host, access_backends), From),
     push_event({app_server_iq, Allowed, fxml:element_to_binary(xmpp:encode(IQ))}, State).
+
+%% access_backends: 'local' (the default) is a user of one of this server's virtual hosts,
+%% whether or not the configuration defines an access rule of that name (ejabberd has
+%% none built in, and a rule it does not know denies); any other value is an access rule
+%% ('all': anyone, accounts of other servers included).
+may_use_backends(_Host, local, #jid{luser = U, lserver = S}) ->
+    U /= <<>> andalso ejabberd_router:is_my_host(S);
+may_use_backends(Host, Rule, From) ->
+    acl:match_rule(Host, Rule, From) == allow.
 
 publish_outcome(timeout) -> timeout;
 publish_outcome(#iq{type = result}) -> result;

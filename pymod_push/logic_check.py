@@ -253,7 +253,7 @@ def check(spec: str, options: dict[str, Any], stanzas: Sequence[Sample],
                                   f"<enable xmlns='urn:xmpp:push:0' jid='{APP_SERVER}' "
                                   f"node='node{number}'/>".encode()), now)
             stanza = stanza_of(sample.xml, sample.nick)
-            unwrapped = unwrap_carbon(stanza)
+            unwrapped = unwrap_carbon(stanza, (name, host))
             default = unwrapped is not None and trigger_of(unwrapped, config) is not None
             with _collected() as problems:
                 publishes = _answered(service, service.handle(StanzaToPending(session, stanza),

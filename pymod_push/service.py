@@ -442,7 +442,7 @@ class PushService:
         the user's options are read here unless the caller has them. With async push
         logic, the decision waits for it instead (a HookWork for the port, see
         hook_call); target is then what the event was for (resource "": any session)."""
-        stanza = unwrap_carbon(original) if registrations else None
+        stanza = unwrap_carbon(original, registrations[0].session[:2]) if registrations else None
         trigger = trigger_of(stanza, self.config) if stanza else None
         if stanza is None or (trigger is None and not self.logic.has("should_push")
                               and not (stanza.type == "groupchat"
@@ -578,7 +578,7 @@ class PushService:
 
     def hook_call(self, work: HookWork) -> HookCall:
         """What the admin's functions are asked about work (as it stands now)."""
-        stanza = unwrap_carbon(work.stanza)
+        stanza = unwrap_carbon(work.stanza, work.target[:2])
         trigger = trigger_of(stanza, self.config) if stanza else None
         if work.target[2]:
             registrations, stored = self.store.for_session_with_options(work.target)
@@ -611,7 +611,7 @@ class PushService:
         if queue and queue[0] is work:
             queue.popleft()
         self.store.remove_hook_work(work.id)
-        stanza = unwrap_carbon(work.stanza)
+        stanza = unwrap_carbon(work.stanza, work.target[:2])
         if stanza is None or call.options is None:
             return []
         trigger = trigger_of(stanza, self.config)

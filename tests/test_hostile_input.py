@@ -16,6 +16,8 @@ from dataclasses import replace
 from typing import Any
 from xml.sax.saxutils import escape, quoteattr
 
+import h2.config
+import h2.connection
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -40,6 +42,7 @@ from pymod_push.protocol import (
     action_term,
     parse_event,
 )
+from pymod_push.providers.h2wire import Answered, Failed, H2Client
 from pymod_push.service import PushService
 from pymod_push.store import Store
 
@@ -303,18 +306,44 @@ def test_doctypes_and_foreign_encodings_are_refused_by_the_parser() -> None:
 
 
 def test_deep_nesting_and_many_forms_are_answered() -> None:
+    """Many forms are read (the unknown ones ignored); nesting beyond safexml.MAX_DEPTH is
+    refused with bad-request and says why (was: an IQ result for 100,000 levels, whose
+    tree a recursive walk such as ET.tostring could not have handled)."""
     service = make_service()
-    for ref, inner in (
-            ("deep", f"<x xmlns='{NS_DATA}' type='submit'>" + "<a>" * 100_000
-             + "</a>" * 100_000 + "</x>"),
+    deep = ("<a>" * 100_000 + "</a>" * 100_000,
+            "<a>" * safexml.MAX_DEPTH + "</a>" * safexml.MAX_DEPTH)
+    for ref, inner, accepted in (
+            ("deep", f"<x xmlns='{NS_DATA}' type='submit'>{deep[0]}</x>", False),
+            ("deepest", deep[1], False),  # with <enable/> around it: one too many
+            ("deep enough", deep[1][3:-4], True),
             ("many", f"<x xmlns='{NS_DATA}' type='submit'><field var='secret'><value>s</value>"
-                     "</field></x>" * 5000)):
+                     "</field></x>" * 5000, True)):
         xml = f"<enable xmlns='{NS_PUSH}' jid='push.example.net' node='n'>{inner}</enable>"
         assert len(xml) < safexml.MAX_XML_BYTES
         answer = assert_one_answer(list(service.handle(
             PushIq(ref, PHONE, ACCOUNT, "set", "en", xml.encode()), 0.0)), ref)
-        assert isinstance(answer, IqResult)
+        if accepted:
+            assert isinstance(answer, IqResult), ref
+        else:
+            assert isinstance(answer, IqError) and answer.condition == "bad-request", ref
+            assert f"nested more than {safexml.MAX_DEPTH} elements deep" in answer.text
     assert list(service.handle(valid_enable(), 0.0))[-1] == IqResult("check")
+
+
+def test_nesting_is_bounded_whatever_the_markup() -> None:
+    """The depth is counted by the parser, not guessed from the text: self-closed elements,
+    comments and many siblings do not count, nesting does, in every element's name."""
+    at_bound = "<a>" * safexml.MAX_DEPTH + "</a>" * safexml.MAX_DEPTH
+    assert sum(1 for _ in safexml.parse(at_bound.encode()).iter()) == safexml.MAX_DEPTH
+    wide = "<r>" + "<a/><!-- <b> --><c>x</c>" * 1000 + "</r>"
+    assert len(safexml.parse(wide.encode())) == 2000
+    for deep in ("<a>" * (safexml.MAX_DEPTH + 1) + "</a>" * (safexml.MAX_DEPTH + 1),
+                 "<r>" + "<a/>" * 100 + "<m><f>" * 40 + "</f></m>" * 40 + "</r>",
+                 "<a>" * 5000):  # not even closed: refused for its depth first
+        with pytest.raises(ET.ParseError, match="nested more than"):
+            safexml.parse(deep.encode())
+    with pytest.raises(ET.ParseError):  # many elements, not closed
+        safexml.parse(("<r>" + "<a/>" * 100).encode())
 
 
 # ------------------------------------------------------------------ the app server
@@ -862,3 +891,28 @@ def test_mutated_compressed_frames_fail_cleanly(data: st.DataObject) -> None:
         etf.decode(bytes(compressed))
     except etf.DecodeError:
         pass
+
+
+# ------------------------------------------------------------ numbers from the network
+
+@pytest.mark.parametrize("status", ["\u00b2\u00b2\u00b2", "\u0662\u0660\u0660",
+                                    "\uff12\uff10\uff10", "20", "2000", "+20", " 20", "099",
+                                    "2e2", ""])
+def test_an_http2_status_is_three_ascii_digits(status: str) -> None:
+    """Was: '\u00b2\u00b2\u00b2'.isdigit() is true and int() raises out of
+    H2Client.receive (the connection and its other streams lost); Arabic-Indic and
+    fullwidth digits were taken as 200. Now the stream fails, the connection goes on."""
+    from tests.test_h2wire import Server, answer, exchange, request
+
+    client = H2Client()
+    server = Server(h2.connection.H2Connection(h2.config.H2Configuration(
+        client_side=False, header_encoding="utf-8", validate_outbound_headers=False)))
+    first, second = request(client), request(client)
+    exchange(client, server)
+    server.h2.send_headers(first, [(":status", status)], end_stream=True)
+    answer(server, second, 200, body=b"ok")
+    events = exchange(client, server)
+    assert [e for e in events if isinstance(e, Failed)] == [
+        Failed(first, "an answer without a valid status")]
+    (answered,) = [e for e in events if isinstance(e, Answered)]
+    assert (answered.stream_id, answered.status, answered.body) == (second, 200, b"ok")

@@ -105,6 +105,16 @@ def test_max_size_defaults_to_tigases_and_is_bounded() -> None:
     (encrypt_el(alg="aes-256-gcm"), "", "algorithm"),
     (encrypt_el(alg=""), "", "algorithm"),
     (encrypt_el(extra=" max-size='12x'"), "", "max-size"),
+    # isdigit() is true for each; int() raised on the first (a traceback, the IQ never
+    # answered) and took the others (Arabic-Indic, fullwidth, mathematical 3000)
+    (encrypt_el(extra=" max-size='\u00b2'"), "", "max-size must be a number"),
+    (encrypt_el(extra=" max-size='\u0663\u0660\u0660\u0660'"), "", "ASCII digits"),
+    (encrypt_el(extra=" max-size='\uff13\uff10\uff10\uff10'"), "", "ASCII digits"),
+    (encrypt_el(extra=" max-size='\U0001d7d1\U0001d7ce\U0001d7ce\U0001d7ce'"), "",
+     "ASCII digits"),
+    (encrypt_el(extra=" max-size='3\u00b2'"), "", "ASCII digits"),
+    (encrypt_el(extra=" max-size=''"), "", "max-size"),
+    (encrypt_el(extra=" max-size='1234567890'"), "", "max-size"),
     (encrypt_el(extra=" max-size='10'"), "", "at least"),
     (encrypt_el() + encrypt_el(), "", "more than once"),
     ("<muted xmlns='tigase:push:filter:muted:0'><item/></muted>", "", "jid"),
@@ -504,6 +514,61 @@ def test_calls_are_voip_high_and_carry_the_jingle_element() -> None:
 
 
 @pytest.mark.usefixtures("database")
+def test_a_unicode_digit_in_max_size_is_answered_with_bad_request() -> None:
+    """Was: ValueError out of PushService.handle: no answer until the shim's timeout."""
+    service = make_service()
+    for max_size in ("\u00b2", "\u0663\u0660\u0660\u0660"):
+        (answer,) = service.handle(push_iq(enable_xml(encrypt_el(
+            extra=f" max-size='{max_size}'"))), 0)
+        assert isinstance(answer, IqError) and answer.condition == "bad-request"
+        assert "max-size must be a number of bytes (ASCII digits)" in answer.text
+    assert service.store.for_session(PHONE) == []
+    (*_, answer) = service.handle(push_iq(enable_xml(encrypt_el(extra=" max-size='3000'"))), 0)
+    assert isinstance(answer, IqResult)
+
+
+@pytest.mark.usefixtures("database")
+def test_a_forged_carbon_is_filtered_as_its_real_sender() -> None:
+    """muted and ignore-unknown judge the carbon's outer sender unless it is the user's
+    own bare JID (was: the sender named inside, which anyone could write)."""
+    service = make_service()
+    muted = ("<muted xmlns='tigase:push:filter:muted:0'><item jid='mallory@evil.example'/>"
+             "</muted><ignore-unknown xmlns='tigase:push:filter:ignore-unknown:0'/>")
+    service.handle(push_iq(enable_xml(encrypt_el() + muted)), 0)
+    inner = ("<received xmlns='urn:xmpp:carbons:2'><forwarded xmlns='urn:xmpp:forward:0'>"
+             "<message xmlns='jabber:client' from='bob@example.org/pc' type='chat' id='i'>"
+             "<body>from bob</body></message></forwarded></received>")
+    # muted mallory, and a stranger (as the shim tells: not in the roster)
+    for sender, known in (("mallory@evil.example/x", None), ("eve@evil.example/x", False)):
+        forged = stanza("psst", "f-" + sender, sender=sender, extra=inner, known=known)
+        assert service.handle(StanzaToPending(PHONE, forged), 1) == [], sender
+    own = stanza("", "own", sender="alice@example.org", extra=inner, known=None)
+    (push,) = service.handle(StanzaToPending(PHONE, own), 1)
+    assert decrypted(push) == {"unread": 1, "sender": "bob@example.org", "type": "chat",
+                               "message": "from bob"}
+
+
+@pytest.mark.usefixtures("database")
+def test_a_proposal_in_a_room_is_a_group_chat_message_for_the_room_rules() -> None:
+    """A room set to 'always' pushes a proposal sent to it as any group chat message:
+    not a VoIP push, no <jingle/> (was: a call for every pending occupant)."""
+    service = make_service()
+    service.handle(push_iq(enable_xml(ALL)), 0)
+    propose = ("<propose xmlns='urn:xmpp:jingle-message:0' id='c1'>"
+               "<description xmlns='urn:xmpp:jingle:apps:rtp:1' media='audio'/></propose>")
+    ring = stanza("ring", "r1", sender="loud@muc.example.org/Bob", stanza_type="groupchat",
+                  extra=propose, known=None)
+    (push,) = service.handle(StanzaToPending(PHONE, ring), 1)
+    found = {e.tag: e for e in elements(push)}
+    assert f"{{{ext.NS_JINGLE}}}jingle" not in found
+    assert found[f"{{{ext.NS_ENCRYPT}}}encrypted"].get("type") is None
+    assert decrypted(push)["type"] == "groupchat"
+    quiet = stanza("Alice, ring", "r2", sender="off@muc.example.org/Bob",
+                   stanza_type="groupchat", extra=propose, known=None)
+    assert service.handle(StanzaToPending(PHONE, quiet), 1) == []
+
+
+@pytest.mark.usefixtures("database")
 def test_the_admins_logic_sees_the_extensions() -> None:
     seen: list[ext.Extensions] = []
 
@@ -694,7 +759,8 @@ tigase_children = st.lists(st.tuples(
                      "tigase:push:other:0"]),
     st.dictionaries(st.sampled_from(["alg", "max-size", "jid", "allow", "nick"]),
                     st.sampled_from(["", "aes-128-gcm", "300", "-1", "a@b.c", "always",
-                                     "x y", "mentioned"]), max_size=3),
+                                     "x y", "mentioned", "\u00b2", "\u0663\u0660\u0660"]),
+                    max_size=3),
     st.sampled_from(["", KEY64, "!!", "<item jid='a@b.c'/>", "<room jid='r@m.c'/>",
                      "<room jid='r@m.c' allow='never'/>", "<item/>"])), max_size=5)
 

@@ -593,7 +593,7 @@ process_iq(IQ, From, To, Type, Lang, Els) ->
         false ->
             Ref = make_ref(),
             Xml = case Els of
-                      [El | _] -> fxml:element_to_binary(El);
+                      [El | _] -> xml_binary(El);
                       [] -> <<>>
                   end,
             send_iq(To#jid.lserver, IQ, Ref, {iq, Ref, jid:tolower(From),
@@ -889,7 +889,21 @@ describe(Pkt) ->
                undefined -> <<>>
            end,
     {element(1, Pkt), From, xmpp:get_id(Pkt), xmpp:get_type(Pkt), Body,
-     fxml:element_to_binary(xmpp:encode(Pkt))}.
+     xml_binary(xmpp:encode(Pkt))}.
+
+%% XML for Python. fxml:element_to_binary recurses in C on a scheduler's stack: some
+%% thousands of nested elements (4,000 here) crash the VM. No stanza of any XEP nests more
+%% than some ten levels: elements below the 64th level are left out, as Python would
+%% refuse them (safexml.MAX_DEPTH).
+xml_binary(El) ->
+    fxml:element_to_binary(within_depth(El, 64)).
+
+within_depth(#xmlel{children = Els} = El, Levels) when Levels > 1 ->
+    El#xmlel{children = [within_depth(C, Levels - 1) || C <- Els]};
+within_depth(#xmlel{children = Els} = El, _) ->
+    El#xmlel{children = [C || C <- Els, not is_record(C, xmlel)]};
+within_depth(Other, _) ->
+    Other.
 
 session_key(#{user := U, server := S, resource := R}) ->
     jid:tolower({U, S, R}).
@@ -1321,7 +1335,7 @@ route_to_app_server(_Pkt, State) ->
 
 push_app_server_iq(#iq{from = From} = IQ, #state{host = Host} = State) ->
     Allowed = may_use_backends(Host, opt(Host, access_backends), From),
-    push_event({app_server_iq, Allowed, fxml:element_to_binary(xmpp:encode(IQ))}, State).
+    push_event({app_server_iq, Allowed, xml_binary(xmpp:encode(IQ))}, State).
 
 %% access_backends: 'local' (the default) is a user of one of this server's virtual hosts,
 %% whether or not the configuration defines an access rule of that name (ejabberd has

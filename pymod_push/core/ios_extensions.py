@@ -28,7 +28,7 @@ from xml.sax.saxutils import escape, quoteattr
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from . import safexml
-from .limits import cut_chars
+from .limits import ascii_number, cut_chars
 from .xep0357 import RequestError, jid_problem
 
 NS_ENCRYPT = "tigase:push:encrypt:0"
@@ -230,13 +230,14 @@ def _parse_encrypt(element: ET.Element) -> Encrypt:
     if len(key) != KEY_BYTES:
         raise _bad(f"encrypt: the key must be {KEY_BYTES} bytes (128 bits)")
     max_size = DEFAULT_MAX_SIZE
-    if element.get("max-size") is not None:
-        raw = (element.get("max-size") or "").strip()
-        if not raw.isdigit() or len(raw) > 9:
-            raise _bad("encrypt: max-size must be a number of bytes")
-        if int(raw) < MIN_MAX_SIZE:
+    raw = element.get("max-size")
+    if raw is not None:
+        asked = ascii_number(raw, max_digits=9)  # not isdigit(): '\u00b2' is a digit to it
+        if asked is None:
+            raise _bad("encrypt: max-size must be a number of bytes (ASCII digits)")
+        if asked < MIN_MAX_SIZE:
             raise _bad(f"encrypt: max-size must be at least {MIN_MAX_SIZE} bytes")
-        max_size = min(int(raw), MAX_MAX_SIZE)
+        max_size = min(asked, MAX_MAX_SIZE)
     return Encrypt(key, max_size)
 
 

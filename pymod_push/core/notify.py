@@ -7,9 +7,10 @@ import hashlib
 import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
+from encodings.idna import nameprep
 from functools import lru_cache
 
-from ..protocol import Stanza
+from ..protocol import Stanza, UserKey
 from . import ios_extensions, safexml
 from .config import Config
 from .options import PushOptions
@@ -24,18 +25,22 @@ class Trigger(enum.Enum):
 NS_JMI = b"urn:xmpp:jingle-message:0"
 NS_CARBONS = b"urn:xmpp:carbons:2"
 NS_FORWARD = "urn:xmpp:forward:0"
+NS_MUC_USER = b"http://jabber.org/protocol/muc#user"
+_JMI_PROPOSE = f"{{{NS_JMI.decode()}}}propose"
 CALL_BODY = "Incoming call"
 
 
 def trigger_of(stanza: Stanza, config: Config) -> Trigger | None:
     """Why this stanza warrants a push, or None (chat states, receipts, markers, empty
-    bodies, group chat without a mention); carbons are unwrapped before (unwrap_carbon)."""
+    bodies, group chat without a mention); carbons are unwrapped before (unwrap_carbon).
+    A call proposal that is no one-to-one call (is_call) is judged as any other message:
+    in a room, by the group chat rules."""
     if stanza.kind == "presence":
         return Trigger.SUBSCRIPTION if stanza.type == "subscribe" else None
     if stanza.kind != "message" or stanza.type == "error":
         return None
     xml = stanza.xml
-    if NS_JMI in xml and b"<propose" in xml:
+    if NS_JMI in xml and b"<propose" in xml and is_call(stanza):
         return Trigger.CALL
     if stanza.type == "groupchat":
         if not groupchat_candidate(stanza, config):
@@ -64,10 +69,28 @@ def extension_event(stanza: Stanza, call: bool) -> ios_extensions.Event:
                                 stanza.known)
 
 
-def unwrap_carbon(stanza: Stanza) -> Stanza | None:
-    """What a Message Carbons copy stands for: None for the copy of a message the user
-    sent from another device (never a push), the forwarded message for a received copy."""
-    if NS_CARBONS not in stanza.xml:
+def is_call(stanza: Stanza) -> bool:
+    """Is this message a one-to-one call proposal (Jingle Message Initiation)? Only a chat
+    or normal message whose own child is the <propose/>, and not a room occupant's
+    private message (XEP-0045 marks those with <x xmlns='...muc#user'/>): a proposal in a
+    room, or passed on inside another element, would ring every device it reaches."""
+    if stanza.type not in ("chat", "normal") or NS_MUC_USER in stanza.xml:
+        return False
+    try:
+        root = safexml.parse(stanza.xml)
+    except ET.ParseError:
+        return False
+    return root.find(_JMI_PROPOSE) is not None
+
+
+def unwrap_carbon(stanza: Stanza, user: UserKey) -> Stanza | None:
+    """What a Message Carbons copy stands for, for ``user`` (user, server, stringprep'ed):
+    None for the copy of a message the user sent from another device (never a push), the
+    forwarded message for a received copy. Only the server writes carbons, from the
+    user's own bare JID (XEP-0280, 11): a wrapper from anyone else, or one that cannot be
+    read (malformed, nested more than safexml.MAX_DEPTH deep), is not honoured, the
+    stanza is a plain message from its real sender."""
+    if NS_CARBONS not in stanza.xml or not is_own_bare_jid(stanza.sender, user):
         return stanza
     try:
         root = safexml.parse(stanza.xml)
@@ -82,6 +105,22 @@ def unwrap_carbon(stanza: Stanza) -> Stanza | None:
     return Stanza("message", inner.get("from", stanza.sender), inner.get("id", ""),
                   inner.get("type", "normal"), inner.findtext("{jabber:client}body") or "",
                   ET.tostring(inner))
+
+
+def is_own_bare_jid(jid: str, user: UserKey) -> bool:
+    """Is ``jid`` the bare JID of ``user`` (stringprep'ed)? The shim tells a JID as the
+    sender wrote it, the case of a login's name kept: compared after the mapping that
+    nodeprep and nameprep share (RFC 3454 B.1 and B.2, NFKC)."""
+    name, server = user
+    if jid == f"{name}@{server}":
+        return True
+    local, at, domain = jid.partition("@")
+    if not at or "/" in domain:
+        return False
+    try:
+        return nameprep(local) == name and nameprep(domain) == server
+    except UnicodeError:  # a character that neither may hold
+        return False
 
 
 def mentions(stanza: Stanza) -> bool:

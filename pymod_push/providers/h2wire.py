@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import hpack
 
+from ..core.limits import ascii_number
 from .hpack_cache import Encoder, decode_plain
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -284,11 +285,13 @@ class H2Client:
             headers = {name.decode("utf-8", "replace"): value.decode("utf-8", "replace")
                        for name, value in fields}
             status = headers.pop(":status", "")
-            if not status.isdigit():
-                self._fail(stream_id, "an answer without a status", events)
+            # Three ASCII digits (RFC 9110, 15); isdigit() would pass '\u00b2'
+            code = ascii_number(status, 3) if len(status) == 3 else None
+            if code is None or code < 100:
+                self._fail(stream_id, "an answer without a valid status", events)
                 return
-            if int(status) >= 200:
-                stream.status, stream.headers = int(status), headers
+            if code >= 200:
+                stream.status, stream.headers = code, headers
             elif ends_stream:
                 self._fail(stream_id, "an informational answer ended the stream", events)
                 return

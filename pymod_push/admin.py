@@ -171,7 +171,7 @@ def _wake_all(service: PushService, info: ProcessInfo, args: tuple[str, ...],
 
 def _delete_old(service: PushService, info: ProcessInfo, args: tuple[str, ...],
                 now: float) -> Result:
-    if not args or not args[0].isdigit():
+    if not args or not (args[0].isascii() and args[0].isdigit()):  # ASCII digits only
         raise CommandError("give a number of days")
     removed = service.store.delete_older_than(now - int(args[0]) * 86400)
     log.info("ejabberdctl: deleted %d push registration(s) older than %s days",

@@ -213,3 +213,26 @@ def test_a_message_nested_5000_deep_is_no_crash(scenario: Scenario) -> None:
         assert not re.search(r"Traceback|RecursionError|failed to handle", log), log[-3000:]
 
     scenario.run(run)
+
+
+def test_the_servers_carbon_of_a_deep_message_still_pushes(scenario: Scenario) -> None:
+    """2,000 levels (what ejabberd 23.01 itself still delivers to an online client): the
+    laptop gets it, the pending phone ejabberd's <received/> carbon, cut at 64 levels by
+    the shim, unwrapped and pushed (was: RecursionError in ET.tostring, a traceback)."""
+    async def run(peers: Peers) -> None:
+        app, phone, mallory = await scenario.cast(peers)
+        await phone.push_iq("<enable xmlns='urn:xmpp:carbons:2'/>")
+        await phone.enable_push(app.boundjid.full, "carbon", options=BODIES)
+        laptop = await peers.user(phone.boundjid.bare, "secret-" + phone.boundjid.user)
+        await laptop.push_iq("<enable xmlns='urn:xmpp:carbons:2'/>")
+        await scenario.go_pending(phone)
+        mark = scenario.instance.log_mark()
+        nested = "<a>" * 2000 + "</a>" * 2000
+        mallory.send_raw(deep_message(laptop.boundjid.full, "to your laptop", nested, "d3"))
+        (push,) = await app.wait_for("carbon", 1)
+        assert push.summary["last-message-body"] == "to your laptop"
+        assert push.summary["last-message-sender"].startswith(mallory.boundjid.bare + "/")
+        log = await asyncio.to_thread(log_since, scenario.instance, mark)
+        assert not re.search(r"Traceback|RecursionError|failed to handle", log), log[-3000:]
+
+    scenario.run(run)

@@ -384,8 +384,10 @@ class PortApp:
         self._write(frame(hello_reply(info)))
         self._write(frame([action_term(a) for a in self.service.initial_actions()]))
         config = runtime.config
-        log.info("ready for %s (pymod_push %s, database %s)", hello.host, __version__,
-                 "PostgreSQL" if config.db_url else config.db_file)
+        log.info("ready for %s (pymod_push %s, database %s; at most %d pushed messages "
+                 "remembered per pending session: mod_stream_mgmt's max_ack_queue)", hello.host,
+                 __version__, "PostgreSQL" if config.db_url else config.db_file,
+                 self.service.marks_kept)
         self._timers_from = time.monotonic() + REPLAY_GRACE_S
         self._arm_timer()  # notifications an earlier process left unanswered
         for user in self.service.users_waiting_for_logic():  # and those it left waiting

@@ -221,7 +221,7 @@ class PushService:
         # most max_ack_queue messages per session (per registration of it): no more of
         # them can come back.
         self._pushed: dict[SessionKey, PushedTo] = {}
-        self._marks_kept = max(1, max_ack_queue)
+        self.marks_kept = max(1, max_ack_queue)  # messages per session and registration
         self._last_pushed_id = store.last_pushed_id()
         started = time.time()  # later than their first push: kept a little longer, never less
         registrations = Counter(r.session for r in store.pending_on(config.ejabberd_node))
@@ -229,7 +229,7 @@ class PushService:
             pushed = self._pushed.get(session)
             if pushed is None:
                 pushed = self._pushed[session] = PushedTo(started)
-            pushed.add(_MARK.pack(mark), self._marks_kept * max(1, registrations[session]))
+            pushed.add(_MARK.pack(mark), self.marks_kept * max(1, registrations[session]))
         self.logic = logic or Logic()
         self.logic.budget_s = config.logic_budget_ms / 1000
         self.app_server = AppServer(config, store, logic=self.logic,
@@ -534,7 +534,7 @@ class PushService:
             pushed = self._pushed[session] = PushedTo(now)
         elif packed in pushed:
             return None
-        keep = self._marks_kept
+        keep = self.marks_kept
         if len(pushed.marks) >= keep * _MARK.size:  # a long pending session: one per registration
             keep *= max(1, len(self.store.for_session(session)))
         pushed.add(packed, keep)

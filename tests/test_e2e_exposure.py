@@ -6,7 +6,8 @@
 - the built-in app server serves this server's own users by default, not a JID of another
   domain (a component's user stands for one here), unless access_backends is all;
 - the database files are 0600 and the Python process's umask 077;
-- modules planted in the port's working directory (the spool) are not imported.
+- modules planted in the port's working directory (the spool) are not imported;
+- what is remembered per pending session is bounded by mod_stream_mgmt's max_ack_queue.
 
 One ejabberd for the module, with a component listener (comp.localhost) and, in its spool
 before it starts, a json.py and a pymod_push.py that leave a mark if they ever run."""
@@ -45,7 +46,8 @@ COMPONENT_SECRET = "component-secret"
 REGISTER_HOST = "push.localhost"
 PLANTED = {"json.py": "planted-json-ran", "pymod_push.py": "planted-pymod_push-ran"}
 NS_STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
-LOG_TIMEOUT = 20.0  # for what the fixed code logs at once; the old code never does
+LOG_TIMEOUT = 20.0
+MAX_ACK_QUEUE = 700  # for what the fixed code logs at once; the old code never does
 
 
 @dataclass
@@ -62,7 +64,8 @@ def setup() -> Iterator[Setup]:
     # A backend that registration alone exercises (its endpoint is never reached here).
     backend = {"type": "ubuntu", "register_host": REGISTER_HOST,
                "pubsub_host": "pubsub.localhost", "endpoint": f"https://127.0.0.1:{free_port()}"}
-    instance = Instance(folder, options={"backends": [backend]})
+    instance = Instance(folder, options={"backends": [backend]}, modules={"mod_stream_mgmt": {
+        "resume_timeout": 300, "resend_on_timeout": "if_offline", "max_ack_queue": MAX_ACK_QUEUE}})
     instance.write_config()
     config_file = folder / "ejabberd.yml"
     config = yaml.safe_load(config_file.read_text())
@@ -316,3 +319,10 @@ def test_modules_planted_in_the_spool_are_not_imported(setup: Setup) -> None:
     args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     assert b"-P" in args
     assert not [mark for mark in PLANTED.values() if (instance.spool / mark).exists()]
+
+
+def test_the_bound_on_remembered_messages_is_mod_stream_mgmts_max_ack_queue(
+        setup: Setup) -> None:
+    instance = setup.scenario.instance
+    instance.wait_for_log(rf"ready for {instance.host} .*at most {MAX_ACK_QUEUE} pushed "
+                          "messages remembered per pending session")

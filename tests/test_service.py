@@ -29,7 +29,13 @@ from pymod_push.protocol import (
     action_term,
     parse_event,
 )
-from pymod_push.service import PUSHED_RETENTION_MARGIN_S, PushedTo, PushService
+from pymod_push.runtime import max_ack_queue
+from pymod_push.service import (
+    DEFAULT_MAX_ACK_QUEUE,
+    PUSHED_RETENTION_MARGIN_S,
+    PushedTo,
+    PushService,
+)
 from pymod_push.store import MIGRATIONS, Store
 from tests.service_stores import database, make_service  # noqa: F401 - a fixture
 
@@ -491,6 +497,15 @@ def test_a_new_process_reads_back_the_newest_marks_within_the_bound(tmp_path: Pa
     assert len(second._pushed[PHONE].marks) == 100 * 8
     for stanza in stanzas[-100:]:
         assert second.handle(Offline(PHONE[:2], stanza, "offline"), 2) == []
+
+
+@pytest.mark.parametrize(("told", "kept"), [
+    (700, 700), (None, DEFAULT_MAX_ACK_QUEUE), (Atom("infinity"), DEFAULT_MAX_ACK_QUEUE),
+    (0, DEFAULT_MAX_ACK_QUEUE), (True, DEFAULT_MAX_ACK_QUEUE)])
+def test_the_hello_tells_the_bound(told: object, kept: int) -> None:
+    """mod_stream_mgmt's max_ack_queue as the shim sends it; its default when it sends
+    none (an older shim) or something that is no positive number."""
+    assert max_ack_queue(told) == kept
 
 
 def test_a_mark_is_found_only_where_it_starts_a_mark() -> None:

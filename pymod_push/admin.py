@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from . import __version__, logic
 from .core import ios_extensions
 from .protocol import Action, AdminCommand, CommandResult
+from .providers.dispatch import GIVE_UP_S, MAX_WAITING_PER_DEVICE
 from .python_provider import ProviderError
 from .service import PushService
 from .store import Registration
@@ -69,7 +70,8 @@ def _status(service: PushService, info: ProcessInfo, args: tuple[str, ...],
         f"push registrations: {totals['registrations']}, users with own options: "
         f"{totals['user_options']}, app-server devices: {totals['devices']}",
         f"notifications awaiting an app server's answer: {totals['outbox']}, "
-        f"deferred by providers: {totals['provider_queue']}, messages remembered as "
+        f"deferred by providers: {totals['provider_queue']} (at most "
+        f"{MAX_WAITING_PER_DEVICE} per device), messages remembered as "
         f"pushed: {totals['pushed']}",
         "publishes to app servers: " + _counts(service.counters),
         f"publishes to this module's own app server taken in-process: {service.in_process}",
@@ -78,7 +80,10 @@ def _status(service: PushService, info: ProcessInfo, args: tuple[str, ...],
     for provider in providers:
         outcomes = Counter({outcome: n for (p, outcome), n in info.provider_counters.items()
                             if p == provider})
-        lines.append(f"pushes via {provider}: {_counts(outcomes)}")
+        devices_given_up = outcomes.pop("devices_given_up", 0)  # devices, not pushes
+        lines.append(f"pushes via {provider}: {_counts(outcomes)}" + (
+            f"; devices given up (their pushes failed for {GIVE_UP_S / 3600:g} h): "
+            f"{devices_given_up}" if devices_given_up else ""))
     config = service.config
     near = service.store.accounts_near(_near(config.max_registrations),
                                        _near(config.max_devices))

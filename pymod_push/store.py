@@ -182,6 +182,14 @@ MIGRATIONS: tuple[str, ...] = (
               "attempt INTEGER NOT NULL, due DOUBLE PRECISION NOT NULL, "
               "created DOUBLE PRECISION NOT NULL, ejabberd_node TEXT NOT NULL DEFAULT ''")}
     """,
+    # version 13: a device's pushes waiting at its provider are bounded (the newest kept,
+    # see keep_newest_queued: found by device), and a device that only ever fails is given
+    # up (failing_since: when its pushes began to fail, the same for all of them; NULL in
+    # rows of before: created stands for it)
+    """
+    ALTER TABLE provider_queue ADD COLUMN failing_since DOUBLE PRECISION;
+    CREATE INDEX provider_queue_by_device ON provider_queue (device_node, ejabberd_node, id);
+    """,
 )
 
 
@@ -240,6 +248,9 @@ class QueuedPush:
     attempt: int
     due: float
     created: float
+    # Since when its device's pushes fail, without a delivery (the device is given up after
+    # a while: see providers/dispatch.py); the same for all of a device's queued pushes.
+    failing_since: float
 
 
 @dataclass(slots=True, frozen=True)  # frozen: the store keeps and shares them
@@ -740,9 +751,23 @@ class Store:
     # ------------------------------------------------------ provider queue
     def queue_push(self, push: QueuedPush, ejabberd_node: str) -> None:
         self.db.execute("INSERT INTO provider_queue (id, device_node, summary, attempt, due, "
-                        "created, ejabberd_node) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        "created, ejabberd_node, failing_since) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                         (push.id, push.device_node, json.dumps(push.summary), push.attempt,
-                         push.due, push.created, ejabberd_node))
+                         push.due, push.created, ejabberd_node, push.failing_since))
+
+    def keep_newest_queued(self, device_node: str, ejabberd_node: str, keep: int) -> None:
+        """The device's queued pushes (of that ejabberd node) but the ``keep`` newest (by
+        id) are removed: the bound on what waits per device; 0 removes them all. A write
+        with no answer to wait for (no round trip of its own with PostgreSQL)."""
+        self.db.execute("DELETE FROM provider_queue WHERE device_node=? AND ejabberd_node=? "
+                        "AND id<=(SELECT id FROM provider_queue WHERE device_node=? AND "
+                        "ejabberd_node=? ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                        (device_node, ejabberd_node, device_node, ejabberd_node, keep))
+
+    def restart_failing(self, device_node: str, ejabberd_node: str, since: float) -> None:
+        """A push to the device was delivered: those still queued fail since ``since``."""
+        self.db.execute("UPDATE provider_queue SET failing_since=? WHERE device_node=? AND "
+                        "ejabberd_node=?", (since, device_node, ejabberd_node))
 
     def update_queued_push(self, push: QueuedPush) -> None:
         self.db.execute("UPDATE provider_queue SET attempt=?, due=? WHERE id=?",
@@ -752,12 +777,12 @@ class Store:
         self.db.execute("DELETE FROM provider_queue WHERE id=?", (push_id,))
 
     def queued_pushes(self, ejabberd_node: str) -> list[QueuedPush]:
-        rows = self.db.execute("SELECT id, device_node, summary, attempt, due, created FROM "
-                               "provider_queue WHERE ejabberd_node=? ORDER BY id",
-                               (ejabberd_node,))
+        rows = self.db.execute("SELECT id, device_node, summary, attempt, due, created, "
+                               "COALESCE(failing_since, created) FROM provider_queue WHERE "
+                               "ejabberd_node=? ORDER BY id", (ejabberd_node,))
         return [QueuedPush(int(i), node, dict(json.loads(summary)), int(attempt), float(due),
-                           float(created))
-                for i, node, summary, attempt, due, created in rows]
+                           float(created), float(failing))
+                for i, node, summary, attempt, due, created, failing in rows]
 
 
 def _kept(memory: dict[K, V], key: K, value: V, limit: int) -> V:

@@ -5,21 +5,27 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import itertools
 import logging
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from devtools.instance import free_port
 from pymod_push.appservice import AppServer, Delivery
 from pymod_push.core.appserver import Iq
 from pymod_push.core.config import Backend, Config
+from pymod_push.providers import b64url_encode
 from pymod_push.providers.dispatch import Dispatcher, Quieted
-from pymod_push.store import Device, QueuedPush, Store
+from pymod_push.store import Device, QueuedPush, Store, open_store
 from tests.fake_providers import (
     FakeProvider,
     LoopbackCA,
@@ -74,8 +80,8 @@ def wns(ca: LoopbackCA) -> tuple[FakeProvider, int, Backend]:
     return fake, port, backend
 
 
-def _device(token: str, **extra: str) -> Device:
-    return Device("node-1", "s", "alice@localhost", "d1", "", "x", "app", "pubsub.localhost",
+def _device(token: str, node: str = "node-1", **extra: str) -> Device:
+    return Device(node, "s", "alice@localhost", "d1", "", "x", "app", "pubsub.localhost",
                   token, **extra)
 
 
@@ -240,7 +246,8 @@ def test_a_provider_down_for_every_push_commits_through_the_callback_and_logs_on
                                 lambda node: None, answer, commit=lambda: queued_at_commits.append(
                                     len(store.queued_pushes(""))))
         for n in range(30):
-            dispatcher.submit(Delivery(backend, _device(f"tok{n}", application_id="app.id_app"),
+            dispatcher.submit(Delivery(backend, _device(f"tok{n}", f"node-{n}",
+                                                        application_id="app.id_app"),
                                        SUMMARY, Iq(f"p{n}", "set", "localhost",
                                                    "pubsub.localhost", None)))
         while len(answers) < 30 or dispatcher.counters[("ubuntu", "retried")] < 30:
@@ -305,3 +312,355 @@ def test_close_writes_and_answers_nothing_more_and_keeps_what_waits(
     assert len(answers) == 1 and "type='result'" in answers[0]
     assert len(kept) == 1 and Store(db).queued_pushes("ejabberd@a") == kept
     assert len(fake.received) == 6
+
+
+# ------------------------------------------------------- bounded work per device (issue 29)
+
+def _ubuntu(ca: LoopbackCA, fake: FakeProvider) -> Backend:
+    port = free_port()
+    serve_in_thread(fake, ca, port)
+    return Backend(0, "ubuntu", "any", "localhost", "pubsub.localhost", {
+        "endpoint": f"https://127.0.0.1:{port}", "cafile": str(ca.cafile)})
+
+
+def _ubuntu_device(node: str) -> Device:
+    return Device(node, "s", "alice@localhost", node, "", "ubuntu", "any", "pubsub.localhost",
+                  f"tok-{node}", application_id="app.id_app")
+
+
+def _publish(backend: Backend, device: Device, n: int = 1) -> Delivery:
+    return Delivery(backend, device, {**SUMMARY, "message-count": str(n)},
+                    Iq(f"p{n}", "set", "localhost", "pubsub.localhost", None))
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_a_device_has_at_most_a_few_pushes_waiting_the_newest_also_after_a_restart(
+        ca: LoopbackCA, tmp_path: Path, database: str, request: pytest.FixtureRequest) -> None:
+    """An endpoint that answers 503 to every push: of a device's pushes at most
+    MAX_WAITING_PER_DEVICE wait (rows and retries), the newest; those superseded are
+    counted and every publish is answered. The next process keeps the bound, also over
+    rows an earlier version left unbounded, and its new pushes supersede the oldest."""
+    from pymod_push.providers.dispatch import MAX_WAITING_PER_DEVICE
+
+    fake = FakeProvider(ubuntu_check)
+    backend = _ubuntu(ca, fake)
+    fake.answers["/notify"] = (503, {})  # down for good; retries wait ~ 1 s, 5 s, 30 s
+    config = Config("localhost", backends=(backend,), ejabberd_node="ejabberd@a")
+    opened: list[Store] = []
+
+    def reopen() -> Store:  # the same database, as the next process opens it
+        opened.append(open_store(str(tmp_path / "push.sqlite3")) if database == "sqlite"
+                      else open_store("", url))
+        return opened[-1]
+
+    url = request.getfixturevalue("postgres").new_database() if database != "sqlite" else ""
+    store = reopen()
+    device, other = _ubuntu_device("node-1"), _ubuntu_device("node-2")
+    for each in (device, other):
+        store.add_device(each)
+    store.commit()
+    answers: list[str] = []
+    publishes = 3 * MAX_WAITING_PER_DEVICE
+
+    async def first_process() -> Counters:
+        dispatcher = Dispatcher(config, store, lambda node: None, answers.append)
+        for n in range(1, publishes + 1):
+            dispatcher.submit(_publish(backend, device, n))
+        while len(answers) < publishes:
+            await asyncio.sleep(0.01)
+        retrying = [t for t in dispatcher._tasks if not t.cancelling() and not t.done()]
+        assert len(retrying) <= MAX_WAITING_PER_DEVICE  # superseded ones stopped
+        counters = dict(dispatcher.counters)
+        await dispatcher.close()
+        return counters
+
+    counters = asyncio.run(first_process())
+    assert len(answers) == publishes and all("type='result'" in a for a in answers)
+    assert counters[("ubuntu", "superseded")] == publishes - MAX_WAITING_PER_DEVICE
+    kept = reopen().queued_pushes("ejabberd@a")
+    assert len(kept) == MAX_WAITING_PER_DEVICE
+    assert len({push.summary["message-count"] for push in kept}) == MAX_WAITING_PER_DEVICE
+    # A database of before the bound: eight pushes of another device wait.
+    for n in range(8):
+        store.queue_push(QueuedPush(n + 1, "node-2", {**SUMMARY, "message-count": str(n)},
+                                    0, time.time() + 3600, 1.0, 1.0), "ejabberd@a")
+    store.commit()
+
+    async def second_process() -> Counters:
+        store = reopen()
+        dispatcher = Dispatcher(config, store, lambda node: None, answers.append)
+        dispatcher.resume(AppServer(config, store).queued_deliveries())
+        assert dispatcher.counters[("ubuntu", "superseded")] == 8 - MAX_WAITING_PER_DEVICE
+        newest = max(push.id for push in store.queued_pushes("ejabberd@a"))
+        dispatcher.submit(_publish(backend, device, 99))
+        while len(answers) < publishes + 1:
+            await asyncio.sleep(0.01)
+        rows = store.queued_pushes("ejabberd@a")
+        assert max(push.id for push in rows) > newest  # the new one is the newest
+        counters = dict(dispatcher.counters)
+        await dispatcher.close()
+        return counters
+
+    counters = asyncio.run(second_process())
+    assert counters[("ubuntu", "superseded")] == 8 - MAX_WAITING_PER_DEVICE + 1
+    rows = reopen().queued_pushes("ejabberd@a")
+    by_device = Counter(push.device_node for push in rows)
+    assert by_device == {"node-1": MAX_WAITING_PER_DEVICE, "node-2": MAX_WAITING_PER_DEVICE}
+    assert {push.summary["message-count"] for push in rows if push.device_node == "node-2"} \
+        == {"3", "4", "5", "6", "7"}  # the newest
+    assert "99" in {push.summary["message-count"] for push in rows}
+    for each in opened:
+        each.close()
+
+
+def test_what_no_retry_can_mend_fails_at_once(ca: LoopbackCA) -> None:
+    """Web Push: keys no request can be made with, a URL that is no https URL, an endpoint
+    answering 408 (any 4xx but 429) and a destination the policy refuses fail at once:
+    the publish gets its error, nothing is queued, the endpoint is asked at most once."""
+    fake, port = FakeProvider(), free_port()
+    serve_in_thread(fake, ca, port)
+    backend = Backend(0, "webpush", "any", "localhost", "pubsub.localhost",
+                      {"cafile": str(ca.cafile)})
+    fake.answers["/sub/timeout"] = (408, {})
+    fake.answers["/sub/bad"] = (400, {})
+    receiver = ec.generate_private_key(ec.SECP256R1())
+    p256dh = b64url_encode(receiver.public_key().public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint))
+    auth = b64url_encode(b"0123456789abcdef")
+
+    def device(node: str, endpoint: str, key: str = p256dh) -> Device:
+        return Device(node, "s", "alice@localhost", node, "", "webpush", "any",
+                      "pubsub.localhost", endpoint, p256dh=key, auth=auth)
+
+    base = f"https://127.0.0.1:{port}/sub"
+    devices = [device("keys", f"{base}/keys", b64url_encode(b"\x04" + b"\x01" * 64)),
+               device("http", f"http://127.0.0.1:{port}/sub/http"),
+               device("timeout", f"{base}/timeout"), device("bad", f"{base}/bad")]
+
+    def run(config: Config, sent: list[Device]) -> tuple[list[str], Counters, Store]:
+        answers: list[str] = []
+        store = Store(":memory:")
+
+        async def go() -> Counters:
+            dispatcher = Dispatcher(config, store, lambda node: None, answers.append)
+            for n, each in enumerate(sent):
+                dispatcher.submit(_publish(backend, each, n))
+            while len(answers) < len(sent):
+                await asyncio.sleep(0.01)
+            counters = dict(dispatcher.counters)
+            await dispatcher.close()
+            return counters
+
+        return answers, asyncio.run(go()), store
+
+    answers, counters, store = run(
+        Config("localhost", backends=(backend,), endpoint_allow_ips=LOOPBACK), devices)
+    assert all("internal-server-error" in answer for answer in answers), answers
+    assert counters == {("webpush", "failed"): 4} and store.queued_pushes("") == []
+    assert sorted(r.path for r in fake.received) == ["/sub/bad", "/sub/timeout"]
+    # 127.0.0.1 not allowed (the default): refused by the destination policy, for good.
+    fake.reset()
+    answers, counters, store = run(Config("localhost", backends=(backend,)),
+                                   [device("denied", f"{base}/denied")])
+    assert "internal-server-error" in answers[0]
+    assert counters == {("webpush", "failed"): 1} and store.queued_pushes("") == []
+    assert fake.received == []
+
+
+@pytest.mark.parametrize("value", ["\u00b2", "-1", "99999999999999999999", "0x10", "",
+                                   "Wed, 21 Oct 2015 07:28:00 GMT", " 7 ", "0", "99999"])
+def test_a_retry_after_of_anything_but_ascii_digits_gets_the_default_delay(value: str) -> None:
+    from pymod_push.providers import Outcome, Reply
+    from pymod_push.providers.dispatch import RETRY_DELAYS, retry_delay
+
+    delays = {retry_delay(Reply(Outcome.RETRY), {"retry-after": value}, 2) for _ in range(20)}
+    if value.strip() in ("7", "0", "99999"):  # bounded: 1 s (no busy loop) to 10 minutes
+        assert delays == {{"7": 7.0, "0": 1.0, "99999": 600.0}[value.strip()]}
+    else:
+        assert all(0.8 * RETRY_DELAYS[2] <= d <= 1.2 * RETRY_DELAYS[2] for d in delays)
+
+
+def test_a_push_with_a_wrong_retry_after_is_retried_and_delivered(ca: LoopbackCA) -> None:
+    """The retry of a push whose provider sent a Retry-After that is no number (or a huge
+    one) comes after the default delay (the first: about a second), not never (the retry
+    task dead, the push stuck until a restart) nor in 600 s."""
+    fake = FakeProvider(ubuntu_check)
+    backend = _ubuntu(ca, fake)
+    values = ["\u00b2", "-1", "99999999999999999999", "Wed, 21 Oct 2015 07:28:00 GMT"]
+    fake.next_answers["/notify"] = [(503, {"retry-after": value}) for value in values]
+    errors: list[dict[str, object]] = []
+
+    async def run() -> Counters:
+        asyncio.get_running_loop().set_exception_handler(lambda _, context: errors.append(context))
+        dispatcher = Dispatcher(Config("localhost", backends=(backend,)), Store(":memory:"),
+                                lambda node: None, lambda xml: None)
+        for n in range(len(values)):
+            dispatcher.submit(_publish(backend, _ubuntu_device(f"node-{n}"), n))
+        deadline = time.monotonic() + 20  # a retry in 600 s (or never) fails here
+        while dispatcher.counters[("ubuntu", "delivered")] < len(values) \
+                and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        counters = dict(dispatcher.counters)
+        await dispatcher.close()
+        return counters
+
+    counters = asyncio.run(run())
+    assert counters[("ubuntu", "delivered")] == len(values) == counters[("ubuntu", "retried")]
+    assert errors == [] and [r.status for r in fake.received].count(503) == len(values)
+
+
+def test_a_peers_reasons_are_cut_escaped_and_quieted_by_kind(
+        ca: LoopbackCA, caplog: pytest.LogCaptureFixture) -> None:
+    """A provider's reason of 64 KiB with CR/LF, another each time: the log has one line
+    per kind (provider, outcome, status class), cut and with the control characters
+    escaped (no forged line)."""
+    answered = itertools.count()
+
+    def hostile(request: Received) -> tuple[int, dict[str, Any]] | None:
+        n = next(answered)
+        reason = f"reason {n}\r\n2026-01-01 [critical] forged line {n}\x1b[31m" + "x" * 65536
+        return (503 if request.json()["token"].startswith("tok-busy") else 400), \
+            {"error": reason}
+
+    fake = FakeProvider(hostile)
+    backend = _ubuntu(ca, fake)
+
+    async def run() -> Counters:
+        dispatcher = Dispatcher(Config("localhost", backends=(backend,)), Store(":memory:"),
+                                lambda node: None, lambda xml: None)
+        for n in range(10):
+            dispatcher.submit(_publish(backend, _ubuntu_device(f"busy-{n}"), n))
+            dispatcher.submit(_publish(backend, _ubuntu_device(f"bad-{n}"), n))
+        while dispatcher.counters[("ubuntu", "retried")] < 10 \
+                or dispatcher.counters[("ubuntu", "failed")] < 10:
+            await asyncio.sleep(0.01)
+        counters = dict(dispatcher.counters)
+        await dispatcher.close()
+        return counters
+
+    with caplog.at_level(logging.INFO, logger="pymod_push"):
+        asyncio.run(run())
+    lines = [r.getMessage() for r in caplog.records if "forged" in r.getMessage()]
+    assert len([line for line in lines if "deferred" in line]) == 1, lines
+    assert len([line for line in lines if "failed" in line]) == 1, lines
+    for line in lines:
+        assert len(line) < 500 and "\r" not in line and "\n" not in line, line[:300]
+        assert "\x1b" not in line and "\\r\\n" in line and "\\x1b" in line
+
+
+def test_a_device_that_only_fails_is_given_up_while_its_provider_delivers_others(
+        ca: LoopbackCA, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its pushes failing GIVE_UP_S long (shortened here) while another device's push was
+    delivered: the device is given up (its registration removed, as if the provider had
+    said it is gone; the publisher of the next push hears item-not-found), its waiting
+    pushes end, all counted. With nothing delivered by the provider (its outage), nobody is
+    given up: only the push that waited too long."""
+    from pymod_push.providers import dispatch
+
+    monkeypatch.setattr(dispatch, "GIVE_UP_S", 0.3)
+
+    def answer(request: Received) -> tuple[int, dict[str, Any]] | None:
+        return (503, {}) if request.json()["token"].startswith("tok-failing") else None
+
+    fake = FakeProvider(answer)
+    backend = _ubuntu(ca, fake)
+    failing, working = _ubuntu_device("failing"), _ubuntu_device("working")
+
+    def run(with_delivery: bool) -> tuple[list[str], list[str], Counters, Store]:
+        answers: list[str] = []
+        gone: list[str] = []
+        store = Store(":memory:")
+
+        async def go() -> Counters:
+            dispatcher = Dispatcher(Config("localhost", backends=(backend,)), store,
+                                    gone.append, answers.append)
+            dispatcher.submit(_publish(backend, failing, 1))
+            while not answers:  # deferred: it waits, failing since now
+                await asyncio.sleep(0.01)
+            if with_delivery:  # then the provider delivers another device's push
+                dispatcher.submit(_publish(backend, working, 2))
+                while len(answers) < 2:
+                    await asyncio.sleep(0.01)
+            await asyncio.sleep(0.4)  # failing for longer than GIVE_UP_S now
+            if with_delivery:  # the next push's publisher hears the device is gone
+                dispatcher.submit(_publish(backend, failing, 3))
+            # else the first retry (in about a second) finds the push too old
+            while not dispatcher.counters[("ubuntu", "given_up")]:
+                await asyncio.sleep(0.01)
+            counters = dict(dispatcher.counters)
+            await dispatcher.close()
+            return counters
+
+        counters = asyncio.run(go())
+        return answers, gone, counters, store
+
+    answers, gone, counters, store = run(with_delivery=True)
+    assert gone == ["failing"] and "item-not-found" in answers[-1]
+    assert counters[("ubuntu", "devices_given_up")] == 1
+    assert counters[("ubuntu", "given_up")] == 2  # the one waiting and the new one
+    assert store.queued_pushes("") == []
+    answers, gone, counters, store = run(with_delivery=False)
+    assert gone == [] and ("ubuntu", "devices_given_up") not in counters
+    assert counters[("ubuntu", "given_up")] == 1 and store.queued_pushes("") == []
+
+
+def test_what_raises_on_a_retrys_way_does_not_end_it(
+        ca: LoopbackCA, caplog: pytest.LogCaptureFixture) -> None:
+    """A store write that raises once while a push is deferred, a provider's reader that
+    raises on an answer: logged by kind, and the push is still retried and delivered."""
+    fake = FakeProvider(ubuntu_check)
+    backend = _ubuntu(ca, fake)
+    fake.next_answers["/notify"] = [(503, {})]
+    store = Store(":memory:")
+    update = store.update_queued_push
+    raised: list[QueuedPush] = []
+
+    def update_once(push: QueuedPush) -> None:
+        if not raised:
+            raised.append(push)
+            raise RuntimeError("the disk is full")
+        update(push)
+
+    store.update_queued_push = update_once  # type: ignore[method-assign]
+
+    async def run() -> Counters:
+        dispatcher = Dispatcher(Config("localhost", backends=(backend,)), store,
+                                lambda node: None, lambda xml: None)
+        provider = dispatcher._providers[0]
+        read = provider.reply
+        calls = itertools.count()
+
+        def reply_raising_once(status: int, headers: dict[str, str], body: bytes) -> Any:
+            if next(calls) == 1:  # the retry's answer (a 200)
+                raise TypeError("unhashable type: 'list'")
+            return read(status, headers, body)
+
+        provider.reply = reply_raising_once  # type: ignore[method-assign]
+        dispatcher.submit(_publish(backend, _ubuntu_device("node-1")))
+        deadline = time.monotonic() + 20
+        while not dispatcher.counters[("ubuntu", "delivered")] and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        counters = dict(dispatcher.counters)
+        await dispatcher.close()
+        return counters
+
+    with caplog.at_level(logging.INFO, logger="pymod_push"):
+        counters = asyncio.run(run())
+    assert raised and counters[("ubuntu", "delivered")] == 1
+    assert store.queued_pushes("") == []
+    assert any("RuntimeError while deferring it" in r.getMessage() for r in caplog.records)
+
+
+def test_push_status_shows_the_bound_and_what_was_superseded_and_given_up() -> None:
+    from pymod_push import admin
+    from pymod_push.protocol import AdminCommand, CommandResult
+    from tests.service_stores import make_service
+
+    info = admin.ProcessInfo(provider_counters=Counter({
+        ("webpush", "superseded"): 7, ("webpush", "delivered"): 2,
+        ("webpush", "devices_given_up"): 1, ("webpush", "given_up"): 5}))
+    (result,) = admin.run(AdminCommand("r", "status", ()), make_service(), info, 0.0)
+    assert isinstance(result, CommandResult)
+    assert "deferred by providers: 0 (at most 5 per device)" in result.text
+    assert "pushes via webpush: delivered 2, given_up 5, superseded 7; devices given up " \
+        "(their pushes failed for 6 h): 1" in result.text

@@ -101,16 +101,17 @@ def test_upgrade_keeps_notifications_and_gives_their_ids_no_second_index(
                     "created, ejabberd_node) VALUES (7, 'node-1', '{\"message-count\":\"1\"}',"
                     " 2, 50.5, 40.0, 'ejabberd@a')")
         old.commit()
-        indexes = "SELECT COUNT(*) FROM sqlite_master WHERE type='index' AND tbl_name=?"
+        indexes = ("SELECT COUNT(*) FROM sqlite_master WHERE type='index' AND tbl_name=? "
+                   "AND name LIKE 'sqlite_autoindex%'")  # of the BIGINT PRIMARY KEY
         assert old.execute(indexes, ("outbox",)).fetchone() == (1,)  # the autoindex
     store = open_store(path)
     try:
-        assert store.schema_version() == len(MIGRATIONS) == 12
+        assert store.schema_version() == len(MIGRATIONS) >= 12
         assert store.outbox("ejabberd@a") == [OutboxEntry(
             2**40, ("alice", "example.org", "push.example.net", "n1"),
             [("message-count", "2")], 1, 99.5)]
         assert store.queued_pushes("ejabberd@a") == [
-            QueuedPush(7, "node-1", {"message-count": "1"}, 2, 50.5, 40.0)]
+            QueuedPush(7, "node-1", {"message-count": "1"}, 2, 50.5, 40.0, 40.0)]
         for table in ("outbox", "provider_queue"):
             assert store.db.execute(indexes, (table,)).fetchone() == (0,)
             assert store.db.execute(f"SELECT MAX(rowid) = MAX(id) FROM {table}").fetchone() \
@@ -215,7 +216,7 @@ def test_recovery_state_outbox_queue_and_batches(opener: Opener) -> None:
     entry.attempt, entry.due = 1, 130.5
     store.update_outbox(entry)
     assert store.outbox("ejabberd@a") == [entry] and store.outbox("ejabberd@b") == []
-    queued = QueuedPush(7, "node-1", {"message-count": "1"}, 2, 50.5, 40.0)
+    queued = QueuedPush(7, "node-1", {"message-count": "1"}, 2, 50.5, 40.0, 30.0)
     store.queue_push(queued, "ejabberd@a")
     assert store.queued_pushes("ejabberd@a") == [queued]
     store.set_last_batch("ejabberd@a", "example.org", 1_764_000_000_000_000, 41)
@@ -225,6 +226,41 @@ def test_recovery_state_outbox_queue_and_batches(opener: Opener) -> None:
     store.remove_queued_push(7)
     assert store.outbox("ejabberd@a") == [] and store.queued_pushes("ejabberd@a") == []
     assert store.totals()["registrations"] == 1
+
+
+def test_the_provider_queue_keeps_the_newest_pushes_of_each_device(opener: Opener) -> None:
+    """The bound on what waits at a provider per device (keep_newest_queued): of a
+    device's rows of one ejabberd node the newest (by id) stay, other devices' and other
+    nodes' are untouched, 0 keeps none; when its pushes began to fail is the device's
+    (restart_failing). What was written is what the next process reads."""
+    store = opener()
+
+    def push(push_id: int, node: str, failing_since: float = 1.5) -> QueuedPush:
+        return QueuedPush(push_id, node, {"message-count": str(push_id)}, 0, 1.0, 1.0,
+                          failing_since)
+
+    for push_id in (3, 1, 8, 2, 7, 5, 4, 6):  # ids, not the order written, say which is new
+        store.queue_push(push(push_id, "dev"), "ejabberd@a")
+    store.queue_push(push(20, "other"), "ejabberd@a")
+    store.queue_push(push(21, "dev"), "ejabberd@b")
+    store.keep_newest_queued("dev", "ejabberd@a", 3)
+    store.commit()
+    again = opener()
+    assert [(q.id, q.device_node) for q in again.queued_pushes("ejabberd@a")] == [
+        (6, "dev"), (7, "dev"), (8, "dev"), (20, "other")]
+    assert [q.summary for q in again.queued_pushes("ejabberd@a")][0] == {"message-count": "6"}
+    assert [q.id for q in again.queued_pushes("ejabberd@b")] == [21]
+    again.keep_newest_queued("dev", "ejabberd@a", 3)  # within the bound: nothing goes
+    again.keep_newest_queued("nobody", "ejabberd@a", 0)
+    again.restart_failing("dev", "ejabberd@a", 99.0)
+    again.commit()
+    third = opener()
+    assert [(q.id, q.failing_since) for q in third.queued_pushes("ejabberd@a")] == [
+        (6, 99.0), (7, 99.0), (8, 99.0), (20, 1.5)]
+    assert third.queued_pushes("ejabberd@b")[0].failing_since == 1.5
+    third.keep_newest_queued("dev", "ejabberd@a", 0)
+    assert [q.id for q in third.queued_pushes("ejabberd@a")] == [20]
+    assert third.totals()["provider_queue"] == 2
 
 
 def test_uncommitted_changes_are_invisible_to_others_and_rolled_back(opener: Opener) -> None:
@@ -478,7 +514,10 @@ def test_postgresql_rows_gathered_into_one_statement_change_what_one_by_one_woul
                 elif kind == 2 and n not in queue:
                     queue.add(n)
                     ops.append(lambda s, n=n: s.queue_push(
-                        QueuedPush(n, "dev", {"n": str(n)}, 0, 1.0, 1.0), "ejabberd@a"))
+                        QueuedPush(n, "dev", {"n": str(n)}, 0, 1.0, 1.0, 1.0), "ejabberd@a"))
+                elif kind == 3 and n % 4 == 0:  # the bound per device: the newest stay
+                    queue.intersection_update(sorted(queue)[len(queue) - n // 4:])
+                    ops.append(lambda s, n=n: s.keep_newest_queued("dev", "ejabberd@a", n // 4))
                 elif kind == 3:
                     queue.discard(n)
                     ops.append(lambda s, n=n: s.remove_queued_push(n))
@@ -494,6 +533,7 @@ def test_postgresql_rows_gathered_into_one_statement_change_what_one_by_one_woul
                       "SELECT errors FROM registrations", "SELECT id, mark FROM pushed"):
             assert sorted(pg.db.execute(query).rows) == sorted(lite.db.execute(query)), query
         assert len(pg.db.execute("SELECT id FROM outbox").rows) == len(outbox) > 0
+        assert sorted(q.id for q in lite.queued_pushes("ejabberd@a")) == sorted(queue)
     finally:
         pg.close()
 

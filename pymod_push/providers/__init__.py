@@ -97,12 +97,14 @@ class Provider(Protocol):
 
 
 def common_reply(status: int, reason: str = "") -> Reply:
-    """What most providers' statuses mean."""
+    """What most providers' statuses mean. Only 429 and 5xx are worth another attempt;
+    any other 4xx (408 too) fails for good at once: an endpoint that answers so to every
+    push must not cost retries."""
     if 200 <= status < 300:
         return Reply(Outcome.DELIVERED)
     if status in (404, 410):
         return Reply(Outcome.UNREGISTERED, reason or str(status))
-    if status in (408, 429) or status >= 500:
+    if status == 429 or status >= 500:
         return Reply(Outcome.RETRY, reason or str(status))
     return Reply(Outcome.FAILED, reason or str(status))
 

@@ -107,7 +107,9 @@ class PushedTo:
     """The marks (pushed_mark) of what a session was pushed since it went pending, oldest
     first, 8 bytes each in one buffer (a set of ints costs about 100 bytes a mark)."""
 
-    since: float  # its first push: the session ends within its resume timeout of it
+    # when it went pending (else its first push): the session ends within its resume
+    # timeout of that, and what it held is re-routed then
+    since: float
     marks: bytearray = field(default_factory=bytearray)
 
     def __contains__(self, mark: bytes) -> bool:
@@ -320,6 +322,8 @@ class PushService:
                 if registrations:
                     log.info("push session %s@%s/%s is pending", *session)
                     self._schedule_wake(session, now)
+                    # its marks are forgotten soon after this spell's resume timeout ends
+                    self._pushed.setdefault(session, PushedTo(now)).since = now
                 options = self._within_limits(stored)
                 for stanza in queued:
                     actions += self._notify(registrations, stanza, now, options, session)
@@ -791,8 +795,8 @@ class PushService:
 
     def forget_old_marks(self, now: float) -> int:
         """Marks of pushed messages that cannot come back any more (every PURGE_INTERVAL_S):
-        the session's resume timeout, from its first push, has ended by then, and what it
-        held was re-routed. How many log rows were deleted."""
+        the session's resume timeout, from when it went pending (or its first push), has
+        ended by then, and what it held was re-routed. How many log rows were deleted."""
         cutoff = now - self.config.resume_timeout_ms / 1000 - PUSHED_RETENTION_MARGIN_S
         for session in [s for s, pushed in self._pushed.items() if pushed.since < cutoff]:
             del self._pushed[session]

@@ -452,6 +452,20 @@ def test_marks_go_soon_after_the_resume_timeout_from_the_first_push_not_the_last
     assert len(service.handle(Offline(PHONE[:2], message(stanza_id="9"), "offline"), late)) == 1
 
 
+def test_marks_go_soon_after_the_session_ends_even_if_its_first_push_came_late() -> None:
+    """Counted from when the session went pending, not from its first push: a session
+    pushed first just before its resume timeout ends is forgotten as soon after its end."""
+    hour = 3600
+    service = make_service(resume_timeout_ms=hour * 1000)
+    service.handle(enable(), 0)
+    service.handle(SessionPending(PHONE, []), 0)
+    assert len(service.handle(StanzaToPending(PHONE, message()), 0.9 * hour)) == 1
+    service.forget_old_marks(hour + PUSHED_RETENTION_MARGIN_S - 1)
+    assert PHONE in service._pushed  # the session may still be there: kept
+    service.forget_old_marks(hour + PUSHED_RETENTION_MARGIN_S + 1)
+    assert PHONE not in service._pushed
+
+
 def test_marks_per_pending_session_are_bounded_by_max_ack_queue_and_compact() -> None:
     """At most max_ack_queue messages are remembered per pending session (ejabberd ends a
     session that holds more unacknowledged), the newest, in 8 bytes each: a flood of

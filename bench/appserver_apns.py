@@ -178,12 +178,13 @@ def status_quiet(instance: Instance) -> str:
 
 # ------------------------------------------------------------------ the run
 def profiled_python(folder: Path, output: Path) -> str:
-    """An interpreter for the shim (it runs ``PYTHON -m pymod_push``) that profiles the
+    """An interpreter for the shim (it runs ``PYTHON -P -m pymod_push``) that profiles the
     port program with cProfile into ``output`` (written when the port closes)."""
     wrapper = folder / "python-profiled"
     python = default_python()
-    wrapper.write_text(f"#!/bin/sh\n[ \"$1\" = -m ] || exec {python} \"$@\"\n"
-                       f"exec {python} -m cProfile -o {output} \"$@\"\n")
+    # The shim runs PYTHON -P -m pymod_push: -P kept, cProfile put before the module.
+    wrapper.write_text(f"#!/bin/sh\n[ \"$1\" = -P ] || exec {python} \"$@\"\nshift\n"
+                       f"exec {python} -P -m cProfile -o {output} \"$@\"\n")
     wrapper.chmod(0o755)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.parent.chmod(0o777)

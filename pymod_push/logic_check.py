@@ -144,7 +144,7 @@ def providers(folder: Path, user: str = f"{USER}@{HOST}") -> dict[str, Tried]:
                                                      key_size=2048)).decode(),
         "token_uri": "https://oauth.invalid/token"}))
     common = {"endpoint": "https://provider.invalid"}
-    options = {
+    options: dict[str, dict[str, Any]] = {
         "apns": {**common, "key_file": str(folder / "apns.p8"), "key_id": "CHECK",
                  "team_id": "CHECK", "topic": "org.example.app",
                  "voip_topic": "org.example.app.voip"},

@@ -896,7 +896,18 @@ describe(Pkt) ->
 %% than some ten levels: elements below the 64th level are left out, as Python would
 %% refuse them (safexml.MAX_DEPTH).
 xml_binary(El) ->
-    fxml:element_to_binary(within_depth(El, 64)).
+    case deeper_than(El, 64) of
+        false -> fxml:element_to_binary(El);  % every stanza of a real client: not copied
+        true -> fxml:element_to_binary(within_depth(El, 64))
+    end.
+
+deeper_than(#xmlel{}, 0) -> true;
+deeper_than(#xmlel{children = Els}, Levels) -> deeper_than_any(Els, Levels - 1);
+deeper_than(_, _) -> false.
+
+deeper_than_any([El | Els], Levels) ->
+    deeper_than(El, Levels) orelse deeper_than_any(Els, Levels);
+deeper_than_any([], _) -> false.
 
 within_depth(#xmlel{children = Els} = El, Levels) when Levels > 1 ->
     El#xmlel{children = [within_depth(C, Levels - 1) || C <- Els]};

@@ -604,6 +604,67 @@ def test_a_device_that_only_fails_is_given_up_while_its_provider_delivers_others
     assert counters[("ubuntu", "given_up")] == 1 and store.queued_pushes("") == []
 
 
+def test_a_device_whose_pushes_fail_for_good_is_given_up_while_its_provider_delivers_others(
+        ca: LoopbackCA, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 4xx is not retried, but a device answered so on every push for GIVE_UP_S
+    (shortened here) while another device's push was delivered is given up too: its
+    registration removed, the publisher hearing item-not-found. A delivery to it in between
+    starts its time again; with nothing delivered by the provider, nobody is given up."""
+    from pymod_push.providers import dispatch
+
+    monkeypatch.setattr(dispatch, "GIVE_UP_S", 0.3)
+    bad_request = {"failing": True}
+
+    def answer(request: Received) -> tuple[int, dict[str, Any]] | None:
+        failing = request.json()["token"].startswith("tok-failing") and bad_request["failing"]
+        return (400, {}) if failing else None
+
+    fake = FakeProvider(answer)
+    backend = _ubuntu(ca, fake)
+    failing, working = _ubuntu_device("failing"), _ubuntu_device("working")
+
+    def run(with_delivery: bool, recovers: bool = False) -> tuple[list[str], list[str],
+                                                                   Counters]:
+        answers: list[str] = []
+        gone: list[str] = []
+        bad_request["failing"] = True
+
+        async def push(dispatcher: Dispatcher, device: Device, n: int) -> None:
+            dispatcher.submit(_publish(backend, device, n))
+            while len(answers) < n:
+                await asyncio.sleep(0.01)
+
+        async def go() -> Counters:
+            dispatcher = Dispatcher(Config("localhost", backends=(backend,)),
+                                    Store(":memory:"), gone.append, answers.append)
+            await push(dispatcher, failing, 1)  # fails for good: noted, not retried
+            if with_delivery:
+                await push(dispatcher, working, 2)
+            if recovers:  # the device works again once: its time starts again
+                bad_request["failing"] = False
+                await push(dispatcher, failing, 3)
+                bad_request["failing"] = True
+            await asyncio.sleep(0.4)  # longer than GIVE_UP_S since the first failure
+            await push(dispatcher, failing, len(answers) + 1)
+            counters = dict(dispatcher.counters)
+            await dispatcher.close()
+            return counters
+
+        counters = asyncio.run(go())
+        return answers, gone, counters
+
+    answers, gone, counters = run(with_delivery=True)
+    assert gone == ["failing"] and "item-not-found" in answers[-1]
+    assert "item-not-found" not in answers[0]
+    assert counters[("ubuntu", "devices_given_up")] == 1
+    assert counters[("ubuntu", "failed")] == 2
+    assert [r.json()["token"] for r in fake.received].count("tok-failing") == 2  # no retry
+    answers, gone, counters = run(with_delivery=False)
+    assert gone == [] and ("ubuntu", "devices_given_up") not in counters
+    answers, gone, counters = run(with_delivery=True, recovers=True)
+    assert gone == [] and ("ubuntu", "devices_given_up") not in counters
+
+
 def test_what_raises_on_a_retrys_way_does_not_end_it(
         ca: LoopbackCA, caplog: pytest.LogCaptureFixture) -> None:
     """A store write that raises once while a push is deferred, a provider's reader that

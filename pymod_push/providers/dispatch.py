@@ -53,6 +53,9 @@ MAX_WAITING_PER_DEVICE = 5
 # long without a delivery, while its provider delivered others (so that a provider's
 # outage, or this server's network being down, removes nobody), is given up.
 GIVE_UP_S = 6 * 3600.0
+# Devices whose pushes fail for good (a 4xx, a refused destination) remembered with since
+# when, for giving them up (see _fails_for_good): the oldest forgotten beyond this many.
+MAX_FAILING_DEVICES = 65_536
 MAX_RETRY_AFTER = 600.0
 MIN_RETRY_AFTER = 1.0  # a provider's Retry-After: 0 must not make a busy loop
 # Per Python provider: sends at once. An HTTP/2 backend has the limit its server sets
@@ -136,6 +139,14 @@ class _Waiting:
     pushes: dict[int, asyncio.Task[None] | None] = dataclasses.field(default_factory=dict)
 
 
+@dataclasses.dataclass(slots=True)
+class _Failing:
+    """Since when a device's pushes fail for good, and its provider's deliveries then."""
+
+    since: float
+    delivered_before: int
+
+
 class Dispatcher:
     """Sends deliveries; what a provider defers is kept in the store's provider queue
     (committed before the publish is answered), MAX_WAITING_PER_DEVICE per device at most,
@@ -179,6 +190,7 @@ class Dispatcher:
         # devices_given_up: devices (see _hopeless)
         self.counters: Counter[tuple[str, str]] = Counter()
         self._waiting: dict[str, _Waiting] = {}  # device node -> its pushes waiting
+        self._failing: dict[str, _Failing] = {}  # device node -> its pushes failing for good
         self.latency: defaultdict[str, Histogram] = defaultdict(Histogram)  # per provider
         for backend in config.backends:
             if backend.type == "python":
@@ -323,8 +335,9 @@ class Dispatcher:
         if outcome is Outcome.RETRY:
             now, node = time.time(), delivery.device.node
             waiting = self._waiting.get(node)
-            if waiting is not None and self._hopeless(delivery, waiting):
-                self._give_up_device(delivery, reply, status)
+            if waiting is not None and self._hopeless(delivery, waiting.failing_since,
+                                                      waiting.delivered_before):
+                self._give_up_device(delivery, reply, status, waiting.failing_since)
                 self.counters[(delivery.backend.group, "given_up")] += 1  # this one
                 outcome = Outcome.UNREGISTERED  # the publisher disables the registration
             else:
@@ -333,6 +346,8 @@ class Dispatcher:
                 self._store.queue_push(queued, self._node)
                 self._wait(delivery, queued, task)
             self._commit()  # kept before the publisher hears it is queued
+        elif outcome is Outcome.FAILED and self._fails_for_good(delivery, reply, status):
+            outcome = Outcome.UNREGISTERED  # the publisher disables the registration
         # The answer goes after that commit: in-process, in the port's transaction (the
         # publisher's side of it with it); to another server, routed once committed.
         self._answer_publish(delivery, outcome)
@@ -383,19 +398,39 @@ class Dispatcher:
         self._commit()
         return len(waiting.pushes)
 
-    def _hopeless(self, delivery: Delivery, waiting: _Waiting) -> bool:
+    def _hopeless(self, delivery: Delivery, failing_since: float,
+                  delivered_before: int) -> bool:
         """The device's pushes have failed GIVE_UP_S long, while its provider delivered
-        others (not its outage, nor this server's network)."""
+        others (not its outage, nor this server's network or configuration)."""
         group = delivery.backend.group
-        return time.time() - waiting.failing_since >= GIVE_UP_S \
-            and self.counters[(group, "delivered")] > waiting.delivered_before
+        return time.time() - failing_since >= GIVE_UP_S \
+            and self.counters[(group, "delivered")] > delivered_before
 
-    def _give_up_device(self, delivery: Delivery, reply: Reply, status: int) -> None:
+    def _fails_for_good(self, delivery: Delivery, reply: Reply, status: int) -> bool:
+        """A push of the device failed for good (a 4xx, a refused destination, keys no
+        request can be made with): since when its pushes fail is noted, and a device failing
+        GIVE_UP_S long while its provider delivered others is given up (True): one
+        attempt per publish is all it costs meanwhile."""
+        node, group = delivery.device.node, delivery.backend.group
+        failing = self._failing.get(node)
+        if failing is None:
+            if len(self._failing) >= MAX_FAILING_DEVICES:
+                del self._failing[next(iter(self._failing))]
+            self._failing[node] = _Failing(time.time(), self.counters[(group, "delivered")])
+            return False
+        if not self._hopeless(delivery, failing.since, failing.delivered_before):
+            return False
+        del self._failing[node]
+        self._give_up_device(delivery, reply, status, failing.since)
+        return True
+
+    def _give_up_device(self, delivery: Delivery, reply: Reply, status: int,
+                        failing_since: float) -> None:
         """Its waiting pushes end (given up, counted), its registration goes as if the
         provider had said it is gone: the publishing server hears item-not-found next and
         disables it."""
         group, node = delivery.backend.group, delivery.device.node
-        failing_for = time.time() - self._waiting[node].failing_since
+        failing_for = time.time() - failing_since
         self.counters[(group, "given_up")] += self._drop_waiting(node)
         self.counters[(group, "devices_given_up")] += 1
         self._log_quietly(logging.WARNING, (group, "device given up", status_class(status)),
@@ -416,8 +451,8 @@ class Dispatcher:
                 waiting = self._waiting.get(node)
                 if waiting is None or queued.id not in waiting.pushes:
                     return  # dropped meanwhile, its row with it
-                if self._hopeless(delivery, waiting):
-                    self._give_up_device(delivery, reply, status)
+                if self._hopeless(delivery, waiting.failing_since, waiting.delivered_before):
+                    self._give_up_device(delivery, reply, status, waiting.failing_since)
                     return
                 if time.time() - queued.created > GIVE_UP_S:
                     break
@@ -500,6 +535,8 @@ class Dispatcher:
             self._commit()
         if reply.outcome is Outcome.DELIVERED:
             self.counters[(group, "delivered")] += 1
+            if self._failing:
+                self._failing.pop(node, None)
             waiting = self._waiting.get(node)
             if waiting is not None:  # the device works: its others fail from now, if they do
                 waiting.failing_since = time.time()
@@ -509,6 +546,7 @@ class Dispatcher:
             log.debug("push delivered to %s", where)
         elif reply.outcome is Outcome.UNREGISTERED:
             self.counters[(group, "unregistered")] += 1 + self._drop_waiting(node)
+            self._failing.pop(node, None)
             log.info("push provider says %s is gone (%s): registration removed", where,
                      peer_text(reply.reason))
             self._device_gone(node)

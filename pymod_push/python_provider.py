@@ -187,7 +187,9 @@ def reply_of(result: object) -> Reply:
     if result is None or isinstance(result, Delivered):
         return Reply(Outcome.DELIVERED)
     if isinstance(result, RetryLater):
-        after = None if result.after is None else max(0.0, min(float(result.after), 600.0))
+        # 1 s at least: a provider asking for 0 would otherwise be tried again at once,
+        # over and over, for as long as the push may wait (dispatch.GIVE_UP_S)
+        after = None if result.after is None else max(1.0, min(float(result.after), 600.0))
         return Reply(Outcome.RETRY, result.reason or "retry later", after)
     if isinstance(result, Gone):
         return Reply(Outcome.UNREGISTERED, result.reason or "gone")

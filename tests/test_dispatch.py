@@ -100,6 +100,16 @@ def test_wns_token_then_raw_notification_and_refresh_after_401(ca: LoopbackCA) -
     assert gone == ["node-1"] and "item-not-found" in answers[0]
 
 
+def test_a_wns_channel_stored_off_its_domains_fails_for_good_and_gets_nothing(
+        ca: LoopbackCA) -> None:
+    """A channel stored before channel_domains was checked (or the list changed since):
+    the app's token is not sent there, and the push is not retried for hours either."""
+    fake, port, backend = wns(ca)
+    answers, gone, counters = push(backend, _device(f"https://localhost:{port}/channel/d"))
+    assert [r.path for r in fake.received] == ["/accesstoken.srf"]  # the login only
+    assert counters == {("wns", "failed"): 1} and "internal-server-error" in answers[0]
+
+
 def test_wns_refreshes_its_token_once_on_401(ca: LoopbackCA) -> None:
     fake, port, backend = wns(ca)
     fake.next_answers["/channel/d"] = [(401, {})]
@@ -607,7 +617,8 @@ def test_a_device_that_only_fails_is_given_up_while_its_provider_delivers_others
 def test_a_device_whose_pushes_fail_for_good_is_given_up_while_its_provider_delivers_others(
         ca: LoopbackCA, monkeypatch: pytest.MonkeyPatch) -> None:
     """A 4xx is not retried, but a device answered so on every push for GIVE_UP_S
-    (shortened here) while another device's push was delivered is given up too: its
+    (shortened here), three times at least, while another device's push was delivered is
+    given up too: its
     registration removed, the publisher hearing item-not-found. A delivery to it in between
     starts its time again; with nothing delivered by the provider, nobody is given up."""
     from pymod_push.providers import dispatch
@@ -645,7 +656,9 @@ def test_a_device_whose_pushes_fail_for_good_is_given_up_while_its_provider_deli
                 await push(dispatcher, failing, 3)
                 bad_request["failing"] = True
             await asyncio.sleep(0.4)  # longer than GIVE_UP_S since the first failure
-            await push(dispatcher, failing, len(answers) + 1)
+            await push(dispatcher, failing, len(answers) + 1)  # its second failure: kept
+            assert gone == []
+            await push(dispatcher, failing, len(answers) + 1)  # the third
             counters = dict(dispatcher.counters)
             await dispatcher.close()
             return counters
@@ -657,8 +670,8 @@ def test_a_device_whose_pushes_fail_for_good_is_given_up_while_its_provider_deli
     assert gone == ["failing"] and "item-not-found" in answers[-1]
     assert "item-not-found" not in answers[0]
     assert counters[("ubuntu", "devices_given_up")] == 1
-    assert counters[("ubuntu", "failed")] == 2
-    assert [r.json()["token"] for r in fake.received].count("tok-failing") == 2  # no retry
+    assert counters[("ubuntu", "failed")] == 3
+    assert [r.json()["token"] for r in fake.received].count("tok-failing") == 3  # no retry
     answers, gone, counters = run(with_delivery=False)
     assert gone == [] and ("ubuntu", "devices_given_up") not in counters
     answers, gone, counters = run(with_delivery=True, recovers=True)

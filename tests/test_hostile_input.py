@@ -916,3 +916,15 @@ def test_an_http2_status_is_three_ascii_digits(status: str) -> None:
         Failed(first, "an answer without a valid status")]
     (answered,) = [e for e in events if isinstance(e, Answered)]
     assert (answered.stream_id, answered.status, answered.body) == (second, 200, b"ok")
+
+
+@given(st.text(max_size=2000))
+def test_a_peers_text_in_a_log_line_is_short_and_printable(text: str) -> None:
+    """Whatever a peer sends (CR/LF, escape codes, 64 KiB): at most 200 characters in the
+    log line, escapes included, none of them a control character."""
+    from pymod_push.core.limits import PEER_TEXT_CHARS, peer_text
+
+    shown = peer_text(text)
+    assert len(shown) <= PEER_TEXT_CHARS and shown.isprintable()
+    if len(text) <= PEER_TEXT_CHARS and text.isprintable():
+        assert shown == text

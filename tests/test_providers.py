@@ -300,3 +300,16 @@ def test_retry_delays_honour_retry_after_with_bounds_and_jitter() -> None:
     delays = {retry_delay(retry, {}, 1) for _ in range(20)}
     assert all(0.8 * RETRY_DELAYS[1] <= d <= 1.2 * RETRY_DELAYS[1] for d in delays)
     assert len(delays) > 1
+
+
+@pytest.mark.parametrize("expires_in", ['"NaN"', "NaN", "Infinity", '"\u00b2"', "-5", "true",
+                                         '"99999999999999999999"', "1e308"])
+def test_an_oauth_lifetime_that_is_no_sane_number_gets_the_default(
+        fcm: tuple[Fcm, Any], expires_in: str) -> None:
+    """float() takes "NaN" and "Infinity": a token kept for ever (until refused) would be
+    the result; anything but a positive number of seconds within reason is the default."""
+    provider, _ = fcm
+    provider.auth_reply(200, f'{{"access_token": "tok", "expires_in": {expires_in}}}'.encode(),
+                        1000.0)
+    assert provider.auth_request(1000.0 + 3000) is None  # the default: an hour
+    assert provider.auth_request(1000.0 + 3600) is not None

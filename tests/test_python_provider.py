@@ -267,3 +267,10 @@ def test_the_dispatcher_retries_then_delivers_and_forgets_gone_devices(
     assert "type='result'" in answers[0] and "item-not-found" in answers[1]
     assert gone == ["node-1"]
     assert store.queued_pushes("") == []  # the retried one left the queue
+
+
+@pytest.mark.parametrize("after", [0, -3, 0.001, float("nan")])
+def test_a_python_provider_cannot_ask_to_be_retried_at_once(after: float) -> None:
+    """RetryLater(0) would be tried again at once, over and over, for hours."""
+    reply = reply_of(RetryLater(after))
+    assert reply.retry_after is not None and 1.0 <= reply.retry_after <= 600.0

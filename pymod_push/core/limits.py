@@ -68,10 +68,9 @@ def peer_text(text: str, length: int = PEER_TEXT_CHARS) -> str:
     """Text a remote peer chose (a provider's reason, a JID, a header), fit for one log
     line: cut to ``length`` characters (marked), control and other non-printable
     characters escaped (no forged lines, no terminal escapes)."""
-    text = cut_chars(text, length)
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    if not text.isprintable():  # escaped first: the escapes count toward the length
+        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[:length])
+    return cut_chars(text, length)
 
 
 Summary = Mapping[str, str]

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlencode
 
 from ..core import compact_json
-from ..core.limits import fit
+from ..core.limits import ascii_number, fit
 
 if TYPE_CHECKING:
     from ..store import Device
@@ -131,7 +131,15 @@ class OAuthToken:
             raise ValueError(f"the OAuth token endpoint answered {status}")
         answer = json.loads(body)
         self.value = str(answer["access_token"])
-        self._expires = now + float(answer.get("expires_in", self._default_lifetime))
+        # A number of seconds as JSON has it (an int, or digits): float() would also take
+        # "NaN" or "Infinity", a token then never refreshed until the provider refuses it.
+        lifetime = answer.get("expires_in", self._default_lifetime)
+        if isinstance(lifetime, str):
+            lifetime = ascii_number(lifetime, 9)
+        if isinstance(lifetime, bool) or not isinstance(lifetime, (int, float)) \
+                or not 0 < lifetime <= 10 * self._default_lifetime:
+            lifetime = self._default_lifetime
+        self._expires = now + float(lifetime)
 
     def refused(self) -> Reply:
         """The provider said 401: fetch a new token and try again at once, but only once;

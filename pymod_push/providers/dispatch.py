@@ -56,6 +56,9 @@ GIVE_UP_S = 6 * 3600.0
 # Devices whose pushes fail for good (a 4xx, a refused destination) remembered with since
 # when, for giving them up (see _fails_for_good): the oldest forgotten beyond this many.
 MAX_FAILING_DEVICES = 65_536
+# Failed publishes a device needs besides GIVE_UP_S of failing before it is given up: one
+# odd refusal (a 413 for a long body) of a device that is seldom pushed is not enough.
+GIVE_UP_AFTER_FAILURES = 3
 MAX_RETRY_AFTER = 600.0
 MIN_RETRY_AFTER = 1.0  # a provider's Retry-After: 0 must not make a busy loop
 # Per Python provider: sends at once. An HTTP/2 backend has the limit its server sets
@@ -145,6 +148,7 @@ class _Failing:
 
     since: float
     delivered_before: int
+    failures: int = 1
 
 
 class Dispatcher:
@@ -409,8 +413,8 @@ class Dispatcher:
     def _fails_for_good(self, delivery: Delivery, reply: Reply, status: int) -> bool:
         """A push of the device failed for good (a 4xx, a refused destination, keys no
         request can be made with): since when its pushes fail is noted, and a device failing
-        GIVE_UP_S long while its provider delivered others is given up (True): one
-        attempt per publish is all it costs meanwhile."""
+        GIVE_UP_S long (and GIVE_UP_AFTER_FAILURES times) while its provider delivered others
+        is given up (True): one attempt per publish is all it costs meanwhile."""
         node, group = delivery.device.node, delivery.backend.group
         failing = self._failing.get(node)
         if failing is None:
@@ -418,7 +422,9 @@ class Dispatcher:
                 del self._failing[next(iter(self._failing))]
             self._failing[node] = _Failing(time.time(), self.counters[(group, "delivered")])
             return False
-        if not self._hopeless(delivery, failing.since, failing.delivered_before):
+        failing.failures += 1
+        if failing.failures < GIVE_UP_AFTER_FAILURES \
+                or not self._hopeless(delivery, failing.since, failing.delivered_before):
             return False
         del self._failing[node]
         self._give_up_device(delivery, reply, status, failing.since)
@@ -511,6 +517,8 @@ class Dispatcher:
         except (ValueError, KeyError, TypeError) as exc:  # what the device registered
             return Reply(Outcome.FAILED, "no request can be made for this device "
                          f"({type(exc).__name__}: its keys or token)"), {}, 0
+        except HttpError as exc:  # its URL, refused before anything is sent (WNS channels)
+            return failure_reply(exc, None), {}, 0
         if self._log_sensitive:  # the admin asked for it (option log_sensitive)
             log.debug("%s %s %s", request.method, request.url, request.body[:2000])
         try:

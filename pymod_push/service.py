@@ -13,10 +13,11 @@ import itertools
 import json
 import logging
 import os
-import struct
 import time
+from array import array
+from bisect import bisect_left
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
@@ -99,32 +100,60 @@ REFS_PER_ENTRY = 64
 OWN_RETRY_S = 1.0
 
 
-_MARK = struct.Struct(">q")  # a pushed_mark as PushedTo keeps it
-
-
 @dataclass(slots=True)
 class PushedTo:
-    """The marks (pushed_mark) of what a session was pushed since it went pending, oldest
-    first, 8 bytes each in one buffer (a set of ints costs about 100 bytes a mark)."""
+    """The marks (pushed_mark) of what a session was pushed since it went pending, at most
+    keep of them, the oldest forgotten first: 12 bytes a mark, found by bisection. A set
+    of ints cost about 100 bytes a mark; a scan of the marks, 15 us a push at 5,000."""
 
     # when it went pending (else its first push): the session ends within its resume
     # timeout of that, and what it held is re-routed then
     since: float
-    marks: bytearray = field(default_factory=bytearray)
+    # the marks in the order pushed; once full, a ring whose oldest is at position oldest
+    ring: array[int] = field(default_factory=lambda: array("q"))
+    oldest: int = 0
+    # the positions in ring, ordered by the mark there
+    by_mark: array[int] = field(default_factory=lambda: array("i"))
 
-    def __contains__(self, mark: bytes) -> bool:
-        marks = self.marks
-        at = marks.find(mark)
-        while at > 0 and at % _MARK.size:  # found astride two marks: not this one
-            at = marks.find(mark, at + 1)
-        return at >= 0
+    def __len__(self) -> int:
+        return len(self.ring)
 
-    def add(self, mark: bytes, keep: int) -> None:
-        """Remember mark, forgetting the oldest beyond keep marks."""
-        marks = self.marks
-        marks += mark
-        if len(marks) > keep * _MARK.size:
-            del marks[:len(marks) - keep * _MARK.size]
+    def __contains__(self, mark: int) -> bool:
+        ring, by_mark = self.ring, self.by_mark
+        at = bisect_left(by_mark, mark, key=ring.__getitem__)
+        return at < len(by_mark) and ring[by_mark[at]] == mark
+
+    def remember(self, mark: int, keep: int) -> bool:
+        """Remember mark (False if it is already), forgetting the oldest beyond keep."""
+        ring, by_mark = self.ring, self.by_mark
+        at = bisect_left(by_mark, mark, key=ring.__getitem__)
+        if at < len(by_mark) and ring[by_mark[at]] == mark:
+            return False
+        keep = max(1, keep)
+        if len(ring) != keep and (self.oldest or len(ring) > keep):  # keep changed
+            ring, by_mark = self._keep_newest(min(len(ring), keep))
+            at = bisect_left(by_mark, mark, key=ring.__getitem__)
+        if len(ring) < keep:
+            by_mark.insert(at, len(ring))
+            ring.append(mark)
+            return True
+        # full: mark takes the oldest's place (at counted the oldest's mark among those)
+        oldest = self.oldest
+        gone = bisect_left(by_mark, ring[oldest], key=ring.__getitem__)
+        del by_mark[gone]
+        by_mark.insert(at - 1 if gone < at else at, oldest)
+        ring[oldest] = mark
+        self.oldest = oldest + 1 if oldest + 1 < keep else 0
+        return True
+
+    def _keep_newest(self, count: int) -> tuple[array[int], array[int]]:
+        """Only the newest count marks, oldest first from position 0 (rare: when the
+        bound changes with the session's registrations)."""
+        marks = self.ring[self.oldest:] + self.ring[:self.oldest]
+        self.ring = ring = marks[len(marks) - count:]
+        self.oldest = 0
+        self.by_mark = array("i", sorted(range(count), key=ring.__getitem__))
+        return ring, self.by_mark
 
 
 _NOTHING = PushedTo(0.0)  # of a session pushed nothing yet (never changed)
@@ -231,7 +260,7 @@ class PushService:
             pushed = self._pushed.get(session)
             if pushed is None:
                 pushed = self._pushed[session] = PushedTo(started)
-            pushed.add(_MARK.pack(mark), self.marks_kept * max(1, registrations[session]))
+            pushed.remember(mark, self.marks_kept * max(1, registrations[session]))
         self.logic = logic or Logic()
         self.logic.budget_s = config.logic_budget_ms / 1000
         self.app_server = AppServer(config, store, logic=self.logic,
@@ -469,8 +498,8 @@ class PushService:
                 chosen = chosen or trigger or Trigger.MESSAGE
             if chosen is None:
                 continue
-            publish = self._push_once(registration, stanza, chosen, mark, options, now,
-                                      message)
+            publish = self._push_once(registration, registrations, stanza, chosen, mark,
+                                      options, now, message)
             if publish is not None:
                 actions.append(publish)
         return actions
@@ -522,26 +551,27 @@ class PushService:
             elements.append(ios_extensions.jingle_element(*ios_extensions.call_media(stanza.xml)))
         return [*summary, *ios_extensions.element_pairs(elements)]
 
-    def _push_once(self, registration: Registration, stanza: Stanza, chosen: Trigger,
-                   mark: bytes, options: push_options.PushOptions, now: float,
+    def _push_once(self, registration: Registration, read_with: Iterable[Registration],
+                   stanza: Stanza, chosen: Trigger, mark: bytes,
+                   options: push_options.PushOptions, now: float,
                    message: LogicMessage | None,
                    summary: list[tuple[str, str]] | None = None) -> Publish | None:
         """The publish for one registration, unless this message went to it already;
-        summary: the admin's async summary, already made (else made here)."""
+        read_with: the registrations read with it (all of its session's, which the bound on
+        its marks counts: no read of them per push); summary: the admin's async summary,
+        already made (else made here)."""
         # Once per message and registration, whichever way the message comes (to the
         # pending session, again as offline or archived), across restarts.
         session = registration.session
         pushed = self._pushed.get(session)
-        this = pushed_mark(registration.key, mark)
-        packed = _MARK.pack(this)
         if pushed is None:
             pushed = self._pushed[session] = PushedTo(now)
-        elif packed in pushed:
-            return None
         keep = self.marks_kept
-        if len(pushed.marks) >= keep * _MARK.size:  # a long pending session: one per registration
-            keep *= max(1, len(self.store.for_session(session)))
-        pushed.add(packed, keep)
+        if len(pushed) >= keep:  # a long pending session: as many per registration of it
+            keep *= max(1, sum(r.session == session for r in read_with))
+        this = pushed_mark(registration.key, mark)
+        if not pushed.remember(this, keep):
+            return None
         self.store.add_pushed(self._pushed_id(now), session, this)
         counts = _counted(registration, chosen)
         registration.message_count = counts.messages
@@ -562,7 +592,7 @@ class PushService:
     # loses nothing, the next process finishes it.
     def _wait_for_logic(self, registrations: list[Registration], original: Stanza,
                         mark: bytes, target: SessionKey) -> list[Action | HookWork]:
-        if all(_MARK.pack(pushed_mark(r.key, mark)) in self._pushed.get(r.session, _NOTHING)
+        if all(pushed_mark(r.key, mark) in self._pushed.get(r.session, _NOTHING)
                for r in registrations):
             return []  # came back (offline, archived): pushed already
         work = HookWork(next(self._ids), target, original)
@@ -625,8 +655,9 @@ class PushService:
             registration = current.get(asked.key)  # disabled meanwhile: gone
             if not push or registration is None:
                 continue
-            publish = self._push_once(registration, stanza, trigger or Trigger.MESSAGE, mark,
-                                      call.options, now, None, summary)
+            publish = self._push_once(registration, current.values(), stanza,
+                                      trigger or Trigger.MESSAGE, mark, call.options, now,
+                                      None, summary)
             if publish is not None:
                 actions.append(publish)
         return self._own(self._pacer.pace(actions, now), now)

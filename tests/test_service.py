@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import random
 import sys
+import tracemalloc
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from pymod_push.protocol import (
     PublishReply,
     PushIq,
     PushOptionsUpdate,
+    SessionKey,
     SessionOpened,
     SessionPending,
     SessionResumed,
@@ -36,7 +39,7 @@ from pymod_push.service import (
     PushedTo,
     PushService,
 )
-from pymod_push.store import MIGRATIONS, Store
+from pymod_push.store import MIGRATIONS, Registration, Store
 from tests.service_stores import database, make_service  # noqa: F401 - a fixture
 
 PHONE = ("alice", "example.org", "phone")
@@ -477,12 +480,14 @@ def test_marks_per_pending_session_are_bounded_by_max_ack_queue_and_compact() ->
     for n, stanza in enumerate(stanzas):
         assert len(service.handle(StanzaToPending(PHONE, stanza), n / 100)) == 1
     pushed = service._pushed[PHONE]
-    assert len(pushed.marks) == 300 * 8
-    assert sys.getsizeof(pushed) + sys.getsizeof(pushed.marks) <= 16 * 300
+    assert len(pushed) == 300
+    assert sum(map(sys.getsizeof, (pushed, pushed.ring, pushed.by_mark))) <= 16 * 300
     # The session ends: what it held (at most the newest 300) comes back, pushed once.
     for stanza in stanzas[-300:]:
         assert service.handle(Offline(PHONE[:2], stanza, "offline"), 20) == []
-    assert len(pushed.marks) == 300 * 8
+    assert len(pushed) == 300
+    # Older ones were forgotten: one comes back, it is pushed again.
+    assert len(service.handle(Offline(PHONE[:2], stanzas[-301], "offline"), 20)) == 1
 
 
 def test_the_bound_counts_each_registration_of_the_session() -> None:
@@ -492,9 +497,41 @@ def test_the_bound_counts_each_registration_of_the_session() -> None:
     stanzas = [message(stanza_id=str(n), body=f"m{n}") for n in range(250)]
     for stanza in stanzas:
         assert len(service.handle(StanzaToPending(PHONE, stanza), 1)) == 2
-    assert len(service._pushed[PHONE].marks) == 2 * 100 * 8
+    assert len(service._pushed[PHONE]) == 2 * 100
     for stanza in stanzas[-100:]:
         assert service.handle(Offline(PHONE[:2], stanza, "offline"), 2) == []
+
+
+def test_the_bound_follows_the_registrations_without_reading_them_per_push(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """At the bound, the registrations of the session are counted from those the push
+    read anyway (they were read again from the store at every push): a registration
+    disabled meanwhile lowers the bound at the next push, the oldest marks going first."""
+    service = PushService(Config("example.org"), Store(":memory:"), max_ack_queue=100)
+    service.handle(enable("n1"), 0)
+    service.handle(enable("n2"), 0)
+    service.handle(SessionPending(PHONE, []), 0)
+    reads: list[SessionKey] = []
+    read = service.store.for_session
+
+    def counted_read(session: SessionKey) -> list[Registration]:
+        reads.append(session)
+        return read(session)
+    monkeypatch.setattr(service.store, "for_session", counted_read)
+    stanzas = [message(stanza_id=str(n), body=f"m{n}") for n in range(300)]
+    for stanza in stanzas:
+        assert len(service.handle(StanzaToPending(PHONE, stanza), 1)) == 2
+    assert reads == []
+    assert len(service._pushed[PHONE]) == 2 * 100
+    # n2 disabled from another of alice's sessions: one registration's bound again.
+    tablet = ("alice", "example.org", "tablet")
+    service.handle(iq(f"<disable xmlns='urn:xmpp:push:0' jid='{APP}' node='n2'/>",
+                      sender=tablet), 2)
+    assert len(service.handle(StanzaToPending(PHONE, message(stanza_id="last")), 3)) == 1
+    assert len(service._pushed[PHONE]) == 100
+    for stanza in stanzas[-49:]:  # with the last one, the newest 100 of n1 and n2
+        assert service.handle(Offline(PHONE[:2], stanza, "offline"), 4) == []
+    assert len(service.handle(Offline(PHONE[:2], stanzas[-60], "offline"), 4)) == 1
 
 
 def test_a_new_process_reads_back_the_newest_marks_within_the_bound(tmp_path: Path) -> None:
@@ -508,7 +545,7 @@ def test_a_new_process_reads_back_the_newest_marks_within_the_bound(tmp_path: Pa
     first.store.commit()
     first.store.close()
     second = PushService(Config("example.org"), Store(path), max_ack_queue=100)
-    assert len(second._pushed[PHONE].marks) == 100 * 8
+    assert len(second._pushed[PHONE]) == 100
     for stanza in stanzas[-100:]:
         assert second.handle(Offline(PHONE[:2], stanza, "offline"), 2) == []
 
@@ -522,16 +559,45 @@ def test_the_hello_tells_the_bound(told: object, kept: int) -> None:
     assert max_ack_queue(told) == kept
 
 
-def test_a_mark_is_found_only_where_it_starts_a_mark() -> None:
+def test_pushed_marks_are_the_newest_within_the_bound_as_in_a_list() -> None:
+    """PushedTo against a plain list of the marks remembered: random marks (repeated ones,
+    the extremes of 64 bits), a bound that grows and shrinks (as registrations come and
+    go) whether or not the ring has wrapped; found exactly when the list has them."""
+    rng = random.Random(29)
     pushed = PushedTo(0.0)
-    pushed.add(bytes(range(8)), 10)
-    pushed.add(bytes(range(8, 16)), 10)
-    assert bytes(range(8)) in pushed and bytes(range(8, 16)) in pushed
-    assert bytes(range(4, 12)) not in pushed  # astride the two
-    pushed.add(bytes(range(4, 12)), 10)
-    assert bytes(range(4, 12)) in pushed
-    pushed.add(b"\xff" * 8, 2)
-    assert bytes(range(8)) not in pushed and len(pushed.marks) == 16
+    remembered: list[int] = []
+    keep = 50
+    for step in range(8000):
+        if step % 450 == 0:
+            keep = rng.choice([1, 2, 7, 50, 120, 300])
+        mark = rng.choice([rng.getrandbits(64) - 2**63, rng.randrange(-40, 40),
+                           -(2**63), 2**63 - 1, *remembered[:1], *remembered[-1:]])
+        new = mark not in remembered
+        assert (mark in pushed) is not new
+        assert pushed.remember(mark, keep) is new
+        if new:
+            remembered = [*remembered, mark][-keep:]
+        assert len(pushed) == len(remembered)
+        assert [pushed.ring[at] for at in pushed.by_mark] == sorted(remembered)
+    assert all(rng.getrandbits(64) - 2**63 not in pushed for _ in range(1000))
+
+
+def test_a_remembered_mark_takes_at_most_16_bytes() -> None:
+    """Measured over max_ack_queue (5,000) marks: what the session's record allocates,
+    the marks and whatever finds them (the issue's bound: 16 bytes a message)."""
+    rng = random.Random(13)
+    marks = [rng.getrandbits(64) - 2**63 for _ in range(DEFAULT_MAX_ACK_QUEUE)]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        pushed = PushedTo(0.0)
+        for mark in marks:
+            pushed.remember(mark, DEFAULT_MAX_ACK_QUEUE)
+        allocated = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(pushed) == DEFAULT_MAX_ACK_QUEUE
+    assert allocated <= 16 * DEFAULT_MAX_ACK_QUEUE
 
 
 def test_a_success_resets_errors_counted_before_a_restart(tmp_path: Path) -> None:

@@ -36,6 +36,7 @@ from pymod_push.runtime import max_ack_queue
 from pymod_push.service import (
     DEFAULT_MAX_ACK_QUEUE,
     PUSHED_RETENTION_MARGIN_S,
+    SCANNED_MARKS,
     PushedTo,
     PushService,
 )
@@ -481,7 +482,8 @@ def test_marks_per_pending_session_are_bounded_by_max_ack_queue_and_compact() ->
         assert len(service.handle(StanzaToPending(PHONE, stanza), n / 100)) == 1
     pushed = service._pushed[PHONE]
     assert len(pushed) == 300
-    assert sum(map(sys.getsizeof, (pushed, pushed.ring, pushed.by_mark))) <= 16 * 300
+    assert sum(map(sys.getsizeof, (pushed, pushed.scanned, pushed.ring, pushed.by_mark))) \
+        <= 16 * 300
     # The session ends: what it held (at most the newest 300) comes back, pushed once.
     for stanza in stanzas[-300:]:
         assert service.handle(Offline(PHONE[:2], stanza, "offline"), 20) == []
@@ -562,14 +564,17 @@ def test_the_hello_tells_the_bound(told: object, kept: int) -> None:
 def test_pushed_marks_are_the_newest_within_the_bound_as_in_a_list() -> None:
     """PushedTo against a plain list of the marks remembered: random marks (repeated ones,
     the extremes of 64 bits), a bound that grows and shrinks (as registrations come and
-    go) whether or not the ring has wrapped; found exactly when the list has them."""
+    go) below and beyond SCANNED_MARKS, whether or not the ring has wrapped; found
+    exactly when the list has them, the oldest forgotten first."""
     rng = random.Random(29)
     pushed = PushedTo(0.0)
     remembered: list[int] = []
     keep = 50
-    for step in range(8000):
+    bisected = 0
+    for step in range(12000):
         if step % 450 == 0:
-            keep = rng.choice([1, 2, 7, 50, 120, 300])
+            keep = rng.choice([1, 2, 7, 50, SCANNED_MARKS - 1, SCANNED_MARKS,
+                               SCANNED_MARKS + 1, 300, 600])
         mark = rng.choice([rng.getrandbits(64) - 2**63, rng.randrange(-40, 40),
                            -(2**63), 2**63 - 1, *remembered[:1], *remembered[-1:]])
         new = mark not in remembered
@@ -578,7 +583,12 @@ def test_pushed_marks_are_the_newest_within_the_bound_as_in_a_list() -> None:
         if new:
             remembered = [*remembered, mark][-keep:]
         assert len(pushed) == len(remembered)
-        assert [pushed.ring[at] for at in pushed.by_mark] == sorted(remembered)
+        if pushed.scanned is None:
+            bisected += 1
+            assert [pushed.ring[at] for at in pushed.by_mark] == sorted(remembered)
+        if step % 50 == 0:
+            assert all(m in pushed for m in remembered)
+    assert bisected > 3000  # most of the time beyond SCANNED_MARKS
     assert all(rng.getrandbits(64) - 2**63 not in pushed for _ in range(1000))
 
 

@@ -29,8 +29,8 @@ from pymod_push.etf import Atom as A
 
 MB = 1024 * 1024
 IN_FLIGHT = 16 * BATCH  # events sent ahead of the publishes read back
-STEPS = (150, 5000)
-MARK_BYTES = 12.8  # a remembered message beyond 256 in a session (service.PushedTo)  # messages per session at which phase 1 measures
+STEPS = (150, 5000)  # messages per session at which phase 1 measures
+MARK_BYTES = 12.8  # a remembered message beyond 256 in a session (service.PushedTo)
 
 
 def rss_anon(port: PortProcess) -> int:

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
+import socket
 import ssl
+import threading
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
@@ -26,9 +29,9 @@ from pymod_push.core.appserver import Iq
 from pymod_push.core.config import Backend, Config
 from pymod_push.core.destination import IpAddress, Refused, address_refusal
 from pymod_push.core.xep0357 import RequestError
-from pymod_push.providers import b64url_encode
+from pymod_push.providers import b64url_encode, http2
 from pymod_push.providers.dispatch import Dispatcher
-from pymod_push.providers.http2 import Denied, Http2Client, UserDestinations
+from pymod_push.providers.http2 import Denied, Http2Client, HttpError, UserDestinations
 from pymod_push.providers.wns import Wns
 from pymod_push.store import Device, Store
 from tests.fake_providers import H2Peer
@@ -467,3 +470,94 @@ def test_the_wns_token_goes_to_no_host_outside_the_channel_domains(
 
     _run(scenario)
     assert "::1" not in only_loopback
+
+
+# ------------------------------------------------------------ names users give, looked up
+@pytest.mark.parametrize("host", ["a..b.test", "x" * 64 + ".test", "-a.test", "a_b-.test",
+                                  "é.test"])
+def test_a_stored_host_that_is_no_valid_name_is_denied_without_a_lookup(
+        ca: trustme.CA, only_loopback: list[str], monkeypatch: pytest.MonkeyPatch,
+        host: str) -> None:
+    """A row stored before the policy whose host is no name registration would take (an
+    empty label, one over 63 characters, ...): denied for good when sending, neither
+    looked up nor an unexpected error (the system resolver's UnicodeError)."""
+    looked_up: list[str] = []
+
+    def getaddrinfo(name: str, *args: Any, **kwargs: Any) -> Any:
+        looked_up.append(name)
+        name.encode("idna")  # what the real one does first: UnicodeError for a..b
+        raise AssertionError("no lookup may be made")
+    monkeypatch.setattr(http2.socket, "getaddrinfo", getaddrinfo)
+
+    async def scenario() -> None:
+        client = Http2Client(_client_context(ca), timeout=5, destinations=UserDestinations(
+            LOOPBACK))  # the system resolver's lookups
+        with pytest.raises(Denied, match="not a valid host name"):
+            await client.request("POST", f"https://{host}/x", {}, b"x")
+        await client.aclose()
+
+    _run(scenario)
+    assert looked_up == [] and only_loopback == []
+
+
+def test_the_system_resolvers_unicode_error_is_a_denial(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    def getaddrinfo(name: str, *args: Any, **kwargs: Any) -> Any:
+        raise UnicodeError("label empty or too long")
+    monkeypatch.setattr(http2.socket, "getaddrinfo", getaddrinfo)
+    with pytest.raises(Denied):
+        asyncio.run(http2.resolve("push.test", 443))
+
+
+def test_slow_lookups_of_user_names_take_their_own_threads_and_fail_fast_beyond(
+        ca: trustme.CA, only_loopback: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Names whose lookups never end (an endpoint's own slow DNS server): at most
+    MAX_LOOKUPS of them are looked up at once, on threads of their own; the others fail at
+    once, to be tried again (HttpError, not Denied), and the loop's default executor, where
+    APNs' and FCM's hosts are looked up, stays free."""
+    release = threading.Event()
+    looking_up: list[str] = []
+    default_threads = min(32, (os.cpu_count() or 1) + 4)  # asyncio's default executor
+    names = [f"slow{n}.test" for n in range(max(8, default_threads + 2))]
+
+    def hanging(name: str, *args: Any, **kwargs: Any) -> Any:
+        looking_up.append(name)
+        release.wait(60)
+        raise socket.gaierror(socket.EAI_NONAME, "no such name (test)")
+    monkeypatch.setattr(http2.socket, "getaddrinfo", hanging)
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        client = Http2Client(_client_context(ca), timeout=30, destinations=UserDestinations(
+            LOOPBACK))
+        requests = {name: loop.create_task(client.request("POST", f"https://{name}/x", {},
+                                                          b"x")) for name in names}
+        try:
+            while len(looking_up) < http2.MAX_LOOKUPS:
+                await asyncio.sleep(0.01)
+            beyond = [requests[name] for name in names if name not in looking_up]
+            assert len(beyond) == len(names) - http2.MAX_LOOKUPS
+            await asyncio.wait_for(asyncio.wait(beyond), 10)
+            for task in beyond:
+                failure = task.exception()
+                assert isinstance(failure, HttpError) and not isinstance(failure, Denied)
+                assert "lookups are under way" in str(failure)
+            assert await asyncio.wait_for(loop.run_in_executor(None, lambda: "free"), 10) \
+                == "free"
+            assert len(looking_up) == http2.MAX_LOOKUPS
+        finally:
+            release.set()
+            answers = await asyncio.gather(*requests.values(), return_exceptions=True)
+        assert all(isinstance(answer, HttpError) for answer in answers)
+        # their threads are free again: the next lookups go ahead
+        release.clear()
+        again = [loop.create_task(client.request("POST", f"https://{name}/y", {}, b"x"))
+                 for name in names[:http2.MAX_LOOKUPS]]
+        while len(looking_up) < 2 * http2.MAX_LOOKUPS:
+            await asyncio.sleep(0.01)
+        release.set()
+        await asyncio.gather(*again, return_exceptions=True)
+        await client.aclose()
+
+    _run(scenario)
+    assert only_loopback == []

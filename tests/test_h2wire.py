@@ -4,6 +4,7 @@ another implementation, both sans-IO, bytes passed between them in arbitrary pie
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import ssl
 import struct
@@ -16,6 +17,7 @@ from pathlib import Path
 import h2.config
 import h2.connection
 import h2.events
+import h2.exceptions
 import h2.settings
 import hpack
 import pytest
@@ -28,11 +30,12 @@ from hypothesis import strategies as st
 from pymod_push.appservice import Delivery
 from pymod_push.core.appserver import Iq
 from pymod_push.core.config import Backend, Config
-from pymod_push.providers import h2wire
+from pymod_push.core.destination import IpAddress
+from pymod_push.providers import h2wire, http2
 from pymod_push.providers.dispatch import Dispatcher
 from pymod_push.providers.h2wire import Answered, Failed, GoneAway, H2Client
 from pymod_push.providers.hpack_cache import decode_plain
-from pymod_push.providers.http2 import Http2Client, HttpError, Response, UserDestinations
+from pymod_push.providers.http2 import Denied, Http2Client, HttpError, Response, UserDestinations
 from pymod_push.store import Device, Store
 from tests.fake_providers import H2Peer, LoopbackCA
 
@@ -532,3 +535,334 @@ def test_user_connections_are_capped_the_least_recently_used_closed_first() -> N
         await peer.close()
 
     asyncio.run(asyncio.wait_for(run(), 30))
+
+
+# ------------------------- GOAWAY, opening connections, the bound on user connections
+class Sockets:
+    """A test listener's connections: accepted, still open, and what the test waits for."""
+
+    def __init__(self) -> None:
+        self.accepted = 0
+        self.open = 0
+        self.goaways = 0
+        self.requests: list[str] = []  # :authority/:path of each request, as they came
+        self.changed = asyncio.Condition()
+
+    async def note(self, change: Callable[[], None]) -> None:
+        async with self.changed:
+            change()
+            self.changed.notify_all()
+
+    async def wait_until(self, condition: Callable[[], bool], timeout: float = 10) -> None:
+        async with self.changed:
+            await asyncio.wait_for(self.changed.wait_for(condition), timeout)
+
+
+async def _listen(ca: trustme.CA, serve: Callable[[asyncio.StreamReader, asyncio.StreamWriter],
+                                                  Awaitable[None]],
+                  *names: str) -> tuple[asyncio.Server, int]:
+    """A TLS listener on 127.0.0.1 (certificate for names) where serve gets each connection."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(*(names or ("127.0.0.1",))).configure_cert(context)
+    context.set_alpn_protocols(["h2"])
+    server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=context)
+    return server, int(server.sockets[0].getsockname()[1])
+
+
+def _user_client(ca: trustme.CA, resolve: Callable[[str, int], Awaitable[list[IpAddress]]],
+                 timeout: float = 5, **bounds: float) -> Http2Client:
+    return Http2Client(_trusting(ca), timeout=timeout, destinations=UserDestinations(
+        (ipaddress.ip_network("127.0.0.0/8"),), resolve, **bounds))  # type: ignore[arg-type]
+
+
+async def _loopback(host: str, port: int) -> list[IpAddress]:
+    return [ipaddress.IPv4Address("127.0.0.1")]
+
+
+@pytest.mark.parametrize("users", [False, True], ids=["admins", "users"])
+def test_a_goaway_with_nothing_open_closes_the_clients_socket(users: bool) -> None:
+    """A server that answers, then (once the client has acknowledged a PING, so that the
+    GOAWAY comes alone) sends GOAWAY and keeps its socket open: the client closes each
+    such connection itself, the server is not left one open socket per request."""
+    ca = trustme.CA()
+    sockets = Sockets()
+
+    async def answer_then_goaway(reader: asyncio.StreamReader,
+                                 writer: asyncio.StreamWriter) -> None:
+        await sockets.note(lambda: setattr(sockets, "accepted", sockets.accepted + 1))
+        await sockets.note(lambda: setattr(sockets, "open", sockets.open + 1))
+        server = _h2_server(writer)
+        try:
+            while data := await reader.read(65536):
+                gone = False
+                for event in server.receive_data(data):
+                    if isinstance(event, h2.events.StreamEnded):
+                        server.send_headers(event.stream_id, [(":status", "200")],
+                                            end_stream=True)
+                        server.ping(b"answered")
+                    elif isinstance(event, h2.events.PingAckReceived):
+                        server.close_connection()
+                        gone = True
+                writer.write(server.data_to_send())
+                if gone:
+                    await sockets.note(lambda: setattr(sockets, "goaways", sockets.goaways + 1))
+                    while await reader.read(65536):  # open until the client closes it
+                        pass
+                    break
+        except (ConnectionError, ssl.SSLError):
+            pass
+        finally:
+            writer.close()
+            await sockets.note(lambda: setattr(sockets, "open", sockets.open - 1))
+
+    async def run() -> None:
+        listener, port = await _listen(ca, answer_then_goaway, "push.test", "127.0.0.1")
+        client = _user_client(ca, _loopback) if users else Http2Client(_trusting(ca), 5)
+        url = f"https://{'push.test' if users else '127.0.0.1'}:{port}/x"
+        for n in range(8):
+            answer = await client.request("POST", url, {}, b"x")
+            assert answer.status_code == 200
+            await sockets.wait_until(lambda n=n: sockets.goaways == n + 1)  # type: ignore[misc]
+            while client.open_connections():  # the client has read it
+                await asyncio.sleep(0.01)
+        with contextlib.suppress(TimeoutError):
+            await sockets.wait_until(lambda: sockets.open == 0, timeout=5)
+        assert sockets.accepted == 8
+        assert sockets.open == 0, f"{sockets.open} connections left open by the client"
+        await client.aclose()
+        listener.close()
+
+    asyncio.run(asyncio.wait_for(run(), 60))
+
+
+@pytest.mark.parametrize("kind", ["admins", "users", "users, the lookup hangs"])
+def test_requests_waiting_for_a_connection_share_its_failure(kind: str) -> None:
+    """Six requests at once to an origin whose connection never opens (a listener that
+    takes TCP and never answers TLS, or a name whose lookup never ends): one attempt is
+    made, and all six fail with it, not one timeout after another."""
+    ca = trustme.CA()
+    accepted: list[asyncio.StreamWriter] = []
+    lookups: list[str] = []
+    never = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)  # kept: open, and silent
+        await never.wait()
+
+    async def hanging(host: str, port: int) -> list[IpAddress]:
+        lookups.append(host)
+        await never.wait()
+        return []
+
+    async def run() -> list[BaseException | Response]:
+        listener = await asyncio.start_server(silent, "127.0.0.1", 0)  # no TLS
+        port = listener.sockets[0].getsockname()[1]
+        if kind == "admins":
+            client = Http2Client(_trusting(ca), timeout=0.5)
+            url = f"https://127.0.0.1:{port}/x"
+        else:
+            client = _user_client(ca, hanging if "hangs" in kind else _loopback, timeout=0.5)
+            url = f"https://push.test:{port}/x"
+        answers = await asyncio.wait_for(asyncio.gather(
+            *(client.request("POST", url, {}, b"x") for _ in range(6)),
+            return_exceptions=True), 30)
+        await client.aclose()
+        for writer in accepted:
+            writer.close()
+        listener.close()
+        return list(answers)
+
+    answers = asyncio.run(run())
+    assert all(isinstance(a, HttpError) for a in answers), answers
+    assert len(accepted) + len(lookups) == 1, (len(accepted), lookups)
+
+
+def test_a_request_has_one_deadline_whatever_it_waits_for(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server that, 0.8 timeouts after each request, says with a GOAWAY that it did
+    not process it (the request may go again): the request does not go on for three such
+    rounds (2.4 timeouts); it fails by its deadline (two timeouts) as unanswered."""
+    monkeypatch.setattr(http2, "SWEEP_S", 0.02)  # deadlines looked at often: no waiting
+    ca = trustme.CA()
+    timeout = 1.0
+    sockets = Sockets()
+
+    async def goaway_later(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        server = _h2_server(writer)
+
+        def goaway() -> None:
+            server.close_connection(last_stream_id=0)  # processed none of them
+            writer.write(server.data_to_send())
+        try:
+            while data := await reader.read(65536):
+                for event in server.receive_data(data):
+                    if isinstance(event, h2.events.RequestReceived):
+                        await sockets.note(lambda: sockets.requests.append("x"))
+                        asyncio.get_running_loop().call_later(0.8 * timeout, goaway)
+                writer.write(server.data_to_send())
+        except (ConnectionError, ssl.SSLError, h2.exceptions.ProtocolError):
+            pass
+        finally:
+            writer.close()
+
+    async def run() -> BaseException | Response:
+        listener, port = await _listen(ca, goaway_later)
+        client = Http2Client(_trusting(ca), timeout=timeout)
+        try:
+            return await asyncio.wait_for(
+                client.request("POST", f"https://127.0.0.1:{port}/x", {}, b"x"), 30)
+        except HttpError as exc:
+            return exc
+        finally:
+            await client.aclose()
+            listener.close()
+
+    answer = asyncio.run(run())
+    assert isinstance(answer, HttpError), answer
+    assert "did not take the request" not in str(answer), answer
+    assert len(sockets.requests) == 3
+
+
+class Held:
+    """An HTTP/2 server that answers its requests only once released; with goaway, it
+    says at each request that it takes no more (GOAWAY, that request processed)."""
+
+    def __init__(self, goaway: bool = False) -> None:
+        self.sockets = Sockets()
+        self.released = asyncio.Event()
+        self.goaway = goaway
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        server = _h2_server(writer)
+        held: list[int] = []
+
+        async def answer_when_released() -> None:
+            await self.released.wait()
+            for stream_id in held:
+                server.send_headers(stream_id, [(":status", "200")], end_stream=True)
+            writer.write(server.data_to_send())
+        answering = asyncio.get_running_loop().create_task(answer_when_released())
+        try:
+            while data := await reader.read(65536):
+                for event in server.receive_data(data):
+                    if isinstance(event, h2.events.RequestReceived):
+                        authority = dict(event.headers)[":authority"]
+                        await self.sockets.note(
+                            lambda a=authority: self.sockets.requests.append(a))  # type: ignore[misc]
+                        if self.goaway:  # raw: h2 would send nothing more after it
+                            writer.write(server.data_to_send() + struct.pack(
+                                ">IBIII", 8 << 8 | 0x7, 0, 0, event.stream_id, 0))
+                    elif isinstance(event, h2.events.StreamEnded):
+                        if self.released.is_set():
+                            server.send_headers(event.stream_id, [(":status", "200")],
+                                                end_stream=True)
+                        else:
+                            held.append(event.stream_id)
+                writer.write(server.data_to_send())
+        except (ConnectionError, ssl.SSLError, h2.exceptions.ProtocolError):
+            pass
+        finally:
+            answering.cancel()
+            writer.close()
+
+
+def test_a_full_pool_of_busy_user_connections_is_not_disturbed() -> None:
+    """Two connections allowed, both with a request the server has not answered yet: a
+    third origin's request fails at once (a retry: HttpError), the two requests are
+    answered once the server answers them."""
+    ca = trustme.CA()
+    held = Held()
+
+    async def run() -> None:
+        listener, port = await _listen(ca, held.serve, "a.test", "b.test", "c.test")
+        client = _user_client(ca, _loopback, max_connections=2)
+        waiting = [asyncio.get_running_loop().create_task(
+            client.request("POST", f"https://{name}:{port}/x", {}, b"x"))
+            for name in ("a.test", "b.test")]
+        await held.sockets.wait_until(lambda: len(held.sockets.requests) == 2)
+        with pytest.raises(HttpError, match="busy"):
+            await asyncio.wait_for(
+                client.request("POST", f"https://c.test:{port}/x", {}, b"x"), 10)
+        held.released.set()
+        answers = await asyncio.wait_for(asyncio.gather(*waiting), 10)
+        assert [answer.status_code for answer in answers] == [200, 200]
+        assert sorted(held.sockets.requests) == [f"a.test:{port}", f"b.test:{port}"]
+        await client.aclose()
+        listener.close()
+
+    asyncio.run(asyncio.wait_for(run(), 60))
+
+
+def test_a_full_pool_is_checked_before_anything_is_closed_to_make_room() -> None:
+    """Three connections allowed, one open and idle (a.test): a name that resolves to a
+    denied address is refused without closing it; so are three lookups that hang (they
+    count as connections being opened) and a fourth origin's request meanwhile (it fails
+    at once: too many are being opened)."""
+    ca = trustme.CA()
+    never = asyncio.Event()
+
+    async def resolve(host: str, port: int) -> list[IpAddress]:
+        if host.startswith("hang"):
+            await never.wait()
+        return [ipaddress.IPv4Address("10.0.0.1" if host == "denied.test" else "127.0.0.1")]
+
+    async def run() -> None:
+        peer = H2Peer(ca, "a.test")
+        port = await peer.start()
+        client = _user_client(ca, resolve, max_connections=3)
+        answer = await client.request("POST", f"https://a.test:{port}/x", {}, b"x")
+        assert answer.status_code == 200
+        with pytest.raises(Denied):
+            await client.request("POST", f"https://denied.test:{port}/x", {}, b"x")
+        assert client.open_connections() == 1
+        hanging = [asyncio.get_running_loop().create_task(
+            client.request("POST", f"https://hang{n}.test:{port}/x", {}, b"x"))
+            for n in range(3)]
+        while client._opening < 3:
+            await asyncio.sleep(0.01)
+        with pytest.raises(HttpError, match="being opened"):
+            await asyncio.wait_for(
+                client.request("POST", f"https://c.test:{port}/x", {}, b"x"), 10)
+        assert client.open_connections() == 1 and peer.ended == []
+        answer = await client.request("POST", f"https://a.test:{port}/y", {}, b"x")
+        assert answer.status_code == 200  # on the same connection
+        assert peer.connected == ["a.test"]
+        for task in hanging:
+            task.cancel()
+        await asyncio.gather(*hanging, return_exceptions=True)
+        assert client._opening == 0
+        await client.aclose()
+        await peer.close()
+
+    asyncio.run(asyncio.wait_for(run(), 60))
+
+
+def test_a_user_connection_draining_after_a_goaway_still_counts_against_the_cap() -> None:
+    """One connection allowed; a.test answers GOAWAY to its request but has yet to answer
+    it: the request goes on, and while it does, another origin's request fails (a retry)
+    rather than open a second connection; once it is answered, the other origin is
+    reached."""
+    ca = trustme.CA()
+    held = Held(goaway=True)
+
+    async def run() -> None:
+        listener, port = await _listen(ca, held.serve, "a.test", "b.test")
+        client = _user_client(ca, _loopback, max_connections=1)
+        first = asyncio.get_running_loop().create_task(
+            client.request("POST", f"https://a.test:{port}/x", {}, b"x"))
+        await held.sockets.wait_until(lambda: len(held.sockets.requests) == 1)
+        while client.open_connections():  # the GOAWAY read
+            await asyncio.sleep(0.01)
+        with pytest.raises(HttpError, match="busy"):
+            await asyncio.wait_for(
+                client.request("POST", f"https://b.test:{port}/x", {}, b"x"), 10)
+        held.released.set()
+        assert (await asyncio.wait_for(first, 10)).status_code == 200
+        answer = await asyncio.wait_for(
+            client.request("POST", f"https://b.test:{port}/x", {}, b"x"), 10)
+        assert answer.status_code == 200
+        assert held.sockets.requests == [f"a.test:{port}", f"b.test:{port}"]
+        await client.aclose()
+        listener.close()
+
+    asyncio.run(asyncio.wait_for(run(), 60))

@@ -4,7 +4,8 @@ concurrent streams, the framing done by h2wire (sans-IO).
 A client for destinations users supply (Web Push, WNS: see UserDestinations) resolves
 each host once per connection, has every address checked (core.destination) and connects
 to a checked one, so that a second lookup cannot lead elsewhere (DNS rebinding); its
-connections are closed when idle and capped in number, least recently used closed first.
+connections are closed when idle and capped in number (least recently used idle ones
+closed first), and its lookups run on a few threads of their own.
 
 Why not httpx here: pushing to a fake APNs, httpx (httpcore, anyio) cost about 0.9 ms
 of CPU per push, about 1,100 pushes/s per process (bench/provider_dispatch.py); and h2
@@ -17,8 +18,10 @@ import asyncio
 import ipaddress
 import socket
 import ssl
+import threading
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from urllib.parse import urlsplit
@@ -30,11 +33,20 @@ from . import h2wire
 
 SWEEP_S = 1.0  # how often requests are checked for their timeout
 SEND_AGAIN = 3  # times a request the server did not process goes again
+# A request is answered or failed within this many timeouts, whatever it waited for (a
+# connection being opened, a stream, an answer, sending again): one to connect, one to
+# be answered.
+REQUEST_TIMEOUTS = 2
 # Connections to destinations users supply: closed IDLE_S to 1.5 IDLE_S after their last
 # request (checked every IDLE_S / 2), and at most MAX_USER_CONNECTIONS open or opening at
-# once (the least recently used is closed to make room).
+# once (the least recently used idle one is closed to make room; if none is idle, the new
+# origin's request fails, to be tried again later).
 IDLE_S = 60.0
 MAX_USER_CONNECTIONS = 128
+# Names users supply are looked up on threads of their own, at most MAX_LOOKUPS at once
+# (more fail at once, to be tried again): a slow DNS server of theirs cannot hold the
+# loop's default executor, where APNs' and FCM's connections look their hosts up.
+MAX_LOOKUPS = 4
 
 
 class HttpError(Exception):
@@ -92,9 +104,12 @@ class _Connection(asyncio.Protocol):
     (:meth:`_flush_soon`): a burst of requests, and the window updates for their answers,
     cost one TLS write, not one each."""
 
-    def __init__(self, authority: str, timeout: float = 15.0) -> None:
+    def __init__(self, authority: str, timeout: float = 15.0, abort: bool = False) -> None:
         self.authority = authority
         self.timeout = timeout
+        # Closed without TLS's close_notify exchange (which asyncio waits up to 30 s for):
+        # a user's endpoint that never answers it cannot keep the socket open.
+        self._abort = abort
         self.wire = h2wire.H2Client()
         self.transport: asyncio.Transport | None = None
         # stream id -> (its answer, the loop time by which it is answered or failed)
@@ -111,16 +126,24 @@ class _Connection(asyncio.Protocol):
         return self._lost or self.wire.closed
 
     @property
-    def has_queued(self) -> bool:
-        """Requests wait for a stream."""
-        return bool(self._queued)
+    def idle(self) -> bool:
+        """No request is open or waits for a stream."""
+        return not self.streams and not self._queued
+
+    @property
+    def ended(self) -> bool:
+        """Closed, or lost: no request is open on it any more."""
+        return self._lost
 
     def close(self) -> None:
         """No new request; those still open fail now, not once TLS has shut down (which
         may be after the loop has ended, their awaiters never told)."""
         self._fail_all("connection closed")
         if self.transport is not None:
-            self.transport.close()
+            if self._abort:
+                self.transport.abort()
+            else:
+                self.transport.close()
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -145,6 +168,9 @@ class _Connection(asyncio.Protocol):
                 failure = NotProcessed if event.unprocessed else HttpError
                 self._finish(event.stream_id, failure(event.reason))
         self._wake()  # streams ended, or the server's SETTINGS allow more
+        if self.wire.closed and not self.streams and not self._lost:
+            self.close()  # a GOAWAY with nothing open: the socket is not left to the server
+            return
         self._flush_soon()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -155,32 +181,37 @@ class _Connection(asyncio.Protocol):
 
     # -- requests
     def submit(self, method: str, path: str, headers: Iterable[tuple[str, str]],
-               body: bytes) -> asyncio.Future[Response]:
+               body: bytes, deadline: float | None = None) -> asyncio.Future[Response]:
         """The request's answer, to await (see send)."""
         done: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
-        self.send(method, path, headers, body, done)
+        self.send(method, path, headers, body, done, deadline)
         return done
 
     def send(self, method: str, path: str, headers: Iterable[tuple[str, str]], body: bytes,
-             done: _Answer) -> None:
+             done: _Answer, deadline: float | None = None) -> None:
         """The request, its answer for done: sent on a new stream now if one is free, else
         when one is (in order). It fails with NotProcessed if the connection closes first,
-        with HttpError if it is not answered within the timeout, stream or not (a server
-        may grant none: SETTINGS_MAX_CONCURRENT_STREAMS 0)."""
+        with HttpError if it is not answered within the timeout (or by deadline, a loop
+        time, if that is sooner), stream or not (a server may grant none:
+        SETTINGS_MAX_CONCURRENT_STREAMS 0)."""
         if self.closed:
             done.set_exception(NotProcessed("connection closed"))
         elif self._queued or not self.wire.can_open():
             loop = asyncio.get_running_loop()
-            self._queued.append((done, method, path, headers, body, loop.time() + self.timeout))
+            limit = loop.time() + self.timeout
+            if deadline is not None and deadline < limit:
+                limit = deadline
+            self._queued.append((done, method, path, headers, body, limit))
             if self._sweep is None:
                 self._sweep = loop.call_later(SWEEP_S, self._expire)
         else:
-            self._open(done, method, path, headers, body)
+            self._open(done, method, path, headers, body, deadline)
 
     def _open(self, done: _Answer, method: str, path: str,
               headers: Iterable[tuple[str, str]], body: bytes,
               deadline: float | None = None) -> None:
-        """On a new stream; deadline: the one it had while it waited for the stream."""
+        """On a new stream, answered within the timeout or by deadline if sooner (the
+        request's own, or the one it had while it waited for the stream)."""
         loop = asyncio.get_running_loop()
         request_headers = [(":method", method), (":scheme", "https"),
                            (":authority", self.authority), (":path", path), *headers]
@@ -188,7 +219,10 @@ class _Connection(asyncio.Protocol):
             request_headers.append(("content-length", str(len(body))))
         stream_id = self.wire.request(request_headers, body)
         self.last_used = now = loop.time()
-        self.streams[stream_id] = (done, now + self.timeout if deadline is None else deadline)
+        limit = now + self.timeout
+        if deadline is not None and deadline < limit:
+            limit = deadline
+        self.streams[stream_id] = (done, limit)
         if self._sweep is None:
             self._sweep = loop.call_later(SWEEP_S, self._expire)
         self._flush_soon()
@@ -296,15 +330,56 @@ def _origin(scheme: str, authority: str) -> tuple[str, int]:
 Resolver = Callable[[str, int], Awaitable[Sequence[IpAddress]]]
 
 
-async def resolve(host: str, port: int) -> list[IpAddress]:
-    """The addresses of host, in the system resolver's order; Denied if one is not an
-    address (it could not be checked)."""
-    infos = await asyncio.get_running_loop().getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
-    addresses: list[IpAddress] = []
-    for info in infos:
+class _Lookups:
+    """The threads names users supply are looked up on (MAX_LOOKUPS): a lookup beyond
+    them fails at once instead of waiting, in the loop's default executor or here, for a
+    DNS server that may never answer."""
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        # Taken in the loop, given back when the thread is done (not when the awaiter
+        # gives up: the thread stays busy until the system resolver returns).
+        self._free = threading.BoundedSemaphore(threads)
+        self._executor: ThreadPoolExecutor | None = None  # made at the first lookup
+
+    async def addresses(self, host: str, port: int) -> list[str]:
+        """What the system resolver gives for host (getaddrinfo), as text."""
+        if not self._free.acquire(blocking=False):
+            raise HttpError(f"{self.threads} lookups are under way already; "
+                            "the destination is tried again later")
         try:
-            address = ipaddress.ip_address(info[4][0])
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(self.threads,
+                                                    thread_name_prefix="pymod_push-lookup")
+            lookup = self._executor.submit(_addresses, host, port)
+        except BaseException:
+            self._free.release()
+            raise
+        # Done or cancelled before it ran: either way exactly once.
+        lookup.add_done_callback(lambda _: self._free.release())
+        return await asyncio.wrap_future(lookup)
+
+
+def _addresses(host: str, port: int) -> list[str]:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    return [str(info[4][0]) for info in infos]
+
+
+_lookups = _Lookups(MAX_LOOKUPS)
+
+
+async def resolve(host: str, port: int) -> list[IpAddress]:
+    """The addresses of host, in the system resolver's order, looked up on a thread of
+    _lookups (HttpError at once if they are all busy); Denied if one is not an address
+    (it could not be checked), or host is no name the resolver takes."""
+    try:
+        found = await _lookups.addresses(host, port)
+    except UnicodeError:  # IDNA: an empty label, or one over 63 characters
+        raise Denied("the host is not a valid host name") from None
+    addresses: list[IpAddress] = []
+    for text in found:
+        try:
+            address = ipaddress.ip_address(text)
         except ValueError:
             raise Denied(f"{host} resolves to something that is not an address") from None
         if address not in addresses:
@@ -324,13 +399,15 @@ class UserDestinations:
 
 
 class _Opening:
-    """Those waiting for one origin's connection to be opened."""
+    """Those waiting for one origin's connection to be opened; failure: why the attempt
+    they waited for failed (they fail with it at once, not one connect after another)."""
 
-    __slots__ = ("lock", "waiting")
+    __slots__ = ("failure", "lock", "waiting")
 
     def __init__(self) -> None:
         self.lock = asyncio.Lock()
         self.waiting = 0
+        self.failure: HttpError | None = None
 
 
 class Http2Client:
@@ -349,91 +426,137 @@ class Http2Client:
         self._connections: dict[tuple[str, int], _Connection] = {}
         self._connecting: dict[tuple[str, int], _Opening] = {}  # only while connecting
         self._opening = 0  # connections being opened (counted against the cap)
+        # With destinations: connections no longer in _connections (GOAWAY, stream ids
+        # used up) whose last requests are still open, counted against the cap until
+        # they end (by their requests' deadline at the latest).
+        self._draining: set[_Connection] = set()
         self._idle_sweep: asyncio.TimerHandle | None = None
 
-    async def _connection(self, host: str, port: int) -> _Connection:
+    async def _connection(self, host: str, port: int, deadline: float) -> _Connection:
+        """The origin's open connection, opened if needed by deadline (a loop time);
+        those asking while it is being opened wait for it, and share its failure."""
         key = (host, port)
-        connection = self._connections.get(key)
-        if connection is not None and not connection.closed:
-            return connection
         opening = self._connecting.get(key)
         if opening is None:
             opening = self._connecting[key] = _Opening()
         opening.waiting += 1
         try:
-            async with opening.lock:
+            async with asyncio.timeout_at(deadline), opening.lock:
+                if opening.failure is not None:  # a new exception: no shared traceback
+                    raise type(opening.failure)(str(opening.failure))
                 connection = self._connections.get(key)
-                if connection is None or connection.closed:
-                    connection = await self._connect(host, port)
-                    self._connections[key] = connection
+                if connection is not None and not connection.closed:
+                    return connection
+                if connection is not None:
+                    self._forget(key)
+                try:
+                    connection = await self._connect(host, port, deadline)
+                except HttpError as exc:
+                    opening.failure = exc
+                    raise
+                self._connections[key] = connection
                 return connection
+        except TimeoutError:
+            raise HttpError(f"no connection to {_shown(host)}:{port} in time") from None
         finally:
             opening.waiting -= 1
             if not opening.waiting:
                 del self._connecting[key]
 
-    async def _connect(self, host: str, port: int) -> _Connection:
+    async def _connect(self, host: str, port: int, deadline: float) -> _Connection:
         loop = asyncio.get_running_loop()
-        shown = f"[{host}]" if ":" in host else host  # an IPv6 address
+        shown = _shown(host)
         authority = shown if port == 443 else f"{shown}:{port}"
-
-        def protocol() -> _Connection:
-            return _Connection(authority, self._timeout)
+        time_left = min(self._timeout, deadline - loop.time())
+        if time_left <= 0:
+            raise HttpError(f"cannot connect to {shown}:{port} in time")
         if self._destinations is None:
+            def protocol() -> _Connection:
+                return _Connection(authority, self._timeout)
             try:
                 _, connection = await asyncio.wait_for(loop.create_connection(
                     protocol, host, port, ssl=self._context, server_hostname=host),
-                    self._timeout)
+                    time_left)
             except (OSError, ssl.SSLError, TimeoutError) as exc:
                 raise HttpError(f"cannot connect to {shown}:{port}: {exc}") from None
             return connection
-        self._make_room(self._destinations.max_connections)
-        self._opening += 1
-        try:
-            connection = await asyncio.wait_for(
-                self._connect_checked(protocol, host, port, self._destinations),
-                self._timeout)
-        except (OSError, TimeoutError) as exc:
-            raise HttpError(f"cannot connect to {shown}:{port}: {exc}") from None
-        finally:
-            self._opening -= 1
+        connection = await self._connect_checked(host, port, authority, time_left,
+                                                 self._destinations)
         if self._idle_sweep is None:
             self._idle_sweep = loop.call_later(self._destinations.idle_s / 2,
                                                self._close_idle)
         return connection
 
-    async def _connect_checked(self, protocol: Callable[[], _Connection], host: str,
-                               port: int, destinations: UserDestinations) -> _Connection:
-        """Connected to the first address of host that takes it, once every address it
-        has is checked (Denied if one may not be reached); TLS verifies the name."""
-        try:
-            addresses: Sequence[IpAddress] = [ipaddress.ip_address(host)]
-        except ValueError:
-            addresses = await destinations.resolve(host, port)
-        try:
-            checked = destination.resolved_addresses(host, addresses, destinations.allowed)
+    async def _connect_checked(self, host: str, port: int, authority: str,
+                               time_left: float, destinations: UserDestinations
+                               ) -> _Connection:
+        """Connected within time_left to the first address of host that takes it, once
+        host is found a valid name or address and every address it has is checked
+        (Denied if not) and room is made among the connections (HttpError, a retry, if
+        the cap is reached with busy ones only); TLS verifies the name."""
+        try:  # the rules of registration: a row stored before them may break them
+            target = destination.parse_url(f"https://{authority}/")
         except destination.Refused as refused:
             raise Denied(str(refused)) from None
-        failure: OSError = OSError(f"{host} has no address")
-        for address in checked:
-            try:
-                _, connection = await asyncio.get_running_loop().create_connection(
-                    protocol, str(address), port, ssl=self._context, server_hostname=host)
-                return connection
-            except OSError as exc:  # ssl.SSLError too
-                failure = exc
-        raise failure
-
-    def _make_room(self, limit: int) -> None:
-        """Before a connection is opened: closed ones forgotten, and the least recently
-        used closed while the open and opening ones would be more than limit."""
-        for key in [key for key, c in self._connections.items() if c.closed]:
-            del self._connections[key]
-        while self._connections and len(self._connections) + self._opening >= limit:
-            key = min(self._connections, key=lambda k: self._connections[k].last_used)
-            self._connections.pop(key).close()
+        limit = destinations.max_connections
         if self._opening >= limit:
             raise HttpError(f"{limit} connections are being opened already")
+        self._opening += 1
+        try:
+            async with asyncio.timeout(time_left):
+                addresses: Sequence[IpAddress] = [target.address] \
+                    if target.address is not None else await destinations.resolve(host, port)
+                try:
+                    checked = destination.resolved_addresses(host, addresses,
+                                                             destinations.allowed)
+                except destination.Refused as refused:
+                    raise Denied(str(refused)) from None
+                self._make_room(limit)
+
+                def protocol() -> _Connection:
+                    return _Connection(authority, self._timeout, abort=True)
+                failure: OSError = OSError(f"{host} has no address")
+                for address in checked:
+                    try:
+                        _, connection = await asyncio.get_running_loop().create_connection(
+                            protocol, str(address), port, ssl=self._context,
+                            server_hostname=host)
+                        return connection
+                    except OSError as exc:  # ssl.SSLError too
+                        failure = exc
+                raise failure
+        except (OSError, TimeoutError) as exc:
+            raise HttpError(f"cannot connect to {_shown(host)}:{port}: {exc}") from None
+        finally:
+            self._opening -= 1
+
+    def _make_room(self, limit: int) -> None:
+        """Before a connection is opened (counted in _opening): closed ones forgotten, and
+        the least recently used idle ones closed while the open, draining and opening ones
+        would be more than limit; HttpError if too few are idle (busy ones are kept: their
+        requests go on)."""
+        for key in [key for key, c in self._connections.items() if c.closed]:
+            self._forget(key)
+        if self._draining:
+            self._draining = {c for c in self._draining if not c.ended}
+        excess = len(self._connections) + len(self._draining) + self._opening - limit
+        if excess <= 0:
+            return
+        idle = sorted((c.last_used, key) for key, c in self._connections.items() if c.idle)
+        if len(idle) < excess:
+            raise HttpError(f"{limit} connections are busy; the destination is tried "
+                            "again later")
+        for _, key in idle[:excess]:
+            self._connections.pop(key).close()
+
+    def _forget(self, key: tuple[str, int]) -> None:
+        """A closed connection out of _connections: closed now if nothing is open on it
+        (a GOAWAY's socket is not left open), else once its last request is done."""
+        connection = self._connections.pop(key)
+        if not connection.streams:
+            connection.close()
+        elif self._destinations is not None:
+            self._draining.add(connection)  # counted against the cap until it ends
 
     def _close_idle(self) -> None:
         """Every IDLE_S / 2 while there are connections: those without a request for
@@ -443,12 +566,13 @@ class Http2Client:
         now = asyncio.get_running_loop().time()
         for key, connection in list(self._connections.items()):
             if connection.closed:
-                del self._connections[key]  # it ends itself once its streams are answered
-            elif not connection.streams and not connection.has_queued \
-                    and now - connection.last_used >= self._destinations.idle_s:
+                self._forget(key)
+            elif connection.idle and now - connection.last_used >= self._destinations.idle_s:
                 del self._connections[key]
                 connection.close()
-        if self._connections:
+        if self._draining:
+            self._draining = {c for c in self._draining if not c.ended}
+        if self._connections or self._draining:
             self._idle_sweep = asyncio.get_running_loop().call_later(
                 self._destinations.idle_s / 2, self._close_idle)
 
@@ -478,11 +602,17 @@ class Http2Client:
 
     async def request(self, method: str, url: str, headers: dict[str, str],
                       content: bytes) -> Response:
+        """The answer, or HttpError within REQUEST_TIMEOUTS timeouts, whatever it waited
+        for (a connection, a stream, the answer, sending again)."""
         host, port, path = _target(url, self._refusal)
+        deadline = asyncio.get_running_loop().time() + REQUEST_TIMEOUTS * self._timeout
         for _ in range(SEND_AGAIN):
-            connection = await self._connection(host, port)
+            connection = self._connections.get((host, port))
+            if connection is None or connection.closed:
+                connection = await self._connection(host, port, deadline)
             try:
-                return await connection.submit(method, path, headers.items(), content)
+                return await connection.submit(method, path, headers.items(), content,
+                                               deadline)
             except NotProcessed:
                 continue  # refused, or closed meanwhile (GOAWAY, stream ids used up)
         raise HttpError(f"{host}:{port} did not take the request {SEND_AGAIN} times")
@@ -491,5 +621,10 @@ class Http2Client:
         if self._idle_sweep is not None:
             self._idle_sweep.cancel()
             self._idle_sweep = None
-        for connection in self._connections.values():
+        for connection in [*self._connections.values(), *self._draining]:
             connection.close()
+
+
+def _shown(host: str) -> str:
+    """host as in a URL: an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host else host

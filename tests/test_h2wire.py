@@ -720,7 +720,7 @@ def test_a_request_has_one_deadline_whatever_it_waits_for(
     answer = asyncio.run(run())
     assert isinstance(answer, HttpError), answer
     assert "did not take the request" not in str(answer), answer
-    assert len(sockets.requests) == 3
+    assert 2 <= len(sockets.requests) <= 3  # the third, if it went before the deadline
 
 
 class Held:

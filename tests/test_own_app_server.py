@@ -271,6 +271,11 @@ def test_repeated_headers_cost_a_byte_or_two() -> None:
 
 
 # ------------------------------------------------------------------ the HTTP/2 client
+def _deadline() -> float:
+    """A connection's deadline (a loop time) far enough for a loopback connect."""
+    return asyncio.get_running_loop().time() + 30
+
+
 async def _silent_server(ca: LoopbackCA) -> tuple[asyncio.Server, int]:
     """A TLS server (h2 by ALPN) that takes connections and requests and never answers;
     its port."""
@@ -297,7 +302,7 @@ def test_an_unanswered_request_fails_in_time_and_the_writes_are_coalesced(
     async def run() -> tuple[list[BaseException | Response], int, float]:
         silent, port = await _silent_server(ca)
         client = Http2Client(ssl.create_default_context(cafile=str(ca.cafile)), timeout=0.5)
-        connection = await client._connection("127.0.0.1", port)
+        connection = await client._connection("127.0.0.1", port, _deadline())
         assert connection.transport is not None
         writes = 0
         write = connection.transport.write
@@ -338,7 +343,7 @@ def test_an_answer_function_that_raises_is_reported_and_the_others_are_called(
         client = Http2Client(ssl.create_default_context(cafile=str(ca.cafile)), timeout=0.3)
         url = f"https://127.0.0.1:{port}/3/device/x"
         unconnected = client.request_now("POST", url, {}, b"{}", lambda _: None)
-        await client._connection("127.0.0.1", port)
+        await client._connection("127.0.0.1", port, _deadline())
         answers: list[BaseException | Response] = []
         all_answered = asyncio.Event()
 

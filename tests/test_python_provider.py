@@ -115,7 +115,7 @@ def test_what_sends_answers_mean() -> None:
     assert reply_of(RetryLater(5, "busy")) == reply_of(RetryLater(5.0, "busy"))
     assert reply_of(RetryLater(5, "busy")).retry_after == 5.0
     assert reply_of(RetryLater(10**9)).retry_after == 600.0  # bounded
-    assert reply_of(RetryLater(-3)).retry_after == 0.0
+    assert reply_of(RetryLater(-3)).retry_after == 1.0  # not at once (a busy loop)
     assert reply_of(Gone("410")).outcome is Outcome.UNREGISTERED
     assert reply_of(Refused("bad")).outcome is Outcome.FAILED
     wrong = reply_of("ok")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from . import __version__, logic
 from .core import ios_extensions
+from .core.limits import ascii_number
 from .protocol import Action, AdminCommand, CommandResult
 from .providers.dispatch import GIVE_UP_S, MAX_WAITING_PER_DEVICE
 from .python_provider import ProviderError
@@ -176,9 +177,10 @@ def _wake_all(service: PushService, info: ProcessInfo, args: tuple[str, ...],
 
 def _delete_old(service: PushService, info: ProcessInfo, args: tuple[str, ...],
                 now: float) -> Result:
-    if not args or not (args[0].isascii() and args[0].isdigit()):  # ASCII digits only
+    days = ascii_number(args[0], 9) if args else None
+    if days is None:
         raise CommandError("give a number of days")
-    removed = service.store.delete_older_than(now - int(args[0]) * 86400)
+    removed = service.store.delete_older_than(now - days * 86400)
     log.info("ejabberdctl: deleted %d push registration(s) older than %s days",
              len(removed), args[0])
     return (f"deleted {len(removed)} push registration(s) older than {args[0]} days",

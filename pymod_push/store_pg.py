@@ -39,6 +39,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
+from .core.limits import ascii_number
 from .store import DatabaseUnavailable
 
 log = logging.getLogger("pymod_push")
@@ -361,8 +362,8 @@ class PgConnection:
         self._send(index)
         status = self._run_script(self._log[index:index + 1])
         self._sent = index + 1
-        count = status.rsplit(" ", 1)[-1]
-        return int(count) if count.isdigit() else -1
+        count = ascii_number(status.rsplit(" ", 1)[-1])
+        return -1 if count is None else count
 
     def _send(self, end: int | None = None) -> None:
         self._finish_flight()

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SHIM = (ROOT / "erl_shim" / "src" / "mod_push_py.erl").read_text()
+SHIM = (ROOT / "erl_shim" / "src" / "mod_push_py_opt.erl").read_text()  # the options
 README = (ROOT / "README.md").read_text()
 CONFIG = (ROOT / "pymod_push" / "core" / "config.py").read_text()
 SHIM_ONLY = {"python", "reply_timeout", "queue_size", "access_backends"}  # not Python's

@@ -65,8 +65,8 @@ def test_install_doctor_upgrade_uninstall(bare: Instance) -> None:
     conf = yaml.safe_load((bare.folder / "modules" / "mod_push_py" / "conf" /
                            "mod_push_py.yml").read_text())
     assert conf["modules"]["mod_push_py"]["python"] == default_python()  # the running one
-    assert filecmp.cmp(sources / "src" / "mod_push_py.erl",
-                       ROOT / "erl_shim" / "src" / "mod_push_py.erl", shallow=False)
+    for erl in ("mod_push_py.erl", "mod_push_py_port.erl", "mod_push_py_opt.erl"):
+        assert filecmp.cmp(sources / "src" / erl, ROOT / "erl_shim" / "src" / erl, shallow=False)
 
     doctor = pymod_push(bare, "doctor")
     assert doctor.returncode == 0, doctor.stdout + doctor.stderr
@@ -140,7 +140,8 @@ def test_the_wheel_carries_the_shim(folder: Path) -> None:
         shim = {name.removeprefix("pymod_push/erl_shim/") for name in names
                 if name.startswith("pymod_push/erl_shim/")}
         assert shim == {"COPYING", "README.md", "README.txt", "mod_push_py.spec",
-                        "conf/mod_push_py.yml", "src/mod_push_py.erl"}
+                        "conf/mod_push_py.yml", "src/mod_push_py.erl",
+                        "src/mod_push_py_port.erl", "src/mod_push_py_opt.erl"}
         for name in shim:
             assert archive.read(f"pymod_push/erl_shim/{name}") == \
                 (ROOT / "erl_shim" / name).read_bytes()

@@ -1,0 +1,689 @@
+%%%----------------------------------------------------------------------
+%%% mod_push_py_port: the port owner of mod_push_py and its keeper.
+%%%
+%%% One port owner per virtual host (a gen_server registered under mod_push_py's
+%%% process name) runs `python -m pymod_push' as an Erlang port, says hello, batches
+%%% the hooks' events into frames, holds them while Python is down or far behind,
+%%% sends unacknowledged batches again to the next Python process, and executes the
+%%% actions Python sends back (IQ answers, publishes to app servers, routed stanzas,
+%%% options forms, ejabberdctl answers). The keeper (a second process, doing nothing
+%%% else) owns the ETS tables, so that events, batches and pending IQs outlive a
+%%% crash of the port owner. send_event/2 and send_iq/4 are how the hooks reach it.
+%%%
+%%% Copyright (C) 2026 the pymod_push authors. GPL-2.0-or-later.
+%%%----------------------------------------------------------------------
+-module(mod_push_py_port).
+-behaviour(gen_server).
+
+%% mod_push_py: starting and stopping, the hooks' events and IQs, process and table names
+-export([start_processes/2, stop_processes/1, send_event/2, send_iq/4,
+         proc/1, keeper_proc/1, events_table/1, rate_table/1, meta_table/1,
+         options_table/1]).
+%% gen_server (the port owner and the keeper)
+-export([start_link/2, init/1, handle_call/3, handle_cast/2, handle_info/2,
+         terminate/2, code_change/3]).
+
+-include("xmpp.hrl").
+-include("logger.hrl").
+-include("translate.hrl").
+
+-import(mod_push_py_opt, [opt/2]).
+-import(mod_push_py, [xml_binary/1]).
+
+-define(PROTOCOL_VERSION, 3).
+-define(MAX_BATCH, 64).
+-define(MIN_BACKOFF, 1000).
+-define(MAX_BACKOFF, 60000).
+%% Python acknowledges each batch once its effects are committed; no progress for
+%% this long means it hangs, and it is killed and restarted.
+-define(ACK_TIMEOUT, 60000).
+%% ejabberd has no hook for 'ejabberdctl set_loglevel': look now and then.
+-define(LOGLEVEL_CHECK, 10000).
+%% A token bucket idle this long is full again: it is forgotten.
+-define(RATE_FORGET, 60000).
+
+-record(state, {host              :: binary(),
+                port              :: port() | undefined,
+                status = starting :: starting | up | down | disabled,
+                %% Events are {Key, Event}: Key is the event's key in the events table
+                %% (see send_event/2), deleted once Python has acknowledged it.
+                batch = []        :: [{integer(), term()}],  % not yet written, newest first
+                %% Events kept while Python is down or far behind, oldest first; once
+                %% any is held, newer ones queue behind it (events stay in order).
+                held = queue:new() :: queue:queue({integer(), term()}),
+                held_len = 0      :: non_neg_integer(),
+                queue_size = 1    :: pos_integer(),  % the option, read once per start
+                %% Batches written but not acknowledged, oldest first: sent again, with
+                %% their sequence numbers, to the next Python process if this one dies.
+                epoch             :: integer(),
+                seq = 0           :: non_neg_integer(),
+                unacked = queue:new() :: queue:queue({pos_integer(), [{integer(), term()}]}),
+                unacked_len = 0   :: non_neg_integer(),
+                ack_timer         :: reference() | undefined,
+                dropped = 0       :: non_neg_integer(),
+                backoff = ?MIN_BACKOFF :: pos_integer(),
+                %% Keys of the events a crashed predecessor left in the table: already
+                %% queued here, so their {event, Key} messages are ignored.
+                recovered = #{}   :: #{integer() => true},
+                %% For ejabberdctl: the running process's hello, when it said it, how
+                %% often it was restarted, and commands waiting for its answer.
+                info = #{}        :: map(),
+                up_since          :: integer() | undefined,
+                restarts = 0      :: non_neg_integer(),
+                commands = #{}    :: #{reference() => {atom(), gen_server:from()}},
+                loglevel          :: atom()}).
+
+-type keeper() :: {keeper, binary()}.
+
+%%%===================================================================
+%%% Started and stopped by mod_push_py
+%%%===================================================================
+%% The keeper first: it owns the tables that outlive a crash of the port owner.
+%% gen_mod runs init/1 of this module under the names of proc/1 and keeper_proc/1.
+-spec start_processes(binary(), gen_mod:opts()) -> {ok, pid()} | {error, term()}.
+start_processes(Host, Opts) ->
+    case gen_mod:start_child(?MODULE, Host, keeper, keeper_proc(Host)) of
+        {ok, _} ->
+            case gen_mod:start_child(?MODULE, Host, Opts, proc(Host)) of
+                {ok, _} = Ok -> Ok;
+                Err -> gen_mod:stop_child(keeper_proc(Host)), Err
+            end;
+        Err -> Err
+    end.
+
+-spec stop_processes(binary()) -> ok | {error, term()}.
+stop_processes(Host) ->
+    gen_mod:stop_child(proc(Host)),
+    gen_mod:stop_child(keeper_proc(Host)).
+
+%%%===================================================================
+%%% The hooks' events and IQs (run in the hooks' processes), names
+%%%===================================================================
+%% Every event is stored in the events table before the port owner hears of it, and
+%% stays there until Python has acknowledged it: what the port owner had not passed
+%% on survives its crash (see recover/2). The table belongs to the keeper process.
+-spec send_event(binary(), term()) -> ok.
+send_event(Host, Event) ->
+    Key = erlang:unique_integer([monotonic]),
+    try
+        ets:insert(events_table(Host), {Key, Event}),
+        proc(Host) ! {event, Key}
+    catch error:badarg ->
+            ok  % the module is stopping, or the port owner restarting (it finds the event)
+    end,
+    ok.
+
+%% The IQ waits in the table for Python's answer; its timer goes to whichever port
+%% owner is registered when it runs out, so that the IQ is answered in any case.
+-spec send_iq(binary(), iq(), reference(), term()) -> ok.
+send_iq(Host, IQ, Ref, Event) ->
+    Timeout = opt(Host, reply_timeout),
+    try
+        ets:insert(meta_table(Host), {{iq, Ref}, IQ, erlang:monotonic_time(millisecond) + Timeout}),
+        erlang:start_timer(Timeout, proc(Host), {iq, Ref})
+    catch error:badarg ->
+            ok
+    end,
+    send_event(Host, Event).
+
+%% The port owner's name is mod_push_py's process name, as when the shim was one module.
+-spec proc(binary()) -> atom().
+proc(Host) ->
+    gen_mod:get_module_proc(Host, mod_push_py).
+
+-spec keeper_proc(binary()) -> atom().
+keeper_proc(Host) ->
+    gen_mod:get_module_proc(Host, mod_push_py_keeper).
+
+%% Events not yet acknowledged by Python, {Key, Event}, in the order of their keys.
+-spec events_table(binary()) -> atom().
+events_table(Host) ->
+    gen_mod:get_module_proc(Host, mod_push_py_events).
+
+%% Token buckets of push IQs and commands per account, {Account, Tokens, Millisecond}.
+-spec rate_table(binary()) -> atom().
+rate_table(Host) ->
+    gen_mod:get_module_proc(Host, mod_push_py_rates).
+
+%% What the port owner must not forget: epoch, seq, the keys of each batch not
+%% acknowledged ({batch, Seq}), push IQs waiting for Python ({iq, Ref}), the restart
+%% count, the backoff, dropped events, and whether a Python process was running.
+-spec meta_table(binary()) -> atom().
+meta_table(Host) ->
+    gen_mod:get_module_proc(Host, mod_push_py_meta).
+
+%% The push options forms Python sends ({User, Fields} and {default, Fields}), read by
+%% mod_push_py:disco_info/5; the port owner's own table.
+-spec options_table(binary()) -> atom().
+options_table(Host) ->
+    gen_mod:get_module_proc(Host, mod_push_py_options).
+
+%%%===================================================================
+%%% The port owner
+%%%===================================================================
+-spec start_link(binary(), gen_mod:opts()) -> {ok, pid()} | ignore | {error, term()}.
+start_link(Host, Opts) ->
+    gen_server:start_link({local, proc(Host)}, ?MODULE, [Host, Opts], []).
+
+%% The keeper: it only owns the tables, so that they outlive the port owner.
+-spec init([binary() | keeper | gen_mod:opts()]) -> {ok, #state{} | keeper()}.
+init([Host, keeper]) ->
+    ets:new(events_table(Host), [named_table, ordered_set, public, {write_concurrency, true}]),
+    ets:new(meta_table(Host), [named_table, public, {write_concurrency, true}]),
+    ets:new(rate_table(Host), [named_table, public, {write_concurrency, true}]),
+    ets:insert(meta_table(Host), [{epoch, erlang:system_time(microsecond)}, {seq, 0},
+                                  {restarts, 0}, {backoff, ?MIN_BACKOFF}, {dropped, 0}]),
+    {ok, {keeper, Host}};
+init([Host, _Opts]) ->
+    process_flag(trap_exit, true),
+    [ejabberd_router:register_route(Domain, Host) || Domain <- app_server_domains(Host)],
+    ets:new(options_table(Host), [named_table, protected, {read_concurrency, true}]),
+    erlang:send_after(?LOGLEVEL_CHECK, self(), check_loglevel),
+    erlang:send_after(?RATE_FORGET, self(), forget_rates),
+    Meta = meta_table(Host),
+    [Epoch, Seq, Restarts, Backoff, Dropped] =
+        [ets:lookup_element(Meta, Key, 2) || Key <- [epoch, seq, restarts, backoff, dropped]],
+    State = #state{host = Host, epoch = Epoch, seq = Seq, restarts = Restarts,
+                   backoff = Backoff, dropped = Dropped, queue_size = opt(Host, queue_size),
+                   loglevel = ejabberd_logger:get()},
+    case ets:lookup(Meta, python) of
+        [] -> {ok, open(State)};
+        [{python, Running}] -> {ok, recover(Running, State)}
+    end.
+
+%% A port owner before this one crashed or was killed, and its Python process ends with
+%% it (stdin closed). What it had not got acknowledged is in the tables: its batches go
+%% to the next Python process as they were (same epoch and seq), then the events it had
+%% not written yet, in order. The restart is counted and waits for the backoff, as when
+%% Python dies, which also lets the old process finish its last commit.
+recover(Running, #state{host = Host, backoff = Backoff, restarts = Restarts} = State) ->
+    Meta = meta_table(Host),
+    Events = ets:tab2list(events_table(Host)),
+    Found = maps:from_list(Events),
+    Batches = lists:sort(ets:select(Meta, [{{{batch, '$1'}, '$2'}, [], [{{'$1', '$2'}}]}])),
+    InBatches = maps:from_list([{Key, true} || {_, Keys} <- Batches, Key <- Keys]),
+    Unacked = [{Seq, [{Key, maps:get(Key, Found)} || Key <- Keys, is_map_key(Key, Found)]}
+               || {Seq, Keys} <- Batches],
+    Held = [Event || {Key, _} = Event <- Events, not is_map_key(Key, InBatches)],
+    Now = erlang:monotonic_time(millisecond),
+    [erlang:start_timer(max(0, Deadline - Now), self(), {iq, Ref})
+     || [Ref, Deadline] <- ets:match(Meta, {{iq, '$1'}, '_', '$2'})],
+    Restarts1 = case Running of
+                    true -> Restarts + 1;
+                    false -> Restarts  % counted when it exited
+                end,
+    ?WARNING_MSG("mod_push_py: the port owner restarted on ~ts; ~B event(s) not "
+                 "acknowledged and ~B not yet sent are kept, Python starts in ~B ms",
+                 [Host, length(Events) - length(Held), length(Held), Backoff]),
+    erlang:send_after(Backoff, self(), restart),
+    keep(State#state{status = down, restarts = Restarts1,
+                     backoff = min(Backoff * 2, ?MAX_BACKOFF),
+                     unacked = queue:from_list(Unacked),
+                     unacked_len = length(Events) - length(Held),
+                     held = queue:from_list(Held), held_len = length(Held),
+                     recovered = maps:from_list([{Key, true} || {Key, _} <- Events])},
+         false).
+
+%% The counters in the meta table, and whether a Python process runs.
+keep(#state{host = Host} = State, Running) ->
+    ets:insert(meta_table(Host), [{restarts, State#state.restarts},
+                                  {backoff, State#state.backoff},
+                                  {dropped, State#state.dropped}, {python, Running}]),
+    State.
+
+%% Subdomains served by the app server (its pubsub and registration hosts).
+app_server_domains(Host) ->
+    lists:usort([D || #{pubsub_host := P, register_host := R} <- opt(Host, backends),
+                      D <- [P, R], D /= Host]).
+
+-spec handle_call(term(), gen_server:from(), #state{}) ->
+          {reply, term(), #state{}} | {noreply, #state{}}.
+handle_call({command, Name, Args}, From, #state{status = up} = State) ->
+    {noreply, ask_python(Name, Args, From, State)};
+handle_call({command, _Name, _Args}, _From, State) ->
+    {reply, shim_status(State), State};
+handle_call(_Request, _From, State) ->
+    {reply, {error, badarg}, State}.
+
+-spec handle_cast(term(), #state{} | keeper()) -> {noreply, #state{} | keeper()}.
+handle_cast({route, Pkt}, State) ->
+    {noreply, route_to_app_server(Pkt, State)};
+handle_cast({reload, _NewOpts}, #state{port = Port} = State) ->
+    %% The new options reach Python with the next handshake.
+    ?INFO_MSG("mod_push_py: options changed, restarting the Python process", []),
+    try port_close(Port) catch error:badarg -> true end,
+    {noreply, open(State#state{port = undefined, backoff = ?MIN_BACKOFF})};
+handle_cast(_Msg, {keeper, _} = State) ->
+    {noreply, State};
+handle_cast(Msg, State) ->
+    ?WARNING_MSG("Unexpected cast: ~p", [Msg]),
+    {noreply, State}.
+
+-spec handle_info(term(), #state{} | keeper()) -> {noreply, #state{} | keeper()}.
+handle_info({event, Key}, #state{host = Host, recovered = Recovered} = State) ->
+    case Recovered of
+        #{Key := _} ->  % queued already when this process started
+            {noreply, State#state{recovered = maps:remove(Key, Recovered)}};
+        _ ->
+            case ets:lookup(events_table(Host), Key) of
+                [Event] -> {noreply, take_event(Event, State)};
+                [] -> {noreply, State}
+            end
+    end;
+handle_info({Port, {data, Bin}}, #state{port = Port} = State) ->
+    case decode(Bin) of
+        {ok, Term} -> {noreply, handle_python(Term, State)};
+        error ->
+            ?ERROR_MSG("mod_push_py: malformed frame from Python (~B bytes), "
+                       "ignored", [byte_size(Bin)]),
+            {noreply, State}
+    end;
+handle_info({Port, {exit_status, Status}}, #state{port = Port, status = disabled} = State) ->
+    ?INFO_MSG("mod_push_py: Python process exited with status ~B", [Status]),
+    {noreply, keep(State#state{port = undefined}, false)};
+handle_info({Port, {exit_status, Status}}, #state{port = Port, backoff = Backoff} = State) ->
+    Hint = case State#state.status of
+               starting -> io_lib:format(" before its handshake: check that '~ts -m pymod_push' "
+                                         "runs as the ejabberd user",
+                                         [opt(State#state.host, python)]);
+               _ -> ""
+           end,
+    ?ERROR_MSG("mod_push_py: Python process exited with status ~B~ts; "
+               "restarting it in ~B ms", [Status, Hint, Backoff]),
+    erlang:send_after(Backoff, self(), restart),
+    {noreply, keep(State#state{port = undefined, status = down,
+                               ack_timer = cancel_ack_timer(State),
+                               held = queue:join(queue:from_list(lists:reverse(State#state.batch)),
+                                                 State#state.held),
+                               held_len = State#state.held_len + length(State#state.batch),
+                               batch = [], restarts = State#state.restarts + 1,
+                               backoff = min(Backoff * 2, ?MAX_BACKOFF)}, false)};
+handle_info(restart, #state{port = undefined, status = down} = State) ->
+    %% Messages for events found at the start were handled long ago.
+    {noreply, open(State#state{recovered = #{}})};
+handle_info({ack_timeout, Seq}, #state{port = Port, status = up,
+                                       unacked = Unacked} = State) when is_port(Port) ->
+    case queue:peek(Unacked) of
+        {value, {Seq, _}} ->
+            ?ERROR_MSG("mod_push_py: the Python process has not handled an event batch "
+                       "for ~B s; killing it (it is restarted and gets the batch again)",
+                       [?ACK_TIMEOUT div 1000]),
+            case erlang:port_info(Port, os_pid) of
+                {os_pid, OsPid} -> os:cmd("kill -9 " ++ integer_to_list(OsPid));
+                undefined -> ok
+            end,
+            {noreply, State#state{ack_timer = undefined}};
+        _ ->
+            {noreply, State}
+    end;
+handle_info({ack_timeout, _}, State) ->
+    {noreply, State};
+handle_info({route, Pkt}, State) ->
+    {noreply, route_to_app_server(Pkt, State)};
+handle_info(check_loglevel, #state{loglevel = Old} = State) ->
+    erlang:send_after(?LOGLEVEL_CHECK, self(), check_loglevel),
+    case ejabberd_logger:get() of
+        Old -> {noreply, State};
+        New -> {noreply, push_event({loglevel, New}, State#state{loglevel = New})}
+    end;
+handle_info(forget_rates, #state{host = Host} = State) ->
+    erlang:send_after(?RATE_FORGET, self(), forget_rates),
+    Idle = erlang:monotonic_time(millisecond) - ?RATE_FORGET,
+    try ets:select_delete(rate_table(Host), [{{'_', '_', '$1'}, [{'<', '$1', Idle}], [true]}])
+    catch error:badarg -> ok  % code loaded into a running module: no table until restart
+    end,
+    {noreply, State};
+handle_info(flush, State) ->
+    {noreply, flush(State)};
+handle_info({iq_reply, Reply, Ref}, State) ->
+    {noreply, push_event({iq_reply, Ref, publish_outcome(Reply)}, State)};
+handle_info({timeout, _TRef, {iq, Ref}}, #state{host = Host} = State) ->
+    case ets:take(meta_table(Host), {iq, Ref}) of
+        [{_, IQ, _}] ->
+            ?WARNING_MSG("mod_push_py: no answer from Python within the reply "
+                         "timeout, answering a push IQ with an error", []),
+            Txt = ?T("The push service did not answer in time"),
+            ejabberd_router:route_error(IQ, xmpp:err_internal_server_error(Txt, IQ#iq.lang));
+        [] ->
+            ok
+    end,
+    {noreply, State};
+handle_info({'EXIT', Port, Reason}, #state{port = Port} = State) ->
+    %% The port went without its exit_status (which comes first when there is one).
+    ?ERROR_MSG("mod_push_py: the port to Python closed: ~p", [Reason]),
+    handle_info({Port, {exit_status, -1}}, State);
+handle_info({'EXIT', _, _}, State) ->
+    {noreply, State};
+handle_info(_Info, {keeper, _} = State) ->
+    {noreply, State};
+handle_info(Info, State) ->
+    ?WARNING_MSG("Unexpected info: ~p", [Info]),
+    {noreply, State}.
+
+-spec terminate(term(), #state{} | keeper()) -> ok.
+terminate(_Reason, {keeper, _}) ->
+    ok;
+terminate(_Reason, #state{host = Host, port = Port}) ->
+    [ejabberd_router:unregister_route(Domain) || Domain <- app_server_domains(Host)],
+    try port_close(Port) catch error:badarg -> true end,
+    ok.
+
+-spec code_change(term(), #state{} | keeper(), term()) -> {ok, #state{} | keeper()}.
+code_change(_OldVsn, State, _Extra) ->
+    {ok, State}.
+
+open(#state{host = Host} = State0) ->
+    State = State0#state{queue_size = opt(Host, queue_size)},
+    Python = opt(Host, python),
+    %% -P: the working directory (the spool) is not put on sys.path, so that no file
+    %% there can shadow a module (Python >= 3.11, which pymod_push requires).
+    try open_port({spawn_executable, Python},
+                  [{args, ["-P", "-m", "pymod_push"]}, {packet, 4}, binary,
+                   exit_status, use_stdio, hide, {cd, spool_dir()}]) of
+        Port ->
+            write(Port, hello(Host)),
+            keep(State#state{port = Port, status = starting}, true)
+    catch error:Why ->
+            ?ERROR_MSG("mod_push_py: cannot start ~ts -m pymod_push: ~p; "
+                       "retrying in ~B ms", [Python, Why, State#state.backoff]),
+            erlang:send_after(State#state.backoff, self(), restart),
+            keep(State#state{port = undefined, status = down,
+                             backoff = min(State#state.backoff * 2, ?MAX_BACKOFF)}, false)
+    end.
+
+%% A port that is closing (Python just died) refuses the write: its exit_status is
+%% on its way, and what was written goes again to the next Python process.
+write(Port, Term) ->
+    try port_command(Port, term_to_binary(Term))
+    catch error:badarg -> false
+    end.
+
+%% The options go as Python reads them (mod_push_py_opt:for_python/1).
+hello(Host) ->
+    {hello, ?PROTOCOL_VERSION, Host, mod_push_py_opt:for_python(Host)}.
+
+spool_dir() ->
+    mnesia:system_info(directory).
+
+decode(Bin) ->
+    try {ok, binary_to_term(Bin, [safe])}
+    catch error:badarg -> error
+    end.
+
+%% A stanza for the app server (commands, publishes, disco). Whether the sender
+%% may use the built-in app server is an ejabberd access rule, decided here.
+route_to_app_server(#iq{from = #jid{luser = U, lserver = S}, lang = Lang} = IQ,
+                    #state{host = Host} = State) when U /= <<>> ->
+    case xmpp:has_subtag(IQ, #adhoc_command{}) andalso
+        mod_push_py:take_token(Host, {commands, U, S}) of
+        {wait, Seconds} ->
+            Error = mod_push_py:too_many(<<"registration commands">>, Host, Seconds, Lang),
+            ejabberd_router:route(xmpp:make_error(IQ, Error)),
+            State;
+        _ -> push_app_server_iq(IQ, State)
+    end;
+route_to_app_server(#iq{} = IQ, State) ->
+    push_app_server_iq(IQ, State);
+route_to_app_server(_Pkt, State) ->
+    State.  % messages and presences to the app server are not answered
+
+push_app_server_iq(#iq{from = From} = IQ, #state{host = Host} = State) ->
+    Allowed = mod_push_py:may_use_backends(Host, opt(Host, access_backends), From),
+    push_event({app_server_iq, Allowed, xml_binary(xmpp:encode(IQ))}, State).
+
+publish_outcome(timeout) -> timeout;
+publish_outcome(#iq{type = result}) -> result;
+publish_outcome(#iq{type = error} = IQ) ->
+    case xmpp:get_error(IQ) of
+        #stanza_error{type = Type, reason = Reason} when is_atom(Reason) ->
+            {error, Type, Reason};
+        #stanza_error{type = Type, reason = Reason} when is_tuple(Reason) ->
+            {error, Type, element(1, Reason)};
+        _ ->
+            {error, cancel, 'undefined-condition'}
+    end.
+
+%% An event of the port owner's own, stored like the hooks' (send_event/2).
+push_event(Event, #state{host = Host} = State) ->
+    Key = erlang:unique_integer([monotonic]),
+    ets:insert(events_table(Host), {Key, Event}),
+    take_event({Key, Event}, State).
+
+%% Events are batched: a frame carries every event that arrived while the
+%% owner was busy, so a burst costs one port write instead of one per event.
+take_event({Key, _}, #state{status = disabled} = State) ->
+    forget([Key], State);  % the version mismatch was logged; IQs get their timeout error
+take_event(Event, #state{status = up, held_len = 0, unacked_len = Unacked,
+                         queue_size = Max} = State) when Unacked < Max ->
+    batch_event(Event, State);
+take_event(Event, State) ->
+    hold_event(Event, State).  % Python is down or far behind: keep it here, bounded
+
+forget(Keys, #state{host = Host} = State) ->
+    Table = events_table(Host),
+    lists:foreach(fun(Key) -> ets:delete(Table, Key) end, Keys),
+    State.
+
+batch_event(Event, #state{batch = Batch} = State) ->
+    State1 = State#state{batch = [Event | Batch]},
+    case length(Batch) + 1 >= ?MAX_BATCH orelse mailbox_empty() of
+        true -> flush(State1);
+        false when Batch == [] ->
+            %% More messages are waiting; they may not be events (port data, timers),
+            %% so make sure this batch is written once they are handled.
+            self() ! flush,
+            State1;
+        false -> State1
+    end.
+
+hold_event(Event, #state{held_len = Len, queue_size = Max} = State) ->
+    case Len < Max of
+        true ->
+            State#state{held = queue:in(Event, State#state.held), held_len = Len + 1};
+        false ->
+            Dropped = State#state.dropped + 1,
+            ?ERROR_MSG("mod_push_py: Python process unavailable and event queue "
+                       "full (~B); dropped an event (~B dropped so far)",
+                       [Len, Dropped]),
+            ets:insert(meta_table(State#state.host), {dropped, Dropped}),
+            forget([element(1, Event)], State#state{dropped = Dropped})
+    end.
+
+%% Events kept while Python was down or behind, oldest first, as far as there is room;
+%% written in full batches.
+release_held(#state{status = up, unacked_len = Unacked, queue_size = Max,
+                    held = Held, held_len = Len, batch = Batch} = State)
+  when Len > 0, Unacked < Max ->
+    {{value, Event}, Rest} = queue:out(Held),
+    State1 = State#state{batch = [Event | Batch], held = Rest, held_len = Len - 1},
+    release_held(case length(Batch) + 1 >= ?MAX_BATCH of
+                     true -> flush(State1);
+                     false -> State1
+                 end);
+release_held(State) ->
+    flush(State).
+
+mailbox_empty() ->
+    {message_queue_len, 0} == process_info(self(), message_queue_len).
+
+flush(#state{batch = []} = State) ->
+    State;
+flush(#state{batch = Batch, seq = Seq, unacked = Unacked, unacked_len = Len} = State) ->
+    Events = lists:reverse(Batch),
+    %% Recorded before the write: a successor sends it again with the same seq.
+    ets:insert(meta_table(State#state.host),
+               [{seq, Seq + 1}, {{batch, Seq + 1}, [Key || {Key, _} <- Events]}]),
+    State1 = write_batch({Seq + 1, Events}, State),
+    State1#state{batch = [], seq = Seq + 1, unacked = queue:in({Seq + 1, Events}, Unacked),
+                 unacked_len = Len + length(Events)}.
+
+write_batch({Seq, Events}, #state{port = Port, epoch = Epoch} = State) ->
+    write(Port, {events, Epoch, Seq, [Event || {_, Event} <- Events]}),
+    case State#state.ack_timer of
+        undefined ->
+            State#state{ack_timer = erlang:send_after(?ACK_TIMEOUT, self(), {ack_timeout, Seq})};
+        _ -> State
+    end.
+
+%% Python committed everything up to Seq.
+acknowledge(Seq, #state{unacked = Unacked, unacked_len = Len} = State) ->
+    case queue:peek(Unacked) of
+        {value, {S, Events}} when S =< Seq ->
+            %% The events first: a batch record without them is harmless.
+            forget([Key || {Key, _} <- Events], State),
+            ets:delete(meta_table(State#state.host), {batch, S}),
+            acknowledge(Seq, State#state{unacked = queue:drop(Unacked),
+                                         unacked_len = Len - length(Events)});
+        {value, {Next, _}} ->
+            cancel_ack_timer(State),
+            State#state{ack_timer = erlang:send_after(?ACK_TIMEOUT, self(), {ack_timeout, Next})};
+        empty ->
+            State#state{ack_timer = cancel_ack_timer(State)}
+    end.
+
+cancel_ack_timer(#state{ack_timer = undefined}) -> undefined;
+cancel_ack_timer(#state{ack_timer = TRef}) -> erlang:cancel_timer(TRef), undefined.
+
+%% The handshake reply, then lists of actions.
+handle_python({hello, ?PROTOCOL_VERSION, Info}, #state{status = starting} = State0) ->
+    ?INFO_MSG("mod_push_py: Python process ready on ~ts: ~p", [State0#state.host, Info]),
+    State = State0#state{info = Info, up_since = erlang:system_time(second)},
+    %% What the previous process did not acknowledge goes first, as it was: Python
+    %% skips a batch whose effects it had committed.
+    State1 = lists:foldl(fun write_batch/2,
+                         keep(State#state{status = up, backoff = ?MIN_BACKOFF}, true),
+                         queue:to_list(State#state.unacked)),
+    release_held(State1);
+handle_python({hello, Version, _Info}, #state{status = starting} = State) ->
+    ?ERROR_MSG("mod_push_py: protocol version mismatch on ~ts: this module speaks "
+               "version ~B, the Python package at ~ts speaks ~p. Install matching "
+               "versions of the Erlang module and the Python package, then "
+               "restart the module. Push notifications are disabled until then.",
+               [State#state.host, ?PROTOCOL_VERSION,
+                opt(State#state.host, python), Version]),
+    %% Python exits by itself after its reply; that exit is not restarted.
+    forget([Key || {Key, _} <- queue:to_list(State#state.held)],
+           State#state{status = disabled, held = queue:new(), held_len = 0});
+handle_python(Actions, #state{status = up} = State) when is_list(Actions) ->
+    lists:foldl(fun execute/2, State, Actions);
+handle_python({log, _, _} = Log, State) ->  % Python may log before its hello
+    execute(Log, State);
+handle_python(Other, State) ->
+    ?ERROR_MSG("mod_push_py: unexpected frame from Python: ~P", [Other, 10]),
+    State.
+
+execute({iq_result, Ref, Xml}, State) ->
+    answer_iq(Ref, fun(IQ) -> xmpp:make_iq_result(IQ, parse_xml(Xml)) end, State);
+execute({iq_error, Ref, Type, Reason, Text}, State) ->
+    answer_iq(Ref, fun(IQ) ->
+                           Err = #stanza_error{type = Type, reason = Reason,
+                                               text = xmpp:mk_text(Text, IQ#iq.lang)},
+                           xmpp:make_error(IQ, Err)
+                   end, State);
+execute({publish, Ref, To, Node, Fields, Options, Timeout}, State) ->
+    execute({publish, Ref, To, Node, Fields, Options, Timeout, []}, State);
+execute({publish, Ref, To, Node, Fields, Options, Timeout, Elements},
+        #state{host = Host} = State) ->
+    try jid:decode(To) of
+        AppServer ->
+            Item = #ps_item{sub_els = [notification(Fields, Elements)]},
+            PubSub = #pubsub{publish = #ps_publish{node = Node, items = [Item]},
+                             publish_options = xdata(Options)},
+            IQ = #iq{type = set, from = jid:make(Host), to = AppServer, sub_els = [PubSub]},
+            ejabberd_router:route_iq(IQ, Ref, self(), Timeout),
+            State
+    catch error:{bad_jid, _} ->  % answered as the router would answer it
+            push_event({iq_reply, Ref, {error, cancel, 'jid-malformed'}}, State)
+    end;
+execute({route, Xml}, State) ->
+    ejabberd_router:route(xmpp:decode(parse_xml(Xml), ?NS_CLIENT, [ignore_els])),
+    State;
+execute({set_push, {U, S, R}, Value}, State) ->
+    case ejabberd_sm:get_session_pid(U, S, R) of
+        Pid when is_pid(Pid) -> ejabberd_c2s:cast(Pid, {mod_push_py, set_push, Value});
+        none -> ok
+    end,
+    State;
+execute({push_options, Key, undefined}, #state{host = Host} = State) ->
+    ets:delete(options_table(Host), Key),
+    State;
+execute({push_options, Key, Fields}, #state{host = Host} = State) ->
+    ets:insert(options_table(Host), {Key, Fields}),
+    State;
+execute({command_result, Ref, Text}, #state{commands = Commands} = State) ->
+    case maps:take(Ref, Commands) of
+        {{Name, From}, Commands1} ->
+            Shim = case Name of  % the status has the shim's part first
+                       status -> [shim_status(State), "\n"];
+                       _ -> []
+                   end,
+            gen_server:reply(From, iolist_to_binary([Shim, Text])),
+            State#state{commands = Commands1};
+        error -> State
+    end;
+execute({ack, Seq}, State) ->
+    release_held(acknowledge(Seq, State));
+execute({log, Level, Text}, State) ->
+    log(Level, Text),
+    State;
+execute(Action, State) ->
+    ?WARNING_MSG("mod_push_py: unknown action from Python ignored: ~P", [Action, 10]),
+    State.
+
+answer_iq(Ref, MakeReply, #state{host = Host} = State) ->
+    case ets:take(meta_table(Host), {iq, Ref}) of
+        [{_, IQ, _}] -> ejabberd_router:route(MakeReply(IQ));
+        [] -> ok  % already answered with a timeout error
+    end,
+    State.
+
+%% <notification/>: the summary form, and after it the extension elements Python made
+%% (Tigase's <encrypted/>, <priority/>, <jingle/>), if any.
+notification(Fields, []) ->
+    #push_notification{xdata = xdata(Fields)};
+notification(Fields, Elements) ->
+    Form = case Fields of
+               [] -> [];
+               _ -> [xmpp:encode(xdata(Fields))]
+           end,
+    #xmlel{name = <<"notification">>, attrs = [{<<"xmlns">>, ?NS_PUSH_0}],
+           children = Form ++ [parse_xml(E) || E <- Elements]}.
+
+%% A submitted data form from [{Var, [Value]}]; FORM_TYPE is hidden (XEP-0068).
+xdata(undefined) -> undefined;
+xdata(Fields) ->
+    #xdata{type = submit,
+           fields = [#xdata_field{var = Var, values = Values,
+                                  type = case Var of <<"FORM_TYPE">> -> hidden; _ -> undefined end}
+                     || {Var, Values} <- Fields]}.
+
+parse_xml(undefined) -> undefined;
+parse_xml(Xml) -> fxml_stream:parse_element(Xml).
+
+log(debug, Text) -> ?DEBUG("~ts", [Text]);
+log(info, Text) -> ?INFO_MSG("~ts", [Text]);
+log(notice, Text) -> ?INFO_MSG("~ts", [Text]);
+log(warning, Text) -> ?WARNING_MSG("~ts", [Text]);
+log(error, Text) -> ?ERROR_MSG("~ts", [Text]);
+log(_, Text) -> ?CRITICAL_MSG("~ts", [Text]).
+
+
+%% ejabberdctl commands (mod_push_py:command/3 calls the port owner).
+ask_python(Name, Args, From, #state{commands = Commands} = State) ->
+    Ref = make_ref(),
+    push_event({command, Ref, Name, Args},
+               State#state{commands = Commands#{Ref => {Name, From}}}).
+
+%% What the shim knows itself: everything when Python cannot answer.
+shim_status(#state{status = Status, info = Info, up_since = Since} = State) ->
+    Process = case Status of
+                  up -> io_lib:format("Python process up since ~ts (pid ~ts, pymod_push ~ts)",
+                                      [calendar:system_time_to_rfc3339(Since),
+                                       maps:get(pid, Info, <<"?">>),
+                                       maps:get(version, Info, <<"?">>)]);
+                  _ -> io_lib:format("Python process ~ts", [Status])
+              end,
+    iolist_to_binary(
+      io_lib:format("~ts; restarted ~B time(s); events waiting: ~B held, ~B unacknowledged; "
+                    "dropped: ~B", [Process, State#state.restarts, State#state.held_len,
+                                    State#state.unacked_len, State#state.dropped])).

@@ -46,7 +46,7 @@ from bench.versus_builtin import (
 )
 from devtools.instance import ROOT, Instance, default_python, free_port
 from devtools.xmpp_light import Xmpp
-from pymod_push.appservice import PUBLISH_BURST, PUBLISH_REFILL_PER_SECOND
+from pymod_push.appserver.server import PUBLISH_BURST, PUBLISH_REFILL_PER_SECOND
 
 NS_COMMANDS = "http://jabber.org/protocol/commands"
 PUBLISH_OPTIONS = "http://jabber.org/protocol/pubsub#publish-options"

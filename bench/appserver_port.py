@@ -53,7 +53,7 @@ from bench.appserver_apns import (
 from bench.port_events import BATCH, PortProcess, session, stanza_event
 from bench.versus_builtin import NS_DATA
 from devtools.instance import ROOT, free_port
-from pymod_push.appservice import PUBLISH_BURST
+from pymod_push.appserver.server import PUBLISH_BURST
 from pymod_push.etf import Atom as A
 
 IN_FLIGHT = 512

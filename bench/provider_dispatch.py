@@ -19,11 +19,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from devtools.instance import free_port
-from pymod_push.appservice import Delivery
-from pymod_push.core.appserver import Iq
+from pymod_push.appserver.requests import Iq
+from pymod_push.appserver.server import Delivery
 from pymod_push.core.config import Backend, Config
-from pymod_push.providers.dispatch import Dispatcher
-from pymod_push.store import Device, Store
+from pymod_push.delivery.dispatcher import Dispatcher
+from pymod_push.records import RegisteredDevice
+from pymod_push.store import Store
 from tests.fake_providers import LoopbackCA
 
 
@@ -42,7 +43,8 @@ async def run(pushes: int, folder: Path, port: int) -> tuple[float, float, int]:
     dispatcher = Dispatcher(Config("localhost", backends=(backend,)), Store(":memory:"),
                             lambda node: None, route)
     summary = {"message-count": "1", "pending-subscription-count": "0"}
-    deliveries = [Delivery(backend, Device(f"node{i}", "s", "user@localhost", "d", "", "apns",
+    deliveries = [Delivery(backend, RegisteredDevice(
+        f"node{i}", "s", "user@localhost", "d", "", "apns",
                                            "bench", "pubsub.localhost", f"{i:064x}"),
                            summary, Iq(str(i), "set", "localhost", "pubsub.localhost", None))
                   for i in range(pushes)]

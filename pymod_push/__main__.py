@@ -8,6 +8,6 @@ import sys
 PROCESS_UMASK = 0o077
 os.umask(PROCESS_UMASK)
 
-from .port import main  # noqa: E402 - after the umask, as whatever it imports may write
+from pymod_push.port.app import main  # noqa: E402 - after the umask, as whatever it imports may write
 
 sys.exit(main())

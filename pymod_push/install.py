@@ -30,7 +30,7 @@ from pathlib import Path
 
 import yaml
 
-from . import __version__
+from pymod_push import __version__
 
 MODULE = "mod_push_py"
 EJABBERD_USER = "ejabberd"  # INSTALLUSER of Debian's and ProcessOne's ejabberdctl
@@ -351,7 +351,7 @@ def gather(server: Ejabberd) -> Facts:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["logic"]:  # pymod-push logic check FILE: the admin's push logic, offline
-        from .logic_check import main as logic_main
+        from pymod_push.logic_check import main as logic_main
         return logic_main(argv[1:])
     parser = argparse.ArgumentParser(prog="pymod-push", description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["install", "upgrade", "uninstall", "doctor", "logic"],

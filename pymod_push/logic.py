@@ -13,7 +13,7 @@ path to a ``.py`` file) that may define any of these plain functions::
 
 Any of them may be ``async def`` (to ask a service of the admin's): the notification then
 waits for it, within the budget (option logic_budget), while other users' do not (see
-Logic.decide, PushService.hook_call, and the provider edge for provider_data).
+Logic.decide, PushService.logic_call, and the provider edge for provider_data).
 They receive read-only objects (frozen dataclasses, mappings that cannot be changed).
 A function that raises, returns the wrong type or is slow (over the budget; three times
 for a plain function) is contained: the error is logged, our default is used, and a
@@ -37,8 +37,8 @@ from dataclasses import dataclass
 from types import MappingProxyType, ModuleType
 from typing import Any
 
-from .core.ios_extensions import NONE as NO_EXTENSIONS
-from .core.ios_extensions import Extensions
+from pymod_push.core.ios_extensions import NONE as NO_EXTENSIONS
+from pymod_push.core.ios_extensions import Extensions
 
 log = logging.getLogger("pymod_push")
 
@@ -84,7 +84,7 @@ class Device:
 
 
 @dataclass(frozen=True, slots=True)
-class HookCase:
+class LogicCase:
     """One registration a message may push to, as the admin's functions see it."""
 
     recipient: Recipient
@@ -127,7 +127,7 @@ class Logic:
                                        [(device, MappingProxyType(dict(data)))], [None])
         return data if result is None else {str(k): str(v) for k, v in result.items()}
 
-    async def decide(self, message: Message, cases: Sequence[HookCase]
+    async def decide(self, message: Message, cases: Sequence[LogicCase]
                      ) -> list[tuple[bool, list[tuple[str, str]] | None]]:
         """For each case: does it push, and the summary (None: the fields as they are).
         should_push first, then summary for those that push, each for all cases at once;
@@ -325,9 +325,3 @@ def load_checked(spec: str | None) -> Logic:
             raise LogicError(f"{name} took {elapsed * 1000:.0f} ms on a sample chat message "
                              f"(the budget is {BUDGET_S * 1000:.0f} ms)")
     return Logic(module)
-
-if __name__ == "__main__":  # python -m pymod_push.logic check FILE (see logic_check)
-    import sys
-
-    from pymod_push.logic_check import main
-    sys.exit(main())

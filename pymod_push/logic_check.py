@@ -42,16 +42,17 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from . import logic
-from .core import safexml
-from .core.config import Backend, Config
-from .core.notify import trigger_of, unwrap_carbon
-from .protocol import Publish, PushIq, Stanza, StanzaToPending
-from .providers import Provider, notification_text
-from .providers.dispatch import PROVIDERS
-from .python_provider import ProviderError, PythonProvider, load_provider
-from .service import HookWork, PushService
-from .store import Device, Store
+from pymod_push import logic
+from pymod_push.core import safexml
+from pymod_push.core.config import Backend, Config
+from pymod_push.core.notify import trigger_of, unwrap_carbon
+from pymod_push.delivery.dispatcher import PROVIDERS
+from pymod_push.protocol import Publish, PushIq, Stanza, StanzaToPending
+from pymod_push.providers import Provider, notification_text
+from pymod_push.python_provider import ProviderError, PythonProvider, load_provider
+from pymod_push.records import RegisteredDevice
+from pymod_push.service.decisions import LogicWork, PushService
+from pymod_push.store import Store
 
 HOST = "example.org"
 USER = "juliet"
@@ -123,7 +124,7 @@ class Tried:
     """A provider with a device of its own, credentials made up."""
 
     provider: Provider
-    device: Device
+    device: RegisteredDevice
     limit: int  # the provider's payload limit, bytes
     show: Callable[[bytes], bytes]  # the request body as the device reads it
 
@@ -164,8 +165,8 @@ def providers(folder: Path, user: str = f"{USER}@{HOST}") -> dict[str, Tried]:
         return bytes(http_ece.decrypt(body, private_key=receiver, auth_secret=auth,
                                       version="aes128gcm"))
 
-    def device(kind: str, **extra: str) -> Device:
-        return Device(f"node-{kind}", "secret", user, "phone", "the user's phone",
+    def device(kind: str, **extra: str) -> RegisteredDevice:
+        return RegisteredDevice(f"node-{kind}", "secret", user, "phone", "the user's phone",
                       kind, "check", f"push.{HOST}", extra.pop("token", "00" * 32), **extra)
 
     def unchanged(body: bytes) -> bytes:
@@ -284,12 +285,12 @@ def _answered(service: PushService, results: Sequence[Any], now: float) -> list[
     """The publishes, once the admin's async functions (if any) have answered, as the
     port would ask them (within the budget)."""
     publishes = [r for r in results if isinstance(r, Publish)]
-    for work in (r for r in results if isinstance(r, HookWork)):
+    for work in (r for r in results if isinstance(r, LogicWork)):
         while (waiting := service.waiting_for_logic(work.target[:2])) is not None:
-            call = service.hook_call(waiting)
+            call = service.logic_call(waiting)
             answers = (asyncio.run(service.logic.decide(call.message, call.cases))
                        if call.message is not None else [(False, None)] * len(call.cases))
-            publishes += [a for a in service.finish_hooks(call, answers, now)
+            publishes += [a for a in service.finish_logic(call, answers, now)
                           if isinstance(a, Publish)]
     return publishes
 

@@ -10,9 +10,11 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from . import etf
-from .core.xep0357 import FormFields
-from .etf import Atom
+from pymod_push import etf
+from pymod_push.etf import Atom
+
+# A data form as sent over the port: ((var, (value, ...)), ...), FORM_TYPE first.
+FormFields = tuple[tuple[str, tuple[str, ...]], ...]
 
 PROTOCOL_VERSION = 3
 

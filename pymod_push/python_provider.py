@@ -35,10 +35,10 @@ from dataclasses import dataclass
 from types import MappingProxyType, ModuleType
 from typing import Any
 
-from .core.config import Backend
-from .core.xep0357 import RequestError
-from .logic import import_admin_module
-from .providers import Outcome, Reply, notification_text
+from pymod_push.core.config import Backend
+from pymod_push.core.xmpp import RequestError
+from pymod_push.logic import import_admin_module
+from pymod_push.providers import DeliveryOutcome, Reply, notification_text
 
 log = logging.getLogger("pymod_push")
 
@@ -175,27 +175,27 @@ class PythonProvider:
         try:
             result = await asyncio.wait_for(self._send(*args), self.timeout_s)
         except TimeoutError:
-            return Reply(Outcome.RETRY, f"no answer within {self.timeout_s:g} s")
+            return Reply(DeliveryOutcome.RETRY, f"no answer within {self.timeout_s:g} s")
         except Exception as exc:  # noqa: BLE001 - the admin's code; its text may hold secrets
             reason = f"{type(exc).__name__}: {exc}" if log_sensitive else type(exc).__name__
-            return Reply(Outcome.RETRY, f"send raised {reason}")
+            return Reply(DeliveryOutcome.RETRY, f"send raised {reason}")
         return reply_of(result)
 
 
 def reply_of(result: object) -> Reply:
     """What a provider's answer means to the dispatcher."""
     if result is None or isinstance(result, Delivered):
-        return Reply(Outcome.DELIVERED)
+        return Reply(DeliveryOutcome.DELIVERED)
     if isinstance(result, RetryLater):
         # 1 s at least: a provider asking for 0 would otherwise be tried again at once,
         # over and over, for as long as the push may wait (dispatch.GIVE_UP_S)
         after = None if result.after is None else max(1.0, min(float(result.after), 600.0))
-        return Reply(Outcome.RETRY, result.reason or "retry later", after)
+        return Reply(DeliveryOutcome.RETRY, result.reason or "retry later", after)
     if isinstance(result, Gone):
-        return Reply(Outcome.UNREGISTERED, result.reason or "gone")
+        return Reply(DeliveryOutcome.UNREGISTERED, result.reason or "gone")
     if isinstance(result, Refused):
-        return Reply(Outcome.FAILED, result.reason or "refused")
-    return Reply(Outcome.FAILED, f"send returned {type(result).__name__}, not a result")
+        return Reply(DeliveryOutcome.FAILED, result.reason or "refused")
+    return Reply(DeliveryOutcome.FAILED, f"send returned {type(result).__name__}, not a result")
 
 
 def load_provider(backend: Backend) -> PythonProvider:

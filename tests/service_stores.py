@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from pymod_push.core.config import Config
-from pymod_push.service import PushService
+from pymod_push.service.decisions import PushService
 from pymod_push.store import Store, open_store
 
 _new_store: list[Callable[[], Store]] = [lambda: Store(":memory:")]

@@ -15,8 +15,8 @@ import pytest
 
 from pymod_push import logic_check
 from pymod_push.core.config import Backend
-from pymod_push.core.xep0357 import RequestError
-from pymod_push.providers import Outcome
+from pymod_push.core.xmpp import RequestError
+from pymod_push.providers import DeliveryOutcome
 from pymod_push.python_provider import PushDevice, load_provider
 from tests.test_logic_check import payload_sizes, sections
 
@@ -143,15 +143,15 @@ def test_calls_by_sms_through_a_gateway() -> None:
         call = {"message-count": "1", "last-message-sender": "romeo@example.net/orchard",
                 "last-message-priority": "high", "last-message-body": "Incoming call"}
 
-        def deliver(summary: dict[str, str], urgent: bool) -> Outcome:
+        def deliver(summary: dict[str, str], urgent: bool) -> DeliveryOutcome:
             return asyncio.run(provider.deliver(device, summary, urgent)).outcome
 
-        assert deliver({"message-count": "2"}, False) is Outcome.DELIVERED
+        assert deliver({"message-count": "2"}, False) is DeliveryOutcome.DELIVERED
         assert texts == []  # a message: nothing sent
-        assert deliver(call, True) is Outcome.RETRY  # the gateway is busy
-        assert deliver(call, True) is Outcome.DELIVERED
+        assert deliver(call, True) is DeliveryOutcome.RETRY  # the gateway is busy
+        assert deliver(call, True) is DeliveryOutcome.DELIVERED
         assert texts == [{"to": "+33612345678", "text": "Call from romeo@example.net on XMPP"}] * 2
-        assert deliver(call, True) is Outcome.DELIVERED  # again within the minute: no text
+        assert deliver(call, True) is DeliveryOutcome.DELIVERED  # again within the minute: no text
         assert len(texts) == 2
     finally:
         server.shutdown()

@@ -22,18 +22,20 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pymod_push.appservice import Delivery
-from pymod_push.core import appserver as app
+from pymod_push.appserver import requests as app
+from pymod_push.appserver.requests import Iq
+from pymod_push.appserver.server import Delivery
 from pymod_push.core import destination
-from pymod_push.core.appserver import Iq
 from pymod_push.core.config import Backend, Config
 from pymod_push.core.destination import IpAddress, Refused, address_refusal
-from pymod_push.core.xep0357 import RequestError
-from pymod_push.providers import b64url_encode, http2
-from pymod_push.providers.dispatch import Dispatcher
-from pymod_push.providers.http2 import Denied, Http2Client, HttpError, UserDestinations
+from pymod_push.core.xmpp import RequestError
+from pymod_push.delivery import http2
+from pymod_push.delivery.dispatcher import Dispatcher
+from pymod_push.delivery.http2 import Denied, Http2Client, HttpError, UserDestinations
+from pymod_push.providers import b64url_encode
 from pymod_push.providers.wns import Wns
-from pymod_push.store import Device, Store
+from pymod_push.records import RegisteredDevice
+from pymod_push.store import Store
 from tests.fake_providers import H2Peer
 
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
@@ -396,7 +398,7 @@ def test_the_admins_own_endpoints_are_not_checked(ca: trustme.CA,
 SUMMARY = {"FORM_TYPE": "urn:xmpp:push:summary", "message-count": "1"}
 
 
-async def _push(config: Config, device: Device, provider: Any = None) -> list[str]:
+async def _push(config: Config, device: RegisteredDevice, provider: Any = None) -> list[str]:
     """One delivery through a dispatcher (its provider replaced, if given); the
     publish's answer, once there."""
     answers: list[str] = []
@@ -411,10 +413,10 @@ async def _push(config: Config, device: Device, provider: Any = None) -> list[st
     return answers
 
 
-def _webpush_device(endpoint: str) -> Device:
+def _webpush_device(endpoint: str) -> RegisteredDevice:
     public = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
         serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
-    return Device("node-1", "s", "alice@localhost", "d1", "", "webpush", "any",
+    return RegisteredDevice("node-1", "s", "alice@localhost", "d1", "", "webpush", "any",
                   "pubsub.localhost", endpoint, p256dh=b64url_encode(public),
                   auth=b64url_encode(b"0123456789abcdef"))
 
@@ -461,7 +463,7 @@ def test_the_wns_token_goes_to_no_host_outside_the_channel_domains(
         wns = Wns(backend)  # holding a token already: no login
         wns.token.store(200, b'{"access_token": "the-apps-bearer-token"}', 0.0)
         wns.token._expires = float("inf")
-        device = Device("node-1", "s", "alice@localhost", "d1", "", "wns", "app",
+        device = RegisteredDevice("node-1", "s", "alice@localhost", "d1", "", "wns", "app",
                         "pubsub.localhost", f"https://[::1]:{port}/channel/1")
         answers = await _push(config, device, wns)
         assert len(answers) == 1

@@ -20,12 +20,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from devtools.instance import free_port
-from pymod_push.appservice import AppServer, Delivery
-from pymod_push.core.appserver import Iq
+from pymod_push.appserver.requests import Iq
+from pymod_push.appserver.server import AppServer, Delivery
 from pymod_push.core.config import Backend, Config
+from pymod_push.delivery.dispatcher import Dispatcher, Quieted
 from pymod_push.providers import b64url_encode
-from pymod_push.providers.dispatch import Dispatcher, Quieted
-from pymod_push.store import Device, QueuedPush, Store, open_store
+from pymod_push.records import QueuedPush, RegisteredDevice
+from pymod_push.store import Store, open_store
 from tests.fake_providers import (
     FakeProvider,
     LoopbackCA,
@@ -49,7 +50,7 @@ def ca() -> Iterator[LoopbackCA]:
 Counters = dict[tuple[str, str], int]
 
 
-def push(backend: Backend, device: Device,
+def push(backend: Backend, device: RegisteredDevice,
          store: Store | None = None) -> tuple[list[str], list[str], Counters]:
     """Send one delivery; the publish answers, the removed nodes and the counters."""
     answers: list[str] = []
@@ -80,8 +81,8 @@ def wns(ca: LoopbackCA) -> tuple[FakeProvider, int, Backend]:
     return fake, port, backend
 
 
-def _device(token: str, node: str = "node-1", **extra: str) -> Device:
-    return Device(node, "s", "alice@localhost", "d1", "", "x", "app", "pubsub.localhost",
+def _device(token: str, node: str = "node-1", **extra: str) -> RegisteredDevice:
+    return RegisteredDevice(node, "s", "alice@localhost", "d1", "", "x", "app", "pubsub.localhost",
                   token, **extra)
 
 
@@ -143,7 +144,7 @@ def test_a_deferred_push_outlives_the_process_and_is_sent_by_the_next(
     fake.answers["/notify"] = (503, {})  # down
     db = str(tmp_path / "push.sqlite3")
     store = Store(db)
-    device = Device("node-1", "s", "alice@localhost", "d1", "", "ubuntu", "any",
+    device = RegisteredDevice("node-1", "s", "alice@localhost", "d1", "", "ubuntu", "any",
                     "pubsub.localhost", "tok", application_id="app.id_app")
     store.add_device(device)
     store.commit()
@@ -203,7 +204,7 @@ def test_an_async_provider_data_is_awaited_within_the_budget(ca: LoopbackCA,
                                 lambda node: None, lambda xml: None)
         dispatcher.logic = lambda: admin
         for device_id in ("quick", "slow"):
-            device = Device(f"node-{device_id}", "s", "alice@localhost", device_id, "",
+            device = RegisteredDevice(f"node-{device_id}", "s", "alice@localhost", device_id, "",
                             "ubuntu", "any", "pubsub.localhost", "tok",
                             application_id="app.id_app")
             dispatcher.submit(Delivery(backend, device, SUMMARY,
@@ -333,12 +334,13 @@ def _ubuntu(ca: LoopbackCA, fake: FakeProvider) -> Backend:
         "endpoint": f"https://127.0.0.1:{port}", "cafile": str(ca.cafile)})
 
 
-def _ubuntu_device(node: str) -> Device:
-    return Device(node, "s", "alice@localhost", node, "", "ubuntu", "any", "pubsub.localhost",
+def _ubuntu_device(node: str) -> RegisteredDevice:
+    return RegisteredDevice(node, "s", "alice@localhost", node, "", "ubuntu", "any",
+                            "pubsub.localhost",
                   f"tok-{node}", application_id="app.id_app")
 
 
-def _publish(backend: Backend, device: Device, n: int = 1) -> Delivery:
+def _publish(backend: Backend, device: RegisteredDevice, n: int = 1) -> Delivery:
     return Delivery(backend, device, {**SUMMARY, "message-count": str(n)},
                     Iq(f"p{n}", "set", "localhost", "pubsub.localhost", None))
 
@@ -350,7 +352,7 @@ def test_a_device_has_at_most_a_few_pushes_waiting_the_newest_also_after_a_resta
     MAX_WAITING_PER_DEVICE wait (rows and retries), the newest; those superseded are
     counted and every publish is answered. The next process keeps the bound, also over
     rows an earlier version left unbounded, and its new pushes supersede the oldest."""
-    from pymod_push.providers.dispatch import MAX_WAITING_PER_DEVICE
+    from pymod_push.delivery.dispatcher import MAX_WAITING_PER_DEVICE
 
     fake = FakeProvider(ubuntu_check)
     backend = _ubuntu(ca, fake)
@@ -438,8 +440,8 @@ def test_what_no_retry_can_mend_fails_at_once(ca: LoopbackCA) -> None:
         serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint))
     auth = b64url_encode(b"0123456789abcdef")
 
-    def device(node: str, endpoint: str, key: str = p256dh) -> Device:
-        return Device(node, "s", "alice@localhost", node, "", "webpush", "any",
+    def device(node: str, endpoint: str, key: str = p256dh) -> RegisteredDevice:
+        return RegisteredDevice(node, "s", "alice@localhost", node, "", "webpush", "any",
                       "pubsub.localhost", endpoint, p256dh=key, auth=auth)
 
     base = f"https://127.0.0.1:{port}/sub"
@@ -447,7 +449,7 @@ def test_what_no_retry_can_mend_fails_at_once(ca: LoopbackCA) -> None:
                device("http", f"http://127.0.0.1:{port}/sub/http"),
                device("timeout", f"{base}/timeout"), device("bad", f"{base}/bad")]
 
-    def run(config: Config, sent: list[Device]) -> tuple[list[str], Counters, Store]:
+    def run(config: Config, sent: list[RegisteredDevice]) -> tuple[list[str], Counters, Store]:
         answers: list[str] = []
         store = Store(":memory:")
 
@@ -480,10 +482,11 @@ def test_what_no_retry_can_mend_fails_at_once(ca: LoopbackCA) -> None:
 @pytest.mark.parametrize("value", ["\u00b2", "-1", "99999999999999999999", "0x10", "",
                                    "Wed, 21 Oct 2015 07:28:00 GMT", " 7 ", "0", "99999"])
 def test_a_retry_after_of_anything_but_ascii_digits_gets_the_default_delay(value: str) -> None:
-    from pymod_push.providers import Outcome, Reply
-    from pymod_push.providers.dispatch import RETRY_DELAYS, retry_delay
+    from pymod_push.delivery.dispatcher import RETRY_DELAYS, retry_delay
+    from pymod_push.providers import DeliveryOutcome, Reply
 
-    delays = {retry_delay(Reply(Outcome.RETRY), {"retry-after": value}, 2) for _ in range(20)}
+    delays = {retry_delay(Reply(DeliveryOutcome.RETRY), {"retry-after": value}, 2)
+              for _ in range(20)}
     if value.strip() in ("7", "0", "99999"):  # bounded: 1 s (no busy loop) to 10 minutes
         assert delays == {{"7": 7.0, "0": 1.0, "99999": 600.0}[value.strip()]}
     else:
@@ -565,7 +568,7 @@ def test_a_device_that_only_fails_is_given_up_while_its_provider_delivers_others
     said it is gone; the publisher of the next push hears item-not-found), its waiting
     pushes end, all counted. With nothing delivered by the provider (its outage), nobody is
     given up: only the push that waited too long."""
-    from pymod_push.providers import dispatch
+    from pymod_push.delivery import dispatcher as dispatch
 
     monkeypatch.setattr(dispatch, "GIVE_UP_S", 0.3)
 
@@ -621,7 +624,7 @@ def test_a_device_whose_pushes_fail_for_good_is_given_up_while_its_provider_deli
     given up too: its
     registration removed, the publisher hearing item-not-found. A delivery to it in between
     starts its time again; with nothing delivered by the provider, nobody is given up."""
-    from pymod_push.providers import dispatch
+    from pymod_push.delivery import dispatcher as dispatch
 
     monkeypatch.setattr(dispatch, "GIVE_UP_S", 0.3)
     bad_request = {"failing": True}
@@ -640,7 +643,7 @@ def test_a_device_whose_pushes_fail_for_good_is_given_up_while_its_provider_deli
         gone: list[str] = []
         bad_request["failing"] = True
 
-        async def push(dispatcher: Dispatcher, device: Device, n: int) -> None:
+        async def push(dispatcher: Dispatcher, device: RegisteredDevice, n: int) -> None:
             dispatcher.submit(_publish(backend, device, n))
             while len(answers) < n:
                 await asyncio.sleep(0.01)
@@ -726,7 +729,7 @@ def test_what_raises_on_a_retrys_way_does_not_end_it(
 
 
 def test_push_status_shows_the_bound_and_what_was_superseded_and_given_up() -> None:
-    from pymod_push import admin
+    from pymod_push.port import admin_commands as admin
     from pymod_push.protocol import AdminCommand, CommandResult
     from tests.service_stores import make_service
 

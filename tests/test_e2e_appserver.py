@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from slixmpp.exceptions import IqError
 
 from devtools.instance import Instance, free_port
-from pymod_push.appservice import PUBLISH_BURST, PUBLISH_REFILL_PER_SECOND
+from pymod_push.appserver.server import PUBLISH_BURST, PUBLISH_REFILL_PER_SECOND
 from tests.conftest import Scenario
 from tests.fake_providers import (
     FakeProvider,

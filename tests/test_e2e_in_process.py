@@ -27,7 +27,7 @@ import pytest
 from slixmpp.exceptions import IqError
 
 from devtools.instance import Instance, free_port
-from pymod_push.appservice import PUBLISH_BURST
+from pymod_push.appserver.server import PUBLISH_BURST
 from tests.conftest import Scenario
 from tests.fake_providers import FakeProvider, fake_apns
 from tests.xmpp_peers import NS_DATA, NS_PUSH, Client, Peers, form_fields

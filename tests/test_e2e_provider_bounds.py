@@ -21,8 +21,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from slixmpp.exceptions import IqError
 
 from devtools.instance import Instance, free_port
-from pymod_push.appservice import PUBLISH_BURST
-from pymod_push.providers.dispatch import MAX_WAITING_PER_DEVICE
+from pymod_push.appserver.server import PUBLISH_BURST
+from pymod_push.delivery.dispatcher import MAX_WAITING_PER_DEVICE
 from tests.conftest import Scenario
 from tests.fake_providers import FakeProvider, LoopbackCA, serve_in_thread
 from tests.xmpp_peers import NS_DATA, NS_PUSH, Peers, form_fields

@@ -27,16 +27,17 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pymod_push.appservice import Delivery
-from pymod_push.core.appserver import Iq
+from pymod_push.appserver.requests import Iq
+from pymod_push.appserver.server import Delivery
 from pymod_push.core.config import Backend, Config
 from pymod_push.core.destination import IpAddress
-from pymod_push.providers import h2wire, http2
-from pymod_push.providers.dispatch import Dispatcher
-from pymod_push.providers.h2wire import Answered, Failed, GoneAway, H2Client
-from pymod_push.providers.hpack_cache import decode_plain
-from pymod_push.providers.http2 import Denied, Http2Client, HttpError, Response, UserDestinations
-from pymod_push.store import Device, Store
+from pymod_push.delivery import h2wire, http2
+from pymod_push.delivery.dispatcher import Dispatcher
+from pymod_push.delivery.h2wire import Answered, Failed, GoneAway, H2Client
+from pymod_push.delivery.hpack_cache import decode_plain
+from pymod_push.delivery.http2 import Denied, Http2Client, HttpError, Response, UserDestinations
+from pymod_push.records import RegisteredDevice
+from pymod_push.store import Store
 from tests.fake_providers import H2Peer, LoopbackCA
 
 
@@ -223,7 +224,7 @@ def test_server_push_is_refused_as_a_protocol_error() -> None:
     client = H2Client()
     frame = (8 << 8 | h2wire.PUSH_PROMISE).to_bytes(4, "big") + bytes((h2wire.END_HEADERS,)) \
         + (1).to_bytes(4, "big") + (2).to_bytes(4, "big") + b"\x82\x84\x87\x88"
-    with pytest.raises(h2wire.ProtocolError):
+    with pytest.raises(h2wire.FramingError):
         client.receive(frame)
     assert client.closed and b"\x00\x00\x08\x07" in client.data_to_send()  # a GOAWAY
 
@@ -235,7 +236,7 @@ def test_garbage_is_a_protocol_error_or_nothing_never_another_exception(data: by
     request(client)
     try:
         client.receive(data)
-    except h2wire.ProtocolError:
+    except h2wire.FramingError:
         assert client.closed
 
 
@@ -250,7 +251,7 @@ def test_any_well_framed_frame_is_handled_or_a_protocol_error(
         + struct.pack(">I", stream_id) + payload
     try:
         client.receive(frame)
-    except h2wire.ProtocolError:
+    except h2wire.FramingError:
         assert client.closed
 
 
@@ -423,7 +424,7 @@ async def _push_through(peer: Callable[[asyncio.StreamReader, asyncio.StreamWrit
     dispatcher = Dispatcher(Config("localhost", backends=(backend,)), Store(":memory:"),
                             lambda node: None, lambda xml: None)
     for n in range(pushes):
-        device = Device(f"node{n}", "s", "user@localhost", "d", "", "apns", "app",
+        device = RegisteredDevice(f"node{n}", "s", "user@localhost", "d", "", "apns", "app",
                         "pubsub.localhost", f"{n:064x}")
         dispatcher.submit(Delivery(backend, device, {"message-count": "1"},
                                    Iq(str(n), "set", "localhost", "pubsub.localhost", None)))

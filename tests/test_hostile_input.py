@@ -23,12 +23,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pymod_push import etf
-from pymod_push.appservice import PUBLISH_BURST, PUBLISH_REFILL_PER_SECOND, AppServer, Delivery
+from pymod_push.appserver.server import (
+    PUBLISH_BURST,
+    PUBLISH_REFILL_PER_SECOND,
+    AppServer,
+    Delivery,
+)
 from pymod_push.core import safexml
 from pymod_push.core.config import Backend, Config
 from pymod_push.core.ratelimit import RateLimiter
+from pymod_push.delivery.h2wire import Answered, Failed, H2Client
 from pymod_push.etf import Atom
-from pymod_push.port import FrameSplitter, PortApp
+from pymod_push.port.app import FrameSplitter, PortApp
 from pymod_push.protocol import (
     PROTOCOL_VERSION,
     Action,
@@ -42,8 +48,7 @@ from pymod_push.protocol import (
     action_term,
     parse_event,
 )
-from pymod_push.providers.h2wire import Answered, Failed, H2Client
-from pymod_push.service import PushService
+from pymod_push.service.decisions import PushService
 from pymod_push.store import Store
 
 NS_PUSH = "urn:xmpp:push:0"

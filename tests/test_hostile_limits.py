@@ -19,11 +19,12 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pymod_push.appservice import AppServer, Delivery
+from pymod_push.appserver.server import AppServer, Delivery
 from pymod_push.core import limits, safexml
 from pymod_push.core.config import Backend, Config
 from pymod_push.core.limits import CUT_MARK, MAX_PUBLISH_IQ_BYTES, cut_utf8, fit
-from pymod_push.core.xep0357 import MAX_PUBLISH_OPTIONS_XML_BYTES, jid_problem
+from pymod_push.core.xep0357 import MAX_PUBLISH_OPTIONS_XML_BYTES
+from pymod_push.core.xmpp import jid_problem
 from pymod_push.protocol import IqError, IqResult, Publish, PushIq, Route, Stanza, StanzaToPending
 from pymod_push.providers import HttpRequest
 from pymod_push.providers.apns import MAX_PAYLOAD, MAX_VOIP_PAYLOAD, Apns
@@ -32,8 +33,9 @@ from pymod_push.providers.ubuntu import MAX_BODY, UbuntuPush
 from pymod_push.providers.webpush import WebPush
 from pymod_push.providers.wns import MAX_PAYLOAD as WNS_MAX
 from pymod_push.providers.wns import Wns
-from pymod_push.service import PushService
-from pymod_push.store import Device, Store
+from pymod_push.records import RegisteredDevice
+from pymod_push.service.decisions import PushService
+from pymod_push.store import Store
 
 PHONE = ("alice", "example.org", "phone")
 ACCOUNT = ("alice", "example.org", "")
@@ -242,7 +244,7 @@ def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-DEVICE = Device("node-1", "secret", "alice@example.org", "phone", "", "x", "app",
+DEVICE = RegisteredDevice("node-1", "secret", "alice@example.org", "phone", "", "x", "app",
                 "pubsub.example.org", "https://push.example.net/wpush/abc", "app.id_app",
                 _b64(RECEIVER.public_key().public_bytes(
                     serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)),
@@ -503,7 +505,7 @@ def test_a_publish_with_a_huge_body_is_pushed_not_refused() -> None:
 # ------------------------------------------------------------------ who is near a limit
 
 def test_push_list_and_push_status_show_who_is_near_a_limit() -> None:
-    from pymod_push import admin
+    from pymod_push.port import admin_commands as admin
     from pymod_push.protocol import AdminCommand, CommandResult
 
     service = make_service(max_registrations=10)

@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 
 from pymod_push.core import ios_extensions as ext
 from pymod_push.core.config import Config
-from pymod_push.core.xep0357 import Enable, RequestError, parse_push_request
+from pymod_push.core.xep0357 import Enable, parse_push_request
+from pymod_push.core.xmpp import RequestError
 from pymod_push.logic import Logic
 from pymod_push.protocol import (
     IqError,
@@ -31,7 +32,7 @@ from pymod_push.protocol import (
     StanzaToPending,
     action_term,
 )
-from pymod_push.service import PushService
+from pymod_push.service.decisions import PushService
 from pymod_push.store import Store, open_store
 from tests.service_stores import database, make_service  # noqa: F401 - a fixture
 
@@ -646,7 +647,7 @@ def apns_request(summary: dict[str, str], tmp_path: Path, urgent: bool = False,
 
     from pymod_push.core.config import Backend
     from pymod_push.providers.apns import Apns
-    from pymod_push.store import Device
+    from pymod_push.records import RegisteredDevice
 
     key = ec.generate_private_key(ec.SECP256R1())
     (tmp_path / "key.p8").write_bytes(key.private_bytes(
@@ -656,7 +657,7 @@ def apns_request(summary: dict[str, str], tmp_path: Path, urgent: bool = False,
                "topic": "org.example.app", "voip_topic": "org.example.app.voip"}
     provider = Apns(Backend(0, "apns", "app", "push.example.org", "pubsub.example.org",
                             options))
-    device = Device("n", "s", "alice@example.org", "phone", "", "apns", "app",
+    device = RegisteredDevice("n", "s", "alice@example.org", "phone", "", "apns", "app",
                     "pubsub.example.org", "ab" * 32, voip_token="cd" * 32 if voip else "")
     request = provider.request(device, summary, 1000.0, urgent)
     assert len(request.body) <= 4096
@@ -667,7 +668,7 @@ def test_the_own_app_server_puts_the_blob_into_the_apns_payload(tmp_path: Path) 
     service, node, secret = own_app_server()
     enable_own(service, node, secret, encrypt_el() + "<priority xmlns='tigase:push:priority:0'/>")
     (delivery,) = service.handle(StanzaToPending(PHONE, stanza("for your eyes only")), 1)
-    from pymod_push.appservice import Delivery
+    from pymod_push.appserver.server import Delivery
 
     assert isinstance(delivery, Delivery)
     assert set(delivery.summary) == {"encrypted", "iv"} and not delivery.urgent
@@ -683,7 +684,7 @@ def test_the_own_app_server_puts_the_blob_into_the_apns_payload(tmp_path: Path) 
 
 def test_the_own_app_server_reads_the_same_through_ejabberd() -> None:
     """The IQ path: the publish IQ as the shim builds it with the elements in it."""
-    from pymod_push.core import appserver as app
+    from pymod_push.appserver import requests as app
 
     service, node, secret = own_app_server()
     service._own_pubsub = frozenset()  # routed, as another server's publish would be
@@ -712,7 +713,7 @@ def test_an_encrypted_call_is_a_voip_push_of_the_blob(tmp_path: Path) -> None:
     call = Stanza("message", "bob@example.org/pc", "c", "chat", "",
                   f"<message xmlns='jabber:client'>{propose}</message>".encode(), "", True)
     (delivery,) = service.handle(StanzaToPending(PHONE, call), 1)
-    from pymod_push.appservice import Delivery
+    from pymod_push.appserver.server import Delivery
 
     assert isinstance(delivery, Delivery) and delivery.urgent
     payload, headers = apns_request(delivery.summary, tmp_path, urgent=True, voip=True)
@@ -730,7 +731,7 @@ def test_a_blob_too_large_for_apns_is_left_out_not_cut(tmp_path: Path) -> None:
 
 @pytest.mark.usefixtures("database")
 def test_async_logic_gets_the_filtered_default_and_the_extensions() -> None:
-    from pymod_push.service import HookWork
+    from pymod_push.service.decisions import LogicWork
 
     class Module:
         @staticmethod
@@ -742,11 +743,11 @@ def test_async_logic_gets_the_filtered_default_and_the_extensions() -> None:
     service.handle(push_iq(enable_xml(ALL)), 0)
     for message, pushes in ((stanza("hi", "1", known=False), False), (stanza("hi", "2"), True)):
         (work,) = service.handle(StanzaToPending(PHONE, message), 1)
-        assert isinstance(work, HookWork)
-        call = service.hook_call(work)
+        assert isinstance(work, LogicWork)
+        call = service.logic_call(work)
         (case,) = call.cases
         assert case.recipient.extensions == parsed(ALL) and case.default is pushes
-        published = service.finish_hooks(call, [(case.default, None)], 1)
+        published = service.finish_logic(call, [(case.default, None)], 1)
         assert len(published) == int(pushes)
         if pushes:
             assert decrypted(published[0])["message"] == "hi"

@@ -8,9 +8,9 @@ from dataclasses import replace
 
 import pytest
 
-from pymod_push.port import python_level
+from pymod_push.port.app import python_level
 from pymod_push.protocol import Publish, PushIq, StanzaToPending
-from pymod_push.service import PushService
+from pymod_push.service.decisions import PushService
 from pymod_push.store import Store
 from tests.test_hostile_input import make_app_server, publish, register
 from tests.test_service import PHONE, message

@@ -12,7 +12,7 @@ import pytest
 
 from pymod_push import logic
 from pymod_push.protocol import StanzaToPending
-from pymod_push.service import PushService
+from pymod_push.service.decisions import PushService
 from pymod_push.store import Store
 from tests.test_service import PHONE, enable, fields, make_service, message
 

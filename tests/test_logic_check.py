@@ -117,8 +117,8 @@ def test_what_cannot_be_checked_says_why(argv: list[str], reason: str, tmp_path:
     assert status == 2 and reason in err and out == ""
 
 
-def test_python_m_pymod_push_logic_check() -> None:
-    result = subprocess.run([sys.executable, "-m", "pymod_push.logic", "check", EXAMPLE],
+def test_python_m_pymod_push_logic_check_check() -> None:
+    result = subprocess.run([sys.executable, "-m", "pymod_push.logic_check", "check", EXAMPLE],
                             capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert "every function ran as it should" in result.stdout

@@ -13,7 +13,7 @@ from pymod_push.core import safexml
 from pymod_push.core.config import Config
 from pymod_push.core.notify import Trigger, is_call, is_own_bare_jid, trigger_of, unwrap_carbon
 from pymod_push.protocol import Publish, Stanza, StanzaToPending
-from pymod_push.service import HookWork
+from pymod_push.service.decisions import LogicWork
 from tests.service_stores import database, make_service  # noqa: F401 - a fixture
 from tests.test_service import enable, fields
 
@@ -166,17 +166,17 @@ def test_a_forged_carbon_pushes_its_real_sender_and_body() -> None:
 
 @pytest.mark.usefixtures("database")
 def test_the_async_logic_path_unwraps_for_the_same_user() -> None:
-    """hook_call and finish_hooks (async push logic) judge carbons as _notify does."""
+    """logic_call and finish_logic (async push logic) judge carbons as _notify does."""
     service = make_service(include_senders=True, include_message_bodies=True)
     service.handle(enable(), 0)
     for sender, expected in ((MALLORY, (MALLORY, "hello")),
                              ("alice@example.org", (BOSS, "Wire 10k now"))):
-        work = HookWork(1, PHONE, message(sender, "hello", carbon("received"),
+        work = LogicWork(1, PHONE, message(sender, "hello", carbon("received"),
                                           stanza_id=sender))
-        call = service.hook_call(work)
+        call = service.logic_call(work)
         assert call.message is not None
         assert (call.message.sender, call.message.body) == expected
-        (push,) = service.finish_hooks(call, [(True, None)], 1)
+        (push,) = service.finish_logic(call, [(True, None)], 1)
         assert isinstance(push, Publish)
         assert (fields(push)["last-message-sender"],
                 fields(push)["last-message-body"]) == expected

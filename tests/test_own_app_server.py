@@ -21,16 +21,18 @@ from hpack import Decoder
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pymod_push.appservice import (
+from pymod_push.appserver import requests as app
+from pymod_push.appserver.server import (
     PUBLISH_BURST,
     Delivery,
-    error_reply,
     publish_answer,
+    publish_error_reply,
     publish_reply,
 )
-from pymod_push.core import appserver as app
 from pymod_push.core.config import Backend, Config
-from pymod_push.core.xep0357 import RequestError
+from pymod_push.core.xmpp import RequestError
+from pymod_push.delivery.hpack_cache import Encoder
+from pymod_push.delivery.http2 import SWEEP_S, Http2Client, HttpError, Response
 from pymod_push.protocol import (
     Action,
     AppServerIq,
@@ -43,11 +45,10 @@ from pymod_push.protocol import (
     Stanza,
     StanzaToPending,
 )
-from pymod_push.providers import Outcome
-from pymod_push.providers.hpack_cache import Encoder
-from pymod_push.providers.http2 import SWEEP_S, Http2Client, HttpError, Response
-from pymod_push.service import OWN_RETRY_S, PushService
-from pymod_push.store import DatabaseUnavailable, Store
+from pymod_push.providers import DeliveryOutcome
+from pymod_push.records import DatabaseUnavailable
+from pymod_push.service.decisions import OWN_RETRY_S, PushService
+from pymod_push.store import Store
 from tests.fake_providers import LoopbackCA
 
 HOST = "example.org"
@@ -200,8 +201,9 @@ def test_a_publish_taken_in_process_is_answered_as_through_ejabberd(case: str) -
     refs: dict[int, int] = {}
     count = PUBLISH_BURST + 2 if case == "over the device's rate" else 1
     # What the provider says comes back to the publisher as the app server's answer.
-    outcome = {"gone at the provider": Outcome.UNREGISTERED,
-               "refused by the provider": Outcome.FAILED}.get(case, Outcome.DELIVERED)
+    outcome = {"gone at the provider": DeliveryOutcome.UNREGISTERED,
+               "refused by the provider": DeliveryOutcome.FAILED}.get(
+                   case, DeliveryOutcome.DELIVERED)
     runs = []
     for service in (direct, routed):
         node, _ = registered(service)
@@ -228,7 +230,7 @@ def test_a_publish_taken_in_process_is_answered_as_through_ejabberd(case: str) -
 
 
 def test_a_refusal_in_process_is_the_iq_paths_error() -> None:
-    reply = error_reply(7, RequestError("resource-constraint", "slow down", "wait"))
+    reply = publish_error_reply(7, RequestError("resource-constraint", "slow down", "wait"))
     assert reply == PublishReply(7, "error", "wait", "resource-constraint")
 
 
@@ -388,6 +390,6 @@ def test_a_device_read_that_fails_leaves_the_publish_for_a_retry(
     (delivery,) = service.tick(NOW + OWN_RETRY_S)
     assert isinstance(delivery, Delivery) and delivery.summary["message-count"] == "1"
     assert service.store.get(service.store.for_session(PHONE)[0].key).errors == 0  # type: ignore[union-attr]
-    service.handle(publish_reply(delivery.ref or 0, Outcome.DELIVERED), NOW + 2)
+    service.handle(publish_reply(delivery.ref or 0, DeliveryOutcome.DELIVERED), NOW + 2)
     assert service.store.outbox(service.config.ejabberd_node) == []
     assert entry.id and service.in_process == 1

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-import pymod_push.port
+import pymod_push.port.app
 from pymod_push import etf
 from pymod_push.etf import Atom
-from pymod_push.port import GROUP_COMMIT_S
+from pymod_push.port.app import GROUP_COMMIT_S
 from pymod_push.protocol import PROTOCOL_VERSION
 from pymod_push.store import open_store
 from tests.test_hostile_input import PortUnderTest, batch, hello
@@ -37,7 +37,7 @@ def test_frames_close_together_share_one_commit_and_one_acknowledgement(
         monkeypatch: pytest.MonkeyPatch) -> None:
     # A wider window than GROUP_COMMIT_S's few ms: a slow moment of the machine between
     # two frames cannot split them here.
-    monkeypatch.setattr(pymod_push.port, "GROUP_COMMIT_S", 0.5)
+    monkeypatch.setattr(pymod_push.port.app, "GROUP_COMMIT_S", 0.5)
 
     async def main() -> None:
         port = PortUnderTest()

@@ -16,15 +16,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pymod_push.core.config import Backend
-from pymod_push.providers import Outcome, Reply, to_json, webpush
+from pymod_push.core.destination import DestinationDenied
+from pymod_push.delivery.dispatcher import RETRY_DELAYS, retry_delay
+from pymod_push.providers import DeliveryOutcome, Reply, to_json, webpush
 from pymod_push.providers.apns import Apns
-from pymod_push.providers.dispatch import RETRY_DELAYS, retry_delay
 from pymod_push.providers.fcm import Fcm
-from pymod_push.providers.http2 import Denied
 from pymod_push.providers.ubuntu import UbuntuPush
 from pymod_push.providers.webpush import WebPush
 from pymod_push.providers.wns import Wns
-from pymod_push.store import Device
+from pymod_push.records import RegisteredDevice
 
 COUNTS = {"FORM_TYPE": "urn:xmpp:push:summary", "message-count": "2",
           "pending-subscription-count": "0"}
@@ -51,8 +51,8 @@ def backend(kind: str, **options: str) -> Backend:
     return Backend(0, kind, "app", "push.example.org", "pubsub.example.org", options)
 
 
-def device(token: str = "ab" * 32, **extra: str) -> Device:
-    return Device("node-1", "secret", "alice@example.org", "phone", "", "x", "app",
+def device(token: str = "ab" * 32, **extra: str) -> RegisteredDevice:
+    return RegisteredDevice("node-1", "secret", "alice@example.org", "phone", "", "x", "app",
                   "pubsub.example.org", token, **extra)
 
 
@@ -142,12 +142,15 @@ def test_apns_token_is_reused_for_40_minutes(apns: tuple[Apns, Any]) -> None:
 
 
 @pytest.mark.parametrize(("status", "reason", "outcome"), [
-    (200, "", Outcome.DELIVERED), (410, "Unregistered", Outcome.UNREGISTERED),
-    (400, "BadDeviceToken", Outcome.UNREGISTERED), (429, "TooManyRequests", Outcome.RETRY),
-    (503, "ServiceUnavailable", Outcome.RETRY), (400, "PayloadTooLarge", Outcome.FAILED),
-    (403, "ExpiredProviderToken", Outcome.RETRY),
+    (200, "", DeliveryOutcome.DELIVERED), (410, "Unregistered", DeliveryOutcome.UNREGISTERED),
+    (400, "BadDeviceToken", DeliveryOutcome.UNREGISTERED),
+    (429, "TooManyRequests", DeliveryOutcome.RETRY),
+    (503, "ServiceUnavailable", DeliveryOutcome.RETRY),
+    (400, "PayloadTooLarge", DeliveryOutcome.FAILED),
+    (403, "ExpiredProviderToken", DeliveryOutcome.RETRY),
 ])
-def test_apns_replies(apns: tuple[Apns, Any], status: int, reason: str, outcome: Outcome) -> None:
+def test_apns_replies(apns: tuple[Apns, Any], status: int, reason: str,
+                      outcome: DeliveryOutcome) -> None:
     provider, _ = apns
     body = json.dumps({"reason": reason}).encode() if reason else b""
     assert provider.reply(status, {}, body).outcome is outcome
@@ -189,12 +192,12 @@ def test_fcm_replies(fcm: tuple[Fcm, Any]) -> None:
     provider, _ = fcm
     gone = json.dumps({"error": {"status": "NOT_FOUND", "details": [
         {"errorCode": "UNREGISTERED"}]}}).encode()
-    assert provider.reply(404, {}, gone).outcome is Outcome.UNREGISTERED
+    assert provider.reply(404, {}, gone).outcome is DeliveryOutcome.UNREGISTERED
     provider.auth_reply(200, b'{"access_token": "tok"}', 0.0)
-    assert provider.reply(401, {}, b"{}") == Reply(Outcome.RETRY, "401", 0)
+    assert provider.reply(401, {}, b"{}") == Reply(DeliveryOutcome.RETRY, "401", 0)
     assert provider.auth_request(1.0) is not None  # a refused token is fetched again
-    assert provider.reply(503, {}, b"").outcome is Outcome.RETRY
-    assert provider.reply(200, {}, b"{}").outcome is Outcome.DELIVERED
+    assert provider.reply(503, {}, b"").outcome is DeliveryOutcome.RETRY
+    assert provider.reply(200, {}, b"{}").outcome is DeliveryOutcome.DELIVERED
 
 
 def test_webpush_encrypts_for_the_subscription_and_signs_vapid(tmp_path: Path) -> None:
@@ -224,10 +227,10 @@ def test_webpush_encrypts_for_the_subscription_and_signs_vapid(tmp_path: Path) -
     claims = jwt.decode(token, vapid.public_key(), algorithms=["ES256"],
                         audience="https://push.example.net", options={"verify_exp": False})
     assert claims["sub"] == "mailto:ops@example.org"
-    assert provider.reply(410, {}, b"").outcome is Outcome.UNREGISTERED
-    assert provider.reply(404, {}, b"").outcome is Outcome.UNREGISTERED
-    assert provider.reply(429, {}, b"").outcome is Outcome.RETRY
-    assert provider.reply(201, {}, b"").outcome is Outcome.DELIVERED
+    assert provider.reply(410, {}, b"").outcome is DeliveryOutcome.UNREGISTERED
+    assert provider.reply(404, {}, b"").outcome is DeliveryOutcome.UNREGISTERED
+    assert provider.reply(429, {}, b"").outcome is DeliveryOutcome.RETRY
+    assert provider.reply(201, {}, b"").outcome is DeliveryOutcome.DELIVERED
 
 
 def test_wns_token_refreshed_once_on_401() -> None:
@@ -239,11 +242,11 @@ def test_wns_token_refreshed_once_on_401() -> None:
     request = provider.request(device("https://db5.notify.windows.com/?token=x"), COUNTS, 0.0)
     assert request.headers["authorization"] == "Bearer w1"
     assert request.headers["x-wns-type"] == "wns/raw"
-    assert provider.reply(401, {}, b"").outcome is Outcome.RETRY
+    assert provider.reply(401, {}, b"").outcome is DeliveryOutcome.RETRY
     assert provider.auth_request(1.0) is not None
     provider.auth_reply(200, b'{"access_token": "w2"}', 1.0)
-    assert provider.reply(401, {}, b"").outcome is Outcome.FAILED  # refreshed once only
-    assert provider.reply(410, {}, b"").outcome is Outcome.UNREGISTERED
+    assert provider.reply(401, {}, b"").outcome is DeliveryOutcome.FAILED  # refreshed once only
+    assert provider.reply(410, {}, b"").outcome is DeliveryOutcome.UNREGISTERED
 
 
 def test_vapid_tokens_are_kept_for_at_most_128_origins_least_recently_used_dropped(
@@ -264,13 +267,13 @@ def test_vapid_tokens_are_kept_for_at_most_128_origins_least_recently_used_dropp
 
 def test_a_wns_channel_off_the_channel_domains_is_denied_when_sending() -> None:
     """A device registered before channel URIs were checked: the request is not made (the
-    bearer token would go there); http2.Denied, a failure for good."""
+    bearer token would go there); DestinationDenied, a failure for good."""
     provider = Wns(backend("wns", package_sid="ms-app://sid", auth_key="secret"))
     provider.auth_reply(200, b'{"access_token": "w1"}', 0.0)
     for channel in ("https://attacker.example/x", "https://evilnotify.windows.com/x",
                     "http://db5.notify.windows.com/?token=x",
                     "https://u:p@db5.notify.windows.com/?token=x"):
-        with pytest.raises(Denied, match="notify.windows.com"):
+        with pytest.raises(DestinationDenied, match="notify.windows.com"):
             provider.request(device(channel), COUNTS, 0.0)
     assert provider.request(device("https://DB5.Notify.Windows.com./?token=x"), COUNTS, 0.0)
     own = Wns(backend("wns", package_sid="s", auth_key="k",
@@ -278,7 +281,7 @@ def test_a_wns_channel_off_the_channel_domains_is_denied_when_sending() -> None:
     own.auth_reply(200, b'{"access_token": "w1"}', 0.0)
     assert own.request(device("https://a.wns.example/c"), COUNTS, 0.0).url == \
         "https://a.wns.example/c"
-    with pytest.raises(Denied):
+    with pytest.raises(DestinationDenied):
         own.request(device("https://db5.notify.windows.com/?token=x"), COUNTS, 0.0)
 
 
@@ -289,12 +292,13 @@ def test_ubuntu_push_to_the_configured_endpoint() -> None:
     body = json.loads(request.body)
     assert body["appid"] == "app.id_app" and body["token"] == "tok"
     assert body["data"]["message-count"] == "2"
-    assert provider.reply(400, {}, b'{"error": "unknown-token"}').outcome is Outcome.UNREGISTERED
-    assert provider.reply(200, {}, b"{}").outcome is Outcome.DELIVERED
+    reply = provider.reply(400, {}, b'{"error": "unknown-token"}')
+    assert reply.outcome is DeliveryOutcome.UNREGISTERED
+    assert provider.reply(200, {}, b"{}").outcome is DeliveryOutcome.DELIVERED
 
 
 def test_retry_delays_honour_retry_after_with_bounds_and_jitter() -> None:
-    retry = Reply(Outcome.RETRY, "503")
+    retry = Reply(DeliveryOutcome.RETRY, "503")
     assert retry_delay(retry, {"retry-after": "7"}, 0) == 7.0
     assert retry_delay(retry, {"retry-after": "99999"}, 0) == 600.0
     delays = {retry_delay(retry, {}, 1) for _ in range(20)}

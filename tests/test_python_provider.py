@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from pymod_push.appservice import AppServer, Delivery
-from pymod_push.core.appserver import Iq
+from pymod_push.appserver.requests import Iq
+from pymod_push.appserver.server import AppServer, Delivery
 from pymod_push.core.config import Backend, Config, default_name
-from pymod_push.core.xep0357 import RequestError
+from pymod_push.core.xmpp import RequestError
+from pymod_push.delivery.dispatcher import Dispatcher
 from pymod_push.protocol import Route
-from pymod_push.providers import Outcome
-from pymod_push.providers.dispatch import Dispatcher
+from pymod_push.providers import DeliveryOutcome
 from pymod_push.python_provider import (
     Delivered,
     Gone,
@@ -30,7 +30,8 @@ from pymod_push.python_provider import (
     load_provider,
     reply_of,
 )
-from pymod_push.store import Device, Store
+from pymod_push.records import RegisteredDevice
+from pymod_push.store import Store
 
 GOOD = '''
 from pymod_push.python_provider import RetryLater, Gone
@@ -109,17 +110,17 @@ def test_a_registration_check_that_breaks_is_a_wait_error_and_logs_no_values(
 
 
 def test_what_sends_answers_mean() -> None:
-    assert reply_of(None).outcome is Outcome.DELIVERED
-    assert reply_of(Delivered()).outcome is Outcome.DELIVERED
+    assert reply_of(None).outcome is DeliveryOutcome.DELIVERED
+    assert reply_of(Delivered()).outcome is DeliveryOutcome.DELIVERED
     assert reply_of(RetryLater()).retry_after is None
     assert reply_of(RetryLater(5, "busy")) == reply_of(RetryLater(5.0, "busy"))
     assert reply_of(RetryLater(5, "busy")).retry_after == 5.0
     assert reply_of(RetryLater(10**9)).retry_after == 600.0  # bounded
     assert reply_of(RetryLater(-3)).retry_after == 1.0  # not at once (a busy loop)
-    assert reply_of(Gone("410")).outcome is Outcome.UNREGISTERED
-    assert reply_of(Refused("bad")).outcome is Outcome.FAILED
+    assert reply_of(Gone("410")).outcome is DeliveryOutcome.UNREGISTERED
+    assert reply_of(Refused("bad")).outcome is DeliveryOutcome.FAILED
     wrong = reply_of("ok")
-    assert wrong.outcome is Outcome.FAILED and "returned str" in wrong.reason
+    assert wrong.outcome is DeliveryOutcome.FAILED and "returned str" in wrong.reason
 
 
 def _device(fields: dict[str, str] | None = None) -> PushDevice:
@@ -132,11 +133,11 @@ def test_an_exception_or_no_answer_is_a_retry_whose_text_stays_out(tmp_path: Pat
               "    raise RuntimeError('https://hooks.example/token-abc failed')\n")
     provider = load_provider(backend(tmp_path, source, timeout=0.05))
     reply = asyncio.run(provider.deliver(_device(), {"message-count": "1"}, False))
-    assert reply.outcome is Outcome.RETRY and reply.reason == "send raised RuntimeError"
+    assert reply.outcome is DeliveryOutcome.RETRY and reply.reason == "send raised RuntimeError"
     told = asyncio.run(provider.deliver(_device(), {}, False, log_sensitive=True))
     assert "token-abc" in told.reason  # the admin asked for it
     late = asyncio.run(provider.deliver(_device(), {}, True))
-    assert late.outcome is Outcome.RETRY and late.reason == "no answer within 0.05 s"
+    assert late.outcome is DeliveryOutcome.RETRY and late.reason == "no answer within 0.05 s"
 
 
 def test_send_gets_the_notification_and_the_backends_own_options(tmp_path: Path) -> None:
@@ -144,7 +145,7 @@ def test_send_gets_the_notification_and_the_backends_own_options(tmp_path: Path)
     summary = {"message-count": "2", "last-message-sender": "bob@localhost/x",
                "last-message-body": "hi"}
     assert asyncio.run(provider.deliver(_device({"phone": "+1"}), summary, True)).outcome \
-        is Outcome.DELIVERED
+        is DeliveryOutcome.DELIVERED
     ((device, notification, options),) = provider.module.SENT
     assert device.fields == {"phone": "+1"}
     assert (notification.title, notification.text, notification.urgent) == (
@@ -241,7 +242,7 @@ def test_the_dispatcher_retries_then_delivers_and_forgets_gone_devices(
     assert provider is not None
     provider.module.ANSWERS.extend([RetryLater(0, "busy"), Delivered(), Gone("410")])
     store = Store(":memory:")
-    device = Device("node-1", "s", "alice@localhost", "phone", "", "provider_0", "any",
+    device = RegisteredDevice("node-1", "s", "alice@localhost", "phone", "", "provider_0", "any",
                     "pubsub.localhost", "", extra=json.dumps({"phone": "+1"}))
     store.add_device(device)
     answers: list[str] = []

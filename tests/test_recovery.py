@@ -21,7 +21,7 @@ from pymod_push.protocol import (
     Stanza,
     StanzaToPending,
 )
-from pymod_push.service import PushService
+from pymod_push.service.decisions import PushService
 from pymod_push.store import Store
 from tests.test_service import PHONE, enable, fields, message
 

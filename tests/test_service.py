@@ -13,6 +13,7 @@ import pytest
 from pymod_push import etf
 from pymod_push.core.config import Config
 from pymod_push.etf import Atom
+from pymod_push.port.runtime import max_ack_queue
 from pymod_push.protocol import (
     IqError,
     IqResult,
@@ -32,15 +33,16 @@ from pymod_push.protocol import (
     action_term,
     parse_event,
 )
-from pymod_push.runtime import max_ack_queue
-from pymod_push.service import (
+from pymod_push.records import Registration
+from pymod_push.service.decisions import (
     DEFAULT_MAX_ACK_QUEUE,
     PUSHED_RETENTION_MARGIN_S,
     SCANNED_MARKS,
     PushedTo,
     PushService,
 )
-from pymod_push.store import MIGRATIONS, Registration, Store
+from pymod_push.store import Store
+from pymod_push.store.schema import MIGRATIONS
 from tests.service_stores import database, make_service  # noqa: F401 - a fixture
 
 PHONE = ("alice", "example.org", "phone")

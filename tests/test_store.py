@@ -17,19 +17,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pymod_push import checkpoints
-from pymod_push import store as store_module
-from pymod_push.core.options import PushOptions
-from pymod_push.store import (
-    MIGRATIONS,
-    Device,
-    OutboxEntry,
-    QueuedPush,
-    Registration,
-    Store,
-    open_store,
-)
-from pymod_push.store_pg import masked, translate
+from pymod_push.core.user_options import PushOptions
+from pymod_push.records import OutboxEntry, QueuedPush, RegisteredDevice, Registration
+from pymod_push.store import Store, checkpoints, open_store
+from pymod_push.store import base as store_module  # the in-memory bounds
+from pymod_push.store.postgres import masked, translate
+from pymod_push.store.schema import MIGRATIONS
 
 Opener = Callable[[], Store]
 
@@ -70,9 +63,10 @@ def test_migrations_apply_once_and_reopening_keeps_everything(opener: Opener) ->
     assert first.schema_version() == len(MIGRATIONS)
     first.enable(registration())
     first.set_user_options(("alice", "example.org"), PushOptions(True, False, True, False))
-    first.add_device(Device("node-1", "secret", "alice@example.org", "d1", "Phone", "apns",
+    first.add_device(RegisteredDevice("node-1", "secret", "alice@example.org", "d1", "Phone",
+                                      "apns",
                             "app", "pubsub.example.org", "ab" * 32, voip_token="cd" * 32))
-    first.add_device(Device("node-2", "secret", "alice@example.org", "d1", "", "webhook",
+    first.add_device(RegisteredDevice("node-2", "secret", "alice@example.org", "d1", "", "webhook",
                             "any", "pubsub.example.org", "", extra='{"channel": "c-1"}'))
     first.commit()
     first.close()
@@ -188,8 +182,8 @@ def test_a_sessions_registrations_come_with_the_users_options(opener: Opener) ->
 def test_devices_are_replaced_per_device_and_removed(opener: Opener) -> None:
     store = opener()
 
-    def device(node: str, device_id: str) -> Device:
-        return Device(node, "s", "alice@example.org", device_id, "", "fcm", "app",
+    def device(node: str, device_id: str) -> RegisteredDevice:
+        return RegisteredDevice(node, "s", "alice@example.org", device_id, "", "fcm", "app",
                       "pubsub.example.org", f"token-{node}")
 
     assert store.add_device(device("a", "phone")) == []
@@ -306,9 +300,9 @@ def test_counts_per_account_and_who_is_near_a_limit(opener: Opener) -> None:
     for node in ("n1", "n2", "n3"):
         store.enable(registration(node=node), "node@a")
     store.enable(Registration("bob", "example.org", "pc", "app.example.net", "b1", None))
-    store.add_device(Device("d1", "s", "carol@example.org", "phone", "", "fcm", "app",
+    store.add_device(RegisteredDevice("d1", "s", "carol@example.org", "phone", "", "fcm", "app",
                             "pubsub.example.org", "t"))
-    store.add_device(Device("d2", "s", "carol@example.org", "tablet", "", "fcm", "app",
+    store.add_device(RegisteredDevice("d2", "s", "carol@example.org", "tablet", "", "fcm", "app",
                             "pubsub.example.org", "t"))
     assert store.registration_count(("alice", "example.org")) == 3
     assert store.device_count("carol@example.org") == 2
@@ -376,7 +370,7 @@ def test_postgresql_a_change_on_another_node_reaches_the_memory_of_this_one(
 
 
 def test_postgresql_outage_loses_no_write_and_applies_none_twice(postgres: Any) -> None:
-    from pymod_push.store import DatabaseUnavailable
+    from pymod_push.records import DatabaseUnavailable
 
     url = postgres.new_database()
     store = open_store("", url)
@@ -441,7 +435,7 @@ def test_postgresql_a_connection_cut_by_the_server_is_only_ever_unavailable(
 
     import asyncpg
 
-    from pymod_push.store import DatabaseUnavailable
+    from pymod_push.records import DatabaseUnavailable
 
     store = open_store("", postgres.new_database())
     outcomes: Counter[str] = Counter()
@@ -470,16 +464,16 @@ def test_postgresql_a_connection_cut_by_the_server_is_only_ever_unavailable(
 def test_notifications_waiting_for_the_logic_are_kept_per_node(opener: Opener) -> None:
     store = opener()
     stanza = '["message", "romeo@example.net/a", "m1", "chat", "h\\u00e9llo \'q\'", "<x/>", ""]'
-    store.add_hook_work(2, ("alice", "example.org", "phone"), stanza, "ejabberd@a")
-    store.add_hook_work(1, ("alice", "example.org", ""), stanza, "ejabberd@a")
-    store.add_hook_work(3, ("bob", "example.org", "pc"), stanza, "ejabberd@b")
+    store.add_logic_work(2, ("alice", "example.org", "phone"), stanza, "ejabberd@a")
+    store.add_logic_work(1, ("alice", "example.org", ""), stanza, "ejabberd@a")
+    store.add_logic_work(3, ("bob", "example.org", "pc"), stanza, "ejabberd@b")
     store.commit()
     again = opener()
-    assert again.hook_work("ejabberd@a") == [(1, ("alice", "example.org", ""), stanza),
+    assert again.logic_work("ejabberd@a") == [(1, ("alice", "example.org", ""), stanza),
                                              (2, ("alice", "example.org", "phone"), stanza)]
-    again.remove_hook_work(1)
+    again.remove_logic_work(1)
     again.commit()
-    assert [w[0] for w in opener().hook_work("ejabberd@a")] == [2]
+    assert [w[0] for w in opener().logic_work("ejabberd@a")] == [2]
 
 
 def test_postgresql_rows_gathered_into_one_statement_change_what_one_by_one_would(
@@ -541,7 +535,7 @@ def test_postgresql_rows_gathered_into_one_statement_change_what_one_by_one_woul
 def test_postgresql_a_group_commit_of_pushes_is_few_statements() -> None:
     """What 50 pushes write (their counts, the pushed log, the outbox) is 52 statements, not
     150; an answered push's outbox row goes in one DELETE with the others."""
-    from pymod_push.store_pg import Write, _merged, statement
+    from pymod_push.store.postgres import Write, _merged, statement
 
     update = statement("UPDATE registrations SET message_count=? WHERE user=?")
     pushed = statement("INSERT INTO pushed (id, user, server, resource, mark) VALUES "
@@ -624,7 +618,7 @@ def _apply(store: Store, operation: tuple[Any, ...]) -> None:
         case ("clear_errors", key):
             store.clear_errors(key)
         case ("device", node, device_id, token):  # a node is a device's (see DEVICE_NODES)
-            store.add_device(Device(node + device_id, "s", "alice@example.org", device_id,
+            store.add_device(RegisteredDevice(node + device_id, "s", "alice@example.org", device_id,
                                     "", "fcm", "app", "push.a", token))
         case ("remove_device", node):
             store.remove_device(node)

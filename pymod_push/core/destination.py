@@ -18,11 +18,16 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from .config import Backend, IpNetwork
+from pymod_push.core.config import Backend, IpNetwork
 
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 # The backends whose devices register URLs of their own choosing.
+class DestinationDenied(Exception):
+    """The destination policy refuses where a request would go: no retry can succeed, the
+    device's pushes fail for good."""
+
+
 USER_URL_GROUPS = frozenset({"webpush", "wns"})
 # Where WNS channel URIs live (Microsoft: https://*.notify.windows.com/...); the backend
 # option channel_domains replaces it (tests, private deployments).

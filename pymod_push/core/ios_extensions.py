@@ -27,9 +27,9 @@ from xml.sax.saxutils import escape, quoteattr
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from . import safexml
-from .limits import ascii_number, cut_chars
-from .xep0357 import RequestError, jid_problem
+from pymod_push.core import safexml
+from pymod_push.core.limits import ascii_number, cut_chars
+from pymod_push.core.xmpp import RequestError, jid_problem
 
 NS_ENCRYPT = "tigase:push:encrypt:0"
 NS_PRIORITY = "tigase:push:priority:0"
@@ -45,6 +45,10 @@ ALG_AES_128_GCM = "aes-128-gcm"
 
 # What we implement and advertise on the account's disco#info (away is not: pushing
 # while every other resource is away needs presence tracking the shim does not do).
+# The data fields an encrypted notification's blob and IV reach the device in, as they are
+# (Siskin's notification service extension reads them; appserver.requests, providers.apns).
+ENCRYPTED_FIELD = "encrypted"
+IV_FIELD = "iv"
 FEATURES = (NS_ENCRYPT, f"tigase:push:encrypt:{ALG_AES_128_GCM}", NS_PRIORITY, NS_MUTED,
             NS_GROUPCHAT, NS_IGNORE_UNKNOWN, NS_JINGLE)
 

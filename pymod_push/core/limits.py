@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from .ratelimit import RateLimiter
-from .xep0357 import FIELD_XML_BYTES, RequestError, escaped_size
+from pymod_push.core.ratelimit import RateLimiter
+from pymod_push.core.xmpp import FIELD_XML_BYTES, RequestError, escaped_size
 
 CUT_MARK = "\u2026"  # "…": the body was cut here
 BODY = "last-message-body"

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from encodings.idna import nameprep
 from functools import lru_cache
 
-from ..protocol import Stanza, UserKey
-from . import ios_extensions, safexml
-from .config import Config
-from .options import PushOptions
+from pymod_push.core import ios_extensions, safexml
+from pymod_push.core.config import Config
+from pymod_push.core.user_options import PushOptions
+from pymod_push.protocol import Stanza, UserKey
 
 
 class Trigger(enum.Enum):
@@ -210,7 +210,7 @@ def _registration_bytes(push_jid: str, node: str) -> bytes:
     return b"\0" + push_jid.encode() + b"\0" + node.encode()
 
 
-class Outcome(enum.Enum):
+class PublishOutcome(enum.Enum):
     DELIVERED = "delivered"
     TRANSIENT = "transient"  # no answer or a 'wait' error: try again later
     REJECTED = "rejected"  # another error: tried again too, and counted (count_error)
@@ -229,20 +229,20 @@ NOT_AN_APP_SERVER = frozenset({"service-unavailable", "feature-not-implemented",
                                "not-allowed", "recipient-unavailable"})
 
 
-def classify_reply(outcome: str, error_type: str = "", condition: str = "") -> Outcome:
+def classify_reply(outcome: str, error_type: str = "", condition: str = "") -> PublishOutcome:
     """An app server's answer to a publish."""
     if outcome == "result":
-        return Outcome.DELIVERED
+        return PublishOutcome.DELIVERED
     if condition == "item-not-found":
-        return Outcome.GONE
+        return PublishOutcome.GONE
     if outcome == "timeout" or error_type == "wait":
-        return Outcome.TRANSIENT
+        return PublishOutcome.TRANSIENT
     if error_type == "cancel" and condition in NOT_AN_APP_SERVER:
-        return Outcome.NOT_AN_APP_SERVER
-    return Outcome.REJECTED
+        return PublishOutcome.NOT_AN_APP_SERVER
+    return PublishOutcome.REJECTED
 
 
-def count_error(outcome: Outcome, errors: int, last_counted: float | None, now: float,
+def count_error(outcome: PublishOutcome, errors: int, last_counted: float | None, now: float,
                 window_s: float) -> tuple[int, float | None]:
     """A failed publish (an error answer or none) toward max_publish_errors: (errors,
     last counted). Most count only when the last one counted is at least window_s old. An
@@ -252,7 +252,7 @@ def count_error(outcome: Outcome, errors: int, last_counted: float | None, now: 
     that says it is no app server (NOT_AN_APP_SERVER) counts every time, so that
     max_publish_errors of them in a row disable the registration: pushes pointed at
     someone's client or service are not reflected to it for window after window."""
-    if outcome is not Outcome.NOT_AN_APP_SERVER and last_counted is not None \
+    if outcome is not PublishOutcome.NOT_AN_APP_SERVER and last_counted is not None \
             and 0 <= now - last_counted < window_s:
         return errors, last_counted
     return errors + 1, now

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from functools import lru_cache
 from typing import TypeVar
 
-from ..protocol import Publish
-from .ratelimit import RateLimiter
+from pymod_push.core.ratelimit import RateLimiter
+from pymod_push.protocol import Publish
 
 log = logging.getLogger("pymod_push")
 A = TypeVar("A")

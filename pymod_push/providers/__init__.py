@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlencode
 
-from ..core import compact_json
-from ..core.limits import ascii_number, fit
+from pymod_push.core import compact_json
+from pymod_push.core.limits import ascii_number, fit
 
 if TYPE_CHECKING:
-    from ..store import Device
+    from pymod_push.records import RegisteredDevice
 
 
 @dataclass(slots=True)  # per push: not frozen (see protocol.Stanza)
@@ -26,7 +26,7 @@ class HttpRequest:
     body: bytes = b""
 
 
-class Outcome(enum.Enum):
+class DeliveryOutcome(enum.Enum):
     DELIVERED = "delivered"
     RETRY = "retry"  # the provider is busy or down: try again later
     UNREGISTERED = "unregistered"  # the token is gone: forget the device
@@ -35,7 +35,7 @@ class Outcome(enum.Enum):
 
 @dataclass(slots=True)  # per push: not frozen (see protocol.Stanza)
 class Reply:
-    outcome: Outcome
+    outcome: DeliveryOutcome
     reason: str = ""
     retry_after: float | None = None
 
@@ -90,7 +90,7 @@ class Provider(Protocol):
 
     def auth_reply(self, status: int, body: bytes, now: float) -> None: ...
 
-    def request(self, device: Device, summary: dict[str, str], now: float,
+    def request(self, device: RegisteredDevice, summary: dict[str, str], now: float,
                 urgent: bool = False) -> HttpRequest: ...
 
     def reply(self, status: int, headers: dict[str, str], body: bytes) -> Reply: ...
@@ -101,12 +101,12 @@ def common_reply(status: int, reason: str = "") -> Reply:
     any other 4xx (408 too) fails for good at once: an endpoint that answers so to every
     push must not cost retries."""
     if 200 <= status < 300:
-        return Reply(Outcome.DELIVERED)
+        return Reply(DeliveryOutcome.DELIVERED)
     if status in (404, 410):
-        return Reply(Outcome.UNREGISTERED, reason or str(status))
+        return Reply(DeliveryOutcome.UNREGISTERED, reason or str(status))
     if status == 429 or status >= 500:
-        return Reply(Outcome.RETRY, reason or str(status))
-    return Reply(Outcome.FAILED, reason or str(status))
+        return Reply(DeliveryOutcome.RETRY, reason or str(status))
+    return Reply(DeliveryOutcome.FAILED, reason or str(status))
 
 
 class OAuthToken:
@@ -145,10 +145,10 @@ class OAuthToken:
         """The provider said 401: fetch a new token and try again at once, but only once;
         a new token refused too means the credentials are wrong."""
         if self._refreshed_for_401:
-            return Reply(Outcome.FAILED, "401 with a new token: check the credentials")
+            return Reply(DeliveryOutcome.FAILED, "401 with a new token: check the credentials")
         self._refreshed_for_401 = True
         self.value = None
-        return Reply(Outcome.RETRY, "401", 0)
+        return Reply(DeliveryOutcome.RETRY, "401", 0)
 
     def worked(self) -> None:
         self._refreshed_for_401 = False

@@ -10,10 +10,18 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from cryptography.x509.oid import NameOID
 
-from ..core.appserver import ENCRYPTED_FIELD
-from ..core.config import Backend
-from ..store import Device
-from . import HttpRequest, Outcome, Reply, fitted, notification_text, summary_payload, to_json
+from pymod_push.core.config import Backend
+from pymod_push.core.ios_extensions import ENCRYPTED_FIELD
+from pymod_push.providers import (
+    DeliveryOutcome,
+    HttpRequest,
+    Reply,
+    fitted,
+    notification_text,
+    summary_payload,
+    to_json,
+)
+from pymod_push.records import RegisteredDevice
 
 PRODUCTION = "https://api.push.apple.com"
 SANDBOX = "https://api.sandbox.push.apple.com"
@@ -72,7 +80,7 @@ class Apns:
     def auth_reply(self, status: int, body: bytes, now: float) -> None:
         pass
 
-    def request(self, device: Device, summary: dict[str, str], now: float,
+    def request(self, device: RegisteredDevice, summary: dict[str, str], now: float,
                 urgent: bool = False) -> HttpRequest:
         if urgent and self.voip_topic and device.voip_token:
             return self._voip_request(device, summary, now)
@@ -103,7 +111,7 @@ class Apns:
                    "apns-collapse-id": node[:64], "content-type": "application/json"}
         return self._signed(token, headers, fitted(summary, payload, MAX_PAYLOAD), now)
 
-    def _voip_request(self, device: Device, summary: dict[str, str],
+    def _voip_request(self, device: RegisteredDevice, summary: dict[str, str],
                       now: float) -> HttpRequest:
         # A call is worth nothing later: expiration 0 means deliver now or never.
         headers = {"apns-topic": str(self.voip_topic), "apns-push-type": "voip",
@@ -122,16 +130,16 @@ class Apns:
 
     def reply(self, status: int, headers: dict[str, str], body: bytes) -> Reply:
         if status == 200:
-            return Reply(Outcome.DELIVERED)
+            return Reply(DeliveryOutcome.DELIVERED)
         try:
             reason = str(json.loads(body or b"{}").get("reason", ""))
         except ValueError:
             reason = ""
         if status == 410 or reason in GONE:
-            return Reply(Outcome.UNREGISTERED, reason or str(status))
+            return Reply(DeliveryOutcome.UNREGISTERED, reason or str(status))
         if reason == "ExpiredProviderToken":
             self._token = None
-            return Reply(Outcome.RETRY, reason, 0)
+            return Reply(DeliveryOutcome.RETRY, reason, 0)
         if status == 429 or status >= 500:
-            return Reply(Outcome.RETRY, reason or str(status))
-        return Reply(Outcome.FAILED, reason or str(status))
+            return Reply(DeliveryOutcome.RETRY, reason or str(status))
+        return Reply(DeliveryOutcome.FAILED, reason or str(status))

@@ -8,18 +8,18 @@ from typing import Any
 
 import jwt
 
-from ..core.config import Backend
-from ..store import Device
-from . import (
+from pymod_push.core.config import Backend
+from pymod_push.providers import (
+    DeliveryOutcome,
     HttpRequest,
     OAuthToken,
-    Outcome,
     Reply,
     common_reply,
     fitted,
     summary_payload,
     to_json,
 )
+from pymod_push.records import RegisteredDevice
 
 BASE = "https://fcm.googleapis.com"
 SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
@@ -58,7 +58,7 @@ class Fcm:
     def auth_reply(self, status: int, body: bytes, now: float) -> None:
         self.token.store(status, body, now)
 
-    def request(self, device: Device, summary: dict[str, str], now: float,
+    def request(self, device: RegisteredDevice, summary: dict[str, str], now: float,
                 urgent: bool = False) -> HttpRequest:
         data = json.loads(fitted(summary, lambda s: to_json(summary_payload(s)), MAX_DATA))
         message = {"token": device.token, "data": data,
@@ -80,7 +80,7 @@ class Fcm:
         except (ValueError, AttributeError):
             reason = ""
         if codes & GONE or (status == 404 and not reason):
-            return Reply(Outcome.UNREGISTERED, reason or "404")
+            return Reply(DeliveryOutcome.UNREGISTERED, reason or "404")
         if status == 401:
             return self.token.refused()
         return common_reply(status, reason)

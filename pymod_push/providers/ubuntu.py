@@ -5,9 +5,17 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime, timedelta
 
-from ..core.config import Backend
-from ..store import Device
-from . import HttpRequest, Outcome, Reply, common_reply, fitted, summary_payload, to_json
+from pymod_push.core.config import Backend
+from pymod_push.providers import (
+    DeliveryOutcome,
+    HttpRequest,
+    Reply,
+    common_reply,
+    fitted,
+    summary_payload,
+    to_json,
+)
+from pymod_push.records import RegisteredDevice
 
 BASE = "https://push.ubports.com"
 # The whole request, not only its data: the Ubuntu Push server's limit is not documented
@@ -27,7 +35,7 @@ class UbuntuPush:
     def auth_reply(self, status: int, body: bytes, now: float) -> None:
         pass
 
-    def request(self, device: Device, summary: dict[str, str], now: float,
+    def request(self, device: RegisteredDevice, summary: dict[str, str], now: float,
                 urgent: bool = False) -> HttpRequest:
         expires = datetime.fromtimestamp(now, UTC) + timedelta(days=1)
 
@@ -45,5 +53,5 @@ class UbuntuPush:
         except (ValueError, AttributeError):
             error = ""
         if error in ("unknown-token", "unauthorized"):
-            return Reply(Outcome.UNREGISTERED, error)
+            return Reply(DeliveryOutcome.UNREGISTERED, error)
         return common_reply(status, error)

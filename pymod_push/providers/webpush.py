@@ -14,9 +14,8 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from ..core.config import Backend
-from ..store import Device
-from . import (
+from pymod_push.core.config import Backend
+from pymod_push.providers import (
     HttpRequest,
     Reply,
     b64url_decode,
@@ -26,6 +25,7 @@ from . import (
     summary_payload,
     to_json,
 )
+from pymod_push.records import RegisteredDevice
 
 TTL = 24 * 3600
 CALL_TTL = 60  # a call nobody sees within a minute is a missed call, not a ring
@@ -79,7 +79,7 @@ class WebPush:
         cache.move_to_end(audience)
         return f"vapid t={cached[0]}, k={self._vapid_public}"
 
-    def request(self, device: Device, summary: dict[str, str], now: float,
+    def request(self, device: RegisteredDevice, summary: dict[str, str], now: float,
                 urgent: bool = False) -> HttpRequest:
         body = http_ece.encrypt(
             fitted(summary, lambda s: to_json(summary_payload(s)), MAX_PLAINTEXT),

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-from ..core import destination
-from ..core.config import Backend
-from ..store import Device
-from . import (
+from pymod_push.core import destination
+from pymod_push.core.config import Backend
+from pymod_push.core.destination import DestinationDenied
+from pymod_push.providers import (
+    DeliveryOutcome,
     HttpRequest,
     OAuthToken,
-    Outcome,
     Reply,
     common_reply,
     fitted,
     summary_payload,
     to_json,
 )
-from .http2 import Denied
+from pymod_push.records import RegisteredDevice
 
 LOGIN = "https://login.live.com"
 MAX_PAYLOAD = 5120  # bytes: Microsoft's limit for any notification, raw ones included
@@ -41,14 +41,14 @@ class Wns:
     def auth_reply(self, status: int, body: bytes, now: float) -> None:
         self.token.store(status, body, now)
 
-    def request(self, device: Device, summary: dict[str, str], now: float,
+    def request(self, device: RegisteredDevice, summary: dict[str, str], now: float,
                 urgent: bool = False) -> HttpRequest:
-        """The raw notification; Denied if the channel URI is not on a channel domain (a
+        """The raw notification; DestinationDenied if the channel URI is not on a channel domain (a
         row registered before that was checked): the app's bearer token goes nowhere else."""
         try:
             destination.check_channel(device.token, self.channel_domains)
         except destination.Refused as refused:
-            raise Denied(str(refused)) from None
+            raise DestinationDenied(str(refused)) from None
         headers = {"x-wns-type": "wns/raw", "content-type": "application/octet-stream",
                    "authorization": f"Bearer {self.token.value}",
                    "x-wns-ttl": "60" if urgent else "86400",
@@ -62,5 +62,5 @@ class Wns:
         if status == 401:  # token expired or refused: refresh once
             return self.token.refused()
         if status == 406:  # throttled
-            return Reply(Outcome.RETRY, "406")
+            return Reply(DeliveryOutcome.RETRY, "406")
         return common_reply(status, headers.get("x-wns-notificationstatus", ""))

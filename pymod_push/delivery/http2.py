@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 from urllib.parse import urlsplit
 
-from ..core import destination
-from ..core.config import IpNetwork
-from ..core.destination import IpAddress
-from . import h2wire
+from pymod_push.core import destination
+from pymod_push.core.config import IpNetwork
+from pymod_push.core.destination import IpAddress
+from pymod_push.delivery import h2wire
 
 SWEEP_S = 1.0  # how often requests are checked for their timeout
 SEND_AGAIN = 3  # times a request the server did not process goes again
@@ -53,9 +53,8 @@ class HttpError(Exception):
     """The request did not get an answer (connection failed, reset, timeout)."""
 
 
-class Denied(HttpError):
-    """The destination policy refuses where the request would go (core.destination): no
-    retry can succeed, the device's pushes fail for good."""
+class Denied(HttpError, destination.DestinationDenied):
+    """The destination policy refuses the address a name resolved to, or the name."""
 
 
 class NotProcessed(HttpError):
@@ -155,7 +154,7 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         try:
             events = self.wire.receive(data)
-        except h2wire.ProtocolError as exc:
+        except h2wire.FramingError as exc:
             self._fail_all(f"HTTP/2 protocol error: {exc}")
             self._flush()  # the GOAWAY
             self.close()

@@ -18,10 +18,12 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, BinaryIO
 
-from . import __version__, admin, etf, metrics
-from .appservice import Delivery
-from .hook_workers import HookWorkers
-from .protocol import (
+from pymod_push import __version__, etf, metrics
+from pymod_push.appserver.server import Delivery
+from pymod_push.port import admin_commands as admin
+from pymod_push.port.logic_workers import LogicWorkers
+from pymod_push.port.runtime import Runtime, start
+from pymod_push.protocol import (
     PROTOCOL_VERSION,
     Ack,
     Action,
@@ -40,9 +42,9 @@ from .protocol import (
     parse_event,
     parse_hello,
 )
-from .runtime import Runtime, start
-from .service import PURGE_INTERVAL_S, HookWork, PushService
-from .store import DatabaseUnavailable, Store
+from pymod_push.records import DatabaseUnavailable
+from pymod_push.service.decisions import PURGE_INTERVAL_S, LogicWork, PushService
+from pymod_push.store import Store
 
 log = logging.getLogger("pymod_push")
 MAX_FRAME = 64 * 1024 * 1024
@@ -124,7 +126,7 @@ class PortApp:
     """The port edge: frames in, their events handled in order by the push service, one
     group commit for many, then the actions, acknowledgement and provider pushes that the
     commit made true; events held while the database is away. What the hello starts is
-    runtime.py's; async push logic is hook_workers.py's."""
+    runtime.py's; async push logic is logic_workers.py's."""
 
     def __init__(self, write: Any) -> None:
         self._write = write
@@ -134,7 +136,7 @@ class PortApp:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_deadline: float | None = None  # what _timer is armed for
         self._metrics: asyncio.Server | None = None
-        self._hook_workers: HookWorkers | None = None
+        self._logic_workers: LogicWorkers | None = None
         self._last_batch: tuple[int, int] | None = None  # (epoch, seq) handled last
         self._last_batch_unsaved = False  # written once per commit, not once per frame
         # What the next commit makes known: actions, app-server pushes, the acknowledgement.
@@ -222,15 +224,15 @@ class PortApp:
         if handled is not None or self._pending_actions or self._pending_deliveries:
             self._request_commit()
 
-    def _collect(self, results: Sequence[Action | Delivery | HookWork]) -> None:
+    def _collect(self, results: Sequence[Action | Delivery | LogicWork]) -> None:
         """What handling an event produced: actions and app-server pushes wait for the next
         commit; a notification waiting for async push logic gets its user's worker."""
         for result in results:
             if isinstance(result, Delivery):
                 self._pending_deliveries.append(result)
-            elif isinstance(result, HookWork):
-                assert self._hook_workers is not None
-                self._hook_workers.ask(result.target[:2])
+            elif isinstance(result, LogicWork):
+                assert self._logic_workers is not None
+                self._logic_workers.ask(result.target[:2])
             else:
                 self._pending_actions.append(result)
 
@@ -352,8 +354,8 @@ class PortApp:
                         "sent: ejabberd answered them with an error meanwhile, their "
                         "publishers try again" if self._late_iqs else "")
 
-    def _hooks_done(self, results: Sequence[Action | Delivery | HookWork]) -> None:
-        """A notification the admin's async push logic decided (hook_workers.py)."""
+    def _logic_done(self, results: Sequence[Action | Delivery | LogicWork]) -> None:
+        """A notification the admin's async push logic decided (logic_workers.py)."""
         self._collect(results)
         self._request_commit()
 
@@ -379,7 +381,7 @@ class PortApp:
                                        self._answered_in_process, self._commit_writes)
         self.service, self._store = runtime.service, runtime.store
         self._last_batch = runtime.last_batch
-        self._hook_workers = HookWorkers(runtime.service, self._hooks_done,
+        self._logic_workers = LogicWorkers(runtime.service, self._logic_done,
                                          lambda: self._held is not None, self.on_fatal)
         self._write(frame(hello_reply(info)))
         self._write(frame([action_term(a) for a in self.service.initial_actions()]))
@@ -391,7 +393,7 @@ class PortApp:
         self._timers_from = time.monotonic() + REPLAY_GRACE_S
         self._arm_timer()  # notifications an earlier process left unanswered
         for user in self.service.users_waiting_for_logic():  # and those it left waiting
-            self._hook_workers.ask(user)
+            self._logic_workers.ask(user)
         self._housekeeping()
         if config.metrics_listen:
             asyncio.get_running_loop().create_task(self._serve_metrics(config.metrics_listen))
@@ -441,7 +443,7 @@ class PortApp:
             self._store.remove_device(node)
             self._commit_writes()
 
-    def _handle(self, term: Any, late: bool = False) -> Sequence[Action | Delivery | HookWork]:
+    def _handle(self, term: Any, late: bool = False) -> Sequence[Action | Delivery | LogicWork]:
         assert self.service is not None
         try:
             event = parse_event(term)
@@ -459,7 +461,7 @@ class PortApp:
             self.runtime.events[type(event).__name__] -= 1
             raise
 
-    def _handle_event(self, event: Event) -> Sequence[Action | Delivery | HookWork]:
+    def _handle_event(self, event: Event) -> Sequence[Action | Delivery | LogicWork]:
         assert self.service is not None
         mark = self.service.store.write_mark()
         try:
@@ -536,8 +538,8 @@ class PortApp:
             self.on_fatal(exc)
 
     async def aclose(self) -> None:
-        if self._hook_workers is not None:
-            self._hook_workers.cancel()
+        if self._logic_workers is not None:
+            self._logic_workers.cancel()
         try:  # what was handled is committed, and said
             for _ in range(4):  # the commit under way, then what was handled meanwhile
                 if self._held is not None:

@@ -25,23 +25,30 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..appservice import Delivery, publish_answer, publish_reply
-from ..core.config import Backend, Config
-from ..core.destination import USER_URL_GROUPS
-from ..core.limits import ascii_number, peer_text
-from ..logic import Device as LogicDevice
-from ..logic import Logic
-from ..metrics import Histogram
-from ..protocol import PublishReply
-from ..python_provider import PushDevice, PythonProviders, device_fields
-from ..store import QueuedPush, Store
-from . import HttpRequest, Outcome, Provider, Reply, common_reply
-from .apns import Apns
-from .fcm import Fcm
-from .http2 import Denied, Http2Client, HttpError, NotProcessed, Response, UserDestinations
-from .ubuntu import UbuntuPush
-from .webpush import WebPush
-from .wns import Wns
+from pymod_push.appserver.server import Delivery, publish_answer, publish_reply
+from pymod_push.core.config import Backend, Config
+from pymod_push.core.destination import USER_URL_GROUPS, DestinationDenied
+from pymod_push.core.limits import ascii_number, peer_text
+from pymod_push.delivery.http2 import (
+    Http2Client,
+    HttpError,
+    NotProcessed,
+    Response,
+    UserDestinations,
+)
+from pymod_push.logic import Device as LogicDevice
+from pymod_push.logic import Logic
+from pymod_push.metrics import Histogram
+from pymod_push.protocol import PublishReply
+from pymod_push.providers import DeliveryOutcome, HttpRequest, Provider, Reply, common_reply
+from pymod_push.providers.apns import Apns
+from pymod_push.providers.fcm import Fcm
+from pymod_push.providers.ubuntu import UbuntuPush
+from pymod_push.providers.webpush import WebPush
+from pymod_push.providers.wns import Wns
+from pymod_push.python_provider import PushDevice, PythonProviders, device_fields
+from pymod_push.records import QueuedPush
+from pymod_push.store import Store
 
 log = logging.getLogger("pymod_push")
 RETRY_DELAYS = (1.0, 5.0, 30.0, 120.0, 300.0)  # the last one repeats
@@ -297,7 +304,7 @@ class Dispatcher:
                               "push for %s dropped: its backend is not available",
                               _where(delivery))
             if queued is None:
-                self._answer_publish(delivery, Outcome.FAILED)
+                self._answer_publish(delivery, DeliveryOutcome.FAILED)
             else:  # its row is kept for a process that has the backend
                 self._forget(delivery.device.node, queued.id)
             return
@@ -325,7 +332,7 @@ class Dispatcher:
                 answer = await self._attempt(delivery)
             except Exception as exc:  # noqa: BLE001 - never a push stuck (see _retries)
                 self._unexpected(delivery, exc, "sending it")
-                answer = Reply(Outcome.RETRY, type(exc).__name__), {}, 0
+                answer = Reply(DeliveryOutcome.RETRY, type(exc).__name__), {}, 0
             self.latency[delivery.backend.group].observe(time.perf_counter() - started)
         return answer
 
@@ -336,26 +343,26 @@ class Dispatcher:
         any other is finished. A deferred push of a device to give up ends it."""
         queued = None
         outcome = reply.outcome
-        if outcome is Outcome.RETRY:
+        if outcome is DeliveryOutcome.RETRY:
             now, node = time.time(), delivery.device.node
             waiting = self._waiting.get(node)
             if waiting is not None and self._hopeless(delivery, waiting.failing_since,
                                                       waiting.delivered_before):
                 self._give_up_device(delivery, reply, status, waiting.failing_since)
                 self.counters[(delivery.backend.group, "given_up")] += 1  # this one
-                outcome = Outcome.UNREGISTERED  # the publisher disables the registration
+                outcome = DeliveryOutcome.UNREGISTERED  # the publisher disables the registration
             else:
                 queued = QueuedPush(next(self._ids), node, delivery.summary, 0, now, now,
                                     now if waiting is None else waiting.failing_since)
                 self._store.queue_push(queued, self._node)
                 self._wait(delivery, queued, task)
             self._commit()  # kept before the publisher hears it is queued
-        elif outcome is Outcome.FAILED and self._fails_for_good(delivery, reply, status):
-            outcome = Outcome.UNREGISTERED  # the publisher disables the registration
+        elif outcome is DeliveryOutcome.FAILED and self._fails_for_good(delivery, reply, status):
+            outcome = DeliveryOutcome.UNREGISTERED  # the publisher disables the registration
         # The answer goes after that commit: in-process, in the port's transaction (the
         # publisher's side of it with it); to another server, routed once committed.
         self._answer_publish(delivery, outcome)
-        if reply.outcome is not Outcome.RETRY:
+        if reply.outcome is not DeliveryOutcome.RETRY:
             self._finish(delivery, reply, None, status)
         return queued
 
@@ -452,7 +459,7 @@ class Dispatcher:
         else ends it (a push stuck until a restart): what raises is logged (quietly) and
         the push tried again after the backoff."""
         group, node = delivery.backend.group, delivery.device.node
-        while reply.outcome is Outcome.RETRY:
+        while reply.outcome is DeliveryOutcome.RETRY:
             try:
                 waiting = self._waiting.get(node)
                 if waiting is None or queued.id not in waiting.pushes:
@@ -496,7 +503,7 @@ class Dispatcher:
         if delivery.backend.type == "python":
             python = self._python.get(index)
             if python is None:  # its module failed to load: kept until a reload fixes it
-                return Reply(Outcome.RETRY, "its module is not loaded"), {}, 0
+                return Reply(DeliveryOutcome.RETRY, "its module is not loaded"), {}, 0
             seen = PushDevice(device.user, device.device_id, device.device_name,
                               device.app_name, device.node,
                               MappingProxyType(device_fields(device.extra)))
@@ -510,14 +517,14 @@ class Dispatcher:
         except HttpError as exc:
             return failure_reply(exc, None), {}, 0
         except (ValueError, KeyError) as exc:  # the token endpoint's answer: again later
-            return Reply(Outcome.RETRY, type(exc).__name__), {}, 0
+            return Reply(DeliveryOutcome.RETRY, type(exc).__name__), {}, 0
         try:
             request = provider.request(device, delivery.summary, time.time(),
                                        urgent=delivery.urgent)
         except (ValueError, KeyError, TypeError) as exc:  # what the device registered
-            return Reply(Outcome.FAILED, "no request can be made for this device "
+            return Reply(DeliveryOutcome.FAILED, "no request can be made for this device "
                          f"({type(exc).__name__}: its keys or token)"), {}, 0
-        except HttpError as exc:  # its URL, refused before anything is sent (WNS channels)
+        except DestinationDenied as exc:  # its URL, refused before anything is sent (WNS)
             return failure_reply(exc, None), {}, 0
         if self._log_sensitive:  # the admin asked for it (option log_sensitive)
             log.debug("%s %s %s", request.method, request.url, request.body[:2000])
@@ -527,7 +534,7 @@ class Dispatcher:
             return failure_reply(exc, request.url), {}, 0
         return read_reply(provider, response), response.headers, response.status_code
 
-    def _answer_publish(self, delivery: Delivery, outcome: Outcome) -> None:
+    def _answer_publish(self, delivery: Delivery, outcome: DeliveryOutcome) -> None:
         if delivery.ref is not None:
             if self._answer is not None:
                 self._answer(publish_reply(delivery.ref, outcome))
@@ -541,7 +548,7 @@ class Dispatcher:
             self._store.remove_queued_push(queued.id)
             self._forget(node, queued.id)
             self._commit()
-        if reply.outcome is Outcome.DELIVERED:
+        if reply.outcome is DeliveryOutcome.DELIVERED:
             self.counters[(group, "delivered")] += 1
             if self._failing:
                 self._failing.pop(node, None)
@@ -552,14 +559,14 @@ class Dispatcher:
                 self._store.restart_failing(node, self._node, waiting.failing_since)
                 self._commit()
             log.debug("push delivered to %s", where)
-        elif reply.outcome is Outcome.UNREGISTERED:
+        elif reply.outcome is DeliveryOutcome.UNREGISTERED:
             self.counters[(group, "unregistered")] += 1 + self._drop_waiting(node)
             self._failing.pop(node, None)
             log.info("push provider says %s is gone (%s): registration removed", where,
                      peer_text(reply.reason))
             self._device_gone(node)
         else:
-            outcome = "failed" if reply.outcome is Outcome.FAILED else "given_up"
+            outcome = "failed" if reply.outcome is DeliveryOutcome.FAILED else "given_up"
             self.counters[(group, outcome)] += 1
             self._log_quietly(logging.WARNING, (group, outcome, status_class(status)),
                               "push to %s %s: %s", where, outcome.replace("_", " "),
@@ -617,14 +624,14 @@ def read_reply(provider: Provider, response: Response) -> Reply:
         return common_reply(response.status_code)
 
 
-def failure_reply(exc: HttpError, url: str | None) -> Reply:
+def failure_reply(exc: HttpError | DestinationDenied, url: str | None) -> Reply:
     """No answer from the provider: for good when no retry can change that (the
     destination policy refuses it, the URL is none to send to), else to be tried again."""
-    if isinstance(exc, Denied):
-        return Reply(Outcome.FAILED, f"destination refused: {exc}")
+    if isinstance(exc, DestinationDenied):
+        return Reply(DeliveryOutcome.FAILED, f"destination refused: {exc}")
     if url is not None and not sendable(url):
-        return Reply(Outcome.FAILED, "not an https URL")
-    return Reply(Outcome.RETRY, type(exc).__name__)
+        return Reply(DeliveryOutcome.FAILED, "not an https URL")
+    return Reply(DeliveryOutcome.RETRY, type(exc).__name__)
 
 
 async def _send(client: Http2Client, request: HttpRequest) -> Response:

@@ -22,13 +22,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
-from .appservice import AppServer, Delivery, error_reply
-from .core import ios_extensions, limits
-from .core import options as push_options
-from .core.config import Config
-from .core.notify import (
+from pymod_push.appserver.server import AppServer, Delivery, publish_error_reply
+from pymod_push.core import ios_extensions, limits
+from pymod_push.core import user_options as push_options
+from pymod_push.core.config import Config
+from pymod_push.core.notify import (
     Counts,
-    Outcome,
+    PublishOutcome,
     Trigger,
     classify_reply,
     count_error,
@@ -42,19 +42,19 @@ from .core.notify import (
     unwrap_carbon,
     wake_fields,
 )
-from .core.pacing import DomainPacer
-from .core.xep0357 import (
+from pymod_push.core.pacing import DomainPacer
+from pymod_push.core.xep0357 import (
     Disable,
     Enable,
-    RequestError,
     parse_push_request,
     publish_options_form,
     summary_form,
 )
-from .logic import HookCase, Logic
-from .logic import Message as LogicMessage
-from .logic import Recipient as LogicRecipient
-from .protocol import (
+from pymod_push.core.xmpp import RequestError
+from pymod_push.logic import Logic, LogicCase
+from pymod_push.logic import Message as LogicMessage
+from pymod_push.logic import Recipient as LogicRecipient
+from pymod_push.protocol import (
     Action,
     AppServerIq,
     EjabberdStarted,
@@ -76,8 +76,9 @@ from .protocol import (
     UserKey,
     UserRemoved,
 )
-from .python_provider import PythonProviders
-from .store import DatabaseUnavailable, OutboxEntry, Registration, Store
+from pymod_push.python_provider import PythonProviders
+from pymod_push.records import DatabaseUnavailable, OutboxEntry, Registration
+from pymod_push.store import Store
 
 log = logging.getLogger("pymod_push")
 
@@ -197,9 +198,9 @@ _NOTHING = PushedTo(0.0)  # of a session pushed nothing yet (never changed)
 
 
 @dataclass(slots=True)
-class HookWork:
+class LogicWork:
     """A notification waiting for the admin's async push logic: the port asks the logic
-    (PushService.hook_call, Logic.decide) and hands the answers to finish_hooks."""
+    (PushService.logic_call, Logic.decide) and hands the answers to finish_logic."""
 
     id: int
     target: SessionKey  # the event's session; resource "": any of the user's (offline)
@@ -208,15 +209,15 @@ class HookWork:
 
 # What handling an event gives: actions for ejabberd, deliveries for the providers, and
 # notifications that wait for the admin's async push logic.
-Result: TypeAlias = Action | Delivery | HookWork
+Result: TypeAlias = Action | Delivery | LogicWork
 
 
 @dataclass(slots=True)
-class HookCall:
-    work: HookWork
+class LogicCall:
+    work: LogicWork
     message: LogicMessage | None  # None: nothing to ask (a carbon of one's own message)
     registrations: list[Registration]
-    cases: list[HookCase]  # one per registration
+    cases: list[LogicCase]  # one per registration
     options: push_options.PushOptions | None
 
 
@@ -303,10 +304,10 @@ class PushService:
         self.app_server = AppServer(config, store, logic=self.logic,
                                     python_providers=PythonProviders(config.backends))
         # Notifications waiting for the admin's async push logic, per user, in order.
-        self._hook_queues: dict[UserKey, collections.deque[HookWork]] = {}
-        for work_id, target, stanza in store.hook_work(config.ejabberd_node):
-            self._hook_queues.setdefault(target[:2], collections.deque()).append(
-                HookWork(work_id, target, _stanza_from_json(stanza)))
+        self._logic_queues: dict[UserKey, collections.deque[LogicWork]] = {}
+        for work_id, target, stanza in store.logic_work(config.ejabberd_node):
+            self._logic_queues.setdefault(target[:2], collections.deque()).append(
+                LogicWork(work_id, target, _stanza_from_json(stanza)))
             self._ids = itertools.count(max(next(self._ids), work_id + 1))
         self._iq_limit = limits.account_rate_limiter(config.push_iq_rate)
         self._pacer = DomainPacer(config.publish_rate,  # publishes per remote domain
@@ -325,7 +326,7 @@ class PushService:
         self.logic = self.app_server.logic = logic
 
     # ------------------------------------------------------------------ dispatch
-    def handle(self, event: Event, now: float) -> Sequence[Action | Delivery | HookWork]:
+    def handle(self, event: Event, now: float) -> Sequence[Action | Delivery | LogicWork]:
         if type(event) is PublishReply:  # its actions are never publishes: nothing to pace
             return self._publish_reply(event, now)
         return self.own_publishes(self._pacer.pace(self._handle(event, now), now), now)
@@ -350,8 +351,8 @@ class PushService:
                     publish.ref, domain, publish.node, publish.fields, publish.publish_options,
                     publish.elements)
             except RequestError as error:
-                answered: list[Result] = [*self._publish_reply(error_reply(publish.ref, error),
-                                                               now)]
+                reply = publish_error_reply(publish.ref, error)
+                answered: list[Result] = [*self._publish_reply(reply, now)]
                 self.in_process += 1
                 return answered
         except DatabaseUnavailable:
@@ -369,7 +370,7 @@ class PushService:
             entry.due = now + OWN_RETRY_S
             heapq.heappush(self._retries, (entry.due, entry.id, entry))
 
-    def _handle(self, event: Event, now: float) -> Sequence[Action | Delivery | HookWork]:
+    def _handle(self, event: Event, now: float) -> Sequence[Action | Delivery | LogicWork]:
         match event:  # the two of every push first
             case StanzaToPending(session, stanza):
                 registrations, stored = self.store.for_session_with_options(session)
@@ -383,7 +384,7 @@ class PushService:
                 return self._notify(self.store.for_user(user), stanza, now,
                                     target=(*user, ""))
             case SessionPending(session, queued):
-                actions: list[Action | HookWork] = []
+                actions: list[Action | LogicWork] = []
                 registrations, stored = self.store.for_session_with_options(session)
                 if registrations:
                     log.info("push session %s@%s/%s is pending", *session)
@@ -507,11 +508,11 @@ class PushService:
     # ------------------------------------------------------------- notifying
     def _notify(self, registrations: list[Registration], original: Stanza, now: float,
                 options: push_options.PushOptions | None = None,
-                target: SessionKey | None = None) -> list[Action | HookWork]:
+                target: SessionKey | None = None) -> list[Action | LogicWork]:
         """Publish the stanza to each registration (all of one user) that it concerns;
         the user's options are read here unless the caller has them. With async push
-        logic, the decision waits for it instead (a HookWork for the port, see
-        hook_call); target is then what the event was for (resource "": any session)."""
+        logic, the decision waits for it instead (a LogicWork for the port, see
+        logic_call); target is then what the event was for (resource "": any session)."""
         stanza = unwrap_carbon(original, registrations[0].session[:2]) if registrations else None
         trigger = trigger_of(stanza, self.config) if stanza else None
         if stanza is None or (trigger is None and not self.logic.has("should_push")
@@ -525,7 +526,7 @@ class PushService:
         message = self._logic_view(stanza, trigger) if self.logic.module else None
         if options is None:  # read before anything changes (a read may fail: handled again)
             options = self.options_of(registrations[0].session[:2])
-        actions: list[Action | HookWork] = []
+        actions: list[Action | LogicWork] = []
         for registration in registrations:
             chosen = self._filtered(registration, stanza, trigger)
             if message is not None:
@@ -628,26 +629,26 @@ class PushService:
     # acknowledged with the waiting notification's row (hook_queue): a crash meanwhile
     # loses nothing, the next process finishes it.
     def _wait_for_logic(self, registrations: list[Registration], original: Stanza,
-                        mark: bytes, target: SessionKey) -> list[Action | HookWork]:
+                        mark: bytes, target: SessionKey) -> list[Action | LogicWork]:
         if all(pushed_mark(r.key, mark) in self._pushed.get(r.session, _NOTHING)
                for r in registrations):
             return []  # came back (offline, archived): pushed already
-        work = HookWork(next(self._ids), target, original)
-        self.store.add_hook_work(work.id, target, _stanza_json(original),
+        work = LogicWork(next(self._ids), target, original)
+        self.store.add_logic_work(work.id, target, _stanza_json(original),
                                  self.config.ejabberd_node)
-        queue = self._hook_queues.setdefault(target[:2], collections.deque())
+        queue = self._logic_queues.setdefault(target[:2], collections.deque())
         queue.append(work)
         return [work] if len(queue) == 1 else []  # else the user's worker runs already
 
-    def waiting_for_logic(self, user: UserKey) -> HookWork | None:
+    def waiting_for_logic(self, user: UserKey) -> LogicWork | None:
         """The user's next notification waiting for the admin's async functions."""
-        queue = self._hook_queues.get(user)
+        queue = self._logic_queues.get(user)
         return queue[0] if queue else None
 
     def users_waiting_for_logic(self) -> list[UserKey]:
-        return [user for user, queue in self._hook_queues.items() if queue]
+        return [user for user, queue in self._logic_queues.items() if queue]
 
-    def hook_call(self, work: HookWork) -> HookCall:
+    def logic_call(self, work: LogicWork) -> LogicCall:
         """What the admin's functions are asked about work (as it stands now)."""
         stanza = unwrap_carbon(work.stanza, work.target[:2])
         trigger = trigger_of(stanza, self.config) if stanza else None
@@ -666,11 +667,11 @@ class PushService:
                                     stanza) if stanza else []
             default = stanza is not None and self._filtered(registration, stanza,
                                                             trigger) is not None
-            cases.append(HookCase(_recipient(registration), default, fields))
+            cases.append(LogicCase(_recipient(registration), default, fields))
         message = self._logic_view(stanza, trigger) if stanza else None
-        return HookCall(work, message, registrations, cases, options)
+        return LogicCall(work, message, registrations, cases, options)
 
-    def finish_hooks(self, call: HookCall,
+    def finish_logic(self, call: LogicCall,
                      answers: Sequence[tuple[bool, list[tuple[str, str]] | None]],
                      now: float) -> list[Action | Delivery]:
         """The admin's answers for call (or the defaults): the publishes they make (those
@@ -678,10 +679,10 @@ class PushService:
         work = call.work
         current = {r.key: r for r in (self.store.for_session(work.target) if work.target[2]
                                       else self.store.for_user(work.target[:2]))}
-        queue = self._hook_queues.get(work.target[:2])  # after the read, which may fail
+        queue = self._logic_queues.get(work.target[:2])  # after the read, which may fail
         if queue and queue[0] is work:
             queue.popleft()
-        self.store.remove_hook_work(work.id)
+        self.store.remove_logic_work(work.id)
         stanza = unwrap_carbon(work.stanza, work.target[:2])
         if stanza is None or call.options is None:
             return []
@@ -700,7 +701,7 @@ class PushService:
         return self._own(self._pacer.pace(actions, now), now)
 
     def _own(self, actions: Sequence[Action], now: float) -> list[Action | Delivery]:
-        return [r for r in self.own_publishes(actions, now) if not isinstance(r, HookWork)]
+        return [r for r in self.own_publishes(actions, now) if not isinstance(r, LogicWork)]
 
     @staticmethod
     def _logic_view(stanza: Stanza, trigger: Trigger | None) -> LogicMessage:
@@ -750,7 +751,7 @@ class PushService:
         outcome = classify_reply(reply.outcome, reply.error_type, reply.condition)
         if publish is None:
             recovered = self._recovered.pop(reply.ref // REFS_PER_ENTRY, None)
-            if recovered is not None and outcome is Outcome.DELIVERED:
+            if recovered is not None and outcome is PublishOutcome.DELIVERED:
                 # Delivered before the crash, answered after it: not to be sent again.
                 self.store.remove_outbox(recovered.id)
                 self._answered_late.add(recovered.id)
@@ -758,10 +759,10 @@ class PushService:
             return []
         # Read before anything changes: a read may fail (database away), and the reply is
         # then handled again.
-        registration = None if outcome is Outcome.DELIVERED else self.store.get(
+        registration = None if outcome is PublishOutcome.DELIVERED else self.store.get(
             publish.registration)
         del self._in_flight[reply.ref]
-        if outcome is Outcome.DELIVERED:  # the common case: two writes, nothing to read
+        if outcome is PublishOutcome.DELIVERED:  # the common case: two writes, nothing to read
             self.store.remove_outbox(publish.id)
             if publish.registration in self._erring:
                 self._erring.discard(publish.registration)
@@ -776,7 +777,7 @@ class PushService:
         why = f"{reply.error_type} {reply.condition}" if reply.outcome == "error" else "no answer"
         limit = self.config.max_publish_errors
         counted_at: float | None
-        if outcome is Outcome.GONE:  # the app server has no such node (any more)
+        if outcome is PublishOutcome.GONE:  # the app server has no such node (any more)
             errors, counted_at = limit, now
         else:
             errors, counted_at = count_error(outcome, registration.errors,
@@ -796,7 +797,7 @@ class PushService:
         if errors != registration.errors:
             self.store.set_errors(registration.key, errors, counted_at)
             self._erring.add(registration.key)
-            if outcome is Outcome.NOT_AN_APP_SERVER:
+            if outcome is PublishOutcome.NOT_AN_APP_SERVER:
                 log.warning("push to %s failed (%s: no app server there?): error %d of %d",
                             where, why, errors, limit)
             else:

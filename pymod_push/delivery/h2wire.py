@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 import hpack
 
-from ..core.limits import ascii_number
-from .hpack_cache import Encoder, decode_plain
+from pymod_push.core.limits import ascii_number
+from pymod_push.delivery.hpack_cache import Encoder, decode_plain
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, \
@@ -52,7 +52,7 @@ def _frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes
         + stream_id.to_bytes(4, "big") + payload
 
 
-class ProtocolError(Exception):
+class FramingError(Exception):
     """The server broke HTTP/2: the connection is over (a GOAWAY is queued)."""
 
 
@@ -173,7 +173,7 @@ class H2Client:
     # -- receiving
     def receive(self, data: bytes) -> list[Event]:
         """What the server's bytes mean (new SETTINGS may also free streams: see
-        can_open). Raises ProtocolError: the connection is over (see close)."""
+        can_open). Raises FramingError: the connection is over (see close)."""
         buffer = self._buffer
         buffer += data
         events: list[Event] = []
@@ -200,10 +200,10 @@ class H2Client:
         self.streams.clear()
         self._blocked.clear()
 
-    def _error(self, code: int, why: str) -> ProtocolError:
+    def _error(self, code: int, why: str) -> FramingError:
         self.closed = True  # no stream of the server's was processed: push is disabled
         self._out.append(_frame(GOAWAY, 0, 0, struct.pack(">II", 0, code)))
-        return ProtocolError(why)
+        return FramingError(why)
 
     def _frame_received(self, kind: int, flags: int, stream_id: int, payload: bytes,
                         events: list[Event]) -> None:

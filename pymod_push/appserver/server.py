@@ -13,17 +13,19 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .core import appserver as app
-from .core import limits, safexml
-from .core.config import Backend, Config
-from .core.ratelimit import RateLimiter
-from .core.xep0357 import NS_PUBSUB, FormFields, RequestError
-from .logic import Device as LogicDevice
-from .logic import Logic
-from .protocol import PublishReply, Route
-from .providers import Outcome
-from .python_provider import PythonProviders
-from .store import Device, QueuedPush, Store
+from pymod_push.appserver import requests as app
+from pymod_push.core import limits, safexml
+from pymod_push.core.config import Backend, Config
+from pymod_push.core.ratelimit import RateLimiter
+from pymod_push.core.xep0357 import NS_PUBSUB
+from pymod_push.core.xmpp import RequestError
+from pymod_push.logic import Device as LogicDevice
+from pymod_push.logic import Logic
+from pymod_push.protocol import FormFields, PublishReply, Route
+from pymod_push.providers import DeliveryOutcome
+from pymod_push.python_provider import PythonProviders
+from pymod_push.records import QueuedPush, RegisteredDevice
+from pymod_push.store import Store
 
 log = logging.getLogger("pymod_push")
 
@@ -47,7 +49,7 @@ class Delivery:
     """
 
     backend: Backend
-    device: Device
+    device: RegisteredDevice
     summary: dict[str, str]
     # The publish IQ to answer; None: taken in-process (ref) or sent again after a restart
     # (the publish was answered).
@@ -62,25 +64,25 @@ class Delivery:
 
 # The answer to a publish from the provider's first answer: (error type, condition, text),
 # or None for a result (delivered, or queued for another attempt).
-_ANSWERS: dict[Outcome, tuple[str, str, str]] = {
-    Outcome.UNREGISTERED: ("cancel", "item-not-found",
+_ANSWERS: dict[DeliveryOutcome, tuple[str, str, str]] = {
+    DeliveryOutcome.UNREGISTERED: ("cancel", "item-not-found",
                            "the push provider no longer knows this device"),
-    Outcome.FAILED: ("wait", "internal-server-error",
+    DeliveryOutcome.FAILED: ("wait", "internal-server-error",
                      "the push provider refused the notification"),
 }
 
 
-def publish_answer(delivery: Delivery, outcome: Outcome, reason: str = "") -> str:
+def publish_answer(delivery: Delivery, outcome: DeliveryOutcome, reason: str = "") -> str:
     """The answer to the publish IQ, from the provider's first answer."""
     iq = delivery.publish
     assert iq is not None
     error = _ANSWERS.get(outcome)
     if error is not None:
-        return app.error_reply(iq, *error)
+        return app.error_iq(iq, *error)
     return app.result_reply(iq)
 
 
-def publish_reply(ref: int, outcome: Outcome) -> PublishReply:
+def publish_reply(ref: int, outcome: DeliveryOutcome) -> PublishReply:
     """The same answer, as the publisher hears it (an ``iq_reply`` event), for a publish
     taken in-process."""
     error = _ANSWERS.get(outcome)
@@ -89,7 +91,7 @@ def publish_reply(ref: int, outcome: Outcome) -> PublishReply:
     return PublishReply(ref, "result")
 
 
-def error_reply(ref: int, error: RequestError) -> PublishReply:
+def publish_error_reply(ref: int, error: RequestError) -> PublishReply:
     """A refused publish taken in-process, as the publisher hears the IQ path's error."""
     return PublishReply(ref, "error", error.error_type, error.condition)
 
@@ -127,10 +129,10 @@ class AppServer:
             if head.type not in ("get", "set"):
                 return []
             if len(xml) > safexml.MAX_XML_BYTES:
-                return [Route(app.error_reply(head, "modify", "not-acceptable",
+                return [Route(app.error_iq(head, "modify", "not-acceptable",
                                               f"the IQ is larger than {safexml.MAX_XML_BYTES} "
                                               "bytes"))]
-            return [Route(app.error_reply(head, "modify", "bad-request",
+            return [Route(app.error_iq(head, "modify", "bad-request",
                                           "the IQ is not plain XML"))]
         if iq.type not in ("get", "set"):
             return []  # results and errors need no answer
@@ -140,7 +142,7 @@ class AppServer:
         try:
             return self._dispatch(iq, allowed, domain, pubsub, register)
         except RequestError as error:
-            return [Route(app.error_reply(iq, error.error_type, error.condition, error.text))]
+            return [Route(app.error_iq(iq, error.error_type, error.condition, error.text))]
 
     def _dispatch(self, iq: app.Iq, allowed: bool, domain: str, pubsub: list[Backend],
                   register: list[Backend]) -> list[Route | Delivery]:
@@ -205,7 +207,7 @@ class AppServer:
         if not again:  # registering a device again replaces it: that does not count
             limits.check_count(self.store.device_count(user), self.config.max_devices,
                                "devices at this app server", "max_devices")
-        device = Device(app.new_node(), app.new_secret(), user, request.device_id,
+        device = RegisteredDevice(app.new_node(), app.new_secret(), user, request.device_id,
                         request.device_name, backend.group, backend.app_name,
                         backend.pubsub_host, request.token, request.application_id,
                         request.p256dh, request.auth, request.voip_token, extra)
@@ -234,7 +236,7 @@ class AppServer:
         return Delivery(backend, device, summary, None, ref)
 
     def _accept(self, request: app.PublishRequest, domain: str
-                ) -> tuple[Backend, Device, dict[str, str]]:
+                ) -> tuple[Backend, RegisteredDevice, dict[str, str]]:
         device = self.store.device(request.node)
         if device is None or device.pubsub_host != domain:
             raise RequestError("item-not-found", "no such node", "cancel")
@@ -262,7 +264,7 @@ class AppServer:
                             device.device_name), summary)
         return backend, device, summary
 
-    def _backend_of(self, device: Device) -> Backend | None:
+    def _backend_of(self, device: RegisteredDevice) -> Backend | None:
         return self._backends.get((device.provider, device.app_name, device.pubsub_host))
 
     def queued_deliveries(self) -> list[tuple[QueuedPush, Delivery]]:

@@ -11,12 +11,14 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from . import admin, logic, metrics
-from .core.config import Config
-from .protocol import Hello, PublishReply
-from .providers.dispatch import Dispatcher
-from .service import DEFAULT_MAX_ACK_QUEUE, PushService
-from .store import DatabaseUnavailable, Store, open_store
+from pymod_push import logic, metrics
+from pymod_push.core.config import Config
+from pymod_push.delivery.dispatcher import Dispatcher
+from pymod_push.port import admin_commands as admin
+from pymod_push.protocol import Hello, PublishReply
+from pymod_push.records import DatabaseUnavailable
+from pymod_push.service.decisions import DEFAULT_MAX_ACK_QUEUE, PushService
+from pymod_push.store import Store, open_store
 
 log = logging.getLogger("pymod_push")
 

@@ -15,19 +15,20 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from xml.sax.saxutils import escape, quoteattr
 
-from . import destination, safexml
-from .config import Backend, IpNetwork
-from .limits import cut_utf8
-from .xep0357 import (
+from pymod_push.core import destination, safexml
+from pymod_push.core.config import Backend, IpNetwork
+from pymod_push.core.ios_extensions import ENCRYPTED_FIELD, IV_FIELD
+from pymod_push.core.limits import cut_utf8
+from pymod_push.core.xep0357 import (
     MAX_FORM_FIELDS,
     NS_DATA,
     NS_PUBSUB,
     NS_PUSH,
-    FormFields,
-    RequestError,
     field_xml,
     parse_form,
 )
+from pymod_push.core.xmpp import RequestError
+from pymod_push.protocol import FormFields
 
 NS_COMMANDS = "http://jabber.org/protocol/commands"
 NS_DISCO_INFO = "http://jabber.org/protocol/disco#info"
@@ -47,8 +48,6 @@ MAX_FIELD = 4096
 # a call's (type='voip') is urgent. A blob is never cut (it would not decrypt): a larger
 # one than this is left out, and the providers leave it out when it does not fit.
 NS_TIGASE_ENCRYPT = "tigase:push:encrypt:0"
-ENCRYPTED_FIELD = "encrypted"
-IV_FIELD = "iv"
 MAX_ENCRYPTED = 16 * 1024
 
 
@@ -113,7 +112,7 @@ def parse_iq_head(xml: bytes) -> Iq | None:
               element.get("to", ""), None)
 
 
-def error_reply(iq: Iq, error_type: str, condition: str, text: str = "") -> str:
+def error_iq(iq: Iq, error_type: str, condition: str, text: str = "") -> str:
     text_xml = (f"<text xmlns='{NS_STANZAS}'>{escape(text)}</text>" if text else "")
     return (f"<iq type='error' id={quoteattr(iq.id)} from={quoteattr(iq.to)} "
             f"to={quoteattr(iq.sender)}><error type={quoteattr(error_type)}>"

@@ -39,8 +39,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from .core.limits import ascii_number
-from .store import DatabaseUnavailable
+from pymod_push.core.limits import ascii_number
+from pymod_push.records import DatabaseUnavailable
 
 log = logging.getLogger("pymod_push")
 T = TypeVar("T")

@@ -1,4 +1,4 @@
-"""Notifications that wait for the admin's async push logic (PushService.hook_call): one
+"""Notifications that wait for the admin's async push logic (PushService.logic_call): one
 task per user asks the logic for that user's queued notifications one after the other, so
 that they stay in order while other users' never wait for them."""
 
@@ -8,18 +8,18 @@ import asyncio
 import time
 from collections.abc import Callable, Sequence
 
-from .appservice import Delivery
-from .protocol import Action, UserKey
-from .service import HookWork, PushService
-from .store import DatabaseUnavailable
+from pymod_push.appserver.server import Delivery
+from pymod_push.protocol import Action, UserKey
+from pymod_push.records import DatabaseUnavailable
+from pymod_push.service.decisions import LogicWork, PushService
 
 # While the database is away, a worker looks again this often.
 AWAY_RETRY_S = 2.0
 
-Results = Sequence[Action | Delivery | HookWork]
+Results = Sequence[Action | Delivery | LogicWork]
 
 
-class HookWorkers:
+class LogicWorkers:
     def __init__(self, service: PushService, done: Callable[[Results], None],
                  database_away: Callable[[], bool],
                  on_fatal: Callable[[BaseException], None]) -> None:
@@ -47,7 +47,7 @@ class HookWorkers:
                     await asyncio.sleep(AWAY_RETRY_S)
                     continue
                 try:
-                    call = service.hook_call(work)
+                    call = service.logic_call(work)
                 except DatabaseUnavailable:
                     await asyncio.sleep(AWAY_RETRY_S)
                     continue
@@ -57,7 +57,7 @@ class HookWorkers:
                     answers = [(False, None)] * len(call.cases)
                 mark = service.store.write_mark()
                 try:
-                    results = service.finish_hooks(call, answers, time.time())
+                    results = service.finish_logic(call, answers, time.time())
                 except DatabaseUnavailable:
                     service.store.undo_to(mark)
                     await asyncio.sleep(AWAY_RETRY_S)  # asked again (the same answers, mostly)

@@ -14,14 +14,14 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from . import __version__, logic
-from .core import ios_extensions
-from .core.limits import ascii_number
-from .protocol import Action, AdminCommand, CommandResult
-from .providers.dispatch import GIVE_UP_S, MAX_WAITING_PER_DEVICE
-from .python_provider import ProviderError
-from .service import PushService
-from .store import Registration
+from pymod_push import __version__, logic
+from pymod_push.core import ios_extensions
+from pymod_push.core.limits import ascii_number
+from pymod_push.delivery.dispatcher import GIVE_UP_S, MAX_WAITING_PER_DEVICE
+from pymod_push.protocol import Action, AdminCommand, CommandResult
+from pymod_push.python_provider import ProviderError
+from pymod_push.records import Registration
+from pymod_push.service.decisions import PushService
 
 log = logging.getLogger("pymod_push")
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
-from .config import Config
-from .xep0357 import FORM_PUSH_OPTIONS, NS_DATA, Form, RequestError, field_xml
+from pymod_push.core.config import Config
+from pymod_push.core.xep0357 import FORM_PUSH_OPTIONS, NS_DATA, Form, field_xml
+from pymod_push.core.xmpp import RequestError
 
 FIELD_NAMES = {"include-senders": "senders", "include-message-count": "message_count",
                "include-subscription-count": "subscription_count",

@@ -47,7 +47,8 @@ from pymod_push.protocol import (
 )
 from pymod_push.providers import DeliveryOutcome
 from pymod_push.records import DatabaseUnavailable
-from pymod_push.service.decisions import OWN_RETRY_S, PushService
+from pymod_push.service.decisions import PushService
+from pymod_push.service.ledger import OWN_RETRY_S
 from pymod_push.store import Store
 from tests.fake_providers import LoopbackCA
 
@@ -179,7 +180,7 @@ def state(service: PushService, results: Sequence[Action | Delivery]) -> dict[st
         "registrations": [(r.node, r.errors, r.last_error_at) for r in registration],
         "outbox": sorted((e.attempt, e.due, tuple(e.summary))
                          for e in service.store.outbox(service.config.ejabberd_node)),
-        "retries": sorted((due, e.attempt) for due, _, e in service._retries),
+        "retries": sorted((due, e.attempt) for due, _, e in service.ledger._retries),
     }
 
 

@@ -37,10 +37,9 @@ from pymod_push.records import Registration
 from pymod_push.service.decisions import (
     DEFAULT_MAX_ACK_QUEUE,
     PUSHED_RETENTION_MARGIN_S,
-    SCANNED_MARKS,
-    PushedTo,
     PushService,
 )
+from pymod_push.service.pushed import SCANNED_MARKS, PushedTo
 from pymod_push.store import Store
 from pymod_push.store.schema import MIGRATIONS
 from tests.service_stores import database, make_service  # noqa: F401 - a fixture

@@ -8,18 +8,13 @@ store and writes the returned actions back to ejabberd.
 from __future__ import annotations
 
 import collections
-import heapq
-import itertools
 import json
 import logging
 import os
-import struct
 import time
-from array import array
-from bisect import bisect_left
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TypeAlias
 
 from pymod_push.appserver.server import AppServer, Delivery, publish_error_reply
@@ -28,10 +23,7 @@ from pymod_push.core import user_options as push_options
 from pymod_push.core.config import Config
 from pymod_push.core.notify import (
     Counts,
-    PublishOutcome,
     Trigger,
-    classify_reply,
-    count_error,
     extension_event,
     fingerprint,
     groupchat_candidate,
@@ -47,8 +39,6 @@ from pymod_push.core.xep0357 import (
     Disable,
     Enable,
     parse_push_request,
-    publish_options_form,
-    summary_form,
 )
 from pymod_push.core.xmpp import RequestError
 from pymod_push.logic import Logic, LogicCase
@@ -77,12 +67,13 @@ from pymod_push.protocol import (
     UserRemoved,
 )
 from pymod_push.python_provider import PythonProviders
-from pymod_push.records import DatabaseUnavailable, OutboxEntry, Registration
+from pymod_push.records import DatabaseUnavailable, Registration
+from pymod_push.service.ledger import Ledger
+from pymod_push.service.pushed import NOTHING, PushedTo
 from pymod_push.store import Store
 
 log = logging.getLogger("pymod_push")
 
-RegistrationKey = tuple[str, str, str, str]
 # A message pushed to a pending session comes back (offline, archived) when the session
 # ends: at the latest when its resume timeout runs out, counted from when it went pending
 # (before its first push), its unacknowledged messages re-routed at once. Its marks are
@@ -93,108 +84,6 @@ PUSHED_RETENTION_MARGIN_S = 600
 # no more pushed messages of it can come back.
 DEFAULT_MAX_ACK_QUEUE = 5000
 PURGE_INTERVAL_S = 600
-# Publish refs are derived from the outbox entry (ref // REFS_PER_ENTRY is its id), so that
-# an answer to a publish of an earlier process, replayed by the shim after a crash, is
-# recognized and the notification not sent again.
-REFS_PER_ENTRY = 64
-# A publish to this process's own app server that could not be taken (the database did
-# not answer its device read) goes again this much later.
-OWN_RETRY_S = 1.0
-
-
-# Up to this many marks a session's are scanned (fastest for few), beyond found by bisection.
-SCANNED_MARKS = 256
-_PACKED = struct.Struct("q")  # a mark as scanned: native, as array("q") holds it
-
-
-@dataclass(slots=True)
-class PushedTo:
-    """The marks (pushed_mark) of what a session was pushed since it went pending, at most
-    keep of them, the oldest forgotten first. Up to SCANNED_MARKS, packed (8 bytes a mark)
-    and scanned; beyond, 12 bytes a mark, found by bisection (a scan took 15 us a push at
-    5,000 marks; a set of ints costs about 100 bytes a mark)."""
-
-    # when it went pending (else its first push): the session ends within its resume
-    # timeout of that, and what it held is re-routed then
-    since: float
-    # the marks packed, oldest first, while scanned (None once beyond SCANNED_MARKS)
-    scanned: bytearray | None = field(default_factory=bytearray)
-    # then the marks in the order pushed; once full, a ring whose oldest is at oldest
-    ring: array[int] = field(default_factory=lambda: array("q"))
-    oldest: int = 0
-    # and the positions in ring, ordered by the mark there
-    by_mark: array[int] = field(default_factory=lambda: array("i"))
-
-    def __len__(self) -> int:
-        scanned = self.scanned
-        return len(self.ring) if scanned is None else len(scanned) // _PACKED.size
-
-    def __contains__(self, mark: int) -> bool:
-        if self.scanned is not None:
-            return _scan(self.scanned, _PACKED.pack(mark))
-        ring, by_mark = self.ring, self.by_mark
-        at = bisect_left(by_mark, mark, key=ring.__getitem__)
-        return at < len(by_mark) and ring[by_mark[at]] == mark
-
-    def remember(self, mark: int, keep: int) -> bool:
-        """Remember mark (False if it is already), forgetting the oldest beyond keep
-        (at least 1)."""
-        scanned = self.scanned
-        if scanned is not None:
-            packed = _PACKED.pack(mark)
-            if _scan(scanned, packed):
-                return False
-            scanned += packed
-            if len(scanned) > keep * _PACKED.size:
-                del scanned[:len(scanned) - keep * _PACKED.size]
-            elif len(scanned) > SCANNED_MARKS * _PACKED.size:
-                self._index()
-            return True
-        ring, by_mark = self.ring, self.by_mark
-        at = bisect_left(by_mark, mark, key=ring.__getitem__)
-        if at < len(by_mark) and ring[by_mark[at]] == mark:
-            return False
-        if len(ring) != keep and (self.oldest or len(ring) > keep):  # keep changed
-            ring, by_mark = self._keep_newest(min(len(ring), keep))
-            at = bisect_left(by_mark, mark, key=ring.__getitem__)
-        if len(ring) < keep:
-            by_mark.insert(at, len(ring))
-            ring.append(mark)
-            return True
-        # full: mark takes the oldest's place (at counted the oldest's mark among those)
-        oldest = self.oldest
-        gone = bisect_left(by_mark, ring[oldest], key=ring.__getitem__)
-        del by_mark[gone]
-        by_mark.insert(at - 1 if gone < at else at, oldest)
-        ring[oldest] = mark
-        self.oldest = oldest + 1 if oldest + 1 < keep else 0
-        return True
-
-    def _index(self) -> None:
-        """From scanned marks to the ring and its order by mark."""
-        assert self.scanned is not None
-        self.ring.frombytes(self.scanned)
-        self.scanned = None
-        self._keep_newest(len(self.ring))
-
-    def _keep_newest(self, count: int) -> tuple[array[int], array[int]]:
-        """Only the newest count marks, oldest first from position 0 (rare: when the
-        bound changes with the session's registrations)."""
-        marks = self.ring[self.oldest:] + self.ring[:self.oldest]
-        self.ring = ring = marks[len(marks) - count:]
-        self.oldest = 0
-        self.by_mark = array("i", sorted(range(count), key=ring.__getitem__))
-        return ring, self.by_mark
-
-
-def _scan(marks: bytearray, mark: bytes) -> bool:
-    at = marks.find(mark)
-    while at > 0 and at % _PACKED.size:  # found astride two marks: not this one
-        at = marks.find(mark, at + 1)
-    return at >= 0
-
-
-_NOTHING = PushedTo(0.0)  # of a session pushed nothing yet (never changed)
 
 
 @dataclass(slots=True)
@@ -261,28 +150,8 @@ class PushService:
         """max_ack_queue: ejabberd's (mod_stream_mgmt), which the hello tells."""
         self.config = config
         self.store = store
-        # Outbox ids and publish refs: unique across restarts, so that a late answer to a
-        # publish of an earlier process is not taken for one of ours.
-        outbox = store.outbox(config.ejabberd_node)
-        for entry in outbox:  # the earlier process's attempt: the next one is another IQ
-            entry.attempt += 1
-        first_id = max([time.time_ns() // 1000, *(e.id + 1 for e in outbox)])
-        self._ids = itertools.count(first_id)
-        self._in_flight: dict[int, OutboxEntry] = {}
-        # Registrations with publish errors counted: a success resets their count.
-        self._erring: set[RegistrationKey] = set()
-        # Due publishes: new ones, retries, and what an earlier process left unanswered.
-        self._retries: list[tuple[float, int, OutboxEntry]] = [(e.due, e.id, e) for e in outbox]
-        heapq.heapify(self._retries)
-        # Those left unanswered by an earlier process, until sent again or answered (their
-        # answer may come late, replayed by the shim: then they are not sent again).
-        self._recovered: dict[int, OutboxEntry] = {e.id: e for e in outbox}
-        self._answered_late: set[int] = set()
-        if outbox:
-            log.info("%d notification(s) not answered before the restart will be sent again",
-                     len(outbox))
-        # Publishes to app servers by outcome, for ejabberdctl push_status.
-        self.counters: Counter[str] = Counter()
+        self.ledger = Ledger(config, store)
+        self.counters = self.ledger.counters  # publishes by outcome (push_status)
         self._next_scheduled_wake = store.next_wake(config.ejabberd_node)
         # What was pushed to each session since it went pending: a message that comes back
         # (offline, archived, re-routed to another session) is not pushed again. Logged in
@@ -308,7 +177,7 @@ class PushService:
         for work_id, target, stanza in store.logic_work(config.ejabberd_node):
             self._logic_queues.setdefault(target[:2], collections.deque()).append(
                 LogicWork(work_id, target, _stanza_from_json(stanza)))
-            self._ids = itertools.count(max(next(self._ids), work_id + 1))
+            self.ledger.ids_after(work_id)
         self._iq_limit = limits.account_rate_limiter(config.push_iq_rate)
         self._pacer = DomainPacer(config.publish_rate,  # publishes per remote domain
                                   (config.host, *(b.pubsub_host for b in config.backends)))
@@ -328,7 +197,7 @@ class PushService:
     # ------------------------------------------------------------------ dispatch
     def handle(self, event: Event, now: float) -> Sequence[Action | Delivery | LogicWork]:
         if type(event) is PublishReply:  # its actions are never publishes: nothing to pace
-            return self._publish_reply(event, now)
+            return self.ledger.answer(event, now)
         return self.own_publishes(self._pacer.pace(self._handle(event, now), now), now)
 
     def own_publishes(self, actions: Sequence[Result], now: float) -> list[Result]:
@@ -352,23 +221,17 @@ class PushService:
                     publish.elements)
             except RequestError as error:
                 reply = publish_error_reply(publish.ref, error)
-                answered: list[Result] = [*self._publish_reply(reply, now)]
+                answered: list[Result] = [*self.ledger.answer(reply, now)]
                 self.in_process += 1
                 return answered
         except DatabaseUnavailable:
             # Not taken: what the event changed stays, and this publish goes again (a
             # retry, not counted) once the database answers; its outbox entry is committed
             # with the event.
-            self._retry_soon(publish.ref, now)
+            self.ledger.retry_soon(publish.ref, now)
             return []
         self.in_process += 1
         return [delivery]
-
-    def _retry_soon(self, ref: int, now: float) -> None:
-        entry = self._in_flight.pop(ref, None)
-        if entry is not None:
-            entry.due = now + OWN_RETRY_S
-            heapq.heappush(self._retries, (entry.due, entry.id, entry))
 
     def _handle(self, event: Event, now: float) -> Sequence[Action | Delivery | LogicWork]:
         match event:  # the two of every push first
@@ -377,7 +240,7 @@ class PushService:
                 return self._notify(registrations, stanza, now, self._within_limits(stored),
                                     session)
             case PublishReply():
-                return self._publish_reply(event, now)
+                return self.ledger.answer(event, now)
             case AppServerIq(allowed, xml):
                 return self.app_server.handle(allowed, xml)
             case Offline(user, stanza):
@@ -621,7 +484,7 @@ class PushService:
                 summary = self.logic.summary(message, _recipient(registration), summary)
         if registration.extensions:
             summary = self._extended(registration, summary, stanza, chosen, counts)
-        return self._publish(registration, summary, now)
+        return self.ledger.publish(registration, summary, now)
 
     # ------------------------------------------------------- async push logic
     # Each user's notifications wait for the admin's async functions one after the
@@ -630,10 +493,10 @@ class PushService:
     # loses nothing, the next process finishes it.
     def _wait_for_logic(self, registrations: list[Registration], original: Stanza,
                         mark: bytes, target: SessionKey) -> list[Action | LogicWork]:
-        if all(pushed_mark(r.key, mark) in self._pushed.get(r.session, _NOTHING)
+        if all(pushed_mark(r.key, mark) in self._pushed.get(r.session, NOTHING)
                for r in registrations):
             return []  # came back (offline, archived): pushed already
-        work = LogicWork(next(self._ids), target, original)
+        work = LogicWork(self.ledger.new_id(), target, original)
         self.store.add_logic_work(work.id, target, _stanza_json(original),
                                  self.config.ejabberd_node)
         queue = self._logic_queues.setdefault(target[:2], collections.deque())
@@ -709,34 +572,6 @@ class PushService:
                             is_encrypted(stanza), trigger is Trigger.CALL,
                             stanza.xml.decode("utf-8", "replace"))
 
-    def _publish(self, registration: Registration, summary: list[tuple[str, str]],
-                 now: float) -> Publish:
-        """A new notification: in the outbox (committed with this batch) until answered."""
-        summary = limits.bound_summary(summary, self.config.max_body_length)
-        entry = OutboxEntry(next(self._ids), registration.key, summary, 0, now)
-        self.store.add_outbox(entry, self.config.ejabberd_node)
-        self.counters["published"] += 1
-        if self.config.log_sensitive:  # the admin asked for it (option log_sensitive)
-            log.debug("publishing to %s node %s: %s", registration.push_jid, registration.node,
-                      summary)
-        return self._send(entry, registration)
-
-    def _send(self, entry: OutboxEntry, registration: Registration) -> Publish:
-        # One ref per attempt (each is its own IQ), derived from the entry's id.
-        ref = entry.id * REFS_PER_ENTRY + min(entry.attempt, REFS_PER_ENTRY - 1)
-        self._in_flight[ref] = entry
-        self._recovered.pop(entry.id, None)
-        if registration.errors:
-            self._erring.add(registration.key)
-        options = registration.publish_form
-        if options is None and registration.publish_options:  # the registration's first
-            options = registration.publish_form = publish_options_form(
-                registration.publish_options)
-        fields, elements = ios_extensions.split(entry.summary)
-        return Publish(ref, registration.push_jid, registration.node,
-                       summary_form(fields) if fields or not elements else (),
-                       options, self.config.publish_timeout_ms, tuple(elements))
-
     def _reset(self, session: SessionKey) -> bool:
         """Counts start again when the client is back; True if the session has push."""
         registrations = self.store.for_session(session)
@@ -744,80 +579,6 @@ class PushService:
             self.store.reset_counts(session)
         self._pushed.pop(session, None)  # its log rows are no longer read (pending_since)
         return bool(registrations)
-
-    # --------------------------------------------------------- app server replies
-    def _publish_reply(self, reply: PublishReply, now: float) -> list[Action]:
-        publish = self._in_flight.get(reply.ref)
-        outcome = classify_reply(reply.outcome, reply.error_type, reply.condition)
-        if publish is None:
-            recovered = self._recovered.pop(reply.ref // REFS_PER_ENTRY, None)
-            if recovered is not None and outcome is PublishOutcome.DELIVERED:
-                # Delivered before the crash, answered after it: not to be sent again.
-                self.store.remove_outbox(recovered.id)
-                self._answered_late.add(recovered.id)
-                self.counters[outcome.value] += 1
-            return []
-        # Read before anything changes: a read may fail (database away), and the reply is
-        # then handled again.
-        registration = None if outcome is PublishOutcome.DELIVERED else self.store.get(
-            publish.registration)
-        del self._in_flight[reply.ref]
-        if outcome is PublishOutcome.DELIVERED:  # the common case: two writes, nothing to read
-            self.store.remove_outbox(publish.id)
-            if publish.registration in self._erring:
-                self._erring.discard(publish.registration)
-                self.store.clear_errors(publish.registration)
-            self.counters[outcome.value] += 1
-            return []
-        if registration is None:  # disabled meanwhile
-            self.store.remove_outbox(publish.id)
-            return []
-        self.counters[outcome.value] += 1
-        where = f"{registration.user}/{registration.resource} at {registration.push_jid}"
-        why = f"{reply.error_type} {reply.condition}" if reply.outcome == "error" else "no answer"
-        limit = self.config.max_publish_errors
-        counted_at: float | None
-        if outcome is PublishOutcome.GONE:  # the app server has no such node (any more)
-            errors, counted_at = limit, now
-        else:
-            errors, counted_at = count_error(outcome, registration.errors,
-                                             registration.last_error_at, now,
-                                             self.config.publish_error_window_ms / 1000)
-        if errors >= limit:
-            self.store.remove_outbox(publish.id)
-            for _, _, waiting in self._retries:  # its retries: gone with it (tick skips them)
-                if waiting.registration == registration.key:
-                    self.store.remove_outbox(waiting.id)
-            self.store.delete(registration.key)
-            self._erring.discard(registration.key)
-            log.warning("push disabled for %s after %d error(s) from the app server (last: %s)",
-                        where, errors, why)
-            return [] if self.store.for_session(registration.session) else [
-                SetPush(registration.session, None)]
-        if errors != registration.errors:
-            self.store.set_errors(registration.key, errors, counted_at)
-            self._erring.add(registration.key)
-            if outcome is PublishOutcome.NOT_AN_APP_SERVER:
-                log.warning("push to %s failed (%s: no app server there?): error %d of %d",
-                            where, why, errors, limit)
-            else:
-                log.warning("push to %s failed (%s): error %d of %d (more within %d s count "
-                            "once)", where, why, errors, limit,
-                            self.config.publish_error_window_ms // 1000)
-        delays = self.config.retry_delays_ms
-        if publish.attempt < len(delays):
-            publish.due = now + delays[publish.attempt] / 1000
-            publish.attempt += 1
-            self.store.update_outbox(publish)
-            heapq.heappush(self._retries, (publish.due, publish.id, publish))
-            log.debug("push to %s not delivered (%s); retry %d in %d ms", where, why,
-                      publish.attempt, delays[publish.attempt - 1])
-        else:
-            self.store.remove_outbox(publish.id)
-            self.counters["given_up"] += 1
-            log.warning("push to %s not delivered after %d attempts (%s); giving up", where,
-                        publish.attempt + 1, why)
-        return []
 
     # ------------------------------------------------------------------ wakes
     def _schedule_wake(self, session: SessionKey, now: float) -> None:
@@ -854,7 +615,7 @@ class PushService:
         fields = wake_fields(options, counts)
         if _extensions(registration).priority:
             fields += ios_extensions.element_pairs([ios_extensions.priority_element(False)])
-        return self._publish(registration, fields, now)
+        return self.ledger.publish(registration, fields, now)
 
     # ------------------------------------------------------------------ timers
     def _pushed_id(self, now: float) -> int:
@@ -872,24 +633,14 @@ class PushService:
         return self.store.purge_pushed(int(cutoff * 1_000_000))
 
     def next_deadline(self) -> float | None:
-        deadlines = [d for d in (self._retries[0][0] if self._retries else None,
+        deadlines = [d for d in (self.ledger.next_due(),
                                  self._next_scheduled_wake, self._pacer.next_deadline())
                      if d is not None]
         return min(deadlines, default=None)
 
     def tick(self, now: float) -> list[Action | Delivery]:
         """Send the retries and wakes that are due, and what the pacer held back."""
-        actions: list[Action] = []
-        while self._retries and self._retries[0][0] <= now:
-            registration = self.store.get(self._retries[0][2].registration)  # may fail
-            _, _, publish = heapq.heappop(self._retries)
-            if publish.id in self._answered_late:
-                self._answered_late.discard(publish.id)
-                continue
-            if registration is None:
-                self.store.remove_outbox(publish.id)
-            else:
-                actions.append(self._send(publish, registration))
+        actions: list[Action] = self.ledger.due(now)
         if self._next_scheduled_wake is not None and self._next_scheduled_wake <= now:
             rate = self.config.wake_rate  # at most this many a second
             due = self.store.due_wakes(self.config.ejabberd_node, now, rate)

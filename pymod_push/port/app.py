@@ -21,11 +21,11 @@ from typing import Any, BinaryIO
 from pymod_push import __version__, etf, metrics
 from pymod_push.appserver.server import Delivery
 from pymod_push.port import admin_commands as admin
+from pymod_push.port.commit import CommitPipeline, Item
 from pymod_push.port.logic_workers import LogicWorkers
 from pymod_push.port.runtime import Runtime, start
 from pymod_push.protocol import (
     PROTOCOL_VERSION,
-    Ack,
     Action,
     AdminCommand,
     AppServerIq,
@@ -48,19 +48,10 @@ from pymod_push.store import Store
 
 log = logging.getLogger("pymod_push")
 MAX_FRAME = 64 * 1024 * 1024
-# Commits (and so acknowledgements and publishes) at most this often: at 8,000 messages/s
-# a commit per frame was the Python process's largest cost (every commit writes its pages
-# to the WAL), while this delays a push by 2 ms at most.
-GROUP_COMMIT_S = 0.002
 # After the hello, timers (the re-sends of what an earlier process left unanswered) wait
 # this long: the shim's replay of the batches that process missed comes first, and with
 # it the answers to its publishes that arrived meanwhile (those are not sent again).
 REPLAY_GRACE_S = 1.0
-# While the database (PostgreSQL) is away, the commit is tried again this often, doubling.
-RETRY_FIRST_S, RETRY_MAX_S = 0.05, 2.0
-# What the port handles in order: frames, a batch from one of its events on (held while
-# the database is away), and providers' answers to publishes taken in-process.
-Item = bytes | tuple[Batch, int] | PublishReply
 _LEVELS = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warning",
            logging.ERROR: "error", logging.CRITICAL: "critical"}
 
@@ -137,35 +128,16 @@ class PortApp:
         self._timer_deadline: float | None = None  # what _timer is armed for
         self._metrics: asyncio.Server | None = None
         self._logic_workers: LogicWorkers | None = None
-        self._last_batch: tuple[int, int] | None = None  # (epoch, seq) handled last
-        self._last_batch_unsaved = False  # written once per commit, not once per frame
-        # What the next commit makes known: actions, app-server pushes, the acknowledgement.
-        self._pending_actions: list[Action] = []
-        self._pending_deliveries: list[Delivery] = []
-        self._pending_ack: int | None = None
-        self._unsaved_writes = False  # the dispatcher wrote since the last commit started
-        self._commit_handle: asyncio.TimerHandle | None = None
-        # PostgreSQL: what the commit under way makes known once it is through (actions,
-        # deliveries, acknowledgement), None when no commit is under way.
-        self._committing: tuple[list[Action], list[Delivery], int | None] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None  # for the database's thread
-        self._last_commit = 0.0
         self._timers_from = 0.0  # time.monotonic() before which no timer fires
-        # While the database is away: what is to be handled once it is back, in order
-        # (frames, or a batch from one of its events on), with when it came. None: the
-        # database is there.
-        self._held: list[tuple[float, Item]] | None = None
-        self._away_since = 0.0
-        self._retry_s = RETRY_FIRST_S
-        self._reply_timeout_s = 5.0  # ejabberd's, for IQs to this process (hello)
-        self._late_iqs = 0  # publishes to the built-in app server answered by ejabberd
         self._answers: list[PublishReply] = []  # in-process publishes' answers, not yet handled
         self.on_fatal: Callable[[BaseException], None] = _raise
+        # Nothing said before it is on disk (commit.py).
+        self.commits = CommitPipeline(self._flush, self._feed, lambda exc: self.on_fatal(exc))
 
     def on_frames(self, frames: list[bytes]) -> None:
         now = time.monotonic()
-        if self._held is not None:  # handled once the database is back
-            self._held.extend((now, frame) for frame in frames)
+        if self.commits.held is not None:  # handled once the database is back
+            self.commits.held.extend((now, frame) for frame in frames)
             return
         self._feed([(now, frame) for frame in frames])
 
@@ -173,15 +145,15 @@ class PortApp:
         handled: Batch | None = None  # the last batch of this chunk, acknowledged once
         # A publish to the built-in app server held longer than ejabberd waits for its
         # answer was answered with an error (its publisher tries again): not sent here.
-        late = time.monotonic() - self._reply_timeout_s
+        late = time.monotonic() - self.commits.reply_timeout_s
         for position, (arrived, item) in enumerate(items):
             if isinstance(item, PublishReply):  # a provider's answer to an in-process publish
                 try:
                     results = self._handle_event(item)
                 except DatabaseUnavailable as exc:
-                    self._database_away(exc, list(items[position:]))
+                    self.commits.database_away(exc, list(items[position:]))
                     break
-                self._collect(results)
+                self.commits.collect(results)
                 continue
             if isinstance(item, tuple):
                 batch, start = item
@@ -200,171 +172,30 @@ class PortApp:
                 except ProtocolError as exc:
                     log.error("frame from ejabberd ignored: %s", exc)
                     continue
-            if self._already_handled(batch):
+            if self.commits.already_handled(batch):
                 handled = batch
                 continue
             for index in range(start, len(batch.events)):
                 try:
                     results = self._handle(batch.events[index], arrived < late)
                 except DatabaseUnavailable as exc:
-                    self._database_away(exc, [(arrived, (batch, index)),
+                    self.commits.database_away(exc, [(arrived, (batch, index)),
                                               *items[position + 1:]])
                     break
-                self._collect(results)
+                self.commits.collect(results)
             else:
                 handled = batch
                 continue
             break  # the database is away: the rest waits
         if handled is not None:  # committed with the effects of the batches
-            assert self._store is not None and self.service is not None
-            if not self._already_handled(handled):
-                self._last_batch = (handled.epoch, handled.seq)
-                self._last_batch_unsaved = True
-            self._pending_ack = handled.seq
-        if handled is not None or self._pending_actions or self._pending_deliveries:
-            self._request_commit()
-
-    def _collect(self, results: Sequence[Action | Delivery | LogicWork]) -> None:
-        """What handling an event produced: actions and app-server pushes wait for the next
-        commit; a notification waiting for async push logic gets its user's worker."""
-        for result in results:
-            if isinstance(result, Delivery):
-                self._pending_deliveries.append(result)
-            elif isinstance(result, LogicWork):
-                assert self._logic_workers is not None
-                self._logic_workers.ask(result.target[:2])
-            else:
-                self._pending_actions.append(result)
-
-    def _database_away(self, exc: BaseException, rest: list[tuple[float, Item]]) -> None:
-        """Said once: events wait (here and in ejabberd, unacknowledged) until a commit
-        goes through again."""
-        if self._held is None:
-            self._held = []
-            self._away_since = time.monotonic()
-            self._late_iqs = 0
-            log.error("database unavailable (%s): events are held, unacknowledged, and "
-                      "nothing is pushed until it is back; trying again every %.0f s at most",
-                      exc, RETRY_MAX_S)
-        self._held[:0] = rest
-
-    def _request_commit(self) -> None:
-        """Commit, then write the actions and the acknowledgement: at once if the last
-        commit was a while ago, else GROUP_COMMIT_S after it, with whatever came
-        meanwhile. Under load one commit (a WAL write) serves many frames."""
-        if self._commit_handle is not None:
-            return
-        wait = self._last_commit + GROUP_COMMIT_S - time.monotonic()
-        if wait <= 0:
-            self._commit()
-        else:
-            self._commit_handle = asyncio.get_running_loop().call_later(wait, self._commit_later)
-
-    def _commit_later(self) -> None:
-        try:
-            self._commit()
-        except BaseException as exc:  # noqa: BLE001 - ends the process, as in data_received
-            self.on_fatal(exc)
-
-    def _commit(self) -> None:
-        if self._commit_handle is not None:
-            self._commit_handle.cancel()
-            self._commit_handle = None
-        if self._committing is not None:
-            return  # one at a time: _committed asks for the next
-        said = (self._pending_actions, self._pending_deliveries, self._pending_ack)
-        self._unsaved_writes = False  # in this commit
-        if self._store is not None:
-            self._loop = asyncio.get_running_loop()
-            try:
-                if self._last_batch_unsaved and self._last_batch is not None:
-                    assert self.service is not None
-                    self._store.set_last_batch(self.service.config.ejabberd_node,
-                                               self.service.config.host, *self._last_batch)
-                    self._last_batch_unsaved = False  # in this commit's writes
-                started = self._store.start_commit(self._commit_done_soon)
-                if started is None:
-                    self._store.commit()
-            except DatabaseUnavailable as exc:  # nothing is said before it is committed
-                self._commit_failed(exc)
-                return
-            if started:  # the next events are handled meanwhile (see PgConnection)
-                self._committing = said
-                self._pending_actions, self._pending_deliveries = [], []
-                self._pending_ack = None
-                return
-        self._pending_actions, self._pending_deliveries, self._pending_ack = [], [], None
-        self._say(*said)
-
-    def _commit_done_soon(self) -> None:
-        """Called in the database's thread when the commit's answer is there."""
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._committed)
-
-    def _committed(self) -> None:
-        said, self._committing = self._committing, None
-        if said is None:
-            return
-        assert self._store is not None
-        try:
-            self._store.land()
-        except DatabaseUnavailable as exc:  # said with the next commit that goes through
-            actions, deliveries, ack = said
-            self._pending_actions[:0] = actions
-            self._pending_deliveries[:0] = deliveries
-            if self._pending_ack is None:
-                self._pending_ack = ack
-            self._commit_failed(exc)
-            return
-        except BaseException as exc:  # noqa: BLE001 - ends the process, as in data_received
-            self.on_fatal(exc)
-            return
-        self._say(*said)
-        if self._pending_actions or self._pending_deliveries or self._pending_ack is not None \
-                or self._unsaved_writes:
-            self._request_commit()  # what was handled or written meanwhile
-
-    def _commit_failed(self, exc: DatabaseUnavailable) -> None:
-        self._database_away(exc, [])
-        self._commit_handle = asyncio.get_running_loop().call_later(self._retry_s,
-                                                                    self._commit_later)
-        self._retry_s = min(self._retry_s * 2, RETRY_MAX_S)
-
-    def _say(self, actions: list[Action], deliveries: list[Delivery], ack: int | None) -> None:
-        """What a commit made true goes out: actions, the acknowledgement, app-server
-        pushes; and what waited for the database is handled."""
-        if self._held is not None and time.monotonic() - self._away_since > self._reply_timeout_s:
-            # Their publishes were answered with an error meanwhile: the publishers retry.
-            self._late_iqs += sum(1 for d in deliveries if d.publish is not None)
-            deliveries = [d for d in deliveries if d.publish is None]
-        if ack is not None:
-            actions.append(Ack(ack))  # the shim forgets every batch up to it
-        self._flush(actions)
-        self._last_commit = time.monotonic()
-        for delivery in deliveries:  # after the commit: the publish was answered first
-            assert self.runtime is not None
-            self.runtime.dispatcher.submit(delivery)
-        if self._held is not None:
-            held, self._held = self._held, None
-            self._retry_s = RETRY_FIRST_S
-            self._feed(held)
-            log.warning("database back after %.1f s: %d held frame(s) handled%s",
-                        time.monotonic() - self._away_since, len(held),
-                        f"; {self._late_iqs} publish(es) to the built-in app server not "
-                        "sent: ejabberd answered them with an error meanwhile, their "
-                        "publishers try again" if self._late_iqs else "")
+            self.commits.handled(handled)
+        if handled is not None or self.commits.has_pending():
+            self.commits.request()
 
     def _logic_done(self, results: Sequence[Action | Delivery | LogicWork]) -> None:
         """A notification the admin's async push logic decided (logic_workers.py)."""
-        self._collect(results)
-        self._request_commit()
-
-    def _already_handled(self, batch: Batch) -> bool:
-        """A batch the shim sends again after a crash whose effects were committed."""
-        if self._last_batch is None:
-            return False
-        epoch, seq = self._last_batch
-        return batch.epoch == epoch and batch.seq <= seq
+        self.commits.collect(results)
+        self.commits.request()
 
     def _hello(self, term: Any) -> None:
         hello = parse_hello(term)
@@ -375,14 +206,17 @@ class PortApp:
                       "pymod_push %s speaks %d", hello.version, __version__, PROTOCOL_VERSION)
             self._write(frame(hello_reply(info)))
             raise SystemExit(3)
-        self._reply_timeout_s = int(hello.options.get("reply_timeout", 5000)) / 1000
+        self.commits.reply_timeout_s = int(hello.options.get("reply_timeout", 5000)) / 1000
         logging.getLogger().setLevel(python_level(hello.options.get("loglevel")))
         runtime = self.runtime = start(hello, self._device_gone, self._route_committed,
                                        self._answered_in_process, self._commit_writes)
         self.service, self._store = runtime.service, runtime.store
-        self._last_batch = runtime.last_batch
         self._logic_workers = LogicWorkers(runtime.service, self._logic_done,
-                                         lambda: self._held is not None, self.on_fatal)
+                                           lambda: self.commits.held is not None,
+                                           self.on_fatal)
+        self.commits.attach(runtime.store, runtime.config.ejabberd_node, runtime.config.host,
+                            runtime.last_batch, runtime.dispatcher.submit,
+                            self._logic_workers.ask)
         self._write(frame(hello_reply(info)))
         self._write(frame([action_term(a) for a in self.service.initial_actions()]))
         config = runtime.config
@@ -410,14 +244,12 @@ class PortApp:
     def _route_committed(self, xml: str) -> None:
         """A stanza to route once what was written before it is committed (the dispatcher's
         answer to a publisher, after the push it deferred is queued)."""
-        self._pending_actions.append(Route(xml))
-        self._request_commit()
+        self.commits.after_commit(Route(xml))
 
     def _commit_writes(self) -> None:
         """Writes made outside an event (the dispatcher's provider queue) go with the next
         group commit."""
-        self._unsaved_writes = True
-        self._request_commit()
+        self.commits.writes_made()
 
     def _answered_in_process(self, reply: PublishReply) -> None:
         """The provider's first answer to a publish taken in-process: for the publisher as
@@ -431,8 +263,8 @@ class PortApp:
         answers, self._answers = self._answers, []
         now = time.monotonic()
         try:
-            if self._held is not None:
-                self._held.extend((now, reply) for reply in answers)
+            if self.commits.held is not None:
+                self.commits.held.extend((now, reply) for reply in answers)
             else:
                 self._feed([(now, reply) for reply in answers])
         except BaseException as exc:  # noqa: BLE001 - ends the process, as in data_received
@@ -451,7 +283,7 @@ class PortApp:
             log.error("event ignored: %s", exc)
             return []
         if late and isinstance(event, AppServerIq):
-            self._late_iqs += 1
+            self.commits.late_iqs += 1
             return []
         assert self.runtime is not None
         self.runtime.events[type(event).__name__] += 1
@@ -486,7 +318,7 @@ class PortApp:
         """Now and every PURGE_INTERVAL_S: forget what cannot matter any more."""
         assert self.service is not None
         try:
-            if self._held is None:
+            if self.commits.held is None:
                 self.service.forget_old_marks(time.time())
                 self.service.store.commit()  # early for what is pending: harmless, never late
         except DatabaseUnavailable:
@@ -520,45 +352,29 @@ class PortApp:
     def _on_timer(self) -> None:
         self._timer = None
         assert self.service is not None
-        if self._held is not None:
+        if self.commits.held is not None:
             return  # armed again after the next commit that goes through
         mark = self.service.store.write_mark()
         try:
-            for result in self.service.tick(time.time()):
-                if isinstance(result, Delivery):
-                    self._pending_deliveries.append(result)
-                else:
-                    self._pending_actions.append(result)
-            self._request_commit()
+            self.commits.collect(self.service.tick(time.time()))
+            self.commits.request()
         except DatabaseUnavailable as exc:
             self.service.store.undo_to(mark)
-            self._database_away(exc, [])
-            self._request_commit()
+            self.commits.database_away(exc, [])
+            self.commits.request()
         except BaseException as exc:  # noqa: BLE001 - ends the process, as in data_received
             self.on_fatal(exc)
 
     async def aclose(self) -> None:
         if self._logic_workers is not None:
             self._logic_workers.cancel()
-        try:  # what was handled is committed, and said
-            for _ in range(4):  # the commit under way, then what was handled meanwhile
-                if self._held is not None:
-                    break
-                if self._committing is not None:
-                    self._committed()  # waits for its answer
-                elif self._commit_handle is not None:
-                    self._commit()
-                else:
-                    break
-        except OSError:
-            pass  # ejabberd closed the port: the commit is what matters
-        self._committing = None  # not said, not acknowledged: the next process redoes it
+        self.commits.finish()  # what was handled is committed, and said
         if self._metrics is not None:
             self._metrics.close()
         if self.runtime is not None:
             await self.runtime.dispatcher.close()
         if self._store is not None:
-            if self._held is not None:  # not said to ejabberd: the next process redoes it
+            if self.commits.held is not None:  # not said: the next process redoes it
                 self._store.rollback()
             try:
                 self._store.close()

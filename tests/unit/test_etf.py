@@ -27,7 +27,7 @@ from pymod_push.etf import (
     Reference,
 )
 
-ORACLE = Path(__file__).with_name("etf_oracle.escript")
+ORACLE = Path(__file__).resolve().parent.parent / "etf_oracle.escript"
 
 
 class Erlang:

@@ -14,7 +14,7 @@ import yaml
 
 from pymod_push import install, logic_check
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 EXAMPLE = str(ROOT / "examples" / "push_logic.py")
 
 

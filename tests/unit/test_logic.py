@@ -14,12 +14,12 @@ from pymod_push import logic
 from pymod_push.protocol import StanzaToPending
 from pymod_push.service.decisions import PushService
 from pymod_push.store import Store
-from tests.test_service import PHONE, enable, fields, make_service, message
+from tests.unit.test_service import PHONE, enable, fields, make_service, message
 
 MESSAGE = logic.Message("message", "chat", "romeo@example.net/a", "hi", False, False, "")
 RECIPIENT = logic.Recipient("juliet", "example.org", "phone")
 
-EXAMPLE = str(Path(__file__).resolve().parent.parent / "examples" / "push_logic.py")
+EXAMPLE = str(Path(__file__).resolve().parent.parent.parent / "examples" / "push_logic.py")
 
 
 def with_logic(module: logic.Logic, **options: object) -> PushService:

@@ -29,7 +29,7 @@ from tests.xmpp_peers import NS_DATA, Client, Peers, form_fields
 
 pytestmark = pytest.mark.e2e
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "webhook_provider.py"
+EXAMPLE = Path(__file__).resolve().parent.parent.parent / "examples" / "webhook_provider.py"
 TOKEN = "webhook-bearer-4d8f2a"  # the backend's own option: never in the log
 PROPOSE = ("<propose xmlns='urn:xmpp:jingle-message:0' id='call-1'>"
            "<description xmlns='urn:xmpp:jingle:apps:rtp:1' media='audio'/></propose>")

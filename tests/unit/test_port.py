@@ -9,13 +9,13 @@ from typing import Any
 
 import pytest
 
-import pymod_push.port.app
+import pymod_push.port.commit
 from pymod_push import etf
 from pymod_push.etf import Atom
-from pymod_push.port.app import GROUP_COMMIT_S
+from pymod_push.port.commit import GROUP_COMMIT_S
 from pymod_push.protocol import PROTOCOL_VERSION
 from pymod_push.store import open_store
-from tests.test_hostile_input import PortUnderTest, batch, hello
+from tests.unit.test_hostile_input import PortUnderTest, batch, hello
 
 
 def opened(user: bytes) -> tuple[object, ...]:
@@ -37,7 +37,7 @@ def test_frames_close_together_share_one_commit_and_one_acknowledgement(
         monkeypatch: pytest.MonkeyPatch) -> None:
     # A wider window than GROUP_COMMIT_S's few ms: a slow moment of the machine between
     # two frames cannot split them here.
-    monkeypatch.setattr(pymod_push.port.app, "GROUP_COMMIT_S", 0.5)
+    monkeypatch.setattr(pymod_push.port.commit, "GROUP_COMMIT_S", 0.5)
 
     async def main() -> None:
         port = PortUnderTest()
@@ -86,7 +86,7 @@ def test_postgresql_the_next_events_are_handled_while_a_commit_is_under_way(
         try:
             port.app.on_frames([pg_hello(url)])
             port.app.on_frames([batch(1, opened(b"a"))])
-            assert port.app._committing is not None  # its commit is under way...
+            assert port.app.commits.committing  # its commit is under way...
             port.app.on_frames([batch(2, loglevel())])  # ...and the next batch handled
             assert acks(port) == []  # nothing said before its commit is through
             await until(lambda: acks(port) == [1, 2])
@@ -115,7 +115,7 @@ def test_postgresql_a_commit_that_fails_under_way_loses_nothing(postgres: Any) -
             await asyncio.to_thread(postgres.halt)
             try:
                 port.app.on_frames([batch(2, loglevel())])  # its commit fails
-                await until(lambda: port.app._held is not None)
+                await until(lambda: port.app.commits.held is not None)
                 port.app.on_frames([batch(3, loglevel())])  # held
                 assert acks(port) == [1]
             finally:

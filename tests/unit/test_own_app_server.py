@@ -69,7 +69,7 @@ def _escape(text: str) -> str:
 
 
 def publish_iq_xml(publish: Publish) -> bytes:
-    """The publish IQ as the shim builds it from a Publish (as tests/test_hostile_limits)."""
+    """The publish IQ as the shim builds it from a Publish (as test_hostile_limits.py)."""
     def form(fields: Any) -> str:
         return (f"<x xmlns='{NS_DATA}' type='submit'>" + "".join(
             f"<field var='{_escape(var)}'>" + "".join(f"<value>{_escape(v)}</value>"

@@ -621,7 +621,7 @@ def test_the_encrypted_payload_is_never_logged(caplog: pytest.LogCaptureFixture)
 
 def own_app_server() -> tuple[PushService, str, str]:
     """A service with its own APNs backend, a device registered at it (node, secret)."""
-    from tests.test_own_app_server import BACKENDS, registered
+    from tests.unit.test_own_app_server import BACKENDS, registered
 
     service = PushService(Config("example.org", backends=BACKENDS), Store(":memory:"))
     node, secret = registered(service)
@@ -629,7 +629,7 @@ def own_app_server() -> tuple[PushService, str, str]:
 
 
 def enable_own(service: PushService, node: str, secret: str, children: str) -> None:
-    from tests.test_own_app_server import PUBSUB
+    from tests.unit.test_own_app_server import PUBSUB
 
     options = ("<x xmlns='jabber:x:data' type='submit'><field var='FORM_TYPE'><value>"
                "http://jabber.org/protocol/pubsub#publish-options</value></field><field "

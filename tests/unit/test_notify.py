@@ -15,7 +15,7 @@ from pymod_push.core.notify import Trigger, is_call, is_own_bare_jid, trigger_of
 from pymod_push.protocol import Publish, Stanza, StanzaToPending
 from pymod_push.service.decisions import LogicWork
 from tests.service_stores import database, make_service  # noqa: F401 - a fixture
-from tests.test_service import enable, fields
+from tests.unit.test_service import enable, fields
 
 ALICE = ("alice", "example.org")
 PHONE = (*ALICE, "phone")

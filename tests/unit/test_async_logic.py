@@ -13,8 +13,8 @@ from typing import Any
 from pymod_push import etf
 from pymod_push.etf import Atom
 from pymod_push.protocol import PROTOCOL_VERSION
-from tests.test_hostile_input import PortUnderTest, batch
-from tests.test_port import acks, until
+from tests.unit.test_hostile_input import PortUnderTest, batch
+from tests.unit.test_port import acks, until
 
 LOGIC = '''
 import asyncio

@@ -1,5 +1,5 @@
 """The provider edge against fakes over HTTP/2 and TLS, without ejabberd: WNS and Ubuntu Push
-(APNs, FCM and Web Push are driven end to end in test_e2e_appserver.py)."""
+(APNs, FCM and Web Push are driven end to end in tests/e2e/test_appserver.py)."""
 
 from __future__ import annotations
 

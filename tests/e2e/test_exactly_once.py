@@ -296,7 +296,7 @@ def test_an_app_server_overloaded_for_a_minute_costs_no_registration_and_no_mess
     that once (publish_error_window), and every notification is retried until the app
     server is back: each message pushed exactly once, no registration disabled. (An app
     server that logs out instead gets service-unavailable from its server, which counts
-    every time, as from a target that is no app server: test_e2e_exposure.)"""
+    every time, as from a target that is no app server: test_exposure.py.)"""
     away_s = 60.0
     # Retries that reach well past the outage for any message sent during it (the first:
     # 2 + 5 + 8 x 10 = 87 s), every 10 s, so that all are through soon after it is back.

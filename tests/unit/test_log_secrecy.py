@@ -12,9 +12,9 @@ from pymod_push.port.app import python_level
 from pymod_push.protocol import Publish, PushIq, StanzaToPending
 from pymod_push.service.decisions import PushService
 from pymod_push.store import Store
-from tests.test_hostile_input import make_app_server, publish, register
-from tests.test_service import PHONE, message
-from tests.test_service import make_service as plain_service
+from tests.unit.test_hostile_input import make_app_server, publish, register
+from tests.unit.test_service import PHONE, message
+from tests.unit.test_service import make_service as plain_service
 
 BODY = "the-secret-body-4711"
 SECRET = "node-secret-0815"

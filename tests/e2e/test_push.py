@@ -221,7 +221,7 @@ def test_a_burst_of_app_server_errors_counts_once_and_is_retried(scenario: Scena
     """Errors of one spell count once toward max_publish_errors (publish_error_window) and
     the notifications are tried again: nothing is lost when the app server recovers. (An
     app server overloaded for a while; errors by which a target says it is no app server
-    count each time: test_e2e_exposure.)"""
+    count each time: test_exposure.py.)"""
     async def run(peers: Peers) -> None:
         server, phone, sender = await scenario.cast(peers)
         server.errors["bad"] = ("wait", "resource-constraint")

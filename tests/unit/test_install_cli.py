@@ -1,5 +1,5 @@
 """pymod-push's decisions (pymod_push/install.py), without an ejabberd; the end-to-end runs
-against a real one are in test_e2e_installer.py."""
+against a real one are in tests/e2e/test_install.py."""
 
 from __future__ import annotations
 

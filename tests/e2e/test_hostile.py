@@ -43,7 +43,7 @@ from tests.fake_providers import (
     webpush_check,
     wns_check,
 )
-from tests.test_hostile_limits import GOOD_JIDS, HOSTILE_JIDS
+from tests.unit.test_hostile_limits import GOOD_JIDS, HOSTILE_JIDS
 from tests.xmpp_peers import NS_COMMANDS, NS_DATA, NS_PUSH, Client, Peers, form_fields
 
 pytestmark = pytest.mark.e2e

@@ -907,7 +907,7 @@ def test_an_http2_status_is_three_ascii_digits(status: str) -> None:
     """Was: '\u00b2\u00b2\u00b2'.isdigit() is true and int() raises out of
     H2Client.receive (the connection and its other streams lost); Arabic-Indic and
     fullwidth digits were taken as 200. Now the stream fails, the connection goes on."""
-    from tests.test_h2wire import Server, answer, exchange, request
+    from tests.unit.test_h2wire import Server, answer, exchange, request
 
     client = H2Client()
     server = Server(h2.connection.H2Connection(h2.config.H2Configuration(

@@ -1,7 +1,7 @@
 """What a push contains and when one is sent, end to end: encrypted messages, receipts and
 markers, carbons, group chat mentions (ejabberd's mod_muc) and call proposals.
 
-As in test_e2e_push.py, a push that should not have happened shows up because every
+As in test_push.py, a push that should not have happened shows up because every
 push carries the number of messages counted since the client went away, and because
 stanzas from one sender reach the pending session, and Python, in order.
 """

@@ -3,7 +3,7 @@ ejabberd with mod_push_py (SQLite and PostgreSQL), a slixmpp client that enables
 extension, and a slixmpp app server that receives the publishes and decrypts them with the
 client's key.
 
-As in test_e2e_content.py, a push that should not have happened shows up in the count
+As in test_content.py, a push that should not have happened shows up in the count
 every push carries (``unread``), and in the number of publishes the app server got: before
 each message that must push, those that must not were sent, and the server had them (a
 round trip of their sender, or the room's echo) before the next one went out.
@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from devtools.instance import Instance
 from tests.conftest import Scenario, _instance
-from tests.test_e2e_content import PROPOSE, join, send
+from tests.e2e.test_content import PROPOSE, join, send
 from tests.xmpp_peers import TIMEOUT, Client, Peers, Publish
 
 pytestmark = pytest.mark.e2e

@@ -23,7 +23,7 @@ from tests.xmpp_peers import Peers
 pytestmark = pytest.mark.e2e
 
 METRICS_PORT = free_port()
-EXAMPLE_LOGIC = str(Path(__file__).resolve().parent.parent / "examples" / "push_logic.py")
+EXAMPLE_LOGIC = str(Path(__file__).resolve().parent.parent.parent / "examples" / "push_logic.py")
 
 COMMANDS = {"push_status": "Status of mod_push_py", "push_list": "List a user's push",
             "push_delete": "Delete a user's push", "push_test": "Send a test push",

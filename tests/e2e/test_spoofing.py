@@ -2,7 +2,7 @@
 wrapper from anyone but the user's own server is no carbon, a call proposal in a room is
 no call, a Unicode digit is no number, and a message nested 5,000 deep is no traceback.
 
-As in test_e2e_content.py, a push that should not have happened shows up in the count
+As in test_content.py, a push that should not have happened shows up in the count
 every push carries, and stanzas from one sender reach the pending session, and Python, in
 order: the message that must push comes after those that must not.
 """
@@ -19,8 +19,8 @@ from slixmpp.exceptions import IqError
 
 from devtools.instance import Instance
 from tests.conftest import Scenario, _instance
-from tests.test_e2e_content import BODIES, PROPOSE, join, send
-from tests.test_e2e_ios import cast, enable_xml, opened, round_trip, subscribe_to
+from tests.e2e.test_content import BODIES, PROPOSE, join, send
+from tests.e2e.test_ios import cast, enable_xml, opened, round_trip, subscribe_to
 from tests.xmpp_peers import TIMEOUT, Peers
 
 pytestmark = pytest.mark.e2e

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 SHIM = (ROOT / "erl_shim" / "src" / "mod_push_py_opt.erl").read_text()  # the options
 README = (ROOT / "README.md").read_text()
 CONFIG = (ROOT / "pymod_push" / "core" / "config.py").read_text()

@@ -1,6 +1,6 @@
 """Providers written in Python (pymod_push/python_provider.py): what a module must define,
 what a registration keeps, what send's answers mean, reloading all or none, and delivery
-through the dispatcher with its retries (end to end: test_e2e_python_provider.py)."""
+through the dispatcher with its retries (end to end: tests/e2e/test_python_provider.py)."""
 
 from __future__ import annotations
 

@@ -40,8 +40,11 @@ TICKS = os.sysconf("SC_CLK_TCK")
 
 class PortProcess:
     def __init__(self, db_dir: str, db_url: str | None = None,
-                 options: dict[Any, Any] | None = None) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "pymod_push"], stdin=subprocess.PIPE,
+                 options: dict[Any, Any] | None = None,
+                 command: list[str] | None = None) -> None:
+        """command: the interpreter's arguments (default: -m pymod_push)."""
+        self.proc = subprocess.Popen([sys.executable, *(command or ["-m", "pymod_push"])],
+                                     stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, bufsize=0)
         self.buffer = b""
         self.actions: queue.Queue[list[Any]] = queue.Queue()

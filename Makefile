@@ -37,6 +37,7 @@ reach:
 lint: venv
 	$(VENV)/bin/ruff check pymod_push devtools tests bench examples
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports  # the layers: contracts in pyproject.toml, drawn in docs/architecture.md
 
 unit: venv
 	$(VENV)/bin/pytest -q -m 'not e2e'

@@ -113,7 +113,7 @@ def render(snapshot: Snapshot) -> str:
     return "\n".join(lines) + "\n"
 
 
-async def serve(address: str, snapshot: Callable[[], Snapshot]) -> asyncio.Server | None:
+async def serve_metrics(address: str, snapshot: Callable[[], Snapshot]) -> asyncio.Server | None:
     """Serve GET /metrics at host:port; None (and an error logged) if that fails."""
     host, _, port = address.rpartition(":")
     try:

@@ -232,7 +232,7 @@ def parse_registration(command: Command, iq: Iq, backend: Backend,
             raise RequestError("bad-request", "field 'endpoint' must be the subscription's URL")
         try:
             destination.check_url(endpoint, allowed_ips)
-        except destination.Refused as refused:
+        except destination.UrlRefused as refused:
             raise RequestError("bad-request", f"field 'endpoint' is refused: {refused}") \
                 from None
         return DeviceRegistration(backend, device_id, device_name, endpoint,
@@ -245,7 +245,7 @@ def parse_registration(command: Command, iq: Iq, backend: Backend,
         try:
             destination.check_channel(token, destination.channel_domains(backend),
                                       allowed_ips)
-        except destination.Refused as refused:
+        except destination.UrlRefused as refused:
             raise RequestError("bad-request", f"field 'token' is refused: {refused}") \
                 from None
     voip_token = ""

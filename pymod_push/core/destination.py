@@ -34,7 +34,7 @@ USER_URL_GROUPS = frozenset({"webpush", "wns"})
 WNS_CHANNEL_DOMAINS = ("notify.windows.com",)
 
 
-class Refused(ValueError):
+class UrlRefused(ValueError):
     """The policy refuses this destination; the text says why, for the user and the log."""
 
 
@@ -148,25 +148,25 @@ _LEGACY_V4 = re.compile(r"[0-9a-fx.]+")  # 0x7f.1, 2130706433, 017700000001: ine
 
 
 def parse_url(url: str) -> Target:
-    """The target of an https URL a user gave; Refused if it is none (another scheme,
+    """The target of an https URL a user gave; UrlRefused if it is none (another scheme,
     user information, no valid host name or address, a bad port)."""
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError:  # an unbalanced bracket, a port out of range
-        raise Refused("it is not a valid URL") from None
+        raise UrlRefused("it is not a valid URL") from None
     if port == 0:
-        raise Refused("it is not a valid URL (port 0)")
+        raise UrlRefused("it is not a valid URL (port 0)")
     if parts.scheme.lower() != "https":
-        raise Refused("only https URLs are allowed")
+        raise UrlRefused("only https URLs are allowed")
     if "@" in parts.netloc:
-        raise Refused("a URL with user information (user:password@) is not allowed")
+        raise UrlRefused("a URL with user information (user:password@) is not allowed")
     host = (parts.hostname or "").rstrip(".")
     if not host:
-        raise Refused("the URL has no host")
+        raise UrlRefused("the URL has no host")
     address = _literal(host, bracketed=parts.netloc.startswith("["))
     if address is None and not _is_name(host):
-        raise Refused("the URL's host is not a valid host name")
+        raise UrlRefused("the URL's host is not a valid host name")
     return Target(host, port or 443, address)
 
 
@@ -175,11 +175,11 @@ def _literal(host: str, bracketed: bool) -> IpAddress | None:
     parser reads), or None if it is a name."""
     if bracketed:
         if "%" in host:  # a zone: only for link-local addresses, never a push service
-            raise Refused("the URL's host is not a valid address")
+            raise UrlRefused("the URL's host is not a valid address")
         try:
             return ipaddress.IPv6Address(host)
         except ValueError:
-            raise Refused("the URL's host is not a valid address") from None
+            raise UrlRefused("the URL's host is not a valid address") from None
     try:
         return ipaddress.IPv4Address(host)
     except ValueError:
@@ -209,28 +209,28 @@ _LOCALHOST_ADDRESSES = (ipaddress.IPv4Address("127.0.0.1"), ipaddress.IPv6Addres
 def check_url(url: str, allowed: Sequence[IpNetwork] = ()) -> Target:
     """What registration checks of a URL a user gives: parse_url, and a host that is an
     address (or a localhost name, taken as the loopback addresses it must resolve to) may
-    be reached. A name is checked when sending (resolved_addresses). Refused if not."""
+    be reached. A name is checked when sending (resolved_addresses). UrlRefused if not."""
     target = parse_url(url)
     if target.address is not None:
         why = address_refusal(target.address, allowed)
         if why is not None:
-            raise Refused(f"{target.address} is not on the public internet ({why})")
+            raise UrlRefused(f"{target.address} is not on the public internet ({why})")
     elif is_localhost(target.host):
         if any(address_refusal(a, allowed) for a in _LOCALHOST_ADDRESSES):
-            raise Refused(f"{target.host} is this server itself")
+            raise UrlRefused(f"{target.host} is this server itself")
     return target
 
 
 def resolved_addresses(host: str, addresses: Sequence[IpAddress],
                        allowed: Sequence[IpNetwork] = ()) -> Sequence[IpAddress]:
     """The addresses a host resolved to, if every one of them may be reached (one
-    that may not is what a rebinding or split answer would use); Refused if not."""
+    that may not is what a rebinding or split answer would use); UrlRefused if not."""
     if not addresses:
-        raise Refused(f"{host} has no address")
+        raise UrlRefused(f"{host} has no address")
     for address in addresses:
         why = address_refusal(address, allowed)
         if why is not None:
-            raise Refused(f"{host} resolves to {address}, not on the public internet "
+            raise UrlRefused(f"{host} resolves to {address}, not on the public internet "
                           f"({why})")
     return addresses
 
@@ -257,14 +257,14 @@ def check_channel(url: str, domains: Sequence[str],
                   allowed: Sequence[IpNetwork] | None = None) -> Target:
     """A WNS channel URI: https on a host under one of the domains (the app's bearer
     token goes there), and with allowed (at registration) check_url's rules; without,
-    parse_url's (when sending, the HTTP client checks the addresses). Refused if not."""
+    parse_url's (when sending, the HTTP client checks the addresses). UrlRefused if not."""
     try:
         target = parse_url(url) if allowed is None else check_url(url, allowed)
-    except Refused as refused:
-        raise Refused(f"{refused}; a WNS channel URI is https on {_listed(domains)}") \
+    except UrlRefused as refused:
+        raise UrlRefused(f"{refused}; a WNS channel URI is https on {_listed(domains)}") \
             from None
     if not under_domains(target.host, domains):
-        raise Refused(f"a WNS channel URI must be https on {_listed(domains)}")
+        raise UrlRefused(f"a WNS channel URI must be https on {_listed(domains)}")
     return target
 
 

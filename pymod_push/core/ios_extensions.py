@@ -179,7 +179,7 @@ def _bad(text: str) -> RequestError:
     return RequestError("bad-request", text)
 
 
-def parse(enable: ET.Element) -> Extensions:
+def parse_enable(enable: ET.Element) -> Extensions:
     """The extensions of an ``<enable/>`` element, checked; RequestError (bad-request)
     for anything malformed, before anything is stored."""
     seen: set[str] = set()

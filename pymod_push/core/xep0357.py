@@ -125,7 +125,7 @@ def parse_push_request(xml: bytes) -> Enable | Disable:
             # sent with every publish: a big one would make every push big
             raise RequestError("not-acceptable", "the publish-options form is larger than "
                                f"{MAX_PUBLISH_OPTIONS_XML_BYTES} bytes")
-        extensions = ios_extensions.parse(element)
+        extensions = ios_extensions.parse_enable(element)
         return Enable(jid, node, publish_options, push_options, extensions or None)
     if element.tag == f"{{{NS_PUSH}}}disable":
         jid = check_jid(element.get("jid"), "disable")

@@ -495,7 +495,7 @@ class Http2Client:
         the cap is reached with busy ones only); TLS verifies the name."""
         try:  # the rules of registration: a row stored before them may break them
             target = destination.parse_url(f"https://{authority}/")
-        except destination.Refused as refused:
+        except destination.UrlRefused as refused:
             raise Denied(str(refused)) from None
         limit = destinations.max_connections
         if self._opening >= limit:
@@ -508,7 +508,7 @@ class Http2Client:
                 try:
                     checked = destination.resolved_addresses(host, addresses,
                                                              destinations.allowed)
-                except destination.Refused as refused:
+                except destination.UrlRefused as refused:
                     raise Denied(str(refused)) from None
                 self._make_room(limit)
 

@@ -239,7 +239,7 @@ class PortApp:
 
     async def _serve_metrics(self, address: str) -> None:
         assert self.runtime is not None
-        self._metrics = await metrics.serve(address, self.runtime.snapshot)
+        self._metrics = await metrics.serve_metrics(address, self.runtime.snapshot)
 
     def _route_committed(self, xml: str) -> None:
         """A stanza to route once what was written before it is committed (the dispatcher's
@@ -406,7 +406,7 @@ class _StdinProtocol(asyncio.Protocol):
             self._done.set_result(None)
 
 
-async def serve(stdin: BinaryIO, out_fd: int) -> None:
+async def serve_port(stdin: BinaryIO, out_fd: int) -> None:
     loop = asyncio.get_running_loop()
 
     def write(data: bytes) -> None:
@@ -450,7 +450,7 @@ def main() -> int:
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     os.set_blocking(out_fd, True)
     try:
-        asyncio.run(serve(sys.stdin.buffer, out_fd))
+        asyncio.run(serve_port(sys.stdin.buffer, out_fd))
     except SystemExit as exc:
         return int(exc.code or 0)
     except Exception as exc:  # noqa: BLE001 - last words go to ejabberd's log

@@ -47,7 +47,7 @@ class Wns:
         row registered before that was checked): the app's bearer token goes nowhere else."""
         try:
             destination.check_channel(device.token, self.channel_domains)
-        except destination.Refused as refused:
+        except destination.UrlRefused as refused:
             raise DestinationDenied(str(refused)) from None
         headers = {"x-wns-type": "wns/raw", "content-type": "application/octet-stream",
                    "authorization": f"Bearer {self.token.value}",

@@ -27,7 +27,7 @@ from pymod_push.appserver.requests import Iq
 from pymod_push.appserver.server import Delivery
 from pymod_push.core import destination
 from pymod_push.core.config import Backend, Config
-from pymod_push.core.destination import IpAddress, Refused, address_refusal
+from pymod_push.core.destination import IpAddress, UrlRefused, address_refusal
 from pymod_push.core.xmpp import RequestError
 from pymod_push.delivery import http2
 from pymod_push.delivery.dispatcher import Dispatcher
@@ -161,7 +161,7 @@ def test_what_the_admin_allows_may_be_reached_in_any_form(address: V4, bits: int
     ("push.example.net/x", "only https"),
 ])
 def test_urls_a_user_may_not_register_are_refused_saying_why(url: str, why: str) -> None:
-    with pytest.raises(Refused) as refused:
+    with pytest.raises(UrlRefused) as refused:
         destination.check_url(url)
     assert why in str(refused.value), str(refused.value)
 
@@ -183,9 +183,9 @@ def test_public_https_urls_are_accepted(url: str, host: str, port: int) -> None:
 def test_endpoint_allow_ips_lets_a_url_reach_what_it_names() -> None:
     lan = (ipaddress.ip_network("192.168.1.0/24"),)
     assert destination.check_url("https://192.168.1.20:8443/up", lan).port == 8443
-    with pytest.raises(Refused):
+    with pytest.raises(UrlRefused):
         destination.check_url("https://192.168.2.20/up", lan)
-    with pytest.raises(Refused):  # localhost is both loopback addresses
+    with pytest.raises(UrlRefused):  # localhost is both loopback addresses
         destination.check_url("https://localhost/", (LOOPBACK[0],))
     assert destination.check_url("https://localhost:1/", LOOPBACK).host == "localhost"
 
@@ -194,7 +194,7 @@ def test_a_name_resolving_to_any_denied_address_is_refused() -> None:
     public, loopback = V4("93.184.216.34"), V4("127.0.0.1")
     assert destination.resolved_addresses("p.example", [public]) == [public]
     for answer in ([public, loopback], [loopback], [V6("::ffff:10.0.0.1")], []):
-        with pytest.raises(Refused):
+        with pytest.raises(UrlRefused):
             destination.resolved_addresses("p.example", answer)
     assert destination.resolved_addresses("p.example", [public, loopback], LOOPBACK)
 
@@ -206,7 +206,7 @@ def test_a_name_resolving_to_any_denied_address_is_refused() -> None:
     "https://u:p@db5.notify.windows.com/?token=x", "https://127.0.0.1/x",
     "https://windows.com/x"])
 def test_a_wns_channel_must_be_https_under_notify_windows_com(url: str) -> None:
-    with pytest.raises(Refused) as refused:
+    with pytest.raises(UrlRefused) as refused:
         destination.check_channel(url, destination.WNS_CHANNEL_DOMAINS, ())
     assert "notify.windows.com" in str(refused.value)
 

@@ -51,7 +51,8 @@ from pymod_push.protocol import Publish, PushIq, Stanza, StanzaToPending
 from pymod_push.providers import Provider, notification_text
 from pymod_push.python_provider import ProviderError, PythonProvider, load_provider
 from pymod_push.records import RegisteredDevice
-from pymod_push.service.decisions import LogicWork, PushService
+from pymod_push.service.decisions import PushService
+from pymod_push.service.logic_work import LogicWork
 from pymod_push.store import Store
 
 HOST = "example.org"

@@ -43,7 +43,8 @@ from pymod_push.protocol import (
     parse_hello,
 )
 from pymod_push.records import DatabaseUnavailable
-from pymod_push.service.decisions import PURGE_INTERVAL_S, LogicWork, PushService
+from pymod_push.service.decisions import PURGE_INTERVAL_S, PushService
+from pymod_push.service.logic_work import LogicWork
 from pymod_push.store import Store
 
 log = logging.getLogger("pymod_push")

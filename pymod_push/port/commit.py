@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pymod_push.appserver.server import Delivery
 from pymod_push.protocol import Ack, Action, Batch, PublishReply
 from pymod_push.records import DatabaseUnavailable
-from pymod_push.service.decisions import LogicWork
+from pymod_push.service.logic_work import LogicWork
 from pymod_push.store import Store
 
 log = logging.getLogger("pymod_push")

@@ -11,7 +11,8 @@ from collections.abc import Callable, Sequence
 from pymod_push.appserver.server import Delivery
 from pymod_push.protocol import Action, UserKey
 from pymod_push.records import DatabaseUnavailable
-from pymod_push.service.decisions import LogicWork, PushService
+from pymod_push.service.decisions import PushService
+from pymod_push.service.logic_work import LogicWork
 
 # While the database is away, a worker looks again this often.
 AWAY_RETRY_S = 2.0

@@ -7,14 +7,11 @@ store and writes the returned actions back to ejabberd.
 
 from __future__ import annotations
 
-import collections
-import json
 import logging
 import os
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import TypeAlias
 
 from pymod_push.appserver.server import AppServer, Delivery, publish_error_reply
@@ -69,6 +66,7 @@ from pymod_push.protocol import (
 from pymod_push.python_provider import PythonProviders
 from pymod_push.records import DatabaseUnavailable, Registration
 from pymod_push.service.ledger import Ledger
+from pymod_push.service.logic_work import LogicCall, LogicQueue, LogicWork
 from pymod_push.service.pushed import NOTHING, PushedTo
 from pymod_push.store import Store
 
@@ -86,28 +84,9 @@ DEFAULT_MAX_ACK_QUEUE = 5000
 PURGE_INTERVAL_S = 600
 
 
-@dataclass(slots=True)
-class LogicWork:
-    """A notification waiting for the admin's async push logic: the port asks the logic
-    (PushService.logic_call, Logic.decide) and hands the answers to finish_logic."""
-
-    id: int
-    target: SessionKey  # the event's session; resource "": any of the user's (offline)
-    stanza: Stanza
-
-
 # What handling an event gives: actions for ejabberd, deliveries for the providers, and
 # notifications that wait for the admin's async push logic.
 Result: TypeAlias = Action | Delivery | LogicWork
-
-
-@dataclass(slots=True)
-class LogicCall:
-    work: LogicWork
-    message: LogicMessage | None  # None: nothing to ask (a carbon of one's own message)
-    registrations: list[Registration]
-    cases: list[LogicCase]  # one per registration
-    options: push_options.PushOptions | None
 
 
 def _counted(registration: Registration, chosen: Trigger) -> Counts:
@@ -118,17 +97,6 @@ def _counted(registration: Registration, chosen: Trigger) -> Counts:
     else:
         counts.messages += 1
     return counts
-
-
-def _stanza_json(stanza: Stanza) -> str:
-    return json.dumps([stanza.kind, stanza.sender, stanza.id, stanza.type, stanza.body,
-                       stanza.xml.decode("utf-8", "replace"), stanza.nick, stanza.known])
-
-
-def _stanza_from_json(text: str) -> Stanza:
-    kind, sender, stanza_id, kind_type, body, xml, nick, *known = json.loads(text)
-    return Stanza(kind, sender, stanza_id, kind_type, body, xml.encode(), nick,
-                  known[0] if known else None)
 
 
 def _recipient(registration: Registration) -> LogicRecipient:
@@ -173,11 +141,7 @@ class PushService:
         self.app_server = AppServer(config, store, logic=self.logic,
                                     python_providers=PythonProviders(config.backends))
         # Notifications waiting for the admin's async push logic, per user, in order.
-        self._logic_queues: dict[UserKey, collections.deque[LogicWork]] = {}
-        for work_id, target, stanza in store.logic_work(config.ejabberd_node):
-            self._logic_queues.setdefault(target[:2], collections.deque()).append(
-                LogicWork(work_id, target, _stanza_from_json(stanza)))
-            self.ledger.ids_after(work_id)
+        self._logic_queue = LogicQueue(store, config.ejabberd_node, self.ledger)
         self._iq_limit = limits.account_rate_limiter(config.push_iq_rate)
         self._pacer = DomainPacer(config.publish_rate,  # publishes per remote domain
                                   (config.host, *(b.pubsub_host for b in config.backends)))
@@ -496,20 +460,15 @@ class PushService:
         if all(pushed_mark(r.key, mark) in self._pushed.get(r.session, NOTHING)
                for r in registrations):
             return []  # came back (offline, archived): pushed already
-        work = LogicWork(self.ledger.new_id(), target, original)
-        self.store.add_logic_work(work.id, target, _stanza_json(original),
-                                 self.config.ejabberd_node)
-        queue = self._logic_queues.setdefault(target[:2], collections.deque())
-        queue.append(work)
-        return [work] if len(queue) == 1 else []  # else the user's worker runs already
+        work = self._logic_queue.add(target, original)
+        return [work] if self._logic_queue.first(target[:2]) is work else []  # else it runs
 
     def waiting_for_logic(self, user: UserKey) -> LogicWork | None:
         """The user's next notification waiting for the admin's async functions."""
-        queue = self._logic_queues.get(user)
-        return queue[0] if queue else None
+        return self._logic_queue.first(user)
 
     def users_waiting_for_logic(self) -> list[UserKey]:
-        return [user for user, queue in self._logic_queues.items() if queue]
+        return self._logic_queue.users()
 
     def logic_call(self, work: LogicWork) -> LogicCall:
         """What the admin's functions are asked about work (as it stands now)."""
@@ -542,10 +501,7 @@ class PushService:
         work = call.work
         current = {r.key: r for r in (self.store.for_session(work.target) if work.target[2]
                                       else self.store.for_user(work.target[:2]))}
-        queue = self._logic_queues.get(work.target[:2])  # after the read, which may fail
-        if queue and queue[0] is work:
-            queue.popleft()
-        self.store.remove_logic_work(work.id)
+        self._logic_queue.done(work)  # after the read, which may fail
         stanza = unwrap_carbon(work.stanza, work.target[:2])
         if stanza is None or call.options is None:
             return []

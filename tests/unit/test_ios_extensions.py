@@ -731,7 +731,7 @@ def test_a_blob_too_large_for_apns_is_left_out_not_cut(tmp_path: Path) -> None:
 
 @pytest.mark.usefixtures("database")
 def test_async_logic_gets_the_filtered_default_and_the_extensions() -> None:
-    from pymod_push.service.decisions import LogicWork
+    from pymod_push.service.logic_work import LogicWork
 
     class Module:
         @staticmethod

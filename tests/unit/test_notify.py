@@ -13,7 +13,7 @@ from pymod_push.core import safexml
 from pymod_push.core.config import Config
 from pymod_push.core.notify import Trigger, is_call, is_own_bare_jid, trigger_of, unwrap_carbon
 from pymod_push.protocol import Publish, Stanza, StanzaToPending
-from pymod_push.service.decisions import LogicWork
+from pymod_push.service.logic_work import LogicWork
 from tests.service_stores import database, make_service  # noqa: F401 - a fixture
 from tests.unit.test_service import enable, fields
 

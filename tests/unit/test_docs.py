@@ -443,7 +443,7 @@ def name_error(token: str) -> str | None:
 
 def test_docs_name_modules_and_files_that_exist() -> None:
     """`pymod_push.logic.Message`, `core/notify.py`, `service.PushService`,
-    `tests/test_store.py`, `bench.versus_builtin`, `mod_push_py:c2s_handle_send/3`, and the
+    `tests/unit/test_store.py`, `bench.versus_builtin`, `mod_push_py:c2s_handle_send/3`, and the
     imports of the docs' Python examples: each must exist (dotted names resolved by import and
     getattr; paths from the repository or from pymod_push/)."""
     problems = []
@@ -752,6 +752,42 @@ def test_docs_quote_log_lines_the_code_writes() -> None:
     assert not problems, "\n".join(problems)
 
 
+
+# ---------------------------------------------------------------------------------- links
+
+def anchors(path: Path) -> set[str]:
+    """The anchors GitHub makes of a Markdown file's headings (lowercase, punctuation but
+    - and _ dropped, spaces as -, a repeated heading with -1, -2...)."""
+    seen: dict[str, int] = {}
+    out = set()
+    fence = False
+    for line in path.read_text().split("\n"):
+        fence ^= line.strip().startswith("```")
+        heading = re.match(r"#+ (.*)", line)
+        if heading and not fence:
+            slug = re.sub(r"[^\w\- ]", "", heading[1].strip().lower()).replace(" ", "-")
+            out.add(f"{slug}-{seen[slug]}" if slug in seen else slug)
+            seen[slug] = seen.get(slug, 0) + 1
+    return out
+
+
+def test_docs_links_resolve() -> None:
+    """Every relative link of README.md and docs/*.md reaches a file, and its #anchor a
+    heading there (README's section names are linked from docs/ and from the tests)."""
+    problems = []
+    for doc in docs():
+        for section, text in doc.prose:
+            for target in re.findall(r"\]\(([^)\s]+)\)", text):
+                if re.match(r"[a-z]+:", target):
+                    continue
+                file, _, anchor = target.partition("#")
+                path = (doc.path.parent / file).resolve() if file else doc.path
+                if not path.exists():
+                    problems.append(f"{where(doc, section)}: {target}: no file {file}")
+                elif anchor and path.suffix == ".md" and anchor not in anchors(path):
+                    problems.append(f"{where(doc, section)}: {target}: no heading #{anchor}")
+    assert not problems, "\n".join(problems)
+
 # A wrong name of each kind, as the docs could write it: each check must catch its own.
 WRONG = {
     "test_docs_name_modules_and_files_that_exist": [
@@ -793,6 +829,11 @@ WRONG = {
         '- *"N notifications not answered before the restart will be sent again"*',
         "- *\"field 'endpoint' is refused: … is not on the internet (private)\"*",
         '- *"protocol version mismatched"*',
+    ],
+    "test_docs_links_resolve": [
+        "See [the layout](layout.md).",
+        "See [Clusters](../README.md#cluster).",
+        "See [below](#no-such-heading).",
     ],
 }
 

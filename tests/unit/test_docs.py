@@ -752,7 +752,6 @@ def test_docs_quote_log_lines_the_code_writes() -> None:
     assert not problems, "\n".join(problems)
 
 
-
 # ---------------------------------------------------------------------------------- links
 
 def anchors(path: Path) -> set[str]:

@@ -23,6 +23,8 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from devtools.instance import Instance  # noqa: E402
+from pymod_push.store import Store, open_store  # noqa: E402
+from tests.builders import stores_from  # noqa: E402
 from tests.xmpp_peers import AppServer, Client, Peers  # noqa: E402
 
 _names = itertools.count(1)
@@ -89,6 +91,12 @@ class Scenario:
             lambda: [self.account(prefix) for prefix in ("app", "alice", "bob")])
         return await peers.app_server(*app), await peers.user(*alice), await peers.user(*bob)
 
+    async def app_and_users(self, peers: Peers, *names: str) -> list[Any]:
+        """An external app server and a user of each name prefix, online."""
+        accounts = await asyncio.to_thread(lambda: [self.account(n) for n in ("app", *names)])
+        app = await peers.app_server(*accounts[0])
+        return [app, *[await peers.user(*a) for a in accounts[1:]]]
+
     async def go_pending(self, client: Client) -> None:
         """Drop the client's TCP connection and wait until the server has its session pending."""
         mark = self.instance.log_mark()
@@ -123,3 +131,24 @@ def postgres() -> Iterator[Any]:
 def postgres_url(postgres: Any) -> str:
     """A fresh PostgreSQL database for a test module."""
     return str(postgres.new_database())
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request: pytest.FixtureRequest) -> Iterator[None]:
+    """The test runs once on SQLite and once on PostgreSQL: builders.make_service opens its
+    store on the database of the run (SQLite in memory, or a fresh PostgreSQL database)."""
+    if request.param == "sqlite":
+        yield
+        return
+    server: Any = request.getfixturevalue("postgres")
+    opened: list[Store] = []
+
+    def new_store() -> Store:
+        opened.append(open_store("", server.new_database()))
+        return opened[-1]
+    try:
+        with stores_from(new_store):
+            yield
+    finally:
+        for store in opened:
+            store.close()

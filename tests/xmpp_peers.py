@@ -1,8 +1,12 @@
-"""slixmpp peers for end-to-end tests: push users, a sender, and an external app server."""
+"""slixmpp peers for end-to-end tests: push users, a sender, and an external app server; what
+they send (messages, call proposals, MUC joins, Siskin's enable) and read (Tigase's
+<encrypted/>)."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import socket
 import struct
 import xml.etree.ElementTree as ET
@@ -10,16 +14,14 @@ from dataclasses import dataclass, field
 from typing import Any
 from xml.sax.saxutils import escape, quoteattr
 
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from slixmpp import ClientXMPP
 from slixmpp.exceptions import IqError
 from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import MatchXPath
 
-NS_PUSH = "urn:xmpp:push:0"
-NS_DATA = "jabber:x:data"
-NS_PUBSUB = "http://jabber.org/protocol/pubsub"
-PUBLISH_OPTIONS = "http://jabber.org/protocol/pubsub#publish-options"
-NS_COMMANDS = "http://jabber.org/protocol/commands"
+from tests.builders import NS_COMMANDS, NS_DATA, NS_PUBLISH_OPTIONS, NS_PUBSUB, NS_PUSH
+
 TIMEOUT = 20.0
 
 
@@ -70,7 +72,7 @@ class Client(ClientXMPP):
                                "</field>" for var, value in options.items()) + "</x>")
         if secret is not None:
             form += (f"<x xmlns='{NS_DATA}' type='submit'>"
-                     f"<field var='FORM_TYPE'><value>{PUBLISH_OPTIONS}</value></field>"
+                     f"<field var='FORM_TYPE'><value>{NS_PUBLISH_OPTIONS}</value></field>"
                      f"<field var='secret'><value>{secret}</value></field></x>")
         return await self.push_iq(f"<enable xmlns='{NS_PUSH}' jid='{push_jid}' node='{node}'>"
                                   f"{form}</enable>")
@@ -239,3 +241,79 @@ class Peers:
                     await asyncio.wait_for(client.disconnected, 5)
                 except TimeoutError:
                     client.abort()
+
+
+# ------------------------------------------------------------------ what the tests send
+
+BODIES = {"include-message-bodies": "1", "include-senders": "1"}  # push options of a user
+PROPOSE = ("<propose xmlns='urn:xmpp:jingle-message:0' id='{id}'>"
+           "<description xmlns='urn:xmpp:jingle:apps:rtp:1' media='audio'/></propose>")
+
+
+def send(sender: Client, to: str, body: str | None = None, payload: str = "",
+         mtype: str = "chat") -> None:
+    message = sender.make_message(mto=to, mbody=body, mtype=mtype)
+    if payload:
+        message.append(ET.fromstring(payload))
+    message.send()
+
+
+async def join(client: Client, room: str, nick: str) -> None:
+    """Join a MUC room and wait for the room's own presence (status 110)."""
+    joined = asyncio.get_running_loop().create_future()
+
+    def on_presence(presence: object) -> None:
+        if str(presence["from"]) == f"{room}/{nick}" and not joined.done():  # type: ignore[index]
+            joined.set_result(None)
+
+    client.add_event_handler("presence", on_presence)
+    presence = client.make_presence(pto=f"{room}/{nick}")
+    presence.append(ET.fromstring("<x xmlns='http://jabber.org/protocol/muc'>"
+                                  "<history maxstanzas='0'/></x>"))
+    presence.send()
+    await asyncio.wait_for(joined, TIMEOUT)
+    client.del_event_handler("presence", on_presence)
+
+
+async def round_trip(client: Client) -> None:
+    """The server has handled (and routed) what the client sent before."""
+    await client.plugin["xep_0030"].get_info(jid=client.boundjid.host, timeout=TIMEOUT)
+
+
+async def subscribe_to(client: Client, contact: Client) -> None:
+    """The client asks for the contact's presence: a roster item with ask=out (known)."""
+    contact.roster.auto_authorize = None  # neither accept nor refuse: ask stays out
+    contact.roster.auto_subscribe = False
+    client.send_presence(pto=contact.boundjid.bare, ptype="subscribe")
+    await round_trip(client)
+
+
+# ------------------------------------------------------------------ Tigase's extensions (iOS)
+
+NS_ENCRYPT = "tigase:push:encrypt:0"
+
+
+def siskin_enable_xml(app: str, node: str, key: bytes, rooms: str = "", muted: str = "",
+                      max_size: str = "") -> str:
+    """What Siskin sends (SiskinPushNotificationsModule): every extension advertised."""
+    size = f" max-size='{max_size}'" if max_size else ""
+    muted_items = f"<item jid='{muted}'/>" if muted else ""
+    return (f"<enable xmlns='urn:xmpp:push:0' jid='{app}' node='{node}'>"
+            "<ignore-unknown xmlns='tigase:push:filter:ignore-unknown:0'/>"
+            f"<muted xmlns='tigase:push:filter:muted:0'>{muted_items}</muted>"
+            f"<groupchat xmlns='tigase:push:filter:groupchat:0'>{rooms}</groupchat>"
+            "<priority xmlns='tigase:push:priority:0'/>"
+            f"<encrypt xmlns='{NS_ENCRYPT}' alg='aes-128-gcm'{size}>"
+            f"{base64.b64encode(key).decode()}</encrypt>"
+            "<jingle xmlns='tigase:push:jingle:0'/></enable>")
+
+
+def opened(push: Publish, key: bytes) -> dict[str, Any]:
+    """The device's part: decrypt <encrypted/> (checking the GCM tag) and read the JSON."""
+    (encrypted,) = [e for e in push.elements if e.tag == f"{{{NS_ENCRYPT}}}encrypted"]
+    iv = base64.b64decode(encrypted.get("iv", ""))
+    assert len(iv) == 12
+    plaintext = AESGCM(key).decrypt(iv, base64.b64decode(encrypted.text or ""), None)
+    value: dict[str, Any] = json.loads(plaintext)
+    assert push.summary == {}  # no form: nothing of the message in clear
+    return value

@@ -33,14 +33,12 @@ from tests.fake_providers import (
     serve_in_thread,
     webpush_check,
 )
-from tests.xmpp_peers import NS_DATA, NS_PUSH, Peers, form_fields
+from tests.xmpp_peers import NS_DATA, NS_PUSH, PROPOSE, Peers, form_fields
 
 pytestmark = pytest.mark.e2e
 
 TOKEN = "ab" * 32
 VOIP_TOKEN = "cd" * 32
-PROPOSE = ("<propose xmlns='urn:xmpp:jingle-message:0' id='call-1'>"
-           "<description xmlns='urn:xmpp:jingle:apps:rtp:1' media='audio'/></propose>")
 TOPIC = "org.example.chatninja"
 
 
@@ -488,7 +486,7 @@ def test_calls_go_as_urgent_pushes(setup: AppServerSetup) -> None:
 
     async def call(sender: Any, phone: Any) -> None:
         message = sender.make_message(mto=phone.boundjid.bare, mtype="chat")
-        message.append(ET.fromstring(PROPOSE))
+        message.append(ET.fromstring(PROPOSE.format(id="call-1")))
         message.send()
 
     async def run(peers: Peers) -> None:

@@ -9,30 +9,16 @@ stanzas from one sender reach the pending session, and Python, in order.
 from __future__ import annotations
 
 import asyncio
-import xml.etree.ElementTree as ET
 
 import pytest
 
 from tests.conftest import Scenario
-from tests.xmpp_peers import TIMEOUT, Client, Peers
+from tests.xmpp_peers import BODIES, PROPOSE, TIMEOUT, Peers, join, send
 
 pytestmark = pytest.mark.e2e
 
-BODIES = {"include-message-bodies": "1", "include-senders": "1"}
 OMEMO = ("<encrypted xmlns='eu.siacs.conversations.axolotl'><header sid='1'><iv>AAAA</iv>"
          "</header><payload>c2VjcmV0</payload></encrypted>")
-PROPOSE = ("<propose xmlns='urn:xmpp:jingle-message:0' id='{id}'>"
-           "<description xmlns='urn:xmpp:jingle:apps:rtp:1' media='audio'/></propose>")
-
-
-def send(sender: Client, to: str, body: str | None = None, payload: str = "",
-         mtype: str = "chat") -> None:
-    message = sender.make_message(mto=to, mbody=body, mtype=mtype)
-    if payload:
-        message.append(ET.fromstring(payload))
-    message.send()
-
-
 def test_encrypted_receipts_and_markers(scenario: Scenario) -> None:
     async def run(peers: Peers) -> None:
         server, phone, sender = await scenario.cast(peers)
@@ -74,23 +60,6 @@ def test_carbons_of_own_messages_do_not_push(scenario: Scenario) -> None:
         assert push.summary["message-count"] == "1"
 
     scenario.run(run)
-
-
-async def join(client: Client, room: str, nick: str) -> None:
-    """Join a MUC room and wait for the room's own presence (status 110)."""
-    joined = asyncio.get_running_loop().create_future()
-
-    def on_presence(presence: object) -> None:
-        if str(presence["from"]) == f"{room}/{nick}" and not joined.done():  # type: ignore[index]
-            joined.set_result(None)
-
-    client.add_event_handler("presence", on_presence)
-    presence = client.make_presence(pto=f"{room}/{nick}")
-    presence.append(ET.fromstring("<x xmlns='http://jabber.org/protocol/muc'>"
-                                  "<history maxstanzas='0'/></x>"))
-    presence.send()
-    await asyncio.wait_for(joined, TIMEOUT)
-    client.del_event_handler("presence", on_presence)
 
 
 def test_group_chat_pushes_on_mentions_only(scenario: Scenario) -> None:

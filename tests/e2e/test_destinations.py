@@ -23,7 +23,7 @@ from slixmpp.exceptions import IqError
 from devtools.instance import Instance
 from tests.conftest import Scenario
 from tests.fake_providers import H2Peer, LoopbackCA
-from tests.xmpp_peers import NS_DATA, NS_PUSH, PUBLISH_OPTIONS, Client, Peers, form_fields
+from tests.xmpp_peers import NS_DATA, NS_PUBLISH_OPTIONS, NS_PUSH, Client, Peers, form_fields
 
 pytestmark = pytest.mark.e2e
 
@@ -141,7 +141,7 @@ def _publish(node: str, secret: str) -> str:
             "<field var='FORM_TYPE'><value>urn:xmpp:push:summary</value></field>"
             "<field var='message-count'><value>1</value></field></x></notification></item>"
             f"</publish><publish-options><x xmlns='{NS_DATA}' type='submit'>"
-            f"<field var='FORM_TYPE'><value>{PUBLISH_OPTIONS}</value></field>"
+            f"<field var='FORM_TYPE'><value>{NS_PUBLISH_OPTIONS}</value></field>"
             f"<field var='secret'><value>{secret}</value></field></x></publish-options>"
             "</pubsub>")
 

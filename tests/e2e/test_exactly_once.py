@@ -27,11 +27,10 @@ import pytest
 
 from devtools.instance import Instance
 from devtools.xmpp_light import IN_BAND_CONFIG, IN_BAND_MODULES, Xmpp
+from tests.builders import NS_DATA, NS_PUSH
 
 pytestmark = pytest.mark.e2e
 
-NS_PUSH = "urn:xmpp:push:0"
-NS_DATA = "jabber:x:data"
 APP_JID = "app@localhost/srv"
 BODIES_ON = ("<x xmlns='jabber:x:data' type='submit'><field var='FORM_TYPE'><value>"
              "urn:xmpp:push:options</value></field><field var='include-message-bodies'>"

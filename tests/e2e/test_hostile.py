@@ -32,6 +32,7 @@ from slixmpp.xmlstream.matcher import MatchXPath
 
 from devtools.instance import Instance, free_port
 from pymod_push.core.limits import CUT_MARK
+from tests.builders import GOOD_JIDS, HOSTILE_JIDS
 from tests.conftest import Scenario
 from tests.fake_providers import (
     FakeProvider,
@@ -43,7 +44,6 @@ from tests.fake_providers import (
     webpush_check,
     wns_check,
 )
-from tests.unit.test_hostile_limits import GOOD_JIDS, HOSTILE_JIDS
 from tests.xmpp_peers import NS_COMMANDS, NS_DATA, NS_PUSH, Client, Peers, form_fields
 
 pytestmark = pytest.mark.e2e
@@ -169,10 +169,6 @@ async def _first_push(fake: FakeProvider) -> Any:
         if pushes:
             return pushes[0]
     raise AssertionError("unreachable")
-
-
-PROPOSE = ("<propose xmlns='urn:xmpp:jingle-message:0' id='call-1'>"
-           "<description xmlns='urn:xmpp:jingle:apps:rtp:1' media='audio'/></propose>")
 
 
 @pytest.mark.parametrize("kind", ["apns", "fcm", "webpush", "wns", "ubuntu"])

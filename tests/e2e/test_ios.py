@@ -13,23 +13,31 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import os
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from devtools.instance import Instance
 from tests.conftest import Scenario, _instance
-from tests.e2e.test_content import PROPOSE, join, send
-from tests.xmpp_peers import TIMEOUT, Client, Peers, Publish
+from tests.xmpp_peers import (
+    NS_ENCRYPT,
+    PROPOSE,
+    TIMEOUT,
+    Peers,
+    Publish,
+    join,
+    opened,
+    round_trip,
+    send,
+    siskin_enable_xml,
+    subscribe_to,
+)
 
 pytestmark = pytest.mark.e2e
 
-NS_ENCRYPT = "tigase:push:encrypt:0"
 NS_PRIORITY = "tigase:push:priority:0"
 NS_JINGLE = "tigase:push:jingle:0"
 FEATURES = {"tigase:push:encrypt:0", "tigase:push:encrypt:aes-128-gcm",
@@ -53,60 +61,15 @@ def scenario(ios: Instance) -> Scenario:
     return Scenario(ios)
 
 
-def enable_xml(app: str, node: str, key: bytes, rooms: str = "", muted: str = "",
-               max_size: str = "") -> str:
-    """What Siskin sends (SiskinPushNotificationsModule): every extension advertised."""
-    size = f" max-size='{max_size}'" if max_size else ""
-    muted_items = f"<item jid='{muted}'/>" if muted else ""
-    return (f"<enable xmlns='urn:xmpp:push:0' jid='{app}' node='{node}'>"
-            "<ignore-unknown xmlns='tigase:push:filter:ignore-unknown:0'/>"
-            f"<muted xmlns='tigase:push:filter:muted:0'>{muted_items}</muted>"
-            f"<groupchat xmlns='tigase:push:filter:groupchat:0'>{rooms}</groupchat>"
-            "<priority xmlns='tigase:push:priority:0'/>"
-            f"<encrypt xmlns='{NS_ENCRYPT}' alg='aes-128-gcm'{size}>"
-            f"{base64.b64encode(key).decode()}</encrypt>"
-            "<jingle xmlns='tigase:push:jingle:0'/></enable>")
-
-
-def opened(push: Publish, key: bytes) -> dict[str, Any]:
-    """The device's part: decrypt <encrypted/> (checking the GCM tag) and read the JSON."""
-    (encrypted,) = [e for e in push.elements if e.tag == f"{{{NS_ENCRYPT}}}encrypted"]
-    iv = base64.b64decode(encrypted.get("iv", ""))
-    assert len(iv) == 12
-    plaintext = AESGCM(key).decrypt(iv, base64.b64decode(encrypted.text or ""), None)
-    value: dict[str, Any] = json.loads(plaintext)
-    assert push.summary == {}  # no form: nothing of the message in clear
-    return value
-
-
 def priority(push: Publish) -> str | None:
     found = [e.text for e in push.elements if e.tag == f"{{{NS_PRIORITY}}}priority"]
     assert len(found) <= 1
     return found[0] if found else None
 
 
-async def round_trip(client: Client) -> None:
-    """The server has handled (and routed) what the client sent before."""
-    await client.plugin["xep_0030"].get_info(jid=client.boundjid.host, timeout=TIMEOUT)
-
-
-async def subscribe_to(client: Client, contact: Client) -> None:
-    """The client asks for the contact's presence: a roster item with ask=out (known)."""
-    contact.roster.auto_authorize = None  # neither accept nor refuse: ask stays out
-    contact.roster.auto_subscribe = False
-    client.send_presence(pto=contact.boundjid.bare, ptype="subscribe")
-    await round_trip(client)
-
-
-async def cast(scenario: Scenario, peers: Peers, *names: str) -> list[Any]:
-    accounts = await asyncio.to_thread(lambda: [scenario.account(n) for n in ("app", *names)])
-    app = await peers.app_server(*accounts[0])
-    return [app, *[await peers.user(*a) for a in accounts[1:]]]
-
-
 def test_the_account_advertises_the_extensions(scenario: Scenario) -> None:
     async def run(peers: Peers) -> None:
-        (_app, phone) = await cast(scenario, peers, "alice")
+        (_app, phone) = await scenario.app_and_users(peers, "alice")
         info = await phone.plugin["xep_0030"].get_info(jid=phone.boundjid.bare,
                                                        timeout=TIMEOUT)
         features = set(info["disco_info"]["features"])
@@ -118,11 +81,11 @@ def test_the_account_advertises_the_extensions(scenario: Scenario) -> None:
 
 def test_malformed_extensions_are_refused_and_nothing_is_kept(scenario: Scenario) -> None:
     async def run(peers: Peers) -> None:
-        app, phone = await cast(scenario, peers, "alice")
+        app, phone = await scenario.app_and_users(peers, "alice")
         to = app.boundjid.full
-        good = enable_xml(to, "good", os.urandom(16))
+        good = siskin_enable_xml(to, "good", os.urandom(16))
         await phone.push_iq(good)
-        for bad in (enable_xml(to, "bad", b"short"),
+        for bad in (siskin_enable_xml(to, "bad", b"short"),
                     good.replace("'good'", "'bad'").replace("aes-128-gcm", "aes-256-gcm"),
                     good.replace("'good'", "'bad'").replace(
                         "<muted xmlns='tigase:push:filter:muted:0'>",
@@ -144,13 +107,13 @@ def test_malformed_extensions_are_refused_and_nothing_is_kept(scenario: Scenario
 
 def test_encrypted_pushes_with_filters_and_priority(scenario: Scenario) -> None:
     async def run(peers: Peers) -> None:
-        app, phone, bob, carol, dave = await cast(scenario, peers, "alice", "bob", "carol",
-                                                  "dave")
+        app, phone, bob, carol, dave = await scenario.app_and_users(
+            peers, "alice", "bob", "carol", "dave")
         key = os.urandom(16)
         await subscribe_to(phone, bob)
         await subscribe_to(phone, carol)
-        await phone.push_iq(enable_xml(app.boundjid.full, "ios", key,
-                                       muted=carol.boundjid.bare))
+        await phone.push_iq(siskin_enable_xml(app.boundjid.full, "ios", key,
+                                              muted=carol.boundjid.bare))
         await scenario.go_pending(phone)
         to = phone.boundjid.full
 
@@ -205,7 +168,7 @@ def test_encrypted_pushes_with_filters_and_priority(scenario: Scenario) -> None:
 
 def test_group_chat_rules(scenario: Scenario) -> None:
     async def run(peers: Peers) -> None:
-        app, phone, bob = await cast(scenario, peers, "alice", "bob")
+        app, phone, bob = await scenario.app_and_users(peers, "alice", "bob")
         key = os.urandom(16)
         service = f"conference.{scenario.host}"
         rooms = {name: f"{name}{phone.boundjid.user}@{service}"
@@ -216,7 +179,7 @@ def test_group_chat_rules(scenario: Scenario) -> None:
         rules = (f"<room jid='{rooms['loud']}' allow='always'/>"
                  f"<room jid='{rooms['quiet']}' allow='mentioned' nick='Alice'/>"
                  f"<room jid='{rooms['off']}' allow='never'/>")
-        await phone.push_iq(enable_xml(app.boundjid.full, "muc", key, rules))
+        await phone.push_iq(siskin_enable_xml(app.boundjid.full, "muc", key, rules))
         await scenario.go_pending(phone)
 
         async def say(room: str, body: str) -> None:
@@ -253,10 +216,10 @@ def test_group_chat_rules(scenario: Scenario) -> None:
 
 def test_the_payload_fits_max_size(scenario: Scenario) -> None:
     async def run(peers: Peers) -> None:
-        app, phone, bob = await cast(scenario, peers, "alice", "bob")
+        app, phone, bob = await scenario.app_and_users(peers, "alice", "bob")
         key = os.urandom(16)
         await subscribe_to(phone, bob)
-        await phone.push_iq(enable_xml(app.boundjid.full, "small", key, max_size="400"))
+        await phone.push_iq(siskin_enable_xml(app.boundjid.full, "small", key, max_size="400"))
         await scenario.go_pending(phone)
         body = "ä" * 2000
         send(bob, phone.boundjid.full, body)
@@ -281,13 +244,13 @@ def test_the_option_turns_the_whole_set_off(ios_off: Instance) -> None:
     scenario = Scenario(ios_off)
 
     async def run(peers: Peers) -> None:
-        app, phone, bob = await cast(scenario, peers, "alice", "bob")
+        app, phone, bob = await scenario.app_and_users(peers, "alice", "bob")
         info = await phone.plugin["xep_0030"].get_info(jid=phone.boundjid.bare,
                                                        timeout=TIMEOUT)
         features = set(info["disco_info"]["features"])
         assert "urn:xmpp:push:0" in features and not features & FEATURES
         # a client that sends them anyway gets ordinary pushes
-        await phone.push_iq(enable_xml(app.boundjid.full, "plain", os.urandom(16)))
+        await phone.push_iq(siskin_enable_xml(app.boundjid.full, "plain", os.urandom(16)))
         listing = await asyncio.to_thread(scenario.instance.ctl, "push_list",
                                           phone.boundjid.user, phone.boundjid.host)
         assert "node plain" in listing and "extensions" not in listing
@@ -303,8 +266,8 @@ def test_a_wake_up_is_low_priority_and_carries_no_message(scenario: Scenario) ->
     """What only wakes the device (push_test, the wake before a resume timeout ends, after
     a restart) is low priority: there is nothing to show."""
     async def run(peers: Peers) -> None:
-        app, phone = await cast(scenario, peers, "alice")
-        await phone.push_iq(enable_xml(app.boundjid.full, "wake", os.urandom(16)))
+        app, phone = await scenario.app_and_users(peers, "alice")
+        await phone.push_iq(siskin_enable_xml(app.boundjid.full, "wake", os.urandom(16)))
         await asyncio.to_thread(scenario.instance.ctl, "push_test", phone.boundjid.user,
                                 phone.boundjid.host)
         (push,) = await app.wait_for("wake", 1)

@@ -25,14 +25,12 @@ from slixmpp.exceptions import IqError
 
 from devtools.instance import Instance
 from tests.conftest import Scenario
-from tests.xmpp_peers import NS_DATA, Client, Peers, form_fields
+from tests.xmpp_peers import NS_DATA, PROPOSE, Client, Peers, form_fields
 
 pytestmark = pytest.mark.e2e
 
 EXAMPLE = Path(__file__).resolve().parent.parent.parent / "examples" / "webhook_provider.py"
 TOKEN = "webhook-bearer-4d8f2a"  # the backend's own option: never in the log
-PROPOSE = ("<propose xmlns='urn:xmpp:jingle-message:0' id='call-1'>"
-           "<description xmlns='urn:xmpp:jingle:apps:rtp:1' media='audio'/></propose>")
 TIMEOUT = 30.0
 
 
@@ -177,7 +175,7 @@ def test_the_example_webhook_gets_each_notification(setup: Setup) -> None:
         assert headers["authorization"] == f"Bearer {TOKEN}"
         # A call is urgent.
         call = sender.make_message(mto=phone.boundjid.full, mtype="chat")
-        call.append(ET.fromstring(PROPOSE))
+        call.append(ET.fromstring(PROPOSE.format(id="call-1")))
         call.send()
         (_, (status, body)) = await setup.webhook.wait_for(2, "chan-hello")
         assert body["urgent"] is True and body["text"] == "Incoming call"

@@ -19,9 +19,18 @@ from slixmpp.exceptions import IqError
 
 from devtools.instance import Instance
 from tests.conftest import Scenario, _instance
-from tests.e2e.test_content import BODIES, PROPOSE, join, send
-from tests.e2e.test_ios import cast, enable_xml, opened, round_trip, subscribe_to
-from tests.xmpp_peers import TIMEOUT, Peers
+from tests.xmpp_peers import (
+    BODIES,
+    PROPOSE,
+    TIMEOUT,
+    Peers,
+    join,
+    opened,
+    round_trip,
+    send,
+    siskin_enable_xml,
+    subscribe_to,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -78,10 +87,10 @@ def test_a_forged_carbon_is_filtered_as_its_real_sender(scenario: Scenario) -> N
     """ignore-unknown (Tigase): alice knows bob, not mallory; mallory's message wrapped as
     a carbon of one from bob is mallory's (was: bob's, pushed)."""
     async def run(peers: Peers) -> None:
-        app, alice, bob, mallory = await cast(scenario, peers, "alice", "bob", "mallory")
+        app, alice, bob, mallory = await scenario.app_and_users(peers, "alice", "bob", "mallory")
         key = os.urandom(16)
         await subscribe_to(alice, bob)
-        await alice.push_iq(enable_xml(app.boundjid.full, "known", key))
+        await alice.push_iq(siskin_enable_xml(app.boundjid.full, "known", key))
         await scenario.go_pending(alice)
         to = alice.boundjid.bare
         send(mallory, to, "psst", payload=carbon("received", bob.boundjid.full, to,
@@ -149,13 +158,13 @@ def test_a_unicode_digit_in_max_size_is_a_bad_request(scenario: Scenario) -> Non
     """Was: '\u00b2'.isdigit() is true and int() raises: a traceback, and the IQ unanswered
     until the client gave up."""
     async def run(peers: Peers) -> None:
-        app, alice = await cast(scenario, peers, "alice")
+        app, alice = await scenario.app_and_users(peers, "alice")
         key = os.urandom(16)
         for max_size in ("\u00b2", "\u0663\u0660\u0660\u0660"):  # superscript, Arabic 3000
             mark = scenario.instance.log_mark()
             try:
-                await alice.push_iq(enable_xml(app.boundjid.full, "sup", key,
-                                               max_size=max_size))
+                await alice.push_iq(siskin_enable_xml(app.boundjid.full, "sup", key,
+                                                      max_size=max_size))
             except IqError as exc:
                 error = exc.iq["error"]
                 assert (error["type"], error["condition"]) == ("modify", "bad-request")
@@ -164,7 +173,7 @@ def test_a_unicode_digit_in_max_size_is_a_bad_request(scenario: Scenario) -> Non
                 raise AssertionError(f"max-size={max_size!r} was accepted")
             log = await asyncio.to_thread(log_since, scenario.instance, mark)
             assert "Traceback" not in log
-        await alice.push_iq(enable_xml(app.boundjid.full, "ascii", key, max_size="3000"))
+        await alice.push_iq(siskin_enable_xml(app.boundjid.full, "ascii", key, max_size="3000"))
 
     scenario.run(run)
 

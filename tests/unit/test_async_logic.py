@@ -10,11 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pymod_push import etf
 from pymod_push.etf import Atom
-from pymod_push.protocol import PROTOCOL_VERSION
-from tests.unit.test_hostile_input import PortUnderTest, batch
-from tests.unit.test_port import acks, until
+from tests.port_harness import PortUnderTest, acks, batch, hello, until
 
 LOGIC = '''
 import asyncio
@@ -32,24 +29,17 @@ async def summary(message, recipient, fields):
 '''
 
 
-def hello(db_file: Path, logic: Path, budget_ms: int) -> bytes:
-    return etf.encode((Atom("hello"), PROTOCOL_VERSION, b"example.org", {
-        Atom("db_file"): str(db_file).encode(), Atom("node"): Atom("e@h"),
-        Atom("logic"): str(logic).encode(), Atom("logic_budget"): budget_ms,
-        Atom("include_message_bodies"): True}))
-
-
 def session(user: str) -> tuple[bytes, bytes, bytes]:
     return (user.encode(), b"example.org", b"phone")
 
 
-def enable(ref: int, user: str) -> tuple[Any, ...]:
+def enable_event(ref: int, user: str) -> tuple[Any, ...]:
     xml = f"<enable xmlns='urn:xmpp:push:0' jid='push.example.net' node='{user}-node'/>"
     return (Atom("iq"), ref, session(user), (user.encode(), b"example.org", b""), Atom("set"),
             b"en", xml.encode())
 
 
-def message(user: str, body: str) -> tuple[Any, ...]:
+def stanza_event(user: str, body: str) -> tuple[Any, ...]:
     xml = (f"<message xmlns='jabber:client' type='chat' from='romeo@example.net/a' "
            f"id='{body}'><body>{body}</body></message>")
     return (Atom("stanza"), session(user), (Atom("message"), b"romeo@example.net/a",
@@ -87,13 +77,14 @@ def test_a_slow_hook_holds_only_its_users_notifications_in_order(tmp_path: Path)
     async def main() -> None:
         port = TimedPort()
         try:
-            port.app.on_frames([hello(tmp_path / "db.sqlite3", logic, 300)])
-            port.app.on_frames([batch(1, enable(1, "slow"), enable(2, "fast"))])
+            port.app.on_frames([hello(tmp_path / "db.sqlite3", logic=logic, logic_budget=300,
+                                     include_message_bodies=True)])
+            port.app.on_frames([batch(1, enable_event(1, "slow"), enable_event(2, "fast"))])
             await until(lambda: acks(port) == [1])
             began = time.monotonic()
-            port.app.on_frames([batch(2, message("slow", "s1"), message("slow", "s2"),
-                                      message("fast", "f1"), message("fast", "silence"),
-                                      message("slow", "s3"))])
+            port.app.on_frames([batch(2, stanza_event("slow", "s1"), stanza_event("slow", "s2"),
+                                      stanza_event("fast", "f1"), stanza_event("fast", "silence"),
+                                      stanza_event("slow", "s3"))])
             await until(lambda: len(pushes(port)) == 4, timeout=10)
             found = pushes(port)
             fast = [p for p in found if p[0] == "fast-node"]
@@ -122,9 +113,10 @@ def test_a_notification_waiting_for_the_logic_survives_the_process(tmp_path: Pat
     async def first() -> None:
         port = TimedPort()
         try:
-            port.app.on_frames([hello(tmp_path / "db.sqlite3", logic, 5000)])
-            port.app.on_frames([batch(1, enable(1, "slow"))])
-            port.app.on_frames([batch(2, message("slow", "kept"))])
+            port.app.on_frames([hello(tmp_path / "db.sqlite3", logic=logic, logic_budget=5000,
+                                     include_message_bodies=True)])
+            port.app.on_frames([batch(1, enable_event(1, "slow"))])
+            port.app.on_frames([batch(2, stanza_event("slow", "kept"))])
             await until(lambda: acks(port)[-1:] == [2])  # acknowledged, still waiting
             assert pushes(port) == []
         finally:
@@ -133,15 +125,17 @@ def test_a_notification_waiting_for_the_logic_survives_the_process(tmp_path: Pat
     async def second() -> None:
         port = TimedPort()
         try:
-            port.app.on_frames([hello(tmp_path / "db.sqlite3", logic, 200)])
+            port.app.on_frames([hello(tmp_path / "db.sqlite3", logic=logic, logic_budget=200,
+                                     include_message_bodies=True)])
             await until(lambda: len(pushes(port)) == 1, timeout=10)
             assert pushes(port)[0][1]["last-message-body"] == "kept"
         finally:
             await port.app.aclose()
         port = TimedPort()
         try:  # and once only: the next process's first push is a new message's
-            port.app.on_frames([hello(tmp_path / "db.sqlite3", logic, 200)])
-            port.app.on_frames([batch(3, message("slow", "after"))])
+            port.app.on_frames([hello(tmp_path / "db.sqlite3", logic=logic, logic_budget=200,
+                                     include_message_bodies=True)])
+            port.app.on_frames([batch(3, stanza_event("slow", "after"))])
             await until(lambda: len(pushes(port)) == 1, timeout=10)
             assert pushes(port)[0][1]["last-message-body"] == "after"
         finally:

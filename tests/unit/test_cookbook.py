@@ -18,12 +18,9 @@ from pymod_push.core.config import Backend
 from pymod_push.core.xmpp import RequestError
 from pymod_push.providers import DeliveryOutcome
 from pymod_push.python_provider import PushDevice, load_provider
-from tests.unit.test_logic_check import payload_sizes, sections
+from tests.builders import OPEN, payload_sizes, sections
 
 COOKBOOK = Path(__file__).resolve().parent.parent.parent / "examples" / "cookbook"
-OPEN = {"include_message_bodies": True, "include_senders": True}
-
-
 def checked(recipe: str, user: str, extra: list[str] | None = None,
             **options: object) -> dict[str, str]:
     lines: list[str] = []

@@ -27,6 +27,7 @@ from pymod_push.delivery.dispatcher import Dispatcher, Quieted
 from pymod_push.providers import b64url_encode
 from pymod_push.records import QueuedPush, RegisteredDevice
 from pymod_push.store import Store, open_store
+from tests.builders import device
 from tests.fake_providers import (
     FakeProvider,
     LoopbackCA,
@@ -82,8 +83,8 @@ def wns(ca: LoopbackCA) -> tuple[FakeProvider, int, Backend]:
 
 
 def _device(token: str, node: str = "node-1", **extra: str) -> RegisteredDevice:
-    return RegisteredDevice(node, "s", "alice@localhost", "d1", "", "x", "app", "pubsub.localhost",
-                  token, **extra)
+    return device(token, node, secret="s", user="alice@localhost", device_id="d1",
+                  pubsub_host="pubsub.localhost", **extra)
 
 
 def test_wns_token_then_raw_notification_and_refresh_after_401(ca: LoopbackCA) -> None:
@@ -731,7 +732,7 @@ def test_what_raises_on_a_retrys_way_does_not_end_it(
 def test_push_status_shows_the_bound_and_what_was_superseded_and_given_up() -> None:
     from pymod_push.port import admin_commands as admin
     from pymod_push.protocol import AdminCommand, CommandResult
-    from tests.service_stores import make_service
+    from tests.builders import make_service
 
     info = admin.ProcessInfo(provider_counters=Counter({
         ("webpush", "superseded"): 7, ("webpush", "delivered"): 2,

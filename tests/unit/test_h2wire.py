@@ -11,7 +11,6 @@ import struct
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import h2.config
@@ -39,72 +38,11 @@ from pymod_push.delivery.http2 import Denied, Http2Client, HttpError, Response, 
 from pymod_push.records import RegisteredDevice
 from pymod_push.store import Store
 from tests.fake_providers import H2Peer, LoopbackCA
-
-
-@dataclass
-class Server:
-    """h2's server side, keeping what each stream received."""
-    h2: h2.connection.H2Connection = field(default_factory=lambda: h2.connection.H2Connection(
-        h2.config.H2Configuration(client_side=False, header_encoding="utf-8")))
-    headers: dict[int, dict[str, str]] = field(default_factory=dict)
-    bodies: dict[int, bytearray] = field(default_factory=dict)
-    ended: list[int] = field(default_factory=list)
-    pings: int = 0
-    acknowledge: bool = True  # give back the window for DATA received
-
-    def __post_init__(self) -> None:
-        self.h2.initiate_connection()
-
-    def feed(self, data: bytes) -> None:
-        for event in self.h2.receive_data(data):
-            if isinstance(event, h2.events.RequestReceived):
-                self.headers[event.stream_id] = dict(event.headers)
-                self.bodies[event.stream_id] = bytearray()
-            elif isinstance(event, h2.events.DataReceived):
-                self.bodies[event.stream_id] += event.data
-                if self.acknowledge:
-                    self.h2.acknowledge_received_data(event.flow_controlled_length,
-                                                      event.stream_id)
-            elif isinstance(event, h2.events.StreamEnded):
-                self.ended.append(event.stream_id)
-            elif isinstance(event, h2.events.PingAckReceived):
-                self.pings += 1
-
-
-def exchange(client: H2Client, server: Server, pieces: int = 1) -> list[h2wire.Event]:
-    """Bytes both ways until neither has anything to say; the server's bytes reach the
-    client cut into ``pieces`` parts."""
-    events: list[h2wire.Event] = []
-    for _ in range(1000):
-        to_server, to_client = client.data_to_send(), server.h2.data_to_send()
-        if not to_server and not to_client:
-            return events
-        if to_server:
-            server.feed(to_server)
-        step = max(1, len(to_client) // pieces)
-        for start in range(0, len(to_client), step):
-            events += client.receive(to_client[start:start + step])
-    raise AssertionError("the two sides never went quiet")
+from tests.h2_server import Server, answer, exchange, request
 
 
 def replies_in(events: list[h2wire.Event]) -> list[h2wire.Event]:
     return [e for e in events if isinstance(e, Answered | Failed)]
-
-
-def answer(server: Server, stream_id: int, status: int = 200,
-           headers: tuple[tuple[str, str], ...] = (), body: bytes = b"") -> None:
-    server.h2.send_headers(stream_id, [(":status", str(status)), *headers],
-                           end_stream=not body)
-    while body:  # within the client's window (1<<24: never the limit here) and frame size
-        chunk = body[:server.h2.max_outbound_frame_size]
-        body = body[len(chunk):]
-        server.h2.send_data(stream_id, chunk, end_stream=not body)
-
-
-def request(client: H2Client, path: str = "/3/device/abc", body: bytes = b"",
-            extra: tuple[tuple[str, str], ...] = ()) -> int:
-    return client.request([(":method", "POST"), (":scheme", "https"),
-                           (":authority", "localhost"), (":path", path), *extra], body)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

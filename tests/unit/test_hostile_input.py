@@ -11,7 +11,6 @@ import re
 import struct
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 from xml.sax.saxutils import escape, quoteattr
@@ -26,17 +25,14 @@ from pymod_push import etf
 from pymod_push.appserver.server import (
     PUBLISH_BURST,
     PUBLISH_REFILL_PER_SECOND,
-    AppServer,
     Delivery,
 )
 from pymod_push.core import safexml
-from pymod_push.core.config import Backend, Config
 from pymod_push.core.ratelimit import RateLimiter
 from pymod_push.delivery.h2wire import Answered, Failed, H2Client
 from pymod_push.etf import Atom
-from pymod_push.port.app import FrameSplitter, PortApp
+from pymod_push.port.app import FrameSplitter
 from pymod_push.protocol import (
-    PROTOCOL_VERSION,
     Action,
     IqError,
     IqResult,
@@ -48,17 +44,29 @@ from pymod_push.protocol import (
     action_term,
     parse_event,
 )
-from pymod_push.service.decisions import PushService
-from pymod_push.store import Store
+from tests.builders import (
+    ACCOUNT,
+    NS_COMMANDS,
+    NS_DATA,
+    NS_PUBLISH_OPTIONS,
+    NS_PUBSUB,
+    NS_PUSH,
+    NS_STANZAS,
+    PHONE,
+    PUBSUB_HOST,
+    REGISTER_HOST,
+    USER,
+    Clock,
+    answer_of,
+    iq_xml,
+    make_app_server,
+    make_service,
+    publish,
+    publish_xml,
+    register,
+)
+from tests.port_harness import PortUnderTest, batch, hello
 
-NS_PUSH = "urn:xmpp:push:0"
-NS_DATA = "jabber:x:data"
-NS_PUBSUB = "http://jabber.org/protocol/pubsub"
-NS_COMMANDS = "http://jabber.org/protocol/commands"
-NS_STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
-PUBLISH_OPTIONS = "http://jabber.org/protocol/pubsub#publish-options"
-PHONE = ("alice", "example.org", "phone")
-ACCOUNT = ("alice", "example.org", "")
 FUZZ = settings(max_examples=300, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
@@ -123,7 +131,7 @@ def form_strategy(form_types: list[str], names: list[str]) -> st.SearchStrategy[
 
 PUSH_FIELDS = ["secret", "include-senders", "include-message-count", "include-message-bodies",
                "include-subscription-count", "endpoint"]
-push_forms = form_strategy([PUBLISH_OPTIONS, "urn:xmpp:push:options"], PUSH_FIELDS)
+push_forms = form_strategy([NS_PUBLISH_OPTIONS, "urn:xmpp:push:options"], PUSH_FIELDS)
 push_children = st.lists(
     push_forms | st.just("<unknown xmlns='urn:x'/>")
     | st.sampled_from([1, 100, 5000]).map(lambda n: "<a>" * n + "</a>" * n), max_size=4)
@@ -222,10 +230,6 @@ push_xml = (push_payloads().map(str.encode) | mutated(push_payloads()) | entity_
 
 
 # ------------------------------------------------------------------ push IQs
-
-def make_service() -> PushService:
-    return PushService(Config("example.org"), Store(":memory:"))
-
 
 def valid_enable(ref: object = "check") -> PushIq:
     return PushIq(ref, PHONE, ACCOUNT, "set", "en",
@@ -353,88 +357,13 @@ def test_nesting_is_bounded_whatever_the_markup() -> None:
 
 # ------------------------------------------------------------------ the app server
 
-PUBSUB_HOST = "pubsub.example.org"
-REGISTER_HOST = "push.example.org"
-BACKENDS = (
-    Backend(0, "apns", "chatninja", REGISTER_HOST, PUBSUB_HOST, {"topic": "org.example"}),
-    Backend(1, "fcm", "chatninja", REGISTER_HOST, PUBSUB_HOST, {}),
-    Backend(2, "webpush", "any", REGISTER_HOST, PUBSUB_HOST, {}),
-    Backend(3, "ubuntu", "any", "example.org", PUBSUB_HOST, {}),
-    Backend(4, "wns", "chatninja", REGISTER_HOST, "pubsub2.example.org", {}),
-)
 COMMANDS = ["register-push-apns", "register-push-fcm", "register-push-gcm",
             "register-push-webpush", "register-push-mozilla", "register-push-ubuntu",
             "register-push-wns", "list-push-registrations", "unregister-push"]
 COMMAND_FIELDS = ["token", "device-id", "device-name", "voip-token", "device-second-token",
                   "application-id", "application-name", "endpoint", "p256dh", "auth", "nodes"]
-USER = "alice@example.org/phone"
 command_forms = form_strategy(["", "x"], COMMAND_FIELDS)
 summary_forms = form_strategy(["urn:xmpp:push:summary"], ["message-count", "last-message-body"])
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def make_app_server(clock: Callable[[], float] | None = None) -> AppServer:
-    return AppServer(Config("example.org", backends=BACKENDS), Store(":memory:"),
-                     clock or Clock())
-
-
-def iq_xml(iq_type: str, to: str, payload: str, iq_id: str = "i1", sender: str = USER) -> bytes:
-    return (f"<iq xmlns='jabber:client' type={quoteattr(iq_type)} id={quoteattr(iq_id)} "
-            f"from={quoteattr(sender)} to={quoteattr(to)}>{payload}</iq>").encode()
-
-
-def command_xml(node: str, form_fields: dict[str, str] | None = None,
-                action: str = "execute") -> str:
-    form = "" if form_fields is None else (
-        f"<x xmlns='{NS_DATA}' type='submit'>" + "".join(
-            f"<field var={quoteattr(k)}><value>{escape(v)}</value></field>"
-            for k, v in form_fields.items()) + "</x>")
-    return (f"<command xmlns='{NS_COMMANDS}' node={quoteattr(node)} "
-            f"action={quoteattr(action)}>{form}</command>")
-
-
-def publish_xml(node: str, secret: str | None, summary: str = "") -> str:
-    options = "" if secret is None else (
-        f"<publish-options><x xmlns='{NS_DATA}' type='submit'><field var='FORM_TYPE'>"
-        f"<value>{PUBLISH_OPTIONS}</value></field><field var='secret'>"
-        f"<value>{escape(secret)}</value></field></x></publish-options>")
-    summary = summary or (f"<x xmlns='{NS_DATA}' type='submit'><field var='message-count'>"
-                          "<value>1</value></field></x>")
-    return (f"<pubsub xmlns='{NS_PUBSUB}'><publish node={quoteattr(node)}><item>"
-            f"<notification xmlns='{NS_PUSH}'>{summary}</notification></item></publish>"
-            f"{options}</pubsub>")
-
-
-def answer_of(routes: list[Route | Delivery]) -> ET.Element:
-    (route,) = routes
-    assert isinstance(route, Route)
-    return ET.fromstring(route.xml)
-
-
-def register(server: AppServer, token: str = "ab" * 32, sender: str = USER) -> tuple[str, str]:
-    """Register an APNs device; its (node, secret)."""
-    answer = answer_of(server.handle(True, iq_xml(
-        "set", REGISTER_HOST, command_xml("register-push-apns", {"token": token}),
-        sender=sender)))
-    assert answer.get("type") == "result", ET.tostring(answer)
-    values = {f.get("var"): f.findtext(f"{{{NS_DATA}}}value")
-              for f in answer.iter(f"{{{NS_DATA}}}field")}
-    node, secret = values["node"], values["secret"]
-    assert node and secret
-    return node, secret
-
-
-def publish(server: AppServer, node: str, secret: str | None, iq_id: str = "p1",
-            sender: str = "example.org") -> list[Route | Delivery]:
-    return server.handle(True, iq_xml("set", PUBSUB_HOST, publish_xml(node, secret), iq_id,
-                                      sender))
 
 
 def error_of(routes: list[Route | Delivery]) -> tuple[str, str, str]:
@@ -689,37 +618,10 @@ def test_a_clock_that_goes_back_refills_nothing() -> None:
 
 # ------------------------------------------------------------------ the port edge
 
-def hello(db_file: str = ":memory:") -> bytes:
-    return etf.encode((Atom("hello"), PROTOCOL_VERSION, b"example.org",
-                       {Atom("db_file"): db_file.encode(), Atom("node"): Atom("e@h")}))
-
-
 def push_iq_event(ref: int, xml: str) -> tuple[Any, ...]:
     user = tuple(p.encode() for p in PHONE)
     return (Atom("iq"), ref, user, (b"alice", b"example.org", b""), Atom("set"), b"en",
             xml.encode())
-
-
-def batch(seq: int, *events: Any) -> bytes:
-    return etf.encode((Atom("events"), 1, seq, list(events)))
-
-
-class PortUnderTest:
-    """A PortApp fed frames directly; what it writes, decoded."""
-
-    def __init__(self) -> None:
-        self.written: list[Any] = []
-        self.app = PortApp(self._write)
-
-    def _write(self, data: bytes) -> None:
-        (size,) = struct.unpack(">I", data[:4])
-        assert size == len(data) - 4
-        self.written.append(etf.decode(data[4:]))
-
-    def actions(self) -> list[tuple[Any, ...]]:
-        """Every action written (log lines and the hello reply left out)."""
-        return [a for frame_ in self.written if isinstance(frame_, list) for a in frame_
-                if a[0] != "log"]
 
 
 def run_port(frames_in: list[bytes]) -> PortUnderTest:
@@ -907,7 +809,7 @@ def test_an_http2_status_is_three_ascii_digits(status: str) -> None:
     """Was: '\u00b2\u00b2\u00b2'.isdigit() is true and int() raises out of
     H2Client.receive (the connection and its other streams lost); Arabic-Indic and
     fullwidth digits were taken as 200. Now the stream fails, the connection goes on."""
-    from tests.unit.test_h2wire import Server, answer, exchange, request
+    from tests.h2_server import Server, answer, exchange, request
 
     client = H2Client()
     server = Server(h2.connection.H2Connection(h2.config.H2Configuration(

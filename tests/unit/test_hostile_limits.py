@@ -8,7 +8,6 @@ import base64
 import json
 import sqlite3
 import xml.etree.ElementTree as ET
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from pymod_push.core.config import Backend, Config
 from pymod_push.core.limits import CUT_MARK, MAX_PUBLISH_IQ_BYTES, cut_utf8, fit
 from pymod_push.core.xep0357 import MAX_PUBLISH_OPTIONS_XML_BYTES
 from pymod_push.core.xmpp import jid_problem
-from pymod_push.protocol import IqError, IqResult, Publish, PushIq, Route, Stanza, StanzaToPending
+from pymod_push.protocol import IqError, IqResult, Publish, PushIq, Route, StanzaToPending
 from pymod_push.providers import HttpRequest
 from pymod_push.providers.apns import MAX_PAYLOAD, MAX_VOIP_PAYLOAD, Apns
 from pymod_push.providers.fcm import MAX_DATA, Fcm
@@ -36,14 +35,27 @@ from pymod_push.providers.wns import Wns
 from pymod_push.records import RegisteredDevice
 from pymod_push.service.decisions import PushService
 from pymod_push.store import Store
+from tests.builders import (
+    ACCOUNT,
+    BACKENDS,
+    GOOD_JIDS,
+    HOSTILE_JIDS,
+    NS_DATA,
+    NS_PUSH,
+    OPEN,
+    PHONE,
+    PUBSUB_HOST,
+    REGISTER_HOST,
+    Clock,
+    enable_xml,
+    make_service,
+    message,
+    publish_iq_xml,
+    push_iq,
+    xml_attr,
+    xml_escape,
+)
 
-PHONE = ("alice", "example.org", "phone")
-ACCOUNT = ("alice", "example.org", "")
-NS_PUSH = "urn:xmpp:push:0"
-NS_DATA = "jabber:x:data"
-SECRET_FORM = ("<x xmlns='jabber:x:data' type='submit'><field var='FORM_TYPE'><value>"
-               "http://jabber.org/protocol/pubsub#publish-options</value></field>"
-               "<field var='secret'><value>s3cr3t</value></field></x>")
 # Bodies that are large in every way a serializer can make them larger.
 MEGABYTE = 1024 * 1024
 HUGE_BODIES = {
@@ -55,54 +67,9 @@ HUGE_BODIES = {
 }
 
 
-def make_service(**options: Any) -> PushService:
-    config = replace(Config("example.org", include_message_bodies=True, include_senders=True),
-                     **options)
-    return PushService(config, Store(":memory:"))
-
-
-def push_iq(xml: str, ref: object = "ref", sender: tuple[str, str, str] = PHONE) -> PushIq:
-    return PushIq(ref, sender, ACCOUNT, "set", "en", xml.encode())
-
-
-def enable_xml(node: str, jid: str = "push.example.net", form: str = SECRET_FORM) -> str:
-    return (f"<enable xmlns='{NS_PUSH}' jid={_attr(jid)} node={_attr(node)}>{form}</enable>")
-
-
-def _attr(value: str) -> str:
-    return "'" + _escape(value) + "'"
-
-
-def _escape(text: str) -> str:
-    """As fxml writes text and attribute values: all five escaped."""
-    return (text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-            .replace("'", "&apos;").replace('"', "&quot;"))
-
-
 def answer(actions: Any) -> IqResult | IqError:
     (found,) = [a for a in actions if isinstance(a, (IqResult, IqError))]
     return found
-
-
-def message(body: str, stanza_id: str = "m1", sender: str = "bob@example.org/pc") -> Stanza:
-    xml = (f"<message xmlns='jabber:client' from={_attr(sender)} id='{stanza_id}' type='chat'>"
-           f"<body>{_escape(body)}</body></message>")
-    return Stanza("message", sender, stanza_id, "chat", body, xml.encode())
-
-
-def publish_iq_xml(publish: Publish, host: str = "example.org") -> bytes:
-    """The publish IQ as the shim builds it (fxml escaping every special character)."""
-    def form(fields: Any) -> str:
-        return (f"<x xmlns='{NS_DATA}' type='submit'>" + "".join(
-            f"<field var={_attr(var)}>" + "".join(f"<value>{_escape(v)}</value>" for v in vs)
-            + "</field>" for var, vs in fields) + "</x>")
-    options = (f"<publish-options>{form(publish.publish_options)}</publish-options>"
-               if publish.publish_options else "")
-    return (f"<iq xmlns='jabber:server' type='set' id='{'x' * 36}' from={_attr(host)} "
-            f"to={_attr(publish.to)}><pubsub xmlns='http://jabber.org/protocol/pubsub'>"
-            f"<publish node={_attr(publish.node)}><item><notification xmlns='{NS_PUSH}'>"
-            f"{form(publish.fields)}</notification></item></publish>{options}</pubsub>"
-            "</iq>").encode()
 
 
 # ------------------------------------------------------------------ cutting a body
@@ -146,10 +113,10 @@ def test_fit_shortens_the_body_first_then_drops_optional_fields(body: str, sende
 
 @pytest.mark.parametrize("kind", HUGE_BODIES)
 def test_a_1_mb_body_gives_a_bounded_publish(kind: str) -> None:
-    service = make_service()
+    service = make_service(**OPEN)
     assert isinstance(answer(service.handle(push_iq(enable_xml("n1")), 0.0)), IqResult)
     body = HUGE_BODIES[kind]
-    (publish,) = service.handle(StanzaToPending(PHONE, message(body)), 0.0)
+    (publish,) = service.handle(StanzaToPending(PHONE, message(body, escaped=True)), 0.0)
     assert isinstance(publish, Publish)
     summary = {var: values[0] for var, values in publish.fields}
     cut = summary["last-message-body"]
@@ -165,7 +132,7 @@ def test_the_largest_publish_an_account_can_cause_is_within_the_bound() -> None:
     """Everything at its limit: app-server JID and node of 1023-byte parts full of
     characters fxml escapes six-fold, the largest publish-options, a sender and a body
     to match."""
-    service = make_service()
+    service = make_service(**OPEN)
     local, domain = "a" * 1023, ".".join(["d" * 63] * 16)[:1023]
     resource = "'" * 1023
     jid = f"{local}@{domain}/{resource}"
@@ -173,18 +140,19 @@ def test_the_largest_publish_an_account_can_cause_is_within_the_bound() -> None:
     node = "'" * 1023
     value = "'" * 600
     form = (f"<x xmlns='{NS_DATA}' type='submit'>" + "".join(
-        f"<field var='f{i}'><value>{_escape(value)}</value></field>" for i in range(64)) + "</x>")
+        f"<field var='f{i}'><value>{xml_escape(value)}</value></field>" for i in range(64))
+        + "</x>")
     refused = answer(service.handle(push_iq(enable_xml(node, jid, form)), 0.0))
     assert isinstance(refused, IqError) and refused.condition == "not-acceptable"
     assert "publish-options" in refused.text
     fitting = (f"<x xmlns='{NS_DATA}' type='submit'>" + "".join(
-        f"<field var='f{i}'><value>{_escape(value[:100])}</value></field>" for i in range(6))
+        f"<field var='f{i}'><value>{xml_escape(value[:100])}</value></field>" for i in range(6))
         + "</x>")
     assert isinstance(answer(service.handle(push_iq(enable_xml(node, jid, fitting)), 0.0)),
                       IqResult)
     sender = f"{'b' * 1023}@{domain}/{'<' * 1023}"
-    (publish,) = service.handle(StanzaToPending(PHONE, message("&" * MEGABYTE, sender=sender)),
-                                0.0)
+    (publish,) = service.handle(
+        StanzaToPending(PHONE, message("&" * MEGABYTE, sender=sender, escaped=True)), 0.0)
     assert isinstance(publish, Publish)
     size = len(publish_iq_xml(publish, host="e" * 1023))
     print(f"\nlargest publish IQ: {size} bytes (bound {MAX_PUBLISH_IQ_BYTES})")
@@ -201,7 +169,7 @@ def test_an_admins_summary_cannot_blow_the_bound() -> None:
     service = PushService(Config("example.org", include_message_bodies=True), Store(":memory:"),
                           logic=Logic(Huge()))
     service.handle(push_iq(enable_xml("n1")), 0.0)
-    (publish,) = service.handle(StanzaToPending(PHONE, message("hello")), 0.0)
+    (publish,) = service.handle(StanzaToPending(PHONE, message("hello", escaped=True)), 0.0)
     assert isinstance(publish, Publish)
     summary = {var: values[0] for var, values in publish.fields}
     assert summary["message-count"] == "1"
@@ -303,7 +271,7 @@ def test_every_provider_payload_stays_within_its_limit(tmp_path: Path, body_kind
 # ------------------------------------------------------------------ registrations
 
 def test_registrations_per_account_are_limited_and_nothing_is_lost() -> None:
-    service = make_service(max_registrations=5)
+    service = make_service(**OPEN, max_registrations=5)
     for number in range(5):
         assert isinstance(answer(service.handle(push_iq(enable_xml(f"n{number}")), 0.0)),
                           IqResult)
@@ -322,7 +290,7 @@ def test_registrations_per_account_are_limited_and_nothing_is_lost() -> None:
     service.handle(push_iq(f"<disable xmlns='{NS_PUSH}' jid='push.example.net' node='n0'/>"),
                    0.0)
     assert isinstance(answer(service.handle(push_iq(enable_xml("n5")), 0.0)), IqResult)
-    publishes = service.handle(StanzaToPending(PHONE, message("hi")), 0.0)
+    publishes = service.handle(StanzaToPending(PHONE, message("hi", escaped=True)), 0.0)
     print(f"\nregistrations held: {len(service.store.for_user(ACCOUNT[:2]))} (limit 5); "
           f"publishes for one message: {len(publishes)}")
     assert len(publishes) == 4  # n1, n2, n3, n5: n4 moved to the tablet
@@ -335,7 +303,7 @@ def _changes(store: Store) -> int:
 
 
 def test_an_enable_writes_one_row_however_many_the_account_holds() -> None:
-    service = make_service(max_registrations=10_000, push_iq_rate=100_000)
+    service = make_service(**OPEN, max_registrations=10_000, push_iq_rate=100_000)
     written = []
     for number in range(2000):
         before = _changes(service.store)
@@ -346,7 +314,7 @@ def test_an_enable_writes_one_row_however_many_the_account_holds() -> None:
 
 
 def test_push_iqs_per_account_are_rate_limited() -> None:
-    service = make_service(push_iq_rate=60, max_registrations=1000)
+    service = make_service(**OPEN, push_iq_rate=60, max_registrations=1000)
     answers = [answer(service.handle(push_iq(enable_xml(f"n{i % 3}"), ref=i), 100.0))
                for i in range(100)]
     accepted = [a for a in answers if isinstance(a, IqResult)]
@@ -365,24 +333,6 @@ def test_push_iqs_per_account_are_rate_limited() -> None:
 
 # ------------------------------------------------------------------ push JIDs
 
-HOSTILE_JIDS = [
-    "a@.localhost", "..", ".", "a@[zz]", "a@[::1", "a@[::1]x", "[zz]", "x" * 1024 + "@h",
-    "a@" + "d" * 1100, "a@b/" + "r" * 1100, "a@" + "d" * 64 + ".org", "a\u200b@b",
-    "push.exa\u200bmple.org", "a@b\u202e", "push.\u202eorg", "a@b\u200d", "a@b\ufeff",
-    "a@b\u2028", "a@b\u2029", "a@b\u0000", "a@b\u0007", "a@b\u007f", "a@b\u0085",
-    "a@b\ue000", "a@b\U000f0000", "a@b\u0378", "a b@c", "a@b c", "a@b/c d", "a@b\t",
-    "a@b\u00a0", "a@b\u3000", "@b", "a@", "a@/r", "a@b/", "/r", "a@b@c", "a\"b@c",
-    "a&b@c", "a'b@c", "a:b@c", "a<b@c", "a>b@c", "a@b..c", "a@b.", "a@.b.", "a@-/x/",
-    "a@b!c", "a@b$c", "a@b*c", "a@b,c", "a@b;c", "a@b=c", "a@b+c", "a@b(c)", "a@b%c",
-    "a@b\\c", "a@b|c", "a@b~c", "a@b`c", "a@b{c}", "a@b?c", "a@b#c", "a@\u2024b",
-    "a@b\u2000c", "a@[]", "a@[1.2.3.4]", "a@[fe80::1%eth0]",
-]
-GOOD_JIDS = ["push.example.net", "p2.siacs.eu", "127.0.0.2", "a@[::1]", "user@example.org",
-             "user@example.org/res with space".replace(" ", "-"), "münchen.de",
-             "push_up.example.org", "a@xn--mnchen-3ya.de", "Alice@Example.ORG/Phone",
-             "d" * 63 + ".org", "\u0928\u092e\u0938\u094d\u0924\u0947.example"]
-
-
 def test_the_hostile_jid_corpus_is_large_enough() -> None:
     assert len(set(HOSTILE_JIDS)) >= 50
 
@@ -390,7 +340,7 @@ def test_the_hostile_jid_corpus_is_large_enough() -> None:
 @pytest.mark.parametrize("jid", HOSTILE_JIDS, ids=range(len(HOSTILE_JIDS)))
 def test_hostile_push_jids_are_refused_with_jid_malformed(jid: str) -> None:
     assert jid_problem(jid) is not None
-    service = make_service()
+    service = make_service(**OPEN)
     refused = answer(service.handle(push_iq(enable_xml("n1", jid)), 0.0))
     assert isinstance(refused, IqError)
     assert refused.condition in ("jid-malformed", "bad-request"), refused
@@ -399,27 +349,15 @@ def test_hostile_push_jids_are_refused_with_jid_malformed(jid: str) -> None:
 
 @pytest.mark.parametrize("jid", GOOD_JIDS)
 def test_ordinary_push_jids_are_accepted(jid: str) -> None:
-    service = make_service()
+    service = make_service(**OPEN)
     assert isinstance(answer(service.handle(push_iq(enable_xml("n1", jid)), 0.0)), IqResult)
 
 
 # ------------------------------------------------------------------ the app server
 
-PUBSUB = "pubsub.example.org"
-REGISTER = "push.example.org"
-APP_BACKENDS = (Backend(0, "apns", "chatninja", REGISTER, PUBSUB, {"topic": "org.example"}),)
-
-
-class Clock:
-    now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def _iq(iq_type: str, to: str, payload: str, iq_id: str = "i1",
         sender: str = "alice@example.org/phone") -> bytes:
-    return (f"<iq xmlns='jabber:client' type='{iq_type}' id='{iq_id}' from={_attr(sender)} "
+    return (f"<iq xmlns='jabber:client' type='{iq_type}' id='{iq_id}' from={xml_attr(sender)} "
             f"to='{to}'>{payload}</iq>").encode()
 
 
@@ -429,7 +367,7 @@ def _register(server: AppServer, device_id: str, sender: str = "alice@example.or
                f"action='execute'><x xmlns='{NS_DATA}' type='submit'><field var='token'><value>"
                f"{'ab' * 32}</value></field><field var='device-id'><value>{device_id}</value>"
                "</field></x></command>")
-    (route,) = server.handle(True, _iq("set", REGISTER, command, sender=sender))
+    (route,) = server.handle(True, _iq("set", REGISTER_HOST, command, sender=sender))
     assert isinstance(route, Route)
     return ET.fromstring(route.xml)
 
@@ -443,7 +381,7 @@ def _error(element: ET.Element) -> tuple[str, str, str]:
 
 
 def test_devices_per_account_are_limited() -> None:
-    config = Config("example.org", backends=APP_BACKENDS, max_devices=3)
+    config = Config("example.org", backends=BACKENDS[:1], max_devices=3)
     server = AppServer(config, Store(":memory:"), Clock())
     for number in range(3):
         assert _register(server, f"d{number}").get("type") == "result"
@@ -456,7 +394,7 @@ def test_devices_per_account_are_limited() -> None:
 
 def test_registration_commands_per_account_are_rate_limited() -> None:
     clock = Clock()
-    config = Config("example.org", backends=APP_BACKENDS, push_iq_rate=10)
+    config = Config("example.org", backends=BACKENDS[:1], push_iq_rate=10)
     server = AppServer(config, Store(":memory:"), clock)
     results = [_register(server, "d1") for _ in range(15)]
     assert [r.get("type") for r in results].count("result") == 10
@@ -466,8 +404,8 @@ def test_registration_commands_per_account_are_rate_limited() -> None:
 
 
 def test_an_oversized_or_broken_publish_is_answered_at_once() -> None:
-    server = AppServer(Config("example.org", backends=APP_BACKENDS), Store(":memory:"), Clock())
-    huge = _iq("set", PUBSUB, "<pubsub xmlns='http://jabber.org/protocol/pubsub'><publish "
+    server = AppServer(Config("example.org", backends=BACKENDS[:1]), Store(":memory:"), Clock())
+    huge = _iq("set", PUBSUB_HOST, "<pubsub xmlns='http://jabber.org/protocol/pubsub'><publish "
                "node='n'><item>" + "x" * (safexml.MAX_XML_BYTES + 1) + "</item></publish>"
                "</pubsub>", iq_id="big", sender="example.net")
     (route,) = server.handle(True, huge)
@@ -475,14 +413,14 @@ def test_an_oversized_or_broken_publish_is_answered_at_once() -> None:
     answer_xml = ET.fromstring(route.xml)
     assert answer_xml.get("id") == "big" and answer_xml.get("to") == "example.net"
     assert _error(answer_xml)[:2] == ("modify", "not-acceptable")
-    broken = _iq("set", PUBSUB, "<pubsub xmlns='x'>\0</pubsub>", iq_id="bad")
+    broken = _iq("set", PUBSUB_HOST, "<pubsub xmlns='x'>\0</pubsub>", iq_id="bad")
     (route,) = server.handle(True, broken)
     assert isinstance(route, Route)
     assert _error(ET.fromstring(route.xml))[:2] == ("modify", "bad-request")
 
 
 def test_a_publish_with_a_huge_body_is_pushed_not_refused() -> None:
-    server = AppServer(Config("example.org", backends=APP_BACKENDS), Store(":memory:"), Clock())
+    server = AppServer(Config("example.org", backends=BACKENDS[:1]), Store(":memory:"), Clock())
     values = {f.get("var"): f.findtext(f"{{{NS_DATA}}}value")
               for f in _register(server, "d1").iter(f"{{{NS_DATA}}}field")}
     body = "\U0001F600" * 200_000
@@ -494,7 +432,7 @@ def test_a_publish_with_a_huge_body_is_pushed_not_refused() -> None:
                f"</item></publish><publish-options><x xmlns='{NS_DATA}' type='submit'>"
                f"<field var='secret'><value>{values['secret']}</value></field></x>"
                "</publish-options></pubsub>")
-    (delivery,) = server.handle(True, _iq("set", PUBSUB, publish, sender="example.net"))
+    (delivery,) = server.handle(True, _iq("set", PUBSUB_HOST, publish, sender="example.net"))
     assert isinstance(delivery, Delivery)
     cut = delivery.summary["last-message-body"]
     assert len(cut.encode()) <= 4096 and cut.endswith(CUT_MARK)
@@ -508,7 +446,7 @@ def test_push_list_and_push_status_show_who_is_near_a_limit() -> None:
     from pymod_push.port import admin_commands as admin
     from pymod_push.protocol import AdminCommand, CommandResult
 
-    service = make_service(max_registrations=10)
+    service = make_service(**OPEN, max_registrations=10)
     for number in range(8):
         service.handle(push_iq(enable_xml(f"n{number}")), 0.0)
     bob = ("bob", "example.org", "pc")
@@ -562,14 +500,14 @@ def test_publishes_over_a_domains_rate_wait_in_order_and_none_is_dropped() -> No
 
 
 def test_the_service_paces_publishes_to_one_domain() -> None:
-    service = make_service(publish_rate=5)
+    service = make_service(**OPEN, publish_rate=5)
     accounts = [(f"user{n}", "example.org", "phone") for n in range(12)]
     for number, session in enumerate(accounts):
         iq = PushIq(number, session, (*session[:2], ""), "set", "en",
                     enable_xml(f"n{number}", jid="push.victim.example").encode())
         assert isinstance(answer(service.handle(iq, 0.0)), IqResult)
     now_sent = [a for session in accounts
-                for a in service.handle(StanzaToPending(session, message("hi")), 1.0)]
+                for a in service.handle(StanzaToPending(session, message("hi", escaped=True)), 1.0)]
     assert len(now_sent) == 5
     deadline = service.next_deadline()
     assert deadline is not None and deadline == pytest.approx(1.2)

@@ -26,7 +26,6 @@ from pymod_push.protocol import (
     IqError,
     IqResult,
     Publish,
-    PushIq,
     SetPush,
     Stanza,
     StanzaToPending,
@@ -34,19 +33,24 @@ from pymod_push.protocol import (
 )
 from pymod_push.service.decisions import PushService
 from pymod_push.store import Store, open_store
-from tests.service_stores import database, make_service  # noqa: F401 - a fixture
+from tests.builders import (
+    APP,
+    OWN_HOST_BACKENDS,
+    PHONE,
+    PUBSUB_HOST,
+    enable_xml,
+    make_service,
+    push_iq,
+    registered,
+)
 
 KEY = bytes(range(16))
 KEY64 = base64.b64encode(KEY).decode()
-PHONE = ("alice", "example.org", "phone")
-APP = "push.example.net"
 
 
-def enable_xml(children: str = "", node: str = "n1", attrs: str = "") -> str:
-    return (f"<enable xmlns='urn:xmpp:push:0' jid='{APP}' node='{node}'{attrs}>{children}"
-            "</enable>")
-
-
+def tigase_enable(children: str = "", node: str = "n1", attrs: str = "") -> str:
+    """<enable/> with Tigase's extensions as its children (and no publish-options)."""
+    return enable_xml(node, form=children, attrs=attrs)
 def encrypt_el(key: str = KEY64, alg: str = "aes-128-gcm", extra: str = "") -> str:
     return f"<encrypt xmlns='tigase:push:encrypt:0' alg='{alg}'{extra}>{key}</encrypt>"
 
@@ -63,7 +67,7 @@ ALL = (encrypt_el(extra=" max-size='2000'")
 
 
 def parsed(children: str, attrs: str = "") -> ext.Extensions | None:
-    request = parse_push_request(enable_xml(children, attrs=attrs).encode())
+    request = parse_push_request(tigase_enable(children, attrs=attrs).encode())
     assert isinstance(request, Enable)
     return request.extensions
 
@@ -323,10 +327,6 @@ def test_priority() -> None:
 
 
 
-def push_iq(xml: str) -> PushIq:
-    return PushIq("ref", PHONE, ("alice", "example.org", ""), "set", "en", xml.encode())
-
-
 def stanza(body: str = "hi", stanza_id: str = "m1", sender: str = "bob@example.org/pc",
            stanza_type: str = "chat", extra: str = "", known: bool | None = True,
            nick: str = "") -> Stanza:
@@ -354,18 +354,18 @@ def priority_of(action: object) -> str | None:
 @pytest.mark.usefixtures("database")
 def test_enable_keeps_the_extensions_next_enable_replaces_disable_removes() -> None:
     service = make_service()
-    assert service.handle(push_iq(enable_xml(ALL)), 0) == [SetPush(PHONE, Config.resume_timeout_ms),
-                                                           IqResult("ref")]
+    assert service.handle(push_iq(tigase_enable(ALL)), 0) == [
+        SetPush(PHONE, Config.resume_timeout_ms), IqResult("ref")]
     (registration,) = service.store.for_session(PHONE)
     assert ext.from_json(registration.extensions) == parsed(ALL)
     assert KEY64 not in repr(registration)
-    service.handle(push_iq(enable_xml("<priority xmlns='tigase:push:priority:0'/>")), 1)
+    service.handle(push_iq(tigase_enable("<priority xmlns='tigase:push:priority:0'/>")), 1)
     (registration,) = service.store.for_session(PHONE)
     assert ext.from_json(registration.extensions) == ext.Extensions(priority=True)
-    service.handle(push_iq(enable_xml("")), 2)  # an enable without any: none kept
+    service.handle(push_iq(tigase_enable("")), 2)  # an enable without any: none kept
     (registration,) = service.store.for_session(PHONE)
     assert registration.extensions == ""
-    service.handle(push_iq(enable_xml(ALL)), 3)
+    service.handle(push_iq(tigase_enable(ALL)), 3)
     service.handle(push_iq(f"<disable xmlns='urn:xmpp:push:0' jid='{APP}' node='n1'/>"), 4)
     assert service.store.for_user(PHONE[:2]) == []
 
@@ -373,14 +373,14 @@ def test_enable_keeps_the_extensions_next_enable_replaces_disable_removes() -> N
 @pytest.mark.usefixtures("database")
 def test_a_malformed_extension_stores_nothing_and_keeps_what_was() -> None:
     service = make_service()
-    service.handle(push_iq(enable_xml(ALL)), 0)
-    bad = enable_xml(encrypt_el(key="AAAA") + "<priority xmlns='tigase:push:priority:0'/>")
+    service.handle(push_iq(tigase_enable(ALL)), 0)
+    bad = tigase_enable(encrypt_el(key="AAAA") + "<priority xmlns='tigase:push:priority:0'/>")
     (answer,) = service.handle(push_iq(bad), 1)
     assert isinstance(answer, IqError) and answer.condition == "bad-request"
     assert "16 bytes" in answer.text
     (registration,) = service.store.for_session(PHONE)
     assert ext.from_json(registration.extensions) == parsed(ALL)  # untouched
-    (answer,) = service.handle(push_iq(enable_xml(encrypt_el(key="AAAA"), node="n2")), 2)
+    (answer,) = service.handle(push_iq(tigase_enable(encrypt_el(key="AAAA"), node="n2")), 2)
     assert isinstance(answer, IqError)
     assert len(service.store.for_user(PHONE[:2])) == 1
 
@@ -388,7 +388,7 @@ def test_a_malformed_extension_stores_nothing_and_keeps_what_was() -> None:
 @pytest.mark.usefixtures("database")
 def test_the_option_off_ignores_extensions() -> None:
     service = make_service(ios_extensions=False)
-    service.handle(push_iq(enable_xml(ALL)), 0)
+    service.handle(push_iq(tigase_enable(ALL)), 0)
     (registration,) = service.store.for_session(PHONE)
     assert registration.extensions == ""
 
@@ -407,7 +407,7 @@ def test_extensions_and_unanswered_encrypted_pushes_survive_a_restart(
         def reopen() -> Store:
             return open_store("", url)
     service = PushService(Config("example.org"), reopen())
-    service.handle(push_iq(enable_xml(ALL)), 0)
+    service.handle(push_iq(tigase_enable(ALL)), 0)
     (push,) = service.handle(StanzaToPending(PHONE, stanza("kept for later")), 1)
     service.store.commit()
     service.store.close()
@@ -427,7 +427,7 @@ def test_extensions_and_unanswered_encrypted_pushes_survive_a_restart(
 @pytest.mark.usefixtures("database")
 def test_encrypted_publish_has_no_form_and_decrypts() -> None:
     service = make_service()  # include_senders/bodies off: the encrypted payload has them
-    service.handle(push_iq(enable_xml(ALL)), 0)
+    service.handle(push_iq(tigase_enable(ALL)), 0)
     (push,) = service.handle(StanzaToPending(PHONE, stanza("secret text")), 1)
     assert isinstance(push, Publish) and push.fields == ()
     assert decrypted(push) == {"unread": 1, "sender": "bob@example.org", "type": "chat",
@@ -445,7 +445,7 @@ def test_encrypted_publish_has_no_form_and_decrypts() -> None:
 @pytest.mark.usefixtures("database")
 def test_admin_limits_withhold_sender_and_body_even_encrypted() -> None:
     service = make_service(allow_senders=False, allow_message_bodies=False)
-    service.handle(push_iq(enable_xml(ALL)), 0)
+    service.handle(push_iq(tigase_enable(ALL)), 0)
     (push,) = service.handle(StanzaToPending(PHONE, stanza("secret text")), 1)
     assert decrypted(push) == {"unread": 1, "type": "chat"}
 
@@ -453,7 +453,7 @@ def test_admin_limits_withhold_sender_and_body_even_encrypted() -> None:
 @pytest.mark.usefixtures("database")
 def test_filters_and_priority_message_by_message() -> None:
     service = make_service()
-    service.handle(push_iq(enable_xml(ALL)), 0)
+    service.handle(push_iq(tigase_enable(ALL)), 0)
     cases = [  # (stanza, pushed, priority)
         (stanza("hi", "1"), True, "high"),
         (stanza("hi", "2", sender="bot@example.org/x"), False, None),  # muted
@@ -480,7 +480,7 @@ def test_filters_and_priority_message_by_message() -> None:
 @pytest.mark.usefixtures("database")
 def test_low_priority_and_plain_registrations() -> None:
     service = make_service(notify_on="all", include_senders=True)
-    service.handle(push_iq(enable_xml("<priority xmlns='tigase:push:priority:0'/>")), 0)
+    service.handle(push_iq(tigase_enable("<priority xmlns='tigase:push:priority:0'/>")), 0)
     receipt = Stanza("message", "bob@example.org/pc", "r", "chat", "", b"<message/>")
     (low,) = service.handle(StanzaToPending(PHONE, receipt), 1)
     assert priority_of(low) == "low"
@@ -489,7 +489,7 @@ def test_low_priority_and_plain_registrations() -> None:
     (high,) = service.handle(StanzaToPending(PHONE, stanza("hi")), 1)
     assert priority_of(high) == "high"
     # a client that asked for nothing gets no element
-    service.handle(push_iq(enable_xml("")), 2)
+    service.handle(push_iq(tigase_enable("")), 2)
     (plain,) = service.handle(StanzaToPending(PHONE, stanza("hi", "m3")), 3)
     assert isinstance(plain, Publish) and plain.elements == ()
     assert len(action_term(plain)) == 7  # the publish as before
@@ -498,7 +498,7 @@ def test_low_priority_and_plain_registrations() -> None:
 @pytest.mark.usefixtures("database")
 def test_calls_are_voip_high_and_carry_the_jingle_element() -> None:
     service = make_service()
-    service.handle(push_iq(enable_xml(ALL)), 0)
+    service.handle(push_iq(tigase_enable(ALL)), 0)
     propose = ("<propose xmlns='urn:xmpp:jingle-message:0' id='c1'>"
                "<description xmlns='urn:xmpp:jingle:apps:rtp:1' media='audio'/></propose>")
     call = Stanza("message", "bob@example.org/pc", "c", "chat", "",
@@ -519,12 +519,12 @@ def test_a_unicode_digit_in_max_size_is_answered_with_bad_request() -> None:
     """Was: ValueError out of PushService.handle: no answer until the shim's timeout."""
     service = make_service()
     for max_size in ("\u00b2", "\u0663\u0660\u0660\u0660"):
-        (answer,) = service.handle(push_iq(enable_xml(encrypt_el(
+        (answer,) = service.handle(push_iq(tigase_enable(encrypt_el(
             extra=f" max-size='{max_size}'"))), 0)
         assert isinstance(answer, IqError) and answer.condition == "bad-request"
         assert "max-size must be a number of bytes (ASCII digits)" in answer.text
     assert service.store.for_session(PHONE) == []
-    (*_, answer) = service.handle(push_iq(enable_xml(encrypt_el(extra=" max-size='3000'"))), 0)
+    (*_, answer) = service.handle(push_iq(tigase_enable(encrypt_el(extra=" max-size='3000'"))), 0)
     assert isinstance(answer, IqResult)
 
 
@@ -535,7 +535,7 @@ def test_a_forged_carbon_is_filtered_as_its_real_sender() -> None:
     service = make_service()
     muted = ("<muted xmlns='tigase:push:filter:muted:0'><item jid='mallory@evil.example'/>"
              "</muted><ignore-unknown xmlns='tigase:push:filter:ignore-unknown:0'/>")
-    service.handle(push_iq(enable_xml(encrypt_el() + muted)), 0)
+    service.handle(push_iq(tigase_enable(encrypt_el() + muted)), 0)
     inner = ("<received xmlns='urn:xmpp:carbons:2'><forwarded xmlns='urn:xmpp:forward:0'>"
              "<message xmlns='jabber:client' from='bob@example.org/pc' type='chat' id='i'>"
              "<body>from bob</body></message></forwarded></received>")
@@ -554,7 +554,7 @@ def test_a_proposal_in_a_room_is_a_group_chat_message_for_the_room_rules() -> No
     """A room set to 'always' pushes a proposal sent to it as any group chat message:
     not a VoIP push, no <jingle/> (was: a call for every pending occupant)."""
     service = make_service()
-    service.handle(push_iq(enable_xml(ALL)), 0)
+    service.handle(push_iq(tigase_enable(ALL)), 0)
     propose = ("<propose xmlns='urn:xmpp:jingle-message:0' id='c1'>"
                "<description xmlns='urn:xmpp:jingle:apps:rtp:1' media='audio'/></propose>")
     ring = stanza("ring", "r1", sender="loud@muc.example.org/Bob", stanza_type="groupchat",
@@ -581,7 +581,7 @@ def test_the_admins_logic_sees_the_extensions() -> None:
 
     service = make_service()
     service.use_logic(Logic(Module))  # type: ignore[arg-type]
-    service.handle(push_iq(enable_xml(ALL)), 0)
+    service.handle(push_iq(tigase_enable(ALL)), 0)
     pushes = service.handle(StanzaToPending(PHONE, stanza("hi")), 1)
     assert len(pushes) == 1 and seen == [parsed(ALL)]
     assert service.handle(StanzaToPending(PHONE, stanza("hi", "2", known=False)), 1) == []
@@ -611,7 +611,7 @@ def test_the_encrypted_payload_is_never_logged(caplog: pytest.LogCaptureFixture)
     import logging
     caplog.set_level(logging.DEBUG)
     service = make_service()
-    service.handle(push_iq(enable_xml(ALL)), 0)
+    service.handle(push_iq(tigase_enable(ALL)), 0)
     service.handle(StanzaToPending(PHONE, stanza("very secret body")), 1)
     text = caplog.text + json.dumps([r.getMessage() for r in caplog.records])
     assert KEY64 not in text and "very secret body" not in text
@@ -621,20 +621,16 @@ def test_the_encrypted_payload_is_never_logged(caplog: pytest.LogCaptureFixture)
 
 def own_app_server() -> tuple[PushService, str, str]:
     """A service with its own APNs backend, a device registered at it (node, secret)."""
-    from tests.unit.test_own_app_server import BACKENDS, registered
-
-    service = PushService(Config("example.org", backends=BACKENDS), Store(":memory:"))
+    service = PushService(Config("example.org", backends=OWN_HOST_BACKENDS), Store(":memory:"))
     node, secret = registered(service)
     return service, node, secret
 
 
 def enable_own(service: PushService, node: str, secret: str, children: str) -> None:
-    from tests.unit.test_own_app_server import PUBSUB
-
     options = ("<x xmlns='jabber:x:data' type='submit'><field var='FORM_TYPE'><value>"
                "http://jabber.org/protocol/pubsub#publish-options</value></field><field "
                f"var='secret'><value>{secret}</value></field></x>")
-    xml = (f"<enable xmlns='urn:xmpp:push:0' jid='{PUBSUB}' node='{node}'>{options}"
+    xml = (f"<enable xmlns='urn:xmpp:push:0' jid='{PUBSUB_HOST}' node='{node}'>{options}"
            f"{children}</enable>")
     (_, result) = service.handle(push_iq(xml), 0)
     assert isinstance(result, IqResult)
@@ -740,7 +736,7 @@ def test_async_logic_gets_the_filtered_default_and_the_extensions() -> None:
 
     service = make_service()
     service.use_logic(Logic(Module))  # type: ignore[arg-type]
-    service.handle(push_iq(enable_xml(ALL)), 0)
+    service.handle(push_iq(tigase_enable(ALL)), 0)
     for message, pushes in ((stanza("hi", "1", known=False), False), (stanza("hi", "2"), True)):
         (work,) = service.handle(StanzaToPending(PHONE, message), 1)
         assert isinstance(work, LogicWork)

@@ -12,9 +12,15 @@ from pymod_push.port.app import python_level
 from pymod_push.protocol import Publish, PushIq, StanzaToPending
 from pymod_push.service.decisions import PushService
 from pymod_push.store import Store
-from tests.unit.test_hostile_input import make_app_server, publish, register
-from tests.unit.test_service import PHONE, message
-from tests.unit.test_service import make_service as plain_service
+from tests.builders import (
+    PHONE,
+    make_app_server,
+    make_service,
+    message,
+    publish,
+    push_iq,
+    register,
+)
 
 BODY = "the-secret-body-4711"
 SECRET = "node-secret-0815"
@@ -30,17 +36,17 @@ def enable_with_bodies() -> PushIq:
            "<x xmlns='jabber:x:data' type='submit'><field var='FORM_TYPE'><value>"
            "http://jabber.org/protocol/pubsub#publish-options</value></field>"
            f"<field var='secret'><value>{SECRET}</value></field></x></enable>")
-    return PushIq("ref", PHONE, ("alice", "example.org", ""), "set", "en", xml.encode())
+    return push_iq(xml)
 
 
 def drive(log_sensitive: bool) -> None:
-    config = replace(plain_service().config, log_sensitive=log_sensitive)
+    config = replace(make_service().config, log_sensitive=log_sensitive)
     service = PushService(config, Store(":memory:"))
     service.handle(enable_with_bodies(), 0)
-    service.handle(PushIq("ref", PHONE, ("alice", "example.org", ""), "set", "en", (
+    service.handle(push_iq(
         "<enable xmlns='urn:xmpp:push:0' jid='push.example.net' node='n2'>"
         "<encrypt xmlns='tigase:push:encrypt:0' alg='aes-128-gcm'>"
-        f"{IOS_KEY}</encrypt></enable>").encode()), 0)
+        f"{IOS_KEY}</encrypt></enable>"), 0)
     (push, encrypted) = service.handle(StanzaToPending(PHONE, message(body=BODY)), 0)
     assert isinstance(push, Publish)  # the body and the secret are in the push, as they should
     assert isinstance(encrypted, Publish) and encrypted.elements

@@ -14,7 +14,7 @@ from pymod_push import logic
 from pymod_push.protocol import StanzaToPending
 from pymod_push.service.decisions import PushService
 from pymod_push.store import Store
-from tests.unit.test_service import PHONE, enable, fields, make_service, message
+from tests.builders import PHONE, enable, fields, make_service, message
 
 MESSAGE = logic.Message("message", "chat", "romeo@example.net/a", "hi", False, False, "")
 RECIPIENT = logic.Recipient("juliet", "example.org", "phone")

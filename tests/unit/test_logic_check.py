@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from pymod_push import install, logic_check
+from tests.builders import payload_sizes, sections
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 EXAMPLE = str(ROOT / "examples" / "push_logic.py")
@@ -22,17 +23,6 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     status = install.main(["logic", "check", *argv])
     captured = capsys.readouterr()
     return status, captured.out, captured.err
-
-
-def sections(out: str) -> dict[str, str]:
-    """The output's parts by sample name."""
-    parts = re.split(r"^== (.+) \([\d,]+ bytes\)$", out, flags=re.M)
-    return dict(zip(parts[1::2], parts[2::2], strict=True))
-
-
-def payload_sizes(section: str) -> dict[str, int]:
-    return {kind: int(size) for kind, size in
-            re.findall(r"^(apns|fcm|webpush|wns|ubuntu): (\d+) bytes", section, re.M)}
 
 
 @pytest.fixture

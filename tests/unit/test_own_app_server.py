@@ -50,40 +50,20 @@ from pymod_push.records import DatabaseUnavailable
 from pymod_push.service.decisions import PushService
 from pymod_push.service.ledger import OWN_RETRY_S
 from pymod_push.store import Store
+from tests.builders import (
+    HOST,
+    NOW,
+    NS_DATA,
+    NS_STANZAS,
+    OWN_HOST_BACKENDS,
+    PHONE,
+    PUBSUB_HOST,
+    publish_iq_xml,
+    registered,
+)
 from tests.fake_providers import LoopbackCA
 
-HOST = "example.org"
-PUBSUB = "pubsub.example.org"
-PHONE = ("alice", HOST, "phone")
-BACKENDS = (Backend(0, "apns", "chatninja", HOST, PUBSUB, {"topic": "org.example"}),)
-NS_DATA = "jabber:x:data"
-NS_STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
-NOW = 1_000_000.0
-
-
 # ------------------------------------------------------------------ what is read
-def _escape(text: str) -> str:
-    """As fxml writes text and attribute values: all five escaped."""
-    return (text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-            .replace("'", "&apos;").replace('"', "&quot;"))
-
-
-def publish_iq_xml(publish: Publish) -> bytes:
-    """The publish IQ as the shim builds it from a Publish (as test_hostile_limits.py)."""
-    def form(fields: Any) -> str:
-        return (f"<x xmlns='{NS_DATA}' type='submit'>" + "".join(
-            f"<field var='{_escape(var)}'>" + "".join(f"<value>{_escape(v)}</value>"
-                                                      for v in values)
-            + "</field>" for var, values in fields) + "</x>")
-    options = (f"<publish-options>{form(publish.publish_options)}</publish-options>"
-               if publish.publish_options else "")
-    return (f"<iq xmlns='jabber:server' type='set' id='{'x' * 36}' from='{HOST}' "
-            f"to='{_escape(publish.to)}'><pubsub xmlns='http://jabber.org/protocol/pubsub'>"
-            f"<publish node='{_escape(publish.node)}'><item><notification "
-            f"xmlns='urn:xmpp:push:0'>{form(publish.fields)}</notification></item></publish>"
-            f"{options}</pubsub></iq>").encode()
-
-
 text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
                max_size=40) | st.sampled_from(["a\r\nb", "\r", "x" * 5000, ""])
 fields = st.lists(st.tuples(text, st.lists(text, max_size=3).map(tuple)), max_size=70)
@@ -101,33 +81,17 @@ def test_the_app_server_reads_the_same_from_a_publish_taken_in_process(
                           for v in (var, *values))]
     if not all(xml_safe(v) for v in everything):
         return  # not in a stanza ejabberd accepted
-    publish = Publish(1, PUBSUB, node, tuple(summary), tuple(options) if options else None, 30)
+    publish = Publish(1, PUBSUB_HOST, node, tuple(summary), tuple(options) if options else None, 30)
     routed = app.parse_publish(app.parse_iq(publish_iq_xml(publish)))
     assert app.direct_publish(node, publish.fields, publish.publish_options) == routed
 
 
 # ------------------------------------------------------------------ what is answered
-def command(node: str, form: str = "") -> bytes:
-    return (f"<iq xmlns='jabber:client' type='set' id='c' from='alice@{HOST}/phone' to='{HOST}'>"
-            f"<command xmlns='http://jabber.org/protocol/commands' node='{node}' "
-            f"action='execute'>{form}</command></iq>").encode()
-
-
-def registered(service: PushService, token: str = "ab" * 32) -> tuple[str, str]:
-    form = (f"<x xmlns='{NS_DATA}' type='submit'><field var='token'><value>{token}</value>"
-            "</field></x>")
-    (route,) = service.handle(AppServerIq(True, command("register-push-apns", form)), NOW)
-    assert isinstance(route, Route)
-    values = {f.get("var"): f.findtext(f"{{{NS_DATA}}}value")
-              for f in ET.fromstring(route.xml).iter(f"{{{NS_DATA}}}field")}
-    return str(values["node"]), str(values["secret"])
-
-
 def enable(service: PushService, node: str, secret: str) -> None:
     options = (f"<x xmlns='{NS_DATA}' type='submit'><field var='FORM_TYPE'><value>"
                "http://jabber.org/protocol/pubsub#publish-options</value></field><field "
                f"var='secret'><value>{secret}</value></field></x>")
-    xml = f"<enable xmlns='urn:xmpp:push:0' jid='{PUBSUB}' node='{node}'>{options}</enable>"
+    xml = f"<enable xmlns='urn:xmpp:push:0' jid='{PUBSUB_HOST}' node='{node}'>{options}</enable>"
     service.handle(PushIq("e", PHONE, (PHONE[0], HOST, ""), "set", "en", xml.encode()), NOW)
     service.handle(SessionPending(PHONE, ()), NOW)
 
@@ -187,7 +151,7 @@ def state(service: PushService, results: Sequence[Action | Delivery]) -> dict[st
 def twins() -> tuple[PushService, PushService]:
     """A service that takes its own publishes in-process and one that routes them (as
     it does another server's), each with its own store, the same device registered."""
-    config = Config(HOST, backends=BACKENDS)
+    config = Config(HOST, backends=OWN_HOST_BACKENDS)
     direct = PushService(config, Store(":memory:"))
     routed = PushService(replace(config), Store(":memory:"))
     routed._own_pubsub = frozenset()
@@ -236,9 +200,9 @@ def test_a_refusal_in_process_is_the_iq_paths_error() -> None:
 
 
 def test_publishes_to_other_hosts_and_the_host_itself_are_routed() -> None:
-    backends = (*BACKENDS, Backend(1, "apns", "other", HOST, HOST, {"topic": "x"}))
+    backends = (*OWN_HOST_BACKENDS, Backend(1, "apns", "other", HOST, HOST, {"topic": "x"}))
     service = PushService(Config(HOST, backends=backends), Store(":memory:"))
-    for to in ("app.example.net", HOST, f"user@{PUBSUB}", "Pubsub.example.org"):
+    for to in ("app.example.net", HOST, f"user@{PUBSUB_HOST}", "Pubsub.example.org"):
         publish = Publish(1, to, "n", (), None, 30)
         assert service.own_publishes([publish], NOW) == [publish]
     assert service.in_process == 0

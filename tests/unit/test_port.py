@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -12,25 +10,13 @@ import pytest
 import pymod_push.port.commit
 from pymod_push import etf
 from pymod_push.etf import Atom
-from pymod_push.port.commit import GROUP_COMMIT_S
 from pymod_push.protocol import PROTOCOL_VERSION
 from pymod_push.store import open_store
-from tests.unit.test_hostile_input import PortUnderTest, batch, hello
+from tests.port_harness import PortUnderTest, acks, batch, hello, until
 
 
 def opened(user: bytes) -> tuple[object, ...]:
     return (Atom("session_opened"), (user, b"example.org", b"pc"))
-
-
-def acks(port: PortUnderTest) -> list[int]:
-    return [a[1] for a in port.actions() if a[0] == "ack"]
-
-
-async def until(condition: Callable[[], bool], timeout: float = 5) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(GROUP_COMMIT_S / 4)
 
 
 def test_frames_close_together_share_one_commit_and_one_acknowledgement(

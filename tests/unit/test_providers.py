@@ -24,7 +24,7 @@ from pymod_push.providers.fcm import Fcm
 from pymod_push.providers.ubuntu import UbuntuPush
 from pymod_push.providers.webpush import WebPush
 from pymod_push.providers.wns import Wns
-from pymod_push.records import RegisteredDevice
+from tests.builders import device
 
 COUNTS = {"FORM_TYPE": "urn:xmpp:push:summary", "message-count": "2",
           "pending-subscription-count": "0"}
@@ -49,11 +49,6 @@ def pem(key: Any) -> bytes:
 
 def backend(kind: str, **options: str) -> Backend:
     return Backend(0, kind, "app", "push.example.org", "pubsub.example.org", options)
-
-
-def device(token: str = "ab" * 32, **extra: str) -> RegisteredDevice:
-    return RegisteredDevice("node-1", "secret", "alice@example.org", "phone", "", "x", "app",
-                  "pubsub.example.org", token, **extra)
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from pymod_push.protocol import (
 )
 from pymod_push.service.decisions import PushService
 from pymod_push.store import Store
-from tests.unit.test_service import PHONE, enable, fields, message
+from tests.builders import PHONE, enable, fields, message
 
 
 def service_on(path: Path, **options: object) -> PushService:

@@ -42,40 +42,11 @@ from pymod_push.service.decisions import (
 from pymod_push.service.pushed import SCANNED_MARKS, PushedTo
 from pymod_push.store import Store
 from pymod_push.store.schema import MIGRATIONS
-from tests.service_stores import database, make_service  # noqa: F401 - a fixture
-
-PHONE = ("alice", "example.org", "phone")
-APP = "push.example.net"
-PUBLISH_OPTIONS = ("<x xmlns='jabber:x:data' type='submit'><field var='FORM_TYPE'><value>"
-                   "http://jabber.org/protocol/pubsub#publish-options</value></field>"
-                   "<field var='secret'><value>s3cr3t</value></field></x>")
-
+from tests.builders import APP, PHONE, SECRET_FORM, enable, fields, make_service, message, push_iq
 
 # The store make_service uses: SQLite in memory, or a fresh PostgreSQL database (with the
 # registrations it keeps in memory), each test once with each.
 pytestmark = pytest.mark.usefixtures("database")
-
-
-def iq(xml: str, iq_type: str = "set", sender: tuple[str, str, str] = PHONE,
-       to: tuple[str, str, str] = ("alice", "example.org", "")) -> PushIq:
-    return PushIq("ref", sender, to, iq_type, "en", xml.encode())
-
-
-def enable(node: str = "node1", jid: str = APP, form: str = PUBLISH_OPTIONS) -> PushIq:
-    return iq(f"<enable xmlns='urn:xmpp:push:0' jid='{jid}' node='{node}'>{form}</enable>")
-
-
-def message(body: str = "hi", stanza_id: str = "m1", sender: str = "bob@example.org/pc",
-            stanza_type: str = "chat", extra: str = "") -> Stanza:
-    xml = (f"<message xmlns='jabber:client' from='{sender}' id='{stanza_id}' type='{stanza_type}'>"
-           f"<body>{body}</body>{extra}</message>")
-    return Stanza("message", sender, stanza_id, stanza_type, body, xml.encode())
-
-
-def fields(action: object) -> dict[str, str]:
-    """The summary form of a publish (single values)."""
-    assert isinstance(action, Publish)
-    return {var: values[0] for var, values in action.fields}
 
 
 def test_enable_stores_and_marks_the_session() -> None:
@@ -87,17 +58,19 @@ def test_enable_stores_and_marks_the_session() -> None:
 
 
 @pytest.mark.parametrize(("request_iq", "condition"), [
-    (iq("<enable xmlns='urn:xmpp:push:0' jid='a' node='n'/>", iq_type="get"), "not-allowed"),
-    (iq("<enable xmlns='urn:xmpp:push:0' jid='a'/>"), "bad-request"),
-    (iq("<enable xmlns='urn:xmpp:push:0' node='n'/>"), "bad-request"),
-    (iq("<enable xmlns='urn:xmpp:push:0' jid='a b' node='n'/>"), "jid-malformed"),
-    (iq("<enable xmlns='urn:xmpp:push:0' jid='a@b@c' node='n'/>"), "jid-malformed"),
-    (iq("<disable xmlns='urn:xmpp:push:0'/>"), "bad-request"),
-    (iq("<other xmlns='urn:xmpp:push:0'/>"), "bad-request"),
-    (iq("<enable xmlns='urn:xmpp:push:0' jid='a' node='n'"), "bad-request"),
-    (iq("<enable xmlns='urn:xmpp:push:0' jid='a' node='n'/>", to=("bob", "example.org", "")),
-     "forbidden"),
-    (iq("<enable xmlns='urn:xmpp:push:0' jid='a' node='" + "n" * 2000 + "'/>"), "not-acceptable"),
+    (push_iq("<enable xmlns='urn:xmpp:push:0' jid='a' node='n'/>", iq_type="get"),
+     "not-allowed"),
+    (push_iq("<enable xmlns='urn:xmpp:push:0' jid='a'/>"), "bad-request"),
+    (push_iq("<enable xmlns='urn:xmpp:push:0' node='n'/>"), "bad-request"),
+    (push_iq("<enable xmlns='urn:xmpp:push:0' jid='a b' node='n'/>"), "jid-malformed"),
+    (push_iq("<enable xmlns='urn:xmpp:push:0' jid='a@b@c' node='n'/>"), "jid-malformed"),
+    (push_iq("<disable xmlns='urn:xmpp:push:0'/>"), "bad-request"),
+    (push_iq("<other xmlns='urn:xmpp:push:0'/>"), "bad-request"),
+    (push_iq("<enable xmlns='urn:xmpp:push:0' jid='a' node='n'"), "bad-request"),
+    (push_iq("<enable xmlns='urn:xmpp:push:0' jid='a' node='n'/>",
+             to=("bob", "example.org", "")), "forbidden"),
+    (push_iq("<enable xmlns='urn:xmpp:push:0' jid='a' node='" + "n" * 2000 + "'/>"),
+     "not-acceptable"),
 ])
 def test_bad_requests_get_errors(request_iq: PushIq, condition: str) -> None:
     service = make_service()
@@ -203,8 +176,8 @@ def test_a_message_rerouted_to_offline_storage_does_not_push_again() -> None:
 def test_offline_pushes_every_registration_of_the_user() -> None:
     service = make_service()
     service.handle(enable("n1"), 0)
-    service.handle(iq("<enable xmlns='urn:xmpp:push:0' jid='other.app' node='n2'/>",
-                      sender=("alice", "example.org", "tablet")), 0)
+    service.handle(push_iq("<enable xmlns='urn:xmpp:push:0' jid='other.app' node='n2'/>",
+                           sender=("alice", "example.org", "tablet")), 0)
     pushes = service.handle(Offline(PHONE[:2], message(), "offline"), 0)
     assert [p.to for p in pushes if isinstance(p, Publish)] == [APP, "other.app"]
 
@@ -213,10 +186,10 @@ def test_disable_one_node_or_all_nodes_of_an_app_server() -> None:
     service = make_service()
     service.handle(enable("n1"), 0)
     service.handle(enable("n2"), 0)
-    disable_one = iq(f"<disable xmlns='urn:xmpp:push:0' jid='{APP}' node='n1'/>")
+    disable_one = push_iq(f"<disable xmlns='urn:xmpp:push:0' jid='{APP}' node='n1'/>")
     assert service.handle(disable_one, 0) == [IqResult("ref")]  # n2 still enabled
     assert [r.node for r in service.store.for_session(PHONE)] == ["n2"]
-    disable_all = iq(f"<disable xmlns='urn:xmpp:push:0' jid='{APP}'/>")
+    disable_all = push_iq(f"<disable xmlns='urn:xmpp:push:0' jid='{APP}'/>")
     assert service.handle(disable_all, 0) == [SetPush(PHONE, None), IqResult("ref")]
     assert service.handle(StanzaToPending(PHONE, message()), 0) == []
 
@@ -224,8 +197,8 @@ def test_disable_one_node_or_all_nodes_of_an_app_server() -> None:
 def test_re_enable_replaces_the_registration() -> None:
     service = make_service()
     service.handle(enable("n1"), 0)
-    service.handle(iq(f"<enable xmlns='urn:xmpp:push:0' jid='{APP}' node='n1'/>",
-                      sender=("alice", "example.org", "phone2")), 0)
+    service.handle(push_iq(f"<enable xmlns='urn:xmpp:push:0' jid='{APP}' node='n1'/>",
+                           sender=("alice", "example.org", "phone2")), 0)
     (registration,) = service.store.for_user(("alice", "example.org"))
     assert registration.resource == "phone2" and registration.publish_options is None
 
@@ -236,7 +209,7 @@ def test_a_new_secret_goes_with_the_next_publish() -> None:
     service = make_service()
     service.handle(enable(), 0)
     before = service.handle(StanzaToPending(PHONE, message(stanza_id="1")), 0)
-    service.handle(enable(form=PUBLISH_OPTIONS.replace("s3cr3t", "n3w")), 0)
+    service.handle(enable(form=SECRET_FORM.replace("s3cr3t", "n3w")), 0)
     after = service.handle(StanzaToPending(PHONE, message(stanza_id="2")), 0)
     service.handle(enable(form=""), 0)
     without = service.handle(StanzaToPending(PHONE, message(stanza_id="3")), 0)
@@ -528,8 +501,8 @@ def test_the_bound_follows_the_registrations_without_reading_them_per_push(
     assert len(service._pushed[PHONE]) == 2 * 100
     # n2 disabled from another of alice's sessions: one registration's bound again.
     tablet = ("alice", "example.org", "tablet")
-    service.handle(iq(f"<disable xmlns='urn:xmpp:push:0' jid='{APP}' node='n2'/>",
-                      sender=tablet), 2)
+    service.handle(push_iq(f"<disable xmlns='urn:xmpp:push:0' jid='{APP}' node='n2'/>",
+                           sender=tablet), 2)
     assert len(service.handle(StanzaToPending(PHONE, message(stanza_id="last")), 3)) == 1
     assert len(service._pushed[PHONE]) == 100
     for stanza in stanzas[-49:]:  # with the last one, the newest 100 of n1 and n2
@@ -749,8 +722,8 @@ def options_form(**values: str) -> str:
 
 
 def enable_with(form: str, resource: str = "phone", node: str = "node1") -> PushIq:
-    return iq(f"<enable xmlns='urn:xmpp:push:0' jid='{APP}' node='{node}'>{form}"
-              f"{PUBLISH_OPTIONS}</enable>", sender=("alice", "example.org", resource))
+    return push_iq(f"<enable xmlns='urn:xmpp:push:0' jid='{APP}' node='{node}'>{form}"
+                   f"{SECRET_FORM}</enable>", sender=("alice", "example.org", resource))
 
 
 def test_first_enable_sets_the_users_options_and_answers_them() -> None:

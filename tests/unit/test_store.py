@@ -23,6 +23,7 @@ from pymod_push.store import Store, checkpoints, open_store
 from pymod_push.store import base as store_module  # the in-memory bounds
 from pymod_push.store.postgres import masked, translate
 from pymod_push.store.schema import MIGRATIONS
+from tests.builders import registration
 
 Opener = Callable[[], Store]
 
@@ -51,11 +52,6 @@ def opener(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Opener]:
             store.close()
         except Exception:  # noqa: BLE001 - already closed by the test
             pass
-
-
-def registration(resource: str = "phone", node: str = "n1",
-                 push_jid: str = "push.example.net") -> Registration:
-    return Registration("alice", "example.org", resource, push_jid, node, "<x/>")
 
 
 def test_migrations_apply_once_and_reopening_keeps_everything(opener: Opener) -> None:

@@ -106,6 +106,15 @@ class Scenario:
 
 
 @pytest.fixture
+def folder() -> Iterator[Path]:
+    """A throwaway folder that the ejabberd user can enter."""
+    path = Path(tempfile.mkdtemp(prefix="pymod_push-e2e-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
 def scenario(ejabberd: Instance) -> Scenario:
     return Scenario(ejabberd)
 

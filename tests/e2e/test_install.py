@@ -1,5 +1,6 @@
 """pymod-push against a real, throwaway ejabberd: install, doctor, upgrade, uninstall, and the
-refusal when the ejabberd user cannot run the interpreter; the wheel carries the shim."""
+refusal when the ejabberd user cannot run the interpreter (its decisions without ejabberd:
+tests/unit/test_install_cli.py; what the wheel carries: test_wheel.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,6 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-import tempfile
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,14 +21,6 @@ from devtools.instance import ROOT, Instance, default_python
 pytestmark = pytest.mark.e2e
 
 CLI = str(Path(default_python()).parent / "pymod-push")
-
-
-@pytest.fixture
-def folder() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="pymod_push-installer-"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
@@ -129,21 +120,3 @@ def test_install_refuses_an_interpreter_the_ejabberd_user_cannot_run(bare: Insta
     assert not (bare.folder / "modules" / "sources" / "mod_push_py").exists()
     assert "mod_push_py" not in bare.ctl("modules_installed")
 
-
-def test_the_wheel_carries_the_shim(folder: Path) -> None:
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-                    "--no-build-isolation", "-w", str(folder), str(ROOT)],
-                   check=True, capture_output=True, cwd=folder)
-    wheel, = folder.glob("pymod_push-*.whl")
-    with zipfile.ZipFile(wheel) as archive:
-        names = set(archive.namelist())
-        shim = {name.removeprefix("pymod_push/erl_shim/") for name in names
-                if name.startswith("pymod_push/erl_shim/")}
-        assert shim == {"COPYING", "README.md", "README.txt", "mod_push_py.spec",
-                        "conf/mod_push_py.yml", "src/mod_push_py.erl",
-                        "src/mod_push_py_port.erl", "src/mod_push_py_opt.erl"}
-        for name in shim:
-            assert archive.read(f"pymod_push/erl_shim/{name}") == \
-                (ROOT / "erl_shim" / name).read_bytes()
-        entry_points = archive.read(next(n for n in names if n.endswith("entry_points.txt")))
-        assert b"pymod-push = pymod_push.install:main" in entry_points

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -48,14 +46,6 @@ def fake_python(folder: Path, reply: bytes, exit_after_hello: bool) -> str:
     wrapper.chmod(0o755)
     subprocess.run(["chown", "-R", EJABBERD_USER, str(folder)], check=True)
     return str(wrapper)
-
-
-@pytest.fixture
-def folder() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="pymod_push-install-"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @contextmanager

@@ -1,23 +1,16 @@
 """Publishes to the module's own app server taken in-process (issue 15): what the app server
 reads from them, and what the publisher makes of its answers, is what the IQ path gives,
 checked against that path driven the way ejabberd drives it (the publish IQ as the shim
-builds it, the app server's answer back as an iq_reply). Plus the HPACK encoder the
-provider clients use, against hpack's decoder."""
+builds it, the app server's answer back as an iq_reply)."""
 
 from __future__ import annotations
 
-import asyncio
-import random
-import ssl
-import time
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import pytest
-from hpack import Decoder
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -31,8 +24,6 @@ from pymod_push.appserver.server import (
 )
 from pymod_push.core.config import Backend, Config
 from pymod_push.core.xmpp import RequestError
-from pymod_push.delivery.hpack_cache import Encoder
-from pymod_push.delivery.http2 import SWEEP_S, Http2Client, HttpError, Response
 from pymod_push.protocol import (
     Action,
     AppServerIq,
@@ -61,7 +52,6 @@ from tests.builders import (
     publish_iq_xml,
     registered,
 )
-from tests.fake_providers import LoopbackCA
 
 # ------------------------------------------------------------------ what is read
 text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
@@ -206,132 +196,6 @@ def test_publishes_to_other_hosts_and_the_host_itself_are_routed() -> None:
         publish = Publish(1, to, "n", (), None, 30)
         assert service.own_publishes([publish], NOW) == [publish]
     assert service.in_process == 0
-
-
-# ------------------------------------------------------------------ HPACK
-def test_the_hpack_encoder_round_trips_through_hpacks_decoder() -> None:
-    encoder, decoder = Encoder(), Decoder()
-    rng = random.Random(15)
-    for n in range(3000):
-        headers = [(":method", "POST"), (":scheme", "https"), (":authority", "api.example"),
-                   (":path", f"/3/device/{rng.randrange(40):064x}"),
-                   ("apns-topic", "org.example"),
-                   ("apns-push-type", rng.choice(["alert", "background", "voip"])),
-                   # a new bearer token now and then, of any size: the table fills up
-                   ("authorization", f"bearer {'t' * rng.randrange(50, 900)}"
-                    if n % 7 == 0 else "bearer steady"),
-                   ("apns-expiration", str(1000 + n // 100)),
-                   ("content-length", str(rng.randrange(400)))]
-        if n == 1500:  # the peer shrinks the table (SETTINGS_HEADER_TABLE_SIZE)
-            encoder.header_table_size = 300
-            decoder.max_allowed_table_size = 300
-        assert [(k, v) for k, v in decoder.decode(encoder.encode(headers))] == headers
-
-
-def test_repeated_headers_cost_a_byte_or_two() -> None:
-    encoder = Encoder()
-    headers = [(":method", "POST"), (":scheme", "https"), (":authority", "api.example"),
-               (":path", "/3/device/ab"), ("authorization", "bearer " + "t" * 200),
-               ("apns-topic", "org.example")]
-    first, second = encoder.encode(headers), encoder.encode(headers)
-    assert len(second) < 40 < len(first)
-
-
-# ------------------------------------------------------------------ the HTTP/2 client
-def _deadline() -> float:
-    """A connection's deadline (a loop time) far enough for a loopback connect."""
-    return asyncio.get_running_loop().time() + 30
-
-
-async def _silent_server(ca: LoopbackCA) -> tuple[asyncio.Server, int]:
-    """A TLS server (h2 by ALPN) that takes connections and requests and never answers;
-    its port."""
-    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_context.load_cert_chain(ca.certfile, ca.keyfile)
-    server_context.set_alpn_protocols(["h2"])
-    peers: list[asyncio.StreamWriter] = []  # kept: a writer collected closes (3.13)
-
-    async def silent_peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peers.append(writer)
-        await reader.read()
-
-    server = await asyncio.start_server(silent_peer, "127.0.0.1", 0, ssl=server_context)
-    return server, server.sockets[0].getsockname()[1]
-
-
-def test_an_unanswered_request_fails_in_time_and_the_writes_are_coalesced(
-        tmp_path: Path) -> None:
-    """A server that takes the TLS connection and requests but never answers: each request
-    fails with 'no answer in time' (the sweep, not a timer per request), and a burst of
-    requests went out in one TLS write."""
-    ca = LoopbackCA(tmp_path / "tls")
-
-    async def run() -> tuple[list[BaseException | Response], int, float]:
-        silent, port = await _silent_server(ca)
-        client = Http2Client(ssl.create_default_context(cafile=str(ca.cafile)), timeout=0.5)
-        connection = await client._connection("127.0.0.1", port, _deadline())
-        assert connection.transport is not None
-        writes = 0
-        write = connection.transport.write
-
-        def counted(data: bytes | bytearray | memoryview) -> None:
-            nonlocal writes
-            writes += 1
-            write(data)
-        connection.transport.write = counted  # type: ignore[method-assign]
-        started = time.monotonic()
-        answers = await asyncio.gather(
-            *(client.request("POST", f"https://127.0.0.1:{port}/3/device/{n}", {"x": "y"},
-                             b"{}") for n in range(20)), return_exceptions=True)
-        elapsed = time.monotonic() - started
-        await client.aclose()
-        silent.close()
-        return answers, writes, elapsed
-
-    answers, writes, elapsed = asyncio.run(run())
-    assert all(isinstance(a, HttpError) and "in time" in str(a) for a in answers), answers
-    assert 0.5 <= elapsed < 0.5 + SWEEP_S + 1.0
-    assert writes <= 3  # the 20 requests (and the resets) in a write or two, not 20
-
-
-def test_an_answer_function_that_raises_is_reported_and_the_others_are_called(
-        tmp_path: Path) -> None:
-    """request_now hands each answer to its function, without a future: one that raises is
-    reported to the loop's exception handler (as a future's callback would be), and the
-    other requests on the connection are answered all the same. Without a connection,
-    request_now says so and calls nothing."""
-    ca = LoopbackCA(tmp_path / "tls")
-
-    async def run() -> tuple[list[BaseException | Response], list[dict[str, Any]], bool]:
-        silent, port = await _silent_server(ca)
-        loop = asyncio.get_running_loop()
-        reported: list[dict[str, Any]] = []
-        loop.set_exception_handler(lambda _, context: reported.append(context))
-        client = Http2Client(ssl.create_default_context(cafile=str(ca.cafile)), timeout=0.3)
-        url = f"https://127.0.0.1:{port}/3/device/x"
-        unconnected = client.request_now("POST", url, {}, b"{}", lambda _: None)
-        await client._connection("127.0.0.1", port, _deadline())
-        answers: list[BaseException | Response] = []
-        all_answered = asyncio.Event()
-
-        def answered(answer: Response | HttpError) -> None:
-            answers.append(answer)
-            if len(answers) == 5:
-                all_answered.set()
-            if len(answers) == 1:
-                raise RuntimeError("a bug in the caller")
-        sent = [client.request_now("POST", url, {}, b"{}", answered) for _ in range(5)]
-        assert sent == [True] * 5
-        await asyncio.wait_for(all_answered.wait(), 0.3 + SWEEP_S + 2)
-        await client.aclose()
-        silent.close()
-        return answers, reported, unconnected
-
-    answers, reported, unconnected = asyncio.run(run())
-    assert unconnected is False
-    assert len(answers) == 5 and all(isinstance(a, HttpError) for a in answers), answers
-    assert [str(c.get("exception")) for c in reported] == ["a bug in the caller"], reported
-    assert reported[0]["message"] == "exception in an HTTP/2 answer's callback"
 
 
 def test_a_device_read_that_fails_leaves_the_publish_for_a_retry(

@@ -1,0 +1,34 @@
+"""The wheel carries the shim: built from the checkout with pip, it holds erl_shim/ as the
+checkout has it and the pymod-push command."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from devtools.instance import ROOT
+
+pytestmark = pytest.mark.e2e
+
+
+def test_the_wheel_carries_the_shim(folder: Path) -> None:
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                    "--no-build-isolation", "-w", str(folder), str(ROOT)],
+                   check=True, capture_output=True, cwd=folder)
+    wheel, = folder.glob("pymod_push-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        shim = {name.removeprefix("pymod_push/erl_shim/") for name in names
+                if name.startswith("pymod_push/erl_shim/")}
+        assert shim == {"COPYING", "README.md", "README.txt", "mod_push_py.spec",
+                        "conf/mod_push_py.yml", "src/mod_push_py.erl",
+                        "src/mod_push_py_port.erl", "src/mod_push_py_opt.erl"}
+        for name in shim:
+            assert archive.read(f"pymod_push/erl_shim/{name}") == \
+                (ROOT / "erl_shim" / name).read_bytes()
+        entry_points = archive.read(next(n for n in names if n.endswith("entry_points.txt")))
+        assert b"pymod-push = pymod_push.install:main" in entry_points

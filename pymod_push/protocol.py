@@ -16,7 +16,7 @@ from pymod_push.etf import Atom
 # A data form as sent over the port: ((var, (value, ...)), ...), FORM_TYPE first.
 FormFields = tuple[tuple[str, tuple[str, ...]], ...]
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4  # 4: the hello reply carries what the shim keeps (features, commands)
 
 SessionKey = tuple[str, str, str]  # (user, server, resource), stringprep'ed
 UserKey = tuple[str, str]  # (user, server)
@@ -405,5 +405,10 @@ def _form_term(fields: FormFields) -> etf.Encoded:
     return etf.encoded([_field(var, values) for var, values in fields])
 
 
-def hello_reply(info: dict[str, str]) -> tuple[Any, ...]:
-    return (_A("hello"), PROTOCOL_VERSION, {_A(k): v.encode() for k, v in info.items()})
+def hello_reply(info: dict[str, str], facts: dict[str, Any] | None = None) -> tuple[Any, ...]:
+    """{hello, Version, #{...}}: ``info`` about this process (version, python, pid), text;
+    ``facts``, what the shim keeps and answers ejabberd's hooks with (core/shim_facts), as
+    terms."""
+    reply: dict[Any, Any] = {_A(k): v.encode() for k, v in info.items()}
+    reply.update((_A(k), v) for k, v in (facts or {}).items())
+    return (_A("hello"), PROTOCOL_VERSION, reply)

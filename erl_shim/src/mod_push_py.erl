@@ -224,20 +224,21 @@ push_jid_malformed(_) ->
 
 %% Push IQs and app-server commands of one account ({What, User, Server}): a token
 %% bucket of push_iq_rate tokens refilled over a minute, shared by the account's
-%% sessions. The rest is answered here, so that a flood costs Python nothing (Python
-%% applies the same rule to what gets through).
+%% sessions. The rest is answered here, so that a flood costs Python nothing (Python has
+%% no copy of this rule).
 -spec take_token(binary(), {atom(), binary(), binary()}) -> ok | {wait, pos_integer()}.
 take_token(Host, Account) ->
     Rate = opt(Host, push_iq_rate),
     Now = erlang:monotonic_time(millisecond),
-    try ets:lookup(mod_push_py_port:rate_table(Host), Account) of
+    Table = mod_push_py_port:rate_table(Host),
+    try ets:lookup(Table, Account) of
         Found ->
             Tokens = case Found of
                          [{_, Left, At}] -> min(Rate, Left + (Now - At) * Rate / 60000);
                          [] -> Rate
                      end,
             case Tokens >= 1 of
-                true -> ets:insert(mod_push_py_port:rate_table(Host), {Account, Tokens - 1, Now}), ok;
+                true -> ets:insert(Table, {Account, Tokens - 1, Now}), ok;
                 false -> {wait, max(1, ceil((1 - Tokens) * 60 / Rate))}
             end
     catch error:badarg -> ok  % the module is stopping
@@ -266,19 +267,20 @@ may_use_backends(Host, Rule, From) ->
 disco_sm_features(empty, From, To, Node, Lang) ->
     disco_sm_features({result, []}, From, To, Node, Lang);
 disco_sm_features({result, Features}, _From, #jid{lserver = S}, <<"">>, _Lang) ->
-    {result, [?NS_PUSH_0 | ios_features(S)] ++ Features};
+    {result, python_fact(S, features, [?NS_PUSH_0]) ++ Features};
 disco_sm_features(Acc, _From, _To, _Node, _Lang) ->
     Acc.
 
-%% Tigase's push extensions (pymod_push/core/ios_extensions.py, FEATURES), which Siskin
-%% IM and Snikket iOS look for on the account.
-ios_features(Host) ->
-    case opt(Host, ios_extensions) of
-        true -> [<<"tigase:push:encrypt:0">>, <<"tigase:push:encrypt:aes-128-gcm">>,
-                 <<"tigase:push:priority:0">>, <<"tigase:push:filter:muted:0">>,
-                 <<"tigase:push:filter:groupchat:0">>,
-                 <<"tigase:push:filter:ignore-unknown:0">>, <<"tigase:push:jingle:0">>];
-        false -> []
+%% What Python's hello reply told the shim (pymod_push/core/shim_facts.py), kept in the
+%% meta table, which outlives a port-owner restart: features, the account's disco#info
+%% (XEP-0357's, and Tigase's push extensions, which Siskin IM and Snikket iOS look for, with
+%% ios_extensions), and commands, the app server's ad-hoc items on this host ({Node, Name}).
+%% Before the first hello: XEP-0357's feature only, and no commands.
+python_fact(Host, Name, Default) ->
+    try ets:lookup(mod_push_py_port:meta_table(Host), {python_fact, Name}) of
+        [{_, Value}] -> Value;
+        [] -> Default
+    catch error:badarg -> Default  % the module is stopping
     end.
 
 %% disco#info a user sends to their own bare JID: the push options form
@@ -394,12 +396,12 @@ mam_message8(Pkt, LUser, LServer, Peer, Nick, Type, Dir, _InMucArchive) ->
 %% stream here and answered by Python, without making the session wait.
 -spec user_send_packet({stanza() | drop, c2s_state()}) ->
           {stanza() | drop, c2s_state()}.
-user_send_packet({#iq{type = set, lang = Lang,
+user_send_packet({#iq{type = set,
                       to = #jid{luser = <<>>, lresource = <<>>, lserver = LServer}} = IQ,
                   #{lserver := LServer} = State} = Acc) ->
     try xmpp:get_subtag(IQ, #adhoc_command{}) of
         #adhoc_command{node = Node} ->
-            case lists:keymember(Node, 1, own_host_commands(LServer, Lang)) of
+            case lists:keymember(Node, 1, python_fact(LServer, commands, [])) of
                 true -> gen_server:cast(proc(LServer), {route, IQ}), {drop, State};
                 false -> Acc
             end;
@@ -428,8 +430,8 @@ user_send_packet(Acc) ->
 -spec adhoc_local_items(empty | {result, [disco_item()]} | {error, stanza_error()},
                         jid(), jid(), binary()) ->
           empty | {result, [disco_item()]} | {error, stanza_error()}.
-adhoc_local_items(Acc, _From, #jid{lserver = LServer} = To, Lang) ->
-    case own_host_commands(LServer, Lang) of
+adhoc_local_items(Acc, _From, #jid{lserver = LServer} = To, _Lang) ->
+    case python_fact(LServer, commands, []) of
         [] -> Acc;
         Commands ->
             Items = [#disco_item{jid = To, node = Node, name = Name} || {Node, Name} <- Commands],
@@ -438,38 +440,6 @@ adhoc_local_items(Acc, _From, #jid{lserver = LServer} = To, Lang) ->
                 _ -> {result, Items}
             end
     end.
-
-%% {Node, Name} of the app server's commands served on Host itself.
-own_host_commands(Host, _Lang) ->
-    Backends = [B || #{register_host := R} = B <- opt(Host, backends), R == Host],
-    case Backends of
-        [] -> [];
-        _ ->
-            Types = lists:usort([command_type(B) || B <- Backends]),
-            Apps = fun(Group) ->
-                           Names = [N || #{app_name := N} = B <- Backends,
-                                         command_type(B) == Group],
-                           lists:join(<<", ">>, lists:usort(Names))
-                   end,
-            [{<<"register-push-", Alias/binary>>,
-              iolist_to_binary([<<"Register at ">>, Label, <<" (">>, Apps(Group), <<")">>])}
-             || Group <- Types, {Alias, Label} <- command_aliases(Group)]
-                ++ [{<<"list-push-registrations">>, <<"List push registrations">>},
-                    {<<"unregister-push">>, <<"Unregister push devices">>}]
-    end.
-
-command_type(#{type := python, name := Name}) -> {python, Name};
-command_type(#{type := gcm}) -> fcm;
-command_type(#{type := mozilla}) -> webpush;
-command_type(#{type := Type}) -> Type.
-
-command_aliases(apns) -> [{<<"apns">>, <<"APNs">>}];
-command_aliases(fcm) -> [{<<"fcm">>, <<"FCM">>}, {<<"gcm">>, <<"FCM (gcm)">>}];
-command_aliases(webpush) -> [{<<"webpush">>, <<"Web Push">>},
-                             {<<"mozilla">>, <<"Web Push (mozilla)">>}];
-command_aliases(ubuntu) -> [{<<"ubuntu">>, <<"Ubuntu Push">>}];
-command_aliases(wns) -> [{<<"wns">>, <<"WNS">>}];
-command_aliases({python, Name}) -> [{Name, Name}].
 
 -spec remove_user(binary(), binary()) -> ok.
 remove_user(LUser, LServer) ->

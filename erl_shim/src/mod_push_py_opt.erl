@@ -4,8 +4,9 @@
 %%% What ejabberd validates in the modules section (mod_opt_type/1, the backends'
 %%% own checks), the defaults (mod_options/1), what 'ejabberdctl module_options'
 %%% and ejabberd's documentation show (mod_doc/0), opt/2, how the other two
-%%% modules read an option, and for_python/1, the options as Python gets them. gen_mod calls mod_push_py's mod_opt_type/1,
-%%% mod_options/1 and mod_doc/0, which call these.
+%%% modules read an option, and for_python/1, the options as Python gets them.
+%%% gen_mod calls mod_push_py's mod_opt_type/1, mod_options/1 and mod_doc/0,
+%%% which call these.
 %%%
 %%% Copyright (C) 2026 the pymod_push authors. GPL-2.0-or-later.
 %%%----------------------------------------------------------------------
@@ -108,8 +109,10 @@ backend_options() ->
             cafile => econf:file(read)}.
 
 %% A provider written in Python takes options of its own; it is named after its
-%% module unless it says otherwise (Python derives the same name), and its
-%% register-push-Name command must not shadow a shipped one.
+%% module unless it says otherwise, and its register-push-Name command must not shadow a
+%% shipped one. Python names it (pymod_push/core/config.py, default_name); the name is
+%% derived here by the same rule only to refuse such a provider when ejabberd validates
+%% the options, before any Python process runs.
 check_backend(#{type := python, module := Module} = Backend) ->
     Base = filename:basename(Module),
     Name = maps:get(name, Backend, case filename:extension(Base) of
@@ -119,7 +122,7 @@ check_backend(#{type := python, module := Module} = Backend) ->
     case lists:member(Name, [<<"apns">>, <<"fcm">>, <<"gcm">>, <<"webpush">>,
                              <<"mozilla">>, <<"ubuntu">>, <<"wns">>]) of
         true -> yconf:fail(yconf, {bad_enum, [python_provider_name], binary_to_atom(Name)});
-        false -> maps:merge(#{app_name => <<"any">>}, Backend#{name => Name})
+        false -> maps:merge(#{app_name => <<"any">>}, Backend)
     end;
 check_backend(#{type := python}) ->
     yconf:fail(yconf, {missing_option, module});

@@ -30,7 +30,7 @@
 -import(mod_push_py_opt, [opt/2]).
 -import(mod_push_py, [xml_binary/1]).
 
--define(PROTOCOL_VERSION, 3).
+-define(PROTOCOL_VERSION, 4).
 -define(MAX_BATCH, 64).
 -define(MIN_BACKOFF, 1000).
 -define(MAX_BACKOFF, 60000).
@@ -147,7 +147,8 @@ rate_table(Host) ->
 
 %% What the port owner must not forget: epoch, seq, the keys of each batch not
 %% acknowledged ({batch, Seq}), push IQs waiting for Python ({iq, Ref}), the restart
-%% count, the backoff, dropped events, and whether a Python process was running.
+%% count, the backoff, dropped events, whether a Python process was running, and what
+%% Python's last hello said the shim must agree on ({python_fact, Name}).
 -spec meta_table(binary()) -> atom().
 meta_table(Host) ->
     gen_mod:get_module_proc(Host, mod_push_py_meta).
@@ -410,10 +411,10 @@ decode(Bin) ->
     catch error:badarg -> error
     end.
 
-%% A stanza for the app server (commands, publishes, disco). Whether the sender
-%% may use the built-in app server is an ejabberd access rule, decided here.
+%% A stanza for the app server (commands, publishes, disco). Whether the sender may use
+%% the built-in app server is an ejabberd access rule, decided here, as push_iq_rate is.
 route_to_app_server(#iq{from = #jid{luser = U, lserver = S}, lang = Lang} = IQ,
-                    #state{host = Host} = State) when U /= <<>> ->
+                    #state{host = Host} = State) ->
     case xmpp:has_subtag(IQ, #adhoc_command{}) andalso
         mod_push_py:take_token(Host, {commands, U, S}) of
         {wait, Seconds} ->
@@ -546,8 +547,13 @@ cancel_ack_timer(#state{ack_timer = TRef}) -> erlang:cancel_timer(TRef), undefin
 
 %% The handshake reply, then lists of actions.
 handle_python({hello, ?PROTOCOL_VERSION, Info}, #state{status = starting} = State0) ->
-    ?INFO_MSG("mod_push_py: Python process ready on ~ts: ~p", [State0#state.host, Info]),
-    State = State0#state{info = Info, up_since = erlang:system_time(second)},
+    Facts = [features, commands],  % what the hooks answer with: mod_push_py:python_fact/3
+    About = maps:without(Facts, Info),  % the process's version and pid, for push_status
+    ?INFO_MSG("mod_push_py: Python process ready on ~ts: ~p", [State0#state.host, About]),
+    ets:insert(meta_table(State0#state.host),
+               [{{python_fact, K}, V} || {K, V} <- maps:to_list(maps:with(Facts, Info)),
+                                         is_list(V)]),
+    State = State0#state{info = About, up_since = erlang:system_time(second)},
     %% What the previous process did not acknowledge goes first, as it was: Python
     %% skips a batch whose effects it had committed.
     State1 = lists:foldl(fun write_batch/2,

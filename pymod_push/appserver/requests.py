@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from xml.sax.saxutils import escape, quoteattr
 
 from pymod_push.core import destination, safexml
-from pymod_push.core.config import Backend, IpNetwork
+from pymod_push.core.config import COMMAND_GROUPS, Backend, IpNetwork
 from pymod_push.core.ios_extensions import ENCRYPTED_FIELD, IV_FIELD
 from pymod_push.core.limits import cut_utf8
+from pymod_push.core.shim_facts import REGISTER_PREFIX, command_items
 from pymod_push.core.xep0357 import (
     MAX_FORM_FIELDS,
     NS_DATA,
@@ -36,12 +37,8 @@ NS_DISCO_ITEMS = "http://jabber.org/protocol/disco#items"
 NS_STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
 FORM_APPS = "urn:xmpp:push:appserver"  # our disco extension form: app names per provider
 
-REGISTER_COMMANDS = {"register-push-apns": "apns", "register-push-fcm": "fcm",
-                     "register-push-gcm": "fcm", "register-push-webpush": "webpush",
-                     "register-push-mozilla": "webpush", "register-push-ubuntu": "ubuntu",
-                     "register-push-wns": "wns"}
-LIST_COMMAND = "list-push-registrations"
-UNREGISTER_COMMAND = "unregister-push"
+# register-push-TYPE for each shipped type, and the provider it registers at
+REGISTER_COMMANDS = {REGISTER_PREFIX + type_: group for type_, group in COMMAND_GROUPS.items()}
 MAX_FIELD = 4096
 # Tigase's encrypted notification (core/ios_extensions): its blob and IV go to the device
 # as they are, in these data fields (Siskin's notification service extension reads them);
@@ -164,7 +161,7 @@ def command_group(node: str, backends: Iterable[Backend]) -> str | None:
     """The provider a register-push-* command registers at (a Python provider: its name)."""
     if node in REGISTER_COMMANDS:
         return REGISTER_COMMANDS[node]
-    name = node.removeprefix("register-push-")
+    name = node.removeprefix(REGISTER_PREFIX)
     if name != node and any(b.type == "python" and b.group == name for b in backends):
         return name
     return None
@@ -404,24 +401,6 @@ def disco_info(iq: Iq, backends: list[Backend], *, pubsub: bool, register: bool)
                           for group, names in sorted(apps.items())) + "</x>")
     inner = "".join(identities) + "".join(f"<feature var={quoteattr(f)}/>" for f in features)
     return result_reply(iq, f"<query xmlns='{NS_DISCO_INFO}'>{inner}{form}</query>")
-
-
-def command_items(backends: list[Backend]) -> list[tuple[str, str]]:
-    """(node, name) of the commands on a registration host."""
-    groups: dict[str, list[str]] = {}
-    for backend in backends:
-        groups.setdefault(backend.group, []).append(backend.app_name)
-    items = []
-    python = sorted({b.group for b in backends if b.type == "python"})
-    for node, group in [*REGISTER_COMMANDS.items(),
-                        *((f"register-push-{name}", name) for name in python)]:
-        if group in groups:
-            apps = ", ".join(sorted(set(groups[group])))
-            items.append((node, f"Register at {node.removeprefix('register-push-')} ({apps})"))
-    if items:
-        items += [(LIST_COMMAND, "List push registrations"),
-                  (UNREGISTER_COMMAND, "Unregister push devices")]
-    return items
 
 
 def disco_items(iq: Iq, host: str, backends: list[Backend]) -> str:

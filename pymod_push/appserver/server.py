@@ -17,6 +17,7 @@ from pymod_push.appserver import requests as app
 from pymod_push.core import limits, safexml
 from pymod_push.core.config import Backend, Config
 from pymod_push.core.ratelimit import RateLimiter
+from pymod_push.core.shim_facts import LIST_COMMAND, UNREGISTER_COMMAND
 from pymod_push.core.xep0357 import NS_PUBSUB
 from pymod_push.core.xmpp import RequestError
 from pymod_push.logic import Device as LogicDevice
@@ -110,7 +111,6 @@ class AppServer:
         # refills nor freezes budgets. Tests pass their own.
         self._clock = clock
         self._publish_limit = RateLimiter(PUBLISH_BURST, PUBLISH_REFILL_PER_SECOND)
-        self._command_limit = limits.account_rate_limiter(config.push_iq_rate)
         self._backends: dict[tuple[str, str, str], Backend] = {}  # see _backend_of
         for backend in reversed(config.backends):  # the first configured wins
             self._backends[(backend.group, backend.app_name, backend.pubsub_host)] = backend
@@ -155,8 +155,7 @@ class AppServer:
         if iq.type == "set" and payload == f"{{{app.NS_COMMANDS}}}command" and register:
             if not allowed:
                 raise RequestError("forbidden", "you may not use this push app server", "auth")
-            limits.check_rate(self._command_limit, iq.sender_bare, self._clock(),
-                              "registration commands")
+            # push_iq_rate: the shim counted this command and answered those over the rate.
             return [Route(self._command(iq, app.parse_command(iq), register))]
         if iq.type == "set" and payload == f"{{{NS_PUBSUB}}}pubsub" and pubsub:
             return self._publish(iq, domain)
@@ -167,10 +166,10 @@ class AppServer:
         if command.action == "cancel":
             return app.command_reply(iq, command, "canceled")
         user = iq.sender_bare
-        if command.node == app.LIST_COMMAND:
+        if command.node == LIST_COMMAND:
             rows = [(d.device_name, d.node) for d in self.store.devices_of(user)]
             return app.command_reply(iq, command, "completed", app.registrations_form(rows))
-        if command.node == app.UNREGISTER_COMMAND:
+        if command.node == UNREGISTER_COMMAND:
             fields = command.fields or {}
             nodes = [n for n in fields.get("nodes", ()) if n]
             if nodes:

@@ -82,9 +82,11 @@ def _ip_networks(values: Any) -> tuple[IpNetwork, ...]:
 
 def default_name(module: str) -> str:
     """A Python provider's name when its backend gives none: its module's (a file's name
-    without .py, an import name's last part). The shim derives the same."""
-    base = module.rsplit("/", 1)[-1]
-    return base.removesuffix(".py") if base.endswith(".py") else base.rsplit(".", 1)[-1]
+    without .py, an import name's last part). The shim derives the same (Erlang's
+    filename:basename and filename:extension: trailing slashes do not count, '.py' alone
+    is no extension) only to refuse a name that is a shipped provider's."""
+    base = module.rstrip("/").rsplit("/", 1)[-1]
+    return base[:-3] if base.endswith(".py") and base != ".py" else base.rsplit(".", 1)[-1]
 
 
 def _backend(index: int, raw: dict[Any, Any], certfile: str | None) -> Backend:
@@ -118,7 +120,6 @@ class Config:
     max_body_length: int = 1024  # bytes of last-message-body in a publish (cut, marked)
     max_registrations: int = 20  # XEP-0357 registrations per account
     max_devices: int = 20  # devices per account at the built-in app server
-    push_iq_rate: int = 60  # push IQs and registration commands per account and minute
     publish_rate: int = 1000  # publishes a second to any one remote app-server domain
     retry_delays_ms: tuple[int, ...] = (5_000, 30_000, 300_000)
     wake_on_start: bool = True  # after ejabberd boots, wake the push users it had
@@ -168,7 +169,6 @@ class Config:
             max_body_length=int(options.get("max_body_length", cls.max_body_length)),
             max_registrations=int(options.get("max_registrations", cls.max_registrations)),
             max_devices=int(options.get("max_devices", cls.max_devices)),
-            push_iq_rate=int(options.get("push_iq_rate", cls.push_iq_rate)),
             publish_rate=int(options.get("publish_rate", cls.publish_rate)),
             retry_delays_ms=tuple(int(d) for d in options.get("retry_delays", cls.retry_delays_ms)),
             wake_on_start=bool(options.get("wake_on_start", cls.wake_on_start)),

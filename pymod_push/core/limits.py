@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from pymod_push.core.ratelimit import RateLimiter
 from pymod_push.core.xmpp import FIELD_XML_BYTES, RequestError, escaped_size
 
 CUT_MARK = "\u2026"  # "…": the body was cut here
@@ -154,21 +153,6 @@ def bound_summary(summary: list[tuple[str, str]], max_body_bytes: int) -> list[t
 
 
 # ------------------------------------------------------------------ per account
-
-def account_rate_limiter(per_minute: int) -> RateLimiter:
-    """Push IQs or registration commands of one account: ``per_minute`` at once, or
-    spread over the minute."""
-    return RateLimiter(per_minute, per_minute / 60.0)
-
-
-def check_rate(limiter: RateLimiter, account: object, now: float, what: str) -> None:
-    """RequestError (resource-constraint, wait) when the account has no token left."""
-    refusal = limiter.take(str(account), now)
-    if refusal is not None:
-        raise RequestError("resource-constraint", f"too many {what} from this account "
-                           f"(option push_iq_rate: {limiter.burst} a minute); retry in "
-                           f"{refusal.retry_after_seconds} s", "wait")
-
 
 def check_count(held: int, limit: int, what: str, option: str) -> None:
     """RequestError when an account holding ``held`` may add none: resource-constraint

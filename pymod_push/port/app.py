@@ -20,6 +20,7 @@ from typing import Any, BinaryIO
 
 from pymod_push import __version__, etf, metrics
 from pymod_push.appserver.server import Delivery
+from pymod_push.core.shim_facts import hello_facts
 from pymod_push.port import admin_commands as admin
 from pymod_push.port.commit import CommitPipeline, Item
 from pymod_push.port.logic_workers import LogicWorkers
@@ -218,7 +219,7 @@ class PortApp:
         self.commits.attach(runtime.store, runtime.config.ejabberd_node, runtime.config.host,
                             runtime.last_batch, runtime.dispatcher.submit,
                             self._logic_workers.ask)
-        self._write(frame(hello_reply(info)))
+        self._write(frame(hello_reply(info, hello_facts(runtime.config))))
         self._write(frame([action_term(a) for a in self.service.initial_actions()]))
         config = runtime.config
         log.info("ready for %s (pymod_push %s, database %s; at most %d pushed messages "

@@ -395,3 +395,20 @@ def test_a_push_iq_is_answered_though_the_port_owner_dies(faults: Faults) -> Non
         await asyncio.to_thread(instance.wait_ready, mark)
 
     faults.run(run)
+
+
+def test_pythons_hello_facts_outlive_the_port_owner(faults: Faults) -> None:
+    """What Python's hello told the shim (the account's disco features, the app server's
+    commands on the host) is in the keeper's table: it is there while the next port owner
+    has no Python process yet, and the hooks answer with it meanwhile."""
+    instance = faults.instance
+    mark = instance.log_mark()
+    found = instance.erl("""
+        exit(whereis(mod_push_py_localhost), kill),
+        timer:sleep(50),
+        {ets:lookup(mod_push_py_meta_localhost, python),
+         ets:lookup(mod_push_py_meta_localhost, {python_fact, features})}""")
+    assert found.startswith("{[{python,false}],"), found  # the next Python not started yet
+    assert "<<\"urn:xmpp:push:0\">>" in found and "<<\"tigase:push:encrypt:0\">>" in found
+    instance.wait_for_log(r"the port owner restarted", mark)
+    instance.wait_ready(mark)

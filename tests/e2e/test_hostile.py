@@ -427,3 +427,45 @@ def test_a_flood_of_registration_commands_is_refused_before_python(setup: Setup)
     assert conditions.get("result", 0) == 20  # max_devices
     assert conditions.get("resource-constraint", 0) == flood.size - 20
     assert 60 <= reached_python <= 60 + lasted + 1
+
+
+def test_push_iqs_and_commands_over_the_rate_are_refused_by_ejabberd(setup: Setup) -> None:
+    """push_iq_rate (60 a minute) per account is the shim's rule alone (Python keeps no
+    copy): push IQs, and apart from them the app server's commands, beyond it get
+    resource-constraint of type wait, naming the option and the seconds to wait; another
+    account is not affected, and the flooder gets one a second back."""
+    scenario = setup.scenario
+
+    async def run(peers: Peers) -> None:
+        flooder = await peers.user(*scenario.account("rate"))
+        other = await peers.user(*scenario.account("rate"))
+        disable = f"<disable xmlns='{NS_PUSH}' jid='app.example.net'/>"
+        list_devices = (f"<command xmlns='{NS_COMMANDS}' node='list-push-registrations' "
+                        "action='execute'/>")
+
+        async def burst(xml: str, to: str | None) -> tuple[int, list[Any], float]:
+            began = time.monotonic()
+            answers = await asyncio.gather(*(flooder.push_iq(xml, to=to) for _ in range(80)),
+                                           return_exceptions=True)
+            refused = [a.iq["error"] for a in answers if isinstance(a, IqError)]
+            assert len(refused) + sum(not isinstance(a, BaseException) for a in answers) == 80
+            return 80 - len(refused), refused, time.monotonic() - began
+
+        for xml, to, what in [(disable, None, "push IQs"),
+                              (list_devices, "localhost", "registration commands")]:
+            accepted, refused, lasted = await burst(xml, to)
+            print(f"\n{what}: 80 at once, {accepted} accepted in {lasted:.2f} s")
+            assert 60 <= accepted <= 60 + lasted + 1
+            assert {(e["type"], e["condition"]) for e in refused} == {
+                ("wait", "resource-constraint")}
+            text = refused[-1]["text"]
+            assert f"too many {what} from this account (option push_iq_rate: 60 a minute)" \
+                in text
+            found = re.search(r"retry in (\d+) s", text)
+            assert found is not None and 1 <= int(found.group(1)) <= 2, text
+            wait = int(found.group(1))
+            await other.push_iq(xml, to=to)  # another account: its own tokens
+            await asyncio.sleep(wait + 0.2)
+            await flooder.push_iq(xml, to=to)  # one back
+
+    scenario.run(run)

@@ -20,7 +20,9 @@ from tests.xmpp_peers import NS_PUSH, Peers
 pytestmark = pytest.mark.e2e
 
 WRONG_VERSION = b"\x83h\x03w\x05hellob\x00\x00\x03\xe7t\x00\x00\x00\x00"  # {hello, 999, #{}}
-RIGHT_VERSION = etf.encode((Atom("hello"), PROTOCOL_VERSION, {}))  # {hello, 3, #{}}
+RIGHT_VERSION = etf.encode((Atom("hello"), PROTOCOL_VERSION, {}))  # {hello, 4, #{}}
+# A log line and no hello: the shim waits for it (status starting)
+NO_HELLO = etf.encode((Atom("log"), Atom("info"), b"a stand-in that says no hello"))
 FAKE_PORT_PROGRAM = '''
 import os, struct, sys
 size, = struct.unpack(">I", os.read(0, 4))
@@ -109,5 +111,35 @@ def test_push_iq_gets_an_error_when_python_does_not_answer(folder: Path) -> None
             assert time.monotonic() - started < 10  # reply_timeout (1 s), not the client's
             # The session was not held up meanwhile.
             await client.plugin["xep_0030"].get_info(jid=client.boundjid.bare)
+
+        scenario.run(run)
+
+
+def test_before_pythons_hello_disco_lists_xep_0357_alone_and_no_commands(folder: Path) -> None:
+    """What the shim says of Python's decisions comes in Python's hello (core/shim_facts.py):
+    before it, the account's disco#info has XEP-0357's feature and none of Tigase's (though
+    ios_extensions is on), and the host lists none of the app server's commands."""
+    backends = [{"type": "ubuntu", "register_host": "localhost", "pubsub_host": "push.localhost"}]
+    instance = Instance(folder, python=fake_python(folder, NO_HELLO, exit_after_hello=False),
+                        options={"backends": backends, "ios_extensions": True})
+    with _started(instance) as running:
+        mark = running.log_mark()
+        running.ctl("module_install", "mod_push_py")
+        running.wait_for_log(r"a stand-in that says no hello", mark)
+        scenario = Scenario(running)
+        alice = scenario.account("alice")
+
+        async def run(peers: Peers) -> None:
+            client = await peers.user(*alice)
+            disco = client.plugin["xep_0030"]
+            info = await disco.get_info(jid=client.boundjid.bare)
+            features = set(info["disco_info"]["features"])
+            assert NS_PUSH in features
+            assert not {f for f in features if f.startswith("tigase:push:")}, features
+            items = await disco.get_items(jid="localhost",
+                                          node="http://jabber.org/protocol/commands")
+            nodes = {node for _, node, _ in items["disco_items"]["items"]}
+            assert "ping" in nodes  # ejabberd's own
+            assert not {n for n in nodes if "push" in n}, nodes
 
         scenario.run(run)

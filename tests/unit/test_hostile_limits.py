@@ -303,7 +303,7 @@ def _changes(store: Store) -> int:
 
 
 def test_an_enable_writes_one_row_however_many_the_account_holds() -> None:
-    service = make_service(**OPEN, max_registrations=10_000, push_iq_rate=100_000)
+    service = make_service(**OPEN, max_registrations=10_000)
     written = []
     for number in range(2000):
         before = _changes(service.store)
@@ -311,24 +311,6 @@ def test_an_enable_writes_one_row_however_many_the_account_holds() -> None:
         written.append(_changes(service.store) - before)
     print(f"\nrows written per enable: first {written[0]}, 2000th {written[-1]}")
     assert set(written) == {1}
-
-
-def test_push_iqs_per_account_are_rate_limited() -> None:
-    service = make_service(**OPEN, push_iq_rate=60, max_registrations=1000)
-    answers = [answer(service.handle(push_iq(enable_xml(f"n{i % 3}"), ref=i), 100.0))
-               for i in range(100)]
-    accepted = [a for a in answers if isinstance(a, IqResult)]
-    refused = [a for a in answers if isinstance(a, IqError)]
-    assert len(accepted) == 60 and len(refused) == 40
-    assert {(e.error_type, e.condition) for e in refused} == {("wait", "resource-constraint")}
-    assert "push_iq_rate" in refused[0].text
-    # another account is not affected; the flooder gets one a second back
-    bob = ("bob", "example.org", "pc")
-    other = PushIq("bob", bob, ("bob", "example.org", ""), "set", "en",
-                   enable_xml("b1").encode())
-    assert isinstance(answer(service.handle(other, 100.0)), IqResult)
-    assert isinstance(answer(service.handle(push_iq(enable_xml("n1")), 100.5)), IqError)
-    assert isinstance(answer(service.handle(push_iq(enable_xml("n1")), 101.1)), IqResult)
 
 
 # ------------------------------------------------------------------ push JIDs
@@ -390,17 +372,6 @@ def test_devices_per_account_are_limited() -> None:
     assert _register(server, "d1").get("type") == "result"  # registering again: no new one
     assert _register(server, "x", sender="bob@example.org/pc").get("type") == "result"
     assert len(server.store.devices_of("alice@example.org")) == 3
-
-
-def test_registration_commands_per_account_are_rate_limited() -> None:
-    clock = Clock()
-    config = Config("example.org", backends=BACKENDS[:1], push_iq_rate=10)
-    server = AppServer(config, Store(":memory:"), clock)
-    results = [_register(server, "d1") for _ in range(15)]
-    assert [r.get("type") for r in results].count("result") == 10
-    assert _error(results[-1])[:2] == ("wait", "resource-constraint")
-    clock.now += 6.1  # one every six seconds
-    assert _register(server, "d1").get("type") == "result"
 
 
 def test_an_oversized_or_broken_publish_is_answered_at_once() -> None:

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.versus_builtin import NS_PUSH, Phase, cpu_seconds, send_phase, wait_log_count
+from bench.versus_builtin import NS_PUSH, Phase, cpu_seconds, send_phase
 from devtools.instance import EJABBERD_USER, ROOT, Instance, free_port
 from devtools.xmpp_light import Xmpp
 
@@ -139,12 +139,25 @@ async def pending_sessions(instance: Instance, ours: bool, sessions: int
                              f"jid='app@localhost/srv' node='n{i}'>{options}</enable></iq>", "e")
         client.abort()
 
-    mark = instance.log_mark()
     for start in range(0, sessions, 50):
         await asyncio.gather(*(push_session(i) for i in range(start, min(start + 50, sessions))))
-    await asyncio.to_thread(wait_log_count, instance, "waiting .* for stream resumption",
-                            sessions, mark)
+    await asyncio.to_thread(wait_pending, instance, sessions)
     return app, arrivals, reader
+
+
+# Sessions whose stream management state is pending (ejabberd's log line for each can be
+# dropped by its logger's burst limit when a thousand go pending at once).
+PENDING = ("length([P || P <- processes(), proc_lib:translate_initial_call(P) == "
+           "{xmpp_stream_in, init, 1}, case catch sys:get_state(P, 1000) of "
+           "#{mgmt_state := pending} -> true; _ -> false end])")
+
+
+def wait_pending(instance: Instance, count: int) -> None:
+    deadline = time.monotonic() + 120
+    while int(instance.erl(PENDING)) < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"fewer than {count} sessions became pending")
+        time.sleep(1)
 
 
 async def load(instance: Instance, side: Side, args: argparse.Namespace,
@@ -197,17 +210,23 @@ async def load(instance: Instance, side: Side, args: argparse.Namespace,
     result["process_names"] = {key: name for key, (name, _) in after.items()}
     if eprof is not None:
         result["eprof"] = await eprof
+    offset = time.time() - time.perf_counter()
+
+    def pushes_between(start_us: int, end_us: int) -> int:
+        """Pushes that arrived in a window given in the VM's wall clock (microseconds)."""
+        start, end = start_us / 1e6 - offset, end_us / 1e6 - offset
+        return sum(1 for times in arrivals.values() if start <= times[0] <= end)
+
     if gctrace is not None:
-        result["gc"] = await gctrace
+        gc_rows = await gctrace
+        window = next(row for row in gc_rows if row[1] == "window")
+        result["gc"] = [row for row in gc_rows if row[1] != "window"]
+        result["gc_pushes"] = pushes_between(window[3], window[4])
     if calltime is not None:
         rows = await calltime
-        # The pushes of the traced window (its ends in the VM's wall clock, microseconds).
-        window = next((int(calls), int(us)) for name, calls, us in rows if name == "window")
-        offset = time.time() - time.perf_counter()
-        start, end = (moment / 1e6 - offset for moment in window)
+        start_us, end_us = next((calls, us) for name, calls, us in rows if name == "window")
         result["calltime"] = [row for row in rows if row[0] != "window"]
-        result["calltime_pushes"] = sum(1 for times in arrivals.values()
-                                        if start <= times[0] <= end)
+        result["calltime_pushes"] = pushes_between(start_us, end_us)
     reader.cancel()
     return result
 
@@ -302,17 +321,20 @@ Tracer = spawn(fun() ->
         {done, From} -> From ! {gc, Acc}
     end end,
     Loop(#{}, #{}) end),
+T0 = os:system_time(microsecond),
 erlang:trace(all, true, [garbage_collection, {tracer, Tracer}, monotonic_timestamp]),
 erlang:trace(Tracer, false, [garbage_collection]),
 timer:sleep(MILLISECONDS),
 erlang:trace(all, false, [garbage_collection]),
+T1 = os:system_time(microsecond),
 Tracer ! {done, self()},
 Acc = receive {gc, A} -> A end,
-[lists:flatten(io_lib:format("~s ~s ~s ~B ~B", [pid_to_list(P),
+[lists:flatten(io_lib:format("<0.0.0> window minor ~B ~B", [T0, T1])) |
+ [lists:flatten(io_lib:format("~s ~s ~s ~B ~B", [pid_to_list(P),
      case is_process_alive(P) of true -> Name(P); false -> "(ended)" end,
      case K of gc_minor_start -> minor; gc_major_start -> major end, C,
      erlang:convert_time_unit(D, native, microsecond)]))
- || {{P, K}, {C, D}} <- maps:to_list(Acc)]
+ || {{P, K}, {C, D}} <- maps:to_list(Acc)]]
 """
 
 
@@ -585,15 +607,17 @@ def print_gc(name: str, result: dict[str, Any], top: int) -> None:
     """Garbage collection time by kind of process (a window of the measured phase)."""
     rows: list[tuple[str, str, str, int, int]] = result["gc"]
     total = max(sum(row[4] for row in rows), 1)
+    pushes = max(result["gc_pushes"], 1)
     by_kind: Counter[tuple[str, str]] = Counter()
     counts: Counter[tuple[str, str]] = Counter()
     for _, process, kind, count, us in rows:
         by_kind[process, kind] += us
         counts[process, kind] += count
-    print(f"{name}: garbage collections, {total / 1e3:.0f} ms in the window; by process:")
+    print(f"{name}: garbage collections, {total / pushes:.1f} us per push ({pushes} pushes "
+          "in the window); by process:")
     for (process, kind), us in by_kind.most_common(top // 2):
-        print(f"    {us * 100 / total:5.1f} %  {counts[process, kind]:7,} {kind:5} "
-              f"{us / max(counts[process, kind], 1):8.1f} us each  {process}")
+        print(f"    {us / pushes:6.2f} us/push  {counts[process, kind] / pushes:6.3f} {kind:5}"
+              f"/push  {us / max(counts[process, kind], 1):8.1f} us each  {process}")
 
 
 def main() -> None:
@@ -624,6 +648,8 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--keep", type=Path, help="keep the perf data files here")
     args = parser.parse_args()
+    if args.gc and args.calltime:
+        parser.error("--gc and --calltime each need the processes' one tracer: one at a time")
     if os.geteuid() != 0:
         parser.error("run as root (ejabberdctl as the ejabberd user, perf)")
     work = Path(tempfile.mkdtemp(prefix="pymod_push-profile-trees-"))

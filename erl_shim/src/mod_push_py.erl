@@ -457,6 +457,8 @@ describe(#message{type = groupchat, from = #jid{} = From} = Pkt, #{push_py_nicks
         #{Room := Nick} -> erlang:append_element(describe(Pkt), #{nick => Nick});
         _ -> describe(Pkt)
     end;
+describe(Pkt, #{jid := #jid{luser = U, lserver = S}}) ->  % prepared when bound
+    described(Pkt, U, S);
 describe(Pkt, #{user := U, server := S}) ->
     described(Pkt, jid:nodeprep(U), jid:nameprep(S));
 describe(Pkt, _State) ->
@@ -470,7 +472,7 @@ described(Pkt, U, S) ->
     case xmpp:get_from(Pkt) of
         #jid{luser = U, lserver = S} -> describe(Pkt);  % the user's own (carbons)
         #jid{} = From ->
-            case opt(S, ios_extensions) andalso roster_item(U, S, From) of
+            case mod_push_py_port:ios_extensions(S) andalso roster_item(U, S, From) of
                 {_, _} = Item -> erlang:append_element(describe(Pkt), #{roster => Item});
                 _ -> describe(Pkt)  % off, or not known: Python pushes
             end;
@@ -523,6 +525,10 @@ within_depth(#xmlel{children = Els} = El, _) ->
 within_depth(Other, _) ->
     Other.
 
+%% The session's JID as jid:tolower/1 gives it: the bound JID's prepared parts, without
+%% stringprep for every stanza.
+session_key(#{jid := #jid{luser = U, lserver = S, lresource = R}}) ->
+    {U, S, R};
 session_key(#{user := U, server := S, resource := R}) ->
     jid:tolower({U, S, R}).
 

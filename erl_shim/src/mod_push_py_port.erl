@@ -18,7 +18,7 @@
 %% mod_push_py: starting and stopping, the hooks' events and IQs, process and table names
 -export([start_processes/2, stop_processes/1, send_event/2, send_iq/4,
          proc/1, keeper_proc/1, events_table/1, rate_table/1, meta_table/1,
-         options_table/1]).
+         options_table/1, ios_extensions/1]).
 %% gen_server (the port owner and the keeper)
 -export([start_link/2, init/1, handle_call/3, handle_cast/2, handle_info/2,
          terminate/2, code_change/3]).
@@ -82,6 +82,7 @@
 %% gen_mod runs init/1 of this module under the names of proc/1 and keeper_proc/1.
 -spec start_processes(binary(), gen_mod:opts()) -> {ok, pid()} | {error, term()}.
 start_processes(Host, Opts) ->
+    remember(Host),
     case gen_mod:start_child(?MODULE, Host, keeper, keeper_proc(Host)) of
         {ok, _} ->
             case gen_mod:start_child(?MODULE, Host, Opts, proc(Host)) of
@@ -94,7 +95,31 @@ start_processes(Host, Opts) ->
 -spec stop_processes(binary()) -> ok | {error, term()}.
 stop_processes(Host) ->
     gen_mod:stop_child(proc(Host)),
-    gen_mod:stop_child(keeper_proc(Host)).
+    Result = gen_mod:stop_child(keeper_proc(Host)),
+    persistent_term:erase({?MODULE, Host}),
+    Result.
+
+%% What the hooks need for every stanza, made once per start or reload of the module
+%% rather than per event: the names of the events table and of the port owner (atoms
+%% made from the host: gen_mod:get_module_proc/2 builds a binary and looks it up in the
+%% atom table) and the option ios_extensions (gen_mod:get_module_opt/3 copies all the
+%% module's options out of ETS).
+remember(Host) ->
+    Hot = {events_table(Host), proc(Host), opt(Host, ios_extensions) == true},
+    case persistent_term:get({?MODULE, Host}, undefined) of
+        Hot -> ok;  % the same: a put would make every process check its references
+        _ -> persistent_term:put({?MODULE, Host}, Hot)
+    end.
+
+hot(Host) ->
+    case persistent_term:get({?MODULE, Host}, undefined) of
+        undefined -> {events_table(Host), proc(Host), opt(Host, ios_extensions) == true};
+        Hot -> Hot
+    end.
+
+-spec ios_extensions(binary()) -> boolean().
+ios_extensions(Host) ->
+    element(3, hot(Host)).
 
 %%%===================================================================
 %%% The hooks' events and IQs (run in the hooks' processes), names
@@ -104,10 +129,11 @@ stop_processes(Host) ->
 %% on survives its crash (see recover/2). The table belongs to the keeper process.
 -spec send_event(binary(), term()) -> ok.
 send_event(Host, Event) ->
+    {Table, Proc, _} = hot(Host),
     Key = erlang:unique_integer([monotonic]),
     try
-        ets:insert(events_table(Host), {Key, Event}),
-        proc(Host) ! {event, Key}
+        ets:insert(Table, {Key, Event}),
+        Proc ! {event, Key}
     catch error:badarg ->
             ok  % the module is stopping, or the port owner restarting (it finds the event)
     end,
@@ -249,8 +275,9 @@ handle_call(_Request, _From, State) ->
 -spec handle_cast(term(), #state{} | keeper()) -> {noreply, #state{} | keeper()}.
 handle_cast({route, Pkt}, State) ->
     {noreply, route_to_app_server(Pkt, State)};
-handle_cast({reload, _NewOpts}, #state{port = Port} = State) ->
+handle_cast({reload, _NewOpts}, #state{host = Host, port = Port} = State) ->
     %% The new options reach Python with the next handshake.
+    remember(Host),
     ?INFO_MSG("mod_push_py: options changed, restarting the Python process", []),
     try port_close(Port) catch error:badarg -> true end,
     {noreply, open(State#state{port = undefined, backoff = ?MIN_BACKOFF})};

@@ -48,16 +48,19 @@
                 %% Events are {Key, Event}: Key is the event's key in the events table
                 %% (see send_event/2), deleted once Python has acknowledged it.
                 batch = []        :: [{integer(), term()}],  % not yet written, newest first
+                batch_len = 0     :: non_neg_integer(),
                 %% Events kept while Python is down or far behind, oldest first; once
                 %% any is held, newer ones queue behind it (events stay in order).
                 held = queue:new() :: queue:queue({integer(), term()}),
                 held_len = 0      :: non_neg_integer(),
                 queue_size = 1    :: pos_integer(),  % the option, read once per start
-                %% Batches written but not acknowledged, oldest first: sent again, with
-                %% their sequence numbers, to the next Python process if this one dies.
+                %% Batches written but not acknowledged, oldest first, by the keys of their
+                %% events: sent again, with their sequence numbers, to the next Python
+                %% process if this one dies (the events are read from the events table
+                %% then; they are not kept on this process's heap meanwhile).
                 epoch             :: integer(),
                 seq = 0           :: non_neg_integer(),
-                unacked = queue:new() :: queue:queue({pos_integer(), [{integer(), term()}]}),
+                unacked = queue:new() :: queue:queue({pos_integer(), [integer()]}),
                 unacked_len = 0   :: non_neg_integer(),
                 ack_timer         :: reference() | undefined,
                 dropped = 0       :: non_neg_integer(),
@@ -71,7 +74,15 @@
                 up_since          :: integer() | undefined,
                 restarts = 0      :: non_neg_integer(),
                 commands = #{}    :: #{reference() => {atom(), gen_server:from()}},
-                loglevel          :: atom()}).
+                loglevel          :: atom(),
+                %% Made once: the tables' names, the host's JID (the publishes' sender),
+                %% and the app servers' JIDs as Python names them (at most ?JID_CACHE).
+                events            :: atom(),
+                meta              :: atom(),
+                server_jid        :: jid() | undefined,
+                app_servers = #{} :: #{binary() => jid()}}).
+
+-define(JID_CACHE, 1000).
 
 -type keeper() :: {keeper, binary()}.
 
@@ -203,6 +214,9 @@ init([Host, keeper]) ->
     {ok, {keeper, Host}};
 init([Host, _Opts]) ->
     process_flag(trap_exit, true),
+    %% Messages wait outside the heap: a garbage collection does not copy the queue of
+    %% events and publish replies that builds up under load.
+    process_flag(message_queue_data, off_heap),
     [ejabberd_router:register_route(Domain, Host) || Domain <- app_server_domains(Host)],
     ets:new(options_table(Host), [named_table, protected, {read_concurrency, true}]),
     erlang:send_after(?LOGLEVEL_CHECK, self(), check_loglevel),
@@ -212,7 +226,8 @@ init([Host, _Opts]) ->
         [ets:lookup_element(Meta, Key, 2) || Key <- [epoch, seq, restarts, backoff, dropped]],
     State = #state{host = Host, epoch = Epoch, seq = Seq, restarts = Restarts,
                    backoff = Backoff, dropped = Dropped, queue_size = opt(Host, queue_size),
-                   loglevel = ejabberd_logger:get()},
+                   loglevel = ejabberd_logger:get(), events = events_table(Host),
+                   meta = Meta, server_jid = jid:make(Host)},
     case ets:lookup(Meta, python) of
         [] -> {ok, open(State)};
         [{python, Running}] -> {ok, recover(Running, State)}
@@ -229,8 +244,7 @@ recover(Running, #state{host = Host, backoff = Backoff, restarts = Restarts} = S
     Found = maps:from_list(Events),
     Batches = lists:sort(ets:select(Meta, [{{{batch, '$1'}, '$2'}, [], [{{'$1', '$2'}}]}])),
     InBatches = maps:from_list([{Key, true} || {_, Keys} <- Batches, Key <- Keys]),
-    Unacked = [{Seq, [{Key, maps:get(Key, Found)} || Key <- Keys, is_map_key(Key, Found)]}
-               || {Seq, Keys} <- Batches],
+    Unacked = [{Seq, [Key || Key <- Keys, is_map_key(Key, Found)]} || {Seq, Keys} <- Batches],
     Held = [Event || {Key, _} = Event <- Events, not is_map_key(Key, InBatches)],
     Now = erlang:monotonic_time(millisecond),
     [erlang:start_timer(max(0, Deadline - Now), self(), {iq, Ref})
@@ -288,12 +302,12 @@ handle_cast(Msg, State) ->
     {noreply, State}.
 
 -spec handle_info(term(), #state{} | keeper()) -> {noreply, #state{} | keeper()}.
-handle_info({event, Key}, #state{host = Host, recovered = Recovered} = State) ->
+handle_info({event, Key}, #state{events = Table, recovered = Recovered} = State) ->
     case Recovered of
         #{Key := _} ->  % queued already when this process started
             {noreply, State#state{recovered = maps:remove(Key, Recovered)}};
         _ ->
-            case ets:lookup(events_table(Host), Key) of
+            case ets:lookup(Table, Key) of
                 [Event] -> {noreply, take_event(Event, State)};
                 [] -> {noreply, State}
             end
@@ -323,8 +337,8 @@ handle_info({Port, {exit_status, Status}}, #state{port = Port, backoff = Backoff
                                ack_timer = cancel_ack_timer(State),
                                held = queue:join(queue:from_list(lists:reverse(State#state.batch)),
                                                  State#state.held),
-                               held_len = State#state.held_len + length(State#state.batch),
-                               batch = [], restarts = State#state.restarts + 1,
+                               held_len = State#state.held_len + State#state.batch_len,
+                               batch = [], batch_len = 0, restarts = State#state.restarts + 1,
                                backoff = min(Backoff * 2, ?MAX_BACKOFF)}, false)};
 handle_info(restart, #state{port = undefined, status = down} = State) ->
     %% Messages for events found at the start were handled long ago.
@@ -472,9 +486,9 @@ publish_outcome(#iq{type = error} = IQ) ->
     end.
 
 %% An event of the port owner's own, stored like the hooks' (send_event/2).
-push_event(Event, #state{host = Host} = State) ->
+push_event(Event, #state{events = Table} = State) ->
     Key = erlang:unique_integer([monotonic]),
-    ets:insert(events_table(Host), {Key, Event}),
+    ets:insert(Table, {Key, Event}),
     take_event({Key, Event}, State).
 
 %% Events are batched: a frame carries every event that arrived while the
@@ -487,14 +501,13 @@ take_event(Event, #state{status = up, held_len = 0, unacked_len = Unacked,
 take_event(Event, State) ->
     hold_event(Event, State).  % Python is down or far behind: keep it here, bounded
 
-forget(Keys, #state{host = Host} = State) ->
-    Table = events_table(Host),
-    lists:foreach(fun(Key) -> ets:delete(Table, Key) end, Keys),
+forget(Keys, #state{events = Table} = State) ->
+    _ = [ets:delete(Table, Key) || Key <- Keys],
     State.
 
-batch_event(Event, #state{batch = Batch} = State) ->
-    State1 = State#state{batch = [Event | Batch]},
-    case length(Batch) + 1 >= ?MAX_BATCH orelse mailbox_empty() of
+batch_event(Event, #state{batch = Batch, batch_len = BatchLen} = State) ->
+    State1 = State#state{batch = [Event | Batch], batch_len = BatchLen + 1},
+    case BatchLen + 1 >= ?MAX_BATCH orelse mailbox_empty() of
         true -> flush(State1);
         false when Batch == [] ->
             %% More messages are waiting; they may not be events (port data, timers),
@@ -520,11 +533,13 @@ hold_event(Event, #state{held_len = Len, queue_size = Max} = State) ->
 %% Events kept while Python was down or behind, oldest first, as far as there is room;
 %% written in full batches.
 release_held(#state{status = up, unacked_len = Unacked, queue_size = Max,
-                    held = Held, held_len = Len, batch = Batch} = State)
+                    held = Held, held_len = Len, batch = Batch,
+                    batch_len = BatchLen} = State)
   when Len > 0, Unacked < Max ->
     {{value, Event}, Rest} = queue:out(Held),
-    State1 = State#state{batch = [Event | Batch], held = Rest, held_len = Len - 1},
-    release_held(case length(Batch) + 1 >= ?MAX_BATCH of
+    State1 = State#state{batch = [Event | Batch], batch_len = BatchLen + 1, held = Rest,
+                         held_len = Len - 1},
+    release_held(case BatchLen + 1 >= ?MAX_BATCH of
                      true -> flush(State1);
                      false -> State1
                  end);
@@ -536,14 +551,19 @@ mailbox_empty() ->
 
 flush(#state{batch = []} = State) ->
     State;
-flush(#state{batch = Batch, seq = Seq, unacked = Unacked, unacked_len = Len} = State) ->
+flush(#state{batch = Batch, batch_len = BatchLen, seq = Seq, unacked = Unacked,
+             unacked_len = Len} = State) ->
     Events = lists:reverse(Batch),
+    Keys = [Key || {Key, _} <- Events],
     %% Recorded before the write: a successor sends it again with the same seq.
-    ets:insert(meta_table(State#state.host),
-               [{seq, Seq + 1}, {{batch, Seq + 1}, [Key || {Key, _} <- Events]}]),
+    ets:insert(State#state.meta, [{seq, Seq + 1}, {{batch, Seq + 1}, Keys}]),
     State1 = write_batch({Seq + 1, Events}, State),
-    State1#state{batch = [], seq = Seq + 1, unacked = queue:in({Seq + 1, Events}, Unacked),
-                 unacked_len = Len + length(Events)}.
+    State1#state{batch = [], batch_len = 0, seq = Seq + 1,
+                 unacked = queue:in({Seq + 1, Keys}, Unacked), unacked_len = Len + BatchLen}.
+
+%% A batch written before and not acknowledged, again (to a new Python process).
+write_again({Seq, Keys}, #state{events = Table} = State) ->
+    write_batch({Seq, [Event || Key <- Keys, Event <- ets:lookup(Table, Key)]}, State).
 
 write_batch({Seq, Events}, #state{port = Port, epoch = Epoch} = State) ->
     write(Port, {events, Epoch, Seq, [Event || {_, Event} <- Events]}),
@@ -556,12 +576,12 @@ write_batch({Seq, Events}, #state{port = Port, epoch = Epoch} = State) ->
 %% Python committed everything up to Seq.
 acknowledge(Seq, #state{unacked = Unacked, unacked_len = Len} = State) ->
     case queue:peek(Unacked) of
-        {value, {S, Events}} when S =< Seq ->
+        {value, {S, Keys}} when S =< Seq ->
             %% The events first: a batch record without them is harmless.
-            forget([Key || {Key, _} <- Events], State),
-            ets:delete(meta_table(State#state.host), {batch, S}),
+            forget(Keys, State),
+            ets:delete(State#state.meta, {batch, S}),
             acknowledge(Seq, State#state{unacked = queue:drop(Unacked),
-                                         unacked_len = Len - length(Events)});
+                                         unacked_len = Len - length(Keys)});
         {value, {Next, _}} ->
             cancel_ack_timer(State),
             State#state{ack_timer = erlang:send_after(?ACK_TIMEOUT, self(), {ack_timeout, Next})};
@@ -583,7 +603,7 @@ handle_python({hello, ?PROTOCOL_VERSION, Info}, #state{status = starting} = Stat
     State = State0#state{info = About, up_since = erlang:system_time(second)},
     %% What the previous process did not acknowledge goes first, as it was: Python
     %% skips a batch whose effects it had committed.
-    State1 = lists:foldl(fun write_batch/2,
+    State1 = lists:foldl(fun write_again/2,
                          keep(State#state{status = up, backoff = ?MIN_BACKOFF}, true),
                          queue:to_list(State#state.unacked)),
     release_held(State1);
@@ -616,15 +636,15 @@ execute({iq_error, Ref, Type, Reason, Text}, State) ->
 execute({publish, Ref, To, Node, Fields, Options, Timeout}, State) ->
     execute({publish, Ref, To, Node, Fields, Options, Timeout, []}, State);
 execute({publish, Ref, To, Node, Fields, Options, Timeout, Elements},
-        #state{host = Host} = State) ->
-    try jid:decode(To) of
-        AppServer ->
+        #state{server_jid = From} = State) ->
+    try app_server(To, State) of
+        {AppServer, State1} ->
             Item = #ps_item{sub_els = [notification(Fields, Elements)]},
             PubSub = #pubsub{publish = #ps_publish{node = Node, items = [Item]},
                              publish_options = xdata(Options)},
-            IQ = #iq{type = set, from = jid:make(Host), to = AppServer, sub_els = [PubSub]},
+            IQ = #iq{type = set, from = From, to = AppServer, sub_els = [PubSub]},
             ejabberd_router:route_iq(IQ, Ref, self(), Timeout),
-            State
+            State1
     catch error:{bad_jid, _} ->  % answered as the router would answer it
             push_event({iq_reply, Ref, {error, cancel, 'jid-malformed'}}, State)
     end;
@@ -662,6 +682,19 @@ execute({log, Level, Text}, State) ->
 execute(Action, State) ->
     ?WARNING_MSG("mod_push_py: unknown action from Python ignored: ~P", [Action, 10]),
     State.
+
+%% An app server's JID, decoded (stringprep) once rather than for every publish.
+app_server(To, #state{app_servers = Known} = State) ->
+    case Known of
+        #{To := Jid} -> {Jid, State};
+        _ ->
+            Jid = jid:decode(To),
+            Known1 = case map_size(Known) < ?JID_CACHE of
+                         true -> Known;
+                         false -> #{}
+                     end,
+            {Jid, State#state{app_servers = Known1#{To => Jid}}}
+    end.
 
 answer_iq(Ref, MakeReply, #state{host = Host} = State) ->
     case ets:take(meta_table(Host), {iq, Ref}) of

@@ -639,10 +639,8 @@ execute({publish, Ref, To, Node, Fields, Options, Timeout, Elements},
         #state{server_jid = From} = State) ->
     try app_server(To, State) of
         {AppServer, State1} ->
-            Item = #ps_item{sub_els = [notification(Fields, Elements)]},
-            PubSub = #pubsub{publish = #ps_publish{node = Node, items = [Item]},
-                             publish_options = xdata(Options)},
-            IQ = #iq{type = set, from = From, to = AppServer, sub_els = [PubSub]},
+            IQ = #iq{type = set, from = From, to = AppServer,
+                     sub_els = [pubsub(Node, Fields, Options, Elements)]},
             ejabberd_router:route_iq(IQ, Ref, self(), Timeout),
             State1
     catch error:{bad_jid, _} ->  % answered as the router would answer it
@@ -703,25 +701,48 @@ answer_iq(Ref, MakeReply, #state{host = Host} = State) ->
     end,
     State.
 
+%% The publish's <pubsub/>, made as XML elements: the same bytes as xmpp_codec makes of
+%% #pubsub{publish = #ps_publish{node = Node, items = [#ps_item{sub_els =
+%% [#push_notification{xdata = ...}]}]}, publish_options = #xdata{}}, without the codec's
+%% work, which the app server's c2s (or s2s) process did for every publish when it
+%% encoded the IQ to send it.
+pubsub(Node, Fields, Options, Elements) ->
+    Item = #xmlel{name = <<"item">>, children = [notification(Fields, Elements)]},
+    Publish = #xmlel{name = <<"publish">>, attrs = [{<<"node">>, Node}], children = [Item]},
+    #xmlel{name = <<"pubsub">>, attrs = [{<<"xmlns">>, ?NS_PUBSUB}],
+           children = [Publish | case Options of
+                                     undefined -> [];
+                                     _ -> [#xmlel{name = <<"publish-options">>,
+                                                  children = [form(Options)]}]
+                                 end]}.
+
 %% <notification/>: the summary form, and after it the extension elements Python made
 %% (Tigase's <encrypted/>, <priority/>, <jingle/>), if any.
 notification(Fields, []) ->
-    #push_notification{xdata = xdata(Fields)};
+    #xmlel{name = <<"notification">>, attrs = [{<<"xmlns">>, ?NS_PUSH_0}],
+           children = [form(Fields)]};
 notification(Fields, Elements) ->
     Form = case Fields of
                [] -> [];
-               _ -> [xmpp:encode(xdata(Fields))]
+               _ -> [form(Fields)]
            end,
     #xmlel{name = <<"notification">>, attrs = [{<<"xmlns">>, ?NS_PUSH_0}],
            children = Form ++ [parse_xml(E) || E <- Elements]}.
 
 %% A submitted data form from [{Var, [Value]}]; FORM_TYPE is hidden (XEP-0068).
-xdata(undefined) -> undefined;
-xdata(Fields) ->
-    #xdata{type = submit,
-           fields = [#xdata_field{var = Var, values = Values,
-                                  type = case Var of <<"FORM_TYPE">> -> hidden; _ -> undefined end}
-                     || {Var, Values} <- Fields]}.
+form(Fields) ->
+    #xmlel{name = <<"x">>, attrs = [{<<"type">>, <<"submit">>}, {<<"xmlns">>, ?NS_XDATA}],
+           children = [#xmlel{name = <<"field">>,
+                              attrs = case Var of
+                                          <<"FORM_TYPE">> -> [{<<"var">>, Var},
+                                                              {<<"type">>, <<"hidden">>}];
+                                          _ -> [{<<"var">>, Var}]
+                                      end,
+                              children = [form_value(Value) || Value <- Values]}
+                       || {Var, Values} <- Fields]}.
+
+form_value(<<>>) -> #xmlel{name = <<"value">>};  % <value/>, as xmpp_codec writes it
+form_value(Value) -> #xmlel{name = <<"value">>, children = [{xmlcdata, Value}]}.
 
 parse_xml(undefined) -> undefined;
 parse_xml(Xml) -> fxml_stream:parse_element(Xml).

@@ -394,8 +394,9 @@ def one_run(side: Side, args: argparse.Namespace, keep: Path) -> dict[str, Any]:
     finally:
         instance.stop()
         shutil.rmtree(folder, ignore_errors=True)
-        if beam is not None:
+        if beam is not None:  # what +JPperf true leaves behind
             Path(f"/tmp/perf-{beam}.map").unlink(missing_ok=True)
+            Path(f"/tmp/jit-{beam}.dump").unlink(missing_ok=True)
         if perf_data is not None and not args.keep:
             perf_data.unlink(missing_ok=True)
 
@@ -564,10 +565,11 @@ def print_reductions(name: str, result: dict[str, Any], top: int) -> None:
     for pid, count in reductions.items():
         by_name[names[pid]] += count
     print(f"{name}: {total / pushes:,.0f} reductions per push; by kind of process:")
-    for kind, count in by_name.most_common(top // 2):
-        print(f"    {count * 100 / total:5.1f} %  {count / pushes:7,.0f} per push  {kind}")
+    for kind, count in by_name.most_common(6):
+        if count >= pushes:  # at least one reduction per push
+            print(f"    {count * 100 / total:5.1f} %  {count / pushes:7,.0f} per push  {kind}")
     print("  busiest processes:")
-    for pid, count in sorted(reductions.items(), key=lambda item: -item[1])[:8]:
+    for pid, count in sorted(reductions.items(), key=lambda item: -item[1])[:5]:
         print(f"    {count * 100 / total:5.1f} %  {count / pushes:7,.0f} per push  "
               f"{names[pid]} {pid}")
 

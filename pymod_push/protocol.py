@@ -6,6 +6,7 @@ only place that knows their shapes. Unknown events are reported, not fatal.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -349,8 +350,12 @@ Action = (IqResult | IqError | Publish | SetPush | PushOptionsUpdate | Route | L
           | CommandResult)
 
 
-def action_term(action: Action) -> tuple[Any, ...]:
-    """The Erlang term for an action (see docs/protocol.md)."""
+def action_term(action: Action,
+                roster: Callable[[SessionKey], bool] | None = None) -> tuple[Any, ...]:
+    """The Erlang term for an action (see docs/protocol.md). ``roster`` says for a session
+    made push-enabled whether the shim is to attach the sender's roster item to the stanzas
+    it forwards for it (``set_push``'s fourth element; without ``roster``, none: the shim
+    then attaches it as before)."""
     match action:
         case IqResult(ref, xml):
             return (_A("iq_result"), ref, xml.encode() if xml is not None else _A("undefined"))
@@ -364,8 +369,10 @@ def action_term(action: Action) -> tuple[Any, ...]:
                     timeout_ms)
             return (*term, [e.encode() for e in elements]) if elements else term
         case SetPush(session, timeout):
-            return (_A("set_push"), tuple(p.encode() for p in session),
-                    False if timeout is None else timeout)
+            set_push = (_A("set_push"), tuple(p.encode() for p in session),
+                        False if timeout is None else timeout)
+            return set_push if timeout is None or roster is None \
+                else (*set_push, roster(session))
         case PushOptionsUpdate(user, values):
             key = _A("default") if user is None else tuple(p.encode() for p in user)
             return (_A("push_options"), key,

@@ -342,13 +342,20 @@ c2s_session_resumed(State) ->
 
 -spec c2s_copy_session(c2s_state(), c2s_state()) -> c2s_state().
 c2s_copy_session(State, OldState) ->
-    maps:merge(State, maps:with([push_py, push_py_saved_timeout, push_py_nicks], OldState)).
+    maps:merge(State, maps:with([push_py, push_py_saved_timeout, push_py_nicks,
+                                 push_py_roster], OldState)).
 
 -spec c2s_handle_cast(c2s_state(), term()) -> c2s_state() | {stop, c2s_state()}.
 c2s_handle_cast(State, {?MODULE, set_push, false}) ->
-    {stop, maps:remove(push_py, State)};
+    {stop, maps:without([push_py, push_py_roster], State)};
 c2s_handle_cast(State, {?MODULE, set_push, Timeout}) ->
     {stop, State#{push_py => Timeout}};
+%% Roster: whether a registration of the session reads the sender's roster item (Tigase's
+%% ignore-unknown filter); without it, stanzas to the session go without that context.
+c2s_handle_cast(State, {?MODULE, set_push, false, _Roster}) ->
+    {stop, maps:without([push_py, push_py_roster], State)};
+c2s_handle_cast(State, {?MODULE, set_push, Timeout, Roster}) ->
+    {stop, State#{push_py => Timeout, push_py_roster => Roster}};
 c2s_handle_cast(State, _Msg) ->
     State.
 
@@ -457,22 +464,28 @@ describe(#message{type = groupchat, from = #jid{} = From} = Pkt, #{push_py_nicks
         #{Room := Nick} -> erlang:append_element(describe(Pkt), #{nick => Nick});
         _ -> describe(Pkt)
     end;
-describe(Pkt, #{jid := #jid{luser = U, lserver = S}}) ->  % prepared when bound
-    described(Pkt, U, S);
-describe(Pkt, #{user := U, server := S}) ->
-    described(Pkt, jid:nodeprep(U), jid:nameprep(S));
+describe(Pkt, #{jid := #jid{luser = U, lserver = S}} = State) ->  % prepared when bound
+    described(Pkt, U, S, maps:get(push_py_roster, State, true));
+describe(Pkt, #{user := U, server := S} = State) ->
+    described(Pkt, jid:nodeprep(U), jid:nameprep(S), maps:get(push_py_roster, State, true));
 describe(Pkt, _State) ->
     describe(Pkt).
 
 %% With ios_extensions, a stanza from someone else carries the sender's roster item,
-%% {Subscription, Ask} ({none, none}: none), for the ignore-unknown filter.
-described(#message{type = groupchat} = Pkt, _U, _S) ->
-    describe(Pkt);
+%% {Subscription, Ask} ({none, none}: none), for the ignore-unknown filter: for a user
+%% without a session always, for a session when Python said one of its registrations has
+%% the filter (a set_push without that word, from the code before: always).
 described(Pkt, U, S) ->
+    described(Pkt, U, S, true).
+
+described(#message{type = groupchat} = Pkt, _U, _S, _Roster) ->
+    describe(Pkt);
+described(Pkt, U, S, Roster) ->
     case xmpp:get_from(Pkt) of
         #jid{luser = U, lserver = S} -> describe(Pkt);  % the user's own (carbons)
         #jid{} = From ->
-            case mod_push_py_port:ios_extensions(S) andalso roster_item(U, S, From) of
+            case Roster andalso mod_push_py_port:ios_extensions(S)
+                andalso roster_item(U, S, From) of
                 {_, _} = Item -> erlang:append_element(describe(Pkt), #{roster => Item});
                 _ -> describe(Pkt)  % off, or not known: Python pushes
             end;

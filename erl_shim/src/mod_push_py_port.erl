@@ -667,6 +667,12 @@ execute({set_push, {U, S, R}, Value}, State) ->
         none -> ok
     end,
     State;
+execute({set_push, {U, S, R}, Value, Roster}, State) when is_boolean(Roster) ->
+    case ejabberd_sm:get_session_pid(U, S, R) of
+        Pid when is_pid(Pid) -> ejabberd_c2s:cast(Pid, {mod_push_py, set_push, Value, Roster});
+        none -> ok
+    end,
+    State;
 execute({push_options, Key, undefined}, #state{host = Host} = State) ->
     ets:delete(options_table(Host), Key),
     State;

@@ -66,14 +66,18 @@ class Side:
 class ProfiledInstance(Instance):
     shim: Path = ROOT / "erl_shim"
     perf: bool = True
+    spin: bool = True  # False: schedulers do not spin while they wait for work
 
     def write_config(self) -> None:
         super().write_config()
-        if self.perf:
-            # Sourced by ejabberdctl with its arguments: only the node gets the flag, not
+        flags = (["+JPperf true"] if self.perf else []) + (
+            [] if self.spin else ["+sbwt none +sbwtdcpu none +sbwtdio none"])
+        if flags:
+            # Sourced by ejabberdctl with its arguments: only the node gets the flags, not
             # the short-lived nodes of ctl commands (each would leave a perf map in /tmp).
             with open(self.folder / "ejabberdctl.cfg", "a") as cfg:
-                cfg.write('case "$1" in start|foreground) ERL_OPTIONS="+JPperf true";; esac\n')
+                cfg.write(f'case "$1" in start|foreground) ERL_OPTIONS="{" ".join(flags)}";; '
+                          'esac\n')
 
     def _stage_module_sources(self) -> None:
         super()._stage_module_sources()
@@ -367,18 +371,19 @@ def one_run(side: Side, args: argparse.Namespace, keep: Path) -> dict[str, Any]:
         options: dict[str, Any] = {"resume_timeout": 259200,
                                    "metrics_listen": f"127.0.0.1:{free_port()}"}
         instance = ProfiledInstance(folder, options=options, modules=common,
-                                    extra_config=config, shim=shim, perf=not args.no_perf)
+                                    extra_config=config, shim=shim, perf=not args.no_perf,
+                                    spin=not args.no_spin)
         if side.python:
             instance.python = side.python
     elif side.pushes:
         instance = ProfiledInstance(folder, modules={
             **common, "mod_push": {"include_body": True},
             "mod_push_keepalive": {"resume_timeout": 259200}}, extra_config=config,
-            perf=not args.no_perf)
+            perf=not args.no_perf, spin=not args.no_spin)
     else:
         instance = ProfiledInstance(folder, modules={
             **common, "mod_stream_mgmt": {"resume_timeout": 259200}},
-            extra_config=config, perf=not args.no_perf)
+            extra_config=config, perf=not args.no_perf, spin=not args.no_spin)
     instance.write_config()
     perf_data = None if args.no_perf else keep / f"{side.name}-{time.strftime('%H%M%S')}.data"
     beam = None
@@ -635,6 +640,10 @@ def main() -> None:
     parser.add_argument("--none", action="store_true",
                         help="also a side without any push module: what both share")
     parser.add_argument("--no-perf", action="store_true", help="CPU per push only")
+    parser.add_argument("--no-spin", action="store_true",
+                        help="the VM's schedulers do not spin while waiting for work (+sbwt "
+                             "none): less of the CPU per push is idle spinning, which a "
+                             "cheaper version would do more of; steadier for comparing versions")
     parser.add_argument("--eprof", action="store_true",
                         help="eprof on every process over the measured phase (slows the VM: "
                              "use a lower --rate)")

@@ -6,14 +6,15 @@
 %%% External Term Format) and executes the actions Python sends back.
 %%% The port protocol is documented in docs/protocol.md of pymod_push.
 %%%
-%%% The shim is three modules, like ejabberd's own mod_push family:
+%%% The shim is four modules, like ejabberd's own mod_push family:
 %%%   mod_push_py       gen_mod, the hooks, the push IQ handler, disco, the app
 %%%                     server's ad-hoc command items, ejabberdctl commands (this file)
 %%%   mod_push_py_port  the port owner (a gen_server) and its keeper: the port to
 %%%                     Python, batching, held events, acknowledgements, Python's
 %%%                     actions, the ETS tables
 %%%   mod_push_py_opt   the options, their defaults and their documentation
-%%% 'ejabberdctl module_install mod_push_py' compiles and installs all three.
+%%%   mod_push_py_actions  what Python's actions make, without state (the publish's XML)
+%%% 'ejabberdctl module_install mod_push_py' compiles and installs all four.
 %%%
 %%% Copyright (C) 2026 the pymod_push authors. GPL-2.0-or-later.
 %%%----------------------------------------------------------------------
@@ -155,12 +156,12 @@ ejabberd_running() ->
 
 %% ext_mod unloads mod_push_py alone when it uninstalls or upgrades the module: the
 %% other two modules are stopped and unloaded here (as ext_mod does with this one), so
-%% that module_upgrade runs the new code of all three.
+%% that module_upgrade runs the new code of all four.
 -spec pre_uninstall() -> ok.
 pre_uninstall() ->
     [catch gen_mod:stop_module(Host, ?MODULE) || Host <- ejabberd_option:hosts()],
     lists:foreach(fun(Module) -> code:purge(Module), code:delete(Module) end,
-                  [mod_push_py_port, mod_push_py_opt]).
+                  [mod_push_py_port, mod_push_py_opt, mod_push_py_actions]).
 
 %% gen_mod asks this module; the options live in mod_push_py_opt.
 -spec mod_opt_type(atom()) -> econf:validator().

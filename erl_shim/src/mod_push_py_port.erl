@@ -76,13 +76,12 @@
                 commands = #{}    :: #{reference() => {atom(), gen_server:from()}},
                 loglevel          :: atom(),
                 %% Made once: the tables' names, the host's JID (the publishes' sender),
-                %% and the app servers' JIDs as Python names them (at most ?JID_CACHE).
+                %% and the app servers' JIDs as Python names them (mod_push_py_actions:app_server/2).
                 events            :: atom(),
                 meta              :: atom(),
                 server_jid        :: jid() | undefined,
                 app_servers = #{} :: #{binary() => jid()}}).
 
--define(JID_CACHE, 1000).
 
 -type keeper() :: {keeper, binary()}.
 
@@ -325,7 +324,7 @@ handle_info({event, Key}, #state{events = Table, recovered = Recovered} = State)
             end
     end;
 handle_info({Port, {data, Bin}}, #state{port = Port} = State) ->
-    case decode(Bin) of
+    case mod_push_py_actions:decode(Bin) of
         {ok, Term} -> {noreply, handle_python(Term, State)};
         error ->
             ?ERROR_MSG("mod_push_py: malformed frame from Python (~B bytes), "
@@ -390,7 +389,7 @@ handle_info(forget_rates, #state{host = Host} = State) ->
 handle_info(flush, State) ->
     {noreply, flush(State)};
 handle_info({iq_reply, Reply, Ref}, State) ->
-    {noreply, push_event({iq_reply, Ref, publish_outcome(Reply)}, State)};
+    {noreply, push_event({iq_reply, Ref, mod_push_py_actions:publish_outcome(Reply)}, State)};
 handle_info({timeout, _TRef, {iq, Ref}}, #state{host = Host} = State) ->
     case ets:take(meta_table(Host), {iq, Ref}) of
         [{_, IQ, _}] ->
@@ -459,11 +458,6 @@ hello(Host) ->
 spool_dir() ->
     mnesia:system_info(directory).
 
-decode(Bin) ->
-    try {ok, binary_to_term(Bin, [safe])}
-    catch error:badarg -> error
-    end.
-
 %% A stanza for the app server (commands, publishes, disco). Whether the sender may use
 %% the built-in app server is an ejabberd access rule, decided here, as push_iq_rate is.
 route_to_app_server(#iq{from = #jid{luser = U, lserver = S}, lang = Lang} = IQ,
@@ -484,18 +478,6 @@ route_to_app_server(_Pkt, State) ->
 push_app_server_iq(#iq{from = From} = IQ, #state{host = Host} = State) ->
     Allowed = mod_push_py:may_use_backends(Host, opt(Host, access_backends), From),
     push_event({app_server_iq, Allowed, xml_binary(xmpp:encode(IQ))}, State).
-
-publish_outcome(timeout) -> timeout;
-publish_outcome(#iq{type = result}) -> result;
-publish_outcome(#iq{type = error} = IQ) ->
-    case xmpp:get_error(IQ) of
-        #stanza_error{type = Type, reason = Reason} when is_atom(Reason) ->
-            {error, Type, Reason};
-        #stanza_error{type = Type, reason = Reason} when is_tuple(Reason) ->
-            {error, Type, element(1, Reason)};
-        _ ->
-            {error, cancel, 'undefined-condition'}
-    end.
 
 %% An event of the port owner's own, stored like the hooks' (send_event/2).
 push_event(Event, #state{events = Table} = State) ->
@@ -637,41 +619,33 @@ handle_python(Other, State) ->
     ?ERROR_MSG("mod_push_py: unexpected frame from Python: ~P", [Other, 10]),
     State.
 
-execute({iq_result, Ref, Xml}, State) ->
-    answer_iq(Ref, fun(IQ) -> xmpp:make_iq_result(IQ, parse_xml(Xml)) end, State);
-execute({iq_error, Ref, Type, Reason, Text}, State) ->
-    answer_iq(Ref, fun(IQ) ->
-                           Err = #stanza_error{type = Type, reason = Reason,
-                                               text = xmpp:mk_text(Text, IQ#iq.lang)},
-                           xmpp:make_error(IQ, Err)
-                   end, State);
+execute({iq_result, _, _} = Answer, #state{meta = Meta} = State) ->
+    mod_push_py_actions:answer_iq(Meta, Answer),
+    State;
+execute({iq_error, _, _, _, _} = Answer, #state{meta = Meta} = State) ->
+    mod_push_py_actions:answer_iq(Meta, Answer),
+    State;
 execute({publish, Ref, To, Node, Fields, Options, Timeout}, State) ->
     execute({publish, Ref, To, Node, Fields, Options, Timeout, []}, State);
 execute({publish, Ref, To, Node, Fields, Options, Timeout, Elements},
         #state{server_jid = From} = State) ->
-    try app_server(To, State) of
-        {AppServer, State1} ->
+    try mod_push_py_actions:app_server(To, State#state.app_servers) of
+        {AppServer, Known} ->
             IQ = #iq{type = set, from = From, to = AppServer,
-                     sub_els = [pubsub(Node, Fields, Options, Elements)]},
+                     sub_els = [mod_push_py_actions:pubsub(Node, Fields, Options, Elements)]},
             ejabberd_router:route_iq(IQ, Ref, self(), Timeout),
-            State1
+            State#state{app_servers = Known}
     catch error:{bad_jid, _} ->  % answered as the router would answer it
             push_event({iq_reply, Ref, {error, cancel, 'jid-malformed'}}, State)
     end;
 execute({route, Xml}, State) ->
-    ejabberd_router:route(xmpp:decode(parse_xml(Xml), ?NS_CLIENT, [ignore_els])),
+    mod_push_py_actions:route(Xml),
     State;
-execute({set_push, {U, S, R}, Value}, State) ->
-    case ejabberd_sm:get_session_pid(U, S, R) of
-        Pid when is_pid(Pid) -> ejabberd_c2s:cast(Pid, {mod_push_py, set_push, Value});
-        none -> ok
-    end,
+execute({set_push, Session, Value}, State) ->
+    mod_push_py_actions:set_push(Session, {mod_push_py, set_push, Value}),
     State;
-execute({set_push, {U, S, R}, Value, Roster}, State) when is_boolean(Roster) ->
-    case ejabberd_sm:get_session_pid(U, S, R) of
-        Pid when is_pid(Pid) -> ejabberd_c2s:cast(Pid, {mod_push_py, set_push, Value, Roster});
-        none -> ok
-    end,
+execute({set_push, Session, Value, Roster}, State) when is_boolean(Roster) ->
+    mod_push_py_actions:set_push(Session, {mod_push_py, set_push, Value, Roster}),
     State;
 execute({push_options, Key, undefined}, #state{host = Host} = State) ->
     ets:delete(options_table(Host), Key),
@@ -693,84 +667,11 @@ execute({command_result, Ref, Text}, #state{commands = Commands} = State) ->
 execute({ack, Seq}, State) ->
     release_held(acknowledge(Seq, State));
 execute({log, Level, Text}, State) ->
-    log(Level, Text),
+    mod_push_py_actions:log(Level, Text),
     State;
 execute(Action, State) ->
     ?WARNING_MSG("mod_push_py: unknown action from Python ignored: ~P", [Action, 10]),
     State.
-
-%% An app server's JID, decoded (stringprep) once rather than for every publish.
-app_server(To, #state{app_servers = Known} = State) ->
-    case Known of
-        #{To := Jid} -> {Jid, State};
-        _ ->
-            Jid = jid:decode(To),
-            Known1 = case map_size(Known) < ?JID_CACHE of
-                         true -> Known;
-                         false -> #{}
-                     end,
-            {Jid, State#state{app_servers = Known1#{To => Jid}}}
-    end.
-
-answer_iq(Ref, MakeReply, #state{host = Host} = State) ->
-    case ets:take(meta_table(Host), {iq, Ref}) of
-        [{_, IQ, _}] -> ejabberd_router:route(MakeReply(IQ));
-        [] -> ok  % already answered with a timeout error
-    end,
-    State.
-
-%% The publish's <pubsub/>, made as XML elements: the same bytes as xmpp_codec makes of
-%% #pubsub{publish = #ps_publish{node = Node, items = [#ps_item{sub_els =
-%% [#push_notification{xdata = ...}]}]}, publish_options = #xdata{}}, without the codec's
-%% work, which the app server's c2s (or s2s) process did for every publish when it
-%% encoded the IQ to send it.
-pubsub(Node, Fields, Options, Elements) ->
-    Item = #xmlel{name = <<"item">>, children = [notification(Fields, Elements)]},
-    Publish = #xmlel{name = <<"publish">>, attrs = [{<<"node">>, Node}], children = [Item]},
-    #xmlel{name = <<"pubsub">>, attrs = [{<<"xmlns">>, ?NS_PUBSUB}],
-           children = [Publish | case Options of
-                                     undefined -> [];
-                                     _ -> [#xmlel{name = <<"publish-options">>,
-                                                  children = [form(Options)]}]
-                                 end]}.
-
-%% <notification/>: the summary form, and after it the extension elements Python made
-%% (Tigase's <encrypted/>, <priority/>, <jingle/>), if any.
-notification(Fields, []) ->
-    #xmlel{name = <<"notification">>, attrs = [{<<"xmlns">>, ?NS_PUSH_0}],
-           children = [form(Fields)]};
-notification(Fields, Elements) ->
-    Form = case Fields of
-               [] -> [];
-               _ -> [form(Fields)]
-           end,
-    #xmlel{name = <<"notification">>, attrs = [{<<"xmlns">>, ?NS_PUSH_0}],
-           children = Form ++ [parse_xml(E) || E <- Elements]}.
-
-%% A submitted data form from [{Var, [Value]}]; FORM_TYPE is hidden (XEP-0068).
-form(Fields) ->
-    #xmlel{name = <<"x">>, attrs = [{<<"type">>, <<"submit">>}, {<<"xmlns">>, ?NS_XDATA}],
-           children = [#xmlel{name = <<"field">>,
-                              attrs = case Var of
-                                          <<"FORM_TYPE">> -> [{<<"var">>, Var},
-                                                              {<<"type">>, <<"hidden">>}];
-                                          _ -> [{<<"var">>, Var}]
-                                      end,
-                              children = [form_value(Value) || Value <- Values]}
-                       || {Var, Values} <- Fields]}.
-
-form_value(<<>>) -> #xmlel{name = <<"value">>};  % <value/>, as xmpp_codec writes it
-form_value(Value) -> #xmlel{name = <<"value">>, children = [{xmlcdata, Value}]}.
-
-parse_xml(undefined) -> undefined;
-parse_xml(Xml) -> fxml_stream:parse_element(Xml).
-
-log(debug, Text) -> ?DEBUG("~ts", [Text]);
-log(info, Text) -> ?INFO_MSG("~ts", [Text]);
-log(notice, Text) -> ?INFO_MSG("~ts", [Text]);
-log(warning, Text) -> ?WARNING_MSG("~ts", [Text]);
-log(error, Text) -> ?ERROR_MSG("~ts", [Text]);
-log(_, Text) -> ?CRITICAL_MSG("~ts", [Text]).
 
 
 %% ejabberdctl commands (mod_push_py:command/3 calls the port owner).

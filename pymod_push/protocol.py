@@ -6,8 +6,7 @@ only place that knows their shapes. Unknown events are reported, not fatal.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
@@ -307,6 +306,9 @@ class SetPush:
 
     session: SessionKey
     resume_timeout_ms: int | None  # None: push disabled for the session
+    # Whether the shim attaches the sender's roster item to the session's stanzas (None:
+    # not said, the shim attaches it as it did before this field)
+    roster: bool | None = field(default=None, compare=False)  # a hint, not the action
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,12 +352,8 @@ Action = (IqResult | IqError | Publish | SetPush | PushOptionsUpdate | Route | L
           | CommandResult)
 
 
-def action_term(action: Action,
-                roster: Callable[[SessionKey], bool] | None = None) -> tuple[Any, ...]:
-    """The Erlang term for an action (see docs/protocol.md). ``roster`` says for a session
-    made push-enabled whether the shim is to attach the sender's roster item to the stanzas
-    it forwards for it (``set_push``'s fourth element; without ``roster``, none: the shim
-    then attaches it as before)."""
+def action_term(action: Action) -> tuple[Any, ...]:
+    """The Erlang term for an action (see docs/protocol.md)."""
     match action:
         case IqResult(ref, xml):
             return (_A("iq_result"), ref, xml.encode() if xml is not None else _A("undefined"))
@@ -368,11 +366,10 @@ def action_term(action: Action,
                     _A("undefined") if publish_options is None else _form_term(publish_options),
                     timeout_ms)
             return (*term, [e.encode() for e in elements]) if elements else term
-        case SetPush(session, timeout):
+        case SetPush(session, timeout, roster):
             set_push = (_A("set_push"), tuple(p.encode() for p in session),
                         False if timeout is None else timeout)
-            return set_push if timeout is None or roster is None \
-                else (*set_push, roster(session))
+            return set_push if timeout is None or roster is None else (*set_push, roster)
         case PushOptionsUpdate(user, values):
             key = _A("default") if user is None else tuple(p.encode() for p in user)
             return (_A("push_options"), key,

@@ -20,7 +20,6 @@ from typing import Any, BinaryIO
 
 from pymod_push import __version__, etf, metrics
 from pymod_push.appserver.server import Delivery
-from pymod_push.core import ios_extensions
 from pymod_push.core.shim_facts import hello_facts
 from pymod_push.port import admin_commands as admin
 from pymod_push.port.commit import CommitPipeline, Item
@@ -38,7 +37,6 @@ from pymod_push.protocol import (
     ProtocolError,
     PublishReply,
     Route,
-    SessionKey,
     action_term,
     hello_reply,
     parse_batch,
@@ -334,15 +332,8 @@ class PortApp:
 
     def _flush(self, actions: list[Action]) -> None:
         if actions:
-            self._write(frame([action_term(a, self._roster_needed) for a in actions]))
+            self._write(frame([action_term(a) for a in actions]))
         self._arm_timer()
-
-    def _roster_needed(self, session: SessionKey) -> bool:
-        """Whether stanzas for this push-enabled session need the sender's roster item (a
-        lookup in ejabberd for each): only Tigase's ignore-unknown filter reads it."""
-        assert self.service is not None
-        return any(ios_extensions.from_json(r.extensions).ignore_unknown
-                   for r in self.service.store.for_session(session) if r.extensions)
 
     def _arm_timer(self) -> None:
         if self.service is None:

@@ -226,11 +226,12 @@ class PushService:
                     self.store.bind_node(session, self.config.ejabberd_node, None)
                 return []
             case SessionOpened(session):
-                if not self._reset(session):
+                registrations = self._reset(session)
+                if not registrations:
                     return []
                 self.store.bind_node(session, self.config.ejabberd_node, None)
                 # Enabling is persistent (XEP-0357): a reconnecting device stays push-enabled.
-                return [SetPush(session, self.config.resume_timeout_ms)]
+                return [self._push_on(session, registrations)]
             case UserRemoved(user):
                 for registration in self.store.for_user(user):
                     self._pushed.pop(registration.session, None)
@@ -292,7 +293,7 @@ class PushService:
         names = ios_extensions.from_json(extensions).names() if extensions else []
         log.info("push enabled for %s/%s at %s%s", session[0], session[2], request.jid,
                  f" (extensions: {' '.join(names)})" if names else "")
-        return [*actions, SetPush(session, self.config.resume_timeout_ms),
+        return [*actions, self._push_on(session, self.store.for_session(session)),
                 IqResult(iq.ref, result)]
 
     def options_of(self, user: UserKey) -> push_options.PushOptions:
@@ -526,13 +527,19 @@ class PushService:
                             is_encrypted(stanza), trigger is Trigger.CALL,
                             stanza.xml.decode("utf-8", "replace"))
 
-    def _reset(self, session: SessionKey) -> bool:
-        """Counts start again when the client is back; True if the session has push."""
+    def _reset(self, session: SessionKey) -> list[Registration]:
+        """Counts start again when the client is back; the session's registrations."""
         registrations = self.store.for_session(session)
         if registrations:
             self.store.reset_counts(session)
         self._pushed.pop(session, None)  # its log rows are no longer read (pending_since)
-        return bool(registrations)
+        return registrations
+
+    def _push_on(self, session: SessionKey, registrations: list[Registration]) -> SetPush:
+        """The session push-enabled; the shim attaches the sender's roster item (a lookup
+        in ejabberd per stanza) only if a registration reads it: Tigase's ignore-unknown."""
+        roster = any(_extensions(r).ignore_unknown for r in registrations if r.extensions)
+        return SetPush(session, self.config.resume_timeout_ms, roster)
 
     # ------------------------------------------------------------------ wakes
     def _schedule_wake(self, session: SessionKey, now: float) -> None:

@@ -9,6 +9,16 @@ GET /metrics on the address given, served by the Python process of each host.
     pymod_push_registrations, _devices, _outbox, _provider_queue   gauges from the database
     pymod_push_database_round_trips_total            round trips to PostgreSQL (db_url)
     pymod_push_database_commit_seconds               histogram of commits, start to answer
+    pymod_push_build_info{version}                   1, with the package's version
+    pymod_push_python_restarts_total                 the shim's: Python processes restarted
+    pymod_push_shim_held_events_total, _dropped_events_total   the shim's queue
+    pymod_push_apns_certificate_expiry_seconds{app_name,pubsub_host}   certificate auth
+    pymod_push_app_server_registrations_without_device   registrations at the built-in
+                                                     app server whose node is no device
+
+The shim's counters (restarts, held, dropped) count since the module started on the host,
+not since this Python process did: the shim sends them (protocol.ShimCounters), so they
+stay monotonic across restarts of Python.
 """
 
 from __future__ import annotations
@@ -16,9 +26,14 @@ from __future__ import annotations
 import asyncio
 import bisect
 import logging
+import os
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC
+
+from cryptography import x509
 
 log = logging.getLogger("pymod_push")
 
@@ -64,6 +79,47 @@ class Snapshot:
     totals: dict[str, int]
     in_process: int = 0  # publishes to its own app server taken without the round trip
     commits: Histogram | None = None  # the database's commits, start to answer
+    version: str = ""  # pymod_push's (build_info)
+    # the shim's counters, {"restarts", "held", "dropped"}; None until it sent them (the
+    # series are left out rather than shown as 0, which would read as a counter reset)
+    shim: dict[str, int] | None = None
+    # APNs certificate auth: (app_name, pubsub_host) -> the certificate's notAfter (epoch s)
+    certificates: dict[tuple[str, str], float] = field(default_factory=dict)
+    # registrations at the built-in app server's pubsub hosts whose node is no device there
+    without_device: int | None = None
+
+
+_not_after: dict[str, tuple[int, float | None]] = {}  # path -> (mtime_ns, notAfter)
+
+
+def certificate_not_after(path: str) -> float | None:
+    """The notAfter (epoch seconds) of the first certificate in a PEM file, read again only
+    when the file changes; None (and a warning, once per change) if it cannot be read."""
+    try:
+        mtime = os.stat(path).st_mtime_ns
+    except OSError as exc:
+        mtime = -1
+        error: str | None = exc.strerror or type(exc).__name__
+    else:
+        error = None
+    cached = _not_after.get(path)
+    if cached is not None and cached[0] == mtime:
+        return cached[1]
+    value: float | None = None
+    if error is None:
+        try:
+            with open(path, "rb") as handle:
+                certificate = x509.load_pem_x509_certificate(handle.read())
+            after = getattr(certificate, "not_valid_after_utc", None)
+            if after is None:  # cryptography < 42: a naive datetime in UTC
+                after = certificate.not_valid_after.replace(tzinfo=UTC)
+            value = float(after.timestamp())
+        except (OSError, ValueError) as exc:
+            error = type(exc).__name__
+    if error is not None:
+        log.warning("metrics: cannot read the certificate's expiry in %s: %s", path, error)
+    _not_after[path] = (mtime, value)
+    return value
 
 
 def _label(value: str) -> str:
@@ -110,7 +166,39 @@ def render(snapshot: Snapshot) -> str:
         lines += ["# HELP pymod_push_database_commit_seconds Database commits, from start to "
                   "answer.", "# TYPE pymod_push_database_commit_seconds histogram",
                   *snapshot.commits.lines("pymod_push_database_commit_seconds", host)]
+    lines += _about(snapshot, host)
     return "\n".join(lines) + "\n"
+
+
+def _about(snapshot: Snapshot, host: str) -> list[str]:
+    """The process, the shim's queue, the APNs certificates, the app server's orphans."""
+    lines = ["# HELP pymod_push_build_info The running pymod_push's version (always 1).",
+             "# TYPE pymod_push_build_info gauge",
+             f'pymod_push_build_info{{{host},version="{_label(snapshot.version)}"}} 1']
+    if snapshot.shim is not None:
+        for key, name, help_text in (
+                ("restarts", "python_restarts", "Python processes restarted by the shim"),
+                ("held", "shim_held_events", "Events the shim held while Python was down "
+                 "or behind"),
+                ("dropped", "shim_dropped_events", "Events the shim dropped, its queue full")):
+            lines += [f"# HELP pymod_push_{name}_total {help_text}, since the module started.",
+                      f"# TYPE pymod_push_{name}_total counter",
+                      f"pymod_push_{name}_total{{{host}}} {snapshot.shim.get(key, 0)}"]
+    if snapshot.certificates:
+        now = time.time()
+        lines += ["# HELP pymod_push_apns_certificate_expiry_seconds Seconds until the APNs "
+                  "client certificate expires (negative: expired).",
+                  "# TYPE pymod_push_apns_certificate_expiry_seconds gauge"]
+        lines += [f'pymod_push_apns_certificate_expiry_seconds{{{host},app_name="{_label(app)}",'
+                  f'pubsub_host="{_label(pubsub)}"}} {round(not_after - now, 3)}'
+                  for (app, pubsub), not_after in sorted(snapshot.certificates.items())]
+    if snapshot.without_device is not None:
+        lines += ["# HELP pymod_push_app_server_registrations_without_device XEP-0357 "
+                  "registrations at the built-in app server whose node is no device.",
+                  "# TYPE pymod_push_app_server_registrations_without_device gauge",
+                  f"pymod_push_app_server_registrations_without_device{{{host}}} "
+                  f"{snapshot.without_device}"]
+    return lines
 
 
 async def serve_metrics(address: str, snapshot: Callable[[], Snapshot]) -> asyncio.Server | None:

@@ -16,7 +16,9 @@ from pymod_push.etf import Atom
 # A data form as sent over the port: ((var, (value, ...)), ...), FORM_TYPE first.
 FormFields = tuple[tuple[str, tuple[str, ...]], ...]
 
-PROTOCOL_VERSION = 4  # 4: the hello reply carries what the shim keeps (features, commands)
+# 4: the hello reply carries what the shim keeps (features, commands); 5: the shim's
+# counters frame ({counters, #{...}}, for the metrics)
+PROTOCOL_VERSION = 5
 
 SessionKey = tuple[str, str, str]  # (user, server, resource), stringprep'ed
 UserKey = tuple[str, str]  # (user, server)
@@ -152,6 +154,32 @@ class Batch:
     epoch: int
     seq: int
     events: list[Any]  # terms, parsed one by one so that one bad event spoils nothing
+
+
+@dataclass(frozen=True, slots=True)
+class ShimCounters:
+    """The shim's counters since the module started on the host (they outlive the Python
+    process): Python's restarts, the events held while it was down or behind, those
+    dropped. The shim sends them after the hello and every 10 s, outside the batches."""
+
+    restarts: int = 0
+    held: int = 0
+    dropped: int = 0
+
+
+def parse_counters(term: Any) -> ShimCounters | None:
+    """{counters, #{restarts => R, held => H, dropped => D}}, or None for any other frame
+    (a missing or odd count reads 0)."""
+    if not (type(term) is tuple and len(term) == 2 and term[0] == "counters"
+            and isinstance(term[1], dict)):
+        return None
+    counts = {str(k): v for k, v in term[1].items()}
+
+    def count(name: str) -> int:
+        value = counts.get(name)
+        return value if type(value) is int and value >= 0 else 0
+
+    return ShimCounters(count("restarts"), count("held"), count("dropped"))
 
 
 def parse_batch(term: Any) -> Batch:

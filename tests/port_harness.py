@@ -58,3 +58,9 @@ async def until(condition: Callable[[], bool], timeout: float = 5) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         await asyncio.sleep(GROUP_COMMIT_S / 4)
+
+
+def counters(restarts: int = 0, held: int = 0, dropped: int = 0) -> bytes:
+    """The shim's counters frame (protocol version 5), outside the batches."""
+    return etf.encode((Atom("counters"), {Atom("restarts"): restarts, Atom("held"): held,
+                                          Atom("dropped"): dropped}))

@@ -9,7 +9,7 @@
 -module(mod_push_py_actions).
 
 -export([decode/1, answer_iq/2, route/1, set_push/2, app_server/2, pubsub/4,
-         parse_xml/1, publish_outcome/1, log/2]).
+         parse_xml/1, publish_outcome/1, log/2, counters/1]).
 
 -include("xmpp.hrl").
 -include("logger.hrl").
@@ -139,3 +139,14 @@ log(notice, Text) -> ?INFO_MSG("~ts", [Text]);
 log(warning, Text) -> ?WARNING_MSG("~ts", [Text]);
 log(error, Text) -> ?ERROR_MSG("~ts", [Text]);
 log(_, Text) -> ?CRITICAL_MSG("~ts", [Text]).
+
+%% The shim's counters since the module started on the host, from its meta table (they
+%% outlive the Python process and the port owner): Python's restarts, the events held
+%% while Python was down or behind, and those dropped. Written to Python after its hello
+%% and every 10 s, for its metrics (docs/protocol.md).
+-spec counters(atom()) -> {counters, #{restarts | held | dropped => non_neg_integer()}}.
+counters(Meta) ->
+    {counters, maps:from_list([{Key, case ets:lookup(Meta, Key) of
+                                         [{_, N}] when is_integer(N) -> N;
+                                         _ -> 0  % a table made by an older keeper
+                                     end} || Key <- [restarts, held, dropped]])}.

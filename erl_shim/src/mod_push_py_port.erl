@@ -30,7 +30,7 @@
 -import(mod_push_py_opt, [opt/2]).
 -import(mod_push_py, [xml_binary/1]).
 
--define(PROTOCOL_VERSION, 4).
+-define(PROTOCOL_VERSION, 5).
 -define(MAX_BATCH, 64).
 -define(MIN_BACKOFF, 1000).
 -define(MAX_BACKOFF, 60000).
@@ -185,7 +185,7 @@ rate_table(Host) ->
 
 %% What the port owner must not forget: epoch, seq, the keys of each batch not
 %% acknowledged ({batch, Seq}), push IQs waiting for Python ({iq, Ref}), the restart
-%% count, the backoff, dropped events, whether a Python process was running, and what
+%% count, the backoff, held and dropped events, whether a Python process was running, and what
 %% Python's last hello said the shim must agree on ({python_fact, Name}).
 -spec meta_table(binary()) -> atom().
 meta_table(Host) ->
@@ -213,7 +213,7 @@ init([Host, keeper]) ->
     ets:new(meta_table(Host), [named_table, public, {write_concurrency, true}]),
     ets:new(rate_table(Host), [named_table, public, {write_concurrency, true}]),
     ets:insert(meta_table(Host), [{epoch, erlang:system_time(microsecond)}, {seq, 0},
-                                  {restarts, 0}, {backoff, ?MIN_BACKOFF}, {dropped, 0}]),
+                                  {restarts, 0}, {backoff, ?MIN_BACKOFF}, {dropped, 0}, {held, 0}]),
     {ok, {keeper, Host}};
 init([Host, _Opts]) ->
     process_flag(trap_exit, true),
@@ -375,6 +375,8 @@ handle_info({route, Pkt}, State) ->
     {noreply, route_to_app_server(Pkt, State)};
 handle_info(check_loglevel, #state{loglevel = Old} = State) ->
     erlang:send_after(?LOGLEVEL_CHECK, self(), check_loglevel),
+    State#state.status == up andalso  % and the counters, for Python's metrics
+        write(State#state.port, mod_push_py_actions:counters(State#state.meta)),
     case ejabberd_logger:get() of
         Old -> {noreply, State};
         New -> {noreply, push_event({loglevel, New}, State#state{loglevel = New})}
@@ -513,7 +515,8 @@ batch_event(Event, #state{batch = Batch, batch_len = BatchLen} = State) ->
 
 hold_event(Event, #state{held_len = Len, queue_size = Max} = State) ->
     case Len < Max of
-        true ->
+        true ->  % counted for Python's metrics (mod_push_py_actions:counters/1)
+            ets:update_counter(State#state.meta, held, 1, {held, 0}),
             State#state{held = queue:in(Event, State#state.held), held_len = Len + 1};
         false ->
             Dropped = State#state.dropped + 1,
@@ -595,6 +598,7 @@ handle_python({hello, ?PROTOCOL_VERSION, Info}, #state{status = starting} = Stat
                [{{python_fact, K}, V} || {K, V} <- maps:to_list(maps:with(Facts, Info)),
                                          is_list(V)]),
     State = State0#state{info = About, up_since = erlang:system_time(second)},
+    write(State#state.port, mod_push_py_actions:counters(State#state.meta)),
     %% What the previous process did not acknowledge goes first, as it was: Python
     %% skips a batch whose effects it had committed.
     State1 = lists:foldl(fun write_again/2,

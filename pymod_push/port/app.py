@@ -40,6 +40,7 @@ from pymod_push.protocol import (
     action_term,
     hello_reply,
     parse_batch,
+    parse_counters,
     parse_event,
     parse_hello,
 )
@@ -168,6 +169,11 @@ class PortApp:
                     continue
                 if self.service is None:
                     self._hello(term)
+                    continue
+                counters = parse_counters(term)
+                if counters is not None:  # not a batch: nothing to commit or acknowledge
+                    assert self.runtime is not None
+                    self.runtime.shim = counters
                     continue
                 try:
                     batch, start = parse_batch(term), 0

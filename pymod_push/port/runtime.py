@@ -11,11 +11,11 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pymod_push import logic, metrics
+from pymod_push import __version__, logic, metrics
 from pymod_push.core.config import Config
 from pymod_push.delivery.dispatcher import Dispatcher
 from pymod_push.port import admin_commands as admin
-from pymod_push.protocol import Hello, PublishReply
+from pymod_push.protocol import Hello, PublishReply, ShimCounters
 from pymod_push.records import DatabaseUnavailable
 from pymod_push.service.decisions import DEFAULT_MAX_ACK_QUEUE, PushService
 from pymod_push.store import Store, open_store
@@ -32,6 +32,7 @@ class Runtime:
     last_batch: tuple[int, int] | None  # (epoch, seq) the last process committed
     started: float = field(default_factory=time.time)
     events: Counter[str] = field(default_factory=Counter)  # handled, by kind
+    shim: ShimCounters | None = None  # the shim's last counters frame (metrics)
 
     def process_info(self) -> admin.ProcessInfo:
         return admin.ProcessInfo(self.started, self.events.total(), self.dispatcher.counters)
@@ -41,9 +42,31 @@ class Runtime:
             totals = self.store.totals()
         except DatabaseUnavailable:
             totals = {}  # the database is away: its gauges read 0 meanwhile
-        return metrics.Snapshot(self.config.host, self.events, self.service.counters,
-                                self.dispatcher.counters, dict(self.dispatcher.latency),
-                                totals, self.service.in_process, self.store.commits)
+        pubsub_hosts = sorted({b.pubsub_host for b in self.config.backends})
+        try:
+            without_device = self.store.registrations_without_device(pubsub_hosts) \
+                if pubsub_hosts else None
+        except DatabaseUnavailable:
+            without_device = None
+        shim = self.shim
+        return metrics.Snapshot(
+            self.config.host, self.events, self.service.counters, self.dispatcher.counters,
+            dict(self.dispatcher.latency), totals, self.service.in_process, self.store.commits,
+            __version__, None if shim is None else
+            {"restarts": shim.restarts, "held": shim.held, "dropped": shim.dropped},
+            self._certificates(), without_device)
+
+    def _certificates(self) -> dict[tuple[str, str], float]:
+        """APNs backends with certificate auth (a certfile, no key_file): their notAfter.
+        Token auth's .p8 keys do not expire."""
+        found = {}
+        for backend in self.config.backends:
+            certfile = backend.option("certfile")
+            if backend.type == "apns" and certfile and not backend.option("key_file"):
+                not_after = metrics.certificate_not_after(certfile)
+                if not_after is not None:
+                    found[(backend.app_name, backend.pubsub_host)] = not_after
+        return found
 
 
 def start(hello: Hello, device_gone: Callable[[str], None], route: Callable[[str], None],

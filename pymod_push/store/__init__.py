@@ -51,6 +51,15 @@ class Store(RegistrationTable, DeviceTable, LedgerTables, ProviderQueueTable, St
         return sorted(((a, r, d) for a, (r, d) in found.items()),
                       key=lambda row: (-max(row[1], row[2]), row[0]))[:limit]
 
+    def registrations_without_device(self, pubsub_hosts: list[str]) -> int:
+        """XEP-0357 registrations at these pubsub hosts (the built-in app server's) whose
+        node is no device there: their publishes find nobody (metrics)."""
+        marks = ", ".join("?" * len(pubsub_hosts))
+        return int(self.db.execute(
+            f"SELECT COUNT(*) FROM registrations r WHERE r.push_jid IN ({marks}) AND NOT "
+            "EXISTS (SELECT 1 FROM devices d WHERE d.node = r.node AND "
+            "d.pubsub_host = r.push_jid)", tuple(pubsub_hosts)).fetchone()[0])
+
     def totals(self) -> dict[str, int]:
         """Row counts for ejabberdctl push_status."""
         tables = ("registrations", "devices", "user_options", "outbox", "provider_queue",

@@ -76,6 +76,9 @@ class Instance:
     clustered: bool = False
     python: str = field(default_factory=default_python)
     max_stanza_size: int = 262144  # of c2s streams
+    # CONTRIB_MODULES_PATH elsewhere (e.g. a prebuilt, read-only module folder): nothing is
+    # staged there, start(install=False) loads what it holds.
+    modules_path: Path | None = None
 
     def __post_init__(self) -> None:
         self.folder = self.folder.resolve()
@@ -100,7 +103,7 @@ class Instance:
             f"SPOOL_DIR={self.spool}\n"
             f"LOGS_DIR={self.folder / 'logs'}\n"
             f"EJABBERD_CONFIG_PATH={self.folder / 'ejabberd.yml'}\n"
-            f"CONTRIB_MODULES_PATH={self.folder / 'modules'}\n"
+            f"CONTRIB_MODULES_PATH={self.modules_path or self.folder / 'modules'}\n"
             + ("" if self.clustered else f"ERL_DIST_PORT={self.dist_port}\n") +
             "INET_DIST_INTERFACE=127.0.0.1\n"
             "EJABBERD_BYPASS_WARNINGS=true\n")
@@ -137,7 +140,8 @@ class Instance:
             config["s2s_use_starttls"] = False
             modules["mod_s2s_dialback"] = {}
         (self.folder / "ejabberd.yml").write_text(yaml.safe_dump(config, sort_keys=False))
-        self._stage_module_sources()
+        if self.modules_path is None:
+            self._stage_module_sources()
         subprocess.run(["chown", "-R", f"{EJABBERD_USER}:{EJABBERD_USER}", str(self.folder)],
                        check=True)
 

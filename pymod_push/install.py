@@ -353,6 +353,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["logic"]:  # pymod-push logic check FILE: the admin's push logic, offline
         from pymod_push.logic_check import main as logic_main
         return logic_main(argv[1:])
+    if argv[:1] == ["build-module"]:  # a prebuilt module folder (pymod_push/build_module.py)
+        from pymod_push.build_module import main as build_module_main
+        return build_module_main(argv[1:])
     parser = argparse.ArgumentParser(prog="pymod-push", description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["install", "upgrade", "uninstall", "doctor", "logic"],
                         help="logic: 'pymod-push logic check FILE' tries your push logic")

@@ -22,6 +22,9 @@
 -behaviour(gen_mod).
 
 -protocol({xep, 357, '0.4.1'}).
+%% The pymod_push release this shim comes from ('pymod-push doctor' compares it with the
+%% Python package's; tests/unit/test_install_cli.py keeps it equal to pymod_push.__version__).
+-vsn("0.1.0").
 
 %% gen_mod; ext_mod calls pre_uninstall/0 (module_uninstall, module_upgrade)
 -export([start/2, stop/1, reload/3, depends/2,

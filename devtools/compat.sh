@@ -16,17 +16,9 @@ DIST=${1:-}
 TARGET=${2:-test}
 SRC=$(cd "$(dirname "$0")/.." && pwd)
 CACHE=${PYMOD_PUSH_COMPAT_CACHE:-/var/cache/pymod_push-compat}
-# Debian's mirror: the one this machine's apt uses (its deb822 or one-line sources), unless
-# DEBIAN_MIRROR says otherwise; no host is named here.
-apt_mirror() {
-  local files=(/etc/apt/sources.list.d/*.sources /etc/apt/sources.list /etc/apt/sources.list.d/*.list)
-  local uri
-  uri=$(awk '/^URIs:/ {for (i = 2; i <= NF; i++) print $i}' "${files[@]}" 2>/dev/null \
-          | grep -E '/debian/?$' | head -n 1 || true)
-  [ -n "$uri" ] || uri=$(awk '$1 == "deb" {for (i = 2; i <= NF; i++) if ($i ~ /^[a-z]+:\/\//) {print $i; break}}' \
-          "${files[@]}" 2>/dev/null | grep -E '/debian/?$' | head -n 1 || true)
-  echo "${uri%/}"
-}
+# Debian's mirror: the one this machine's apt uses, unless DEBIAN_MIRROR says otherwise.
+# shellcheck source=devtools/debian_mirror.sh
+. "$SRC/devtools/debian_mirror.sh"
 MIRROR=${DEBIAN_MIRROR:-$(apt_mirror)}
 PACKAGES="ejabberd erlang-dev python3-venv postgresql"
 ENV_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin

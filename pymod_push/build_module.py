@@ -131,7 +131,9 @@ def _version_key(folder: Path) -> tuple[int, ...]:
 
 def app_name(folder: Path) -> str | None:
     """Which of APPS an application folder (NAME or NAME-VSN) is, if any."""
-    name = folder.name.split("-", 1)[0]
+    name, dash, version = folder.name.partition("-")
+    if dash and not version[:1].isdigit():  # ejabberd-contrib, p1_utils-src...
+        return None
     for app, (names, _) in APPS.items():
         if name in names:
             return app

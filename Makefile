@@ -4,16 +4,18 @@ PYTHON3 := /usr/bin/python3
 VENV := $(CURDIR)/.venv
 PY := $(VENV)/bin/python
 RUN_DIR := $(CURDIR)/run
-APT_PACKAGES := ejabberd erlang-dev python3-venv postgresql
+APT_PACKAGES := ejabberd erlang-dev python3-venv postgresql prometheus
 
 .PHONY: all deps reach venv test lint unit e2e run stop bench clean test-compat
 
 all: test
 
-# Debian's ejabberd 23.01 and the Erlang headers, when missing.
+# Debian's ejabberd 23.01 and the Erlang headers (and PostgreSQL, Prometheus for the
+# tests), when missing.
 deps:
 	@if ! command -v ejabberdctl >/dev/null || ! command -v erlc >/dev/null \
 	    || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
+	    || ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null \
 	    || ! $(PYTHON3) -c 'import venv, ensurepip' 2>/dev/null; then \
 	  echo "installing $(APT_PACKAGES) with apt-get"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \

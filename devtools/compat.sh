@@ -6,7 +6,8 @@
 #
 # The chroot is made once with debootstrap (Debian's mirror) and cached in
 # $PYMOD_PUSH_COMPAT_CACHE (default /var/cache/pymod_push-compat/DIST), with ejabberd,
-# Erlang's headers, python3-venv and PostgreSQL from that release. Each run copies the
+# Erlang's headers, python3-venv, PostgreSQL and Prometheus from that release (a package
+# added to PACKAGES since is installed into the cached chroot at the next run). Each run copies the
 # checkout to /srv/pymod_push in the chroot (the ejabberd user must reach the venv; /root
 # is 0700), keeping the chroot's own .venv, and runs 'make MAKE_TARGET' (default: test) there.
 # Mounts and the processes left in the chroot are cleaned up on exit, whatever the outcome.
@@ -20,7 +21,7 @@ CACHE=${PYMOD_PUSH_COMPAT_CACHE:-/var/cache/pymod_push-compat}
 # shellcheck source=devtools/debian_mirror.sh
 . "$SRC/devtools/debian_mirror.sh"
 MIRROR=${DEBIAN_MIRROR:-$(apt_mirror)}
-PACKAGES="ejabberd erlang-dev python3-venv postgresql"
+PACKAGES="ejabberd erlang-dev python3-venv postgresql prometheus"
 ENV_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 
 die() { echo "compat: $*" >&2; exit 2; }
@@ -158,6 +159,11 @@ chmod 755 "$ROOTFS/srv" "$DEST"
 rm -rf "$ROOTFS"/tmp/pymod_push-*  # what an interrupted run's tests left
 
 mount_all "$ROOTFS"
+# A chroot cached before a package joined PACKAGES (prometheus): installed now, not rebuilt.
+in_chroot "missing=\$(for p in $PACKAGES; do dpkg-query -W -f='\${Status}' \$p 2>/dev/null \
+    | grep -q ' installed' || echo \$p; done); [ -z \"\$missing\" ] || { \
+  echo compat[$DIST]: installing \$missing >&2; apt-get update -qq \
+  && apt-get install -y -qq --no-install-recommends $APT_TARGET \$missing >/dev/null; }"
 in_chroot 'echo "ejabberd $(dpkg-query -W -f "\${Version}" ejabberd)," \
   "OTP $(erl -noshell -eval "io:put_chars(erlang:system_info(otp_release)), halt().")," \
   "$(python3 --version)"' | sed "s/^/compat[$DIST]: /" >&2

@@ -177,13 +177,14 @@ def _about(snapshot: Snapshot, host: str) -> list[str]:
              f'pymod_push_build_info{{{host},version="{_label(snapshot.version)}"}} 1']
     if snapshot.shim is not None:
         for key, name, help_text in (
-                ("restarts", "python_restarts", "Python processes restarted by the shim"),
-                ("held", "shim_held_events", "Events the shim held while Python was down "
-                 "or behind"),
-                ("dropped", "shim_dropped_events", "Events the shim dropped, its queue full")):
-            lines += [f"# HELP pymod_push_{name}_total {help_text}, since the module started.",
-                      f"# TYPE pymod_push_{name}_total counter",
-                      f"pymod_push_{name}_total{{{host}}} {snapshot.shim.get(key, 0)}"]
+                ("restarts", "python_restarts_total", "Python processes restarted by the shim"),
+                ("held", "shim_held_events_total", "Events the shim held while Python was "
+                 "down or behind"),
+                ("dropped", "shim_dropped_events_total", "Events the shim dropped, its queue "
+                 "full")):
+            lines += [f"# HELP pymod_push_{name} {help_text}, since the module started.",
+                      f"# TYPE pymod_push_{name} counter",
+                      f"pymod_push_{name}{{{host}}} {snapshot.shim.get(key, 0)}"]
     if snapshot.certificates:
         now = time.time()
         lines += ["# HELP pymod_push_apns_certificate_expiry_seconds Seconds until the APNs "

@@ -3,7 +3,7 @@
     pymod-push build-module --out DIR [--include DIR ...] [--python PATH]
 
 writes DIR/mod_push_py/ (the spec, conf/mod_push_py.yml, ebin/*.beam, COPYING,
-README.txt). ejabberd loads it at start from any CONTRIB_MODULES_PATH that holds it,
+README.txt; a rebuild keeps the other options of the conf file there). ejabberd loads it at start from any CONTRIB_MODULES_PATH that holds it,
 without ``module_install`` and without writing there: ext_mod:installed() lists every
 ``$CONTRIB_MODULES_PATH/*/*.spec``, ejabberd_config:beams(external) and ext_mod:add_paths()
 put their ebin/ on the code path, and ejabberd_config:read_file/2 merges every
@@ -280,7 +280,10 @@ def build(out: Path, includes: Sequence[Path], python: str,
         if (shim / "include").is_dir():
             shutil.copytree(shim / "include", staging / "include")
         (staging / "conf").mkdir()
-        (staging / "conf" / f"{MODULE}.yml").write_text(module_conf(python))
+        # A rebuild keeps the options set in the previous build's conf file.
+        previous = the_plan.target / "conf" / f"{MODULE}.yml"
+        existing = previous.read_text() if previous.is_file() else None
+        (staging / "conf" / f"{MODULE}.yml").write_text(module_conf(python, existing))
         for path in [staging, *staging.rglob("*")]:  # the ejabberd user reads it all
             path.chmod(0o755 if path.is_dir() else 0o644)
         if the_plan.target.exists():
@@ -290,7 +293,9 @@ def build(out: Path, includes: Sequence[Path], python: str,
         shutil.rmtree(staging, ignore_errors=True)
     where = ", ".join(f"{app} {folder}" for app, folder in sorted(apps.items()))
     out_line(f"compiled {len(sources)} modules against {where}"
-             + ("" if facts.read else " (no ext_mod.beam with debug_info: no defines)"))
+             + ("" if facts.read else " (ext_mod's defines not read: no ext_mod.beam with "
+                                      "debug_info next to them, or one of a newer Erlang/OTP "
+                                      "than this erl; none passed)"))
     out_line(f"wrote {the_plan.target} (python: {python})\n"
              f"ejabberd loads it at start when its CONTRIB_MODULES_PATH is {out} "
              "(ejabberdctl.cfg, or the environment): no module_install, and the folder may "

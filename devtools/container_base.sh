@@ -59,7 +59,7 @@ esac
 rm -rf "$ROOTFS"/var/cache/apt/archives/*.deb "$ROOTFS"/var/lib/apt/lists/*
 podman rmi --force "$IMAGE" >/dev/null 2>&1 || true
 tar -C "$ROOTFS" --numeric-owner -cf - . \
-  | podman import --change 'CMD ["/bin/bash"]' \
+  | podman import --quiet --change 'CMD ["/bin/bash"]' \
       --change "LABEL org.pymod_push.built=$(date +%s)" - "$IMAGE" >/dev/null
 say "made $IMAGE in $(( $(date +%s) - started )) s"
 echo "$IMAGE"

@@ -43,7 +43,7 @@ PYTHON=${PYTHON:-$ROOT/.venv/bin/python}
 
 CONTEXT=$(mktemp -d "${TMPDIR:-/tmp}/pymod_push-image.XXXXXX")
 trap 'rm -rf "$CONTEXT"' EXIT
-cp "$HERE"/Containerfile* "$HERE"/entrypoint.sh "$HERE"/ejabberd.yml "$HERE"/mod_push_py.yml \
+cp "$HERE"/Containerfile* "$HERE"/entrypoint.sh "$HERE"/erlc.sh "$HERE"/ejabberd.yml "$HERE"/mod_push_py.yml \
   "$CONTEXT/"
 mkdir "$CONTEXT/wheels"
 build_isolation=--no-build-isolation

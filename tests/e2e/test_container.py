@@ -6,8 +6,8 @@ The base image is made locally (devtools/container_base.sh: debootstrap, `podman
 kept in podman's store for a week) because no registry is reachable from CI; the image is
 built with contrib/container/build.sh (the wheels made on this machine, no index in the
 build). podman runs with runc, explicit ulimits no higher than this machine allows, --init,
-and bridge networking with c2s published on 127.0.0.1 only. Skipped, saying why, where
-podman is not installed or not usable (not root).
+a read-only root, and bridge networking with c2s published on 127.0.0.1 only. Skipped,
+saying why, where podman is not installed or not usable (not root).
 """
 
 from __future__ import annotations
@@ -74,8 +74,11 @@ class Container:
     port: int
 
     def start_new(self) -> None:
+        # A read-only root (with tmpfs on /run, /tmp and the logs), as Kubernetes'
+        # readOnlyRootFilesystem: the module is prebuilt, nothing is written outside.
         _run("podman", "run", "--detach", "--name", self.name, "--runtime", "runc", "--init",
-             *ulimits(), "--publish", f"127.0.0.1:{self.port}:5222",
+             *ulimits(), "--read-only", "--tmpfs", "/var/log/ejabberd",
+             "--publish", f"127.0.0.1:{self.port}:5222",
              "--volume", f"{self.volume}:/var/lib/ejabberd", "--env", f"XMPP_HOST={HOST}",
              IMAGE)
 

@@ -621,6 +621,7 @@ class Facts:
     databases: dict[Path, int] = field(default_factory=dict)  # SQLite file -> st_mode
     metrics_listen: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what the doctor could not look at
+    ctl: str = ""  # the ejabberdctl used
 
 
 def diagnose(facts: Facts) -> list[Finding]:  # noqa: C901 - one branch per check
@@ -629,7 +630,8 @@ def diagnose(facts: Facts) -> list[Finding]:  # noqa: C901 - one branch per chec
     if facts.ejabberd_version is None:
         findings.append(Finding(False, "ejabberd is not running (ejabberdctl status)"))
     else:
-        findings.append(Finding(True, f"ejabberd {facts.ejabberd_version} is running"))
+        findings.append(Finding(True, f"ejabberd {facts.ejabberd_version} is running"
+                                + (f" ({facts.ctl})" if facts.ctl else "")))
     if facts.config_source:
         findings.append(Finding(True, f"configuration: {facts.config_source}"))
     findings.append(Finding(facts.sources_present,
@@ -988,7 +990,7 @@ def gather(server: Ejabberd) -> Facts:
                  databases=databases,
                  metrics_listen=sorted({str(o["metrics_listen"]) for o in options
                                         if o.get("metrics_listen")}),
-                 notes=notes)
+                 notes=notes, ctl=server.ctl)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

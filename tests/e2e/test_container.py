@@ -148,6 +148,7 @@ def container(image: str) -> Iterator[Container]:
         assert not left.strip() and not volumes.strip(), "the container or volume is left"
 
 
+@pytest.mark.timeout(900)  # cold: the base image and the image's build first (about 60 s here)
 def test_push_through_the_container_and_after_a_restart(container: Container) -> None:
     started = time.monotonic()
     container.start_new()

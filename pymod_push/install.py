@@ -218,9 +218,11 @@ def find_layout(ctl: str, config_dir: Path | None, read: Callable[[Path], str | 
 
 
 def switch_user(command: Sequence[str], user: str, euid: int, current: str,
-                which: Callable[[str], str | None] = shutil.which) -> list[str]:
-    """``command`` run as ``user``: directly when that is who we are (containers run
-    everything as the ejabberd user), through runuser, setpriv or su as root."""
+                which: Callable[[str], str | None] = shutil.which,
+                group: str | None = None) -> list[str]:
+    """``command`` run as ``user`` (of ``group``, default the same name): directly when that
+    is who we are (containers run everything as the ejabberd user), through runuser,
+    setpriv or su as root."""
     if current == user:
         return list(command)
     if euid != 0:
@@ -229,7 +231,7 @@ def switch_user(command: Sequence[str], user: str, euid: int, current: str,
     if which("runuser"):
         return ["runuser", "-u", user, "--", *command]
     if which("setpriv"):
-        return ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", "--",
+        return ["setpriv", f"--reuid={user}", f"--regid={group or user}", "--init-groups", "--",
                 *command]
     if which("su"):
         return ["su", "-s", "/bin/sh", user, "-c", shlex.join(command)]
@@ -802,8 +804,12 @@ def _current_user() -> str:
 
 def as_ejabberd(*command: str, user: str = EJABBERD_USER) -> subprocess.CompletedProcess[str]:
     """A command as the ejabberd user, in the clean environment a port program gets."""
+    try:
+        group = str(pwd.getpwnam(user).pw_gid)
+    except KeyError:
+        group = None
     full = switch_user(["env", "-i", "PATH=/usr/bin:/bin", *command], user, os.geteuid(),
-                       _current_user())
+                       _current_user(), group=group)
     return subprocess.run(full, capture_output=True, text=True, cwd="/", timeout=60)
 
 
@@ -845,13 +851,16 @@ def stage_sources(server: Ejabberd, python: str) -> None:
     chown_to_ejabberd(server.modules, server.user)
 
 
-def replace_builtin(server: Ejabberd, entries: Sequence[Entry],
+def replace_builtin(server: Ejabberd, entries: Sequence[Entry], conflicts: Sequence[str],
                     out: Callable[[str], None]) -> None:
     """Comment the entries out in their files (a backup kept, same mode and owner), show
-    the change, reload_config; on a failed reload the files are put back."""
+    the change, reload_config; on a failed reload the files are put back. Nothing is
+    changed when one of them cannot be (a macro's, flow style, not found in the files)."""
     blocked = [entry for entry in entries if entry.why_not_editable is not None]
-    if blocked:
-        raise InstallError("cannot comment these out:\n" + removal_text(blocked, [])
+    unplaced = sorted(set(conflicts) - {entry.module for entry in entries})
+    if blocked or unplaced:
+        raise InstallError("cannot comment these out (nothing was changed):\n"
+                           + removal_text(blocked, unplaced)
                            + "\nRemove them by hand, then 'ejabberdctl reload_config'")
     restored: list[tuple[Path, Path]] = []
     for path in dict.fromkeys(entry.file for entry in entries):
@@ -894,7 +903,7 @@ def install(server: Ejabberd, python: str, upgrade: bool, out: Callable[[str], N
     conflicts, view, _ = server.conflicts(running=True)
     entries = [entry for entry in view.entries if entry.module in conflicts]
     if conflicts and replace:
-        replace_builtin(server, entries, out)
+        replace_builtin(server, entries, conflicts, out)
         conflicts = []
     installed = MODULE in server.run("modules_installed").split()
     stage_sources(server, python)

@@ -16,6 +16,7 @@ import yaml
 
 from pymod_push import __version__
 from pymod_push.install import (
+    Ejabberd,
     Facts,
     InstallError,
     backup_name,
@@ -35,6 +36,7 @@ from pymod_push.install import (
     parse_ctl_cfg,
     read_config,
     removal_text,
+    replace_builtin,
     secret_free_diff,
     shim_source,
     switch_user,
@@ -267,6 +269,8 @@ def test_switching_to_the_ejabberd_user() -> None:
         ["runuser", "-u", "ejabberd", "--"]
     assert switch_user(command, "xmpp", 0, "root", having("setpriv", "su")) == \
         ["setpriv", "--reuid=xmpp", "--regid=xmpp", "--init-groups", "--", *command]
+    assert switch_user(command, "xmpp", 0, "root", having("setpriv"), group="106")[2] == \
+        "--regid=106"
     su = switch_user(command, "ejabberd", 0, "root", having("su"))
     assert su[:5] == ["su", "-s", "/bin/sh", "ejabberd", "-c"]
     assert shlex.split(su[5]) == command  # one shell command line, quoted
@@ -468,3 +472,34 @@ def test_doctor_warns_and_fails_on_exposure_and_versions() -> None:
               if not f.ok]
     assert any("--replace-builtin" in t for t in failed)
     assert any(t.endswith(places) for t in failed)
+
+
+def test_replace_builtin_keeps_a_backup_and_puts_it_back_on_a_failed_reload(
+        tmp_path: Path) -> None:
+    main = _config_tree(tmp_path)
+    included = tmp_path / "conf.d/push.yml"
+    included.chmod(0o640)
+    view = read_config(main, _read)
+    mine = [e for e in view.entries if e.file == included]
+    said: list[str] = []
+    ok = Ejabberd(str(_executable(tmp_path / "ok", "#!/bin/sh\nexit 0\n")), None, tmp_path)
+    replace_builtin(ok, mine, ["mod_push", "mod_push_keepalive"], said.append)
+    assert yaml.safe_load(included.read_text())["modules"] == {}
+    (backup,) = tmp_path.glob("conf.d/push.yml.bak-pymod_push-*")
+    assert backup.read_text() == PUSH_YML and stat.S_IMODE(backup.stat().st_mode) == 0o640
+    assert stat.S_IMODE(included.stat().st_mode) == 0o640
+    assert said[0].startswith(f"commented out in {included} (backup: {backup}):\n--- ")
+    assert said[-1] == "ejabberdctl reload_config: done"
+
+    included.write_text(PUSH_YML)
+    backup.unlink()
+    failing = Ejabberd(str(_executable(tmp_path / "no", "#!/bin/sh\necho bad >&2\nexit 1\n")),
+                       None, tmp_path)
+    with pytest.raises(InstallError, match="(?s)bad.*back as they were"):
+        replace_builtin(failing, mine, ["mod_push"], said.append)
+    assert included.read_text() == PUSH_YML
+    # Nothing is touched when one entry cannot be edited, or is nowhere in the files.
+    for entries, conflicts in ((view.entries, ["mod_push"]), (mine, ["mod_push", "mod_x"])):
+        with pytest.raises(InstallError, match="nothing was changed"):
+            replace_builtin(failing, entries, conflicts, said.append)
+        assert included.read_text() == PUSH_YML and main.read_text() == MAIN_YML

@@ -45,8 +45,9 @@ def _why_not() -> str | None:
     return None
 
 
-def _run(*args: str, timeout: float = 600, check: bool = True) -> str:
-    result = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+def _run(*args: str, timeout: float = 600, check: bool = True,
+         env: dict[str, str] | None = None) -> str:
+    result = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n"
                              f"{result.stdout}{result.stderr}")
@@ -123,9 +124,8 @@ def image() -> Iterator[str]:
     previous = _run("podman", "image", "inspect", "--format", "{{.Id}}", IMAGE,
                     check=False).strip()
     mirror = _run("bash", "-c", f". {ROOT}/devtools/debian_mirror.sh && apt_mirror").strip()
-    subprocess.run([str(ROOT / "contrib" / "container" / "build.sh"), "--base", base,
-                    "--tag", IMAGE, "--", "--quiet"], check=True, capture_output=True,
-                   timeout=900, env={**os.environ, "DEBIAN_MIRROR": mirror})
+    _run(str(ROOT / "contrib" / "container" / "build.sh"), "--base", base, "--tag", IMAGE,
+         "--", "--quiet", timeout=900, env={**os.environ, "DEBIAN_MIRROR": mirror})
     built = time.monotonic()
     now = _run("podman", "image", "inspect", "--format", "{{.Id}}", IMAGE).strip()
     if previous and previous != now:  # the last run's image: kept its layers, not itself

@@ -1045,7 +1045,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InstallError as exc:
         print(f"pymod-push {args.command}: {exc}", file=sys.stderr)
         return 1
-    except (OSError, subprocess.SubprocessError) as exc:
+    except (OSError, subprocess.SubprocessError, yaml.YAMLError) as exc:
         print(f"pymod-push {args.command}: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -636,9 +636,14 @@ def diagnose(facts: Facts) -> list[Finding]:  # noqa: C901 - one branch per chec
                                 + (f" ({facts.ctl})" if facts.ctl else "")))
     if facts.config_source:
         findings.append(Finding(True, f"configuration: {facts.config_source}"))
-    findings.append(Finding(facts.sources_present,
-                            f"module sources in {facts.modules_dir / 'sources' / MODULE}"
-                            + ("" if facts.sources_present else ": missing")))
+    sources = facts.modules_dir / "sources" / MODULE
+    if facts.sources_present:
+        findings.append(Finding(True, f"module sources in {sources}"))
+    elif facts.installed:  # prebuilt (pymod-push build-module): nothing to compile from
+        findings.append(Finding(True, f"{MODULE} is prebuilt, without sources in {sources}: "
+                                "to upgrade, rebuild it (pymod-push build-module)"))
+    else:
+        findings.append(Finding(False, f"module sources in {sources}: missing"))
     findings.append(Finding(facts.installed, f"{MODULE} is "
                             + ("installed" if facts.installed else "not installed "
                                "(pymod-push install)")))

@@ -84,6 +84,13 @@ def test_prebuilt_module_loads_from_a_read_only_path(folder: Path) -> None:
             assert first.summary.get("message-count") == "1"
 
         scenario.run(push)
+        # The doctor takes a prebuilt module for what it is: no sources to compile from.
+        doctor = subprocess.run([CLI, "doctor", "--ctl", "ejabberdctl", "--config-dir",
+                                 str(instance.folder)], capture_output=True, text=True,
+                                timeout=300)
+        assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+        assert "mod_push_py is prebuilt" in doctor.stdout
+        assert f"{module / 'ebin' / 'mod_push_py.beam'} built from pymod_push" in doctor.stdout
         assert snapshot(modules) == before  # nothing written into the module path
     finally:
         instance.discard()

@@ -140,7 +140,7 @@ def test_doctor_all_well() -> None:
 @pytest.mark.parametrize(("changes", "complaint"), [
     ({"ejabberd_version": None, "installed": False, "statuses": {}}, "not running"),
     ({"installed": False, "statuses": {}}, "pymod-push install"),
-    ({"sources_present": False}, "missing"),
+    ({"sources_present": False, "installed": False, "statuses": {}}, "missing"),
     ({"conflicts": ["mod_push"]}, "mod_push is enabled"),
     ({"python_check": "cannot enter /root"}, "cannot enter /root"),
     ({"statuses": {"example.org": "mod_push_py is not running on example.org"}},
@@ -151,6 +151,12 @@ def test_doctor_all_well() -> None:
 def test_doctor_complains(changes: dict[str, object], complaint: str) -> None:
     failed = [f.text for f in diagnose(_facts(**changes)) if not f.ok]
     assert failed and any(complaint in text for text in failed), failed
+
+
+def test_doctor_accepts_a_prebuilt_module_without_sources() -> None:
+    findings = diagnose(_facts(sources_present=False))  # installed: from build-module
+    assert all(finding.ok for finding in findings), [f.text for f in findings if not f.ok]
+    assert any("is prebuilt" in f.text and "build-module" in f.text for f in findings)
 
 
 def test_doctor_notes_another_package_version() -> None:

@@ -3,8 +3,9 @@
     pymod-push build-module --out DIR [--include DIR ...] [--python PATH]
 
 writes DIR/mod_push_py/ (the spec, conf/mod_push_py.yml, ebin/*.beam, COPYING,
-README.txt; a rebuild keeps the other options of the conf file there). ejabberd loads it at start from any CONTRIB_MODULES_PATH that holds it,
-without ``module_install`` and without writing there: ext_mod:installed() lists every
+README.txt; a rebuild keeps the other options of the conf file there). ejabberd loads it
+at start from any CONTRIB_MODULES_PATH that holds it, without ``module_install`` and
+without writing there: ext_mod:installed() lists every
 ``$CONTRIB_MODULES_PATH/*/*.spec``, ejabberd_config:beams(external) and ext_mod:add_paths()
 put their ebin/ on the code path, and ejabberd_config:read_file/2 merges every
 ``$CONTRIB_MODULES_PATH/*/conf/*.yml`` (ext_mod:modules_configs()) into the configuration.
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import os
 import re
 import shutil
 import subprocess
@@ -238,8 +240,11 @@ def read_compile_facts(apps: dict[str, Path], erl: str | None) -> CompileFacts:
     beam = apps["ejabberd"] / "ebin" / "ext_mod.beam" if "ejabberd" in apps else None
     if erl is None or beam is None or not beam.is_file():
         return CompileFacts()
+    # ERL_CRASH_DUMP_SECONDS=0: a beam this erl cannot read (a newer OTP's) leaves no
+    # erl_crash.dump in the admin's working directory.
     result = subprocess.run([erl, "-noshell", "-eval", _EXT_MOD_FACTS, "-extra", str(beam)],
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "ERL_CRASH_DUMP_SECONDS": "0"})
     return parse_ext_mod_facts(result.stdout) if result.returncode == 0 else CompileFacts()
 
 

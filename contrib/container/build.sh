@@ -66,3 +66,5 @@ args=(build --tag "$TAG" --file "$CONTEXT/$FILE")
 # podman on hybrid cgroups: crun fails where runc works.
 [ "$ENGINE" = podman ] && command -v runc >/dev/null && args+=(--runtime runc)
 "$ENGINE" "${args[@]}" "$@" "$CONTEXT"
+# The module stages of earlier builds (only the image's own layers are kept for the next).
+"$ENGINE" image prune --force --filter label=org.pymod_push.stage=module >/dev/null 2>&1 || true

@@ -28,6 +28,8 @@ from typing import Any
 
 import yaml
 
+from pymod_push.module_source import seal
+
 ROOT = Path(__file__).resolve().parent.parent
 EJABBERD_USER = "ejabberd"
 
@@ -153,6 +155,7 @@ class Instance:
         shutil.copytree(ROOT / "erl_shim", target)
         conf = {"modules": {"mod_push_py": {"python": self.python, **self.options}}}
         (target / "conf" / "mod_push_py.yml").write_text(yaml.safe_dump(conf, sort_keys=False))
+        seal(target)  # the spec's url and home, as 'pymod-push install' stages them
 
     # ---------------------------------------------------------------- control
     def ctl(self, *args: str, check: bool = True, timeout: float = 120) -> str:

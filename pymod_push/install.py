@@ -46,6 +46,7 @@ from typing import Any
 import yaml
 
 from pymod_push import __version__, etf
+from pymod_push.module_source import archive_path, seal
 
 MODULE = "mod_push_py"
 EJABBERD_USER = "ejabberd"  # INSTALLUSER of Debian's and ProcessOne's ejabberdctl
@@ -849,6 +850,7 @@ def stage_sources(server: Ejabberd, python: str) -> None:
             shutil.rmtree(target)
         shutil.copytree(shim_source(), target)
         (target / "conf" / f"{MODULE}.yml").write_text(module_conf(python, existing))
+        seal(target)  # the spec's url: a tarball of these sources, for modules_update_specs
     except OSError as exc:
         raise InstallError(f"cannot write the module sources to {target}: {exc.strerror} "
                            "(a read-only modules directory? see 'pymod-push build-module')") \
@@ -942,6 +944,9 @@ def uninstall(server: Ejabberd, out: Callable[[str], None]) -> None:
     if server.sources.exists():
         shutil.rmtree(server.sources)
         out(f"removed {server.sources}")
+    if archive_path(server.sources).exists():
+        archive_path(server.sources).unlink()
+        out(f"removed {archive_path(server.sources)}")
     out("The Python package stays: remove its virtual environment when you no longer need it.")
 
 

@@ -15,6 +15,7 @@ import stat
 import subprocess
 import sys
 import sysconfig
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -84,11 +85,20 @@ def test_install_doctor_upgrade_uninstall(bare: Instance) -> None:
     staged = yaml.safe_load((sources / "conf" / "mod_push_py.yml").read_text())
     assert staged["modules"]["mod_push_py"] == {"python": default_python(),
                                                 "include_senders": True}
+    # The staged spec's url: a tarball of these very sources beside sources/ (for
+    # modules_update_specs: tests/e2e/test_module_specs.py); module_check passes.
+    archive = bare.folder / "modules" / "mod_push_py.tgz"
+    assert yaml.safe_load((sources / "mod_push_py.spec").read_text())["url"] == str(archive)
+    with tarfile.open(archive) as tar:
+        packed = tar.extractfile("mod_push_py/conf/mod_push_py.yml")
+        assert packed is not None
+        assert packed.read() == (sources / "conf" / "mod_push_py.yml").read_bytes()
+    bare.ctl("module_check", "mod_push_py")
 
     result = pymod_push(bare, "uninstall")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "mod_push_py" not in bare.ctl("modules_installed")
-    assert not sources.exists()
+    assert not sources.exists() and not archive.exists()
     doctor = pymod_push(bare, "doctor")
     assert doctor.returncode == 1
     assert "FAIL mod_push_py is not installed" in doctor.stdout

@@ -13,6 +13,7 @@ on loopback that refuses everything (ext_mod:geturl/1 reads PROXY_SERVER), and `
 
 from __future__ import annotations
 
+import re
 import socket
 import stat
 import subprocess
@@ -155,7 +156,7 @@ def test_update_specs_and_upgrade_leave_the_module_running(
     contrib = instance.wait_for_log(r"Update packages from repo \S*ejabberd-contrib\S*: ", mark)
     assert ": ok" not in contrib
     assert "mod_push_py" not in result.stdout + result.stderr
-    assert result.returncode == 1  # ejabberd-contrib's
+    assert result.returncode != 0  # ejabberd-contrib's error
     assert proxy.requests == ["CONNECT github.com:443 HTTP/1.1"]
     assert "mod_push_py" in instance.ctl("modules_installed")
     assert "Python process up" in instance.ctl("push_status", instance.host)
@@ -203,9 +204,9 @@ def test_update_specs_leaves_a_prebuilt_module_alone(folder: Path) -> None:
             instance.wait_for_log(r"Update packages from repo \S*ejabberd-contrib", mark)
             with open(instance.log_file, "rb") as log:
                 log.seek(mark)
-                text = " ".join(log.read().decode(errors="replace").split())
+                text = log.read().decode(errors="replace")
             # sources/ could not be made (ensure_dir): no download was even tried.
-            assert "ejabberd-contrib: {error, eacces}" in text
+            assert re.search(r"ejabberd-contrib\S*:\s*\{error,\s*eacces\}", text), text
             assert "Update package mod_push_py" not in text
             assert proxy.requests == [] and calls.read_text() == ""
             assert snapshot(modules) == before

@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from pymod_push.module_source import seal
+from pymod_push.install.module_source import seal
 
 ROOT = Path(__file__).resolve().parent.parent
 EJABBERD_USER = "ejabberd"

@@ -2,7 +2,7 @@
 (which fetches every module source whose spec names a url, and always downloads
 ejabberd-contrib) and `module_upgrade` leave the module installed and running, and nothing
 leaves loopback. The staged spec's url is a tarball of the staged sources beside sources/
-(pymod_push/module_source.py): the update puts back the same files. A prebuilt module
+(pymod_push/install/module_source.py): the update puts back the same files. A prebuilt module
 (build-module, read-only, no sources/) is left alone.
 
 The node is fenced in before anything runs: its resolver knows only names that resolve to
@@ -27,7 +27,7 @@ import pytest
 import yaml
 
 from devtools.instance import Instance, default_python, free_port
-from pymod_push import module_source
+from pymod_push.install import module_source
 from tests.conftest import Scenario
 from tests.xmpp_peers import Peers
 

@@ -1,4 +1,4 @@
-"""pymod-push build-module's decisions (pymod_push/build_module.py) and its file layout with
+"""pymod-push build-module's decisions (pymod_push/install/build_module.py) and its file layout with
 a stand-in erlc, without ejabberd; ejabberd loading the real build from a read-only
 CONTRIB_MODULES_PATH: tests/e2e/test_prebuilt.py."""
 
@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pymod_push import build_module
-from pymod_push.build_module import (
+from pymod_push.install import build_module
+from pymod_push.install import main as cli_main
+from pymod_push.install.build_module import (
     ERLC_MISSING,
     LIB_ROOTS,
     CompileFacts,
@@ -27,8 +28,7 @@ from pymod_push.build_module import (
     pick_apps,
     plan,
 )
-from pymod_push.install import main as cli_main
-from pymod_push.install import shim_source
+from pymod_push.install.shim import shim_source
 
 DEBIAN_EJABBERD = Path("/usr/lib/x86_64-linux-gnu/ejabberd-23.01-1")
 DEBIAN_XMPP = Path("/usr/lib/erlang/lib/p1_xmpp-1.6.1")

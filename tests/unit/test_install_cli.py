@@ -1,4 +1,4 @@
-"""pymod-push's decisions (pymod_push/install.py), without an ejabberd; the end-to-end runs
+"""pymod-push's decisions (pymod_push/install/), without an ejabberd; the end-to-end runs
 against a real one are in tests/e2e/test_install.py."""
 
 from __future__ import annotations
@@ -15,33 +15,35 @@ import pytest
 import yaml
 
 from pymod_push import __version__
-from pymod_push.install import (
-    Ejabberd,
+from pymod_push.install.commands import replace_builtin
+from pymod_push.install.doctor import (
     Facts,
-    InstallError,
-    backup_name,
     beam_version,
-    blocking_directory,
-    comment_out,
     database_files,
     diagnose,
-    ejabberd_version,
-    enabled_modules,
-    find_ctl,
-    find_layout,
     is_loopback,
-    module_conf,
+)
+from pymod_push.install.ejabberd_config import (
+    backup_name,
+    comment_out,
+    enabled_modules,
     module_options,
-    modules_dir,
-    parse_ctl_cfg,
     read_config,
     removal_text,
-    replace_builtin,
     secret_free_diff,
-    shim_source,
+)
+from pymod_push.install.errors import InstallError
+from pymod_push.install.instance import Ejabberd, ejabberd_version
+from pymod_push.install.layout import (
+    blocking_directory,
+    find_ctl,
+    find_layout,
+    modules_dir,
+    parse_ctl_cfg,
     switch_user,
     unreachable_message,
 )
+from pymod_push.install.shim import module_conf, shim_source
 
 CTL_CFG = """\
 #CONTRIB_MODULES_PATH=/commented/out

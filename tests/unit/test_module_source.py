@@ -1,5 +1,5 @@
 """The spec's url and home and the sources' tarball that pymod-push stages for ext_mod
-(pymod_push/module_source.py); ext_mod itself re-extracting it:
+(pymod_push/install/module_source.py); ext_mod itself re-extracting it:
 tests/e2e/test_module_specs.py."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pymod_push import install, module_source
-from pymod_push.install import shim_source
-from pymod_push.module_source import (
+import pymod_push
+from pymod_push.install import module_source, shim
+from pymod_push.install.module_source import (
     ARCHIVE,
     MODULE,
     archive_path,
@@ -26,13 +26,13 @@ from pymod_push.module_source import (
     spec_value,
 )
 
-REPO_SPEC = (shim_source() / f"{MODULE}.spec").read_text()
+REPO_SPEC = (shim.shim_source() / f"{MODULE}.spec").read_text()
 
 
 def stage(modules: Path) -> Path:
-    """The shim copied as install.stage_sources does, a conf file only its owner reads."""
+    """The shim copied as commands.stage_sources does, a conf file only its owner reads."""
     sources = modules / "sources" / MODULE
-    shutil.copytree(shim_source(), sources)
+    shutil.copytree(shim.shim_source(), sources)
     conf = sources / "conf" / f"{MODULE}.yml"
     conf.write_text("modules:\n  mod_push_py:\n    python: /opt/venv/bin/python\n")
     conf.chmod(0o600)
@@ -49,7 +49,15 @@ def tree(root: Path) -> dict[str, tuple[bytes | None, int]]:
 def test_the_repository_spec_names_nothing() -> None:
     spec = yaml.safe_load(REPO_SPEC)
     assert spec["home"] == "" and spec["url"] == ""
-    assert module_source.MODULE == install.MODULE
+    assert module_source.MODULE == shim.MODULE
+
+
+def test_home_is_the_python_package_folder() -> None:
+    """The spec's home, and where the shim's sources are looked for: pymod_push/, not the
+    install/ folder these modules are in."""
+    package = Path(pymod_push.__file__).resolve().parent
+    assert module_source.PACKAGE_DIR == shim.PACKAGE_DIR == package
+    assert shim.shim_source() in (package / "erl_shim", package.parent / "erl_shim")
 
 
 def test_spec_text_sets_home_and_url_and_keeps_the_rest() -> None:

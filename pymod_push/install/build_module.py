@@ -36,7 +36,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pymod_push.install import MODULE, InstallError, module_conf, shim_source
+from pymod_push.install.errors import InstallError
+from pymod_push.install.shim import MODULE, module_conf, shim_source
 
 # The header each app must have to count, by the names its folder has on each layout
 # (Debian names xmpp and fast_xml p1_xmpp and p1_xml).

@@ -37,7 +37,7 @@ from pathlib import Path, PurePosixPath
 
 MODULE = "mod_push_py"
 ARCHIVE = f"{MODULE}.tgz"  # ext_mod: module_name(Url) = "mod_push_py", and it ends in "gz"
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parent.parent  # pymod_push/, where the module comes from
 
 _KEY = re.compile(r"^(home|url):.*$", re.MULTILINE)
 

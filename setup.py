@@ -10,6 +10,9 @@ from setuptools.command.build_py import build_py
 
 class BuildWithShim(build_py):
     def run(self) -> None:
+        # a fresh copy: a build folder kept from an older layout would put its modules in
+        # the wheel too (pymod_push/install.py beside pymod_push/install/)
+        shutil.rmtree(Path(self.build_lib) / "pymod_push", ignore_errors=True)
         super().run()
         source = Path(__file__).resolve().parent / "erl_shim"
         if source.is_dir():  # not when building from an sdist without it

@@ -33,3 +33,9 @@ def test_the_wheel_carries_the_shim(folder: Path) -> None:
                 (ROOT / "erl_shim" / name).read_bytes()
         entry_points = archive.read(next(n for n in names if n.endswith("entry_points.txt")))
         assert b"pymod-push = pymod_push.install:main" in entry_points
+        # every module of the checkout, and none a build folder kept from an older layout
+        # (pymod_push/install.py beside pymod_push/install/)
+        modules = {name for name in names if name.startswith("pymod_push/")
+                   and name.endswith(".py") and not name.startswith("pymod_push/erl_shim/")}
+        assert modules == {str(path.relative_to(ROOT)) for path in
+                           (ROOT / "pymod_push").rglob("*.py")}

@@ -97,6 +97,21 @@ class Scenario:
         app = await peers.app_server(*accounts[0])
         return [app, *[await peers.user(*a) for a in accounts[1:]]]
 
+    def push_goes_through(self, node: str) -> None:
+        """A user enables push at an external app server and goes pending; one message from
+        someone else makes exactly one push, from the host, counting one message."""
+
+        async def push(peers: Peers) -> None:
+            server, phone, sender = await self.cast(peers)
+            await phone.enable_push(server.boundjid.full, node)
+            await self.go_pending(phone)
+            sender.send_message(mto=phone.boundjid.bare, mbody="hello", mtype="chat")
+            first, = await server.wait_for(node, 1)
+            assert first.sender == self.host
+            assert first.summary.get("message-count") == "1"
+
+        self.run(push)
+
     async def go_pending(self, client: Client) -> None:
         """Drop the client's TCP connection and wait until the server has its session pending."""
         mark = self.instance.log_mark()

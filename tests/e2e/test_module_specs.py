@@ -29,7 +29,6 @@ import yaml
 from devtools.instance import Instance, default_python, free_port
 from pymod_push.install import module_source
 from tests.conftest import Scenario
-from tests.xmpp_peers import Peers
 
 pytestmark = pytest.mark.e2e
 
@@ -171,17 +170,7 @@ def test_update_specs_and_upgrade_leave_the_module_running(
     assert proxy.requests == ["CONNECT github.com:443 HTTP/1.1"]  # nothing more
     assert calls.read_text() == ""  # no git, curl, wget, mix, rebar3
 
-    scenario = Scenario(instance)
-
-    async def push(peers: Peers) -> None:
-        server, phone, sender = await scenario.cast(peers)
-        await phone.enable_push(server.boundjid.full, "after-upgrade")
-        await scenario.go_pending(phone)
-        sender.send_message(mto=phone.boundjid.bare, mbody="hello", mtype="chat")
-        first, = await server.wait_for("after-upgrade", 1)
-        assert first.summary.get("message-count") == "1"
-
-    scenario.run(push)
+    Scenario(instance).push_goes_through("after-upgrade")
 
 
 def test_update_specs_leaves_a_prebuilt_module_alone(folder: Path) -> None:

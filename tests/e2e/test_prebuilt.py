@@ -13,7 +13,6 @@ import pytest
 
 from devtools.instance import Instance, default_python
 from tests.conftest import Scenario
-from tests.xmpp_peers import Peers
 
 pytestmark = pytest.mark.e2e
 
@@ -72,18 +71,7 @@ def test_prebuilt_module_loads_from_a_read_only_path(folder: Path) -> None:
         loaded = instance.erl('code:which(mod_push_py)')
         assert loaded == f'"{module / "ebin" / "mod_push_py.beam"}"'
 
-        scenario = Scenario(instance)
-
-        async def push(peers: Peers) -> None:
-            server, phone, sender = await scenario.cast(peers)
-            await phone.enable_push(server.boundjid.full, "prebuilt-node")
-            await scenario.go_pending(phone)
-            sender.send_message(mto=phone.boundjid.bare, mbody="hello", mtype="chat")
-            first, = await server.wait_for("prebuilt-node", 1)
-            assert first.sender == instance.host
-            assert first.summary.get("message-count") == "1"
-
-        scenario.run(push)
+        Scenario(instance).push_goes_through("prebuilt-node")
         # The doctor takes a prebuilt module for what it is: no sources to compile from.
         doctor = subprocess.run([CLI, "doctor", "--ctl", "ejabberdctl", "--config-dir",
                                  str(instance.folder)], capture_output=True, text=True,

@@ -204,6 +204,9 @@ class Dispatcher:
         self._failing: dict[str, _Failing] = {}  # device node -> its pushes failing for good
         self.latency: defaultdict[str, Histogram] = defaultdict(Histogram)  # per provider
         for backend in config.backends:
+            # Each configured provider's histogram is served from the start, at 0: a rate
+            # needs a sample before the first push (and after each restart of Python).
+            self.latency[backend.group]  # noqa: B018 - defaultdict: creates it
             if backend.type == "python":
                 self._in_flight[backend.index] = asyncio.Semaphore(MAX_IN_FLIGHT)
                 continue

@@ -69,6 +69,7 @@ mod_opt_type(metrics_listen) -> econf:either(undefined, econf:binary("^.+:[0-9]+
 mod_opt_type(wake_on_start) -> econf:bool();
 mod_opt_type(wake_rate) -> econf:pos_int();
 mod_opt_type(wake_before_timeout) -> econf:timeout(second);
+mod_opt_type(call_ring_window) -> econf:timeout(second);
 mod_opt_type(retry_delays) -> econf:list(econf:timeout(second));
 mod_opt_type(db_file) -> econf:either(auto, econf:binary());
 mod_opt_type(db_url) -> econf:either(undefined, econf:binary("^postgres(ql)?://"));
@@ -96,6 +97,7 @@ backend_options() ->
             package_sid => econf:binary(),
             topic => econf:binary(),
             voip_topic => econf:binary(),
+            call_end_alert => econf:bool(),
             key_file => econf:file(read),
             key_id => econf:binary(),
             team_id => econf:binary(),
@@ -183,6 +185,7 @@ mod_options(_Host) ->
      {wake_on_start, true},
      {wake_rate, 50},
      {wake_before_timeout, timer:hours(1)},
+     {call_ring_window, timer:seconds(60)},
      {retry_delays, [timer:seconds(5), timer:seconds(30), timer:minutes(5)]},
      {db_file, auto},
      {db_url, undefined},
@@ -360,6 +363,12 @@ mod_doc() ->
                          "'resume_timeout' runs out, once, so that the device "
                          "reconnects before the session is lost ('0' turns this "
                          "off). The default is '1' hour.")}},
+           {call_ring_window,
+            #{value => "timeout()",
+              desc => ?T("A call proposal older than this (from its delay stamp, "
+                         "else its arrival) is pushed as a missed call, never "
+                         "urgent; a call that ends within it stops the devices its "
+                         "urgent push reached. The default is '60' seconds.")}},
            {retry_delays,
             #{value => "[timeout()]",
               desc => ?T("Delays between attempts when the app server answers "

@@ -125,6 +125,9 @@ class Config:
     wake_on_start: bool = True  # after ejabberd boots, wake the push users it had
     wake_rate: int = 50  # wake pushes per second, so that a big server does not flood
     wake_before_timeout_ms: int = 3600 * 1000  # before a resume timeout ends, wake once
+    # A call proposal older than this is a missed call (never urgent); a call's end within
+    # it stops the devices its urgent push reached (core/calls.py, service/calls.py)
+    call_ring_window_ms: int = 60_000
     ejabberd_node: str = ""  # the Erlang node this process serves (clusters share a db)
     logic: str | None = None  # the admin's push logic module (see pymod_push/logic.py)
     logic_budget_ms: int = 50  # how long a push may wait for the admin's functions
@@ -175,6 +178,7 @@ class Config:
             wake_rate=int(options.get("wake_rate", cls.wake_rate)),
             wake_before_timeout_ms=int(options.get("wake_before_timeout",
                                                    cls.wake_before_timeout_ms)),
+            call_ring_window_ms=int(options.get("call_ring_window", cls.call_ring_window_ms)),
             ejabberd_node=str(options.get("node", "")),
             log_sensitive=options.get("log_sensitive") is True,
             ios_extensions=options.get("ios_extensions", cls.ios_extensions) is not False,

@@ -42,7 +42,8 @@
 -export([take_token/2, too_many/4, may_use_backends/3, xml_binary/1]).
 %% ejabberdctl commands
 -export([get_commands_spec/0, push_status/1, push_list/2, push_delete/3, push_test/2,
-         push_wake_all/1, push_delete_old/2, push_reload_logic/1]).
+         push_wake_all/1, push_delete_old/2, push_reload_logic/1, push_diagnose/2,
+         push_diagnose_test/2]).
 
 -include("xmpp.hrl").
 -include("logger.hrl").
@@ -441,8 +442,10 @@ user_send_packet(Acc) ->
 -spec adhoc_local_items(empty | {result, [disco_item()]} | {error, stanza_error()},
                         jid(), jid(), binary()) ->
           empty | {result, [disco_item()]} | {error, stanza_error()}.
-adhoc_local_items(Acc, _From, #jid{lserver = LServer} = To, _Lang) ->
-    case python_fact(LServer, commands, []) of
+adhoc_local_items(Acc, #jid{lserver = FromServer}, #jid{lserver = LServer} = To, _Lang) ->
+    %% The push check-up is for the host's own users only.
+    case [C || {Node, _} = C <- python_fact(LServer, commands, []),
+               Node /= <<"push-diagnose">> orelse FromServer == LServer] of
         [] -> Acc;
         Commands ->
             Items = [#disco_item{jid = To, node = Node, name = Name} || {Node, Name} <- Commands],
@@ -614,7 +617,26 @@ get_commands_spec() ->
                    "the answer (and the log) says why.",
         args = [Host], args_desc = ["Virtual host"], args_example = [<<"example.org">>],
         result = {reloaded, string},
-        result_example = "push logic /etc/ejabberd/push_logic.py reloaded: should_push"}].
+        result_example = "push logic /etc/ejabberd/push_logic.py reloaded: should_push"},
+     #ejabberd_commands{
+        name = push_diagnose, tags = [push], module = ?MODULE, function = push_diagnose,
+        desc = "Push check-up of a user: why do they get no notifications?",
+        longdesc = "For each push registration and device: the app server or provider, "
+                   "since when, the last push and its answer, error counts, the user's "
+                   "options and filters, whether the app server is reachable from here, "
+                   "and the newest log lines about the user. No token, node or body shown.",
+        args = [User, Host], args_desc = ["User name", "Virtual host"],
+        args_example = [<<"alice">>, <<"example.org">>],
+        result = {report, string}, result_example = "push check-up of alice@example.org ..."},
+     #ejabberd_commands{
+        name = push_diagnose_test, tags = [push], module = ?MODULE,
+        function = push_diagnose_test,
+        desc = "Push check-up of a user, with a test push to each registration",
+        longdesc = "As push_diagnose, after a test push to each registration; answers once "
+                   "each test push is answered, or after 10 s.",
+        args = [User, Host], args_desc = ["User name", "Virtual host"],
+        args_example = [<<"alice">>, <<"example.org">>],
+        result = {report, string}, result_example = "sent 1 test push(es) ..."}].
 
 -spec push_status(binary()) -> string().
 push_status(Host) -> command(Host, status, []).
@@ -630,6 +652,16 @@ push_wake_all(Host) -> command(Host, wake_all, []).
 push_delete_old(Host, Days) -> command(Host, delete_old, [integer_to_binary(Days)]).
 -spec push_reload_logic(binary()) -> string().
 push_reload_logic(Host) -> command(Host, reload_logic, []).
+-spec push_diagnose(binary(), binary()) -> string().
+push_diagnose(User, Host) -> diagnose(User, Host, diagnose).
+-spec push_diagnose_test(binary(), binary()) -> string().
+push_diagnose_test(User, Host) -> diagnose(User, Host, diagnose_test).
+
+%% Python names the app servers' domains; the shim says how each is reachable from here.
+diagnose(User, Host, Name) ->
+    Domains = string:lexemes(command(Host, diagnose_domains, [User, Host]), "\n"),
+    command(Host, Name, [User, Host | mod_push_py_actions:route_states(jid:nameprep(Host),
+                                                                       Domains)]).
 
 command(Host, Name, Args) ->
     LHost = jid:nameprep(Host),

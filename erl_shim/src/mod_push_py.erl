@@ -395,8 +395,23 @@ mam_message(#message{} = Pkt, LUser, LServer, _Peer, _Nick, chat, recv) ->
         _ -> ok  % online or pending sessions are handled by c2s_handle_send
     end,
     Pkt;
+%% The user answered or declined a call (XEP-0353) on one device: their devices without a
+%% session, which carbons do not reach, learn it from the archive (Python stops those that
+%% rang). Only such messages, a scan of the few children of a sent chat message.
+mam_message(#message{sub_els = Els} = Pkt, LUser, LServer, _Peer, _Nick, chat, send) ->
+    case lists:any(fun call_answer/1, Els) of
+        true -> send_event(LServer, {archived, {LUser, LServer}, described(Pkt, LUser, LServer)});
+        false -> ok
+    end,
+    Pkt;
 mam_message(Pkt, _LUser, _LServer, _Peer, _Nick, _Type, _Dir) ->
     Pkt.
+
+call_answer(#xmlel{name = Name, attrs = Attrs})
+  when Name == <<"proceed">>; Name == <<"accept">>; Name == <<"reject">> ->
+    lists:keyfind(<<"xmlns">>, 1, Attrs) == {<<"xmlns">>, <<"urn:xmpp:jingle-message:0">>};
+call_answer(_) ->
+    false.
 
 -spec mam_message8(message() | drop, binary(), binary(), jid(), binary(), atom(), atom(),
                    boolean()) -> message() | drop.

@@ -264,3 +264,49 @@ def test_a_stale_proposal_is_a_missed_call_never_urgent(setup: Setup) -> None:
         assert len(await setup.apns.wait_for(2)) == 2
 
     setup.scenario.run(run)
+
+
+def test_a_call_answered_on_another_device_stops_devices_without_a_session(
+        setup: Setup) -> None:
+    """The phones had no session (the app was killed): the call reached them from offline
+    storage; the one that answers connects and sends <proceed/>, which no carbon brings to the
+    others: its copy in the archive (sent) does."""
+    setup.apns.reset()
+
+    async def run(peers: Peers) -> None:
+        app, iphone, caller = await setup.scenario.cast(peers)
+        password = "secret-" + iphone.boundjid.user
+        xep = await peers.user(iphone.boundjid.bare, password)
+        await _register(iphone, "register-push-apns", {"token": APNS_TOKEN,
+                                                       "voip-token": VOIP_TOKEN})
+        await xep.enable_push(app.boundjid.full, "xep")
+        await iphone.go_offline()
+        await xep.go_offline()
+        send(caller, iphone.boundjid.bare, payload=PROPOSE.format(id="call-o1"))
+        (voip,) = await setup.apns.wait_for(1)
+        assert voip.path == f"/3/device/{VOIP_TOKEN}"
+        (urgent,) = await app.wait_for("xep", 1)
+        assert urgent.summary["last-message-priority"] == "high"
+        desktop = await peers.user(iphone.boundjid.bare, password)
+        # the test server's mod_mam archives nothing by default (ejabberd's default: never)
+        await desktop.push_iq("<prefs xmlns='urn:xmpp:mam:2' default='always'/>")
+        answer = desktop.make_message(mto=caller.boundjid.full, mtype="chat")
+        answer.append(ET.fromstring(jmi("proceed", "call-o1")))
+        answer.append(ET.fromstring("<store xmlns='urn:xmpp:hints'/>"))
+        answer.send()
+        await round_trip(desktop)
+        stop = (await setup.apns.wait_for(2))[1]
+        assert (stop.path, stop.headers["apns-push-type"]) == (f"/3/device/{APNS_TOKEN}",
+                                                               "background")
+        assert stop.json()["call-ended"] == "answered-elsewhere"
+        publishes = await app.wait_for("xep", 2)
+        assert publishes[1].summary["call-ended"] == "answered-elsewhere"
+        # the barrier: the desktop logs out, a message reaches both offline devices
+        await desktop.go_offline()
+        send(caller, iphone.boundjid.bare, "talk later")
+        requests = await setup.apns.wait_for(3)
+        publishes = await app.wait_for("xep", 3)
+        assert ["call-ended" in r.body.decode() for r in requests] == [False, True, False]
+        assert [_ended(p) for p in publishes] == [None, "answered-elsewhere", None]
+
+    setup.scenario.run(run)

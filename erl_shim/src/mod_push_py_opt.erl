@@ -56,6 +56,7 @@ mod_opt_type(notify_on) -> econf:enum([messages, all]);
 mod_opt_type(notify_groupchat) -> econf:enum([mentions, always, never]);
 mod_opt_type(max_publish_errors) -> econf:pos_int();
 mod_opt_type(publish_error_window) -> econf:timeout(second);
+mod_opt_type(diagnose_test_interval) -> econf:timeout(second);
 mod_opt_type(max_body_length) -> econf:pos_int();
 mod_opt_type(max_registrations) -> econf:pos_int();
 mod_opt_type(max_devices) -> econf:pos_int();
@@ -172,6 +173,7 @@ mod_options(_Host) ->
      {notify_groupchat, mentions},
      {max_publish_errors, 3},
      {publish_error_window, timer:minutes(10)},
+     {diagnose_test_interval, timer:seconds(60)},
      {max_body_length, 1024},
      {max_registrations, 20},
      {max_devices, 20},
@@ -278,6 +280,11 @@ mod_doc() ->
                          "last one counted count once: an app server that is "
                          "away or overloaded for a while costs one error, not "
                          "one per notification. The default is '10' minutes.")}},
+           {diagnose_test_interval,
+            #{value => "timeout()",
+              desc => ?T("A user's test pushes by the ad-hoc command "
+                         "'push-diagnose' (the push check-up): at most one "
+                         "per this time. The default is '60' seconds.")}},
            {max_body_length,
             #{value => ?T("Number"),
               desc => ?T("Bytes of a message body that a notification carries at "

@@ -116,6 +116,7 @@ class Config:
     notify_groupchat: str = "mentions"  # "mentions" | "always" | "never"
     max_publish_errors: int = 3
     publish_error_window_ms: int = 600_000  # failures within this count once (count_error)
+    diagnose_test_interval_ms: int = 60_000  # a user's ad-hoc test pushes: one per this
     # Limits against hostile or careless accounts (see core/limits.py and README)
     max_body_length: int = 1024  # bytes of last-message-body in a publish (cut, marked)
     max_registrations: int = 20  # XEP-0357 registrations per account
@@ -169,6 +170,8 @@ class Config:
             max_publish_errors=int(options.get("max_publish_errors", cls.max_publish_errors)),
             publish_error_window_ms=int(options.get("publish_error_window",
                                                     cls.publish_error_window_ms)),
+            diagnose_test_interval_ms=int(options.get("diagnose_test_interval",
+                                                      cls.diagnose_test_interval_ms)),
             max_body_length=int(options.get("max_body_length", cls.max_body_length)),
             max_registrations=int(options.get("max_registrations", cls.max_registrations)),
             max_devices=int(options.get("max_devices", cls.max_devices)),

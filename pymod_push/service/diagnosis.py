@@ -12,6 +12,7 @@ secret, a Tigase encryption key, a message's body or sender.
 from __future__ import annotations
 
 import logging
+import math
 import time
 import xml.etree.ElementTree as ET
 from collections import OrderedDict
@@ -34,7 +35,6 @@ from pymod_push.service.decisions import PushService
 log = logging.getLogger("pymod_push")
 
 TEST_WAIT_S = 10.0  # how long push_diagnose_test waits for the answers to its test pushes
-TEST_INTERVAL_S = 60.0  # a user's test pushes by the ad-hoc command: one per this, at most
 MAX_TESTERS = 10_000  # users whose last test push time is kept (oldest forgotten)
 
 
@@ -206,7 +206,7 @@ def adhoc(service: PushService, xml: bytes, now: float,
           monotonic: Callable[[], float] = time.monotonic) -> Sequence[Action] | None:
     """The ad-hoc command push-diagnose of a user of this host at the host itself: their own
     check-up; on request (the form's "test" field) a test push to each registration, one per
-    TEST_INTERVAL_S. None: not that command (the app server's)."""
+    diagnose_test_interval. None: not that command (the app server's)."""
     try:
         iq = app.parse_iq(xml)
     except ET.ParseError:
@@ -238,10 +238,11 @@ def adhoc(service: PushService, xml: bytes, now: float,
                                         + form))]
     if app.form_value(command.fields, "test") not in ("1", "true"):
         return [Route(app.command_reply(iq, command, "completed", _result(lines)))]
+    interval = service.config.diagnose_test_interval_ms / 1000
     waited = monotonic() - _last_test.get(user, float("-inf"))
-    if waited < TEST_INTERVAL_S:
-        note = (f"A test push can be sent once every {TEST_INTERVAL_S:g} s: try again in "
-                f"{TEST_INTERVAL_S - waited:.0f} s.")
+    if waited < interval:
+        note = (f"A test push can be sent once every {interval:g} s: try again in "
+                f"{max(1, math.ceil(interval - waited))} s.")
         return [Route(app.command_reply(iq, command, "completed",
                                         f"<note type='warn'>{escape(note)}</note>"
                                         + _result(lines)))]

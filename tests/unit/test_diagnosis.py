@@ -231,10 +231,25 @@ def test_the_adhoc_command_shows_the_users_own_and_rate_limits_tests() -> None:
     assert note is not None and note.get("type") == "warn"
     assert note.text == "A test push can be sent once every 60 s: try again in 1 s."
     assert [type(a) for a in adhoc(service, {"test": "1"}, at=160.0)] == [Publish, Route]
+    refused = adhoc(service, {"test": "1"}, at=219.5)
+    assert command_of(refused).findtext(f"{{{NS_COMMANDS}}}note") == (
+        "A test push can be sent once every 60 s: try again in 1 s.")
     # bob's own limit, not alice's
     assert [type(a) for a in adhoc(service, {"test": "true"}, "bob@example.org/pc",
                                    at=160.0)] == [Publish, Route]
     assert command_of(adhoc(service, {"test": "0"})).get("status") == "completed"
+
+
+def test_the_test_push_interval_is_the_option() -> None:
+    service = PushService(Config(HOST, diagnose_test_interval_ms=5000), Store(":memory:"))
+    enable(service, "push.example.net", "n1")
+    assert [type(a) for a in adhoc(service, {"test": "1"}, at=10.0)] == [Publish, Route]
+    note = command_of(adhoc(service, {"test": "1"}, at=12.0)).findtext(
+        f"{{{NS_COMMANDS}}}note")
+    assert note == "A test push can be sent once every 5 s: try again in 3 s."
+    assert [type(a) for a in adhoc(service, {"test": "1"}, at=15.0)] == [Publish, Route]
+    assert Config.from_options("example.org", {"diagnose_test_interval": 30_000}
+                               ).diagnose_test_interval_ms == 30_000
 
 
 def test_the_adhoc_command_is_for_local_users_and_its_own_node() -> None:

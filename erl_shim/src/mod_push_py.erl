@@ -6,7 +6,7 @@
 %%% External Term Format) and executes the actions Python sends back.
 %%% The port protocol is documented in docs/protocol.md of pymod_push.
 %%%
-%%% The shim is four modules, like ejabberd's own mod_push family:
+%%% The shim is five modules, like ejabberd's own mod_push family:
 %%%   mod_push_py       gen_mod, the hooks, the push IQ handler, disco, the app
 %%%                     server's ad-hoc command items, ejabberdctl commands (this file)
 %%%   mod_push_py_port  the port owner (a gen_server) and its keeper: the port to
@@ -14,7 +14,8 @@
 %%%                     actions, the ETS tables
 %%%   mod_push_py_opt   the options, their defaults and their documentation
 %%%   mod_push_py_actions  what Python's actions make, without state (the publish's XML)
-%%% 'ejabberdctl module_install mod_push_py' compiles and installs all four.
+%%%   mod_push_py_muc   the absent room members of each group chat message
+%%% 'ejabberdctl module_install mod_push_py' compiles and installs all five.
 %%%
 %%% Copyright (C) 2026 the pymod_push authors. GPL-2.0-or-later.
 %%%----------------------------------------------------------------------
@@ -76,6 +77,7 @@ start(Host, Opts) ->
             case mod_push_py_port:start_processes(Host, Opts) of
                 {ok, _} ->
                     register_handlers(Host),
+                    mod_push_py_muc:start(Host),
                     ejabberd_commands:register_commands(?MODULE, get_commands_spec()),
                     %% At boot, Python learns when start-up is complete (restart recovery);
                     %% the hook runs only then, not when the module starts later.
@@ -93,6 +95,7 @@ stop(Host) ->
         undefined -> ok;  % inert: nothing of ours is registered
         _ ->
             unregister_handlers(Host),
+            mod_push_py_muc:stop(Host),
             ejabberd_hooks:delete(ejabberd_started, ?MODULE, ejabberd_started, 50),
             gen_mod:is_loaded_elsewhere(Host, ?MODULE)
                 orelse ejabberd_commands:unregister_commands(get_commands_spec()),
@@ -108,6 +111,8 @@ ejabberd_started() ->
 
 -spec reload(binary(), gen_mod:opts(), gen_mod:opts()) -> ok.
 reload(Host, NewOpts, _OldOpts) ->
+    mod_push_py_muc:stop(Host),
+    mod_push_py_muc:start(Host),  % groupchat_pushes as it is now
     gen_server:cast(proc(Host), {reload, NewOpts}).
 
 -spec depends(binary(), gen_mod:opts()) -> [{module(), hard | soft}].
@@ -159,13 +164,13 @@ ejabberd_running() ->
 
 
 %% ext_mod unloads mod_push_py alone when it uninstalls or upgrades the module: the
-%% other two modules are stopped and unloaded here (as ext_mod does with this one), so
-%% that module_upgrade runs the new code of all four.
+%% other modules are stopped and unloaded here (as ext_mod does with this one), so
+%% that module_upgrade runs the new code of all five.
 -spec pre_uninstall() -> ok.
 pre_uninstall() ->
     [catch gen_mod:stop_module(Host, ?MODULE) || Host <- ejabberd_option:hosts()],
     lists:foreach(fun(Module) -> code:purge(Module), code:delete(Module) end,
-                  [mod_push_py_port, mod_push_py_opt, mod_push_py_actions]).
+                  [mod_push_py_port, mod_push_py_opt, mod_push_py_actions, mod_push_py_muc]).
 
 %% gen_mod asks this module; the options live in mod_push_py_opt.
 -spec mod_opt_type(atom()) -> econf:validator().

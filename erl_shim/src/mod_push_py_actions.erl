@@ -49,6 +49,8 @@ route(Xml) ->
 %% Whether a session has push (and needs roster items), told to its c2s process.
 -spec set_push({binary(), binary(), binary()}, tuple()) -> ok.
 set_push({U, S, R}, Message) ->
+    %% a push user from now on, for group chat pushes (mod_push_py_muc)
+    element(3, Message) =/= false andalso mod_push_py_muc:execute(S, {users, add, [{U, S}]}),
     case ejabberd_sm:get_session_pid(U, S, R) of
         Pid when is_pid(Pid) -> ejabberd_c2s:cast(Pid, Message);
         none -> ok

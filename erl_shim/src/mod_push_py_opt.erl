@@ -71,6 +71,8 @@ mod_opt_type(wake_on_start) -> econf:bool();
 mod_opt_type(wake_rate) -> econf:pos_int();
 mod_opt_type(wake_before_timeout) -> econf:timeout(second);
 mod_opt_type(call_ring_window) -> econf:timeout(second);
+mod_opt_type(groupchat_pushes) -> econf:bool();
+mod_opt_type(groupchat_push_interval) -> econf:timeout(second);
 mod_opt_type(retry_delays) -> econf:list(econf:timeout(second));
 mod_opt_type(db_file) -> econf:either(auto, econf:binary());
 mod_opt_type(db_url) -> econf:either(undefined, econf:binary("^postgres(ql)?://"));
@@ -188,6 +190,8 @@ mod_options(_Host) ->
      {wake_rate, 50},
      {wake_before_timeout, timer:hours(1)},
      {call_ring_window, timer:seconds(60)},
+     {groupchat_pushes, true},
+     {groupchat_push_interval, timer:seconds(30)},
      {retry_delays, [timer:seconds(5), timer:seconds(30), timer:minutes(5)]},
      {db_file, auto},
      {db_url, undefined},
@@ -376,6 +380,18 @@ mod_doc() ->
                          "else its arrival) is pushed as a missed call, never "
                          "urgent; a call that ends within it stops the devices its "
                          "urgent push reached. The default is '60' seconds.")}},
+           {groupchat_pushes,
+            #{value => "true | false",
+              desc => ?T("Push the affiliated members of this host's rooms who are "
+                         "not in the room (no occupant, no MUC/Sub subscription) "
+                         "when a message arrives there, as their XEP-0492 bookmark "
+                         "setting, their client's filter or the room type says. "
+                         "The default is 'true'.")}},
+           {groupchat_push_interval,
+            #{value => "timeout()",
+              desc => ?T("At most one push per member and room within this time, "
+                         "unless the member is mentioned; the next counts the "
+                         "messages since. The default is '30' seconds.")}},
            {retry_delays,
             #{value => "[timeout()]",
               desc => ?T("Delays between attempts when the app server answers "

@@ -129,6 +129,10 @@ class Config:
     # A call proposal older than this is a missed call (never urgent); a call's end within
     # it stops the devices its urgent push reached (core/calls.py, service/calls.py)
     call_ring_window_ms: int = 60_000
+    # Pushes for absent room members (core/groupchat.py, service/groupchat.py), at most
+    # one per member and room per interval unless mentioned
+    groupchat_pushes: bool = True
+    groupchat_push_interval_ms: int = 30_000
     ejabberd_node: str = ""  # the Erlang node this process serves (clusters share a db)
     logic: str | None = None  # the admin's push logic module (see pymod_push/logic.py)
     logic_budget_ms: int = 50  # how long a push may wait for the admin's functions
@@ -182,6 +186,9 @@ class Config:
             wake_before_timeout_ms=int(options.get("wake_before_timeout",
                                                    cls.wake_before_timeout_ms)),
             call_ring_window_ms=int(options.get("call_ring_window", cls.call_ring_window_ms)),
+            groupchat_pushes=options.get("groupchat_pushes", cls.groupchat_pushes) is not False,
+            groupchat_push_interval_ms=int(options.get("groupchat_push_interval",
+                                                       cls.groupchat_push_interval_ms)),
             ejabberd_node=str(options.get("node", "")),
             log_sensitive=options.get("log_sensitive") is True,
             ios_extensions=options.get("ios_extensions", cls.ios_extensions) is not False,

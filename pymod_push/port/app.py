@@ -229,7 +229,8 @@ class PortApp:
                             runtime.last_batch, runtime.dispatcher.submit,
                             self._logic_workers.ask)
         self._write(frame(hello_reply(info, hello_facts(runtime.config))))
-        self._write(frame([action_term(a) for a in self.service.initial_actions()]))
+        self._write(frame([action_term(a) for a in [*self.service.initial_actions(),
+                                                    *self.service.groupchat.initial_actions()]]))
         config = runtime.config
         log.info("ready for %s (pymod_push %s, database %s; at most %d pushed messages "
                  "remembered per pending session: mod_stream_mgmt's max_ack_queue)", hello.host,

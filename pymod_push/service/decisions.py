@@ -44,10 +44,12 @@ from pymod_push.logic import Recipient as LogicRecipient
 from pymod_push.protocol import (
     Action,
     AppServerIq,
+    Bookmarks,
     EjabberdStarted,
     Event,
     IqError,
     IqResult,
+    MucMessage,
     Offline,
     Publish,
     PublishReply,
@@ -66,6 +68,7 @@ from pymod_push.protocol import (
 from pymod_push.python_provider import PythonProviders
 from pymod_push.records import DatabaseUnavailable, Registration
 from pymod_push.service.calls import RingingCalls
+from pymod_push.service.groupchat import GroupchatPushes
 from pymod_push.service.ledger import Ledger
 from pymod_push.service.logic_work import LogicCall, LogicQueue, LogicWork
 from pymod_push.service.pushed import NOTHING, PushedTo
@@ -154,6 +157,11 @@ class PushService:
         self.in_process = 0  # publishes taken so (push_status, metrics)
         # Calls ringing: which devices each call's urgent push reached (service/calls.py)
         self.ringing = RingingCalls()
+        # Absent room members (service/groupchat.py): coalescing, bookmarks' settings
+        self.groupchat = GroupchatPushes(
+            config, store, self.options_of,
+            lambda r, read_with, stanza, chosen, mark, options, now, summary:
+            self._push_once(r, read_with, stanza, chosen, mark, options, now, None, summary))
 
     def use_logic(self, logic: Logic) -> None:
         """The admin's push logic from now on (push_reload_logic)."""
@@ -241,6 +249,11 @@ class PushService:
                 self.store.delete_user(user)
                 self.store.set_user_options(user, None)
                 return [PushOptionsUpdate(user, None)]
+            case MucMessage():
+                return self.groupchat.handle(event, now)
+            case Bookmarks():
+                self.groupchat.bookmarks_event(event)
+                return []
             case PushIq():
                 return self._push_iq(event)
             case EjabberdStarted():
@@ -634,14 +647,14 @@ class PushService:
         return self.store.purge_pushed(int(cutoff * 1_000_000))
 
     def next_deadline(self) -> float | None:
-        deadlines = [d for d in (self.ledger.next_due(),
+        deadlines = [d for d in (self.ledger.next_due(), self.groupchat.next_deadline(),
                                  self._next_scheduled_wake, self._pacer.next_deadline())
                      if d is not None]
         return min(deadlines, default=None)
 
     def tick(self, now: float) -> list[Action | Delivery]:
         """Send the retries and wakes that are due, and what the pacer held back."""
-        actions: list[Action] = self.ledger.due(now)
+        actions: list[Action] = [*self.ledger.due(now), *self.groupchat.due(now)]
         if self._next_scheduled_wake is not None and self._next_scheduled_wake <= now:
             rate = self.config.wake_rate  # at most this many a second
             due = self.store.due_wakes(self.config.ejabberd_node, now, rate)

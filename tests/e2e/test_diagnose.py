@@ -7,13 +7,19 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
+import shutil
+import tempfile
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from devtools.instance import Instance
 from pymod_push.core.push_history import short_hash
 from tests.conftest import Scenario
-from tests.xmpp_peers import Peers
+from tests.fake_providers import FakeProvider, fake_apns
+from tests.xmpp_peers import Peers, form_fields
 
 pytestmark = pytest.mark.e2e
 
@@ -148,5 +154,55 @@ def test_the_users_own_adhoc_check_up(scenario: Scenario) -> None:
         # bob sees his own only
         own = "\n".join(_lines(await bob.command(host, "push-diagnose")))
         assert f"{server.boundjid.bare}/other" in own and server.boundjid.full not in own
+
+    scenario.run(run)
+
+
+@pytest.fixture
+def with_apns() -> Iterator[tuple[Scenario, FakeProvider]]:
+    """An ejabberd whose module has a built-in app server with a (fake) APNs backend."""
+    folder = Path(tempfile.mkdtemp(prefix="pymod_push-diagnose-"))
+    folder.chmod(0o755)
+    apns, backend = fake_apns(folder, "diagapp", "org.example.diag")
+    instance = Instance(folder, options={"backends": [backend]})
+    instance.write_config()
+    try:
+        instance.start()
+        yield Scenario(instance), apns
+    finally:
+        instance.discard()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_the_check_up_of_a_device_at_the_built_in_app_server(
+        with_apns: tuple[Scenario, FakeProvider]) -> None:
+    scenario, apns = with_apns
+    token = secrets.token_hex(32)
+
+    async def run(peers: Peers) -> None:
+        jid, password = await asyncio.to_thread(scenario.account, "ios")
+        phone = await peers.user(jid, password)
+        host = phone.boundjid.host
+        command = await phone.command(host, "register-push-apns",
+                                      {"token": token, "device-id": "d1",
+                                       "device-name": "Alice's iPhone"})
+        fields = form_fields(command.find(f"{{{NS_DATA}}}x"))
+        node, secret = fields["node"][0], fields["secret"][0]
+        await phone.enable_push("pubsub.localhost", node, secret=secret)
+
+        text = await asyncio.to_thread(scenario.instance.ctl, "push_diagnose_test",
+                                       phone.boundjid.user, host)
+        await apns.wait_for(1)
+        assert text.startswith("sent 1 test push(es)\n"), text
+        assert ("this server's app server (pubsub.localhost): apns (app 'diagapp'), device "
+                f"\"Alice's iPhone\", node {short_hash(node)}") in text, text
+        assert re.search(r"last push: .*\(a test push\).*; answer: delivered after \d+ ms",
+                         text), text
+        assert re.search(r"last push to the device's provider: \S+ \S+ UTC, sent "
+                         r"message-count 0.*; answer: delivered \(HTTP 200\) after \d+ ms",
+                         text), text
+        for hidden in (token, node, secret):
+            assert hidden not in text
+        assert apns.received[-1].path == f"/3/device/{token}"
 
     scenario.run(run)

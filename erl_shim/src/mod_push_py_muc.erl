@@ -65,11 +65,15 @@ execute(Host, {users, What, Users}) when is_list(Users) ->
         undefined -> ets:new(Table, [named_table, set, protected, {read_concurrency, true}]);
         _ -> ok
     end,
-    case What of
-        reset -> ets:delete_all_objects(Table), ets:insert(Table, [{U, true} || U <- Users]);
-        add -> ets:insert(Table, [{U, true} || U <- Users]);
-        remove -> [ets:delete(Table, U) || U <- Users]
-    end,
+    Changed = case What of
+                  reset -> ets:delete_all_objects(Table),
+                           ets:insert(Table, [{U, true} || U <- Users]);
+                  add -> lists:foldl(fun(U, New) -> ets:insert_new(Table, {U, true}) orelse New
+                                     end, false, Users);
+                  remove -> [ets:delete(Table, U) || U <- Users], true
+              end,
+    %% The rooms keep their absent members until the version changes (absent/5).
+    Changed andalso ets:insert(Table, {version, erlang:unique_integer([monotonic])}),
     ok;
 execute(Host, {read_bookmarks, {U, S}}) ->
     _ = spawn(fun() -> read_bookmarks(Host, U, S) end),
@@ -136,53 +140,59 @@ report(Pkt, S, FromNick) when element(1, S) =:= state,
                               (tuple_size(S) =:= 23 orelse tuple_size(S) =:= 25) ->
     Host = element(4, S),
     Table = users_table(Host),
-    case ets:info(Table, size) of
-        N when is_integer(N), N > 0 ->
-            case candidates(element(13, S), Table) of
+    case catch ets:lookup_element(Table, version, 2) of
+        Version when is_integer(Version) ->
+            case absent(Version, element(13, S), element(8, S), element(9, S), Table) of
                 [] -> ok;
-                Candidates -> report(Pkt, S, FromNick, Host, Candidates)
+                Absent -> report(Pkt, S, FromNick, Host, Absent)
             end;
-        _ -> ok  % no push user, or Python has not said yet
+        _ -> ok  % no push user yet, or Python has not said
     end;
 report(_Pkt, _S, _FromNick) ->
     ok.  % a room state of a layout not known to this module: the feature is off for it
 
 %% Affiliated members (not whole domains) who are push-enabled.
 candidates(Affiliations, Table) when is_map(Affiliations) ->
-    maps:fold(fun({U, Server, <<>>}, Aff, Acc) when U =/= <<>> ->
-                      case member(Aff) andalso ets:member(Table, {U, Server}) of
-                          true -> [{U, Server} | Acc];
-                          false -> Acc
-                      end;
-                 (_, _, Acc) -> Acc
-              end, [], Affiliations);
+    [{U, Server} || {{U, Server, <<>>}, Aff} <- maps:to_list(Affiliations), U =/= <<>>,
+                    member(Aff), ets:member(Table, {U, Server})];
 candidates(_, _Table) ->
     [].
 
 member({Aff, _Reason}) -> member(Aff);
 member(Aff) -> Aff =:= member orelse Aff =:= admin orelse Aff =:= owner.
 
-report(Pkt, S, FromNick, Host, Candidates) ->
-    Present = maps:fold(fun({U, Server, _R}, _User, Acc) -> Acc#{{U, Server} => true} end,
-                        #{}, element(8, S)),
-    Subscribers = case element(9, S) of
-                      MucSubs when is_tuple(MucSubs), is_map(element(2, MucSubs)) ->
-                          element(2, MucSubs);
+%% The absent push members, kept in the room process's dictionary with the terms they
+%% were computed from: while the affiliations, occupants, subscribers and the push set
+%% are the same terms (compared by pointer first), a message costs one ETS read.
+absent(Version, Affs, Users, MucSubs, Table) ->
+    case get(?MODULE) of
+        {Version, Affs, Users, MucSubs, Absent} -> Absent;
+        _ ->
+            Absent = case candidates(Affs, Table) of
+                         [] -> [];
+                         Candidates -> absent(Candidates, Users, MucSubs)
+                     end,
+            put(?MODULE, {Version, Affs, Users, MucSubs, Absent}),
+            Absent
+    end.
+
+absent(Candidates, Users, MucSubs) ->
+    Present = maps:from_list([{{U, Server}, []} || {U, Server, _R} <- maps:keys(Users)]),
+    Subscribers = case MucSubs of
+                      {_, #{} = Subs} -> Subs;
                       _ -> #{}
                   end,
-    Absent = [US || {U, Server} = US <- Candidates, not maps:is_key(US, Present),
-                    not subscribed(maps:get({U, Server, <<>>}, Subscribers, none))],
-    case Absent of
-        [] -> ok;
-        _ ->
-            Room = element(6, S),
-            Config = element(7, S),
-            Flags = #{members_only => element(16, Config) =:= true,
-                      anonymous => element(21, Config) =:= true},
-            mod_push_py_port:send_event(
-              Host, {muc_message, jid:encode(jid:remove_resource(Room)), Flags, Absent,
-                     describe(Pkt, jid:replace_resource(Room, FromNick))})
-    end.
+    [US || {U, Server} = US <- Candidates, not maps:is_key(US, Present),
+           not subscribed(maps:get({U, Server, <<>>}, Subscribers, none))].
+
+report(Pkt, S, FromNick, Host, Absent) ->
+    Room = element(6, S),
+    Config = element(7, S),
+    Flags = #{members_only => element(16, Config) =:= true,
+              anonymous => element(21, Config) =:= true},
+    mod_push_py_port:send_event(
+      Host, {muc_message, jid:encode(jid:remove_resource(Room)), Flags, Absent,
+             describe(Pkt, jid:replace_resource(Room, FromNick))}).
 
 %% A MUC/Sub subscriber of the room's messages gets them by the normal path.
 subscribed(Subscriber) when is_tuple(Subscriber), tuple_size(Subscriber) >= 4 ->

@@ -178,8 +178,9 @@ absent(Version, Affs, Users, MucSubs, Table) ->
 
 absent(Candidates, Users, MucSubs) ->
     Present = maps:from_list([{{U, Server}, []} || {U, Server, _R} <- maps:keys(Users)]),
-    Subscribers = case MucSubs of
-                      {_, #{} = Subs} -> Subs;
+    Subscribers = case MucSubs of  % #muc_subscribers{subscribers = #{BareLJID => ...}}
+                      _ when is_tuple(MucSubs), tuple_size(MucSubs) >= 2,
+                             is_map(element(2, MucSubs)) -> element(2, MucSubs);
                       _ -> #{}
                   end,
     [US || {U, Server} = US <- Candidates, not maps:is_key(US, Present),

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -225,3 +231,56 @@ def test_service_bookmark_setting_first() -> None:
     assert [a for a in service.handle(_muc("alice!"), NOW) if isinstance(a, Publish)] == []
     service.handle(Bookmarks(ALICE, ((ROOM, None),), False), NOW)  # retracted
     assert [a for a in service.handle(_muc("x"), NOW) if isinstance(a, Publish)] != []
+
+
+# ------------------------------------------------------------------ the shim's record positions
+
+ROOM_HRL = {  # ejabberd's include folder and its xmpp library, where installed
+    "23.01": ("/usr/lib/x86_64-linux-gnu/ejabberd-23.01-1/include",
+              "/usr/lib/erlang/lib/p1_xmpp-1.6.1"),
+    "24.12": ("/var/cache/pymod_push-compat/trixie/usr/lib/x86_64-linux-gnu/"
+              "ejabberd-24.12-3+deb13u2/include",
+              "/var/cache/pymod_push-compat/trixie/usr/lib/erlang/lib/p1_xmpp-1.9.4"),
+    "26.07": ("/var/cache/pymod_push-compat/sid/usr/lib/x86_64-linux-gnu/ejabberd-26.07/include",
+              "/var/cache/pymod_push-compat/sid/usr/lib/erlang/lib/p1_xmpp-1.13.4"),
+}
+POSITIONS = """-module(room_positions).
+-export([main/0]).
+-include("xmpp.hrl").
+-include("mod_muc_room.hrl").
+main() ->
+    P = fun(L, N) -> length(lists:takewhile(fun(X) -> X =/= N end, L)) + 2 end,
+    S = record_info(fields, state), C = record_info(fields, config),
+    io:format("~w~n", [[length(S) + 1, P(S, server_host), P(S, jid), P(S, config),
+                        P(S, users), P(S, muc_subscribers), P(S, affiliations),
+                        P(C, members_only), P(C, anonymous),
+                        P(record_info(fields, muc_subscribers), subscribers),
+                        P(record_info(fields, subscriber), nodes)]]),
+    halt().
+"""
+
+
+@pytest.mark.parametrize("release", sorted(ROOM_HRL))
+def test_room_state_positions_the_shim_reads(release: str, tmp_path: Path) -> None:
+    """mod_push_py_muc reads the room's #state{} by position (no hrl, one beam for all
+    releases): the positions are those of each release's mod_muc_room.hrl."""
+    include, xmpp = ROOM_HRL[release]
+    if not Path(include, "mod_muc_room.hrl").is_file() or shutil.which("erlc") is None:
+        pytest.skip(f"ejabberd {release}'s include files are not installed here")
+    source = tmp_path / "room_positions.erl"
+    source.write_text(POSITIONS)
+    subprocess.run(["erlc", "-o", str(tmp_path), "-I", include, "-I", f"{xmpp}/include",
+                    str(source)], check=True, capture_output=True)
+    out = subprocess.run(["erl", "-noshell", "-pa", str(tmp_path), "-s", "room_positions",
+                          "main"], check=True, capture_output=True, text=True,
+                         env={**os.environ, "ERL_CRASH_DUMP_SECONDS": "0"}).stdout
+    size = 25 if release >= "26" else 23
+    # size, server_host, jid, config, users, muc_subscribers, affiliations; config's
+    # members_only, anonymous; #muc_subscribers.subscribers; #subscriber.nodes
+    assert out.strip() == f"[{size},4,6,7,8,9,13,16,21,2,4]"
+    shim = (Path(__file__).parents[2] / "erl_shim/src/mod_push_py_muc.erl").read_text()
+    for read in ("element(4, S)", "element(6, S)", "element(7, S)", "element(8, S)",
+                 "element(9, S)", "element(13, S)", "element(16, Config)",
+                 "element(21, Config)", "element(4, Subscriber)",
+                 "tuple_size(S) =:= 23 orelse tuple_size(S) =:= 25"):
+        assert read in shim

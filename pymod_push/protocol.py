@@ -17,8 +17,9 @@ from pymod_push.etf import Atom
 FormFields = tuple[tuple[str, tuple[str, ...]], ...]
 
 # 4: the hello reply carries what the shim keeps (features, commands); 5: the shim's
-# counters frame ({counters, #{...}}, for the metrics)
-PROTOCOL_VERSION = 5
+# counters frame ({counters, #{...}}, for the metrics); 6: muc_message events and
+# {groupchat, ...} actions (groupchat_pushes)
+PROTOCOL_VERSION = 6
 
 SessionKey = tuple[str, str, str]  # (user, server, resource), stringprep'ed
 UserKey = tuple[str, str]  # (user, server)
@@ -140,9 +141,33 @@ class AppServerIq:
     xml: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class MucMessage:
+    """A groupchat message in a room of this host, for its affiliated members who are
+    push-enabled, not in the room and not MUC/Sub subscribers (groupchat_pushes)."""
+
+    room: str  # bare JID
+    members_only: bool
+    anonymous: bool
+    users: tuple[UserKey, ...]
+    stanza: Stanza  # from room/nick, never the sender's real JID
+
+
+@dataclass(frozen=True, slots=True)
+class Bookmarks:
+    """A push user's XEP-0402 bookmarks (item id = room JID, the <conference/>'s XML):
+    one published (retracted: xml None; replace False), or all of them as read (replace
+    True) after a read_bookmarks action."""
+
+    user: UserKey
+    items: tuple[tuple[str, bytes | None], ...]
+    replace: bool
+
+
 Event = (
     SessionPending | SessionResumed | SessionOpened | StanzaToPending | Offline | UserRemoved
     | PushIq | PublishReply | AppServerIq | EjabberdStarted | AdminCommand | LogLevel
+    | MucMessage | Bookmarks
 )
 
 
@@ -266,6 +291,20 @@ def parse_event(term: Any) -> Event:
             return Offline(_user(args[0]), _stanza(args[1]), str(tag))
         if tag == "user_removed":
             return UserRemoved(_user(args[0]))
+        if tag == "muc_message":
+            room, flags, users, stanza = args
+            if not isinstance(flags, dict) or not isinstance(users, list):
+                raise ProtocolError("a muc_message has a flags map and a list of users")
+            return MucMessage(_text(room), flags.get(Atom("members_only")) is True,
+                              flags.get(Atom("anonymous")) is True,
+                              tuple(_user(u) for u in users), _stanza(stanza))
+        if tag == "bookmark":
+            user, item, xml = args
+            return Bookmarks(_user(user), ((_text(item), None if xml == "undefined"
+                                            else _binary(xml)),), False)
+        if tag == "bookmarks":
+            user, items = args
+            return Bookmarks(_user(user), tuple((_text(i), _binary(x)) for i, x in items), True)
         if tag == "ejabberd_started":
             return EjabberdStarted()
         if tag == "loglevel":
@@ -369,6 +408,22 @@ class Ack:
 
 
 @dataclass(frozen=True, slots=True)
+class PushUsers:
+    """The users with push registrations, as the shim keeps them for group chat pushes:
+    reset (the whole set, after each hello), add or remove."""
+
+    change: str  # "reset" | "add" | "remove"
+    users: tuple[UserKey, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ReadBookmarks:
+    """Ask the shim for all of a user's bookmarks (answered by a bookmarks event)."""
+
+    user: UserKey
+
+
+@dataclass(frozen=True, slots=True)
 class CommandResult:
     """The text ejabberdctl prints for an AdminCommand."""
 
@@ -377,7 +432,7 @@ class CommandResult:
 
 
 Action = (IqResult | IqError | Publish | SetPush | PushOptionsUpdate | Route | Log | Ack
-          | CommandResult)
+          | CommandResult | PushUsers | ReadBookmarks)
 
 
 def action_term(action: Action) -> tuple[Any, ...]:
@@ -410,6 +465,11 @@ def action_term(action: Action) -> tuple[Any, ...]:
             return (_A("ack"), seq)
         case CommandResult(ref, text):
             return (_A("command_result"), ref, text.encode())
+        case ReadBookmarks((name, server)):
+            return (_A("groupchat"), (_A("read_bookmarks"), (name.encode(), server.encode())))
+        case PushUsers(change, users):
+            return (_A("groupchat"), (_A("users"), _A(change),
+                                      [(u.encode(), s.encode()) for u, s in users]))
     raise TypeError(f"not an action: {action!r}")
 
 

@@ -6,7 +6,7 @@
 %%% External Term Format) and executes the actions Python sends back.
 %%% The port protocol is documented in docs/protocol.md of pymod_push.
 %%%
-%%% The shim is four modules, like ejabberd's own mod_push family:
+%%% The shim is five modules, like ejabberd's own mod_push family:
 %%%   mod_push_py       gen_mod, the hooks, the push IQ handler, disco, the app
 %%%                     server's ad-hoc command items, ejabberdctl commands (this file)
 %%%   mod_push_py_port  the port owner (a gen_server) and its keeper: the port to
@@ -14,7 +14,8 @@
 %%%                     actions, the ETS tables
 %%%   mod_push_py_opt   the options, their defaults and their documentation
 %%%   mod_push_py_actions  what Python's actions make, without state (the publish's XML)
-%%% 'ejabberdctl module_install mod_push_py' compiles and installs all four.
+%%%   mod_push_py_muc   the absent room members of each group chat message
+%%% 'ejabberdctl module_install mod_push_py' compiles and installs all five.
 %%%
 %%% Copyright (C) 2026 the pymod_push authors. GPL-2.0-or-later.
 %%%----------------------------------------------------------------------
@@ -42,7 +43,8 @@
 -export([take_token/2, too_many/4, may_use_backends/3, xml_binary/1]).
 %% ejabberdctl commands
 -export([get_commands_spec/0, push_status/1, push_list/2, push_delete/3, push_test/2,
-         push_wake_all/1, push_delete_old/2, push_reload_logic/1]).
+         push_wake_all/1, push_delete_old/2, push_reload_logic/1, push_diagnose/2,
+         push_diagnose_test/2]).
 
 -include("xmpp.hrl").
 -include("logger.hrl").
@@ -75,6 +77,7 @@ start(Host, Opts) ->
             case mod_push_py_port:start_processes(Host, Opts) of
                 {ok, _} ->
                     register_handlers(Host),
+                    mod_push_py_muc:start(Host),
                     ejabberd_commands:register_commands(?MODULE, get_commands_spec()),
                     %% At boot, Python learns when start-up is complete (restart recovery);
                     %% the hook runs only then, not when the module starts later.
@@ -92,6 +95,7 @@ stop(Host) ->
         undefined -> ok;  % inert: nothing of ours is registered
         _ ->
             unregister_handlers(Host),
+            mod_push_py_muc:stop(Host),
             ejabberd_hooks:delete(ejabberd_started, ?MODULE, ejabberd_started, 50),
             gen_mod:is_loaded_elsewhere(Host, ?MODULE)
                 orelse ejabberd_commands:unregister_commands(get_commands_spec()),
@@ -107,6 +111,8 @@ ejabberd_started() ->
 
 -spec reload(binary(), gen_mod:opts(), gen_mod:opts()) -> ok.
 reload(Host, NewOpts, _OldOpts) ->
+    mod_push_py_muc:stop(Host),
+    mod_push_py_muc:start(Host),  % groupchat_pushes as it is now
     gen_server:cast(proc(Host), {reload, NewOpts}).
 
 -spec depends(binary(), gen_mod:opts()) -> [{module(), hard | soft}].
@@ -158,13 +164,13 @@ ejabberd_running() ->
 
 
 %% ext_mod unloads mod_push_py alone when it uninstalls or upgrades the module: the
-%% other two modules are stopped and unloaded here (as ext_mod does with this one), so
-%% that module_upgrade runs the new code of all four.
+%% other modules are stopped and unloaded here (as ext_mod does with this one), so
+%% that module_upgrade runs the new code of all five.
 -spec pre_uninstall() -> ok.
 pre_uninstall() ->
     [catch gen_mod:stop_module(Host, ?MODULE) || Host <- ejabberd_option:hosts()],
     lists:foreach(fun(Module) -> code:purge(Module), code:delete(Module) end,
-                  [mod_push_py_port, mod_push_py_opt, mod_push_py_actions]).
+                  [mod_push_py_port, mod_push_py_opt, mod_push_py_actions, mod_push_py_muc]).
 
 %% gen_mod asks this module; the options live in mod_push_py_opt.
 -spec mod_opt_type(atom()) -> econf:validator().
@@ -394,8 +400,23 @@ mam_message(#message{} = Pkt, LUser, LServer, _Peer, _Nick, chat, recv) ->
         _ -> ok  % online or pending sessions are handled by c2s_handle_send
     end,
     Pkt;
+%% The user answered or declined a call (XEP-0353) on one device: their devices without a
+%% session, which carbons do not reach, learn it from the archive (Python stops those that
+%% rang). Only such messages, a scan of the few children of a sent chat message.
+mam_message(#message{sub_els = Els} = Pkt, LUser, LServer, _Peer, _Nick, chat, send) ->
+    case lists:any(fun call_answer/1, Els) of
+        true -> send_event(LServer, {archived, {LUser, LServer}, described(Pkt, LUser, LServer)});
+        false -> ok
+    end,
+    Pkt;
 mam_message(Pkt, _LUser, _LServer, _Peer, _Nick, _Type, _Dir) ->
     Pkt.
+
+call_answer(#xmlel{name = Name, attrs = Attrs})
+  when Name == <<"proceed">>; Name == <<"accept">>; Name == <<"reject">> ->
+    lists:keyfind(<<"xmlns">>, 1, Attrs) == {<<"xmlns">>, <<"urn:xmpp:jingle-message:0">>};
+call_answer(_) ->
+    false.
 
 -spec mam_message8(message() | drop, binary(), binary(), jid(), binary(), atom(), atom(),
                    boolean()) -> message() | drop.
@@ -441,8 +462,10 @@ user_send_packet(Acc) ->
 -spec adhoc_local_items(empty | {result, [disco_item()]} | {error, stanza_error()},
                         jid(), jid(), binary()) ->
           empty | {result, [disco_item()]} | {error, stanza_error()}.
-adhoc_local_items(Acc, _From, #jid{lserver = LServer} = To, _Lang) ->
-    case python_fact(LServer, commands, []) of
+adhoc_local_items(Acc, #jid{lserver = FromServer}, #jid{lserver = LServer} = To, _Lang) ->
+    %% The push check-up is for the host's own users only.
+    case [C || {Node, _} = C <- python_fact(LServer, commands, []),
+               Node /= <<"push-diagnose">> orelse FromServer == LServer] of
         [] -> Acc;
         Commands ->
             Items = [#disco_item{jid = To, node = Node, name = Name} || {Node, Name} <- Commands],
@@ -614,7 +637,26 @@ get_commands_spec() ->
                    "the answer (and the log) says why.",
         args = [Host], args_desc = ["Virtual host"], args_example = [<<"example.org">>],
         result = {reloaded, string},
-        result_example = "push logic /etc/ejabberd/push_logic.py reloaded: should_push"}].
+        result_example = "push logic /etc/ejabberd/push_logic.py reloaded: should_push"},
+     #ejabberd_commands{
+        name = push_diagnose, tags = [push], module = ?MODULE, function = push_diagnose,
+        desc = "Push check-up of a user: why do they get no notifications?",
+        longdesc = "For each push registration and device: the app server or provider, "
+                   "since when, the last push and its answer, error counts, the user's "
+                   "options and filters, whether the app server is reachable from here, "
+                   "and the newest log lines about the user. No token, node or body shown.",
+        args = [User, Host], args_desc = ["User name", "Virtual host"],
+        args_example = [<<"alice">>, <<"example.org">>],
+        result = {report, string}, result_example = "push check-up of alice@example.org ..."},
+     #ejabberd_commands{
+        name = push_diagnose_test, tags = [push], module = ?MODULE,
+        function = push_diagnose_test,
+        desc = "Push check-up of a user, with a test push to each registration",
+        longdesc = "As push_diagnose, after a test push to each registration; answers once "
+                   "each test push is answered, or after 10 s.",
+        args = [User, Host], args_desc = ["User name", "Virtual host"],
+        args_example = [<<"alice">>, <<"example.org">>],
+        result = {report, string}, result_example = "sent 1 test push(es) ..."}].
 
 -spec push_status(binary()) -> string().
 push_status(Host) -> command(Host, status, []).
@@ -630,6 +672,16 @@ push_wake_all(Host) -> command(Host, wake_all, []).
 push_delete_old(Host, Days) -> command(Host, delete_old, [integer_to_binary(Days)]).
 -spec push_reload_logic(binary()) -> string().
 push_reload_logic(Host) -> command(Host, reload_logic, []).
+-spec push_diagnose(binary(), binary()) -> string().
+push_diagnose(User, Host) -> diagnose(User, Host, diagnose).
+-spec push_diagnose_test(binary(), binary()) -> string().
+push_diagnose_test(User, Host) -> diagnose(User, Host, diagnose_test).
+
+%% Python names the app servers' domains; the shim says how each is reachable from here.
+diagnose(User, Host, Name) ->
+    Domains = string:lexemes(command(Host, diagnose_domains, [User, Host]), "\n"),
+    command(Host, Name, [User, Host | mod_push_py_actions:route_states(jid:nameprep(Host),
+                                                                       Domains)]).
 
 command(Host, Name, Args) ->
     LHost = jid:nameprep(Host),

@@ -9,7 +9,7 @@
 -module(mod_push_py_actions).
 
 -export([decode/1, answer_iq/2, route/1, set_push/2, app_server/2, pubsub/4,
-         parse_xml/1, publish_outcome/1, log/2, counters/1]).
+         parse_xml/1, publish_outcome/1, log/2, counters/1, route_states/2]).
 
 -include("xmpp.hrl").
 -include("logger.hrl").
@@ -49,6 +49,8 @@ route(Xml) ->
 %% Whether a session has push (and needs roster items), told to its c2s process.
 -spec set_push({binary(), binary(), binary()}, tuple()) -> ok.
 set_push({U, S, R}, Message) ->
+    %% a push user from now on, for group chat pushes (mod_push_py_muc)
+    element(3, Message) =/= false andalso mod_push_py_muc:execute(S, {users, add, [{U, S}]}),
     case ejabberd_sm:get_session_pid(U, S, R) of
         Pid when is_pid(Pid) -> ejabberd_c2s:cast(Pid, Message);
         none -> ok
@@ -150,3 +152,33 @@ counters(Meta) ->
                                          [{_, N}] when is_integer(N) -> N;
                                          _ -> 0  % a table made by an older keeper
                                      end} || Key <- [restarts, held, dropped]])}.
+
+%% How each app server domain is reachable from Host, in words, for push_diagnose:
+%% [<<"Domain\tState">>]. Lookups in ejabberd's route and s2s tables, nothing sent.
+-spec route_states(binary(), [string()]) -> [binary()].
+route_states(Host, Domains) ->
+    [<<(unicode:characters_to_binary(D))/binary, "\t", (route_state(Host, D))/binary>>
+     || D <- Domains].
+
+route_state(Host, Domain) ->
+    try jid:nameprep(unicode:characters_to_binary(Domain)) of
+        error -> <<"not a domain">>;
+        LDomain ->
+            case {lists:member(LDomain, ejabberd_option:hosts()),
+                  ejabberd_router:is_my_route(LDomain)} of
+                {true, _} -> <<"a host of this server (local route)">>;
+                {false, true} -> <<"routed locally (a component or a module of this server)">>;
+                {false, false} -> s2s_state(Host, LDomain)
+            end
+    catch _:_ -> <<"unknown">>
+    end.
+
+s2s_state(Host, Domain) ->
+    case ejabberd_s2s:is_temporarly_blocked(Domain) of
+        true -> <<"s2s: blocked for now after a failed connection attempt">>;
+        false ->
+            case ejabberd_s2s:have_connection({Host, Domain}) of
+                true -> <<"s2s: connected">>;
+                false -> <<"s2s: no connection now (the next push opens one)">>
+            end
+    end.

@@ -56,6 +56,7 @@ mod_opt_type(notify_on) -> econf:enum([messages, all]);
 mod_opt_type(notify_groupchat) -> econf:enum([mentions, always, never]);
 mod_opt_type(max_publish_errors) -> econf:pos_int();
 mod_opt_type(publish_error_window) -> econf:timeout(second);
+mod_opt_type(diagnose_test_interval) -> econf:timeout(second);
 mod_opt_type(max_body_length) -> econf:pos_int();
 mod_opt_type(max_registrations) -> econf:pos_int();
 mod_opt_type(max_devices) -> econf:pos_int();
@@ -69,6 +70,9 @@ mod_opt_type(metrics_listen) -> econf:either(undefined, econf:binary("^.+:[0-9]+
 mod_opt_type(wake_on_start) -> econf:bool();
 mod_opt_type(wake_rate) -> econf:pos_int();
 mod_opt_type(wake_before_timeout) -> econf:timeout(second);
+mod_opt_type(call_ring_window) -> econf:timeout(second);
+mod_opt_type(groupchat_pushes) -> econf:bool();
+mod_opt_type(groupchat_push_interval) -> econf:timeout(second);
 mod_opt_type(retry_delays) -> econf:list(econf:timeout(second));
 mod_opt_type(db_file) -> econf:either(auto, econf:binary());
 mod_opt_type(db_url) -> econf:either(undefined, econf:binary("^postgres(ql)?://"));
@@ -96,6 +100,7 @@ backend_options() ->
             package_sid => econf:binary(),
             topic => econf:binary(),
             voip_topic => econf:binary(),
+            call_end_alert => econf:bool(),
             key_file => econf:file(read),
             key_id => econf:binary(),
             team_id => econf:binary(),
@@ -170,6 +175,7 @@ mod_options(_Host) ->
      {notify_groupchat, mentions},
      {max_publish_errors, 3},
      {publish_error_window, timer:minutes(10)},
+     {diagnose_test_interval, timer:seconds(60)},
      {max_body_length, 1024},
      {max_registrations, 20},
      {max_devices, 20},
@@ -183,6 +189,9 @@ mod_options(_Host) ->
      {wake_on_start, true},
      {wake_rate, 50},
      {wake_before_timeout, timer:hours(1)},
+     {call_ring_window, timer:seconds(60)},
+     {groupchat_pushes, true},
+     {groupchat_push_interval, timer:seconds(30)},
      {retry_delays, [timer:seconds(5), timer:seconds(30), timer:minutes(5)]},
      {db_file, auto},
      {db_url, undefined},
@@ -275,6 +284,11 @@ mod_doc() ->
                          "last one counted count once: an app server that is "
                          "away or overloaded for a while costs one error, not "
                          "one per notification. The default is '10' minutes.")}},
+           {diagnose_test_interval,
+            #{value => "timeout()",
+              desc => ?T("A user's test pushes by the ad-hoc command "
+                         "'push-diagnose' (the push check-up): at most one "
+                         "per this time. The default is '60' seconds.")}},
            {max_body_length,
             #{value => ?T("Number"),
               desc => ?T("Bytes of a message body that a notification carries at "
@@ -360,6 +374,24 @@ mod_doc() ->
                          "'resume_timeout' runs out, once, so that the device "
                          "reconnects before the session is lost ('0' turns this "
                          "off). The default is '1' hour.")}},
+           {call_ring_window,
+            #{value => "timeout()",
+              desc => ?T("A call proposal older than this (from its delay stamp, "
+                         "else its arrival) is pushed as a missed call, never "
+                         "urgent; a call that ends within it stops the devices its "
+                         "urgent push reached. The default is '60' seconds.")}},
+           {groupchat_pushes,
+            #{value => "true | false",
+              desc => ?T("Push the affiliated members of this host's rooms who are "
+                         "not in the room (no occupant, no MUC/Sub subscription) "
+                         "when a message arrives there, as their XEP-0492 bookmark "
+                         "setting, their client's filter or the room type says. "
+                         "The default is 'true'.")}},
+           {groupchat_push_interval,
+            #{value => "timeout()",
+              desc => ?T("At most one push per member and room within this time, "
+                         "unless the member is mentioned; the next counts the "
+                         "messages since. The default is '30' seconds.")}},
            {retry_delays,
             #{value => "[timeout()]",
               desc => ?T("Delays between attempts when the app server answers "

@@ -30,7 +30,7 @@
 -import(mod_push_py_opt, [opt/2]).
 -import(mod_push_py, [xml_binary/1]).
 
--define(PROTOCOL_VERSION, 5).
+-define(PROTOCOL_VERSION, 6).
 -define(MAX_BATCH, 64).
 -define(MIN_BACKOFF, 1000).
 -define(MAX_BACKOFF, 60000).
@@ -673,6 +673,7 @@ execute({ack, Seq}, State) ->
 execute({log, Level, Text}, State) ->
     mod_push_py_actions:log(Level, Text),
     State;
+execute({groupchat, A}, #state{host = H} = S) -> mod_push_py_muc:execute(H, A), S;
 execute(Action, State) ->
     ?WARNING_MSG("mod_push_py: unknown action from Python ignored: ~P", [Action, 10]),
     State.

@@ -116,6 +116,7 @@ class Config:
     notify_groupchat: str = "mentions"  # "mentions" | "always" | "never"
     max_publish_errors: int = 3
     publish_error_window_ms: int = 600_000  # failures within this count once (count_error)
+    diagnose_test_interval_ms: int = 60_000  # a user's ad-hoc test pushes: one per this
     # Limits against hostile or careless accounts (see core/limits.py and README)
     max_body_length: int = 1024  # bytes of last-message-body in a publish (cut, marked)
     max_registrations: int = 20  # XEP-0357 registrations per account
@@ -125,6 +126,13 @@ class Config:
     wake_on_start: bool = True  # after ejabberd boots, wake the push users it had
     wake_rate: int = 50  # wake pushes per second, so that a big server does not flood
     wake_before_timeout_ms: int = 3600 * 1000  # before a resume timeout ends, wake once
+    # A call proposal older than this is a missed call (never urgent); a call's end within
+    # it stops the devices its urgent push reached (core/calls.py, service/calls.py)
+    call_ring_window_ms: int = 60_000
+    # Pushes for absent room members (core/groupchat.py, service/groupchat.py), at most
+    # one per member and room per interval unless mentioned
+    groupchat_pushes: bool = True
+    groupchat_push_interval_ms: int = 30_000
     ejabberd_node: str = ""  # the Erlang node this process serves (clusters share a db)
     logic: str | None = None  # the admin's push logic module (see pymod_push/logic.py)
     logic_budget_ms: int = 50  # how long a push may wait for the admin's functions
@@ -166,6 +174,8 @@ class Config:
             max_publish_errors=int(options.get("max_publish_errors", cls.max_publish_errors)),
             publish_error_window_ms=int(options.get("publish_error_window",
                                                     cls.publish_error_window_ms)),
+            diagnose_test_interval_ms=int(options.get("diagnose_test_interval",
+                                                      cls.diagnose_test_interval_ms)),
             max_body_length=int(options.get("max_body_length", cls.max_body_length)),
             max_registrations=int(options.get("max_registrations", cls.max_registrations)),
             max_devices=int(options.get("max_devices", cls.max_devices)),
@@ -175,6 +185,10 @@ class Config:
             wake_rate=int(options.get("wake_rate", cls.wake_rate)),
             wake_before_timeout_ms=int(options.get("wake_before_timeout",
                                                    cls.wake_before_timeout_ms)),
+            call_ring_window_ms=int(options.get("call_ring_window", cls.call_ring_window_ms)),
+            groupchat_pushes=options.get("groupchat_pushes", cls.groupchat_pushes) is not False,
+            groupchat_push_interval_ms=int(options.get("groupchat_push_interval",
+                                                       cls.groupchat_push_interval_ms)),
             ejabberd_node=str(options.get("node", "")),
             log_sensitive=options.get("log_sensitive") is True,
             ios_extensions=options.get("ios_extensions", cls.ios_extensions) is not False,

@@ -19,6 +19,9 @@ from pymod_push.protocol import Stanza, UserKey
 class Trigger(enum.Enum):
     MESSAGE = "message"
     CALL = "call"  # a Jingle Message Initiation proposal: push at once, urgently
+    # A proposal older than the ring window (call_ring_window, core/calls.is_stale): a
+    # missed call, pushed as an ordinary message, never urgent or VoIP
+    MISSED_CALL = "missed_call"
     SUBSCRIPTION = "subscription"
 
 
@@ -28,6 +31,8 @@ NS_FORWARD = "urn:xmpp:forward:0"
 NS_MUC_USER = b"http://jabber.org/protocol/muc#user"
 _JMI_PROPOSE = f"{{{NS_JMI.decode()}}}propose"
 CALL_BODY = "Incoming call"
+MISSED_CALL_BODY = "Missed call"
+MISSED_FIELD = "call-missed"  # summary field of a stale proposal's push: the call's id
 
 
 def trigger_of(stanza: Stanza, config: Config) -> Trigger | None:
@@ -185,6 +190,12 @@ def summary_fields(options: PushOptions, counts: Counts, trigger: Trigger,
         if options.message_bodies:
             fields.append(("last-message-body", CALL_BODY))
         fields.append(("last-message-priority", "high"))
+    elif trigger is Trigger.MISSED_CALL:
+        if options.senders:
+            fields.append(("last-message-sender", stanza.sender))
+        if options.message_bodies:
+            fields.append(("last-message-body", MISSED_CALL_BODY))
+        fields.append((MISSED_FIELD, ios_extensions.call_media(stanza.xml)[0]))
     elif trigger is Trigger.MESSAGE:
         if options.senders:
             fields.append(("last-message-sender", stanza.sender))

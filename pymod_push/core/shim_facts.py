@@ -7,7 +7,8 @@ ejabberd's hooks with it, without a round trip and without a copy of its own.
 - ``commands``: the built-in app server's ad-hoc commands on the module's host itself (backends
   whose ``register_host`` is the host), ``(node, name)`` in the order disco#items lists them.
   The shim lists them among ejabberd's own commands and takes them out of the sender's stream
-  for Python. The app server's other registration hosts list theirs with the same
+  for Python. Last, the push check-up (``push-diagnose``), listed to local users only.
+  The app server's other registration hosts list theirs with the same
   :func:`command_items`.
 
 What the shim needs before Python runs is not here: ejabberd validates the options (and
@@ -28,6 +29,9 @@ from pymod_push.core.xep0357 import NS_PUSH
 REGISTER_PREFIX = "register-push-"
 LIST_COMMAND = "list-push-registrations"
 UNREGISTER_COMMAND = "unregister-push"
+# The push check-up of users themselves (service/diagnosis.py): on the module's host always,
+# for its own users (the shim lists it to them only).
+DIAGNOSE_COMMAND, DIAGNOSE_NAME = "push-diagnose", "Push notifications check-up"
 # What disco#items calls register-push-TYPE, for each shipped type (a Python provider's
 # command is called by its name): gcm and mozilla are the older names of fcm and webpush.
 COMMAND_LABELS = {"apns": "APNs", "fcm": "FCM", "gcm": "FCM (gcm)", "webpush": "Web Push",
@@ -66,5 +70,6 @@ def command_items(backends: Iterable[Backend]) -> list[tuple[str, str]]:
 def hello_facts(config: Config) -> dict[str, Any]:
     """The fields of the hello reply that the shim keeps (its meta table) and uses."""
     return {"features": list(account_features(config)),
-            "commands": command_items(b for b in config.backends
-                                      if b.register_host == config.host)}
+            "commands": [*command_items(b for b in config.backends
+                                        if b.register_host == config.host),
+                         (DIAGNOSE_COMMAND, DIAGNOSE_NAME)]}

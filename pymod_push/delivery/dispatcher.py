@@ -29,6 +29,7 @@ from pymod_push.appserver.server import Delivery, publish_answer, publish_reply
 from pymod_push.core.config import Backend, Config
 from pymod_push.core.destination import USER_URL_GROUPS, DestinationDenied
 from pymod_push.core.limits import ascii_number, peer_text
+from pymod_push.core.push_history import HISTORY, about
 from pymod_push.delivery.http2 import (
     Http2Client,
     HttpError,
@@ -226,6 +227,7 @@ class Dispatcher:
     def submit(self, delivery: Delivery, queued: QueuedPush | None = None) -> None:
         if self._closed:  # still in the outbox or the provider queue: the next process's
             return
+        HISTORY.device_sent(delivery.device.node, delivery.summary.items(), time.time())
         if queued is None and self._sent_at_once(delivery):
             return
         task = self._spawn(self._send(delivery, queued))
@@ -346,6 +348,7 @@ class Dispatcher:
         any other is finished. A deferred push of a device to give up ends it."""
         queued = None
         outcome = reply.outcome
+        HISTORY.device_answered(delivery.device.node, _answer_text(reply, status), time.time())
         if outcome is DeliveryOutcome.RETRY:
             now, node = time.time(), delivery.device.node
             waiting = self._waiting.get(node)
@@ -551,6 +554,7 @@ class Dispatcher:
             self._store.remove_queued_push(queued.id)
             self._forget(node, queued.id)
             self._commit()
+            HISTORY.device_answered(node, _answer_text(reply, status), time.time())
         if reply.outcome is DeliveryOutcome.DELIVERED:
             self.counters[(group, "delivered")] += 1
             if self._failing:
@@ -566,7 +570,7 @@ class Dispatcher:
             self.counters[(group, "unregistered")] += 1 + self._drop_waiting(node)
             self._failing.pop(node, None)
             log.info("push provider says %s is gone (%s): registration removed", where,
-                     peer_text(reply.reason))
+                     peer_text(reply.reason), extra=about(delivery.device.user))
             self._device_gone(node)
         else:
             outcome = "failed" if reply.outcome is DeliveryOutcome.FAILED else "given_up"
@@ -574,6 +578,8 @@ class Dispatcher:
             self._log_quietly(logging.WARNING, (group, outcome, status_class(status)),
                               "push to %s %s: %s", where, outcome.replace("_", " "),
                               peer_text(reply.reason))
+            HISTORY.note(delivery.device.user, "warning", f"push to {where} "
+                         f"{outcome.replace('_', ' ')}: {peer_text(reply.reason)}", time.time())
 
     def _log_quietly(self, level: int, kind: tuple[str, ...], message: str,
                      *args: object) -> None:
@@ -616,6 +622,14 @@ class _where:  # noqa: N801 - used as a function: the text, made only if logged
 
 
 _NO_LIMIT = contextlib.nullcontext()  # async too: an HTTP/2 backend's connection limits it
+
+
+def _answer_text(reply: Reply, status: int) -> str:
+    """A provider's answer as push_diagnose shows it (its reason is the provider's text)."""
+    said = reply.outcome.value.replace("_", " ")
+    return said + (f" (HTTP {status})" if status else "") + (
+        f": {peer_text(reply.reason)}" if reply.reason and reply.outcome is not
+        DeliveryOutcome.DELIVERED else "")
 
 
 def read_reply(provider: Provider, response: Response) -> Reply:

@@ -1,8 +1,9 @@
 """ejabberdctl commands (registered by the shim, answered here): status, a user's push
 registrations and devices, deleting one, test pushes, waking pending users, cleaning up,
-reloading the admin's push logic.
+reloading the admin's push logic, the push check-up (push_diagnose, push_diagnose_test).
 
-Each command returns the text ejabberdctl prints and the actions it causes.
+Each command returns the text ejabberdctl prints and the actions it causes; the check-up
+with test pushes answers later (:data:`DEFERRED`), once its pushes are answered.
 """
 
 from __future__ import annotations
@@ -12,15 +13,19 @@ import os
 import platform
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from pymod_push import __version__, logic
 from pymod_push.core import ios_extensions
 from pymod_push.core.limits import ascii_number
+from pymod_push.core.push_history import about
 from pymod_push.delivery.dispatcher import GIVE_UP_S, MAX_WAITING_PER_DEVICE
 from pymod_push.protocol import Action, AdminCommand, CommandResult
 from pymod_push.python_provider import ProviderError
 from pymod_push.records import Registration
+from pymod_push.service import diagnosis
 from pymod_push.service.decisions import PushService
 
 log = logging.getLogger("pymod_push")
@@ -43,7 +48,8 @@ def run(command: AdminCommand, service: PushService, info: ProcessInfo,
         now: float) -> list[Action]:
     handlers = {"status": _status, "list": _list, "delete": _delete, "test": _test,
                 "wake_all": _wake_all, "delete_old": _delete_old,
-                "reload_logic": _reload_logic}
+                "reload_logic": _reload_logic, "diagnose_domains": _diagnose_domains,
+                "diagnose": _diagnose, "diagnose_test": _diagnose_test}
     handler = handlers.get(command.name)
     try:
         if handler is None:
@@ -54,10 +60,46 @@ def run(command: AdminCommand, service: PushService, info: ProcessInfo,
     except (ValueError, TypeError) as error:
         text, actions = f"error: bad arguments ({error})", []
     service.store.commit()
+    if isinstance(text, Later):  # answered by due_results
+        DEFERRED.append(Deferred(command.ref, time.monotonic() + text.wait_s, text.ready,
+                                 text.text))
+        return actions
     return [*actions, CommandResult(command.ref, text)]
 
 
-Result = tuple[str, list[Action]]
+@dataclass
+class Later:
+    """A command's answer that waits (at most wait_s) until ready() says it may go."""
+
+    wait_s: float
+    ready: Callable[[], bool]
+    text: Callable[[], str]
+
+
+@dataclass
+class Deferred:
+    ref: Any
+    deadline: float  # monotonic
+    ready: Callable[[], bool]
+    text: Callable[[], str]
+
+
+# Commands whose answers wait (push_diagnose_test): the port asks due_results until none is
+# left (docs/diagnostics.md).
+DEFERRED: list[Deferred] = []
+
+
+def due_results(now: float) -> list[Action]:
+    """The waiting answers that may go now (now: monotonic)."""
+    results: list[Action] = []
+    for deferred in list(DEFERRED):
+        if now >= deferred.deadline or deferred.ready():
+            DEFERRED.remove(deferred)
+            results.append(CommandResult(deferred.ref, deferred.text()))
+    return results
+
+
+Result = tuple["str | Later", list[Action]]
 
 
 def _status(service: PushService, info: ProcessInfo, args: tuple[str, ...],
@@ -211,3 +253,36 @@ def _reload_logic(service: PushService, info: ProcessInfo, args: tuple[str, ...]
         said.append(f"python providers reloaded: {', '.join(reloaded)}")
     log.info("%s", "; ".join(said))
     return "; ".join(said), []
+
+
+def _diagnose_domains(service: PushService, info: ProcessInfo, args: tuple[str, ...],
+                      now: float) -> Result:
+    """The app servers' domains of the user's registrations, one a line: the shim asks how
+    each is reachable before it asks for the check-up."""
+    return "\n".join(diagnosis.domains(service, _user(args))), []
+
+
+def _diagnose(service: PushService, info: ProcessInfo, args: tuple[str, ...],
+              now: float) -> Result:
+    user = _user(args)
+    routes = diagnosis.parse_routes(args[2:])
+    return diagnosis.report(service, user, routes, now).text, []
+
+
+def _diagnose_test(service: PushService, info: ProcessInfo, args: tuple[str, ...],
+                   now: float) -> Result:
+    """push_diagnose with a test push to each registration: answered once each test push is
+    answered, or after diagnosis.TEST_WAIT_S."""
+    user = _user(args)
+    routes = diagnosis.parse_routes(args[2:])
+    actions, answered = diagnosis.test_pushes(service, user, now)
+    log.info("ejabberdctl: push check-up with %d test push(es) for %s@%s", len(actions), *user,
+             extra=about(*user))
+
+    def text() -> str:
+        waited = "" if answered() else (f" (not all answered within "
+                                        f"{diagnosis.TEST_WAIT_S:g} s)")
+        return (f"sent {len(actions)} test push(es){waited}\n"
+                + diagnosis.report(service, user, routes, time.time()).text)
+
+    return Later(diagnosis.TEST_WAIT_S, answered, text), actions

@@ -20,6 +20,7 @@ from typing import Any, BinaryIO
 
 from pymod_push import __version__, etf, metrics
 from pymod_push.appserver.server import Delivery
+from pymod_push.core.push_history import UserLogHandler
 from pymod_push.core.shim_facts import hello_facts
 from pymod_push.port import admin_commands as admin
 from pymod_push.port.commit import CommitPipeline, Item
@@ -45,6 +46,7 @@ from pymod_push.protocol import (
     parse_hello,
 )
 from pymod_push.records import DatabaseUnavailable
+from pymod_push.service import diagnosis
 from pymod_push.service.decisions import PURGE_INTERVAL_S, PushService
 from pymod_push.service.logic_work import LogicWork
 from pymod_push.store import Store
@@ -55,6 +57,7 @@ MAX_FRAME = 64 * 1024 * 1024
 # this long: the shim's replay of the batches that process missed comes first, and with
 # it the answers to its publishes that arrived meanwhile (those are not sent again).
 REPLAY_GRACE_S = 1.0
+DEFERRED_POLL_S = 0.1  # how often a waiting command's answer is looked at (push_diagnose_test)
 _LEVELS = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warning",
            logging.ERROR: "error", logging.CRITICAL: "critical"}
 
@@ -226,7 +229,8 @@ class PortApp:
                             runtime.last_batch, runtime.dispatcher.submit,
                             self._logic_workers.ask)
         self._write(frame(hello_reply(info, hello_facts(runtime.config))))
-        self._write(frame([action_term(a) for a in self.service.initial_actions()]))
+        self._write(frame([action_term(a) for a in [*self.service.initial_actions(),
+                                                    *self.service.groupchat.initial_actions()]]))
         config = runtime.config
         log.info("ready for %s (pymod_push %s, database %s; at most %d pushed messages "
                  "remembered per pending session: mod_stream_mgmt's max_ack_queue)", hello.host,
@@ -312,8 +316,16 @@ class PortApp:
             if isinstance(event, AdminCommand):
                 assert self.runtime is not None
                 now = time.time()  # test pushes and wakes to its own app server too
-                return self.service.own_publishes(
+                actions = self.service.own_publishes(
                     admin.run(event, self.service, self.runtime.process_info(), now), now)
+                if admin.DEFERRED:  # push_diagnose_test: answered once its pushes are
+                    asyncio.get_running_loop().call_later(DEFERRED_POLL_S, self._answer_later)
+                return actions
+            if isinstance(event, AppServerIq) and diagnosis.is_command(event.xml):
+                now = time.time()  # the user's own push check-up (ad-hoc push-diagnose)
+                answer = diagnosis.adhoc(self.service, event.xml, now)
+                if answer is not None:
+                    return self.service.own_publishes(answer, now)
             return self.service.handle(event, time.time())
         except DatabaseUnavailable:
             self.service.store.undo_to(mark)  # handled again, whole, when it is back
@@ -321,6 +333,15 @@ class PortApp:
         except Exception:
             log.exception("failed to handle a %s event", type(event).__name__)
             return []
+
+    def _answer_later(self) -> None:
+        """The commands' answers that waited (admin.DEFERRED), once they may go."""
+        results = admin.due_results(time.monotonic())
+        if results:
+            self.commits.collect(results)
+            self.commits.request()
+        if admin.DEFERRED:
+            asyncio.get_running_loop().call_later(DEFERRED_POLL_S, self._answer_later)
 
     def _housekeeping(self) -> None:
         """Now and every PURGE_INTERVAL_S: forget what cannot matter any more."""
@@ -427,6 +448,7 @@ async def serve_port(stdin: BinaryIO, out_fd: int) -> None:
 
     handler = PortLogHandler(write)
     logging.getLogger().addHandler(handler)
+    logging.getLogger().addHandler(UserLogHandler())  # push_diagnose's lines per user
     logging.getLogger().setLevel(logging.INFO)
     app = PortApp(write)
     done: asyncio.Future[None] = loop.create_future()

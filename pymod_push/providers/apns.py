@@ -10,6 +10,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from cryptography.x509.oid import NameOID
 
+from pymod_push.core.calls import ENDED_FIELD, MISSED_CALL_BODY, MISSED_REASONS
 from pymod_push.core.config import Backend
 from pymod_push.core.ios_extensions import ENCRYPTED_FIELD
 from pymod_push.providers import (
@@ -28,6 +29,7 @@ SANDBOX = "https://api.sandbox.push.apple.com"
 TOKEN_LIFETIME = 40 * 60  # Apple wants a new JWT at most every 20 min, at least every 60
 EXPIRATION = 24 * 3600
 URGENT_TEXT = "Incoming call"
+CALL_END_EXPIRATION = 60  # a stop-ringing push later than the ring window is worth nothing
 GONE = {"BadDeviceToken", "Unregistered", "DeviceTokenNotForTopic"}
 MAX_PAYLOAD = 4096  # bytes, Apple's limit for alert and background pushes
 MAX_VOIP_PAYLOAD = 5120
@@ -62,6 +64,8 @@ class Apns:
         self.topic = topic
         # PushKit (VoIP) pushes for calls go to '<bundle id>.voip' with the device's VoIP token
         self.voip_topic = backend.option("voip_topic")
+        # A call that ended unanswered as an alert "Missed call" instead of a background push
+        self.call_end_alert = str(backend.option("call_end_alert", "false")).lower() == "true"
         self._token: str | None = None
         self._token_at = 0.0
 
@@ -82,6 +86,9 @@ class Apns:
 
     def request(self, device: RegisteredDevice, summary: dict[str, str], now: float,
                 urgent: bool = False) -> HttpRequest:
+        reason = summary.get(ENDED_FIELD)
+        if reason is not None:  # never VoIP: PushKit requires each VoIP push to report a call
+            return self._call_ended(device, summary, reason, now)
         if urgent and self.voip_topic and device.voip_token:
             return self._voip_request(device, summary, now)
         token, node = device.token, device.node
@@ -110,6 +117,23 @@ class Apns:
                    "apns-expiration": str(int(now) + EXPIRATION),
                    "apns-collapse-id": node[:64], "content-type": "application/json"}
         return self._signed(token, headers, fitted(summary, payload, MAX_PAYLOAD), now)
+
+    def _call_ended(self, device: RegisteredDevice, summary: dict[str, str], reason: str,
+                    now: float) -> HttpRequest:
+        """Stop ringing: a background push that wakes the app (it reads the call's end over
+        XMPP), or, with call_end_alert, an alert "Missed call" for a call nobody answered,
+        which replaces an "Incoming call" alert of the same node (collapse id)."""
+        alert = self.call_end_alert and reason in MISSED_REASONS
+        aps: dict[str, Any] = ({"alert": {"body": MISSED_CALL_BODY}, "sound": "default",
+                                "mutable-content": 1} if alert else {"content-available": 1})
+        headers = {"apns-topic": self.topic,
+                   "apns-push-type": "alert" if alert else "background",
+                   "apns-priority": "10" if alert else "5",
+                   "apns-expiration": str(int(now) + CALL_END_EXPIRATION),
+                   "apns-collapse-id": device.node[:64], "content-type": "application/json"}
+        payload = fitted(summary, lambda fields: to_json({"aps": aps, **summary_payload(fields)}),
+                         MAX_PAYLOAD)
+        return self._signed(device.token, headers, payload, now)
 
     def _voip_request(self, device: RegisteredDevice, summary: dict[str, str],
                       now: float) -> HttpRequest:

@@ -8,6 +8,7 @@ from typing import Any
 
 import jwt
 
+from pymod_push.core.calls import ENDED_FIELD
 from pymod_push.core.config import Backend
 from pymod_push.providers import (
     DeliveryOutcome,
@@ -61,9 +62,13 @@ class Fcm:
     def request(self, device: RegisteredDevice, summary: dict[str, str], now: float,
                 urgent: bool = False) -> HttpRequest:
         data = json.loads(fitted(summary, lambda s: to_json(summary_payload(s)), MAX_DATA))
+        # A call's end (stop ringing) is a data message at normal priority that lives as long
+        # as a ring: it shows nothing, and FCM wants high priority only for what shows
+        # something (README "What clients get").
+        short = urgent or ENDED_FIELD in summary
         message = {"token": device.token, "data": data,
                    "android": {"priority": "high" if urgent else "normal",
-                               "ttl": f"{CALL_TTL if urgent else TTL}s",
+                               "ttl": f"{CALL_TTL if short else TTL}s",
                                "collapse_key": device.node[:64]}}
         headers = {"content-type": "application/json",
                    "authorization": f"Bearer {self.token.value}"}

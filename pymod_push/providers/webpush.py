@@ -14,6 +14,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from pymod_push.core.calls import ENDED_FIELD
 from pymod_push.core.config import Backend
 from pymod_push.providers import (
     HttpRequest,
@@ -87,7 +88,9 @@ class WebPush:
             private_key=ec.generate_private_key(ec.SECP256R1()),
             dh=b64url_decode(device.p256dh), auth_secret=b64url_decode(device.auth),
             version="aes128gcm")
-        headers = {"ttl": str(CALL_TTL if urgent else TTL),
+        # a call's end (stop ringing) lives as long as a ring; its topic (the node's)
+        # replaces the call's push where that still waits
+        headers = {"ttl": str(CALL_TTL if urgent or ENDED_FIELD in summary else TTL),
                    "urgency": "high" if urgent else "normal",
                    "content-encoding": "aes128gcm", "content-type": "application/octet-stream",
                    "topic": b64url_encode(device.node.encode())[:32]}

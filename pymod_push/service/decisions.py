@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from typing import TypeAlias
 
 from pymod_push.appserver.server import AppServer, Delivery, publish_error_reply
-from pymod_push.core import ios_extensions, limits
+from pymod_push.core import calls, ios_extensions, limits
 from pymod_push.core import user_options as push_options
 from pymod_push.core.config import Config
 from pymod_push.core.notify import (
@@ -44,10 +44,12 @@ from pymod_push.logic import Recipient as LogicRecipient
 from pymod_push.protocol import (
     Action,
     AppServerIq,
+    Bookmarks,
     EjabberdStarted,
     Event,
     IqError,
     IqResult,
+    MucMessage,
     Offline,
     Publish,
     PublishReply,
@@ -65,6 +67,8 @@ from pymod_push.protocol import (
 )
 from pymod_push.python_provider import PythonProviders
 from pymod_push.records import DatabaseUnavailable, Registration
+from pymod_push.service.calls import RingingCalls
+from pymod_push.service.groupchat import GroupchatPushes
 from pymod_push.service.ledger import Ledger
 from pymod_push.service.logic_work import LogicCall, LogicQueue, LogicWork
 from pymod_push.service.pushed import NOTHING, PushedTo
@@ -151,6 +155,13 @@ class PushService:
         self._own_pubsub = frozenset(b.pubsub_host for b in config.backends
                                      if b.pubsub_host != config.host)
         self.in_process = 0  # publishes taken so (push_status, metrics)
+        # Calls ringing: which devices each call's urgent push reached (service/calls.py)
+        self.ringing = RingingCalls()
+        # Absent room members (service/groupchat.py): coalescing, bookmarks' settings
+        self.groupchat = GroupchatPushes(
+            config, store, self.options_of,
+            lambda r, read_with, stanza, chosen, mark, options, now, summary:
+            self._push_once(r, read_with, stanza, chosen, mark, options, now, None, summary))
 
     def use_logic(self, logic: Logic) -> None:
         """The admin's push logic from now on (push_reload_logic)."""
@@ -238,6 +249,11 @@ class PushService:
                 self.store.delete_user(user)
                 self.store.set_user_options(user, None)
                 return [PushOptionsUpdate(user, None)]
+            case MucMessage():
+                return self.groupchat.handle(event, now)
+            case Bookmarks():
+                self.groupchat.bookmarks_event(event)
+                return []
             case PushIq():
                 return self._push_iq(event)
             case EjabberdStarted():
@@ -339,8 +355,12 @@ class PushService:
         the user's options are read here unless the caller has them. With async push
         logic, the decision waits for it instead (a LogicWork for the port, see
         logic_call); target is then what the event was for (resource "": any session)."""
+        if registrations and calls.NS_JMI.encode() in original.xml:
+            end = calls.call_end(original, registrations[0].session[:2])
+            if end is not None:  # never an ordinary push: a stop push where it rang
+                return list(self._stop_ringing(registrations[0].session[:2], end, now))
         stanza = unwrap_carbon(original, registrations[0].session[:2]) if registrations else None
-        trigger = trigger_of(stanza, self.config) if stanza else None
+        trigger = self._trigger(stanza, now) if stanza else None
         if stanza is None or (trigger is None and not self.logic.has("should_push")
                               and not (stanza.type == "groupchat"
                                        and any(r.extensions for r in registrations))):
@@ -366,7 +386,38 @@ class PushService:
                                       options, now, message)
             if publish is not None:
                 actions.append(publish)
+                if chosen is Trigger.CALL:
+                    self._rang(registration, stanza, now)
         return actions
+
+    # ------------------------------------------------------------------- calls
+    def _trigger(self, stanza: Stanza, now: float) -> Trigger | None:
+        """trigger_of, and a call proposal older than the ring window a missed call."""
+        trigger = trigger_of(stanza, self.config)
+        if trigger is Trigger.CALL and calls.is_stale(stanza.xml, now,
+                                                      self.config.call_ring_window_ms / 1000):
+            return Trigger.MISSED_CALL
+        return trigger
+
+    def _rang(self, registration: Registration, stanza: Stanza, now: float) -> None:
+        """A call's urgent push went to registration: its end stops it (_stop_ringing)."""
+        sid = ios_extensions.call_media(stanza.xml)[0]
+        until = calls.sent_at(stanza.xml, now) + self.config.call_ring_window_ms / 1000
+        self.ringing.rang(registration.user_key, sid, calls.bare(stanza.sender),
+                          registration.key, until, now)
+
+    def _stop_ringing(self, user: UserKey, end: calls.CallEnd, now: float) -> list[Publish]:
+        """One push to each device the call rang on (within its window), never VoIP nor
+        urgent: its summary says the call ended (core/calls.end_fields)."""
+        devices = self.ringing.ended(user, end, now)
+        if not devices:
+            return []
+        current = {r.key: r for r in self.store.for_user(user)}
+        publishes = [self.ledger.publish(current[key], calls.end_fields(end), now)
+                     for key in sorted(devices) if key in current]
+        log.info("call of %s@%s ended (%s): %d stop push(es)", *user, end.reason,
+                 len(publishes))
+        return publishes
 
     def _filtered(self, registration: Registration, stanza: Stanza,
                   trigger: Trigger | None) -> Trigger | None:
@@ -504,7 +555,7 @@ class PushService:
         stanza = unwrap_carbon(work.stanza, work.target[:2])
         if stanza is None or call.options is None:
             return []
-        trigger = trigger_of(stanza, self.config)
+        trigger = self._trigger(stanza, now)
         actions: list[Action] = []
         mark = fingerprint(stanza)
         for asked, (push, summary) in zip(call.registrations, answers, strict=True):
@@ -516,6 +567,8 @@ class PushService:
                                       None, summary)
             if publish is not None:
                 actions.append(publish)
+                if trigger is Trigger.CALL:
+                    self._rang(registration, stanza, now)
         return self._own(self._pacer.pace(actions, now), now)
 
     def _own(self, actions: Sequence[Action], now: float) -> list[Action | Delivery]:
@@ -594,14 +647,14 @@ class PushService:
         return self.store.purge_pushed(int(cutoff * 1_000_000))
 
     def next_deadline(self) -> float | None:
-        deadlines = [d for d in (self.ledger.next_due(),
+        deadlines = [d for d in (self.ledger.next_due(), self.groupchat.next_deadline(),
                                  self._next_scheduled_wake, self._pacer.next_deadline())
                      if d is not None]
         return min(deadlines, default=None)
 
     def tick(self, now: float) -> list[Action | Delivery]:
         """Send the retries and wakes that are due, and what the pacer held back."""
-        actions: list[Action] = self.ledger.due(now)
+        actions: list[Action] = [*self.ledger.due(now), *self.groupchat.due(now)]
         if self._next_scheduled_wake is not None and self._next_scheduled_wake <= now:
             rate = self.config.wake_rate  # at most this many a second
             due = self.store.due_wakes(self.config.ejabberd_node, now, rate)

@@ -20,6 +20,7 @@ from collections import Counter
 from pymod_push.core import ios_extensions, limits
 from pymod_push.core.config import Config
 from pymod_push.core.notify import PublishOutcome, classify_reply, count_error
+from pymod_push.core.push_history import HISTORY, about
 from pymod_push.core.xep0357 import publish_options_form, summary_form
 from pymod_push.protocol import Action, Publish, PublishReply, SetPush
 from pymod_push.records import OutboxEntry, Registration
@@ -113,6 +114,7 @@ class Ledger:
         ref = entry.id * REFS_PER_ENTRY + min(entry.attempt, REFS_PER_ENTRY - 1)
         self._in_flight[ref] = entry
         self._recovered.pop(entry.id, None)
+        HISTORY.sent(registration.key, entry.summary, time.time())  # push_diagnose
         if registration.errors:
             self._erring.add(registration.key)
         options = registration.publish_form
@@ -140,6 +142,10 @@ class Ledger:
         registration = None if outcome is PublishOutcome.DELIVERED else self.store.get(
             publish.registration)
         del self._in_flight[reply.ref]
+        HISTORY.answered(publish.registration, "delivered" if outcome is PublishOutcome.DELIVERED
+                         else f"{outcome.value}: " + (f"{reply.error_type} {reply.condition}"
+                                                      if reply.outcome == "error"
+                                                      else "no answer in time"), time.time())
         if outcome is PublishOutcome.DELIVERED:  # the common case: two writes, nothing to read
             self.store.remove_outbox(publish.id)
             if publish.registration in self._erring:
@@ -168,8 +174,9 @@ class Ledger:
                     self.store.remove_outbox(waiting.id)
             self.store.delete(registration.key)
             self._erring.discard(registration.key)
+            HISTORY.was_disabled(registration.key, f"{errors} error(s), the last: {why}", now)
             log.warning("push disabled for %s after %d error(s) from the app server (last: %s)",
-                        where, errors, why)
+                        where, errors, why, extra=about(registration.user, registration.server))
             return [] if self.store.for_session(registration.session) else [
                 SetPush(registration.session, None)]
         if errors != registration.errors:
@@ -177,11 +184,13 @@ class Ledger:
             self._erring.add(registration.key)
             if outcome is PublishOutcome.NOT_AN_APP_SERVER:
                 log.warning("push to %s failed (%s: no app server there?): error %d of %d",
-                            where, why, errors, limit)
+                            where, why, errors, limit,
+                            extra=about(registration.user, registration.server))
             else:
                 log.warning("push to %s failed (%s): error %d of %d (more within %d s count "
                             "once)", where, why, errors, limit,
-                            self.config.publish_error_window_ms // 1000)
+                            self.config.publish_error_window_ms // 1000,
+                            extra=about(registration.user, registration.server))
         delays = self.config.retry_delays_ms
         if publish.attempt < len(delays):
             publish.due = now + delays[publish.attempt] / 1000
@@ -194,6 +203,7 @@ class Ledger:
             self.store.remove_outbox(publish.id)
             self.counters["given_up"] += 1
             log.warning("push to %s not delivered after %d attempts (%s); giving up", where,
-                        publish.attempt + 1, why)
+                        publish.attempt + 1, why,
+                        extra=about(registration.user, registration.server))
         return []
 

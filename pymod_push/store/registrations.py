@@ -72,6 +72,11 @@ class RegistrationTable(StoreBase):
             return list(self._user_entry(user)[0])
         return list(self._select("user=? AND server=?", user))
 
+    def push_users(self) -> list[UserKey]:
+        """Every account with a registration (the shim's set for group chat pushes)."""
+        with closing(self.db.execute("SELECT DISTINCT user, server FROM registrations")) as rows:
+            return [(str(u), str(s)) for u, s in rows]
+
     def get(self, key: tuple[str, str, str, str]) -> Registration | None:
         found = list(self._select("user=? AND server=? AND push_jid=? AND node=?", key))
         return found[0] if found else None

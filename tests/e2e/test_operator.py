@@ -30,7 +30,9 @@ COMMANDS = {"push_status": "Status of mod_push_py", "push_list": "List a user's 
             "push_wake_all": "Wake every pending push session",
             "push_delete_old": "Delete push registrations enabled more than N days ago",
             "push_reload_logic": ("Load the push logic module (option logic) and the "
-                                  "python providers again")}
+                                  "python providers again"),
+            "push_diagnose": "Push check-up of a user: why do they get no notifications?",
+            "push_diagnose_test": "Push check-up of a user, with a test push to each"}
 
 
 @pytest.fixture(scope="module")

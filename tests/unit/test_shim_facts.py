@@ -81,21 +81,25 @@ def test_hello_facts_are_the_hosts_own_and_reach_the_shim_as_terms() -> None:
     assert facts == {"features": ["urn:xmpp:push:0"],
                      "commands": [("register-push-ubuntu", "Register at Ubuntu Push (any)"),
                                   ("list-push-registrations", "List push registrations"),
-                                  ("unregister-push", "Unregister push devices")]}
-    assert hello_facts(Config(HOST))["commands"] == []
+                                  ("unregister-push", "Unregister push devices"),
+                                  ("push-diagnose", "Push notifications check-up")]}
+    # the users' push check-up is there without the app server too
+    assert hello_facts(Config(HOST))["commands"] == [("push-diagnose",
+                                                      "Push notifications check-up")]
     reply = etf.decode(etf.encode(hello_reply({"version": "1.0", "pid": "42"}, facts)))
     assert reply == (Atom("hello"), PROTOCOL_VERSION, {
         Atom("version"): b"1.0", Atom("pid"): b"42",
         Atom("features"): [b"urn:xmpp:push:0"],
         Atom("commands"): [(b"register-push-ubuntu", b"Register at Ubuntu Push (any)"),
                            (b"list-push-registrations", b"List push registrations"),
-                           (b"unregister-push", b"Unregister push devices")]})
+                           (b"unregister-push", b"Unregister push devices"),
+                           (b"push-diagnose", b"Push notifications check-up")]})
 
 
 def test_the_shim_keeps_no_copy_of_pythons_decisions() -> None:
     sources = {path.name: path.read_text() for path in SHIM.glob("*.erl")}
     assert set(sources) == {"mod_push_py.erl", "mod_push_py_port.erl", "mod_push_py_opt.erl",
-                            "mod_push_py_actions.erl"}
+                            "mod_push_py_actions.erl", "mod_push_py_muc.erl"}
     for name, text in sources.items():
         for literal in ('<<"tigase:push:', '<<"Register at', '<<"register-push-', '"APNs"'):
             assert literal not in text, (name, literal)

@@ -75,6 +75,7 @@ bench: venv
 	$(PY) -m bench.appserver_port
 	$(PY) -m bench.appserver_port --users 20000 --messages 40000 --rounds 2  # at scale
 	$(PY) -m bench.appserver_port --users 1000 --messages 20000 --rate 4000  # as ejabberd sends them
+	$(PY) -m bench.groupchat  # 13 minutes: groupchat_pushes' cost per message (docs/benchmarks.md)
 	$(PY) -m bench.pending_memory  # 30 minutes: memory per pending session (docs/security.md)
 
 clean: stop

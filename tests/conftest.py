@@ -30,12 +30,15 @@ from tests.xmpp_peers import AppServer, Client, Peers  # noqa: E402
 _names = itertools.count(1)
 
 
-def _instance(options: dict[str, Any]) -> Iterator[Instance]:
+def _instance(options: dict[str, Any],
+              modules: dict[str, Any] | None = None) -> Iterator[Instance]:
+    """An ejabberd with mod_push_py at these options, mod_mam and these other modules."""
     if shutil.which("ejabberdctl") is None:
         pytest.fail("ejabberd is not installed: run the tests with 'make test'")
     folder = Path(tempfile.mkdtemp(prefix="pymod_push-e2e-"))
     folder.chmod(0o755)
-    instance = Instance(folder, options=options, modules={"mod_mam": {"default": "always"}})
+    instance = Instance(folder, options=options,
+                        modules={"mod_mam": {"default": "always"}, **(modules or {})})
     instance.write_config()
     try:
         instance.start()

@@ -10,15 +10,11 @@ or too few shows in the counts of the next one.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from devtools.instance import Instance
-from tests.conftest import Scenario
+from tests.conftest import Scenario, _instance
 from tests.xmpp_peers import (
     BODIES,
     Client,
@@ -35,28 +31,12 @@ pytestmark = pytest.mark.e2e
 INTERVAL = 2  # groupchat_push_interval, seconds
 MUC_OWNER = "http://jabber.org/protocol/muc#owner"
 MUC_ADMIN = "http://jabber.org/protocol/muc#admin"
-
-
-def _instance(options: dict[str, object]) -> Iterator[Instance]:
-    folder = Path(tempfile.mkdtemp(prefix="pymod_push-e2e-"))
-    folder.chmod(0o755)
-    # PEP (mod_pubsub's pep plugin) for the members' bookmarks
-    instance = Instance(folder, options=options,
-                        modules={"mod_mam": {"default": "always"},
-                                 "mod_pubsub": {"plugins": ["flat", "pep"]}})
-    instance.write_config()
-    try:
-        instance.start()
-        yield instance
-    finally:
-        instance.discard()
-        if not (folder / "keep").exists():
-            shutil.rmtree(folder, ignore_errors=True)
+PEP = {"mod_pubsub": {"plugins": ["flat", "pep"]}}  # the members' bookmarks
 
 
 @pytest.fixture(scope="module")
 def groupchat() -> Iterator[Scenario]:
-    yield from (Scenario(i) for i in _instance({"groupchat_push_interval": INTERVAL}))
+    yield from (Scenario(i) for i in _instance({"groupchat_push_interval": INTERVAL}, PEP))
 
 
 async def room_of(owner: Client, room: str, nick: str, private: bool,
@@ -194,7 +174,7 @@ def test_bookmark_setting_comes_first(groupchat: Scenario) -> None:
 
 
 def test_groupchat_pushes_off() -> None:
-    for instance in _instance({"groupchat_pushes": False}):
+    for instance in _instance({"groupchat_pushes": False}, PEP):
         scenario = Scenario(instance)
 
         async def run(peers: Peers, scenario: Scenario = scenario) -> None:

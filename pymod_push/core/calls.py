@@ -103,6 +103,8 @@ def call_end(stanza: Stanza, user: UserKey) -> CallEnd | None:
 
 def parse_stamp(stamp: str) -> float | None:
     """A XEP-0082 date-time as seconds since the epoch (None if it is none)."""
+    if not stamp.isascii():  # a peer's text: ASCII digits only, whatever Python accepts
+        return None
     try:
         moment = datetime.fromisoformat(stamp.strip().replace("Z", "+00:00"))
     except ValueError:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import glob
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -36,7 +35,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pymod_push.core.limits import ascii_number
 from pymod_push.install.errors import InstallError
+from pymod_push.install.layout import version_key
 from pymod_push.install.shim import MODULE, module_conf, shim_source
 
 # The header each app must have to count, by the names its folder has on each layout
@@ -111,8 +112,8 @@ def parse_ext_mod_facts(text: str) -> CompileFacts:
     read = False
     for line in text.splitlines():
         kind, _, value = line.strip().partition(" ")
-        if kind == "otp" and value.isdigit():
-            otp = int(value)
+        if kind == "otp":
+            otp = ascii_number(value, max_digits=3)
         elif kind == "define" and value:
             defines.append(value)
             read = True
@@ -128,14 +129,13 @@ def parse_ext_mod_facts(text: str) -> CompileFacts:
 
 def _version_key(folder: Path) -> tuple[int, ...]:
     """ejabberd-23.01-1 -> (23, 1, 1); a folder without a version sorts first."""
-    _, _, version = folder.name.partition("-")
-    return tuple(int(number) for number in re.findall(r"\d+", version))
+    return version_key(folder.name.partition("-")[2])
 
 
 def app_name(folder: Path) -> str | None:
     """Which of APPS an application folder (NAME or NAME-VSN) is, if any."""
     name, dash, version = folder.name.partition("-")
-    if dash and not version[:1].isdigit():  # ejabberd-contrib, p1_utils-src...
+    if dash and ascii_number(version[:1]) is None:  # ejabberd-contrib, p1_utils-src...
         return None
     for app, (names, _) in APPS.items():
         if name in names:

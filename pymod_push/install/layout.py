@@ -76,8 +76,9 @@ def modules_dir(ctl_cfg: Mapping[str, str], user_home: str) -> Path:
     return Path(ctl_cfg.get("CONTRIB_MODULES_PATH") or Path(user_home) / ".ejabberd-modules")
 
 
-def _version_key(name: str) -> tuple[int, ...]:
-    return tuple(int(number) for number in re.findall(r"\d+", name))
+def version_key(name: str) -> tuple[int, ...]:
+    """'ejabberd-23.01' -> (23, 1): newest sorts last (ASCII digits only)."""
+    return tuple(int(number) for number in re.findall(r"[0-9]+", name))
 
 
 def ctl_candidates(root: Path = Path("/")) -> list[Path]:
@@ -85,7 +86,7 @@ def ctl_candidates(root: Path = Path("/")) -> list[Path]:
     found: list[Path] = []
     for place in CTL_PLACES:
         if "*" in place:
-            found += sorted(root.glob(place), key=lambda path: _version_key(path.parts[-3]),
+            found += sorted(root.glob(place), key=lambda path: version_key(path.parts[-3]),
                             reverse=True)
         else:
             found.append(root / place)

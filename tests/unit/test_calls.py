@@ -10,7 +10,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from pymod_push.core import calls
-from pymod_push.core.calls import CallEnd, call_end, is_stale, sent_at
+from pymod_push.core.calls import CallEnd, call_end, is_stale, parse_stamp, sent_at
 from pymod_push.protocol import Offline, Publish, Stanza, StanzaToPending
 from pymod_push.providers.apns import Apns
 from pymod_push.providers.fcm import Fcm
@@ -59,6 +59,12 @@ def sent_carbon(inner: str, to: str = SENDER, stanza_id: str = "c1") -> Stanza:
 
 
 # --------------------------------------------------------------------- pure decisions
+
+def test_a_stamp_is_ascii_digits_only() -> None:
+    assert parse_stamp("2026-01-01T00:00:00Z") == 1767225600.0
+    assert parse_stamp("2026-01-01T00:00:0\u00b2Z") is None  # a superscript two
+    assert parse_stamp("\u0662026-01-01T00:00:00Z") is None  # an Arabic-Indic two
+
 
 def test_age_is_from_the_oldest_delay_stamp_else_arrival() -> None:
     at = 1_700_000_000.0  # 2023-11-14T22:13:20Z

@@ -78,6 +78,10 @@ class Instance:
     clustered: bool = False
     python: str = field(default_factory=default_python)
     max_stanza_size: int = 262144  # of c2s streams
+    # UnifiedPush: an ejabberd_http listener on 127.0.0.1:http_port with mod_push_py as the
+    # request handler of /up, and unified_push_url pointing at it (unless options set one).
+    unified_push: bool = False
+    http_port: int = 0
     # CONTRIB_MODULES_PATH elsewhere (e.g. a prebuilt, read-only module folder): nothing is
     # staged there, start(install=False) loads what it holds.
     modules_path: Path | None = None
@@ -87,6 +91,8 @@ class Instance:
         self.name = self.name or f"pymodpush{os.getpid()}x{free_port()}"
         self.c2s_port = self.c2s_port or free_port()
         self.dist_port = self.dist_port or free_port()
+        if self.unified_push:
+            self.http_port = self.http_port or free_port()
 
     # ------------------------------------------------------------------ layout
     @property
@@ -96,6 +102,11 @@ class Instance:
     @property
     def spool(self) -> Path:
         return self.folder / "spool"
+
+    @property
+    def up_url(self) -> str:
+        """The base URL of the UnifiedPush request handler (unified_push_url)."""
+        return f"http://127.0.0.1:{self.http_port}/up"
 
     def write_config(self) -> None:
         for sub in ("spool", "logs", "modules/sources"):
@@ -134,6 +145,10 @@ class Instance:
             "modules": modules,
             **self.extra_config,
         }
+        if self.unified_push:
+            config["listen"].append({"port": self.http_port, "ip": "127.0.0.1",
+                                     "module": "ejabberd_http",
+                                     "request_handlers": {"/up": "mod_push_py"}})
         if self.s2s_port:
             config["listen"].append({"port": self.s2s_port, "ip": self.s2s_ip,
                                      "module": "ejabberd_s2s_in"})
@@ -153,7 +168,10 @@ class Instance:
         if target.exists():
             shutil.rmtree(target)
         shutil.copytree(ROOT / "erl_shim", target)
-        conf = {"modules": {"mod_push_py": {"python": self.python, **self.options}}}
+        options = dict(self.options)
+        if self.unified_push:
+            options.setdefault("unified_push_url", self.up_url)
+        conf = {"modules": {"mod_push_py": {"python": self.python, **options}}}
         (target / "conf" / "mod_push_py.yml").write_text(yaml.safe_dump(conf, sort_keys=False))
         seal(target)  # the spec's url and home, as 'pymod-push install' stages them
 

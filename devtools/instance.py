@@ -82,6 +82,7 @@ class Instance:
     # request handler of /up, and unified_push_url pointing at it (unless options set one).
     unified_push: bool = False
     http_port: int = 0
+    _config: dict[str, Any] | None = field(default=None, init=False, repr=False)
     # CONTRIB_MODULES_PATH elsewhere (e.g. a prebuilt, read-only module folder): nothing is
     # staged there, start(install=False) loads what it holds.
     modules_path: Path | None = None
@@ -145,10 +146,8 @@ class Instance:
             "modules": modules,
             **self.extra_config,
         }
-        if self.unified_push:
-            config["listen"].append({"port": self.http_port, "ip": "127.0.0.1",
-                                     "module": "ejabberd_http",
-                                     "request_handlers": {"/up": "mod_push_py"}})
+        if self._http_listener():
+            config["listen"].append(self._up_listener())
         if self.s2s_port:
             config["listen"].append({"port": self.s2s_port, "ip": self.s2s_ip,
                                      "module": "ejabberd_s2s_in"})
@@ -156,11 +155,43 @@ class Instance:
             config["outgoing_s2s_families"] = ["ipv4"]
             config["s2s_use_starttls"] = False
             modules["mod_s2s_dialback"] = {}
+        self._config = config
         (self.folder / "ejabberd.yml").write_text(yaml.safe_dump(config, sort_keys=False))
         if self.modules_path is None:
             self._stage_module_sources()
         subprocess.run(["chown", "-R", f"{EJABBERD_USER}:{EJABBERD_USER}", str(self.folder)],
                        check=True)
+
+    def _up_listener(self) -> dict[str, Any]:
+        return {"port": self.http_port, "ip": "127.0.0.1", "module": "ejabberd_http",
+                "request_handlers": {"/up": "mod_push_py"}}
+
+    def _http_listener(self) -> bool:
+        """ejabberd refuses a config whose request_handlers name a module it cannot load:
+        the /up listener is there once mod_push_py is installed (install() adds it)."""
+        return self.unified_push and (self.modules_path is not None
+                                      or (self.folder / "modules" / "mod_push_py").is_dir())
+
+    def _add_up_listener(self) -> None:
+        """After the first module_install: the /up listener, by reload_config."""
+        config = self._config
+        if config is None or self._up_listener() in config["listen"]:
+            return
+        config["listen"].append(self._up_listener())
+        path = self.folder / "ejabberd.yml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        subprocess.run(["chown", f"{EJABBERD_USER}:{EJABBERD_USER}", str(path)], check=True)
+        self.ctl("reload_config")
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.http_port), timeout=1).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"no HTTP listener on {self.http_port} after "
+                                       f"reload_config\n{self.log_tail()}") from None
+                time.sleep(0.05)
 
     def _stage_module_sources(self) -> None:
         """erl_shim from the working tree, with this instance's options in its conf file."""
@@ -213,6 +244,8 @@ class Instance:
         installed = (self.folder / "modules" / "mod_push_py").is_dir()
         self.ctl("module_upgrade" if installed else "module_install", "mod_push_py")
         self.wait_ready(mark)
+        if self.unified_push:
+            self._add_up_listener()
 
     def wait_ready(self, mark: int = 0) -> None:
         self.wait_for_log(rf"Python process ready on {re.escape(self.host)}\b", mark)

@@ -1,0 +1,618 @@
+"""ejabberd as a UnifiedPush server (issue 33), end to end: a slixmpp client behaving as
+Conversations the distributor (tests/unifiedpush_peers.py) and an app server's HTTP POSTs
+to ejabberd's own HTTP listener on loopback.
+
+One ejabberd with UnifiedPush on (a small unified_push_max_kept, an access rule refusing
+the users named noup*) serves most tests; the ones that kill Python or restart ejabberd
+have one of their own."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import tempfile
+from collections import Counter
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from devtools.instance import Instance
+from tests.conftest import Scenario
+from tests.unifiedpush_peers import (
+    NS_UP,
+    Answer,
+    Distributor,
+    Registered,
+    distributor,
+    go_offline,
+    go_pending,
+    post,
+    request,
+)
+from tests.xmpp_peers import TIMEOUT, Peers
+
+pytestmark = pytest.mark.e2e
+
+MAX_KEPT = 4
+MAX_ENDPOINTS = 5
+UP_OPTIONS: dict[str, Any] = {"unified_push_max_kept": MAX_KEPT,
+                              "unified_push_max_endpoints": MAX_ENDPOINTS,
+                              "unified_push_access": "unified_push_users"}
+UP_CONFIG: dict[str, Any] = {
+    "acl": {"local": {"user_regexp": ""}, "noup": {"user_regexp": "^noup"}},
+    "access_rules": {"unified_push_users": {"deny": "noup", "allow": "local"}},
+}
+DEFAULT_TTL = 86400  # unified_push_max_ttl's default: the TTL of a POST without one
+FAST = 5.0  # seconds: a POST to a pending or gone session is answered at once, not held
+
+
+def _up_instance(options: dict[str, Any], prefix: str) -> Iterator[Instance]:
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    folder.chmod(0o755)
+    instance = Instance(folder, options=options, unified_push=True, extra_config=UP_CONFIG,
+                        modules={"mod_mam": {"default": "always"}})
+    instance.write_config()
+    try:
+        instance.start()
+        yield instance
+    finally:
+        instance.discard()
+        if not (folder / "keep").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ejabberd_up() -> Iterator[Instance]:
+    yield from _up_instance(UP_OPTIONS, "pymod_push-up-")
+
+
+@pytest.fixture
+def up(ejabberd_up: Instance) -> Scenario:
+    return Scenario(ejabberd_up)
+
+
+@pytest.fixture(scope="module")
+def ejabberd_up_chaos() -> Iterator[Instance]:
+    """For the tests that kill Python or restart ejabberd."""
+    yield from _up_instance(UP_OPTIONS, "pymod_push-upchaos-")
+
+
+@pytest.fixture
+def chaos(ejabberd_up_chaos: Instance) -> Scenario:
+    return Scenario(ejabberd_up_chaos)
+
+
+async def up_user(scenario: Scenario, peers: Peers, prefix: str = "up",
+                  resource: str | None = None) -> Distributor:
+    jid, password = await asyncio.to_thread(scenario.account, prefix)
+    return await distributor(peers, f"{jid}/{resource or 'Conversations.' + prefix}", password)
+
+
+async def registered(client: Distributor, app: str = "org.example.app",
+                     connector: str = "token-1") -> Registered:
+    return await client.register_up(*client.hashes(app, connector))
+
+
+async def posted(url: str, body: bytes, headers: dict[str, str] | None = None,
+                 **kwargs: Any) -> Answer:
+    """A POST that must be accepted, and answered at once."""
+    answer = await asyncio.wait_for(post(url, body, headers, **kwargs), FAST)
+    assert answer.status == 201, (answer.status, answer.body)
+    return answer
+
+
+def short_hash(value: str) -> str:
+    return hashlib.sha256(value.encode()).hexdigest()[:8]
+
+
+def b64url_nopad(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def b64url_decode(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+async def marker_once(client: Distributor, url: str, sent: list[bytes]) -> None:
+    """POST a marker and wait for it: everything sent before it has arrived by then (one
+    stream, in order). Each payload arrived exactly once, in the order sent."""
+    marker = b"marker-" + secrets.token_bytes(8)
+    await posted(url, marker)
+    await client.wait_payload(marker)
+    assert client.payloads() == [*sent, marker]
+
+
+# ------------------------------------------------------------------ register
+
+
+def test_register_gives_a_stable_endpoint_for_seven_days(up: Scenario) -> None:
+    instance = up.instance
+
+    async def run(peers: Peers) -> None:
+        phone = await up_user(up, peers, resource="Conversations.A")
+        before = datetime.now(UTC)
+        first = await registered(phone)
+        after = datetime.now(UTC)
+        assert first.endpoint.startswith(instance.up_url + "/")
+        host_part, secret_part = first.token.split(".")
+        assert b64url_decode(host_part) == instance.host.encode()
+        assert len(b64url_decode(secret_part)) == 32  # 256 random bits
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", first.expiration)
+        week = timedelta(days=7)
+        assert before + week - timedelta(seconds=2) <= first.expires <= after + week
+
+        renewed = await registered(phone)
+        assert renewed.endpoint == first.endpoint
+        assert renewed.expires >= first.expires
+        other_app = await registered(phone, "org.example.other")
+        assert other_app.endpoint != first.endpoint
+        other_instance = await registered(phone, connector="token-2")
+        assert other_instance.endpoint not in (first.endpoint, other_app.endpoint)
+
+        # Another user with the very same hashes: an endpoint of its own.
+        someone = await up_user(up, peers)
+        someone.account_uuid = phone.account_uuid
+        assert (await registered(someone)).endpoint != first.endpoint
+
+        # The same account from a new resource (a new install, same hashes): same
+        # endpoint, and the pushes go to the new resource only.
+        jid = f"{phone.boundjid.bare}/Conversations.B"
+        tablet = await distributor(peers, jid, phone.password)
+        tablet.account_uuid = phone.account_uuid
+        moved = await registered(tablet)
+        assert moved.endpoint == first.endpoint
+        await posted(first.endpoint, b"to the new resource")
+        await tablet.wait_pushes(1)
+        (push,) = tablet.pushes
+        assert push.to == jid and push.sender == instance.host
+        assert (push.application, push.instance) == phone.hashes("org.example.app")
+        await marker_once(tablet, first.endpoint, [b"to the new resource"])
+        assert phone.pushes == []
+
+    up.run(run)
+
+
+def test_the_host_advertises_the_namespace(up: Scenario) -> None:
+    async def run(peers: Peers) -> None:
+        phone = await up_user(up, peers)
+        info = await phone.plugin["xep_0030"].get_info(jid=up.host, timeout=TIMEOUT)
+        assert NS_UP in info["disco_info"]["features"]
+
+    up.run(run)
+
+
+def test_without_unified_push_url_the_feature_is_off(scenario: Scenario) -> None:
+    """conftest's ejabberd: mod_push_py without unified_push_url."""
+    async def run(peers: Peers) -> None:
+        jid, password = await asyncio.to_thread(scenario.account, "plain")
+        phone = await distributor(peers, jid, password)
+        info = await phone.plugin["xep_0030"].get_info(jid=scenario.host, timeout=TIMEOUT)
+        assert NS_UP not in info["disco_info"]["features"]
+        application, instance_hash = phone.hashes("org.example.app")
+        _, condition, _ = await phone.register_error(
+            f"<register xmlns='{NS_UP}' application='{application}' "
+            f"instance='{instance_hash}'/>")
+        assert condition in ("service-unavailable", "feature-not-implemented")
+
+    scenario.run(run)
+
+
+def test_register_refusals(up: Scenario) -> None:
+    async def run(peers: Peers) -> None:
+        phone = await up_user(up, peers)
+        application, instance_hash = phone.hashes("org.example.app")
+
+        def register(app: str, inst: str) -> str:
+            return f"<register xmlns='{NS_UP}' application='{app}' instance='{inst}'/>"
+
+        error_type, condition, text = await phone.register_error(
+            register("not base64!", instance_hash))
+        assert (error_type, condition) == ("modify", "bad-request")
+        assert text.startswith("application")
+        short = base64.b64encode(bytes(31)).decode()
+        error_type, condition, text = await phone.register_error(register(application, short))
+        assert (error_type, condition) == ("modify", "bad-request")
+        assert text.startswith("instance")
+        # base64url is not what Conversations sends
+        url_safe = base64.urlsafe_b64encode(b"\xfb" * 32).decode()
+        assert (await phone.register_error(register(application, url_safe)))[1] \
+            == "bad-request"
+        error_type, condition, _ = await phone.register_error(
+            register(application, instance_hash), iq_type="get")
+        assert condition == "bad-request"
+
+        # unified_push_access denies the users named noup*
+        denied = await up_user(up, peers, prefix="noup")
+        error_type, condition, _ = await denied.register_error(
+            register(*denied.hashes("org.example.app")))
+        assert (error_type, condition) == ("auth", "forbidden")
+        # and it still works for the others
+        assert (await phone.register_up(application, instance_hash)).endpoint
+
+    up.run(run)
+
+
+def test_at_most_max_endpoints_per_account(up: Scenario) -> None:
+    async def run(peers: Peers) -> None:
+        phone = await up_user(up, peers)
+        endpoints = [await registered(phone, f"org.example.app{n}")
+                     for n in range(MAX_ENDPOINTS)]
+        application, instance_hash = phone.hashes("org.example.one-too-many")
+        error_type, condition, text = await phone.register_error(
+            f"<register xmlns='{NS_UP}' application='{application}' "
+            f"instance='{instance_hash}'/>")
+        assert (error_type, condition) == ("cancel", "not-allowed")
+        assert "unified_push_max_endpoints" in text
+        # Renewing one it has is not a new endpoint.
+        assert (await registered(phone, "org.example.app0")).endpoint == endpoints[0].endpoint
+
+    up.run(run)
+
+
+# ------------------------------------------------------------------ HTTP
+
+
+def test_posts_are_delivered_byte_exact_in_order(up: Scenario) -> None:
+    async def run(peers: Peers) -> None:
+        phone = await up_user(up, peers)
+        endpoint = (await registered(phone)).endpoint
+        bodies = [b"hello", b"\0", b"\0\0\xff\0", bytes(range(256)),
+                  secrets.token_bytes(4095) + b"\0", "é €".encode(), b"\r\n\r\n"]
+        for body in bodies:
+            answer = await posted(endpoint, body, {"TTL": "60",
+                                                   "Content-Type": "application/octet-stream",
+                                                   "Content-Encoding": "aes128gcm"})
+            assert answer.header("TTL") == "60"
+            location = answer.header("Location")
+            assert location.startswith(endpoint + "/m/"), location
+            assert answer.header("Access-Control-Allow-Origin") == "*"
+        await phone.wait_pushes(len(bodies))
+        await marker_once(phone, endpoint, bodies)
+        assert {p.sender for p in phone.pushes} == {up.host}
+        assert {p.to for p in phone.pushes} == {phone.boundjid.full}
+        assert {(p.application, p.instance) for p in phone.pushes} \
+            == {phone.hashes("org.example.app")}
+
+    up.run(run)
+
+
+def test_http_answers(up: Scenario) -> None:
+    instance = up.instance
+
+    async def run(peers: Peers) -> None:
+        phone = await up_user(up, peers)
+        endpoint = (await registered(phone)).endpoint
+        host_part = endpoint.rsplit("/", 1)[1].split(".")[0]
+
+        got = await request(endpoint, "GET")
+        assert got.status == 200
+        assert json.loads(got.body) == {"unifiedpush": {"version": 1}}
+        assert got.header("Content-Type").startswith("application/json")
+        assert got.header("Access-Control-Allow-Origin") == "*"
+
+        options = await request(endpoint, "OPTIONS")
+        assert options.status == 204
+        assert options.header("Access-Control-Allow-Origin") == "*"
+        assert {m.strip() for m in options.header("Access-Control-Allow-Methods").split(",")} \
+            >= {"GET", "POST", "OPTIONS"}
+        allowed = {h.strip().lower()
+                   for h in options.header("Access-Control-Allow-Headers").split(",")}
+        assert allowed >= {"content-type", "content-encoding", "ttl", "urgency", "topic"}
+
+        put = await request(endpoint, "PUT", body=b"x")
+        assert put.status == 405 and "POST" in put.header("Allow")
+
+        # Unknown tokens: of this host, of another host, malformed, none; a message's
+        # Location.
+        unknown = f"{instance.up_url}/{host_part}.{b64url_nopad(secrets.token_bytes(32))}"
+        elsewhere = (f"{instance.up_url}/{b64url_nopad(b'example.net')}."
+                     f"{b64url_nopad(secrets.token_bytes(32))}")
+        for url in (unknown, elsewhere, f"{instance.up_url}/nodot",
+                    f"{instance.up_url}/!!!.!!!", f"{instance.up_url}/", instance.up_url):
+            assert (await post(url, b"x")).status == 404, url
+        # GET does not look the token up (as Prosody): well-formed for this host is enough.
+        assert (await request(unknown, "GET")).status == 200
+        assert (await request(elsewhere, "GET")).status == 404
+        assert (await request(f"{instance.up_url}/nodot", "GET")).status == 404
+        location = (await posted(endpoint, b"first")).header("Location")
+        assert (await request(location, "GET")).status == 404
+        assert (await post(location, b"x")).status == 404
+
+        oversize = await post(endpoint, bytes(4097))
+        assert oversize.status == 413
+        assert oversize.header("Access-Control-Allow-Origin") == "*"
+        assert (await post(endpoint, b"")).status == 400
+        for headers in ({"TTL": "abc"}, {"TTL": "-1"}, {"TTL": "1.5"}, {"TTL": "12345678901"},
+                        {"TTL": ""}, {"Urgency": "urgent"}, {"Urgency": "HIGH!"},
+                        {"Topic": "has space"}, {"Topic": "a" * 33}, {"Topic": "a+b/c"}):
+            answer = await post(endpoint, b"refused", headers)
+            assert answer.status == 400, (headers, answer.status)
+
+        # What is kept: the TTL asked for, at most unified_push_max_ttl; none asked: that.
+        assert (await posted(endpoint, b"no ttl")).header("TTL") == str(DEFAULT_TTL)
+        assert (await posted(endpoint, b"long ttl", {"TTL": "999999999"})).header("TTL") \
+            == str(DEFAULT_TTL)
+        assert (await posted(endpoint, bytes(4096), {
+            "TTL": "0", "Urgency": "very-low", "Topic": "A-z_09" * 5 + "ab"})).header("TTL") \
+            == "0"
+        # The Host header does not matter (the token names the host)
+        await posted(endpoint, b"hostile host", host="evil.example:443")
+
+        await marker_once(phone, endpoint,
+                          [b"first", b"no ttl", b"long ttl", bytes(4096), b"hostile host"])
+
+    up.run(run)
+
+
+def test_rate_limit_answers_429_with_retry_after(up: Scenario) -> None:
+    async def run(peers: Peers) -> None:
+        phone = await up_user(up, peers)
+        endpoint = (await registered(phone)).endpoint
+        statuses = []
+        limited = None
+        for n in range(14):  # unified_push_burst (10), then 60 a minute
+            answer = await post(endpoint, b"%d" % n)
+            statuses.append(answer.status)
+            if answer.status == 429:
+                limited = answer
+                break
+        assert limited is not None, statuses
+        assert statuses[:10] == [201] * 10 and set(statuses[:-1]) == {201}
+        retry_after = limited.header("Retry-After")
+        assert retry_after.isascii() and retry_after.isdigit() and 1 <= int(retry_after) <= 60
+        accepted = [b"%d" % n for n in range(len(statuses) - 1)]
+        await phone.wait_pushes(len(accepted))
+        assert phone.payloads() == accepted  # the refused one was not pushed
+
+    up.run(run)
+
+
+# ------------------------------------------------------------------ nothing lost
+
+
+def test_pending_session_keeps_pushes_until_resumed(up: Scenario) -> None:
+    async def run(peers: Peers) -> None:
+        phone = await up_user(up, peers)
+        endpoint = (await registered(phone)).endpoint
+        await go_pending(up.instance, phone)
+        sent = [b"while pending %d" % n for n in range(3)]
+        for body in sent:
+            await posted(endpoint, body)
+        assert phone.pushes == []
+        await phone.resume()
+        await phone.wait_pushes(len(sent))
+        await marker_once(phone, endpoint, sent)
+
+    up.run(run)
+
+
+def test_ttl_0_is_tried_once(up: Scenario) -> None:
+    """TTL 0: not kept for a pending session (dropped), the next push is."""
+    async def run(peers: Peers) -> None:
+        phone = await up_user(up, peers)
+        endpoint = (await registered(phone)).endpoint
+        await go_pending(up.instance, phone)
+        assert (await posted(endpoint, b"now or never", {"TTL": "0"})).header("TTL") == "0"
+        await posted(endpoint, b"keep me", {"TTL": "600"})
+        await phone.resume()
+        await phone.wait_pushes(1)
+        await marker_once(phone, endpoint, [b"keep me"])
+
+    up.run(run)
+
+
+def test_session_gone_keeps_pushes_until_the_next_bind(up: Scenario) -> None:
+    async def run(peers: Peers) -> None:
+        phone = await up_user(up, peers)
+        endpoint = (await registered(phone)).endpoint
+        await go_offline(up.instance, phone)
+        sent = [b"while away %d" % n for n in range(3)]
+        for body in sent:
+            await posted(endpoint, body)
+        # Conversations binds again (same resource) and sends its presence to the host.
+        again = await distributor(peers, phone.boundjid.full, phone.password)
+        await again.wait_pushes(len(sent))
+        await marker_once(again, endpoint, sent)
+        assert phone.pushes == []
+
+    up.run(run)
+
+
+def test_item_not_found_revokes_the_endpoint(up: Scenario) -> None:
+    async def run(peers: Peers) -> None:
+        phone = await up_user(up, peers)
+        gone = await registered(phone, "org.example.uninstalled")
+        kept = await registered(phone, "org.example.kept")
+        phone.refuse.add(phone.hashes("org.example.uninstalled"))
+        await posted(gone.endpoint, b"one")
+        await phone.wait_pushes(1)
+        # The answer reaches Python after the client sent it: a POST crossing it may still
+        # be taken (and refused by the client again), never more than a few.
+        statuses = []
+        while True:
+            answer = await post(gone.endpoint, b"later")
+            statuses.append(answer.status)
+            if answer.status != 201:
+                break
+            assert len(statuses) < 5, statuses
+            await phone.wait_pushes(len(statuses) + 1)
+        assert answer.status == 404, statuses
+        refused_app = phone.hashes("org.example.uninstalled")[0]
+        assert len(phone.payloads(refused_app)) == len(statuses)  # "one" + the 201s
+        # The other app is untouched; registering again gives a new endpoint that works.
+        await posted(kept.endpoint, b"other app")
+        await phone.wait_payload(b"other app")
+        phone.refuse.clear()
+        again = await registered(phone, "org.example.uninstalled")
+        assert again.endpoint != gone.endpoint
+        await posted(again.endpoint, b"reinstalled")
+        await phone.wait_payload(b"reinstalled")
+        assert (await post(gone.endpoint, b"x")).status == 404
+
+    up.run(run)
+
+
+def test_topic_replaces_a_kept_push(up: Scenario) -> None:
+    async def run(peers: Peers) -> None:
+        phone = await up_user(up, peers)
+        endpoint = (await registered(phone)).endpoint
+        await go_pending(up.instance, phone)
+        await posted(endpoint, b"old news", {"Topic": "news"})
+        await posted(endpoint, b"other", {"Topic": "other"})
+        await posted(endpoint, b"no topic")
+        await posted(endpoint, b"new news", {"Topic": "news"})
+        await phone.resume()
+        await phone.wait_pushes(3)
+        await marker_once(phone, endpoint, [b"other", b"no topic", b"new news"])
+
+    up.run(run)
+
+
+def test_at_most_max_kept_pushes_the_oldest_dropped(up: Scenario) -> None:
+    async def run(peers: Peers) -> None:
+        phone = await up_user(up, peers)
+        endpoint = (await registered(phone)).endpoint
+        await go_pending(up.instance, phone)
+        sent = [b"kept %d" % n for n in range(MAX_KEPT + 2)]
+        for body in sent:
+            await posted(endpoint, body)
+        await phone.resume()
+        await phone.wait_pushes(MAX_KEPT)
+        await marker_once(phone, endpoint, sent[-MAX_KEPT:])
+
+    up.run(run)
+
+
+def test_kept_pushes_wake_a_xep0357_user_once(up: Scenario) -> None:
+    async def run(peers: Peers) -> None:
+        jid, password = await asyncio.to_thread(up.account, "app")
+        app_server = await peers.app_server(jid, password)
+        jid, password = await asyncio.to_thread(up.account, "sender")
+        sender = await peers.user(jid, password)
+        phone = await up_user(up, peers)
+        await phone.enable_push(app_server.boundjid.full, "fcm")
+        endpoint = (await registered(phone)).endpoint
+        await go_pending(up.instance, phone)
+        sent = [b"wake %d" % n for n in range(3)]
+        for body in sent:
+            await posted(endpoint, body)
+        (wake,) = await app_server.wait_for("fcm", 1)
+        assert wake.sender == up.host
+        await phone.resume()
+        await phone.wait_pushes(len(sent))
+        await marker_once(phone, endpoint, sent)
+        # Pending again, a chat message: the next XEP-0357 push, and nothing in between.
+        await go_pending(up.instance, phone)
+        sender.send_message(mto=phone.boundjid.full, mbody="chat", mtype="chat")
+        pushes = await app_server.wait_for("fcm", 2)
+        assert len(pushes) == 2  # one wake for the three kept pushes, one for the chat
+
+    up.run(run)
+
+
+# ------------------------------------------------------------------ operator
+
+
+def test_operator_lists_and_revokes_endpoints(up: Scenario) -> None:
+    instance = up.instance
+
+    async def run(peers: Peers) -> None:
+        phone = await up_user(up, peers)
+        user = phone.boundjid.user
+        first = await registered(phone, "org.example.one")
+        second = await registered(phone, "org.example.two")
+        listed = await asyncio.to_thread(instance.ctl, "push_up_list", user, up.host)
+        for registration, app in ((first, "org.example.one"), (second, "org.example.two")):
+            application, instance_hash = phone.hashes(app)
+            assert short_hash(application) in listed or short_hash(instance_hash) in listed, \
+                listed
+            secret = registration.token.split(".")[1]
+            assert secret not in listed and registration.endpoint not in listed
+        assert phone.boundjid.resource in listed
+        await asyncio.to_thread(instance.ctl, "push_up_revoke", user, up.host, "all")
+        for registration in (first, second):
+            assert (await post(registration.endpoint, b"x")).status == 404
+        listed = await asyncio.to_thread(instance.ctl, "push_up_list", user, up.host)
+        assert all(short_hash(h) not in listed
+                   for app in ("org.example.one", "org.example.two")
+                   for h in phone.hashes(app))
+        assert phone.pushes == []
+
+    up.run(run)
+
+
+# ------------------------------------------------------------------ crashes and restarts
+
+
+def kill_python(instance: Instance) -> None:
+    """SIGKILL the port program; wait until the shim has started the next one."""
+    pid = instance.python_pid()
+    assert pid is not None
+    mark = instance.log_mark()
+    os.kill(pid, signal.SIGKILL)
+    instance.wait_for_log(r"Python process exited with status", mark)
+    instance.wait_ready(mark)
+
+
+@pytest.mark.parametrize("while_", ["held", "pending"])
+def test_sigkill_of_python_after_201_delivers_once(chaos: Scenario, while_: str) -> None:
+    """held: the client has the push and holds its answer across the kill; pending: the
+    session is pending (the push kept) across the kill, then resumes."""
+    instance = chaos.instance
+
+    async def run(peers: Peers) -> None:
+        phone = await up_user(chaos, peers)
+        endpoint = (await registered(phone)).endpoint
+        if while_ == "held":
+            phone.hold = True
+        else:
+            await go_pending(instance, phone)
+        await posted(endpoint, b"across the kill")
+        if while_ == "held":
+            await phone.wait_pushes(1)
+        await asyncio.to_thread(kill_python, instance)
+        if while_ == "held":
+            phone.release()
+        else:
+            await phone.resume()
+        await phone.wait_payload(b"across the kill")
+        await marker_once(phone, endpoint, [b"across the kill"])
+
+    chaos.run(run)
+
+
+def test_an_ejabberd_restart_keeps_a_kept_push(chaos: Scenario) -> None:
+    instance = chaos.instance
+    phone_jid = password = endpoint = ""
+
+    async def before(peers: Peers) -> None:
+        nonlocal phone_jid, password, endpoint
+        phone = await up_user(chaos, peers)
+        phone_jid, password = phone.boundjid.full, phone.password
+        endpoint = (await registered(phone)).endpoint
+        await go_pending(instance, phone)
+        await posted(endpoint, b"across the restart")
+
+    chaos.run(before)
+    instance.stop()
+    mark = instance.log_mark()
+    instance.start(install=False)
+    instance.wait_ready(mark)
+
+    async def after(peers: Peers) -> None:
+        phone = await distributor(peers, phone_jid, password)  # the session is gone: a bind
+        await phone.wait_payload(b"across the restart")
+        await marker_once(phone, endpoint, [b"across the restart"])
+        assert Counter(phone.payloads())[b"across the restart"] == 1
+
+    chaos.run(after)

@@ -7,10 +7,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import sqlite3
 import time
 import xml.etree.ElementTree as ET
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from dataclasses import replace
 from pathlib import Path
 
@@ -47,6 +49,8 @@ from pymod_push.protocol import (
 from pymod_push.service.decisions import PushService
 from pymod_push.service.unifiedpush import ENDPOINT_GRACE_S
 from pymod_push.store import Store, open_store
+from pymod_push.store.schema import MIGRATIONS
+from pymod_push.store.unifiedpush import KeptPush, UpEndpoint
 from tests.builders import ALICE, HOST, NOW, PHONE, enable
 from tests.port_harness import PortUnderTest, acks, batch, hello, until
 
@@ -605,9 +609,10 @@ def test_admin_list_and_revoke(service: PushService) -> None:
     assert isinstance(listing, CommandResult)
     lines = listing.text.splitlines()
     assert len(lines) == 2 and token not in listing.text and INSTANCE not in listing.text
-    assert lines[0].startswith(up.short_hash(INSTANCE)) and "resource phone" in lines[0]
-    assert "kept 1" in lines[0] and "last delivery never" in lines[0]
-    assert up.expiration(NOW + 7 * 86400) in lines[0]
+    (line,) = [line for line in lines if line.startswith(up.short_hash(INSTANCE))]
+    assert "resource phone" in line and f"application {up.short_hash(APPLICATION)}" in line
+    assert "kept 1" in line and "last delivery never" in line
+    assert up.expiration(NOW + 7 * 86400) in line
     (revoked,) = admin.run(AdminCommand("c", "up_revoke", ("alice", HOST,
                                                             up.short_hash(INSTANCE))),
                            service, info, NOW)
@@ -705,3 +710,70 @@ def test_the_port_says_the_201_only_after_the_commit(tmp_path: Path) -> None:
             await port.app.aclose()
 
     asyncio.run(main())
+
+
+# ----------------------------------------------------------------------------- the store
+def test_store_endpoints_and_kept_pushes(opener: Opener) -> None:
+    store = opener()
+    endpoint = UpEndpoint("tok.one", *PHONE, APPLICATION, INSTANCE, NOW + 10, NOW)
+    store.add_up_endpoint(endpoint)
+    store.add_up_endpoint(UpEndpoint("tok.two", *TABLET, APPLICATION, OTHER_INSTANCE,
+                                     NOW + 10, NOW + 1))
+    for push_id, state in ((30, "kept"), (10, "sent"), (20, "kept"), (40, "queued")):
+        store.add_up_kept(KeptPush(push_id, "tok.one", "t" if push_id == 20 else None,
+                                   bytes([0, push_id, 255]), NOW + push_id, state))
+    store.commit()
+    store = opener()  # what was committed survives
+    assert store.up_endpoint("tok.one") == endpoint
+    assert store.up_endpoint_for(ALICE, APPLICATION, INSTANCE) == endpoint
+    assert [e.token for e in store.up_endpoints_of(ALICE)] == ["tok.one", "tok.two"]
+    assert [e.token for e in store.up_endpoints_at(TABLET)] == ["tok.two"]
+    assert store.up_endpoint_count(ALICE) == 2 and store.up_users() == [ALICE]
+    assert [h.id for h in store.up_held("tok.one")] == [10, 20, 30, 40]  # in id order
+    assert [(p.id, p.payload) for p in store.up_kept_of("tok.one")] == [
+        (20, b"\x00\x14\xff"), (30, b"\x00\x1e\xff")]
+    assert store.up_kept_expired(NOW + 25) == [store.up_kept_get(20)]
+    assert store.up_states("sent", "kept") == 1 and store.up_states("sent", "kept") == 0
+    assert [p.id for p in store.up_kept_of("tok.one")] == [10, 20, 30]
+    store.renew_up_endpoint("tok.one", "tablet", NOW + 99)
+    store.up_delivered("tok.one", NOW + 5)
+    moved = store.up_endpoint("tok.one")
+    assert moved is not None and (moved.resource, moved.expires, moved.last_delivery) == (
+        "tablet", NOW + 99, NOW + 5)
+    assert store.last_up_kept_id() == 40 and store.up_totals() == (2, 4)
+    assert [e.token for e in store.up_endpoints_expired(NOW + 50)] == ["tok.two"]
+    store.delete_up_endpoint("tok.one")
+    assert store.up_totals() == (1, 0) and store.up_kept_get(10) is None
+    totals = store.totals()
+    assert (totals["up_endpoints"], totals["up_kept"]) == (1, 0)
+
+
+def test_one_endpoint_per_account_application_and_instance(tmp_path: Path) -> None:
+    store = open_store(str(tmp_path / "push.sqlite3"))
+    try:
+        store.add_up_endpoint(UpEndpoint("a.1", *PHONE, APPLICATION, INSTANCE, NOW, NOW))
+        with pytest.raises(sqlite3.IntegrityError):
+            store.add_up_endpoint(UpEndpoint("a.2", *TABLET, APPLICATION, INSTANCE, NOW, NOW))
+        with pytest.raises(sqlite3.IntegrityError):  # the token is the key
+            store.add_up_endpoint(UpEndpoint("a.1", *PHONE, APPLICATION, OTHER_INSTANCE,
+                                             NOW, NOW))
+    finally:
+        store.close()
+
+
+def test_an_older_database_gets_the_tables_and_stays_private(tmp_path: Path) -> None:
+    path = tmp_path / "push.sqlite3"
+    with closing(sqlite3.connect(path)) as old:
+        for number, script in enumerate(MIGRATIONS[:13], start=1):
+            old.executescript(f"BEGIN; {script}; PRAGMA user_version={number}; COMMIT;")
+    path.chmod(0o600)
+    store = open_store(str(path))
+    try:
+        assert store.schema_version() == len(MIGRATIONS) >= 14
+        assert store.up_totals() == (0, 0)
+        assert path.stat().st_mode & 0o777 == 0o600
+        plan = " ".join(str(row) for row in store.db.execute(
+            "EXPLAIN QUERY PLAN SELECT token FROM up_endpoints WHERE token=?", ("x",)))
+        assert "INDEX" in plan and "(token=?)" in plan  # a POST looks up by index
+    finally:
+        store.close()

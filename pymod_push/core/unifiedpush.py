@@ -24,6 +24,7 @@ from pymod_push.core.xmpp import RequestError
 NS_UP = "http://gultsch.de/xmpp/drafts/unified-push"
 TOKEN_RANDOM_BYTES = 32  # 256 random bits in every token
 KEY_BYTES = 32  # application and instance: SHA-256 hashes, base64
+MAX_BODY_BYTES = 4096  # a POST's body, at most (the shim answers 413 beyond)
 TTL_DIGITS = 10  # a TTL header of more digits is refused (400)
 TOPIC_CHARS = 32  # RFC 8030 §5.4
 URGENCIES = frozenset({"very-low", "low", "normal", "high"})

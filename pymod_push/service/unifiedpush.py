@@ -135,6 +135,10 @@ class UnifiedPush:
         endpoint = self._endpoint(event.token, now)
         if endpoint is None:
             return [self._reply(event, 404, (), b"no such endpoint\n")]
+        if not event.body:  # the shim answers these itself; not trusted blindly
+            return [self._reply(event, 400, (), b"empty body\n")]
+        if len(event.body) > up.MAX_BODY_BYTES:
+            return [self._reply(event, 413, (), b"body over 4096 bytes\n")]
         try:
             meta = up.parse_meta(event.ttl, event.urgency, event.topic)
         except up.BadPost as error:
@@ -241,6 +245,8 @@ class UnifiedPush:
         """A session of the user is back: resumed (what waited in its queue reached it),
         or a new one (what waited in the old one's queue is kept again); send: its
         endpoints' kept pushes go now (a resumption, a presence to the host)."""
+        if not self.enabled:
+            return []
         self._woken.pop(session[:2], None)
         endpoints = self.store.up_endpoints_at(session)
         actions: list[Action] = []
@@ -270,7 +276,8 @@ class UnifiedPush:
 
     def ejabberd_started(self) -> None:
         """No session survived: what was in flight or in a session's queue is kept."""
-        count = self.store.up_states(SENT, KEPT) + self.store.up_states(QUEUED, KEPT)
+        host = self.config.host
+        count = self.store.up_states(SENT, KEPT, host) + self.store.up_states(QUEUED, KEPT, host)
         if count:
             log.info("ejabberd started: %d UnifiedPush push(es) kept for redelivery", count)
 
@@ -282,9 +289,10 @@ class UnifiedPush:
 
     # ------------------------------------------------------------------ housekeeping
     def expire(self, now: float) -> list[Action]:
-        """Kept pushes whose time is over are dropped; endpoints expired for longer than
-        ENDPOINT_GRACE_S deleted (with what they kept)."""
-        expired = self.store.up_kept_expired(now)
+        """Kept pushes whose time is over are dropped (those in flight or in a session's
+        queue ENDPOINT_GRACE_S later: their answer is not coming); endpoints expired for
+        longer than ENDPOINT_GRACE_S deleted (with what they kept)."""
+        expired = self.store.up_kept_expired(now, now - ENDPOINT_GRACE_S)
         for push in expired:
             self.store.delete_up_kept(push.id)
         self.dropped["expired"] += len(expired)

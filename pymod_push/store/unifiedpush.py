@@ -155,19 +155,25 @@ class UnifiedPushTables(StoreBase):
     def delete_up_kept(self, push_id: int) -> None:
         self.db.execute("DELETE FROM up_kept WHERE id=?", (push_id,))
 
-    def up_states(self, before: str, after: str) -> int:
-        """Every push in state before now in state after; how many."""
-        count = self.db.execute("SELECT COUNT(*) FROM up_kept WHERE state=?",
-                                (before,)).fetchone()[0]
+    def up_states(self, before: str, after: str, server: str) -> int:
+        """Every push of the host's endpoints in state before now in state after; how
+        many (a database may be shared by the hosts of a cluster)."""
+        mine = "token IN (SELECT token FROM up_endpoints WHERE server=?)"
+        count = self.db.execute(f"SELECT COUNT(*) FROM up_kept WHERE state=? AND {mine}",
+                                (before, server)).fetchone()[0]
         if count:
-            self.db.execute("UPDATE up_kept SET state=? WHERE state=?", (after, before))
+            self.db.execute(f"UPDATE up_kept SET state=? WHERE state=? AND {mine}",
+                            (after, before, server))
         return int(count)
 
-    def up_kept_expired(self, now: float, limit: int = 10_000) -> list[KeptPush]:
-        """Kept pushes (not in flight) whose time is over, oldest first."""
+    def up_kept_expired(self, now: float, in_flight_before: float,
+                        limit: int = 10_000) -> list[KeptPush]:
+        """Kept pushes whose time is over, and those sent or queued whose time was over
+        before in_flight_before (an answer that never came), oldest first."""
         return [_kept(r) for r in self.db.execute(
-            "SELECT id, token, topic, payload, expires, state FROM up_kept WHERE state=? "
-            "AND expires<=? ORDER BY id LIMIT ?", (KEPT, now, limit))]
+            "SELECT id, token, topic, payload, expires, state FROM up_kept WHERE "
+            "(state=? AND expires<=?) OR (state<>? AND expires<=?) ORDER BY id LIMIT ?",
+            (KEPT, now, KEPT, in_flight_before, limit))]
 
     def last_up_kept_id(self) -> int:
         row = self.db.execute("SELECT MAX(id) FROM up_kept").fetchone()

@@ -427,6 +427,13 @@ def test_rate_per_endpoint_429(opener: Opener) -> None:
     assert service.unified_push.posts[429] == 3
 
 
+def test_bodies_the_shim_should_have_refused(service: PushService) -> None:
+    token = registered(service)
+    assert reply_of(post(service, token, b"")).status == 400
+    assert reply_of(post(service, token, b"x" * 4097)).status == 413
+    assert reply_of(post(service, token, b"x" * 4096)).status == 201
+
+
 def test_a_post_past_its_deadline_is_not_taken(service: PushService) -> None:
     token = registered(service)
     assert post(service, token, deadline_ms=int(NOW * 1000) - 1) == []
@@ -531,6 +538,12 @@ def test_kept_pushes_expire(service: PushService) -> None:
     assert service.store.up_totals()[1] == 1
     service.expire_unified_push(NOW + 10)
     assert service.store.up_totals()[1] == 0 and service.unified_push.dropped["expired"] == 1
+    # one in flight whose answer never comes goes a grace later
+    stuck = pushes(post(service, token, ttl=b"10"))[0]
+    service.expire_unified_push(NOW + 11)
+    assert service.store.up_kept_get(stuck.id) is not None
+    service.expire_unified_push(NOW + 10 + ENDPOINT_GRACE_S)
+    assert service.store.up_kept_get(stuck.id) is None
     # one that expires before its session comes back is not sent
     push = pushes(post(service, token, ttl=b"10", now=NOW + 20))[0]
     answer(service, push, "offline", now=NOW + 20)
@@ -732,8 +745,11 @@ def test_store_endpoints_and_kept_pushes(opener: Opener) -> None:
     assert [h.id for h in store.up_held("tok.one")] == [10, 20, 30, 40]  # in id order
     assert [(p.id, p.payload) for p in store.up_kept_of("tok.one")] == [
         (20, b"\x00\x14\xff"), (30, b"\x00\x1e\xff")]
-    assert store.up_kept_expired(NOW + 25) == [store.up_kept_get(20)]
-    assert store.up_states("sent", "kept") == 1 and store.up_states("sent", "kept") == 0
+    assert store.up_kept_expired(NOW + 25, 0) == [store.up_kept_get(20)]
+    assert [p.id for p in store.up_kept_expired(NOW + 25, NOW + 10)] == [10, 20]
+    assert store.up_states("sent", "kept", "other.example") == 0
+    assert store.up_states("sent", "kept", HOST) == 1
+    assert store.up_states("sent", "kept", HOST) == 0
     assert [p.id for p in store.up_kept_of("tok.one")] == [10, 20, 30]
     store.renew_up_endpoint("tok.one", "tablet", NOW + 99)
     store.up_delivered("tok.one", NOW + 5)

@@ -337,7 +337,8 @@ mod_doc() ->
             #{value => ?T("Number"),
               desc => ?T("Push IQs (enable, disable) and app-server registration "
                          "commands one account may send per minute, in a burst or "
-                         "spread out; beyond, ejabberd answers them with "
+                         "spread out, and as many UnifiedPush registrations; beyond, "
+                         "ejabberd answers them with "
                          "'resource-constraint' (type wait) without asking Python. "
                          "The default is '60'.")}},
            {publish_rate,

@@ -248,6 +248,7 @@ endpoint('POST', _Host, _Token, #request{data = Data}) when byte_size(Data) > ?M
     text(413, <<"Body over 4096 bytes">>);
 endpoint('POST', Host, Token, #request{data = Data, headers = Headers})
   when is_binary(Data) ->
+    flush_late(),
     Ref = {self(), make_ref()},
     Meta = #{ttl => header(<<"ttl">>, Headers), urgency => header(<<"urgency">>, Headers),
              topic => header(<<"topic">>, Headers),
@@ -265,6 +266,12 @@ endpoint(_Method, _Host, _Token, _Request) ->
     answer(405, [{<<"Allow">>, <<"GET, POST, OPTIONS">>},
                  {<<"Content-Type">>, <<"text/plain; charset=utf-8">>}],
            <<"Only GET, POST and OPTIONS">>).
+
+%% Answers that came after their POST's 503, on this (kept-alive) connection: dropped.
+flush_late() ->
+    receive {?MODULE, _, _, _, _} -> flush_late()
+    after 0 -> ok
+    end.
 
 %% The token is base64url(host) "." base64url(32 random bytes); the host must run this
 %% module with unified_push_url set (the HTTP Host header is never used).

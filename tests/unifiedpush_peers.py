@@ -58,6 +58,7 @@ class Push:
     application: str
     instance: str
     payload: bytes
+    iq_id: str = ""
 
 
 class Distributor(Client):
@@ -89,7 +90,7 @@ class Distributor(Client):
         assert push is not None
         record = Push(iq["from"].full, iq["to"].full, push.get("application", ""),
                       push.get("instance", ""),
-                      base64.b64decode(push.text or "", validate=True))
+                      base64.b64decode(push.text or "", validate=True), iq["id"])
         self.pushes.append(record)
         if self.hold:
             self.held.append(iq)
@@ -190,6 +191,15 @@ def session_state(instance: Instance, full_jid: str) -> str:
     return instance.erl(
         f'case ejabberd_sm:get_session_pid(<<"{user}">>, <<"{host}">>, <<"{resource}">>) of '
         'none -> none; P -> maps:get(mgmt_state, sys:get_state(P), none) end')
+
+
+def unacked(instance: Instance, full_jid: str) -> int:
+    """Stanzas in the stream-management queue of that full JID's session (-1: none)."""
+    user, rest = full_jid.split("@", 1)
+    host, resource = rest.split("/", 1)
+    return int(instance.erl(
+        f'case ejabberd_sm:get_session_pid(<<"{user}">>, <<"{host}">>, <<"{resource}">>) of '
+        'none -> -1; P -> p1_queue:len(maps:get(mgmt_queue, sys:get_state(P))) end'))
 
 
 def wait_until(condition: Callable[[], bool], what: str, timeout: float = TIMEOUT,

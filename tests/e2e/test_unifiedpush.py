@@ -18,6 +18,7 @@ import secrets
 import shutil
 import signal
 import tempfile
+import time
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -38,6 +39,9 @@ from tests.unifiedpush_peers import (
     go_pending,
     post,
     request,
+    session_state,
+    unacked,
+    wait_until,
 )
 from tests.xmpp_peers import TIMEOUT, Peers
 
@@ -123,13 +127,14 @@ def b64url_decode(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-async def marker_once(client: Distributor, url: str, sent: list[bytes]) -> None:
+async def marker_once(client: Distributor, url: str, sent: list[bytes]) -> bytes:
     """POST a marker and wait for it: everything sent before it has arrived by then (one
     stream, in order). Each payload arrived exactly once, in the order sent."""
     marker = b"marker-" + secrets.token_bytes(8)
     await posted(url, marker)
     await client.wait_payload(marker)
     assert client.payloads() == [*sent, marker]
+    return marker
 
 
 # ------------------------------------------------------------------ register
@@ -415,6 +420,8 @@ def test_session_gone_keeps_pushes_until_the_next_bind(up: Scenario) -> None:
     async def run(peers: Peers) -> None:
         phone = await up_user(up, peers)
         endpoint = (await registered(phone)).endpoint
+        # Another client of the account stays online: not the registered full JID.
+        other = await distributor(peers, f"{phone.boundjid.bare}/Other", phone.password)
         await go_offline(up.instance, phone)
         sent = [b"while away %d" % n for n in range(3)]
         for body in sent:
@@ -423,7 +430,7 @@ def test_session_gone_keeps_pushes_until_the_next_bind(up: Scenario) -> None:
         again = await distributor(peers, phone.boundjid.full, phone.password)
         await again.wait_pushes(len(sent))
         await marker_once(again, endpoint, sent)
-        assert phone.pushes == []
+        assert phone.pushes == [] and other.pushes == []
 
     up.run(run)
 
@@ -510,12 +517,19 @@ def test_kept_pushes_wake_a_xep0357_user_once(up: Scenario) -> None:
         assert wake.sender == up.host
         await phone.resume()
         await phone.wait_pushes(len(sent))
-        await marker_once(phone, endpoint, sent)
-        # Pending again, a chat message: the next XEP-0357 push, and nothing in between.
+        marker = await marker_once(phone, endpoint, sent)
+        # Pending again: the resume cleared the mark, two more POSTs wake it once more; a
+        # chat message then makes the next XEP-0357 push, and nothing came in between.
         await go_pending(up.instance, phone)
+        for body in (b"again 1", b"again 2"):
+            await posted(endpoint, body)
+        await app_server.wait_for("fcm", 2)
         sender.send_message(mto=phone.boundjid.full, mbody="chat", mtype="chat")
-        pushes = await app_server.wait_for("fcm", 2)
-        assert len(pushes) == 2  # one wake for the three kept pushes, one for the chat
+        pushes = await app_server.wait_for("fcm", 3)
+        assert len(pushes) == 3
+        await phone.resume()
+        await phone.wait_pushes(len(sent) + 3)
+        await marker_once(phone, endpoint, [*sent, marker, b"again 1", b"again 2"])
 
     up.run(run)
 
@@ -616,3 +630,93 @@ def test_an_ejabberd_restart_keeps_a_kept_push(chaos: Scenario) -> None:
         assert Counter(phone.payloads())[b"across the restart"] == 1
 
     chaos.run(after)
+
+
+@pytest.mark.parametrize("then", ["resume", "bind"])
+def test_a_push_queued_in_a_session_that_went_pending(chaos: Scenario, then: str) -> None:
+    """The <push/> went to a live session that had stopped reading, which then lost its
+    connection: the shim's timeout (30 s) finds the session pending, the IQ waiting in its
+    stream-management queue. resume: ejabberd resends it (counted delivered, not sent
+    again); a new bind instead: the old session bounced it, it is sent again. Once."""
+    instance = chaos.instance
+
+    async def run(peers: Peers) -> None:
+        phone = await up_user(chaos, peers)
+        endpoint = (await registered(phone)).endpoint
+        await phone.acknowledge()
+        full = phone.boundjid.full
+        assert phone.transport is not None
+        phone.transport.pause_reading()
+        posted_at = time.monotonic()
+        await posted(endpoint, b"queued")
+        await asyncio.to_thread(wait_until, lambda: unacked(instance, full) >= 1,
+                                "the <push/> did not reach the session")
+        phone.drop()
+        await asyncio.to_thread(wait_until, lambda: session_state(instance, full) == "pending",
+                                f"{full} did not become pending")
+        # The shim's route_iq timeout (TimeoutMs 30000) passes while the session is pending.
+        await asyncio.to_thread(wait_until, lambda: time.monotonic() > posted_at + 33,
+                                "", 40, 0.5)
+        if then == "resume":
+            await phone.resume()
+            receiver = phone
+        else:
+            receiver = await distributor(peers, full, phone.password)
+        await receiver.wait_payload(b"queued")
+        await marker_once(receiver, endpoint, [b"queued"])
+
+    chaos.run(run)
+
+
+@pytest.fixture(scope="module")
+def ejabberd_up_short() -> Iterator[Instance]:
+    """Endpoints expire after 3 s, pushes are kept at most 5 s."""
+    yield from _up_instance({**UP_OPTIONS, "unified_push_expiration": 3,
+                             "unified_push_max_ttl": 5}, "pymod_push-upshort-")
+
+
+@pytest.fixture
+def short(ejabberd_up_short: Instance) -> Scenario:
+    return Scenario(ejabberd_up_short)
+
+
+def after(moment: datetime, seconds: float) -> None:
+    """Until the wall clock is past that moment plus seconds (expirations are wall-clock)."""
+    wait_until(lambda: datetime.now(UTC) > moment + timedelta(seconds=seconds),
+               f"{moment} + {seconds} s", 60, 0.1)
+
+
+def test_an_expired_endpoint_answers_404_until_renewed(short: Scenario) -> None:
+    async def run(peers: Peers) -> None:
+        phone = await up_user(short, peers)
+        first = await registered(phone)
+        now = datetime.now(UTC)
+        assert now + timedelta(seconds=1) <= first.expires + timedelta(seconds=1)
+        assert first.expires <= now + timedelta(seconds=4)
+        await posted(first.endpoint, b"in time")
+        await phone.wait_payload(b"in time")
+        await asyncio.to_thread(after, first.expires, 1.5)
+        assert (await post(first.endpoint, b"too late")).status == 404
+        renewed = await registered(phone)
+        await posted(renewed.endpoint, b"renewed")
+        await phone.wait_payload(b"renewed")
+        assert phone.payloads() == [b"in time", b"renewed"]
+
+    short.run(run)
+
+
+def test_a_kept_push_is_dropped_when_its_ttl_ends(short: Scenario) -> None:
+    async def run(peers: Peers) -> None:
+        phone = await up_user(short, peers)
+        endpoint = (await registered(phone)).endpoint
+        await go_pending(short.instance, phone)
+        assert (await posted(endpoint, b"short-lived", {"TTL": "1"})).header("TTL") == "1"
+        accepted = datetime.now(UTC)
+        await asyncio.to_thread(after, accepted, 2)
+        # capped by unified_push_max_ttl (5 s)
+        assert (await posted(endpoint, b"fresh", {"TTL": "60"})).header("TTL") == "5"
+        await phone.resume()
+        await phone.wait_payload(b"fresh")
+        await marker_once(phone, endpoint, [b"fresh"])
+
+    short.run(run)

@@ -68,7 +68,8 @@ class Distributor(Client):
         super().__init__(jid, password, port)
         self.account_uuid = secrets.token_hex(16)
         self.pushes: list[Push] = []
-        self.refuse: set[tuple[str, str]] = set()  # (application, instance) -> item-not-found
+        self.refuse: set[tuple[str, str]] = set()  # (application, instance) -> an error
+        self.refusal = "item-not-found"  # the condition of that error
         self.hold = False  # keep the answers until release()
         self.held: list[Any] = []
         self.binds = 0
@@ -103,7 +104,7 @@ class Distributor(Client):
         if refused:
             reply["type"] = "error"
             reply["error"]["type"] = "cancel"
-            reply["error"]["condition"] = "item-not-found"
+            reply["error"]["condition"] = self.refusal
         reply.send()
 
     def release(self) -> None:
@@ -191,6 +192,15 @@ def session_state(instance: Instance, full_jid: str) -> str:
     return instance.erl(
         f'case ejabberd_sm:get_session_pid(<<"{user}">>, <<"{host}">>, <<"{resource}">>) of '
         'none -> none; P -> maps:get(mgmt_state, sys:get_state(P), none) end')
+
+
+def http_waiting(instance: Instance) -> int:
+    """HTTP requests of mod_push_py waiting for Python's answer (processes in the shim's
+    UnifiedPush module)."""
+    return int(instance.erl(
+        "length([P || P <- erlang:processes(), "
+        "case erlang:process_info(P, current_function) of "
+        "{current_function, {mod_push_py_up, _, _}} -> true; _ -> false end])"))
 
 
 def unacked(instance: Instance, full_jid: str) -> int:

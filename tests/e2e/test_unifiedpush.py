@@ -37,6 +37,7 @@ from tests.unifiedpush_peers import (
     distributor,
     go_offline,
     go_pending,
+    http_waiting,
     post,
     request,
     session_state,
@@ -435,9 +436,11 @@ def test_session_gone_keeps_pushes_until_the_next_bind(up: Scenario) -> None:
     up.run(run)
 
 
-def test_item_not_found_revokes_the_endpoint(up: Scenario) -> None:
+@pytest.mark.parametrize("condition", ["item-not-found", "feature-not-implemented"])
+def test_item_not_found_revokes_the_endpoint(up: Scenario, condition: str) -> None:
     async def run(peers: Peers) -> None:
         phone = await up_user(up, peers)
+        phone.refusal = condition
         gone = await registered(phone, "org.example.uninstalled")
         kept = await registered(phone, "org.example.kept")
         phone.refuse.add(phone.hashes("org.example.uninstalled"))
@@ -465,6 +468,28 @@ def test_item_not_found_revokes_the_endpoint(up: Scenario) -> None:
         await posted(again.endpoint, b"reinstalled")
         await phone.wait_payload(b"reinstalled")
         assert (await post(gone.endpoint, b"x")).status == 404
+
+    up.run(run)
+
+
+def test_pushes_kept_for_a_gone_resource_go_to_the_one_that_registers_next(
+        up: Scenario) -> None:
+    """Conversations reinstalled (a new resource) registers the same app again: what the
+    endpoint kept for the old resource goes to the new one at once, in order."""
+    async def run(peers: Peers) -> None:
+        phone = await up_user(up, peers)
+        endpoint = (await registered(phone)).endpoint
+        await go_offline(up.instance, phone)
+        sent = [b"kept for the old one %d" % n for n in range(2)]
+        for body in sent:
+            await posted(endpoint, body)
+        tablet = await distributor(peers, f"{phone.boundjid.bare}/Conversations.New",
+                                   phone.password)
+        tablet.account_uuid = phone.account_uuid
+        assert (await registered(tablet)).endpoint == endpoint
+        await tablet.wait_pushes(len(sent))
+        await marker_once(tablet, endpoint, sent)
+        assert phone.pushes == []
 
     up.run(run)
 
@@ -601,6 +626,57 @@ def test_sigkill_of_python_after_201_delivers_once(chaos: Scenario, while_: str)
             await phone.resume()
         await phone.wait_payload(b"across the kill")
         await marker_once(phone, endpoint, [b"across the kill"])
+
+    chaos.run(run)
+
+
+def test_a_post_python_does_not_answer_in_10_s_gets_503_and_is_not_kept(
+        chaos: Scenario) -> None:
+    """Python stopped (SIGSTOP) past the POST's 10 s: 503 with Retry-After; Python, back,
+    finds the deadline passed and keeps nothing (the app server's retry is the copy)."""
+    instance = chaos.instance
+
+    async def run(peers: Peers) -> None:
+        phone = await up_user(chaos, peers)
+        endpoint = (await registered(phone)).endpoint
+        pid = instance.python_pid()
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            answer = await post(endpoint, b"too slow")
+        finally:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass  # the shim replaced it meanwhile
+        assert answer.status == 503, answer
+        assert answer.header("Retry-After").isdigit()
+        await marker_once(phone, endpoint, [])
+
+    chaos.run(run)
+
+
+def test_sigkill_of_python_while_a_post_waits_answers_it_once(chaos: Scenario) -> None:
+    """The POST's event is in the shim's durable queue when Python dies: the next process
+    gets it replayed and answers the waiting request 201; delivered once."""
+    instance = chaos.instance
+
+    async def run(peers: Peers) -> None:
+        phone = await up_user(chaos, peers)
+        endpoint = (await registered(phone)).endpoint
+        pid = instance.python_pid()
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)  # it takes the event and never answers
+        waiting = asyncio.ensure_future(post(endpoint, b"replayed"))
+        await asyncio.to_thread(wait_until, lambda: http_waiting(instance) >= 1,
+                                "the POST is not waiting for Python")
+        mark = instance.log_mark()
+        os.kill(pid, signal.SIGKILL)
+        await asyncio.to_thread(instance.wait_ready, mark)
+        answer = await waiting
+        assert answer.status == 201, answer
+        await phone.wait_payload(b"replayed")
+        await marker_once(phone, endpoint, [b"replayed"])
 
     chaos.run(run)
 

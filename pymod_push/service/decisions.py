@@ -244,9 +244,9 @@ class PushService:
                 if self._reset(session):
                     self.store.bind_node(session, self.config.ejabberd_node, None)
                 # also sent for UnifiedPush users who are not push-enabled
-                return self.unified_push.back(session, now, resumed=True, send=True)
-            case SessionOpened(session):
-                resolved = self.unified_push.back(session, now, resumed=False, send=False)
+                return self.unified_push.back(session, now, queued="delivered", send=True)
+            case SessionOpened(session):  # also a resumption's first event (then resumed)
+                resolved = self.unified_push.back(session, now, queued=None, send=False)
                 registrations = self._reset(session)
                 if not registrations:
                     return resolved
@@ -258,7 +258,7 @@ class PushService:
             case UpPost():
                 return self.unified_push.post(event, now)
             case UpPresence(session):
-                return self.unified_push.back(session, now, resumed=False, send=True)
+                return self.unified_push.back(session, now, queued="kept", send=True)
             case UpRegister():
                 return self.unified_push.register(event, now)
             case UserRemoved(user):

@@ -241,23 +241,29 @@ class UnifiedPush:
         return []
 
     # ------------------------------------------------------------------ sessions
-    def back(self, session: SessionKey, now: float, resumed: bool, send: bool) -> list[Action]:
-        """A session of the user is back: resumed (what waited in its queue reached it),
-        or a new one (what waited in the old one's queue is kept again); send: its
-        endpoints' kept pushes go now (a resumption, a presence to the host)."""
+    def back(self, session: SessionKey, now: float, queued: str | None,
+             send: bool) -> list[Action]:
+        """A session of the user is back (its woken mark cleared). queued: what becomes of
+        the pushes waiting in the queue of that full JID's session: "delivered" (it
+        resumed: ejabberd sent them again), "kept" (a new bind: the old session bounced
+        them), None (unknown yet: ejabberd opens a resumed session before it says it
+        resumed). send: its endpoints' kept pushes go now (a resumption, a presence to
+        the host)."""
         if not self.enabled:
             return []
         self._woken.pop(session[:2], None)
-        endpoints = self.store.up_endpoints_at(session)
+        if queued is None and not send:
+            return []
         actions: list[Action] = []
-        for endpoint in endpoints:
-            for push in self.store.up_kept_of(endpoint.token, QUEUED):
-                if resumed:
-                    self.store.delete_up_kept(push.id)
-                    self.deliveries += 1
-                    self.store.up_delivered(endpoint.token, now)
-                else:
-                    self.store.set_up_state(push.id, KEPT)
+        for endpoint in self.store.up_endpoints_at(session):
+            if queued is not None:
+                for push in self.store.up_kept_of(endpoint.token, QUEUED):
+                    if queued == "delivered":
+                        self.store.delete_up_kept(push.id)
+                        self.deliveries += 1
+                        self.store.up_delivered(endpoint.token, now)
+                    else:
+                        self.store.set_up_state(push.id, KEPT)
             if send:
                 actions += self._send_kept(endpoint, now)
         return actions

@@ -173,7 +173,8 @@ ejabberd_running() ->
 %% that module_upgrade runs the new code of all seven.
 -spec pre_uninstall() -> ok.
 pre_uninstall() ->
-    [catch gen_mod:stop_module(Host, ?MODULE) || Host <- ejabberd_option:hosts()],
+    [try gen_mod:stop_module(Host, ?MODULE) catch _:_ -> ok end
+     || Host <- ejabberd_option:hosts()],
     lists:foreach(fun(Module) -> code:purge(Module), code:delete(Module) end,
                   [mod_push_py_port, mod_push_py_opt, mod_push_py_actions, mod_push_py_muc,
                    mod_push_py_up, mod_push_py_commands]).

@@ -19,6 +19,7 @@ import shutil
 import signal
 import tempfile
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -27,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from devtools.instance import Instance
+from devtools.instance import Instance, free_port
 from tests.conftest import Scenario
 from tests.unifiedpush_peers import (
     NS_UP,
@@ -78,7 +79,8 @@ def _up_instance(options: dict[str, Any], prefix: str) -> Iterator[Instance]:
 
 @pytest.fixture(scope="session")
 def ejabberd_up() -> Iterator[Instance]:
-    yield from _up_instance(UP_OPTIONS, "pymod_push-up-")
+    yield from _up_instance({**UP_OPTIONS, "metrics_listen": f"127.0.0.1:{free_port()}"},
+                            "pymod_push-up-")
 
 
 @pytest.fixture
@@ -586,6 +588,61 @@ def test_operator_lists_and_revokes_endpoints(up: Scenario) -> None:
                    for app in ("org.example.one", "org.example.two")
                    for h in phone.hashes(app))
         assert phone.pushes == []
+
+    up.run(run)
+
+
+def unifiedpush_metrics(instance: Instance) -> Counter[str]:
+    """pymod_push_unifiedpush_* of the metrics endpoint, by name and labels (host left
+    out): 'posts_total{code=201}' -> value."""
+    with urllib.request.urlopen(f"http://{instance.options['metrics_listen']}/metrics",
+                                timeout=10) as response:
+        text = response.read().decode()
+    found: Counter[str] = Counter()
+    for name, labels, value in re.findall(
+            r"^pymod_push_unifiedpush_(\w+)\{([^}]*)\} (\S+)$", text, re.M):
+        kept = ",".join(f"{k}={v}" for k, v in re.findall(r'(\w+)="([^"]*)"', labels)
+                        if k != "host")
+        found[f"{name}{{{kept}}}" if kept else name] = float(value)
+    return found
+
+
+def test_metrics_and_push_status_count_it(up: Scenario) -> None:
+    instance = up.instance
+
+    async def run(peers: Peers) -> None:
+        before = await asyncio.to_thread(unifiedpush_metrics, instance)
+        phone = await up_user(up, peers)
+        endpoint = (await registered(phone)).endpoint
+        for body in (b"one", b"two"):
+            await posted(endpoint, body)
+        await phone.wait_pushes(2)
+        assert (await post(endpoint, b"x", {"TTL": "soon"})).status == 400
+        host_part = endpoint.rsplit("/", 1)[1].split(".")[0]
+        unknown = f"{instance.up_url}/{host_part}.{b64url_nopad(secrets.token_bytes(32))}"
+        assert (await post(unknown, b"x")).status == 404
+        await go_pending(instance, phone)
+        await posted(endpoint, b"first", {"Topic": "t"})
+        await posted(endpoint, b"second", {"Topic": "t"})  # replaces the first
+
+        def delta() -> Counter[str]:
+            now = unifiedpush_metrics(instance)
+            return Counter({k: now[k] - before[k] for k in now if now[k] != before[k]})
+
+        expected = {"endpoints": 1, "posts_total{code=201}": 4, "posts_total{code=400}": 1,
+                    "posts_total{code=404}": 1, "deliveries_total": 2, "kept": 1,
+                    "dropped_total{reason=topic}": 1}
+        await asyncio.to_thread(wait_until, lambda: delta() == expected,
+                                "metrics did not count it")
+        status = await asyncio.to_thread(instance.ctl, "push_status", instance.host)
+        assert "UnifiedPush" in status, status
+        await phone.resume()
+        await phone.wait_pushes(3)
+        await marker_once(phone, endpoint, [b"one", b"two", b"second"])
+        expected.update({"posts_total{code=201}": 5, "deliveries_total": 4})
+        del expected["kept"]
+        await asyncio.to_thread(wait_until, lambda: delta() == expected,
+                                "metrics did not count the deliveries")
 
     up.run(run)
 

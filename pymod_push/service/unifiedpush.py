@@ -101,7 +101,9 @@ class UnifiedPush:
                     raise RequestError("not-allowed", f"an account may hold at most {limit} "
                                        "UnifiedPush endpoints (option "
                                        "unified_push_max_endpoints)", "cancel")
-                endpoint = UpEndpoint(up.make_token(session[1], self._random(32)), *session,
+                # the token names this host (the one that answers its POSTs), whoever asks
+                endpoint = UpEndpoint(up.make_token(self.config.host, self._random(32)),
+                                      *session,
                                       request.application, request.instance, expires, now)
                 self.store.add_up_endpoint(endpoint)
                 if held == 0:
@@ -290,7 +292,7 @@ class UnifiedPush:
     def user_removed(self, user: UserKey) -> list[Action]:
         actions: list[Action] = []
         for endpoint in self.store.up_endpoints_of(user):
-            actions = self.revoke(endpoint.token, "account removed")
+            actions += self.revoke(endpoint.token, "account removed")
         return actions
 
     # ------------------------------------------------------------------ housekeeping

@@ -316,6 +316,15 @@ def test_register_answers_a_stable_endpoint(service: PushService) -> None:
     assert endpoint_of(register(service, instance=OTHER_INSTANCE)) != endpoint
 
 
+def test_the_token_names_the_host_that_answers_it(service: PushService) -> None:
+    """With unified_push_access allowing users of other hosts, their endpoints are still
+    this host's (the shim finds the host that answers a POST from the token)."""
+    remote = ("bob", "other.example", "pc")
+    token = token_of(register(service, session=remote))
+    assert up.token_host(token) == HOST
+    assert reply_of(post(service, token)).status == 201
+
+
 def test_register_refusals(service: PushService) -> None:
     (error,) = service.handle(UpRegister("r", PHONE, "en", register_xml(instance="bad")), NOW)
     assert isinstance(error, IqError) and (error.error_type, error.condition) == (

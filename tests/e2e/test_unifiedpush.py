@@ -853,3 +853,58 @@ def test_a_kept_push_is_dropped_when_its_ttl_ends(short: Scenario) -> None:
         await marker_once(phone, endpoint, [b"fresh"])
 
     short.run(run)
+
+
+# ------------------------------------------------------------------ PostgreSQL
+
+
+@pytest.fixture(scope="module")
+def ejabberd_up_postgres(postgres: Any) -> Iterator[Instance]:
+    """The state in PostgreSQL (db_url), for the database outage."""
+    yield from _up_instance({**UP_OPTIONS, "db_url": postgres.new_database()},
+                            "pymod_push-uppg-")
+
+
+@pytest.mark.parametrize("session", ["online", "pending"])
+def test_a_database_outage_loses_no_accepted_push_and_sends_none_twice(
+        ejabberd_up_postgres: Instance, postgres: Any, session: str) -> None:
+    """PostgreSQL stopped for 4 s while POSTs wait (one at the start of the outage, one
+    in its middle): each is answered 201, and then delivered exactly once, or 503 (not
+    stored in time: not delivered, the app server retries), never anything else; once
+    the database is back, POSTs are taken again (as messages are: "database back after")."""
+    scenario = Scenario(ejabberd_up_postgres)
+    instance = scenario.instance
+
+    async def run(peers: Peers) -> None:
+        phone = await up_user(scenario, peers)
+        endpoint = (await registered(phone)).endpoint
+        await posted(endpoint, b"before")
+        await phone.wait_payload(b"before")
+        if session == "pending":
+            await go_pending(instance, phone)
+        await asyncio.to_thread(postgres.halt)
+        try:
+            down = time.monotonic()
+            first = asyncio.ensure_future(post(endpoint, b"during 1"))
+            await asyncio.to_thread(wait_until, lambda: http_waiting(instance) >= 1,
+                                    "the POST is not waiting for Python")
+            await asyncio.to_thread(wait_until, lambda: time.monotonic() > down + 2, "", 10)
+            second = asyncio.ensure_future(post(endpoint, b"during 2"))
+            await asyncio.to_thread(wait_until, lambda: time.monotonic() > down + 4, "", 10)
+        finally:
+            await asyncio.to_thread(postgres.start)
+        back = time.monotonic()
+        answers = {b"during 1": await first, b"during 2": await second}
+        assert {a.status for a in answers.values()} <= {201, 503}, answers
+        accepted = [body for body, answer in answers.items() if answer.status == 201]
+        # The database is back: POSTs are taken again within its reconnection delay.
+        marker = b"after the outage"
+        while (answer := await post(endpoint, marker)).status == 503:
+            assert time.monotonic() < back + 20, "still 503 20 s after the database is back"
+        assert answer.status == 201, answer
+        if session == "pending":
+            await phone.resume()
+        await phone.wait_payload(marker)
+        assert phone.payloads() == [b"before", *accepted, marker]
+
+    scenario.run(run)

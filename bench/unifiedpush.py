@@ -20,8 +20,8 @@ last <push/> at a distributor; XEP-0357: the last publish at the app server), la
 (POST -> 201, POST -> <push/>; message sent -> publish) p50/p99, and CPU ms per push of the
 ejabberd VM and of the Python process (/proc, utime + stime) over the phase.
 
-    python -m bench.unifiedpush [--posts 5000] [--endpoints 50] [--connections 16]
-        [--size 256] [--sessions 200] [--messages 5000] [--rounds 3]
+    python -m bench.unifiedpush [--posts 10000] [--endpoints 50] [--connections 16]
+        [--size 256] [--sessions 200] [--messages 10000] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -342,13 +342,13 @@ def wait_pending(instance: Instance, count: int, mark: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--posts", type=int, default=5000, help="POSTs per round")
+    parser.add_argument("--posts", type=int, default=10000, help="POSTs per round")
     parser.add_argument("--endpoints", type=int, default=50, help="online distributors")
     parser.add_argument("--connections", type=int, default=16,
                         help="HTTP connections; also the XEP-0357 side's window")
     parser.add_argument("--size", type=int, default=256, help="bytes per POST body (>= 10)")
     parser.add_argument("--sessions", type=int, default=200, help="pending XEP-0357 sessions")
-    parser.add_argument("--messages", type=int, default=5000, help="messages per round")
+    parser.add_argument("--messages", type=int, default=10000, help="messages per round")
     parser.add_argument("--rounds", type=int, default=3, help="figures are medians of rounds")
     args = parser.parse_args()
     if not 10 <= args.size <= 4096:

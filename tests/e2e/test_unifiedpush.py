@@ -325,7 +325,10 @@ def test_http_answers(up: Scenario) -> None:
         unknown = f"{instance.up_url}/{host_part}.{b64url_nopad(secrets.token_bytes(32))}"
         elsewhere = (f"{instance.up_url}/{b64url_nopad(b'example.net')}."
                      f"{b64url_nopad(secrets.token_bytes(32))}")
-        for url in (unknown, elsewhere, f"{instance.up_url}/nodot",
+        short_secret = f"{instance.up_url}/{host_part}.{b64url_nopad(bytes(31))}"
+        not_base64url = f"{instance.up_url}/{host_part}.{'+' * 43}"
+        for url in (unknown, elsewhere, short_secret, not_base64url,
+                    f"{instance.up_url}/{host_part}", f"{instance.up_url}/nodot",
                     f"{instance.up_url}/!!!.!!!", f"{instance.up_url}/", instance.up_url):
             assert (await post(url, b"x")).status == 404, url
         # GET does not look the token up (as Prosody): well-formed for this host is enough.
@@ -423,12 +426,13 @@ def test_session_gone_keeps_pushes_until_the_next_bind(up: Scenario) -> None:
     async def run(peers: Peers) -> None:
         phone = await up_user(up, peers)
         endpoint = (await registered(phone)).endpoint
-        # Another client of the account stays online: not the registered full JID.
-        other = await distributor(peers, f"{phone.boundjid.bare}/Other", phone.password)
         await go_offline(up.instance, phone)
         sent = [b"while away %d" % n for n in range(3)]
         for body in sent:
             await posted(endpoint, body)
+        # Another client of the account binds (and sends its presence to the host): not
+        # the registered full JID, it gets nothing.
+        other = await distributor(peers, f"{phone.boundjid.bare}/Other", phone.password)
         # Conversations binds again (same resource) and sends its presence to the host.
         again = await distributor(peers, phone.boundjid.full, phone.password)
         await again.wait_pushes(len(sent))
@@ -492,6 +496,29 @@ def test_pushes_kept_for_a_gone_resource_go_to_the_one_that_registers_next(
         await tablet.wait_pushes(len(sent))
         await marker_once(tablet, endpoint, sent)
         assert phone.pushes == []
+
+    up.run(run)
+
+
+def test_concurrent_posts_each_delivered_once(up: Scenario) -> None:
+    """POSTs at the same time, to an online session and then to a pending one."""
+    async def run(peers: Peers) -> None:
+        phone = await up_user(up, peers)
+        endpoint = (await registered(phone)).endpoint
+        online = [b"online %d" % n for n in range(6)]
+        answers = await asyncio.gather(*(post(endpoint, body) for body in online))
+        assert [a.status for a in answers] == [201] * len(online)
+        await phone.wait_pushes(len(online))
+        await go_pending(up.instance, phone)
+        pending = [b"pending %d" % n for n in range(MAX_KEPT - 1)]
+        answers = await asyncio.gather(*(post(endpoint, body) for body in pending))
+        assert [a.status for a in answers] == [201] * len(pending)
+        await phone.resume()
+        await phone.wait_pushes(len(online) + len(pending))
+        marker = await marker_once(phone, endpoint, phone.payloads())  # nothing more came
+        assert Counter(phone.payloads()) == Counter([*online, *pending, marker])
+        # Locations name each message differently
+        assert len({a.header("Location") for a in answers}) == len(pending)
 
     up.run(run)
 

@@ -359,13 +359,14 @@ c2s_session_pending(State) ->
 -spec c2s_session_resumed(c2s_state()) -> c2s_state().
 c2s_session_resumed(#{push_py := _, push_py_saved_timeout := Saved} = State) ->
     notify(State, {session_resumed, session_key(State)}),
+    mod_push_py_up:session_resumed(session_key(State), true),
     mod_stream_mgmt:set_resume_timeout(maps:remove(push_py_saved_timeout, State), Saved);
 c2s_session_resumed(#{push_py := _} = State) ->
     notify(State, {session_resumed, session_key(State)}),
+    mod_push_py_up:session_resumed(session_key(State), true),
     State;
 c2s_session_resumed(State) ->  % not push-enabled: a UnifiedPush user's, for their pushes
-    Key = session_key(State),
-    mod_push_py_up:is_up_user(Key) andalso notify(State, {session_resumed, Key}),
+    mod_push_py_up:session_resumed(session_key(State), false),
     State.
 
 -spec c2s_copy_session(c2s_state(), c2s_state()) -> c2s_state().
@@ -474,13 +475,12 @@ user_send_packet({#presence{to = #jid{resource = Nick} = To, type = Type} = Pres
             end;
         _ -> Acc
     end;
-%% UnifiedPush: the available presence Conversations sends to its push server (the host)
-%% on every bind, when the push server is the user's own: the kept pushes go now.
+%% UnifiedPush: the available presence Conversations sends to its push server (a host of
+%% this server) on every bind: the kept pushes go now.
 user_send_packet({#presence{type = available,
-                            to = #jid{luser = <<>>, lresource = <<>>, lserver = LServer}},
-                  #{lserver := LServer} = State} = Acc) ->
-    Key = session_key(State),
-    mod_push_py_up:is_up_user(Key) andalso notify(State, {up_presence, Key}),
+                            to = #jid{luser = <<>>, lresource = <<>>, lserver = ToHost}},
+                  State} = Acc) ->
+    mod_push_py_up:presence(ToHost, session_key(State)),
     Acc;
 user_send_packet(Acc) ->
     Acc.

@@ -18,7 +18,7 @@
 -module(mod_push_py_up).
 
 %% mod_push_py: starting, stopping, the HTTP handler, the c2s hooks' questions
--export([start/1, stop/1, process/2, session_pending/1, is_up_user/1]).
+-export([start/1, stop/1, process/2, session_pending/1, session_resumed/2, presence/2]).
 %% the IQ handler and the disco hook
 -export([decode_iq_subel/1, process_iq/1, disco_local_features/5]).
 %% the port owner: actions, IQ replies, tables
@@ -122,22 +122,40 @@ disco_local_features(Acc, _From, _To, _Node, _Lang) ->
 %%%===================================================================
 %%% The c2s hooks' questions (mod_push_py), in the sessions' processes
 %%%===================================================================
--spec is_up_user({binary(), binary(), binary()}) -> boolean().
-is_up_user({U, S, _R}) ->
-    try ets:member(users_table(S), {U, S})
-    catch error:badarg -> false  % no UnifiedPush user yet (the table is made by the first)
+%% The hosts of this server where the user has UnifiedPush endpoints (usually their own;
+%% unified_push_access may let users of other hosts register). Only for rare events:
+%% sessions going pending or resumed, presences to a host.
+up_hosts({U, S, _R}) ->
+    [Host || Host <- ejabberd_option:hosts(), up_user(Host, {U, S})].
+
+up_user(Host, User) ->
+    try ets:member(users_table(Host), User)
+    catch error:badarg -> false  % no UnifiedPush user there (the first makes the table)
     end.
 
 %% A session goes pending (run by the c2s process): a UnifiedPush user's is noted, so
 %% that a push for it is kept rather than queued in the session (execute/2).
 -spec session_pending({binary(), binary(), binary()}) -> ok.
-session_pending({_, S, _} = Key) ->
-    case is_up_user(Key) of
-        true ->
-            try ets:insert(pending_table(S), {self()})
-            catch error:badarg -> ok  % a keeper started by older code: no table until restart
-            end,
-            ok;
+session_pending(Key) ->
+    [try ets:insert(pending_table(Host), {self()})
+     catch error:badarg -> ok  % a keeper started by older code: no table until restart
+     end || Host <- up_hosts(Key)],
+    ok.
+
+%% A session was resumed: session_resumed to the hosts where the user has endpoints
+%% (Notified: their own host had it already, as a push-enabled session's).
+-spec session_resumed({binary(), binary(), binary()}, boolean()) -> ok.
+session_resumed({_, S, _} = Key, Notified) ->
+    [mod_push_py_port:send_event(Host, {session_resumed, Key})
+     || Host <- up_hosts(Key), not (Notified andalso Host == S)],
+    ok.
+
+%% An available presence to a host's bare JID: up_presence for that host when the user
+%% has endpoints there (a remote domain is never looked up: no atom is made for it).
+-spec presence(binary(), {binary(), binary(), binary()}) -> ok.
+presence(ToHost, {U, S, _} = Key) ->
+    case lists:member(ToHost, ejabberd_option:hosts()) andalso up_user(ToHost, {U, S}) of
+        true -> mod_push_py_port:send_event(ToHost, {up_presence, Key});
         false -> ok
     end.
 

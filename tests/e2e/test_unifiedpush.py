@@ -597,24 +597,35 @@ def test_operator_lists_and_revokes_endpoints(up: Scenario) -> None:
     async def run(peers: Peers) -> None:
         phone = await up_user(up, peers)
         user = phone.boundjid.user
-        first = await registered(phone, "org.example.one")
-        second = await registered(phone, "org.example.two")
+        apps = [("org.example.one", "c1"), ("org.example.two", "c2"),
+                ("org.example.three", "c3")]
+        endpoints = [await registered(phone, app, connector) for app, connector in apps]
+        hashes = [phone.hashes(app, connector) for app, connector in apps]
         listed = await asyncio.to_thread(instance.ctl, "push_up_list", user, up.host)
-        for registration, app in ((first, "org.example.one"), (second, "org.example.two")):
-            application, instance_hash = phone.hashes(app)
-            assert short_hash(application) in listed or short_hash(instance_hash) in listed, \
+        for registration, (application, instance_hash) in zip(endpoints, hashes, strict=True):
+            assert short_hash(application) in listed and short_hash(instance_hash) in listed, \
                 listed
             secret = registration.token.split(".")[1]
             assert secret not in listed and registration.endpoint not in listed
+            assert application not in listed and instance_hash not in listed
         assert phone.boundjid.resource in listed
+
+        # One, by the id the list shows (its instance's hash)
+        await asyncio.to_thread(instance.ctl, "push_up_revoke", user, up.host,
+                                short_hash(hashes[0][1]))
+        assert (await post(endpoints[0].endpoint, b"x")).status == 404
+        await posted(endpoints[1].endpoint, b"still there")
+        await phone.wait_payload(b"still there")
+        unknown = await asyncio.to_thread(instance.ctl, "push_up_revoke", user, up.host,
+                                          "0badc0de", check=False)
+        assert "no such UnifiedPush endpoint" in unknown, unknown
+        # All
         await asyncio.to_thread(instance.ctl, "push_up_revoke", user, up.host, "all")
-        for registration in (first, second):
+        for registration in endpoints:
             assert (await post(registration.endpoint, b"x")).status == 404
         listed = await asyncio.to_thread(instance.ctl, "push_up_list", user, up.host)
-        assert all(short_hash(h) not in listed
-                   for app in ("org.example.one", "org.example.two")
-                   for h in phone.hashes(app))
-        assert phone.pushes == []
+        assert all(short_hash(h) not in listed for pair in hashes for h in pair), listed
+        assert phone.payloads() == [b"still there"]
 
     up.run(run)
 

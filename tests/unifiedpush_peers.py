@@ -64,8 +64,10 @@ class Push:
 class Distributor(Client):
     """Conversations as a UnifiedPush distributor on one account."""
 
-    def __init__(self, jid: str, password: str, port: int) -> None:
+    def __init__(self, jid: str, password: str, port: int,
+                 push_server: str | None = None) -> None:
         super().__init__(jid, password, port)
+        self.push_server = push_server  # Conversations' "Push Server" (default: the domain)
         self.account_uuid = secrets.token_hex(16)
         self.pushes: list[Push] = []
         self.refuse: set[tuple[str, str]] = set()  # (application, instance) -> an error
@@ -82,7 +84,7 @@ class Distributor(Client):
         """What Conversations does on every bind of its UP account: an available presence
         to the push server (here the user's own domain)."""
         self.binds += 1
-        self.send_presence(pto=self.boundjid.host)
+        self.send_presence(pto=self.push_server or self.boundjid.host)
 
     def _on_push(self, iq: Any) -> None:
         if iq["type"] != "set":
@@ -142,13 +144,14 @@ class Distributor(Client):
 
     async def register_up(self, application: str, instance: str,
                           to: str | None = None) -> Registered:
-        iq = self.make_iq_set(ito=to or self.boundjid.host)
+        to = to or self.push_server or self.boundjid.host
+        iq = self.make_iq_set(ito=to)
         iq.append(ET.fromstring(f"<register xmlns='{NS_UP}' application='{application}' "
                                 f"instance='{instance}'/>"))
         answer = await iq.send(timeout=TIMEOUT)
         registered = answer.xml.find(f"{{{NS_UP}}}registered")
         assert registered is not None, str(answer)
-        assert answer["from"].full == (to or self.boundjid.host)
+        assert answer["from"].full == to
         return Registered(registered.get("endpoint", ""), registered.get("expiration", ""))
 
     async def register_error(self, xml: str, iq_type: str = "set",
@@ -175,8 +178,9 @@ class Distributor(Client):
         assert self.binds == binds, "a new session, not a resumption"
 
 
-async def distributor(peers: Peers, jid: str, password: str) -> Distributor:
-    client = Distributor(jid, password, peers.port)
+async def distributor(peers: Peers, jid: str, password: str,
+                      push_server: str | None = None) -> Distributor:
+    client = Distributor(jid, password, peers.port, push_server)
     peers.clients.append(client)
     await client.online()
     return client

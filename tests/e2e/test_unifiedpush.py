@@ -62,14 +62,19 @@ DEFAULT_TTL = 86400  # unified_push_max_ttl's default: the TTL of a POST without
 FAST = 8.0  # seconds: a POST is answered once stored, not held (the shim's limit is 10 s)
 
 
-def _up_instance(options: dict[str, Any], prefix: str) -> Iterator[Instance]:
+def _up_instance(options: dict[str, Any], prefix: str,
+                 other_hosts: tuple[str, ...] = ()) -> Iterator[Instance]:
     folder = Path(tempfile.mkdtemp(prefix=prefix))
     folder.chmod(0o755)
-    instance = Instance(folder, options=options, unified_push=True, extra_config=UP_CONFIG,
+    config = {**UP_CONFIG, "hosts": ["localhost", *other_hosts]} if other_hosts else UP_CONFIG
+    instance = Instance(folder, options=options, unified_push=True, extra_config=config,
                         modules={"mod_mam": {"default": "always"}})
     instance.write_config()
     try:
+        mark = instance.log_mark()
         instance.start()
+        for host in other_hosts:
+            instance.wait_for_log(rf"Python process ready on {re.escape(host)}\b", mark)
         yield instance
     finally:
         instance.discard()
@@ -944,5 +949,53 @@ def test_a_database_outage_loses_no_accepted_push_and_sends_none_twice(
             await phone.resume()
         await phone.wait_payload(marker)
         assert phone.payloads() == [b"before", *accepted, marker]
+
+    scenario.run(run)
+
+
+# ------------------------------------------------------------------ two virtual hosts
+
+OTHER = "other.localhost"
+
+
+@pytest.fixture(scope="module")
+def ejabberd_up_two_hosts() -> Iterator[Instance]:
+    yield from _up_instance(UP_OPTIONS, "pymod_push-up2-", (OTHER,))
+
+
+@pytest.mark.parametrize("user_host", [OTHER, "localhost"])
+def test_the_push_server_is_the_host_registered_at(ejabberd_up_two_hosts: Instance,
+                                                   user_host: str) -> None:
+    """Users of either virtual host register at other.localhost (Conversations' "Push
+    Server" setting): the token names other.localhost, pushes come from it, and are kept
+    for a pending session (delivered once on its resume) or a gone one (delivered once
+    after the next bind's presence to other.localhost)."""
+    instance = ejabberd_up_two_hosts
+    scenario = Scenario(instance)
+
+    async def run(peers: Peers) -> None:
+        name = f"two{secrets.token_hex(4)}"
+        await asyncio.to_thread(instance.register, name, user_host, "pw")
+        full = f"{name}@{user_host}/Conversations.x"
+        phone = await distributor(peers, full, "pw", push_server=OTHER)
+        registration = await phone.register_up(*phone.hashes("org.example.app"))
+        host_part = registration.token.split(".")[0]
+        assert b64url_decode(host_part) == OTHER.encode()
+        await posted(registration.endpoint, b"online")
+        await phone.wait_payload(b"online")
+        assert phone.pushes[0].sender == OTHER
+        await go_pending(instance, phone)
+        await posted(registration.endpoint, b"while pending")
+        await phone.resume()
+        await phone.wait_payload(b"while pending")
+        await marker_once(phone, registration.endpoint, [b"online", b"while pending"])
+        assert {p.sender for p in phone.pushes} == {OTHER}
+        # Gone, then a new bind: its presence to other.localhost brings what was kept.
+        await go_offline(instance, phone)
+        await posted(registration.endpoint, b"while away")
+        again = await distributor(peers, full, "pw", push_server=OTHER)
+        await again.wait_payload(b"while away")
+        await marker_once(again, registration.endpoint, [b"while away"])
+        assert {p.sender for p in again.pushes} == {OTHER}
 
     scenario.run(run)

@@ -157,7 +157,7 @@ class PortApp:
                 try:
                     results = self._handle_event(item)
                 except DatabaseUnavailable as exc:
-                    self.commits.database_away(exc, list(items[position:]))
+                    self.commits.read_failed(exc, list(items[position:]))
                     break
                 self.commits.collect(results)
                 continue
@@ -190,8 +190,8 @@ class PortApp:
                 try:
                     results = self._handle(batch.events[index], arrived < late)
                 except DatabaseUnavailable as exc:
-                    self.commits.database_away(exc, [(arrived, (batch, index)),
-                                              *items[position + 1:]])
+                    self.commits.read_failed(exc, [(arrived, (batch, index)),
+                                             *items[position + 1:]])
                     break
                 self.commits.collect(results)
             else:

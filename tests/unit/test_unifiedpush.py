@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -804,3 +805,48 @@ def test_an_older_database_gets_the_tables_and_stays_private(tmp_path: Path) -> 
         assert "INDEX" in plan and "(token=?)" in plan  # a POST looks up by index
     finally:
         store.close()
+
+
+def test_postgresql_away_in_a_read_is_tried_again_and_loses_nothing(postgres: Any) -> None:
+    """A POST's handling reads (its endpoint): the database away then, no commit has
+    failed, yet the port tries again with its backoff and handles what it held once the
+    database is back (every POST answered 201 once, in order)."""
+    url = postgres.new_database()
+    token = ""
+
+    def post_frame(seq: int, body: bytes) -> bytes:
+        meta = {Atom("ttl"): b"60", Atom("urgency"): Atom("undefined"),
+                Atom("topic"): Atom("undefined"),
+                Atom("deadline"): int((time.time() + 30) * 1000)}
+        return batch(seq, (Atom("up_post"), HTTP_REF, token.encode(), meta, body))
+
+    async def main() -> None:
+        nonlocal token
+        port = PortUnderTest()
+        try:
+            port.app.on_frames([etf.encode((Atom("hello"), PROTOCOL_VERSION, b"example.org", {
+                Atom("db_url"): url.encode(), Atom("node"): Atom("e@h"),
+                Atom("unified_push_url"): URL.encode()}))])
+            session = (b"alice", b"example.org", b"phone")
+            port.app.on_frames([batch(1, (Atom("up_register"), Atom("r"), session, b"en",
+                                          register_xml()))])
+            await until(lambda: 1 in acks(port))
+            (result,) = [a for a in port.actions() if a[0] == "iq_result"]
+            token = ET.fromstring(result[2]).get("endpoint", "").rsplit("/", 1)[1]
+            await asyncio.to_thread(postgres.halt)
+            try:
+                port.app.on_frames([post_frame(2, b"during")])  # its read fails
+                await until(lambda: port.app.commits.held is not None)
+                port.app.on_frames([post_frame(3, b"held")])
+                await asyncio.sleep(0.5)
+                assert acks(port) == [1]
+            finally:
+                await asyncio.to_thread(postgres.start)
+            await until(lambda: 3 in acks(port), timeout=30)
+            replies = [a for a in port.actions() if a[0] == "http_reply"]
+            assert [r[2] for r in replies] == [201, 201]
+            assert [a[5] for a in port.actions() if a[0] == "up_push"] == [b"during", b"held"]
+        finally:
+            await port.app.aclose()
+
+    asyncio.run(main())

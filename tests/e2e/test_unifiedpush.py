@@ -38,6 +38,7 @@ from tests.unifiedpush_peers import (
     distributor,
     go_offline,
     go_pending,
+    http_request,
     http_waiting,
     post,
     request,
@@ -350,6 +351,8 @@ def test_http_answers(up: Scenario) -> None:
         assert (await post(endpoint, b"")).status == 400
         for headers in ({"TTL": "abc"}, {"TTL": "-1"}, {"TTL": "1.5"}, {"TTL": "12345678901"},
                         {"TTL": ""}, {"Urgency": "urgent"}, {"Urgency": "HIGH!"},
+                        {"TTL": "\u00b2"}, {"TTL": "1\u00b9"},  # digits to str.isdigit()
+                        {"Urgency": "h\u00efgh"}, {"Topic": "caf\u00e9"},
                         {"Topic": "has space"}, {"Topic": "a" * 33}, {"Topic": "a+b/c"}):
             answer = await post(endpoint, b"refused", headers)
             assert answer.status == 400, (headers, answer.status)
@@ -501,6 +504,20 @@ def test_pushes_kept_for_a_gone_resource_go_to_the_one_that_registers_next(
         await tablet.wait_pushes(len(sent))
         await marker_once(tablet, endpoint, sent)
         assert phone.pushes == []
+
+    up.run(run)
+
+
+def test_a_removed_account_loses_its_endpoints(up: Scenario) -> None:
+    async def run(peers: Peers) -> None:
+        phone = await up_user(up, peers)
+        endpoint = (await registered(phone)).endpoint
+        await go_offline(up.instance, phone)
+        await posted(endpoint, b"kept")
+        await asyncio.to_thread(up.instance.ctl, "unregister", phone.boundjid.user, up.host)
+        await asyncio.to_thread(
+            wait_until, lambda: http_request(endpoint, "POST", b"x").status == 404,
+            "the endpoint of a removed account still takes POSTs", TIMEOUT, 0.5)
 
     up.run(run)
 

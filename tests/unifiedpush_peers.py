@@ -82,7 +82,7 @@ class Distributor(Client):
 
     def _on_bind(self, _: Any) -> None:
         """What Conversations does on every bind of its UP account: an available presence
-        to the push server (here the user's own domain)."""
+        to the push server (push_server, else the account's domain)."""
         self.binds += 1
         self.send_presence(pto=self.push_server or self.boundjid.host)
 
@@ -110,7 +110,7 @@ class Distributor(Client):
         reply.send()
 
     def release(self) -> None:
-        """Answer the held pushes (result, or item-not-found when refused) and stop holding."""
+        """Answer the held pushes (result, or the refusal) and stop holding."""
         self.hold = False
         held, self.held = self.held, []
         for iq in held:

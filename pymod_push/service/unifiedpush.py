@@ -134,7 +134,7 @@ class UnifiedPush:
         if now * 1000 >= event.deadline_ms:
             log.info("UnifiedPush POST past its deadline: not taken (the sender got 503)")
             return []
-        endpoint = self._endpoint(event.token, now)
+        endpoint = self._endpoint(event.token, now) if self.enabled else None
         if endpoint is None:
             return [self._reply(event, 404, (), b"no such endpoint\n")]
         if not event.body:  # the shim answers these itself; not trusted blindly

@@ -339,10 +339,13 @@ def test_register_refusals(service: PushService) -> None:
 
 
 def test_register_off_when_no_url(opener: Opener) -> None:
-    service = PushService(Config(HOST), opener())
+    service = PushService(config(), opener())
+    token = registered(service)
+    service = restarted(service, opener, unified_push_url=None)  # the option removed
     (error,) = service.handle(UpRegister("r", PHONE, "en", register_xml()), NOW)
     assert isinstance(error, IqError) and error.condition == "service-unavailable"
     assert service.unified_push.initial_actions() == [UpUsers("reset", ())]
+    assert reply_of(post(service, token)).status == 404
 
 
 def test_endpoints_per_account_are_bounded(opener: Opener) -> None:

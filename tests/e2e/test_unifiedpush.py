@@ -720,15 +720,36 @@ def kill_python(instance: Instance) -> None:
     instance.wait_ready(mark)
 
 
-@pytest.mark.parametrize("while_", ["held", "pending"])
+def shim_knows_pending(instance: Instance, full_jid: str) -> bool:
+    """The shim has noted that session as a pending UnifiedPush user's (a push for it is
+    then kept, not queued in the session)."""
+    user, rest = full_jid.split("@", 1)
+    host, resource = rest.split("/", 1)
+    return instance.erl(
+        f'P = ejabberd_sm:get_session_pid(<<"{user}">>, <<"{host}">>, <<"{resource}">>), '
+        f'ets:member(mod_push_py_up:pending_table(<<"{host}">>), P)') == "true"
+
+
+@pytest.mark.parametrize("while_", ["held", "pending", "pending after"])
 def test_sigkill_of_python_after_201_delivers_once(chaos: Scenario, while_: str) -> None:
     """held: the client has the push and holds its answer across the kill; pending: the
-    session is pending (the push kept) across the kill, then resumes."""
+    session is pending (the push kept) across the kill, then resumes; pending after: the
+    session goes pending after the restart (the new process told the shim again who the
+    UnifiedPush users are), then the POST."""
     instance = chaos.instance
 
     async def run(peers: Peers) -> None:
         phone = await up_user(chaos, peers)
         endpoint = (await registered(phone)).endpoint
+        if while_ == "pending after":
+            await asyncio.to_thread(kill_python, instance)
+            await go_pending(instance, phone)
+            assert await asyncio.to_thread(shim_knows_pending, instance, phone.boundjid.full)
+            await posted(endpoint, b"after the kill")
+            await phone.resume()
+            await phone.wait_payload(b"after the kill")
+            await marker_once(phone, endpoint, [b"after the kill"])
+            return
         if while_ == "held":
             phone.hold = True
         else:

@@ -840,8 +840,15 @@ def test_an_ejabberd_restart_keeps_a_kept_push(chaos: Scenario) -> None:
     async def after(peers: Peers) -> None:
         phone = await distributor(peers, phone_jid, password)  # the session is gone: a bind
         await phone.wait_payload(b"across the restart")
-        await marker_once(phone, endpoint, [b"across the restart"])
-        assert Counter(phone.payloads())[b"across the restart"] == 1
+        marker = await marker_once(phone, endpoint, [b"across the restart"])
+        # The restarted shim knows the UnifiedPush users again: pending, the push is kept.
+        await go_pending(instance, phone)
+        assert await asyncio.to_thread(shim_knows_pending, instance, phone.boundjid.full)
+        await posted(endpoint, b"after the restart")
+        await phone.resume()
+        await phone.wait_payload(b"after the restart")
+        await marker_once(phone, endpoint, [b"across the restart", marker,
+                                            b"after the restart"])
 
     chaos.run(after)
 

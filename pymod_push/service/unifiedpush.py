@@ -154,21 +154,27 @@ class UnifiedPush:
                                 (("Retry-After", str(refused.retry_after_seconds)),),
                                 b"too many requests\n")]
         ttl = up.kept_ttl(meta.ttl, self.config.unified_push_max_ttl_ms // 1000)
-        push = KeptPush(self._new_id(now), endpoint.token, meta.topic, event.body, now + ttl,
-                        SENT)
-        replaced, overflow = up.keep_plan(self.store.up_held(endpoint.token), meta.topic,
-                                          self.config.unified_push_max_kept)
-        for push_id in replaced:
-            self.store.delete_up_kept(push_id)
-        for push_id in overflow:
+        held = self.store.up_held(endpoint.token)
+        replaced, overflow = up.keep_plan(held, meta.topic, self.config.unified_push_max_kept)
+        for push_id in (*replaced, *overflow):
             self.store.delete_up_kept(push_id)
         self.dropped["topic"] += len(replaced)
         self.dropped["overflow"] += len(overflow)
+        # Older pushes still kept (the session was away): this one waits behind them, and
+        # only the oldest goes now, as a probe; its result sends the rest, in order. So a
+        # POST that comes between a bind and Conversations' presence overtakes nothing,
+        # and one while the phone sleeps costs one up_push, not one per kept push.
+        removed = {*replaced, *overflow}
+        behind = any(h.state == KEPT and h.id not in removed for h in held)
+        push = KeptPush(self._new_id(now), endpoint.token, meta.topic, event.body, now + ttl,
+                        KEPT if behind else SENT)
         self.store.add_up_kept(push)
         url = up.endpoint_url(self.config.unified_push_url or "", endpoint.token)
-        return [self._reply(event, 201, (("TTL", str(ttl)), ("Location", f"{url}/m/{push.id}")),
-                            b""),
-                self._up_push(endpoint, push)]
+        reply = self._reply(event, 201, (("TTL", str(ttl)), ("Location", f"{url}/m/{push.id}")),
+                            b"")
+        if behind:
+            return [reply, *self._send_kept(endpoint, now, at_most=1)]
+        return [reply, self._up_push(endpoint, push)]
 
     def _endpoint(self, token: str, now: float) -> UpEndpoint | None:
         """The endpoint of a token, unless unknown or expired."""
@@ -198,7 +204,9 @@ class UnifiedPush:
             self.store.delete_up_kept(push.id)
             self.store.up_delivered(push.token, now)
             self.deliveries += 1
-            return []
+            # the client is there: what its endpoint still keeps goes now, in order
+            endpoint = self.store.up_endpoint(push.token)
+            return self._send_kept(endpoint, now) if endpoint is not None else []
         if event.outcome == "error" and event.condition in REVOKING:
             return self.revoke(push.token, f"the client answered {event.condition}")
         if event.outcome == "timeout_pending":
@@ -270,14 +278,18 @@ class UnifiedPush:
                 actions += self._send_kept(endpoint, now)
         return actions
 
-    def _send_kept(self, endpoint: UpEndpoint, now: float) -> list[Action]:
-        """The endpoint's kept pushes, in order; those whose time is over are dropped."""
+    def _send_kept(self, endpoint: UpEndpoint, now: float,
+                   at_most: int | None = None) -> list[Action]:
+        """The endpoint's kept pushes (the oldest at_most of them), in order; those whose
+        time is over are dropped."""
         actions: list[Action] = []
         for push in self.store.up_kept_of(endpoint.token, KEPT):
             if push.expires <= now:
                 self.store.delete_up_kept(push.id)
                 self.dropped["expired"] += 1
                 continue
+            if at_most is not None and len(actions) >= at_most:
+                break
             self.store.set_up_state(push.id, SENT)
             actions.append(self._up_push(endpoint, push))
         return actions

@@ -383,6 +383,31 @@ def test_post_is_kept_answered_201_and_sent(service: PushService) -> None:
     assert endpoint is not None and endpoint.last_delivery == NOW
 
 
+def test_a_post_behind_kept_pushes_overtakes_none(service: PushService) -> None:
+    """While older pushes are kept (the session was away), a POST sends only the oldest,
+    as a probe: asleep, one up_push per POST; once it is delivered the rest follow in
+    order, the new one last (a POST between a bind and the client's presence)."""
+    token = registered(service)
+    first, = pushes(post(service, token, b"1"))
+    assert not pushes(answer(service, first, "offline"))
+    probes = []
+    for body in (b"2", b"3"):
+        actions = post(service, token, body)
+        assert reply_of(actions).status == 201
+        (probe,) = pushes(actions)
+        probes.append(probe)
+        assert probe.payload == b"1"
+        assert not pushes(answer(service, probe, "offline"))
+    probe, = pushes(post(service, token, b"4"))
+    assert probe.payload == b"1"
+    rest = pushes(answer(service, probe, "result"))
+    assert [p.payload for p in rest] == [b"2", b"3", b"4"]
+    for push in rest:
+        assert not pushes(answer(service, push, "result"))
+    assert service.unified_push.deliveries == 4
+    assert service.store.up_totals()[1] == 0
+
+
 def test_missing_or_long_ttl_is_the_maximum(service: PushService) -> None:
     token = registered(service)
     assert dict(reply_of(post(service, token, ttl=None)).headers)["TTL"] == "86400"
@@ -463,9 +488,9 @@ def test_topic_replaces_a_kept_push_and_the_oldest_go(opener: Opener) -> None:
     third = pushes(post(service, token, b"m2", topic=b"t"))[0]  # replaces m0 and m1
     assert service.unified_push.dropped["topic"] == 2
     answer(service, third, "pending")
-    more = [pushes(post(service, token, f"n{n}".encode()))[0] for n in range(3)]
-    for push in more:
-        answer(service, push, "offline")
+    for n in range(3):  # each sends the oldest kept as a probe, which finds no session
+        for push in pushes(post(service, token, f"n{n}".encode())):
+            answer(service, push, "offline")
     assert service.unified_push.dropped["overflow"] == 1  # m2, the oldest kept
     redelivered = pushes(list(service.handle(UpPresence(PHONE), NOW)))
     assert [p.payload for p in redelivered] == [b"n0", b"n1", b"n2"]
@@ -592,13 +617,15 @@ def test_a_restart_sends_nothing_twice_and_keeps_what_was_kept(
     token = registered(service)
     kept = pushes(post(service, token, b"kept"))[0]
     answer(service, kept, "offline")
-    in_flight = pushes(post(service, token, b"in flight"))[0]
+    (in_flight,) = pushes(post(service, token, b"later"))  # the oldest goes as a probe
+    assert in_flight.payload == b"kept"
     service = restarted(service, opener)
     assert service.unified_push.initial_actions() == [UpUsers("reset", (ALICE,))]
     # the presence sends what was kept, not what is in flight (its answer is to come)
     (again,) = pushes(list(service.handle(UpPresence(PHONE), NOW)))
-    assert again.payload == b"kept"
-    answer(service, in_flight, "result")  # the answer, replayed after the restart
+    assert again.payload == b"later"
+    # the answer, replayed after the restart: nothing more to send
+    assert not pushes(answer(service, in_flight, "result"))
     answer(service, again, "result")
     assert service.store.up_totals() == (1, 0)
     assert service.unified_push.deliveries == 2

@@ -15,21 +15,18 @@ import json
 import os
 import re
 import secrets
-import shutil
 import signal
-import tempfile
 import time
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from devtools.instance import Instance, free_port
-from tests.conftest import Scenario
+from tests.conftest import Scenario, _instance
 from tests.unifiedpush_peers import (
     NS_UP,
     Answer,
@@ -65,22 +62,9 @@ FAST = 8.0  # seconds: a POST is answered once stored, not held (the shim's limi
 
 def _up_instance(options: dict[str, Any], prefix: str,
                  other_hosts: tuple[str, ...] = ()) -> Iterator[Instance]:
-    folder = Path(tempfile.mkdtemp(prefix=prefix))
-    folder.chmod(0o755)
     config = {**UP_CONFIG, "hosts": ["localhost", *other_hosts]} if other_hosts else UP_CONFIG
-    instance = Instance(folder, options=options, unified_push=True, extra_config=config,
-                        modules={"mod_mam": {"default": "always"}})
-    instance.write_config()
-    try:
-        mark = instance.log_mark()
-        instance.start()
-        for host in other_hosts:
-            instance.wait_for_log(rf"Python process ready on {re.escape(host)}\b", mark)
-        yield instance
-    finally:
-        instance.discard()
-        if not (folder / "keep").exists():
-            shutil.rmtree(folder, ignore_errors=True)
+    yield from _instance(options, prefix=prefix, ready_hosts=other_hosts, unified_push=True,
+                         extra_config=config)
 
 
 @pytest.fixture(scope="session")

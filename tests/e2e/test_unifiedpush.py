@@ -913,19 +913,30 @@ def test_an_expired_endpoint_answers_404_until_renewed(short: Scenario) -> None:
     short.run(run)
 
 
-def test_a_kept_push_is_dropped_when_its_ttl_ends(short: Scenario) -> None:
+def test_a_kept_push_is_dropped_when_its_ttl_ends(up: Scenario) -> None:
+    """On the main instance: the short one's endpoints expire before this test ends."""
     async def run(peers: Peers) -> None:
-        phone = await up_user(short, peers)
+        phone = await up_user(up, peers)
         endpoint = (await registered(phone)).endpoint
-        await go_pending(short.instance, phone)
+        await go_pending(up.instance, phone)
         assert (await posted(endpoint, b"short-lived", {"TTL": "1"})).header("TTL") == "1"
         accepted = datetime.now(UTC)
         await asyncio.to_thread(after, accepted, 2)
-        # capped by unified_push_max_ttl (5 s)
-        assert (await posted(endpoint, b"fresh", {"TTL": "60"})).header("TTL") == "5"
+        assert (await posted(endpoint, b"fresh", {"TTL": "60"})).header("TTL") == "60"
         await phone.resume()
         await phone.wait_payload(b"fresh")
         await marker_once(phone, endpoint, [b"fresh"])
+
+    up.run(run)
+
+
+def test_a_ttl_over_the_maximum_is_capped(short: Scenario) -> None:
+    async def run(peers: Peers) -> None:
+        phone = await up_user(short, peers)
+        endpoint = (await registered(phone)).endpoint
+        # unified_push_max_ttl: 5 s on this instance
+        assert (await posted(endpoint, b"capped", {"TTL": "60"})).header("TTL") == "5"
+        await phone.wait_payload(b"capped")
 
     short.run(run)
 

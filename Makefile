@@ -76,6 +76,7 @@ bench: venv
 	$(PY) -m bench.appserver_port --users 20000 --messages 40000 --rounds 2  # at scale
 	$(PY) -m bench.appserver_port --users 1000 --messages 20000 --rate 4000  # as ejabberd sends them
 	$(PY) -m bench.groupchat  # 13 minutes: groupchat_pushes' cost per message (docs/benchmarks.md)
+	$(PY) -m bench.unifiedpush  # UnifiedPush POSTs/s accepted and delivered, beside a XEP-0357 push (docs/benchmarks.md)
 	$(PY) -m bench.pending_memory  # 30 minutes: memory per pending session (docs/security.md)
 
 clean: stop

@@ -78,6 +78,11 @@ class Instance:
     clustered: bool = False
     python: str = field(default_factory=default_python)
     max_stanza_size: int = 262144  # of c2s streams
+    # UnifiedPush: an ejabberd_http listener on 127.0.0.1:http_port with mod_push_py as the
+    # request handler of /up, and unified_push_url pointing at it (unless options set one).
+    unified_push: bool = False
+    http_port: int = 0
+    _config: dict[str, Any] | None = field(default=None, init=False, repr=False)
     # CONTRIB_MODULES_PATH elsewhere (e.g. a prebuilt, read-only module folder): nothing is
     # staged there, start(install=False) loads what it holds.
     modules_path: Path | None = None
@@ -87,6 +92,8 @@ class Instance:
         self.name = self.name or f"pymodpush{os.getpid()}x{free_port()}"
         self.c2s_port = self.c2s_port or free_port()
         self.dist_port = self.dist_port or free_port()
+        if self.unified_push:
+            self.http_port = self.http_port or free_port()
 
     # ------------------------------------------------------------------ layout
     @property
@@ -96,6 +103,11 @@ class Instance:
     @property
     def spool(self) -> Path:
         return self.folder / "spool"
+
+    @property
+    def up_url(self) -> str:
+        """The base URL of the UnifiedPush request handler (unified_push_url)."""
+        return f"http://127.0.0.1:{self.http_port}/up"
 
     def write_config(self) -> None:
         for sub in ("spool", "logs", "modules/sources"):
@@ -134,6 +146,8 @@ class Instance:
             "modules": modules,
             **self.extra_config,
         }
+        if self._http_listener():
+            config["listen"].append(self._up_listener())
         if self.s2s_port:
             config["listen"].append({"port": self.s2s_port, "ip": self.s2s_ip,
                                      "module": "ejabberd_s2s_in"})
@@ -141,11 +155,43 @@ class Instance:
             config["outgoing_s2s_families"] = ["ipv4"]
             config["s2s_use_starttls"] = False
             modules["mod_s2s_dialback"] = {}
+        self._config = config
         (self.folder / "ejabberd.yml").write_text(yaml.safe_dump(config, sort_keys=False))
         if self.modules_path is None:
             self._stage_module_sources()
         subprocess.run(["chown", "-R", f"{EJABBERD_USER}:{EJABBERD_USER}", str(self.folder)],
                        check=True)
+
+    def _up_listener(self) -> dict[str, Any]:
+        return {"port": self.http_port, "ip": "127.0.0.1", "module": "ejabberd_http",
+                "request_handlers": {"/up": "mod_push_py"}}
+
+    def _http_listener(self) -> bool:
+        """ejabberd refuses a config whose request_handlers name a module it cannot load:
+        the /up listener is there once mod_push_py is installed (install() adds it)."""
+        return self.unified_push and (self.modules_path is not None
+                                      or (self.folder / "modules" / "mod_push_py").is_dir())
+
+    def _add_up_listener(self) -> None:
+        """After the first module_install: the /up listener, by reload_config."""
+        config = self._config
+        if config is None or self._up_listener() in config["listen"]:
+            return
+        config["listen"].append(self._up_listener())
+        path = self.folder / "ejabberd.yml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        subprocess.run(["chown", f"{EJABBERD_USER}:{EJABBERD_USER}", str(path)], check=True)
+        self.ctl("reload_config")
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.http_port), timeout=1).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"no HTTP listener on {self.http_port} after "
+                                       f"reload_config\n{self.log_tail()}") from None
+                time.sleep(0.05)
 
     def _stage_module_sources(self) -> None:
         """erl_shim from the working tree, with this instance's options in its conf file."""
@@ -153,7 +199,10 @@ class Instance:
         if target.exists():
             shutil.rmtree(target)
         shutil.copytree(ROOT / "erl_shim", target)
-        conf = {"modules": {"mod_push_py": {"python": self.python, **self.options}}}
+        options = dict(self.options)
+        if self.unified_push:
+            options.setdefault("unified_push_url", self.up_url)
+        conf = {"modules": {"mod_push_py": {"python": self.python, **options}}}
         (target / "conf" / "mod_push_py.yml").write_text(yaml.safe_dump(conf, sort_keys=False))
         seal(target)  # the spec's url and home, as 'pymod-push install' stages them
 
@@ -195,6 +244,8 @@ class Instance:
         installed = (self.folder / "modules" / "mod_push_py").is_dir()
         self.ctl("module_upgrade" if installed else "module_install", "mod_push_py")
         self.wait_ready(mark)
+        if self.unified_push:
+            self._add_up_listener()
 
     def wait_ready(self, mark: int = 0) -> None:
         self.wait_for_log(rf"Python process ready on {re.escape(self.host)}\b", mark)

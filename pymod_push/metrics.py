@@ -87,6 +87,16 @@ class Snapshot:
     certificates: dict[tuple[str, str], float] = field(default_factory=dict)
     # registrations at the built-in app server's pubsub hosts whose node is no device there
     without_device: int | None = None
+    # UnifiedPush, None when the feature is off: POST answers by HTTP status, deliveries,
+    # pushes dropped by reason (the gauges are totals' up_endpoints and up_kept)
+    unified_push: UnifiedPushCounts | None = None
+
+
+@dataclass
+class UnifiedPushCounts:
+    posts: dict[int, int]
+    deliveries: int
+    dropped: dict[str, int]
 
 
 _not_after: dict[str, tuple[int, float | None]] = {}  # path -> (mtime_ns, notAfter)
@@ -167,7 +177,33 @@ def render(snapshot: Snapshot) -> str:
                   "answer.", "# TYPE pymod_push_database_commit_seconds histogram",
                   *snapshot.commits.lines("pymod_push_database_commit_seconds", host)]
     lines += _about(snapshot, host)
+    lines += _unified_push(snapshot, host)
     return "\n".join(lines) + "\n"
+
+
+def _unified_push(snapshot: Snapshot, host: str) -> list[str]:
+    counts = snapshot.unified_push
+    if counts is None:
+        return []
+    lines = ["# HELP pymod_push_unifiedpush_endpoints UnifiedPush endpoints.",
+             "# TYPE pymod_push_unifiedpush_endpoints gauge",
+             f"pymod_push_unifiedpush_endpoints{{{host}}} "
+             f"{snapshot.totals.get('up_endpoints', 0)}",
+             "# HELP pymod_push_unifiedpush_kept UnifiedPush pushes held (kept, in flight).",
+             "# TYPE pymod_push_unifiedpush_kept gauge",
+             f"pymod_push_unifiedpush_kept{{{host}}} {snapshot.totals.get('up_kept', 0)}",
+             "# HELP pymod_push_unifiedpush_posts_total UnifiedPush POSTs, by answer code.",
+             "# TYPE pymod_push_unifiedpush_posts_total counter"]
+    lines += [f'pymod_push_unifiedpush_posts_total{{{host},code="{code}"}} {n}'
+              for code, n in sorted(counts.posts.items())]
+    lines += ["# HELP pymod_push_unifiedpush_deliveries_total UnifiedPush pushes the client "
+              "took.", "# TYPE pymod_push_unifiedpush_deliveries_total counter",
+              f"pymod_push_unifiedpush_deliveries_total{{{host}}} {counts.deliveries}",
+              "# HELP pymod_push_unifiedpush_dropped_total UnifiedPush pushes dropped, by "
+              "reason.", "# TYPE pymod_push_unifiedpush_dropped_total counter"]
+    lines += [f'pymod_push_unifiedpush_dropped_total{{{host},reason="{_label(reason)}"}} {n}'
+              for reason, n in sorted(counts.dropped.items())]
+    return lines
 
 
 def _about(snapshot: Snapshot, host: str) -> list[str]:

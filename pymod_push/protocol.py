@@ -18,8 +18,9 @@ FormFields = tuple[tuple[str, tuple[str, ...]], ...]
 
 # 4: the hello reply carries what the shim keeps (features, commands); 5: the shim's
 # counters frame ({counters, #{...}}, for the metrics); 6: muc_message events and
-# {groupchat, ...} actions (groupchat_pushes)
-PROTOCOL_VERSION = 6
+# {groupchat, ...} actions (groupchat_pushes); 7: UnifiedPush (up_register, up_post,
+# up_presence events, {up, Id} iq_reply outcomes; up_push, http_reply, unified_push actions)
+PROTOCOL_VERSION = 7
 
 SessionKey = tuple[str, str, str]  # (user, server, resource), stringprep'ed
 UserKey = tuple[str, str]  # (user, server)
@@ -164,10 +165,53 @@ class Bookmarks:
     replace: bool
 
 
+@dataclass(frozen=True, slots=True)
+class UpRegister:
+    """A UnifiedPush register IQ from a local user's session (access checked by the shim)."""
+
+    ref: Any  # opaque: echoed back in the answer
+    sender: SessionKey
+    lang: str
+    xml: bytes  # the <register/> element
+
+
+@dataclass(frozen=True, slots=True)
+class UpPost:
+    """A POST to a UnifiedPush endpoint; answered with an http_reply of the same ref
+    unless its deadline (ms since the epoch) has passed."""
+
+    ref: Any  # {Pid, Ref} of the HTTP request's process: opaque, echoed back
+    token: str
+    ttl: bytes | None  # the raw header values, None when absent
+    urgency: bytes | None
+    topic: bytes | None
+    deadline_ms: int
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class UpPresence:
+    """An available presence of a UnifiedPush user's session to the host (on each bind)."""
+
+    session: SessionKey
+
+
+@dataclass(frozen=True, slots=True)
+class UpReply:
+    """What became of an up_push ({up, Id}): result | error | timeout | offline | pending
+    | timeout_pending (it timed out while its session is pending: it waits in the
+    session's queue)."""
+
+    id: int
+    outcome: str
+    error_type: str = ""
+    condition: str = ""
+
+
 Event = (
     SessionPending | SessionResumed | SessionOpened | StanzaToPending | Offline | UserRemoved
     | PushIq | PublishReply | AppServerIq | EjabberdStarted | AdminCommand | LogLevel
-    | MucMessage | Bookmarks
+    | MucMessage | Bookmarks | UpRegister | UpPost | UpPresence | UpReply
 )
 
 
@@ -319,6 +363,23 @@ def parse_event(term: Any) -> Event:
         if tag == "app_server_iq":
             allowed, xml = args
             return AppServerIq(allowed is True, _binary(xml))
+        if tag == "up_register":
+            ref, sender, lang, xml = args
+            return UpRegister(ref, _session(sender), _text(lang), _binary(xml))
+        if tag == "up_post":
+            ref, token, meta, body = args
+            if not isinstance(meta, dict):
+                raise ProtocolError("an up_post has a map of its headers")
+            deadline = meta.get(_DEADLINE)
+            if type(deadline) is not int:
+                raise ProtocolError("an up_post has an integer deadline")
+            return UpPost(ref, _text(token), _header(meta.get(_TTL)),
+                          _header(meta.get(_URGENCY)), _header(meta.get(_TOPIC)), deadline,
+                          _binary(body))
+        if tag == "up_presence":
+            return UpPresence(_session(args[0]))
+        if tag == "iq_reply" and type(args[0]) is tuple:
+            return _up_reply(*args)
         if tag == "iq_reply":
             ref, outcome = args
             if type(ref) is not int:  # Python's own publish refs come back
@@ -330,6 +391,31 @@ def parse_event(term: Any) -> Event:
     except (ValueError, TypeError, IndexError) as exc:
         raise ProtocolError(f"malformed {tag} event: {exc}") from None
     raise ProtocolError(f"unknown event {tag!r}")
+
+
+_TTL, _URGENCY, _TOPIC, _DEADLINE = Atom("ttl"), Atom("urgency"), Atom("topic"), Atom("deadline")
+_UP_OUTCOMES = frozenset({"result", "timeout", "offline", "pending"})
+
+
+def _header(value: Any) -> bytes | None:
+    return None if value is None or value == "undefined" else _binary(value)
+
+
+def _up_reply(ref: Any, outcome: Any) -> UpReply:
+    """iq_reply of an up_push: ref {up, Id}; outcome result | timeout | offline |
+    pending | {timeout, pending} | {error, Type, Condition}."""
+    if len(ref) != 2 or ref[0] != "up" or type(ref[1]) is not int:
+        raise ProtocolError(f"an iq_reply ref is an integer or {{up, Id}}, not {ref!r:.40}")
+    if isinstance(outcome, tuple):
+        if len(outcome) == 2 and outcome[0] == "timeout" and outcome[1] == "pending":
+            return UpReply(ref[1], "timeout_pending")
+        tag, error_type, condition = outcome
+        if tag != "error":
+            raise ProtocolError("an up_push outcome is an atom, {timeout, pending} or an error")
+        return UpReply(ref[1], "error", str(error_type), str(condition))
+    if not isinstance(outcome, Atom) or outcome not in _UP_OUTCOMES:
+        raise ProtocolError(f"unknown up_push outcome {outcome!r:.40}")
+    return UpReply(ref[1], str(outcome))
 
 
 # ---------------------------------------------------------------------------- actions
@@ -431,8 +517,41 @@ class CommandResult:
     text: str
 
 
+@dataclass(frozen=True, slots=True)
+class UpPush:
+    """Deliver a kept UnifiedPush message to the full JID that registered its endpoint:
+    an IQ-set <push/> from the host (the shim base64-encodes the payload), answered by an
+    iq_reply event with ref {up, id}."""
+
+    id: int
+    session: SessionKey
+    application: str
+    instance: str
+    payload: bytes
+    timeout_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class HttpReply:
+    """The answer to an up_post (its ref as it came)."""
+
+    ref: Any
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class UpUsers:
+    """The users with UnifiedPush endpoints, as the shim keeps them (which sessions'
+    resumptions and presences to the host it reports): reset, add or remove."""
+
+    change: str  # "reset" | "add" | "remove"
+    users: tuple[UserKey, ...]
+
+
 Action = (IqResult | IqError | Publish | SetPush | PushOptionsUpdate | Route | Log | Ack
-          | CommandResult | PushUsers | ReadBookmarks)
+          | CommandResult | PushUsers | ReadBookmarks | UpPush | HttpReply | UpUsers)
 
 
 def action_term(action: Action) -> tuple[Any, ...]:
@@ -470,6 +589,15 @@ def action_term(action: Action) -> tuple[Any, ...]:
         case PushUsers(change, users):
             return (_A("groupchat"), (_A("users"), _A(change),
                                       [(u.encode(), s.encode()) for u, s in users]))
+        case UpPush(push_id, session, application, instance, payload, timeout_ms):
+            return (_A("up_push"), (_A("up"), push_id), tuple(p.encode() for p in session),
+                    application.encode(), instance.encode(), payload, timeout_ms)
+        case HttpReply(ref, status, headers, body):
+            return (_A("http_reply"), ref, status,
+                    [(n.encode(), v.encode()) for n, v in headers], body)
+        case UpUsers(change, users):
+            return (_A("unified_push"), (_A("users"), _A(change),
+                                         [(u.encode(), s.encode()) for u, s in users]))
     raise TypeError(f"not an action: {action!r}")
 
 

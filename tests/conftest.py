@@ -4,6 +4,7 @@ import asyncio
 import gc
 import itertools
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -30,18 +31,25 @@ from tests.xmpp_peers import AppServer, Client, Peers  # noqa: E402
 _names = itertools.count(1)
 
 
-def _instance(options: dict[str, Any],
-              modules: dict[str, Any] | None = None) -> Iterator[Instance]:
-    """An ejabberd with mod_push_py at these options, mod_mam and these other modules."""
+def _instance(options: dict[str, Any], modules: dict[str, Any] | None = None, *,
+              prefix: str = "pymod_push-e2e-", ready_hosts: tuple[str, ...] = (),
+              **instance_args: Any) -> Iterator[Instance]:
+    """An ejabberd with mod_push_py at these options, mod_mam and these other modules
+    (instance_args: Instance's other fields); started once the Python processes of its
+    host and of ready_hosts are ready."""
     if shutil.which("ejabberdctl") is None:
         pytest.fail("ejabberd is not installed: run the tests with 'make test'")
-    folder = Path(tempfile.mkdtemp(prefix="pymod_push-e2e-"))
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
     folder.chmod(0o755)
     instance = Instance(folder, options=options,
-                        modules={"mod_mam": {"default": "always"}, **(modules or {})})
+                        modules={"mod_mam": {"default": "always"}, **(modules or {})},
+                        **instance_args)
     instance.write_config()
     try:
+        mark = instance.log_mark()
         instance.start()
+        for host in ready_hosts:
+            instance.wait_for_log(rf"Python process ready on {re.escape(host)}\b", mark)
         yield instance
     finally:
         instance.discard()

@@ -6,16 +6,18 @@
 %%% External Term Format) and executes the actions Python sends back.
 %%% The port protocol is documented in docs/protocol.md of pymod_push.
 %%%
-%%% The shim is five modules, like ejabberd's own mod_push family:
+%%% The shim is seven modules, like ejabberd's own mod_push family:
 %%%   mod_push_py       gen_mod, the hooks, the push IQ handler, disco, the app
-%%%                     server's ad-hoc command items, ejabberdctl commands (this file)
+%%%                     server's ad-hoc command items, the HTTP request handler (this file)
 %%%   mod_push_py_port  the port owner (a gen_server) and its keeper: the port to
 %%%                     Python, batching, held events, acknowledgements, Python's
 %%%                     actions, the ETS tables
 %%%   mod_push_py_opt   the options, their defaults and their documentation
 %%%   mod_push_py_actions  what Python's actions make, without state (the publish's XML)
 %%%   mod_push_py_muc   the absent room members of each group chat message
-%%% 'ejabberdctl module_install mod_push_py' compiles and installs all five.
+%%%   mod_push_py_up    UnifiedPush: the register IQ, the HTTP endpoints, deliveries
+%%%   mod_push_py_commands  the ejabberdctl commands
+%%% 'ejabberdctl module_install mod_push_py' compiles and installs all seven.
 %%%
 %%% Copyright (C) 2026 the pymod_push authors. GPL-2.0-or-later.
 %%%----------------------------------------------------------------------
@@ -38,18 +40,15 @@
          c2s_handle_cast/2, c2s_handle_send/3,
          sm_register_connection_hook/3, offline_message/1, mam_message/7, mam_message8/8,
          remove_user/2]).
+%% ejabberd_http request handler (UnifiedPush endpoints: mod_push_py_up)
+-export([process/2]).
 %% for mod_push_py_port: ejabberd's rules on commands to the app server (the rate,
 %% access_backends), XML for Python
 -export([take_token/2, too_many/4, may_use_backends/3, xml_binary/1]).
-%% ejabberdctl commands
--export([get_commands_spec/0, push_status/1, push_list/2, push_delete/3, push_test/2,
-         push_wake_all/1, push_delete_old/2, push_reload_logic/1, push_diagnose/2,
-         push_diagnose_test/2]).
 
 -include("xmpp.hrl").
 -include("logger.hrl").
 -include("translate.hrl").
--include("ejabberd_commands.hrl").
 
 -import(mod_push_py_opt, [opt/2]).
 -import(mod_push_py_port, [send_event/2, proc/1]).
@@ -78,7 +77,9 @@ start(Host, Opts) ->
                 {ok, _} ->
                     register_handlers(Host),
                     mod_push_py_muc:start(Host),
-                    ejabberd_commands:register_commands(?MODULE, get_commands_spec()),
+                    mod_push_py_up:start(Host),
+                    ejabberd_commands:register_commands(
+                      ?MODULE, mod_push_py_commands:get_commands_spec()),
                     %% At boot, Python learns when start-up is complete (restart recovery);
                     %% the hook runs only then, not when the module starts later.
                     ejabberd_hooks:add(ejabberd_started, ?MODULE, ejabberd_started, 50),
@@ -96,9 +97,11 @@ stop(Host) ->
         _ ->
             unregister_handlers(Host),
             mod_push_py_muc:stop(Host),
+            mod_push_py_up:stop(Host),
             ejabberd_hooks:delete(ejabberd_started, ?MODULE, ejabberd_started, 50),
             gen_mod:is_loaded_elsewhere(Host, ?MODULE)
-                orelse ejabberd_commands:unregister_commands(get_commands_spec()),
+                orelse ejabberd_commands:unregister_commands(
+                         mod_push_py_commands:get_commands_spec()),
             mod_push_py_port:stop_processes(Host)
     end.
 
@@ -113,6 +116,8 @@ ejabberd_started() ->
 reload(Host, NewOpts, _OldOpts) ->
     mod_push_py_muc:stop(Host),
     mod_push_py_muc:start(Host),  % groupchat_pushes as it is now
+    mod_push_py_up:stop(Host),
+    mod_push_py_up:start(Host),  % unified_push_url as it is now
     gen_server:cast(proc(Host), {reload, NewOpts}).
 
 -spec depends(binary(), gen_mod:opts()) -> [{module(), hard | soft}].
@@ -165,12 +170,14 @@ ejabberd_running() ->
 
 %% ext_mod unloads mod_push_py alone when it uninstalls or upgrades the module: the
 %% other modules are stopped and unloaded here (as ext_mod does with this one), so
-%% that module_upgrade runs the new code of all five.
+%% that module_upgrade runs the new code of all seven.
 -spec pre_uninstall() -> ok.
 pre_uninstall() ->
-    [catch gen_mod:stop_module(Host, ?MODULE) || Host <- ejabberd_option:hosts()],
+    [try gen_mod:stop_module(Host, ?MODULE) catch _:_ -> ok end
+     || Host <- ejabberd_option:hosts()],
     lists:foreach(fun(Module) -> code:purge(Module), code:delete(Module) end,
-                  [mod_push_py_port, mod_push_py_opt, mod_push_py_actions, mod_push_py_muc]).
+                  [mod_push_py_port, mod_push_py_opt, mod_push_py_actions, mod_push_py_muc,
+                   mod_push_py_up, mod_push_py_commands]).
 
 %% gen_mod asks this module; the options live in mod_push_py_opt.
 -spec mod_opt_type(atom()) -> econf:validator().
@@ -181,6 +188,12 @@ mod_options(Host) -> mod_push_py_opt:mod_options(Host).
 
 -spec mod_doc() -> map().
 mod_doc() -> mod_push_py_opt:mod_doc().
+
+%% ejabberd_http's request handler (request_handlers: {"/up": mod_push_py}): the
+%% UnifiedPush endpoints, answered in the HTTP connection's process.
+-spec process([binary()], tuple()) -> {pos_integer(), binary(), [{binary(), binary()}], binary()}.
+process(LocalPath, Request) ->
+    mod_push_py_up:process(LocalPath, Request).
 
 %%%===================================================================
 %%% The IQ handler and hooks (run in c2s and router processes)
@@ -329,25 +342,31 @@ bool_text(true) -> <<"1">>;
 bool_text(false) -> <<"0">>.
 
 %% Session state keys: push_py (resume timeout to apply while pending) and
-%% push_py_saved_timeout (the ordinary one, restored on resume).
+%% push_py_saved_timeout (the ordinary one, restored on resume). A UnifiedPush user's
+%% session is noted as pending in both clauses (mod_push_py_up:session_pending/1).
 -spec c2s_session_pending(c2s_state()) -> c2s_state().
 c2s_session_pending(#{push_py := Timeout, mgmt_queue := Queue} = State) ->
+    mod_push_py_up:session_pending(session_key(State)),
     Queued = [describe(Pkt, State)
               || {_, _, Pkt} <- p1_queue:to_list(Queue), forwarded(Pkt)],
     notify(State, {session_pending, session_key(State), Queued}),
     Saved = mod_stream_mgmt:get_resume_timeout(State),
     mod_stream_mgmt:set_resume_timeout(State#{push_py_saved_timeout => Saved}, Timeout);
 c2s_session_pending(State) ->
+    mod_push_py_up:session_pending(session_key(State)),
     State.
 
 -spec c2s_session_resumed(c2s_state()) -> c2s_state().
 c2s_session_resumed(#{push_py := _, push_py_saved_timeout := Saved} = State) ->
     notify(State, {session_resumed, session_key(State)}),
+    mod_push_py_up:session_resumed(session_key(State), true),
     mod_stream_mgmt:set_resume_timeout(maps:remove(push_py_saved_timeout, State), Saved);
 c2s_session_resumed(#{push_py := _} = State) ->
     notify(State, {session_resumed, session_key(State)}),
+    mod_push_py_up:session_resumed(session_key(State), true),
     State;
-c2s_session_resumed(State) ->
+c2s_session_resumed(State) ->  % not push-enabled: a UnifiedPush user's, for their pushes
+    mod_push_py_up:session_resumed(session_key(State), false),
     State.
 
 -spec c2s_copy_session(c2s_state(), c2s_state()) -> c2s_state().
@@ -456,6 +475,13 @@ user_send_packet({#presence{to = #jid{resource = Nick} = To, type = Type} = Pres
             end;
         _ -> Acc
     end;
+%% UnifiedPush: the available presence Conversations sends to its push server (a host of
+%% this server) on every bind: the kept pushes go now.
+user_send_packet({#presence{type = available,
+                            to = #jid{luser = <<>>, lresource = <<>>, lserver = ToHost}},
+                  State} = Acc) ->
+    mod_push_py_up:presence(ToHost, session_key(State)),
+    Acc;
 user_send_packet(Acc) ->
     Acc.
 
@@ -574,121 +600,3 @@ session_key(#{user := U, server := S, resource := R}) ->
 
 notify(#{lserver := LServer}, Event) ->
     send_event(LServer, Event).
-
-%%%===================================================================
-%%% ejabberdctl commands: run in the caller, answered by the Python process
-%%%===================================================================
--spec get_commands_spec() -> [ejabberd_commands()].
-get_commands_spec() ->
-    Host = {host, binary}, User = {user, binary},
-    [#ejabberd_commands{
-        name = push_status, tags = [push], module = ?MODULE, function = push_status,
-        desc = "Status of mod_push_py on a host",
-        longdesc = "Whether the Python process is up, since when, its version, events and "
-                   "pushes handled, pushes per backend and outcome, and queue depths.",
-        args = [Host], args_desc = ["Virtual host"], args_example = [<<"example.org">>],
-        result = {status, string}, result_example = "pymod_push 0.1.0 ..."},
-     #ejabberd_commands{
-        name = push_list, tags = [push], module = ?MODULE, function = push_list,
-        desc = "List a user's push registrations and app-server devices",
-        longdesc = "One line per XEP-0357 registration (session, app server, node, "
-                   "errors) and per device registered at the built-in app server.",
-        args = [User, Host], args_desc = ["User name", "Virtual host"],
-        args_example = [<<"alice">>, <<"example.org">>],
-        result = {registrations, string}, result_example = "session phone: ..."},
-     #ejabberd_commands{
-        name = push_delete, tags = [push], module = ?MODULE, function = push_delete,
-        desc = "Delete a user's push registration and app-server device by node",
-        longdesc = "Removes the XEP-0357 registrations with that node and the device of "
-                   "the built-in app server with that node (see push_list).",
-        args = [User, Host, {node, binary}],
-        args_desc = ["User name", "Virtual host", "Node, as push_list shows it"],
-        args_example = [<<"alice">>, <<"example.org">>, <<"2c5fa...">>],
-        result = {deleted, string}, result_example = "deleted 1 push registration(s) ..."},
-     #ejabberd_commands{
-        name = push_test, tags = [push], module = ?MODULE, function = push_test,
-        desc = "Send a test push to each of a user's push registrations",
-        longdesc = "A push like the one after a restart: counts only, no message.",
-        args = [User, Host], args_desc = ["User name", "Virtual host"],
-        args_example = [<<"alice">>, <<"example.org">>],
-        result = {sent, string}, result_example = "sent 2 test push(es)"},
-     #ejabberd_commands{
-        name = push_wake_all, tags = [push], module = ?MODULE, function = push_wake_all,
-        desc = "Wake every pending push session of a host on this node",
-        longdesc = "Sends one push to each registration whose session is pending here, so "
-                   "that the devices reconnect (e.g. before a planned restart).",
-        args = [Host], args_desc = ["Virtual host"], args_example = [<<"example.org">>],
-        result = {woken, string}, result_example = "woke 12 pending push session(s)"},
-     #ejabberd_commands{
-        name = push_delete_old, tags = [push], module = ?MODULE, function = push_delete_old,
-        desc = "Delete push registrations enabled more than N days ago",
-        longdesc = "Clients re-enable push whenever they connect; registrations that were "
-                   "not renewed for that long belong to devices that are gone.",
-        args = [Host, {days, integer}], args_desc = ["Virtual host", "Days"],
-        args_example = [<<"example.org">>, 90],
-        result = {deleted, string}, result_example = "deleted 3 push registration(s) ..."},
-     #ejabberd_commands{
-        name = push_reload_logic, tags = [push], module = ?MODULE,
-        function = push_reload_logic,
-        desc = "Load the push logic module (option logic) and the python "
-               "providers again",
-        longdesc = "Python reads the module again and tries each of its functions once; "
-                   "if it does not import or a trial fails, the running module stays and "
-                   "the answer (and the log) says why.",
-        args = [Host], args_desc = ["Virtual host"], args_example = [<<"example.org">>],
-        result = {reloaded, string},
-        result_example = "push logic /etc/ejabberd/push_logic.py reloaded: should_push"},
-     #ejabberd_commands{
-        name = push_diagnose, tags = [push], module = ?MODULE, function = push_diagnose,
-        desc = "Push check-up of a user: why do they get no notifications?",
-        longdesc = "For each push registration and device: the app server or provider, "
-                   "since when, the last push and its answer, error counts, the user's "
-                   "options and filters, whether the app server is reachable from here, "
-                   "and the newest log lines about the user. No token, node or body shown.",
-        args = [User, Host], args_desc = ["User name", "Virtual host"],
-        args_example = [<<"alice">>, <<"example.org">>],
-        result = {report, string}, result_example = "push check-up of alice@example.org ..."},
-     #ejabberd_commands{
-        name = push_diagnose_test, tags = [push], module = ?MODULE,
-        function = push_diagnose_test,
-        desc = "Push check-up of a user, with a test push to each registration",
-        longdesc = "As push_diagnose, after a test push to each registration; answers once "
-                   "each test push is answered, or after 10 s.",
-        args = [User, Host], args_desc = ["User name", "Virtual host"],
-        args_example = [<<"alice">>, <<"example.org">>],
-        result = {report, string}, result_example = "sent 1 test push(es) ..."}].
-
--spec push_status(binary()) -> string().
-push_status(Host) -> command(Host, status, []).
--spec push_list(binary(), binary()) -> string().
-push_list(User, Host) -> command(Host, list, [User, Host]).
--spec push_delete(binary(), binary(), binary()) -> string().
-push_delete(User, Host, Node) -> command(Host, delete, [User, Host, Node]).
--spec push_test(binary(), binary()) -> string().
-push_test(User, Host) -> command(Host, test, [User, Host]).
--spec push_wake_all(binary()) -> string().
-push_wake_all(Host) -> command(Host, wake_all, []).
--spec push_delete_old(binary(), integer()) -> string().
-push_delete_old(Host, Days) -> command(Host, delete_old, [integer_to_binary(Days)]).
--spec push_reload_logic(binary()) -> string().
-push_reload_logic(Host) -> command(Host, reload_logic, []).
--spec push_diagnose(binary(), binary()) -> string().
-push_diagnose(User, Host) -> diagnose(User, Host, diagnose).
--spec push_diagnose_test(binary(), binary()) -> string().
-push_diagnose_test(User, Host) -> diagnose(User, Host, diagnose_test).
-
-%% Python names the app servers' domains; the shim says how each is reachable from here.
-diagnose(User, Host, Name) ->
-    Domains = string:lexemes(command(Host, diagnose_domains, [User, Host]), "\n"),
-    command(Host, Name, [User, Host | mod_push_py_actions:route_states(jid:nameprep(Host),
-                                                                       Domains)]).
-
-command(Host, Name, Args) ->
-    LHost = jid:nameprep(Host),
-    try gen_server:call(proc(LHost), {command, Name, Args}, timer:seconds(30)) of
-        Text -> unicode:characters_to_list(Text)
-    catch exit:{noproc, _} -> "mod_push_py is not running on " ++ binary_to_list(Host);
-          exit:{timeout, _} -> "the Python process did not answer within 30 s";
-          exit:{Why, _} ->
-            lists:flatten(io_lib:format("mod_push_py's port owner ended (~p): try again", [Why]))
-    end.

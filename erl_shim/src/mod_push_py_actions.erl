@@ -8,7 +8,7 @@
 %%%----------------------------------------------------------------------
 -module(mod_push_py_actions).
 
--export([decode/1, answer_iq/2, route/1, set_push/2, app_server/2, pubsub/4,
+-export([execute/2, decode/1, answer_iq/2, route/1, set_push/2, app_server/2, pubsub/4,
          parse_xml/1, publish_outcome/1, log/2, counters/1, route_states/2]).
 
 -include("xmpp.hrl").
@@ -17,6 +17,32 @@
 -type form() :: [{binary(), [binary()]}].
 
 -define(JID_CACHE, 1000).  % app servers' JIDs kept decoded, at most
+
+%% The actions the port owner executes without its state, in the port owner's process:
+%% routed stanzas, set_push, the push options forms, log lines, group chats' and
+%% UnifiedPush's ({unified_push, _}, up_push, http_reply: mod_push_py_up).
+-spec execute(binary(), term()) -> ok.
+execute(_Host, {route, Xml}) ->
+    route(Xml);
+execute(_Host, {set_push, Session, Value}) ->
+    set_push(Session, {mod_push_py, set_push, Value});
+execute(_Host, {set_push, Session, Value, Roster}) when is_boolean(Roster) ->
+    set_push(Session, {mod_push_py, set_push, Value, Roster});
+execute(Host, {push_options, Key, undefined}) ->
+    ets:delete(mod_push_py_port:options_table(Host), Key),
+    ok;
+execute(Host, {push_options, Key, Fields}) ->
+    ets:insert(mod_push_py_port:options_table(Host), {Key, Fields}),
+    ok;
+execute(_Host, {log, Level, Text}) ->
+    log(Level, Text);
+execute(Host, {groupchat, Action}) ->
+    mod_push_py_muc:execute(Host, Action);
+execute(Host, Action) when element(1, Action) == unified_push; element(1, Action) == up_push;
+                           element(1, Action) == http_reply ->
+    mod_push_py_up:execute(Host, Action);
+execute(_Host, Action) ->
+    ?WARNING_MSG("mod_push_py: unknown action from Python ignored: ~P", [Action, 10]).
 
 %% A frame from Python: never an atom it did not know (binary_to_term's safe).
 -spec decode(binary()) -> {ok, term()} | error.

@@ -82,9 +82,10 @@ execute(Host, {read_bookmarks, {U, S}}) ->
 read_bookmarks(Host, U, S) ->
     Items = case gen_mod:is_loaded(S, mod_pubsub) of
                 true ->
-                    case catch mod_pubsub:get_items({U, S, <<>>}, ?NS_BOOKMARKS) of
+                    try mod_pubsub:get_items({U, S, <<>>}, ?NS_BOOKMARKS) of
                         List when is_list(List) -> List;
                         _ -> []  % no such node (no bookmarks), or an error
+                    catch _:_ -> []
                     end;
                 false -> []
             end,
@@ -112,9 +113,10 @@ bookmark_retracted(_Host, _Node, _Publisher, _Service, _ItemId) ->
     ok.
 
 bookmark(Host, #jid{luser = U, lserver = S}, ItemId, Xml) when U =/= <<>>, is_binary(ItemId) ->
-    case catch ets:member(users_table(Host), {U, S}) of
+    try ets:member(users_table(Host), {U, S}) of
         true -> mod_push_py_port:send_event(Host, {bookmark, {U, S}, ItemId, Xml});
-        _ -> ok
+        false -> ok
+    catch error:badarg -> ok  % no push user yet (no table)
     end;
 bookmark(_Host, _Service, _ItemId, _Xml) ->
     ok.
@@ -140,13 +142,14 @@ report(Pkt, S, FromNick) when element(1, S) =:= state,
                               (tuple_size(S) =:= 23 orelse tuple_size(S) =:= 25) ->
     Host = element(4, S),
     Table = users_table(Host),
-    case catch ets:lookup_element(Table, version, 2) of
+    try ets:lookup_element(Table, version, 2) of
         Version when is_integer(Version) ->
             case absent(Version, element(13, S), element(8, S), element(9, S), Table) of
                 [] -> ok;
                 Absent -> report(Pkt, S, FromNick, Host, Absent)
             end;
-        _ -> ok  % no push user yet, or Python has not said
+        _ -> ok
+    catch error:badarg -> ok  % no push user yet, or Python has not said
     end;
 report(_Pkt, _S, _FromNick) ->
     ok.  % a room state of a layout not known to this module: the feature is off for it

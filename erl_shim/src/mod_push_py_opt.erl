@@ -80,6 +80,19 @@ mod_opt_type(queue_size) -> econf:pos_int();
 mod_opt_type(certfile) -> econf:either(undefined, econf:file(read));
 mod_opt_type(access_backends) -> econf:acl();
 mod_opt_type(endpoint_allow_ips) -> econf:list(econf:ip_mask());
+%% UnifiedPush: the public base URL of the request handler (no query or fragment: the
+%% token is appended as a path segment); off when undefined.
+mod_opt_type(unified_push_url) ->
+    econf:either(undefined, econf:and_then(econf:url([http, https]),
+                                           econf:binary("^[hH][tT][tT][pP][sS]?://[^?#]+$")));
+mod_opt_type(unified_push_access) -> econf:acl();
+mod_opt_type(unified_push_expiration) ->
+    econf:and_then(econf:timeout(second), fun at_most_60_days/1);
+mod_opt_type(unified_push_max_ttl) -> econf:timeout(second);
+mod_opt_type(unified_push_max_kept) -> econf:pos_int();
+mod_opt_type(unified_push_rate) -> econf:pos_int();
+mod_opt_type(unified_push_burst) -> econf:pos_int();
+mod_opt_type(unified_push_max_endpoints) -> econf:pos_int();
 mod_opt_type(backends) ->
     econf:list(
       econf:and_then(
@@ -87,6 +100,10 @@ mod_opt_type(backends) ->
           (backend_options())#{'_' => econf:any()},  % a python provider's own options
           [{required, [type, register_host, pubsub_host]}, {return, map}, unique]),
         fun check_backend/1)).
+
+%% Conversations renews an endpoint within a day of its expiry; apps keep theirs for long.
+at_most_60_days(Ms) when Ms =< 60 * 86400000 -> Ms;
+at_most_60_days(Ms) -> yconf:fail(yconf, {bad_int, 1, 60 * 86400, Ms div 1000}).
 
 backend_options() ->
           #{type => econf:enum([apns, fcm, gcm, webpush, mozilla, ubuntu, wns, python]),
@@ -199,6 +216,14 @@ mod_options(_Host) ->
      {certfile, undefined},
      {access_backends, local},
      {endpoint_allow_ips, []},
+     {unified_push_url, undefined},
+     {unified_push_access, local},
+     {unified_push_expiration, timer:hours(168)},
+     {unified_push_max_ttl, timer:hours(24)},
+     {unified_push_max_kept, 100},
+     {unified_push_rate, 60},
+     {unified_push_burst, 10},
+     {unified_push_max_endpoints, 100},
      {backends, []}].
 
 -spec mod_doc() -> map().
@@ -312,7 +337,8 @@ mod_doc() ->
             #{value => ?T("Number"),
               desc => ?T("Push IQs (enable, disable) and app-server registration "
                          "commands one account may send per minute, in a burst or "
-                         "spread out; beyond, ejabberd answers them with "
+                         "spread out, and as many UnifiedPush registrations; beyond, "
+                         "ejabberd answers them with "
                          "'resource-constraint' (type wait) without asking Python. "
                          "The default is '60'.")}},
            {publish_rate,
@@ -428,6 +454,50 @@ mod_doc() ->
                          "otherwise not on the public internet: for example a "
                          "UnifiedPush server on your LAN ('192.168.1.0/24'). "
                          "The default is none: such destinations are refused.")}},
+           {unified_push_url,
+            #{value => ?T("URL"),
+              desc => ?T("Turns on the UnifiedPush server on this host (users' apps get "
+                         "push endpoints through Conversations): the public base URL of "
+                         "the HTTP request handler 'mod_push_py' of an ejabberd listener "
+                         "(for example 'https://example.org/up' for 'request_handlers: "
+                         "{\"/up\": mod_push_py}'), as app servers reach it (through a "
+                         "reverse proxy: its URL). http or https, no query or fragment. "
+                         "The default is none: no UnifiedPush on this host.")}},
+           {unified_push_access,
+            #{value => ?T("AccessName"),
+              desc => ?T("Who may register UnifiedPush endpoints: an access rule, or "
+                         "'local', the users of this server's own virtual hosts (as "
+                         "for 'access_backends'); others get 'forbidden'. The default "
+                         "is 'local'.")}},
+           {unified_push_expiration,
+            #{value => "timeout()",
+              desc => ?T("The expiration given to an endpoint at each registration; "
+                         "Conversations registers again within a day of it, and the "
+                         "endpoint's URL stays the same. At most 60 days. The default "
+                         "is '7' days.")}},
+           {unified_push_max_ttl,
+            #{value => "timeout()",
+              desc => ?T("How long a UnifiedPush message that cannot be delivered now "
+                         "is kept at most (the sender's TTL, capped by this); also the "
+                         "TTL of a POST without a TTL header. The default is '1' day.")}},
+           {unified_push_max_kept,
+            #{value => ?T("Number"),
+              desc => ?T("UnifiedPush messages kept per endpoint at most; beyond, the "
+                         "oldest is dropped. The default is '100'.")}},
+           {unified_push_rate,
+            #{value => ?T("Number"),
+              desc => ?T("POSTs a minute per endpoint, after a burst of "
+                         "'unified_push_burst'; beyond, HTTP 429 with Retry-After. "
+                         "The default is '60'.")}},
+           {unified_push_burst,
+            #{value => ?T("Number"),
+              desc => ?T("POSTs an endpoint may get at once before "
+                         "'unified_push_rate' applies. The default is '10'.")}},
+           {unified_push_max_endpoints,
+            #{value => ?T("Number"),
+              desc => ?T("UnifiedPush endpoints one account may hold; a registration "
+                         "beyond gets 'not-allowed'. Registering an endpoint again does "
+                         "not count. The default is '100'.")}},
            {certfile,
             #{value => ?T("Path"),
               desc => ?T("Default client certificate (PEM with its key) for "

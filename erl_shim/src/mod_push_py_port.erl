@@ -30,7 +30,7 @@
 -import(mod_push_py_opt, [opt/2]).
 -import(mod_push_py, [xml_binary/1]).
 
--define(PROTOCOL_VERSION, 6).
+-define(PROTOCOL_VERSION, 7).
 -define(MAX_BATCH, 64).
 -define(MIN_BACKOFF, 1000).
 -define(MAX_BACKOFF, 60000).
@@ -212,6 +212,7 @@ init([Host, keeper]) ->
     ets:new(events_table(Host), [named_table, set, public, {write_concurrency, true}]),
     ets:new(meta_table(Host), [named_table, public, {write_concurrency, true}]),
     ets:new(rate_table(Host), [named_table, public, {write_concurrency, true}]),
+    ets:new(mod_push_py_up:pending_table(Host), [named_table, public, {write_concurrency, true}]),
     ets:insert(meta_table(Host), [{epoch, erlang:system_time(microsecond)}, {seq, 0},
                                   {restarts, 0}, {backoff, ?MIN_BACKOFF}, {dropped, 0}, {held, 0}]),
     {ok, {keeper, Host}};
@@ -377,6 +378,7 @@ handle_info(check_loglevel, #state{loglevel = Old} = State) ->
     erlang:send_after(?LOGLEVEL_CHECK, self(), check_loglevel),
     State#state.status == up andalso  % and the counters, for Python's metrics
         write(State#state.port, mod_push_py_actions:counters(State#state.meta)),
+    mod_push_py_up:sweep(State#state.host),  % and the pending sessions that ended
     case ejabberd_logger:get() of
         Old -> {noreply, State};
         New -> {noreply, push_event({loglevel, New}, State#state{loglevel = New})}
@@ -390,8 +392,8 @@ handle_info(forget_rates, #state{host = Host} = State) ->
     {noreply, State};
 handle_info(flush, State) ->
     {noreply, flush(State)};
-handle_info({iq_reply, Reply, Ref}, State) ->
-    {noreply, push_event({iq_reply, Ref, mod_push_py_actions:publish_outcome(Reply)}, State)};
+handle_info({iq_reply, Reply, Ctx}, State) ->  % a publish's or a UnifiedPush push's
+    {noreply, push_event(mod_push_py_up:iq_reply(State#state.host, Reply, Ctx), State)};
 handle_info({timeout, _TRef, {iq, Ref}}, #state{host = Host} = State) ->
     case ets:take(meta_table(Host), {iq, Ref}) of
         [{_, IQ, _}] ->
@@ -642,21 +644,6 @@ execute({publish, Ref, To, Node, Fields, Options, Timeout, Elements},
     catch error:{bad_jid, _} ->  % answered as the router would answer it
             push_event({iq_reply, Ref, {error, cancel, 'jid-malformed'}}, State)
     end;
-execute({route, Xml}, State) ->
-    mod_push_py_actions:route(Xml),
-    State;
-execute({set_push, Session, Value}, State) ->
-    mod_push_py_actions:set_push(Session, {mod_push_py, set_push, Value}),
-    State;
-execute({set_push, Session, Value, Roster}, State) when is_boolean(Roster) ->
-    mod_push_py_actions:set_push(Session, {mod_push_py, set_push, Value, Roster}),
-    State;
-execute({push_options, Key, undefined}, #state{host = Host} = State) ->
-    ets:delete(options_table(Host), Key),
-    State;
-execute({push_options, Key, Fields}, #state{host = Host} = State) ->
-    ets:insert(options_table(Host), {Key, Fields}),
-    State;
 execute({command_result, Ref, Text}, #state{commands = Commands} = State) ->
     case maps:take(Ref, Commands) of
         {{Name, From}, Commands1} ->
@@ -670,12 +657,8 @@ execute({command_result, Ref, Text}, #state{commands = Commands} = State) ->
     end;
 execute({ack, Seq}, State) ->
     release_held(acknowledge(Seq, State));
-execute({log, Level, Text}, State) ->
-    mod_push_py_actions:log(Level, Text),
-    State;
-execute({groupchat, A}, #state{host = H} = S) -> mod_push_py_muc:execute(H, A), S;
-execute(Action, State) ->
-    ?WARNING_MSG("mod_push_py: unknown action from Python ignored: ~P", [Action, 10]),
+execute(Action, #state{host = Host} = State) ->  % the actions that need no state here
+    mod_push_py_actions:execute(Host, Action),
     State.
 
 

@@ -147,6 +147,14 @@ class Config:
     # Addresses that user-supplied destinations may reach although the destination
     # policy denies them by default (core/destination.py)
     endpoint_allow_ips: tuple[IpNetwork, ...] = ()
+    # UnifiedPush (core/unifiedpush.py, service/unifiedpush.py): off when the URL is None
+    unified_push_url: str | None = None  # the public base URL of the /up request handler
+    unified_push_expiration_ms: int = 7 * 86400 * 1000  # given at each register
+    unified_push_max_ttl_ms: int = 86400 * 1000  # a push is kept this long at most
+    unified_push_max_kept: int = 100  # pushes kept per endpoint
+    unified_push_rate: int = 60  # POSTs a minute per endpoint, after a burst of
+    unified_push_burst: int = 10
+    unified_push_max_endpoints: int = 100  # endpoints per account
 
     @classmethod
     def from_options(cls, host: str, options: dict[str, Any]) -> Config:
@@ -201,4 +209,16 @@ class Config:
             backends=tuple(_backend(i, b, _certfile(options))
                            for i, b in enumerate(options.get("backends", []))),
             endpoint_allow_ips=_ip_networks(options.get("endpoint_allow_ips")),
+            unified_push_url=(_text(options["unified_push_url"]).rstrip("/")
+                              if isinstance(options.get("unified_push_url"), bytes) else None),
+            unified_push_expiration_ms=int(options.get("unified_push_expiration",
+                                                       cls.unified_push_expiration_ms)),
+            unified_push_max_ttl_ms=int(options.get("unified_push_max_ttl",
+                                                    cls.unified_push_max_ttl_ms)),
+            unified_push_max_kept=int(options.get("unified_push_max_kept",
+                                                  cls.unified_push_max_kept)),
+            unified_push_rate=int(options.get("unified_push_rate", cls.unified_push_rate)),
+            unified_push_burst=int(options.get("unified_push_burst", cls.unified_push_burst)),
+            unified_push_max_endpoints=int(options.get("unified_push_max_endpoints",
+                                                       cls.unified_push_max_endpoints)),
         )

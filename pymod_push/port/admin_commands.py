@@ -49,7 +49,8 @@ def run(command: AdminCommand, service: PushService, info: ProcessInfo,
     handlers = {"status": _status, "list": _list, "delete": _delete, "test": _test,
                 "wake_all": _wake_all, "delete_old": _delete_old,
                 "reload_logic": _reload_logic, "diagnose_domains": _diagnose_domains,
-                "diagnose": _diagnose, "diagnose_test": _diagnose_test}
+                "diagnose": _diagnose, "diagnose_test": _diagnose_test,
+                "up_list": _up_list, "up_revoke": _up_revoke}
     handler = handlers.get(command.name)
     try:
         if handler is None:
@@ -118,6 +119,7 @@ def _status(service: PushService, info: ProcessInfo, args: tuple[str, ...],
         f"pushed: {totals['pushed']}",
         "publishes to app servers: " + _counts(service.counters),
         f"publishes to this module's own app server taken in-process: {service.in_process}",
+        *service.unified_push.status_lines(),
     ]
     providers = sorted({provider for provider, _ in info.provider_counters})
     for provider in providers:
@@ -199,6 +201,29 @@ def _delete(service: PushService, info: ProcessInfo, args: tuple[str, ...],
              len(removed), len(devices), *user)
     return (f"deleted {len(removed)} push registration(s) and {len(devices)} app-server "
             f"device(s)", service.forget(removed))
+
+
+def _up_list(service: PushService, info: ProcessInfo, args: tuple[str, ...],
+             now: float) -> Result:
+    """push_up_list: a user's UnifiedPush endpoints, by the hash of their instance."""
+    user = _user(args)
+    lines = service.unified_push.listing(user)
+    if not lines:
+        return f"no UnifiedPush endpoints for {user[0]}@{user[1]}", []
+    return "\n".join(lines), []
+
+
+def _up_revoke(service: PushService, info: ProcessInfo, args: tuple[str, ...],
+               now: float) -> Result:
+    """push_up_revoke: one endpoint (its hash as push_up_list shows it) or all."""
+    user = _user(args)
+    if len(args) < 3 or not args[2]:
+        raise CommandError("give the endpoint's id as push_up_list shows it, or all")
+    count, actions = service.unified_push.revoke_by_admin(user, args[2])
+    if not count:
+        raise CommandError(f"no such UnifiedPush endpoint of {user[0]}@{user[1]}")
+    log.info("ejabberdctl: revoked %d UnifiedPush endpoint(s) of %s@%s", count, *user)
+    return f"revoked {count} UnifiedPush endpoint(s)", actions
 
 
 def _test(service: PushService, info: ProcessInfo, args: tuple[str, ...],

@@ -157,7 +157,7 @@ class PortApp:
                 try:
                     results = self._handle_event(item)
                 except DatabaseUnavailable as exc:
-                    self.commits.database_away(exc, list(items[position:]))
+                    self.commits.read_failed(exc, list(items[position:]))
                     break
                 self.commits.collect(results)
                 continue
@@ -190,8 +190,8 @@ class PortApp:
                 try:
                     results = self._handle(batch.events[index], arrived < late)
                 except DatabaseUnavailable as exc:
-                    self.commits.database_away(exc, [(arrived, (batch, index)),
-                                              *items[position + 1:]])
+                    self.commits.read_failed(exc, [(arrived, (batch, index)),
+                                             *items[position + 1:]])
                     break
                 self.commits.collect(results)
             else:
@@ -229,8 +229,9 @@ class PortApp:
                             runtime.last_batch, runtime.dispatcher.submit,
                             self._logic_workers.ask)
         self._write(frame(hello_reply(info, hello_facts(runtime.config))))
-        self._write(frame([action_term(a) for a in [*self.service.initial_actions(),
-                                                    *self.service.groupchat.initial_actions()]]))
+        self._write(frame([action_term(a) for a in [
+            *self.service.initial_actions(), *self.service.groupchat.initial_actions(),
+            *self.service.unified_push.initial_actions()]]))
         config = runtime.config
         log.info("ready for %s (pymod_push %s, database %s; at most %d pushed messages "
                  "remembered per pending session: mod_stream_mgmt's max_ack_queue)", hello.host,
@@ -348,8 +349,13 @@ class PortApp:
         assert self.service is not None
         try:
             if self.commits.held is None:
-                self.service.forget_old_marks(time.time())
+                now = time.time()
+                self.service.forget_old_marks(now)
+                expired = self.service.expire_unified_push(now)
                 self.service.store.commit()  # early for what is pending: harmless, never late
+                if expired:  # the shim's UnifiedPush user set, after the commit
+                    self.commits.collect(expired)
+                    self.commits.request()
         except DatabaseUnavailable:
             pass  # the port's commits notice and retry
         except BaseException as exc:  # noqa: BLE001 - ends the process, as in data_received

@@ -135,6 +135,17 @@ class CommitPipeline:
                       exc, RETRY_MAX_S)
         self.held[:0] = rest
 
+    def read_failed(self, exc: BaseException, rest: list[tuple[float, Item]]) -> None:
+        """Handling an event found the database away in a read (no commit failed, so none
+        would be tried again): held as database_away holds, and a commit tried again
+        with the usual backoff, writing the last batch handled so that it reaches the
+        database and finds out whether it is back (the held events are handled then)."""
+        self.database_away(exc, rest)
+        if self.last_batch is not None:
+            self._last_batch_unsaved = True
+        if self._commit_handle is None and self._committing is None:
+            self._commit_failed(DatabaseUnavailable(str(exc)))
+
     # ------------------------------------------------------------------ the commit
     def request(self) -> None:
         """Commit, then write the actions and the acknowledgement: at once if the last

@@ -54,7 +54,13 @@ class Runtime:
             dict(self.dispatcher.latency), totals, self.service.in_process, self.store.commits,
             __version__, None if shim is None else
             {"restarts": shim.restarts, "held": shim.held, "dropped": shim.dropped},
-            self._certificates(), without_device)
+            self._certificates(), without_device, self._unified_push())
+
+    def _unified_push(self) -> metrics.UnifiedPushCounts | None:
+        up = self.service.unified_push
+        if not up.enabled:
+            return None
+        return metrics.UnifiedPushCounts(dict(up.posts), up.deliveries, dict(up.dropped))
 
     def _certificates(self) -> dict[tuple[str, str], float]:
         """APNs backends with certificate auth (a certfile, no key_file): their notAfter.

@@ -62,6 +62,10 @@ from pymod_push.protocol import (
     SetPush,
     Stanza,
     StanzaToPending,
+    UpPost,
+    UpPresence,
+    UpRegister,
+    UpReply,
     UserKey,
     UserRemoved,
 )
@@ -72,6 +76,7 @@ from pymod_push.service.groupchat import GroupchatPushes
 from pymod_push.service.ledger import Ledger
 from pymod_push.service.logic_work import LogicCall, LogicQueue, LogicWork
 from pymod_push.service.pushed import NOTHING, PushedTo
+from pymod_push.service.unifiedpush import UnifiedPush
 from pymod_push.store import Store
 
 log = logging.getLogger("pymod_push")
@@ -162,6 +167,9 @@ class PushService:
             config, store, self.options_of,
             lambda r, read_with, stanza, chosen, mark, options, now, summary:
             self._push_once(r, read_with, stanza, chosen, mark, options, now, None, summary))
+        # UnifiedPush endpoints and their kept pushes (service/unifiedpush.py); a kept push
+        # wakes the user's XEP-0357 devices through this service's publishes
+        self.unified_push = UnifiedPush(config, store, self._unified_push_wake)
 
     def use_logic(self, logic: Logic) -> None:
         """The admin's push logic from now on (push_reload_logic)."""
@@ -235,20 +243,30 @@ class PushService:
             case SessionResumed(session):
                 if self._reset(session):
                     self.store.bind_node(session, self.config.ejabberd_node, None)
-                return []
-            case SessionOpened(session):
+                # also sent for UnifiedPush users who are not push-enabled
+                return self.unified_push.back(session, now, queued="delivered", send=True)
+            case SessionOpened(session):  # also a resumption's first event (then resumed)
+                resolved = self.unified_push.back(session, now, queued=None, send=False)
                 registrations = self._reset(session)
                 if not registrations:
-                    return []
+                    return resolved
                 self.store.bind_node(session, self.config.ejabberd_node, None)
                 # Enabling is persistent (XEP-0357): a reconnecting device stays push-enabled.
-                return [self._push_on(session, registrations)]
+                return [*resolved, self._push_on(session, registrations)]
+            case UpReply():
+                return self.unified_push.reply(event, now)
+            case UpPost():
+                return self.unified_push.post(event, now)
+            case UpPresence(session):
+                return self.unified_push.back(session, now, queued="kept", send=True)
+            case UpRegister():
+                return self.unified_push.register(event, now)
             case UserRemoved(user):
                 for registration in self.store.for_user(user):
                     self._pushed.pop(registration.session, None)
                 self.store.delete_user(user)
                 self.store.set_user_options(user, None)
-                return [PushOptionsUpdate(user, None)]
+                return [PushOptionsUpdate(user, None), *self.unified_push.user_removed(user)]
             case MucMessage():
                 return self.groupchat.handle(event, now)
             case Bookmarks():
@@ -258,6 +276,7 @@ class PushService:
                 return self._push_iq(event)
             case EjabberdStarted():
                 self._wake_after_boot(now)
+                self.unified_push.ejabberd_started()
                 return []
         raise TypeError(f"unhandled event {event!r}")
 
@@ -618,6 +637,16 @@ class PushService:
             log.info("ejabberd started: waking %d push registration(s), %d per second",
                      count, self.config.wake_rate)
 
+    def _unified_push_wake(self, user: UserKey, now: float) -> list[Publish]:
+        """A UnifiedPush push was kept: each of the user's XEP-0357 registrations gets a
+        wake counted as a message (as a chat message would; nothing about the push)."""
+        publishes = []
+        for registration in self.store.for_user(user):
+            registration.message_count += 1
+            self.store.save_counts(registration)
+            publishes.append(self.wake(registration, now))
+        return publishes
+
     def wake(self, registration: Registration, now: float) -> Publish:
         """A push that only makes the device connect (ejabberdctl push_test too)."""
         self.counters["woken"] += 1
@@ -645,6 +674,10 @@ class PushService:
         for session in [s for s, pushed in self._pushed.items() if pushed.since < cutoff]:
             del self._pushed[session]
         return self.store.purge_pushed(int(cutoff * 1_000_000))
+
+    def expire_unified_push(self, now: float) -> list[Action]:
+        """UnifiedPush pushes and endpoints whose time is over (with forget_old_marks)."""
+        return self.unified_push.expire(now)
 
     def next_deadline(self) -> float | None:
         deadlines = [d for d in (self.ledger.next_due(), self.groupchat.next_deadline(),

@@ -15,9 +15,11 @@ from pymod_push.store.devices import DeviceTable
 from pymod_push.store.ledger import LedgerTables
 from pymod_push.store.provider_queue import ProviderQueueTable
 from pymod_push.store.registrations import RegistrationTable
+from pymod_push.store.unifiedpush import UnifiedPushTables
 
 
-class Store(RegistrationTable, DeviceTable, LedgerTables, ProviderQueueTable, StoreBase):
+class Store(RegistrationTable, DeviceTable, LedgerTables, ProviderQueueTable,
+            UnifiedPushTables, StoreBase):
     """The SQL here runs on SQLite and, through store.postgres.PgConnection (which turns `?` into
     `$n` and quotes the column `user`), on PostgreSQL.
 
@@ -63,7 +65,7 @@ class Store(RegistrationTable, DeviceTable, LedgerTables, ProviderQueueTable, St
     def totals(self) -> dict[str, int]:
         """Row counts for ejabberdctl push_status."""
         tables = ("registrations", "devices", "user_options", "outbox", "provider_queue",
-                  "pushed")
+                  "pushed", "up_endpoints", "up_kept")
         totals = {table: int(self.db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
                   for table in tables}
         if self._pg is not None:

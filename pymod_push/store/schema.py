@@ -167,6 +167,34 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE provider_queue ADD COLUMN failing_since DOUBLE PRECISION;
     CREATE INDEX provider_queue_by_device ON provider_queue (device_node, ejabberd_node, id);
     """,
+    # version 14: UnifiedPush. An endpoint per (account, application, instance), found by
+    # its token (the primary key: the index POSTs look it up by), sent to the full JID that
+    # registered it last; its pushes kept until delivered or expired, in id order (ids
+    # chosen by the service, increasing), payloads base64.
+    """
+    CREATE TABLE up_endpoints (
+        token TEXT PRIMARY KEY,
+        user TEXT NOT NULL,
+        server TEXT NOT NULL,
+        resource TEXT NOT NULL,
+        application TEXT NOT NULL,
+        instance TEXT NOT NULL,
+        expires DOUBLE PRECISION NOT NULL,
+        created DOUBLE PRECISION NOT NULL,
+        last_delivery DOUBLE PRECISION,
+        UNIQUE (user, server, application, instance)
+    );
+    CREATE INDEX up_endpoints_by_session ON up_endpoints (user, server, resource);
+    CREATE TABLE up_kept (
+        id INTEGER PRIMARY KEY,
+        token TEXT NOT NULL,
+        topic TEXT,
+        payload TEXT NOT NULL,
+        expires DOUBLE PRECISION NOT NULL,
+        state TEXT NOT NULL
+    );
+    CREATE INDEX up_kept_by_token ON up_kept (token, id);
+    """,
 )
 
 

@@ -296,7 +296,7 @@ _RACE = """
 Host = <<"localhost">>,
 Owner = whereis(mod_push_py_localhost),
 Up = fun Up(N) ->
-         Status = mod_push_py:push_status(Host),
+         Status = mod_push_py_commands:push_status(Host),
          case {string:find(Status, "Python process up"),
                string:find(Status, "awaiting an app server's answer: 0,")} of
              {_, nomatch} when N > 0 -> timer:sleep(50), Up(N - 1);

@@ -64,7 +64,8 @@ def test_install_doctor_upgrade_uninstall(bare: Instance) -> None:
                            "mod_push_py.yml").read_text())
     assert conf["modules"]["mod_push_py"]["python"] == default_python()  # the running one
     for erl in ("mod_push_py.erl", "mod_push_py_port.erl", "mod_push_py_opt.erl",
-                "mod_push_py_actions.erl", "mod_push_py_muc.erl"):
+                "mod_push_py_actions.erl", "mod_push_py_muc.erl", "mod_push_py_up.erl",
+                "mod_push_py_commands.erl"):
         assert filecmp.cmp(sources / "src" / erl, ROOT / "erl_shim" / "src" / erl, shallow=False)
 
     doctor = pymod_push(bare, "doctor")

@@ -44,7 +44,8 @@ def test_prebuilt_module_loads_from_a_read_only_path(folder: Path) -> None:
     assert sorted(p.name for p in modules.iterdir()) == ["mod_push_py"]  # only the module
     assert {p.name for p in (module / "ebin").iterdir()} == {
         "mod_push_py.beam", "mod_push_py_port.beam", "mod_push_py_opt.beam",
-        "mod_push_py_actions.beam", "mod_push_py_muc.beam"}
+        "mod_push_py_actions.beam", "mod_push_py_muc.beam", "mod_push_py_up.beam",
+        "mod_push_py_commands.beam"}
     # Read-only for ejabberd (it runs as the user ejabberd; the files are root's).
     subprocess.run(["chmod", "-R", "a-w", str(modules)], check=True)
     assert not writable_by_ejabberd(modules) and not writable_by_ejabberd(module / "ebin")

@@ -27,7 +27,8 @@ def test_the_wheel_carries_the_shim(folder: Path) -> None:
         assert shim == {"COPYING", "README.md", "README.txt", "mod_push_py.spec",
                         "conf/mod_push_py.yml", "src/mod_push_py.erl",
                         "src/mod_push_py_port.erl", "src/mod_push_py_opt.erl",
-                        "src/mod_push_py_actions.erl", "src/mod_push_py_muc.erl"}
+                        "src/mod_push_py_actions.erl", "src/mod_push_py_muc.erl",
+                        "src/mod_push_py_up.erl", "src/mod_push_py_commands.erl"}
         for name in shim:
             assert archive.read(f"pymod_push/erl_shim/{name}") == \
                 (ROOT / "erl_shim" / name).read_bytes()

@@ -20,7 +20,7 @@ SHIM = (ROOT / "erl_shim" / "src" / "mod_push_py_opt.erl").read_text()  # the op
 README = (ROOT / "README.md").read_text()
 CONFIG = (ROOT / "pymod_push" / "core" / "config.py").read_text()
 SHIM_ONLY = {"python", "reply_timeout", "queue_size", "access_backends",  # not Python's
-             "push_iq_rate"}
+             "push_iq_rate", "unified_push_access"}
 MS = {"seconds": 1000, "second": 1000, "s": 1000, "minutes": 60_000, "minute": 60_000,
       "min": 60_000, "hours": 3_600_000, "hour": 3_600_000}
 

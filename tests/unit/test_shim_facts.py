@@ -99,7 +99,8 @@ def test_hello_facts_are_the_hosts_own_and_reach_the_shim_as_terms() -> None:
 def test_the_shim_keeps_no_copy_of_pythons_decisions() -> None:
     sources = {path.name: path.read_text() for path in SHIM.glob("*.erl")}
     assert set(sources) == {"mod_push_py.erl", "mod_push_py_port.erl", "mod_push_py_opt.erl",
-                            "mod_push_py_actions.erl", "mod_push_py_muc.erl"}
+                            "mod_push_py_actions.erl", "mod_push_py_muc.erl",
+                            "mod_push_py_up.erl", "mod_push_py_commands.erl"}
     for name, text in sources.items():
         for literal in ('<<"tigase:push:', '<<"Register at', '<<"register-push-', '"APNs"'):
             assert literal not in text, (name, literal)

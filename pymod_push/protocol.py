@@ -409,10 +409,9 @@ def _up_reply(ref: Any, outcome: Any) -> UpReply:
     if isinstance(outcome, tuple):
         if len(outcome) == 2 and outcome[0] == "timeout" and outcome[1] == "pending":
             return UpReply(ref[1], "timeout_pending")
-        tag, error_type, condition = outcome
-        if tag != "error":
+        if len(outcome) != 3 or outcome[0] != "error":
             raise ProtocolError("an up_push outcome is an atom, {timeout, pending} or an error")
-        return UpReply(ref[1], "error", str(error_type), str(condition))
+        return UpReply(ref[1], "error", str(outcome[1]), str(outcome[2]))
     if not isinstance(outcome, Atom) or outcome not in _UP_OUTCOMES:
         raise ProtocolError(f"unknown up_push outcome {outcome!r:.40}")
     return UpReply(ref[1], str(outcome))

@@ -34,6 +34,7 @@ from pymod_push.protocol import (
     HttpReply,
     IqError,
     IqResult,
+    ProtocolError,
     Publish,
     SessionOpened,
     SessionResumed,
@@ -272,8 +273,10 @@ def test_protocol_7_events_and_actions() -> None:
         assert parse_event((Atom("iq_reply"), up_ref, outcome)) == expected
     for bad in ((Atom("iq_reply"), (Atom("up"), "x"), Atom("result")),
                 (Atom("iq_reply"), up_ref, Atom("whatever")),
+                (Atom("iq_reply"), up_ref, (Atom("error"), Atom("cancel"))),
+                (Atom("iq_reply"), up_ref, (Atom("timeout"), 1, 2, 3)),
                 (Atom("up_post"), HTTP_REF, b"t", {}, b"x")):
-        with pytest.raises(ValueError):
+        with pytest.raises(ProtocolError):  # logged and skipped, never fatal
             parse_event(bad)
     assert action_term(UpPush(5, PHONE, "a", "i", b"\x01", 30000)) == (
         Atom("up_push"), (Atom("up"), 5), (b"alice", b"example.org", b"phone"), b"a", b"i",

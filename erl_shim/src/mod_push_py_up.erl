@@ -220,9 +220,9 @@ execute(_Host, {http_reply, {Pid, _} = Ref, Status, Headers, Body})
        is_binary(Body) ->
     Pid ! {?MODULE, Ref, Status, Headers, Body},
     ok;
-execute(_Host, Action) ->
+execute(_Host, Action) ->  % by its name only: a payload or a body is never logged
     ?WARNING_MSG("mod_push_py: malformed UnifiedPush action from Python ignored: ~P",
-                 [Action, 10]).
+                 [element(1, Action), 2]).
 
 %% The event an IQ's answer (or its timeout) makes: for an up_push, a timeout while
 %% the session is pending is {timeout, pending} (the IQ waits in the session's queue: it

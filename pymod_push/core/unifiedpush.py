@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import re
 import time
 import xml.etree.ElementTree as ET
@@ -29,7 +28,6 @@ TTL_DIGITS = 10  # a TTL header of more digits is refused (400)
 TOPIC_CHARS = 32  # RFC 8030 §5.4
 URGENCIES = frozenset({"very-low", "low", "normal", "high"})
 RATE_KEYS = 100_000  # endpoints whose rate is tracked at once, at most (the idle ones go)
-SHORT_HASH_HEX = 8  # what ejabberdctl push_up_list shows of an application or instance
 
 _STANDARD_B64 = re.compile(r"[A-Za-z0-9+/]{43}=")  # 32 bytes, standard alphabet, padded
 _TOPIC = re.compile(r"[A-Za-z0-9_-]{1,32}")  # base64url alphabet
@@ -108,12 +106,6 @@ def token_host(token: str) -> str | None:
 
 def endpoint_url(base_url: str, token: str) -> str:
     return f"{base_url.rstrip('/')}/{token}"
-
-
-def short_hash(value: str) -> str:
-    """The first hex digits of SHA-256 of an application or instance (as sent, base64):
-    what ejabberdctl shows and takes, never the value itself."""
-    return hashlib.sha256(value.encode()).hexdigest()[:SHORT_HASH_HEX]
 
 
 # ----------------------------------------------------------------------- POST

@@ -20,6 +20,7 @@ from typing import TypeAlias
 
 from pymod_push.core import unifiedpush as up
 from pymod_push.core.config import Config
+from pymod_push.core.push_history import short_hash
 from pymod_push.core.xmpp import RequestError
 from pymod_push.protocol import (
     Action,
@@ -332,8 +333,8 @@ class UnifiedPush:
         for endpoint in self.store.up_endpoints_of(user):
             last = (up.expiration(endpoint.last_delivery)
                     if endpoint.last_delivery is not None else "never")
-            lines.append(f"{up.short_hash(endpoint.instance)} application "
-                         f"{up.short_hash(endpoint.application)} resource "
+            lines.append(f"{short_hash(endpoint.instance)} application "
+                         f"{short_hash(endpoint.application)} resource "
                          f"{endpoint.resource} expires {up.expiration(endpoint.expires)} "
                          f"last delivery {last} kept "
                          f"{self.store.up_count_kept(endpoint.token)}")
@@ -346,9 +347,10 @@ class UnifiedPush:
         actions: list[Action] = []
         count = 0
         which = which.strip().lower()
+        wanted = "#" + which.removeprefix("#")  # as listed, or without its "#"
         for endpoint in self.store.up_endpoints_of(user):
-            if which == "all" or which in (up.short_hash(endpoint.instance),
-                                           up.short_hash(endpoint.application)):
+            if which == "all" or wanted in (short_hash(endpoint.instance),
+                                            short_hash(endpoint.application)):
                 actions += self.revoke(endpoint.token, "by the admin")
                 count += 1
         return count, actions

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import json
 import os
 import re
@@ -26,6 +25,7 @@ from typing import Any
 import pytest
 
 from devtools.instance import Instance, free_port
+from pymod_push.core.push_history import short_hash
 from tests.conftest import Scenario, _instance
 from tests.unifiedpush_peers import (
     NS_UP,
@@ -106,10 +106,6 @@ async def posted(url: str, body: bytes, headers: dict[str, str] | None = None,
     answer = await asyncio.wait_for(post(url, body, headers, **kwargs), FAST)
     assert answer.status == 201, (answer.status, answer.body)
     return answer
-
-
-def short_hash(value: str) -> str:
-    return hashlib.sha256(value.encode()).hexdigest()[:8]
 
 
 def b64url_nopad(data: bytes) -> str:

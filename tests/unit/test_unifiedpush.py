@@ -22,6 +22,7 @@ import pytest
 from pymod_push import etf
 from pymod_push.core import unifiedpush as up
 from pymod_push.core.config import Config
+from pymod_push.core.push_history import short_hash
 from pymod_push.core.xmpp import RequestError
 from pymod_push.etf import Atom, Pid, Reference
 from pymod_push.metrics import Snapshot, UnifiedPushCounts, render
@@ -239,11 +240,6 @@ def test_the_rate_is_per_endpoint_and_memory_bounded() -> None:
     for n in range(10_000):
         rate.take(f"k{n}", 2.0)
     assert len(rate) <= 100
-
-
-def test_short_hash() -> None:
-    assert up.short_hash(INSTANCE) == up.short_hash(INSTANCE) != up.short_hash(APPLICATION)
-    assert len(up.short_hash(INSTANCE)) == 8 and INSTANCE not in up.short_hash(INSTANCE)
 
 
 # ----------------------------------------------------------------------------- protocol
@@ -667,12 +663,12 @@ def test_admin_list_and_revoke(service: PushService) -> None:
     assert isinstance(listing, CommandResult)
     lines = listing.text.splitlines()
     assert len(lines) == 2 and token not in listing.text and INSTANCE not in listing.text
-    (line,) = [line for line in lines if line.startswith(up.short_hash(INSTANCE))]
-    assert "resource phone" in line and f"application {up.short_hash(APPLICATION)}" in line
+    (line,) = [line for line in lines if line.startswith(short_hash(INSTANCE))]
+    assert "resource phone" in line and f"application {short_hash(APPLICATION)}" in line
     assert "kept 1" in line and "last delivery never" in line
     assert up.expiration(NOW + 7 * 86400) in line
     (revoked,) = admin.run(AdminCommand("c", "up_revoke", ("alice", HOST,
-                                                            up.short_hash(INSTANCE))),
+                                                            short_hash(INSTANCE).removeprefix("#"))),
                            service, info, NOW)
     assert isinstance(revoked, CommandResult) and "revoked 1" in revoked.text
     assert reply_of(post(service, token)).status == 404

@@ -27,6 +27,7 @@ from pymod_push.core.xmpp import RequestError
 from pymod_push.etf import Atom, Pid, Reference
 from pymod_push.metrics import Snapshot, UnifiedPushCounts, render
 from pymod_push.port import admin_commands as admin
+from pymod_push.port.commit import RETRY_FIRST_S
 from pymod_push.protocol import (
     PROTOCOL_VERSION,
     AdminCommand,
@@ -725,6 +726,16 @@ def test_logs_never_show_tokens_payloads_or_endpoints(
 
 
 # ----------------------------------------------------------------------------- the port
+async def registered_through(port: PortUnderTest) -> str:
+    """alice/phone registers through the port (batch 1): the endpoint's token."""
+    session = (b"alice", b"example.org", b"phone")
+    port.app.on_frames([batch(1, (Atom("up_register"), Atom("r"), session, b"en",
+                                  register_xml()))])
+    await until(lambda: 1 in acks(port))
+    (result,) = [a for a in port.actions() if a[0] == "iq_result"]
+    return ET.fromstring(result[2]).get("endpoint", "").rsplit("/", 1)[1]
+
+
 def test_the_port_says_the_201_only_after_the_commit(tmp_path: Path) -> None:
     async def main() -> None:
         port = PortUnderTest()
@@ -732,12 +743,7 @@ def test_the_port_says_the_201_only_after_the_commit(tmp_path: Path) -> None:
             port.app.on_frames([hello(tmp_path / "db.sqlite3", unified_push_url=URL.encode())])
             # after the hello: the shim's UnifiedPush user set
             assert (Atom("unified_push"), (Atom("users"), Atom("reset"), [])) in port.actions()
-            session = (b"alice", b"example.org", b"phone")
-            port.app.on_frames([batch(1, (Atom("up_register"), Atom("r"), session, b"en",
-                                          register_xml()))])
-            await until(lambda: 1 in acks(port))
-            (result,) = [a for a in port.actions() if a[0] == "iq_result"]
-            token = ET.fromstring(result[2]).get("endpoint", "").rsplit("/", 1)[1]
+            token = await registered_through(port)
             store = port.app._store
             assert store is not None
             commit = store.commit
@@ -856,18 +862,14 @@ def test_postgresql_away_in_a_read_is_tried_again_and_loses_nothing(postgres: An
             port.app.on_frames([etf.encode((Atom("hello"), PROTOCOL_VERSION, b"example.org", {
                 Atom("db_url"): url.encode(), Atom("node"): Atom("e@h"),
                 Atom("unified_push_url"): URL.encode()}))])
-            session = (b"alice", b"example.org", b"phone")
-            port.app.on_frames([batch(1, (Atom("up_register"), Atom("r"), session, b"en",
-                                          register_xml()))])
-            await until(lambda: 1 in acks(port))
-            (result,) = [a for a in port.actions() if a[0] == "iq_result"]
-            token = ET.fromstring(result[2]).get("endpoint", "").rsplit("/", 1)[1]
+            token = await registered_through(port)
             await asyncio.to_thread(postgres.halt)
             try:
                 port.app.on_frames([post_frame(2, b"during")])  # its read fails
                 await until(lambda: port.app.commits.held is not None)
                 port.app.on_frames([post_frame(3, b"held")])
-                await asyncio.sleep(0.5)
+                # commits tried again and failed (the backoff doubled twice): nothing said
+                await until(lambda: port.app.commits._retry_s >= 4 * RETRY_FIRST_S)
                 assert acks(port) == [1]
             finally:
                 await asyncio.to_thread(postgres.start)

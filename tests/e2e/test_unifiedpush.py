@@ -890,6 +890,34 @@ def after(moment: datetime, seconds: float) -> None:
                f"{moment} + {seconds} s", 60, 0.1)
 
 
+@pytest.mark.parametrize(("option", "bad", "named"), [
+    ("unified_push_expiration", "5270400", "unified_push_expiration"),  # 61 days
+    ("unified_push_url", '"http://127.0.0.1/up?x=1"', "unified_push_url"),
+    ("unified_push_url", '"ftp://127.0.0.1/up"', "unified_push_url")])
+def test_bad_unified_push_options_are_refused(ejabberd_up_short: Instance, option: str,
+                                              bad: str, named: str) -> None:
+    """An expiration over 60 days, a URL with a query or not http(s): the configuration
+    does not load, and the error names the option."""
+    conf = ejabberd_up_short.folder / "modules" / "mod_push_py" / "conf" / "mod_push_py.yml"
+    original = conf.read_text()
+    broken, count = re.subn(rf"^(\s*){option}: .*$", rf"\g<1>{option}: {bad}", original,
+                            flags=re.M)
+    if count == 0:  # not in the conf file yet: added beside the others
+        broken, count = re.subn(r"^(\s*)unified_push_expiration: .*$",
+                                rf"\g<0>\n\g<1>{option}: {bad}", original, flags=re.M)
+    assert count == 1, original
+    try:
+        conf.write_text(broken)
+        mark = ejabberd_up_short.log_mark()
+        ejabberd_up_short.ctl("reload_config", check=False)
+        line = ejabberd_up_short.wait_for_log(r"Configuration reload aborted|Invalid value",
+                                              mark)
+        assert named in line, line
+    finally:
+        conf.write_text(original)
+        ejabberd_up_short.ctl("reload_config")
+
+
 def test_an_expired_endpoint_answers_404_until_renewed(short: Scenario) -> None:
     async def run(peers: Peers) -> None:
         phone = await up_user(short, peers)
